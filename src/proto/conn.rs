@@ -1,0 +1,661 @@
+//! The WebSocket connection state machine (RFC 6455 §5, §7), for both roles.
+//!
+//! # Call order
+//!
+//! ```text
+//!   handle_bytes(bytes read)  ─┐
+//!   poll_event() until Ok(None) ◄┘   events: Text, Binary, Ping, Pong, Close
+//!   send_* / ping / close            enqueue outgoing frames
+//!   poll_transmit() until None       bytes to write, in order (one writev)
+//!   is_closed()                      the close handshake is over: close the transport
+//! ```
+//!
+//! Input is parsed lazily by [`Connection::poll_event`]: feed what was read, then poll
+//! until `Ok(None)`. After that the connection holds at most one partial frame header
+//! or one partial control frame (under 140 bytes) of input; data frame payloads are
+//! moved into the message as they arrive, so a text message is validated as it
+//! streams in and fails at its first invalid byte (RFC 6455 §8.1).
+//!
+//! A [`ProtocolError`] fails the connection (RFC 6455 §7.1.7): a close frame with the
+//! error's code is queued for the peer, the state becomes
+//! [`CloseState::Closed`], and all later input is ignored.
+//!
+//! Replies the protocol requires are queued automatically: a Pong for every Ping, and
+//! a Close echoing the peer's status code when the peer starts the close handshake.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use super::close::{CloseCode, CloseFrame, truncate_utf8};
+use super::error::ProtocolError;
+use super::frame::{FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode};
+use super::limits::Limits;
+use super::mask::apply_mask;
+use super::utf8::{Utf8Bytes, Utf8Validator};
+
+/// Which end of the connection this is. It decides masking (RFC 6455 §5.1, §5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Accepts connections; receives masked frames, sends unmasked ones.
+    Server,
+    /// Opens connections; sends masked frames, receives unmasked ones.
+    Client,
+}
+
+/// Where the closing handshake stands (RFC 6455 §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseState {
+    /// Data flows both ways.
+    Open,
+    /// We sent a Close frame and wait for the peer's. Incoming frames are still read.
+    CloseSent,
+    /// Close frames went both ways, or the connection failed. Nothing more is read or
+    /// sent; the transport should be closed once the output is written.
+    Closed,
+}
+
+/// A complete data message, received or to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text message, valid UTF-8.
+    Text(Utf8Bytes),
+    /// A binary message.
+    Binary(Bytes),
+}
+
+/// What the peer sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A complete text message, valid UTF-8 (RFC 6455 §5.6).
+    Text(Utf8Bytes),
+    /// A complete binary message.
+    Binary(Bytes),
+    /// A Ping; its Pong has already been queued (RFC 6455 §5.5.2).
+    Ping(Bytes),
+    /// A Pong (RFC 6455 §5.5.3).
+    Pong(Bytes),
+    /// The peer's Close frame; `None` when it carried no status code (reported as 1005).
+    /// The reply, if one was due, has already been queued (RFC 6455 §5.5.1).
+    Close(Option<CloseFrame>),
+}
+
+/// Why a message could not be queued for sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SendError {
+    /// A Close frame was already sent or the connection failed: no frame may follow
+    /// (RFC 6455 §5.5.1).
+    Closed,
+    /// A control frame payload over 125 bytes (RFC 6455 §5.5).
+    ControlPayloadTooLong(usize),
+    /// A close code that may not be sent on the wire, such as 1005 or 1006 (§7.4.1).
+    UnsendableCloseCode(u16),
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed => f.write_str("the connection is closing or closed"),
+            Self::ControlPayloadTooLong(n) => {
+                write!(f, "control frame payload of {n} bytes exceeds 125")
+            }
+            Self::UnsendableCloseCode(c) => write!(f, "close code {c} may not be sent"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// One side of a WebSocket connection, without I/O. See the module docs for the call
+/// order.
+pub struct Connection {
+    role: Role,
+    limits: Limits,
+    state: CloseState,
+    /// Why the connection failed, if it did.
+    error: Option<ProtocolError>,
+    /// Bytes handed in and not yet parsed.
+    input: BytesMut,
+    /// The data frame whose payload is being moved into `message`.
+    frame: Option<InFrame>,
+    /// The data message being received, possibly over several frames.
+    message: Option<InMessage>,
+    /// Frames queued for the transport, in order; `out_tail` follows them.
+    output: VecDeque<Bytes>,
+    /// Small frames written back to back, so that many go out as one buffer.
+    out_tail: BytesMut,
+    /// Bytes in `output` and `out_tail`.
+    output_len: usize,
+    /// Masking keys for the client role (RFC 6455 §5.3: unpredictable per frame).
+    mask_rng: Option<ChaCha8Rng>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFrame {
+    fin: bool,
+    mask: Option<[u8; 4]>,
+    /// Payload bytes of this frame not received yet.
+    remaining: u64,
+    /// Payload bytes of this frame received so far (the masking phase).
+    offset: usize,
+}
+
+#[derive(Debug)]
+struct InMessage {
+    text: bool,
+    payload: BytesMut,
+    utf8: Utf8Validator,
+}
+
+/// Payloads up to this size are copied next to their header into one buffer; larger
+/// ones are queued as their own `Bytes`, without a copy, in the server role.
+const COPY_THRESHOLD: usize = 1024;
+
+impl Connection {
+    /// A server-side connection, after a successful handshake.
+    pub fn server(limits: Limits) -> Self {
+        Self::new(Role::Server, limits, None)
+    }
+
+    /// A client-side connection, after a successful handshake. `mask_seed` seeds the
+    /// generator of the per-frame masking keys; take it from the OS's random source
+    /// (RFC 6455 §10.3: keys must not be predictable by the application).
+    pub fn client(limits: Limits, mask_seed: [u8; 32]) -> Self {
+        Self::new(Role::Client, limits, Some(ChaCha8Rng::from_seed(mask_seed)))
+    }
+
+    fn new(role: Role, limits: Limits, mask_rng: Option<ChaCha8Rng>) -> Self {
+        Self {
+            role,
+            limits,
+            state: CloseState::Open,
+            error: None,
+            input: BytesMut::new(),
+            frame: None,
+            message: None,
+            output: VecDeque::new(),
+            out_tail: BytesMut::new(),
+            output_len: 0,
+            mask_rng,
+        }
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Where the closing handshake stands.
+    pub fn close_state(&self) -> CloseState {
+        self.state
+    }
+
+    /// Whether the close handshake is over (or the connection failed): write what
+    /// [`Connection::poll_transmit`] still returns, then close the transport. In the
+    /// server role the server closes TCP first (RFC 6455 §7.1.1).
+    pub fn is_closed(&self) -> bool {
+        self.state == CloseState::Closed
+    }
+
+    /// The protocol error that failed the connection, if one did.
+    pub fn error(&self) -> Option<ProtocolError> {
+        self.error
+    }
+
+    // ---- input ------------------------------------------------------------------
+
+    /// Hands in bytes read from the transport. They are parsed by
+    /// [`Connection::poll_event`]. Ignored once the connection is closed.
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        if self.state != CloseState::Closed {
+            self.input.extend_from_slice(bytes);
+        }
+    }
+
+    /// Hands in a buffer read from the transport, taking it over without a copy when
+    /// no earlier input is pending. Received payloads may then share its memory.
+    pub fn handle_buf(&mut self, buf: BytesMut) {
+        if self.state == CloseState::Closed {
+            return;
+        }
+        if self.input.is_empty() {
+            self.input = buf;
+        } else {
+            self.input.extend_from_slice(&buf);
+        }
+    }
+
+    /// Bytes handed in and not parsed yet.
+    pub fn pending_input(&self) -> usize {
+        self.input.len()
+    }
+
+    /// Drops the input buffer's memory when it holds nothing, so an idle connection
+    /// keeps no read buffer. Received payloads that share it stay valid.
+    pub fn release_input_buffer(&mut self) {
+        if self.input.is_empty() {
+            self.input = BytesMut::new();
+        }
+    }
+
+    /// The next event parsed from the input: `Ok(None)` when more input is needed (or
+    /// the connection is closed). A `ProtocolError` fails the connection: its close
+    /// frame is queued and later calls return `Ok(None)`.
+    pub fn poll_event(&mut self) -> Result<Option<Event>, ProtocolError> {
+        if self.state == CloseState::Closed {
+            return Ok(None);
+        }
+        match self.read_event() {
+            Ok(event) => Ok(event),
+            Err(error) => {
+                self.fail(error);
+                Err(error)
+            }
+        }
+    }
+
+    fn read_event(&mut self) -> Result<Option<Event>, ProtocolError> {
+        loop {
+            if let Some(frame) = self.frame {
+                match self.read_payload(frame)? {
+                    Progress::Event(event) => return Ok(Some(event)),
+                    Progress::NeedMore => return Ok(None),
+                    Progress::Continue => continue,
+                }
+            }
+            let Some((header, header_len)) = FrameHeader::parse(&self.input)? else {
+                return Ok(None);
+            };
+            self.check_header(&header)?;
+            if header.opcode.is_control() {
+                // Control payloads are at most 125 bytes: wait for the whole frame.
+                let total = header_len + header.payload_len as usize;
+                if self.input.len() < total {
+                    return Ok(None);
+                }
+                self.input.advance(header_len);
+                let mut payload = self.input.split_to(total - header_len);
+                if let Some(key) = header.mask {
+                    apply_mask(&mut payload, key, 0);
+                }
+                match self.control_frame(header.opcode, payload.freeze())? {
+                    Some(event) => return Ok(Some(event)),
+                    None => continue,
+                }
+            }
+            // The fast path: a whole single-frame message already in the input.
+            let len = header.payload_len as usize;
+            if header.fin
+                && header.opcode != OpCode::Continuation
+                && self.input.len() - header_len >= len
+            {
+                self.input.advance(header_len);
+                let mut payload = self.input.split_to(len);
+                if let Some(key) = header.mask {
+                    apply_mask(&mut payload, key, 0);
+                }
+                let payload = payload.freeze();
+                if header.opcode == OpCode::Text {
+                    if simdutf8::basic::from_utf8(&payload).is_err() {
+                        return Err(ProtocolError::InvalidUtf8);
+                    }
+                    // SAFETY: validated as UTF-8 just above.
+                    let text = unsafe { Utf8Bytes::from_bytes_unchecked(payload) };
+                    return Ok(Some(Event::Text(text)));
+                }
+                return Ok(Some(Event::Binary(payload)));
+            }
+            // The general path: stream the payload into the message as it arrives.
+            self.input.advance(header_len);
+            if header.opcode != OpCode::Continuation {
+                self.message = Some(InMessage {
+                    text: header.opcode == OpCode::Text,
+                    payload: BytesMut::new(),
+                    utf8: Utf8Validator::default(),
+                });
+            }
+            self.frame = Some(InFrame {
+                fin: header.fin,
+                mask: header.mask,
+                remaining: header.payload_len,
+                offset: 0,
+            });
+        }
+    }
+
+    /// Applies every rule that the header shows, before any payload is buffered.
+    fn check_header(&self, header: &FrameHeader) -> Result<(), ProtocolError> {
+        // RFC 6455 §5.2: no extension is negotiated, so every RSV bit must be 0.
+        if header.rsv != 0 {
+            return Err(ProtocolError::ReservedBits(header.rsv));
+        }
+        // RFC 6455 §5.1: clients mask, servers do not.
+        match (self.role, header.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedClientFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedServerFrame),
+            _ => {}
+        }
+        if header.opcode.is_control() {
+            // RFC 6455 §5.5: control frames are short and never fragmented.
+            if header.payload_len > MAX_CONTROL_PAYLOAD as u64 {
+                return Err(ProtocolError::ControlFrameTooLong(header.payload_len));
+            }
+            if !header.fin {
+                return Err(ProtocolError::FragmentedControlFrame);
+            }
+            return Ok(());
+        }
+        // RFC 6455 §5.4: continuation frames continue a message, data frames start one.
+        match (header.opcode, &self.message) {
+            (OpCode::Continuation, None) => return Err(ProtocolError::ContinuationWithoutStart),
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::DataFrameInsideFragmentedMessage);
+            }
+            _ => {}
+        }
+        if header.payload_len > self.limits.max_frame_size as u64 {
+            return Err(ProtocolError::FrameTooLarge {
+                len: header.payload_len,
+                limit: self.limits.max_frame_size,
+            });
+        }
+        let so_far = self.message.as_ref().map_or(0, |m| m.payload.len() as u64);
+        if so_far + header.payload_len > self.limits.max_message_size as u64 {
+            return Err(ProtocolError::MessageTooLarge {
+                len: so_far + header.payload_len,
+                limit: self.limits.max_message_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Moves what has arrived of the current data frame's payload into the message.
+    fn read_payload(&mut self, mut frame: InFrame) -> Result<Progress, ProtocolError> {
+        let Some(message) = self.message.as_mut() else {
+            // Unreachable by construction: a frame is only streamed into a message.
+            self.frame = None;
+            return Ok(Progress::Continue);
+        };
+        let take = frame.remaining.min(self.input.len() as u64) as usize;
+        if take == 0 && frame.remaining > 0 {
+            return Ok(Progress::NeedMore);
+        }
+        let start = message.payload.len();
+        message.payload.extend_from_slice(&self.input[..take]);
+        self.input.advance(take);
+        if let Some(key) = frame.mask {
+            apply_mask(&mut message.payload[start..], key, frame.offset);
+        }
+        if message.text && message.utf8.feed(&message.payload).is_err() {
+            return Err(ProtocolError::InvalidUtf8);
+        }
+        frame.remaining -= take as u64;
+        frame.offset += take;
+        if frame.remaining > 0 {
+            self.frame = Some(frame);
+            return Ok(Progress::NeedMore);
+        }
+        self.frame = None;
+        if !frame.fin {
+            return Ok(Progress::Continue);
+        }
+        let Some(message) = self.message.take() else {
+            return Ok(Progress::Continue);
+        };
+        if message.text {
+            if !message.utf8.is_complete(&message.payload) {
+                return Err(ProtocolError::InvalidUtf8);
+            }
+            // SAFETY: the validator accepted every byte and the message ends on a
+            // character boundary, so the whole payload is valid UTF-8.
+            let text = unsafe { Utf8Bytes::from_bytes_unchecked(message.payload.freeze()) };
+            return Ok(Progress::Event(Event::Text(text)));
+        }
+        Ok(Progress::Event(Event::Binary(message.payload.freeze())))
+    }
+
+    /// Handles a complete control frame; returns the event to report, if any.
+    fn control_frame(
+        &mut self,
+        opcode: OpCode,
+        payload: Bytes,
+    ) -> Result<Option<Event>, ProtocolError> {
+        match opcode {
+            OpCode::Ping => {
+                // RFC 6455 §5.5.2: answer with a Pong carrying the same payload, unless
+                // we already sent a Close (§5.5.1: nothing follows it).
+                if self.state == CloseState::Open {
+                    self.queue_frame(OpCode::Pong, true, &payload);
+                }
+                Ok(Some(Event::Ping(payload)))
+            }
+            OpCode::Pong => Ok(Some(Event::Pong(payload))),
+            _ => {
+                let frame = parse_close_payload(&payload)?;
+                if self.state == CloseState::Open {
+                    // RFC 6455 §5.5.1: reply with a Close, echoing the status code.
+                    let mut reply = BytesMut::with_capacity(2);
+                    if let Some(frame) = &frame {
+                        reply.put_u16(u16::from(frame.code));
+                    }
+                    self.queue_frame(OpCode::Close, true, &reply);
+                }
+                self.state = CloseState::Closed;
+                self.discard_input();
+                Ok(Some(Event::Close(frame)))
+            }
+        }
+    }
+
+    /// Fails the connection (RFC 6455 §7.1.7): send a Close with the error's code unless
+    /// one was sent already, and read nothing more.
+    fn fail(&mut self, error: ProtocolError) {
+        if self.state == CloseState::Open {
+            self.queue_close(error.close_code(), error.reason());
+        }
+        self.error = Some(error);
+        self.state = CloseState::Closed;
+        self.discard_input();
+    }
+
+    fn discard_input(&mut self) {
+        self.input = BytesMut::new();
+        self.frame = None;
+        self.message = None;
+    }
+
+    // ---- output -----------------------------------------------------------------
+
+    /// Queues a data message, fragmented at [`Limits::fragment_size`] if one is set.
+    pub fn send(&mut self, message: Message) -> Result<(), SendError> {
+        match message {
+            Message::Text(text) => self.send_data(OpCode::Text, text.into_bytes()),
+            Message::Binary(bytes) => self.send_data(OpCode::Binary, bytes),
+        }
+    }
+
+    /// Queues a text message.
+    pub fn send_text(&mut self, text: impl Into<Utf8Bytes>) -> Result<(), SendError> {
+        self.send_data(OpCode::Text, text.into().into_bytes())
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&mut self, bytes: impl Into<Bytes>) -> Result<(), SendError> {
+        self.send_data(OpCode::Binary, bytes.into())
+    }
+
+    /// Queues a Ping with `payload` (at most 125 bytes).
+    pub fn ping(&mut self, payload: &[u8]) -> Result<(), SendError> {
+        self.send_control(OpCode::Ping, payload)
+    }
+
+    /// Queues an unsolicited Pong with `payload` (RFC 6455 §5.5.3: a heartbeat).
+    pub fn pong(&mut self, payload: &[u8]) -> Result<(), SendError> {
+        self.send_control(OpCode::Pong, payload)
+    }
+
+    /// Starts the closing handshake with `code` and `reason` (the reason is cut to 123
+    /// bytes on a character boundary). The peer's Close then arrives as an event.
+    pub fn close(&mut self, code: CloseCode, reason: &str) -> Result<(), SendError> {
+        if !code.is_sendable() {
+            return Err(SendError::UnsendableCloseCode(code.into()));
+        }
+        if self.state != CloseState::Open {
+            return Err(SendError::Closed);
+        }
+        self.queue_close(code, reason);
+        self.state = CloseState::CloseSent;
+        Ok(())
+    }
+
+    /// The next bytes to write to the transport, in order; `None` when all is written.
+    /// Small frames queued back to back come out as one buffer.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        let chunk = match self.output.pop_front() {
+            Some(chunk) => chunk,
+            None if !self.out_tail.is_empty() => self.out_tail.split().freeze(),
+            None => return None,
+        };
+        self.output_len -= chunk.len();
+        Some(chunk)
+    }
+
+    /// Moves every queued chunk to `out`, in order, for one vectored write.
+    pub fn drain_transmit(&mut self, out: &mut Vec<Bytes>) {
+        out.extend(self.output.drain(..));
+        if !self.out_tail.is_empty() {
+            out.push(self.out_tail.split().freeze());
+        }
+        self.output_len = 0;
+    }
+
+    /// Bytes queued for the transport and not yet taken.
+    pub fn pending_output(&self) -> usize {
+        self.output_len
+    }
+
+    fn send_data(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        if self.state != CloseState::Open {
+            return Err(SendError::Closed);
+        }
+        let fragment = self.limits.fragment_size.unwrap_or(usize::MAX).max(1);
+        if payload.len() <= fragment {
+            self.queue_data_frame(opcode, true, payload);
+            return Ok(());
+        }
+        let mut rest = payload;
+        let mut first = true;
+        while !rest.is_empty() {
+            let piece = rest.split_to(fragment.min(rest.len()));
+            let op = if first { opcode } else { OpCode::Continuation };
+            self.queue_data_frame(op, rest.is_empty(), piece);
+            first = false;
+        }
+        Ok(())
+    }
+
+    fn send_control(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        if payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::ControlPayloadTooLong(payload.len()));
+        }
+        if self.state != CloseState::Open {
+            return Err(SendError::Closed);
+        }
+        self.queue_frame(opcode, true, payload);
+        Ok(())
+    }
+
+    fn queue_close(&mut self, code: CloseCode, reason: &str) {
+        let reason = truncate_utf8(reason, CloseFrame::MAX_REASON_BYTES);
+        let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+        payload[..2].copy_from_slice(&u16::from(code).to_be_bytes());
+        payload[2..2 + reason.len()].copy_from_slice(reason.as_bytes());
+        self.queue_frame(OpCode::Close, true, &payload[..2 + reason.len()]);
+    }
+
+    /// Queues a data frame, without copying a large payload in the server role.
+    fn queue_data_frame(&mut self, opcode: OpCode, fin: bool, payload: Bytes) {
+        if self.role == Role::Client || payload.len() <= COPY_THRESHOLD {
+            self.queue_frame(opcode, fin, &payload);
+            return;
+        }
+        let header = FrameHeader { fin, rsv: 0, opcode, mask: None, payload_len: payload.len() as u64 };
+        self.out_tail.reserve(MAX_HEADER_LEN);
+        header.encode(&mut self.out_tail);
+        self.output.push_back(self.out_tail.split().freeze());
+        self.output_len += header.len() + payload.len();
+        self.output.push_back(payload);
+    }
+
+    /// Writes header and payload (masked in the client role) into the output tail.
+    fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) {
+        let mask = self.mask_rng.as_mut().map(|rng| rng.next_u32().to_ne_bytes());
+        let header = FrameHeader { fin, rsv: 0, opcode, mask, payload_len: payload.len() as u64 };
+        let total = header.len() + payload.len();
+        self.out_tail.reserve(total);
+        header.encode(&mut self.out_tail);
+        let start = self.out_tail.len();
+        self.out_tail.extend_from_slice(payload);
+        if let Some(key) = mask {
+            apply_mask(&mut self.out_tail[start..], key, 0);
+        }
+        self.output_len += total;
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("role", &self.role)
+            .field("state", &self.state)
+            .field("error", &self.error)
+            .field("pending_input", &self.input.len())
+            .field("pending_output", &self.output_len)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Progress {
+    Event(Event),
+    NeedMore,
+    Continue,
+}
+
+/// Parses a close frame body (RFC 6455 §5.5.1, §7.4): empty, or a sendable status code
+/// followed by a UTF-8 reason.
+pub fn parse_close_payload(payload: &[u8]) -> Result<Option<CloseFrame>, ProtocolError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ProtocolError::CloseLengthOne),
+        [hi, lo, reason @ ..] => {
+            let raw = u16::from_be_bytes([*hi, *lo]);
+            let code = CloseCode::from(raw);
+            if !code.is_sendable() {
+                return Err(ProtocolError::InvalidCloseCode(raw));
+            }
+            let reason = simdutf8::basic::from_utf8(reason)
+                .map_err(|_| ProtocolError::InvalidCloseReason)?;
+            Ok(Some(CloseFrame { code, reason: reason.to_owned() }))
+        }
+    }
+}
+
+/// Encodes one unmasked, unfragmented server frame: the bytes to share among every
+/// subscriber of a broadcast (encode once, send to many).
+pub fn encode_server_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let header = FrameHeader { fin: true, rsv: 0, opcode, mask: None, payload_len: payload.len() as u64 };
+    let mut out = BytesMut::with_capacity(header.len() + payload.len());
+    header.encode(&mut out);
+    out.extend_from_slice(payload);
+    out.freeze()
+}

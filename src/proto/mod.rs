@@ -1,0 +1,27 @@
+//! The sans-IO protocol core: RFC 6455 handshake, frames, masking, UTF-8, close codes
+//! and the connection state machine, for both roles.
+//!
+//! Nothing here touches a socket, a runtime, a clock or an entropy source: bytes go in,
+//! events and bytes to write come out, and randomness (handshake keys, masking seeds) is
+//! passed in by the caller. That is what lets this layer be unit-tested, fuzzed and
+//! benchmarked on its own, and shared by the server and the bench client.
+
+pub mod close;
+pub mod conn;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod limits;
+pub mod mask;
+pub mod utf8;
+
+pub use close::{CloseCode, CloseFrame};
+pub use conn::{CloseState, Connection, Event, Message, Role, SendError};
+pub use error::ProtocolError;
+pub use frame::{FrameHeader, OpCode};
+pub use handshake::{
+    AcceptKey, ClientHandshake, ClientHandshakeError, ClientRequest, HandshakeError, HeadReader,
+    Request, Response,
+};
+pub use limits::{HandshakeLimits, Limits};
+pub use utf8::Utf8Bytes;
