@@ -97,7 +97,10 @@ impl From<CloseCode> for u16 {
             CloseCode::Restart => 1012,
             CloseCode::Again => 1013,
             CloseCode::Tls => 1015,
-            CloseCode::Reserved(c) | CloseCode::Iana(c) | CloseCode::Library(c) | CloseCode::Bad(c) => c,
+            CloseCode::Reserved(c)
+            | CloseCode::Iana(c)
+            | CloseCode::Library(c)
+            | CloseCode::Bad(c) => c,
         }
     }
 }
@@ -150,11 +153,22 @@ mod tests {
     /// RFC 6455 §7.4.1 / §7.4.2: which codes may be sent.
     #[test]
     fn sendable_codes_follow_rfc_7_4() {
-        for code in [1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 3000, 3999, 4000, 4999] {
-            assert!(CloseCode::from(code).is_sendable(), "{code} should be sendable");
+        for code in [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 3000, 3999, 4000,
+            4999,
+        ] {
+            assert!(
+                CloseCode::from(code).is_sendable(),
+                "{code} should be sendable"
+            );
         }
-        for code in [0u16, 999, 1004, 1005, 1006, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
-            assert!(!CloseCode::from(code).is_sendable(), "{code} should not be sendable");
+        for code in [
+            0u16, 999, 1004, 1005, 1006, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            assert!(
+                !CloseCode::from(code).is_sendable(),
+                "{code} should not be sendable"
+            );
         }
     }
 

@@ -589,7 +589,13 @@ impl Connection {
             self.queue_frame(opcode, fin, &payload);
             return;
         }
-        let header = FrameHeader { fin, rsv: 0, opcode, mask: None, payload_len: payload.len() as u64 };
+        let header = FrameHeader {
+            fin,
+            rsv: 0,
+            opcode,
+            mask: None,
+            payload_len: payload.len() as u64,
+        };
         self.out_tail.reserve(MAX_HEADER_LEN);
         header.encode(&mut self.out_tail);
         self.output.push_back(self.out_tail.split().freeze());
@@ -599,8 +605,17 @@ impl Connection {
 
     /// Writes header and payload (masked in the client role) into the output tail.
     fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) {
-        let mask = self.mask_rng.as_mut().map(|rng| rng.next_u32().to_ne_bytes());
-        let header = FrameHeader { fin, rsv: 0, opcode, mask, payload_len: payload.len() as u64 };
+        let mask = self
+            .mask_rng
+            .as_mut()
+            .map(|rng| rng.next_u32().to_ne_bytes());
+        let header = FrameHeader {
+            fin,
+            rsv: 0,
+            opcode,
+            mask,
+            payload_len: payload.len() as u64,
+        };
         let total = header.len() + payload.len();
         self.out_tail.reserve(total);
         header.encode(&mut self.out_tail);
@@ -645,7 +660,10 @@ pub fn parse_close_payload(payload: &[u8]) -> Result<Option<CloseFrame>, Protoco
             }
             let reason = simdutf8::basic::from_utf8(reason)
                 .map_err(|_| ProtocolError::InvalidCloseReason)?;
-            Ok(Some(CloseFrame { code, reason: reason.to_owned() }))
+            Ok(Some(CloseFrame {
+                code,
+                reason: reason.to_owned(),
+            }))
         }
     }
 }
@@ -653,9 +671,18 @@ pub fn parse_close_payload(payload: &[u8]) -> Result<Option<CloseFrame>, Protoco
 /// Encodes one unmasked, unfragmented server frame: the bytes to share among every
 /// subscriber of a broadcast (encode once, send to many).
 pub fn encode_server_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
-    let header = FrameHeader { fin: true, rsv: 0, opcode, mask: None, payload_len: payload.len() as u64 };
+    let header = FrameHeader {
+        fin: true,
+        rsv: 0,
+        opcode,
+        mask: None,
+        payload_len: payload.len() as u64,
+    };
     let mut out = BytesMut::with_capacity(header.len() + payload.len());
     header.encode(&mut out);
     out.extend_from_slice(payload);
     out.freeze()
 }
+
+#[cfg(test)]
+mod tests;

@@ -63,9 +63,7 @@ impl ProtocolError {
             Self::MaskedServerFrame => "server frame masked",
             Self::LengthTopBitSet => "64-bit payload length with the top bit set",
             Self::ContinuationWithoutStart => "continuation frame without a message to continue",
-            Self::DataFrameInsideFragmentedMessage => {
-                "new data frame inside a fragmented message"
-            }
+            Self::DataFrameInsideFragmentedMessage => "new data frame inside a fragmented message",
             Self::InvalidUtf8 => "invalid UTF-8 in text message",
             Self::FrameTooLarge { .. } => "frame too large",
             Self::MessageTooLarge { .. } => "message too large",

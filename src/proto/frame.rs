@@ -128,7 +128,9 @@ impl FrameHeader {
         };
         let mut header_len = 2 + len_bytes;
         let mask = if masked {
-            let Some(key) = buf.get(header_len..header_len + 4).and_then(|s| s.first_chunk::<4>())
+            let Some(key) = buf
+                .get(header_len..header_len + 4)
+                .and_then(|s| s.first_chunk::<4>())
             else {
                 return Ok(None);
             };
@@ -194,7 +196,13 @@ mod tests {
     use super::*;
 
     fn header(opcode: OpCode, len: u64, mask: Option<[u8; 4]>) -> FrameHeader {
-        FrameHeader { fin: true, rsv: 0, opcode, mask, payload_len: len }
+        FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode,
+            mask,
+            payload_len: len,
+        }
     }
 
     /// RFC 6455 §5.2: 7-bit, 16-bit and 64-bit lengths, with and without a mask, decode
@@ -208,7 +216,11 @@ mod tests {
                 h.encode(&mut buf);
                 assert_eq!(buf.len(), h.len());
                 for cut in 0..buf.len() {
-                    assert_eq!(FrameHeader::parse(&buf[..cut]), Ok(None), "len {len} cut {cut}");
+                    assert_eq!(
+                        FrameHeader::parse(&buf[..cut]),
+                        Ok(None),
+                        "len {len} cut {cut}"
+                    );
                 }
                 assert_eq!(FrameHeader::parse(&buf), Ok(Some((h, buf.len()))));
             }
@@ -220,18 +232,27 @@ mod tests {
     fn rfc_examples_decode() {
         // A single-frame unmasked text message "Hello".
         let (h, n) = FrameHeader::parse(&[0x81, 0x05, 0x48]).unwrap().unwrap();
-        assert_eq!((h.fin, h.opcode, h.mask, h.payload_len, n), (true, OpCode::Text, None, 5, 2));
+        assert_eq!(
+            (h.fin, h.opcode, h.mask, h.payload_len, n),
+            (true, OpCode::Text, None, 5, 2)
+        );
         // A masked "Hello".
-        let (h, n) = FrameHeader::parse(&[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d]).unwrap().unwrap();
+        let (h, n) = FrameHeader::parse(&[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d])
+            .unwrap()
+            .unwrap();
         assert_eq!((h.mask, n), (Some([0x37, 0xfa, 0x21, 0x3d]), 6));
         // First fragment of an unmasked text message.
         let (h, _) = FrameHeader::parse(&[0x01, 0x03]).unwrap().unwrap();
         assert!(!h.fin);
         // 256 bytes binary message in a single unmasked frame.
-        let (h, n) = FrameHeader::parse(&[0x82, 0x7E, 0x01, 0x00]).unwrap().unwrap();
+        let (h, n) = FrameHeader::parse(&[0x82, 0x7E, 0x01, 0x00])
+            .unwrap()
+            .unwrap();
         assert_eq!((h.payload_len, n), (256, 4));
         // 64KiB binary message in a single unmasked frame.
-        let (h, n) = FrameHeader::parse(&[0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0]).unwrap().unwrap();
+        let (h, n) = FrameHeader::parse(&[0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0])
+            .unwrap()
+            .unwrap();
         assert_eq!((h.payload_len, n), (65536, 10));
     }
 
@@ -239,7 +260,10 @@ mod tests {
     #[test]
     fn reserved_opcodes_are_rejected() {
         for op in (0x3..=0x7).chain(0xB..=0xF) {
-            assert_eq!(FrameHeader::parse(&[0x80 | op, 0]), Err(ProtocolError::ReservedOpcode(op)));
+            assert_eq!(
+                FrameHeader::parse(&[0x80 | op, 0]),
+                Err(ProtocolError::ReservedOpcode(op))
+            );
         }
     }
 
@@ -247,7 +271,10 @@ mod tests {
     #[test]
     fn length_with_top_bit_is_rejected() {
         let buf = [0x82, 0x7F, 0x80, 0, 0, 0, 0, 0, 0, 1];
-        assert_eq!(FrameHeader::parse(&buf), Err(ProtocolError::LengthTopBitSet));
+        assert_eq!(
+            FrameHeader::parse(&buf),
+            Err(ProtocolError::LengthTopBitSet)
+        );
     }
 
     #[test]

@@ -93,13 +93,26 @@ impl HandshakeError {
             Self::MethodNotGet => &[("Allow", "GET")],
             _ => &[],
         };
-        write_response(out, self.status(), extra, "text/plain; charset=utf-8", &body[..=n], true);
+        write_response(
+            out,
+            self.status(),
+            extra,
+            "text/plain; charset=utf-8",
+            &body[..=n],
+            true,
+        );
     }
 }
 
 impl fmt::Display for HandshakeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.status(), status_text(self.status()), self.reason())
+        write!(
+            f,
+            "{} {}: {}",
+            self.status(),
+            status_text(self.status()),
+            self.reason()
+        )
     }
 }
 
@@ -147,7 +160,9 @@ impl Request {
 
     /// The first value of the header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     /// The first value of the header `name` as text, if it is valid UTF-8.
@@ -157,13 +172,16 @@ impl Request {
 
     /// Every value of the header `name` (case-insensitive), in order.
     pub fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+        self.headers()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     /// Whether the header `name` holds `token` in any of its comma-separated lists
     /// (case-insensitive), e.g. `Connection: keep-alive, Upgrade`.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.header_all(name).any(|v| list_items(v).any(|item| item.eq_ignore_ascii_case(token.as_bytes())))
+        self.header_all(name)
+            .any(|v| list_items(v).any(|item| item.eq_ignore_ascii_case(token.as_bytes())))
     }
 
     /// Whether this request asks for a WebSocket upgrade (`Upgrade: websocket`). Use it
@@ -192,7 +210,10 @@ impl Request {
     /// Picks the subprotocol to answer with: the first of `supported` (the server's
     /// order of preference) that the client offered (RFC 6455 §4.2.2 item 5.4).
     pub fn select_protocol<'s>(&self, supported: &[&'s str]) -> Option<&'s str> {
-        supported.iter().copied().find(|want| self.protocols().any(|p| p == *want))
+        supported
+            .iter()
+            .copied()
+            .find(|want| self.protocols().any(|p| p == *want))
     }
 
     /// The extensions offered in `Sec-WebSocket-Extensions` (RFC 6455 §9.1), in order.
@@ -275,7 +296,10 @@ impl ExtensionOffer {
         let params = parts
             .filter(|p| !p.is_empty())
             .map(|p| match p.split_once('=') {
-                Some((k, v)) => (k.trim().to_owned(), Some(v.trim().trim_matches('"').to_owned())),
+                Some((k, v)) => (
+                    k.trim().to_owned(),
+                    Some(v.trim().trim_matches('"').to_owned()),
+                ),
                 None => (p.to_owned(), None),
             })
             .collect();
@@ -334,12 +358,16 @@ pub fn parse_request(
     };
     let httparse::Status::Complete(head_len) = status else {
         if buf.len() >= limits.max_head_bytes {
-            return Err(HandshakeError::HeadTooLarge { limit: limits.max_head_bytes });
+            return Err(HandshakeError::HeadTooLarge {
+                limit: limits.max_head_bytes,
+            });
         }
         return Ok(None);
     };
     if head_len > limits.max_head_bytes {
-        return Err(HandshakeError::HeadTooLarge { limit: limits.max_head_bytes });
+        return Err(HandshakeError::HeadTooLarge {
+            limit: limits.max_head_bytes,
+        });
     }
     let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
     else {
@@ -365,7 +393,14 @@ pub fn parse_request(
         .map(|h| (span(h.name.as_bytes()), span(h.value)))
         .collect();
     Ok(Some((
-        Request { head, method: span(method.as_bytes()), path, query, minor_version, headers },
+        Request {
+            head,
+            method: span(method.as_bytes()),
+            path,
+            query,
+            minor_version,
+            headers,
+        },
         head_len,
     )))
 }
@@ -381,15 +416,29 @@ pub struct HeadReader {
 impl HeadReader {
     /// A reader with the given limits.
     pub fn new(limits: HandshakeLimits) -> Self {
-        Self { buf: BytesMut::new(), limits }
+        Self {
+            buf: BytesMut::new(),
+            limits,
+        }
     }
 
     /// Adds `bytes`. Returns the request and the bytes that followed its head once the
     /// head is complete, `Ok(None)` while it is not.
-    pub fn handle_bytes(&mut self, bytes: &[u8]) -> Result<Option<(Request, Bytes)>, HandshakeError> {
-        let room = self.limits.max_head_bytes.saturating_sub(self.buf.len()).max(1);
+    pub fn handle_bytes(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<Option<(Request, Bytes)>, HandshakeError> {
+        let room = self
+            .limits
+            .max_head_bytes
+            .saturating_sub(self.buf.len())
+            .max(1);
         // Never hold more than the limit (plus one byte, to detect going past it).
-        let (take, overflow) = if bytes.len() > room { (&bytes[..room], true) } else { (bytes, false) };
+        let (take, overflow) = if bytes.len() > room {
+            (&bytes[..room], true)
+        } else {
+            (bytes, false)
+        };
         self.buf.extend_from_slice(take);
         if !take.contains(&b'\n') && !overflow {
             return Ok(None);
@@ -403,7 +452,9 @@ impl HeadReader {
                 Ok(Some((request, rest.freeze())))
             }
             None if overflow || self.buf.len() >= self.limits.max_head_bytes => {
-                Err(HandshakeError::HeadTooLarge { limit: self.limits.max_head_bytes })
+                Err(HandshakeError::HeadTooLarge {
+                    limit: self.limits.max_head_bytes,
+                })
             }
             None => Ok(None),
         }
@@ -518,7 +569,11 @@ impl ClientRequest<'_> {
         let _ = BASE64.encode_slice(key, &mut key_b64);
         out.reserve(200 + self.target.len() + self.host.len());
         out.put_slice(b"GET ");
-        out.put_slice(if self.target.is_empty() { b"/" } else { self.target.as_bytes() });
+        out.put_slice(if self.target.is_empty() {
+            b"/"
+        } else {
+            self.target.as_bytes()
+        });
         out.put_slice(b" HTTP/1.1\r\n");
         put_header(out, "Host", self.host);
         out.put_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ");
@@ -582,7 +637,9 @@ impl fmt::Display for ClientHandshakeError {
         match self {
             Self::Malformed(why) => write!(f, "malformed handshake response: {why}"),
             Self::HeadTooLarge { limit } => write!(f, "handshake response head over {limit} bytes"),
-            Self::Status(status, reason) => write!(f, "server refused the handshake: {status} {reason}"),
+            Self::Status(status, reason) => {
+                write!(f, "server refused the handshake: {status} {reason}")
+            }
             Self::UpgradeToken => f.write_str("response lacks Upgrade: websocket"),
             Self::ConnectionToken => f.write_str("response lacks Connection: upgrade"),
             Self::AcceptKey => f.write_str("Sec-WebSocket-Accept is missing or wrong"),
@@ -608,18 +665,30 @@ impl ClientHandshake {
         let head_len = match res.parse(buf) {
             Ok(httparse::Status::Complete(n)) if n <= limits.max_head_bytes => n,
             Ok(_) if buf.len() < limits.max_head_bytes => return Ok(None),
-            Ok(_) => return Err(ClientHandshakeError::HeadTooLarge { limit: limits.max_head_bytes }),
+            Ok(_) => {
+                return Err(ClientHandshakeError::HeadTooLarge {
+                    limit: limits.max_head_bytes,
+                });
+            }
             Err(e) => return Err(ClientHandshakeError::Malformed(httparse_reason(e))),
         };
         let status = res.code.unwrap_or(0);
         if status != 101 {
-            return Err(ClientHandshakeError::Status(status, res.reason.unwrap_or("").to_owned()));
+            return Err(ClientHandshakeError::Status(
+                status,
+                res.reason.unwrap_or("").to_owned(),
+            ));
         }
         let values = |name: &'static str| {
-            res.headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+            res.headers
+                .iter()
+                .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
         };
         let has_token = |name: &'static str, token: &str| {
-            values(name).flat_map(list_items).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+            values(name)
+                .flat_map(list_items)
+                .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
         };
         if !has_token("upgrade", "websocket") {
             return Err(ClientHandshakeError::UpgradeToken);
@@ -633,8 +702,13 @@ impl ClientHandshake {
             _ => return Err(ClientHandshakeError::AcceptKey),
         }
         // RFC 6455 §4.1: extensions we did not offer fail the connection; we offer none.
-        if let Some(ext) = values("sec-websocket-extensions").flat_map(list_items).next() {
-            return Err(ClientHandshakeError::Extension(String::from_utf8_lossy(ext).into_owned()));
+        if let Some(ext) = values("sec-websocket-extensions")
+            .flat_map(list_items)
+            .next()
+        {
+            return Err(ClientHandshakeError::Extension(
+                String::from_utf8_lossy(ext).into_owned(),
+            ));
         }
         let mut chosen = values("sec-websocket-protocol").flat_map(list_items);
         let protocol = match (chosen.next(), chosen.next()) {
@@ -653,7 +727,12 @@ impl ClientHandshake {
         let headers = res
             .headers
             .iter()
-            .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+            .map(|h| {
+                (
+                    h.name.to_owned(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
             .collect();
         Ok(Some((Response { protocol, headers }, head_len)))
     }
@@ -663,7 +742,10 @@ impl ClientHandshake {
 
 /// The items of a comma-separated header list, trimmed, empty ones skipped.
 fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(trim).filter(|item| !item.is_empty())
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|item| !item.is_empty())
 }
 
 fn trim(mut s: &[u8]) -> &[u8] {
@@ -685,7 +767,11 @@ fn put_header(out: &mut BytesMut, name: &str, value: &str) {
 
 fn itoa3(n: u16) -> [u8; 3] {
     let n = n.min(999);
-    [b'0' + (n / 100) as u8, b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8]
+    [
+        b'0' + (n / 100) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]
 }
 
 fn httparse_reason(e: httparse::Error) -> &'static str {
@@ -699,3 +785,6 @@ fn httparse_reason(e: httparse::Error) -> &'static str {
         httparse::Error::Version => "invalid HTTP version",
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -168,7 +168,9 @@ mod tests {
         let mut msg = b"hello".to_vec();
         let mut v = Utf8Validator::default();
         assert_eq!(v.feed(&msg), Ok(()));
-        msg.extend_from_slice(&[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5]);
+        msg.extend_from_slice(&[
+            0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5,
+        ]);
         assert_eq!(v.feed(&msg), Ok(()));
         msg.extend_from_slice(&[0xf4, 0x90, 0x80, 0x80]); // above U+10FFFF
         assert_eq!(v.feed(&msg), Err(()));

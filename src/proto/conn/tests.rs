@@ -1,0 +1,646 @@
+//! Unit tests of the connection state machine on literal bytes, one per rule of
+//! RFC 6455 that it enforces.
+
+use super::*;
+
+const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// A raw frame: `b0` is the first byte as sent (FIN, RSV, opcode), masked with `KEY`
+/// when `masked`.
+fn raw(b0: u8, masked: bool, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.push(b0);
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n @ 0..=125 => out.push(mask_bit | n as u8),
+        n @ 126..=0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&KEY);
+    }
+    let body = out.len();
+    out.extend_from_slice(payload);
+    if masked {
+        apply_mask(&mut out[body..], KEY, 0);
+    }
+    out
+}
+
+/// A masked client frame with FIN set.
+fn client(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    raw(0x80 | opcode, true, payload)
+}
+
+fn server() -> Connection {
+    Connection::server(Limits::default())
+}
+
+fn events(conn: &mut Connection) -> Vec<Result<Event, ProtocolError>> {
+    let mut out = Vec::new();
+    loop {
+        match conn.poll_event() {
+            Ok(Some(event)) => out.push(Ok(event)),
+            Ok(None) => return out,
+            Err(e) => {
+                out.push(Err(e));
+                return out;
+            }
+        }
+    }
+}
+
+fn output(conn: &mut Connection) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(chunk) = conn.poll_transmit() {
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+/// Decodes unmasked server frames from `bytes` as (opcode, fin, payload).
+fn server_frames(mut bytes: &[u8]) -> Vec<(OpCode, bool, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        let (h, n) = FrameHeader::parse(bytes).unwrap().unwrap();
+        assert_eq!(
+            h.mask, None,
+            "server frames are never masked (RFC 6455 §5.1)"
+        );
+        let end = n + h.payload_len as usize;
+        frames.push((h.opcode, h.fin, bytes[n..end].to_vec()));
+        bytes = &bytes[end..];
+    }
+    frames
+}
+
+/// Feeds `bytes` and expects the connection to fail with `error`, sending a Close with
+/// `code` and ending closed.
+fn assert_fails(bytes: &[u8], error: ProtocolError, code: u16) {
+    let mut conn = server();
+    conn.handle_bytes(bytes);
+    let got = events(&mut conn);
+    assert_eq!(got.last(), Some(&Err(error)), "events: {got:?}");
+    assert_eq!(error.close_code(), CloseCode::from(code));
+    assert!(conn.is_closed());
+    assert_eq!(conn.error(), Some(error));
+    let frames = server_frames(&output(&mut conn));
+    let (op, _, payload) = frames.last().expect("a close frame is sent");
+    assert_eq!(*op, OpCode::Close);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), code);
+    // RFC 6455 §7.1.7: after failing, nothing more is read.
+    conn.handle_bytes(&client(0x1, b"late"));
+    assert_eq!(conn.poll_event(), Ok(None));
+}
+
+// ---- data frames ----------------------------------------------------------------------
+
+/// RFC 6455 §5.6, §5.7: a masked single-frame text and binary message.
+#[test]
+fn single_frame_messages_decode() {
+    let mut conn = server();
+    conn.handle_bytes(&client(0x1, b"Hello"));
+    conn.handle_bytes(&client(0x2, &[0, 1, 2]));
+    conn.handle_bytes(&client(0x2, b""));
+    assert_eq!(
+        events(&mut conn),
+        vec![
+            Ok(Event::Text("Hello".into())),
+            Ok(Event::Binary(Bytes::from_static(&[0, 1, 2]))),
+            Ok(Event::Binary(Bytes::new())),
+        ]
+    );
+}
+
+/// RFC 6455 §5.2: 16-bit and 64-bit payload lengths.
+#[test]
+fn extended_lengths_decode() {
+    let mut conn = server();
+    let medium = vec![7u8; 300];
+    let large = vec![9u8; 70_000];
+    conn.handle_bytes(&client(0x2, &medium));
+    conn.handle_bytes(&client(0x2, &large));
+    assert_eq!(
+        events(&mut conn),
+        vec![
+            Ok(Event::Binary(medium.into())),
+            Ok(Event::Binary(large.into()))
+        ]
+    );
+}
+
+/// Input may arrive one byte at a time: every prefix is "need more", nothing is lost.
+#[test]
+fn byte_at_a_time_input_decodes() {
+    let mut stream = client(0x1, "añb€".as_bytes());
+    stream.extend(raw(0x01, true, b"frag"));
+    stream.extend(client(0x9, b"p"));
+    stream.extend(raw(0x80, true, b"ment"));
+    let mut conn = server();
+    let mut got = Vec::new();
+    for byte in &stream {
+        conn.handle_bytes(std::slice::from_ref(byte));
+        got.extend(events(&mut conn));
+        assert!(
+            conn.pending_input() < 140,
+            "input is not held beyond a control frame"
+        );
+    }
+    assert_eq!(
+        got,
+        vec![
+            Ok(Event::Text("añb€".into())),
+            Ok(Event::Ping(Bytes::from_static(b"p"))),
+            Ok(Event::Text("fragment".into())),
+        ]
+    );
+}
+
+/// RFC 6455 §5.4: fragments reassemble; control frames may be interleaved and are
+/// reported as they arrive.
+#[test]
+fn fragmented_message_with_interleaved_control_frames() {
+    let mut conn = server();
+    conn.handle_bytes(&raw(0x02, true, b"ab"));
+    conn.handle_bytes(&client(0x9, b"ping"));
+    conn.handle_bytes(&raw(0x00, true, b"cd"));
+    conn.handle_bytes(&client(0xA, b"pong"));
+    conn.handle_bytes(&raw(0x80, true, b"ef"));
+    assert_eq!(
+        events(&mut conn),
+        vec![
+            Ok(Event::Ping(Bytes::from_static(b"ping"))),
+            Ok(Event::Pong(Bytes::from_static(b"pong"))),
+            Ok(Event::Binary(Bytes::from_static(b"abcdef"))),
+        ]
+    );
+    // The Ping was answered with a Pong carrying the same payload (RFC 6455 §5.5.2).
+    assert_eq!(
+        server_frames(&output(&mut conn)),
+        vec![(OpCode::Pong, true, b"ping".to_vec())]
+    );
+}
+
+/// RFC 6455 §5.4: empty fragments, including an empty final one.
+#[test]
+fn empty_fragments_are_allowed() {
+    let mut conn = server();
+    conn.handle_bytes(&raw(0x01, true, b""));
+    conn.handle_bytes(&raw(0x00, true, b"x"));
+    conn.handle_bytes(&raw(0x80, true, b""));
+    assert_eq!(events(&mut conn), vec![Ok(Event::Text("x".into()))]);
+}
+
+// ---- rules that fail with 1002 ---------------------------------------------------------
+
+/// RFC 6455 §5.2: RSV bits without a negotiated extension.
+#[test]
+fn reserved_bits_fail_with_1002() {
+    for rsv in [0x40, 0x20, 0x10, 0x70] {
+        assert_fails(
+            &raw(0x80 | rsv | 0x1, true, b"x"),
+            ProtocolError::ReservedBits(rsv >> 4),
+            1002,
+        );
+    }
+}
+
+/// RFC 6455 §5.2: reserved opcodes, data (0x3-0x7) and control (0xB-0xF).
+#[test]
+fn reserved_opcodes_fail_with_1002() {
+    for op in [0x3, 0x7, 0xB, 0xF] {
+        assert_fails(&client(op, b""), ProtocolError::ReservedOpcode(op), 1002);
+    }
+}
+
+/// RFC 6455 §5.5: control frame payloads are at most 125 bytes.
+#[test]
+fn long_control_frame_fails_with_1002() {
+    assert_fails(
+        &client(0x9, &[0; 126]),
+        ProtocolError::ControlFrameTooLong(126),
+        1002,
+    );
+}
+
+/// RFC 6455 §5.5: control frames must not be fragmented.
+#[test]
+fn fragmented_control_frame_fails_with_1002() {
+    assert_fails(
+        &raw(0x09, true, b"x"),
+        ProtocolError::FragmentedControlFrame,
+        1002,
+    );
+}
+
+/// RFC 6455 §5.1: a server must fail a connection on an unmasked client frame.
+#[test]
+fn unmasked_client_frame_fails_with_1002() {
+    assert_fails(
+        &raw(0x81, false, b"x"),
+        ProtocolError::UnmaskedClientFrame,
+        1002,
+    );
+}
+
+/// RFC 6455 §5.1: a client must fail a connection on a masked server frame.
+#[test]
+fn masked_server_frame_fails_in_client_role() {
+    let mut conn = Connection::client(Limits::default(), [7; 32]);
+    conn.handle_bytes(&raw(0x81, true, b"x"));
+    assert_eq!(conn.poll_event(), Err(ProtocolError::MaskedServerFrame));
+    assert!(conn.is_closed());
+    // The client's own Close is masked.
+    let out = output(&mut conn);
+    let (h, _) = FrameHeader::parse(&out).unwrap().unwrap();
+    assert_eq!((h.opcode, h.mask.is_some()), (OpCode::Close, true));
+}
+
+/// RFC 6455 §5.2: the most significant bit of a 64-bit length must be 0.
+#[test]
+fn length_top_bit_fails_with_1002() {
+    let mut bytes = vec![0x82, 0xFF];
+    bytes.extend_from_slice(&(1u64 << 63).to_be_bytes());
+    bytes.extend_from_slice(&KEY);
+    assert_fails(&bytes, ProtocolError::LengthTopBitSet, 1002);
+}
+
+/// RFC 6455 §5.4: a continuation frame needs a message to continue.
+#[test]
+fn continuation_without_start_fails_with_1002() {
+    assert_fails(
+        &client(0x0, b"x"),
+        ProtocolError::ContinuationWithoutStart,
+        1002,
+    );
+}
+
+/// RFC 6455 §5.4: a new data frame may not start inside a fragmented message.
+#[test]
+fn data_frame_inside_fragmented_message_fails_with_1002() {
+    let mut bytes = raw(0x01, true, b"a");
+    bytes.extend(client(0x1, b"b"));
+    assert_fails(
+        &bytes,
+        ProtocolError::DataFrameInsideFragmentedMessage,
+        1002,
+    );
+}
+
+// ---- UTF-8: 1007 -----------------------------------------------------------------------
+
+/// RFC 6455 §8.1: a text message that is not UTF-8 fails with 1007.
+#[test]
+fn invalid_utf8_fails_with_1007() {
+    assert_fails(
+        &client(0x1, &[b'a', 0xff]),
+        ProtocolError::InvalidUtf8,
+        1007,
+    );
+}
+
+/// RFC 6455 §8.1: a text message ending inside a character fails with 1007.
+#[test]
+fn truncated_utf8_fails_with_1007() {
+    assert_fails(
+        &client(0x1, &[0xe2, 0x82]),
+        ProtocolError::InvalidUtf8,
+        1007,
+    );
+    let mut bytes = raw(0x01, true, &[0xe2]);
+    bytes.extend(raw(0x80, true, &[0x82]));
+    assert_fails(&bytes, ProtocolError::InvalidUtf8, 1007);
+}
+
+/// RFC 6455 §8.1: a character split across fragments is valid.
+#[test]
+fn character_split_across_fragments_is_valid() {
+    let euro = "€".as_bytes();
+    let mut conn = server();
+    conn.handle_bytes(&raw(0x01, true, &euro[..1]));
+    conn.handle_bytes(&raw(0x00, true, &euro[1..2]));
+    conn.handle_bytes(&raw(0x80, true, &euro[2..]));
+    assert_eq!(events(&mut conn), vec![Ok(Event::Text("€".into()))]);
+}
+
+/// RFC 6455 §8.1 fail fast: the first invalid byte fails the connection while the
+/// rest of the frame has not arrived yet.
+#[test]
+fn invalid_utf8_fails_fast_inside_a_partial_frame() {
+    let mut payload = b"hello".to_vec();
+    payload.extend_from_slice(&[0xf4, 0x90, 0x80, 0x80]); // above U+10FFFF
+    payload.extend_from_slice(&[b'x'; 1000]);
+    let frame = client(0x1, &payload);
+    let mut conn = server();
+    // Header (8 bytes: 2 + 2 length + 4 key) and the first 10 payload bytes only.
+    conn.handle_bytes(&frame[..18]);
+    assert_eq!(conn.poll_event(), Err(ProtocolError::InvalidUtf8));
+}
+
+/// RFC 6455 §8.1 fail fast: an invalid fragment fails before the message is complete.
+#[test]
+fn invalid_utf8_fails_fast_in_a_fragment() {
+    let mut conn = server();
+    conn.handle_bytes(&raw(0x01, true, "κόσμε".as_bytes()));
+    assert_eq!(conn.poll_event(), Ok(None));
+    conn.handle_bytes(&raw(0x00, true, &[0xce, 0xba, 0xff]));
+    assert_eq!(conn.poll_event(), Err(ProtocolError::InvalidUtf8));
+}
+
+// ---- limits: 1009 ----------------------------------------------------------------------
+
+/// A frame announcing more than `max_frame_size` fails with 1009 before any payload is
+/// buffered: growth is bounded by the limit, not by what the peer claims.
+#[test]
+fn oversized_frame_fails_with_1009_before_buffering() {
+    let limits = Limits::default().with_max_frame_size(1000);
+    let mut conn = Connection::server(limits);
+    let frame = client(0x2, &[0; 1001]);
+    conn.handle_bytes(&frame[..8]); // header only
+    assert_eq!(
+        conn.poll_event(),
+        Err(ProtocolError::FrameTooLarge {
+            len: 1001,
+            limit: 1000
+        })
+    );
+    assert_eq!(
+        ProtocolError::FrameTooLarge { len: 0, limit: 0 }.close_code(),
+        CloseCode::Size
+    );
+}
+
+/// Fragments that together pass `max_message_size` fail with 1009 at the fragment that
+/// crosses it.
+#[test]
+fn oversized_message_fails_with_1009() {
+    let limits = Limits::default().with_max_message_size(10);
+    let mut conn = Connection::server(limits);
+    conn.handle_bytes(&raw(0x02, true, &[1; 6]));
+    conn.handle_bytes(&raw(0x80, true, &[2; 5]));
+    assert_eq!(
+        events(&mut conn),
+        vec![Err(ProtocolError::MessageTooLarge { len: 11, limit: 10 })]
+    );
+    let frames = server_frames(&output(&mut conn));
+    assert_eq!(&frames[0].2[..2], &1009u16.to_be_bytes());
+}
+
+/// The default message limit of the server is 1 MiB.
+#[test]
+fn default_message_limit_is_one_mebibyte() {
+    assert_eq!(Limits::default().max_message_size, 1 << 20);
+    let mut conn = server();
+    conn.handle_bytes(&client(0x2, &vec![0; (1 << 20) + 1])[..14]);
+    assert!(matches!(
+        conn.poll_event(),
+        Err(ProtocolError::FrameTooLarge { .. })
+    ));
+}
+
+// ---- close -----------------------------------------------------------------------------
+
+/// RFC 6455 §5.5.1: a Close is answered with a Close echoing its code; the connection is
+/// then closed and reads nothing more.
+#[test]
+fn peer_close_is_echoed_and_ends_the_connection() {
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"bye");
+    let mut conn = server();
+    conn.handle_bytes(&client(0x8, &payload));
+    conn.handle_bytes(&client(0x1, b"after close"));
+    assert_eq!(
+        events(&mut conn),
+        vec![Ok(Event::Close(Some(CloseFrame::new(
+            CloseCode::Normal,
+            "bye"
+        ))))]
+    );
+    assert!(conn.is_closed());
+    assert_eq!(
+        server_frames(&output(&mut conn)),
+        vec![(OpCode::Close, true, vec![0x03, 0xE8])]
+    );
+    assert_eq!(conn.send_text("x"), Err(SendError::Closed));
+}
+
+/// RFC 6455 §5.5.1: an empty Close carries no code; it is reported as `None` (1005) and
+/// answered with an empty Close.
+#[test]
+fn empty_close_is_answered_with_empty_close() {
+    let mut conn = server();
+    conn.handle_bytes(&client(0x8, b""));
+    assert_eq!(events(&mut conn), vec![Ok(Event::Close(None))]);
+    assert_eq!(
+        server_frames(&output(&mut conn)),
+        vec![(OpCode::Close, true, vec![])]
+    );
+}
+
+/// RFC 6455 §5.5.1: a close payload of one byte is invalid.
+#[test]
+fn close_payload_of_one_byte_fails_with_1002() {
+    assert_fails(&client(0x8, &[0x03]), ProtocolError::CloseLengthOne, 1002);
+}
+
+/// RFC 6455 §7.4: codes that may not be sent (1005, 1006, 1015, reserved, < 1000, ≥ 5000)
+/// fail with 1002.
+#[test]
+fn invalid_close_codes_fail_with_1002() {
+    for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+        assert_fails(
+            &client(0x8, &code.to_be_bytes()),
+            ProtocolError::InvalidCloseCode(code),
+            1002,
+        );
+    }
+    for code in [1000u16, 1003, 1011, 1012, 1013, 3000, 4999] {
+        let mut conn = server();
+        conn.handle_bytes(&client(0x8, &code.to_be_bytes()));
+        assert!(
+            matches!(conn.poll_event(), Ok(Some(Event::Close(Some(_))))),
+            "{code}"
+        );
+    }
+}
+
+/// RFC 6455 §5.5.1: the close reason must be UTF-8.
+#[test]
+fn invalid_close_reason_fails_with_1007() {
+    assert_fails(
+        &client(0x8, &[0x03, 0xE8, 0xff]),
+        ProtocolError::InvalidCloseReason,
+        1007,
+    );
+}
+
+/// RFC 6455 §7.1.2: the closing handshake started by us: CloseSent until the peer's
+/// Close arrives, no frames sent after ours (not even Pongs), data still read.
+#[test]
+fn our_close_waits_for_the_peer_close() {
+    let mut conn = server();
+    conn.close(CloseCode::Away, "shutting down").unwrap();
+    assert_eq!(conn.close_state(), CloseState::CloseSent);
+    assert_eq!(conn.send_binary(&b"x"[..]), Err(SendError::Closed));
+    assert_eq!(conn.close(CloseCode::Normal, ""), Err(SendError::Closed));
+    let sent = server_frames(&output(&mut conn));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(&sent[0].2[..2], &1001u16.to_be_bytes());
+    assert_eq!(&sent[0].2[2..], b"shutting down");
+
+    conn.handle_bytes(&client(0x1, b"in flight"));
+    conn.handle_bytes(&client(0x9, b"p"));
+    conn.handle_bytes(&client(0x8, &1001u16.to_be_bytes()));
+    assert_eq!(
+        events(&mut conn),
+        vec![
+            Ok(Event::Text("in flight".into())),
+            Ok(Event::Ping(Bytes::from_static(b"p"))),
+            Ok(Event::Close(Some(CloseFrame::new(CloseCode::Away, "")))),
+        ]
+    );
+    assert!(conn.is_closed());
+    assert!(
+        output(&mut conn).is_empty(),
+        "nothing is sent after our Close"
+    );
+}
+
+/// RFC 6455 §7.4.1: 1005, 1006 and 1015 are never sent.
+#[test]
+fn unsendable_close_codes_are_refused() {
+    let mut conn = server();
+    assert_eq!(
+        conn.close(CloseCode::Status, ""),
+        Err(SendError::UnsendableCloseCode(1005))
+    );
+    assert_eq!(
+        conn.close(CloseCode::Abnormal, ""),
+        Err(SendError::UnsendableCloseCode(1006))
+    );
+    assert_eq!(conn.close_state(), CloseState::Open);
+}
+
+/// RFC 6455 §5.5.1: a long close reason is cut to fit a control frame.
+#[test]
+fn long_close_reason_is_cut_to_fit() {
+    let mut conn = server();
+    conn.close(CloseCode::Normal, &"x".repeat(500)).unwrap();
+    let sent = server_frames(&output(&mut conn));
+    assert_eq!(sent[0].2.len(), 125);
+}
+
+// ---- output ----------------------------------------------------------------------------
+
+/// RFC 6455 §5.1, §5.4: server frames are unmasked; a configured fragment size splits a
+/// message into a first frame and continuations, the last with FIN.
+#[test]
+fn outgoing_messages_fragment_at_the_configured_size() {
+    let mut conn = Connection::server(Limits::default().with_fragment_size(Some(4)));
+    conn.send_text("hello world").unwrap();
+    conn.send_binary(&b"abcd"[..]).unwrap();
+    assert_eq!(
+        server_frames(&output(&mut conn)),
+        vec![
+            (OpCode::Text, false, b"hell".to_vec()),
+            (OpCode::Continuation, false, b"o wo".to_vec()),
+            (OpCode::Continuation, true, b"rld".to_vec()),
+            (OpCode::Binary, true, b"abcd".to_vec()),
+        ]
+    );
+}
+
+/// RFC 6455 §5.3: every client frame is masked, each with a fresh key.
+#[test]
+fn client_frames_are_masked_with_fresh_keys() {
+    let mut conn = Connection::client(Limits::default(), [42; 32]);
+    for _ in 0..8 {
+        conn.send_text("same payload").unwrap();
+    }
+    let out = output(&mut conn);
+    let mut keys = std::collections::HashSet::new();
+    let mut rest = &out[..];
+    while !rest.is_empty() {
+        let (h, n) = FrameHeader::parse(rest).unwrap().unwrap();
+        let key = h.mask.expect("client frames are masked");
+        keys.insert(key);
+        let mut payload = rest[n..n + h.payload_len as usize].to_vec();
+        apply_mask(&mut payload, key, 0);
+        assert_eq!(payload, b"same payload");
+        rest = &rest[n + h.payload_len as usize..];
+    }
+    assert_eq!(keys.len(), 8);
+}
+
+/// Large server payloads are queued without a copy, small ones coalesce into one
+/// buffer, and the order of frames is kept.
+#[test]
+fn output_keeps_order_and_coalesces_small_frames() {
+    let mut conn = server();
+    let big = Bytes::from(vec![5u8; 4096]);
+    conn.send_text("a").unwrap();
+    conn.send_text("b").unwrap();
+    conn.send_binary(big.clone()).unwrap();
+    conn.send_text("c").unwrap();
+    assert_eq!(conn.pending_output(), 3 + 3 + 4 + 4096 + 3);
+    let mut chunks = Vec::new();
+    conn.drain_transmit(&mut chunks);
+    assert_eq!(conn.pending_output(), 0);
+    // "a" + "b" + the big frame's header, then the big payload itself, then "c".
+    assert_eq!(chunks.len(), 3);
+    assert_eq!(
+        chunks[1].as_ptr(),
+        big.as_ptr(),
+        "the large payload is not copied"
+    );
+    let all: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let frames = server_frames(&all);
+    assert_eq!(frames.len(), 4);
+    assert_eq!(frames[2].2.len(), 4096);
+    assert_eq!(frames[3].2, b"c");
+}
+
+/// Control frames sent by the application are limited to 125 bytes (RFC 6455 §5.5).
+#[test]
+fn long_ping_is_refused() {
+    let mut conn = server();
+    assert_eq!(
+        conn.ping(&[0; 126]),
+        Err(SendError::ControlPayloadTooLong(126))
+    );
+    conn.ping(&[0; 125]).unwrap();
+    conn.pong(b"unsolicited").unwrap();
+    let frames = server_frames(&output(&mut conn));
+    assert_eq!(frames[0].0, OpCode::Ping);
+    assert_eq!(frames[1], (OpCode::Pong, true, b"unsolicited".to_vec()));
+}
+
+/// `encode_server_frame` produces the bytes a server connection would send.
+#[test]
+fn encoded_broadcast_frame_matches_connection_output() {
+    let mut conn = server();
+    conn.send_text("room message").unwrap();
+    assert_eq!(
+        output(&mut conn),
+        encode_server_frame(OpCode::Text, b"room message").to_vec()
+    );
+}
+
+/// An idle connection can drop its read buffer; received payloads stay valid.
+#[test]
+fn release_input_buffer_keeps_payloads() {
+    let mut conn = server();
+    conn.handle_buf(BytesMut::from(&client(0x2, &[3; 64])[..]));
+    let Ok(Some(Event::Binary(payload))) = conn.poll_event() else {
+        panic!("expected a binary message");
+    };
+    conn.release_input_buffer();
+    assert_eq!(&payload[..], &[3; 64]);
+    assert_eq!(conn.pending_input(), 0);
+}
