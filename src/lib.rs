@@ -15,3 +15,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod proto;
+
+/// The README's example is compiled and run as a doctest, so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
