@@ -8,13 +8,23 @@
 //!   masking, UTF-8 validation, close codes and the connection state machine, for both
 //!   the server and the client role. No sockets, no runtime, no clock.
 //!
-//! The runtime (thread-per-core io_uring workers), the app API, rooms and broadcast,
-//! brokers and background tasks are built on top of it.
+//! - [`runtime`]: thread-per-core `tokio-uring` workers, each pinned to a core with its
+//!   own `SO_REUSEPORT` listener; the connection driver (HTTP, then WebSocket), batched
+//!   writes, heartbeats, timeouts, limits and graceful shutdown.
+//! - [`app`]: the FastAPI-like API: routes with typed path parameters, the WebSocket
+//!   handle (`accept`, `recv`, `send`, `close`), HTTP routes, `/healthz`, `/metrics`.
+//! - [`config`] and [`metrics`]: settings with documented defaults, Prometheus counters.
+//!
+//! Rooms and broadcast, brokers and background tasks come next (see the README).
 #![deny(clippy::undocumented_unsafe_blocks)]
 // Tests unwrap values they built themselves; library code may not (Cargo.toml lints).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod app;
+pub mod config;
+pub mod metrics;
 pub mod proto;
+pub mod runtime;
 
 /// The README's example is compiled and run as a doctest, so it cannot rot.
 #[cfg(doctest)]

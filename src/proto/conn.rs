@@ -544,6 +544,15 @@ impl Connection {
         self.output_len
     }
 
+    /// Drops every frame queued and not yet taken by `poll_transmit`/`drain_transmit`,
+    /// e.g. the backlog of a slow consumer before closing it. Whole frames only: what was
+    /// taken already is not affected.
+    pub fn discard_output(&mut self) {
+        self.output.clear();
+        self.out_tail.clear();
+        self.output_len = 0;
+    }
+
     fn send_data(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
         if self.state != CloseState::Open {
             return Err(SendError::Closed);

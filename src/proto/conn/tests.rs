@@ -644,3 +644,18 @@ fn release_input_buffer_keeps_payloads() {
     assert_eq!(&payload[..], &[3; 64]);
     assert_eq!(conn.pending_input(), 0);
 }
+
+/// A slow consumer's backlog can be dropped; a Close queued after it goes out alone.
+#[test]
+fn discarded_output_leaves_only_later_frames() {
+    let mut conn = server();
+    conn.send_binary(Bytes::from(vec![1u8; 5000])).unwrap();
+    conn.send_text("queued").unwrap();
+    conn.discard_output();
+    assert_eq!(conn.pending_output(), 0);
+    conn.close(CloseCode::Again, "slow consumer").unwrap();
+    let frames = server_frames(&output(&mut conn));
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0, OpCode::Close);
+    assert_eq!(&frames[0].2[..2], &1013u16.to_be_bytes());
+}

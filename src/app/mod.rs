@@ -1,0 +1,266 @@
+//! The application layer, FastAPI-like: routes with path parameters for WebSocket and
+//! HTTP, the WebSocket handle, and the built-in `/healthz` and `/metrics`.
+//!
+//! ```no_run
+//! use ringsocket::app::App;
+//! use ringsocket::runtime::Response;
+//!
+//! let app = App::new()
+//!     .websocket("/ws/{client_id:u64}", |ws| async move {
+//!         let id: u64 = ws.param("client_id").unwrap_or_default();
+//!         ws.accept();
+//!         while let Ok(message) = ws.recv().await {
+//!             if ws.send(message).is_err() {
+//!                 break;
+//!             }
+//!         }
+//!         let _ = id;
+//!     })
+//!     .get("/hello/{name}", |req| async move {
+//!         Response::text(200, format!("hello {}", req.param::<String>("name").unwrap_or_default()))
+//!     });
+//! ```
+
+mod router;
+mod websocket;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use router::ParamError;
+pub use websocket::WebSocket;
+
+use crate::proto::handshake::Request as Head;
+use crate::runtime::{Context, HttpRequest, LocalFuture, Response, Route, Service, Session};
+use router::{Match, Pattern};
+
+type WsFn = Arc<dyn Fn(WebSocket) -> LocalFuture<()> + Send + Sync>;
+type HttpFn = Arc<dyn Fn(Request) -> LocalFuture<Response> + Send + Sync>;
+
+/// An HTTP request as a handler sees it.
+#[derive(Debug)]
+pub struct Request {
+    inner: HttpRequest,
+    params: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The request head: method, path, query, headers.
+    pub fn head(&self) -> &Head {
+        &self.inner.head
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        &self.inner.body
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.inner.peer
+    }
+
+    /// The path parameter `name`, converted to `T`.
+    pub fn param<T: FromStr>(&self, name: &str) -> Option<T> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.parse().ok())
+    }
+}
+
+/// The HTTP methods an [`App`] routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Method {
+    /// GET (and HEAD is not routed).
+    Get,
+    /// POST.
+    Post,
+    /// PUT.
+    Put,
+    /// DELETE.
+    Delete,
+}
+
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+            Self::Put => "PUT",
+            Self::Delete => "DELETE",
+        }
+    }
+}
+
+/// Routes, built once and shared by every worker.
+#[derive(Clone, Default)]
+pub struct App {
+    websockets: Vec<(Pattern, WsFn)>,
+    http: Vec<(Method, Pattern, HttpFn)>,
+    builtins: bool,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field(
+                "websockets",
+                &self
+                    .websockets
+                    .iter()
+                    .map(|(p, _)| p.source())
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "http",
+                &self
+                    .http
+                    .iter()
+                    .map(|(m, p, _)| (m.as_str(), p.source()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl App {
+    /// An app with the built-in `GET /healthz` and `GET /metrics`.
+    pub fn new() -> Self {
+        Self {
+            websockets: Vec::new(),
+            http: Vec::new(),
+            builtins: true,
+        }
+    }
+
+    /// An app without the built-in routes.
+    pub fn bare() -> Self {
+        Self::default()
+    }
+
+    /// A WebSocket route. The handler must `accept` (or `reject`) the connection.
+    pub fn websocket<F, Fut>(mut self, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(WebSocket) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        self.websockets.push((
+            Pattern::new(pattern),
+            Arc::new(move |ws| Box::pin(handler(ws))),
+        ));
+        self
+    }
+
+    /// An HTTP route for `method`.
+    pub fn route<F, Fut>(mut self, method: Method, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response> + 'static,
+    {
+        self.http.push((
+            method,
+            Pattern::new(pattern),
+            Arc::new(move |req| Box::pin(handler(req))),
+        ));
+        self
+    }
+
+    /// A GET route.
+    pub fn get<F, Fut>(self, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response> + 'static,
+    {
+        self.route(Method::Get, pattern, handler)
+    }
+
+    /// A POST route.
+    pub fn post<F, Fut>(self, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response> + 'static,
+    {
+        self.route(Method::Post, pattern, handler)
+    }
+
+    /// The default app of `ringsocket serve`: `/echo` sends every message back.
+    pub fn echo() -> Self {
+        Self::new().websocket("/echo", echo)
+    }
+}
+
+/// Echoes every message until the peer closes.
+pub async fn echo(ws: WebSocket) {
+    ws.accept();
+    while let Ok(message) = ws.recv().await {
+        if ws.send(message).is_err() {
+            break;
+        }
+    }
+}
+
+impl Service for App {
+    fn route(&self, head: &Head, _peer: SocketAddr, cx: &Context) -> Route {
+        let path = head.path();
+        if self.builtins && head.method() == "GET" {
+            match path {
+                "/healthz" => return Route::Respond(Response::text(200, "ok\n")),
+                "/metrics" => {
+                    return Route::Respond(Response {
+                        content_type: "text/plain; version=0.0.4".into(),
+                        ..Response::text(200, cx.metrics.render())
+                    });
+                }
+                _ => {}
+            }
+        }
+        if head.is_upgrade()
+            || self
+                .http
+                .iter()
+                .all(|(_, p, _)| p.matches(path) == Match::No)
+        {
+            for (pattern, handler) in &self.websockets {
+                match pattern.matches(path) {
+                    Match::Yes(params) => {
+                        let handler = handler.clone();
+                        return Route::WebSocket(Box::new(move |session: Session| {
+                            handler(WebSocket::new(session, params))
+                        }));
+                    }
+                    Match::BadParam(e) => {
+                        return Route::Respond(Response::error(400, &e.to_string()));
+                    }
+                    Match::No => {}
+                }
+            }
+        }
+        let mut allowed = Vec::new();
+        for (method, pattern, handler) in &self.http {
+            match pattern.matches(path) {
+                Match::Yes(params) if method.as_str() == head.method() => {
+                    let handler = handler.clone();
+                    return Route::Http(Box::new(move |inner| handler(Request { inner, params })));
+                }
+                Match::BadParam(e) if method.as_str() == head.method() => {
+                    return Route::Respond(Response::error(400, &e.to_string()));
+                }
+                Match::Yes(_) | Match::BadParam(_) => allowed.push(method.as_str()),
+                Match::No => {}
+            }
+        }
+        if !allowed.is_empty() {
+            return Route::Respond(
+                Response::error(405, &format!("method {} not allowed", head.method()))
+                    .with_header("Allow", allowed.join(", ")),
+            );
+        }
+        Route::Respond(Response::error(404, &format!("no route for {path}")))
+    }
+}

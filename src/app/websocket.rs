@@ -1,0 +1,96 @@
+//! The WebSocket handle a route's handler receives, FastAPI style:
+//! `accept`, `recv`, `send`, `close`, and a [`Disconnect`] that says how it ended.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use bytes::Bytes;
+
+use crate::proto::handshake::Request;
+use crate::proto::{CloseCode, Message, Utf8Bytes};
+use crate::runtime::{Disconnect, Response, Session};
+
+/// A WebSocket connection on its way in (before `accept`) and after.
+#[derive(Debug, Clone)]
+pub struct WebSocket {
+    session: Session,
+    params: Vec<(String, String)>,
+}
+
+impl WebSocket {
+    pub(crate) fn new(session: Session, params: Vec<(String, String)>) -> Self {
+        Self { session, params }
+    }
+
+    /// The path parameter `name`, converted to `T`. Parameters declared with a type in
+    /// the route (`{id:u64}`) were checked before the handler ran.
+    pub fn param<T: FromStr>(&self, name: &str) -> Option<T> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.parse().ok())
+    }
+
+    /// Every path parameter, in order.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
+    /// The upgrade request: path, query, headers.
+    pub fn request(&self) -> &Request {
+        self.session.request()
+    }
+
+    /// The query string, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.session.request().query()
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.session.peer()
+    }
+
+    /// Accepts the connection (answers 101).
+    pub fn accept(&self) {
+        self.session.accept(None);
+    }
+
+    /// Accepts with the first of `supported` that the client offered, and returns it
+    /// (RFC 6455 §4.2.2: the server's preference order).
+    pub fn accept_protocol<'a>(&self, supported: &[&'a str]) -> Option<&'a str> {
+        let chosen = self.session.request().select_protocol(supported);
+        self.session.accept(chosen);
+        chosen
+    }
+
+    /// Refuses the connection with `status` and a one-line reason, before the upgrade.
+    pub fn reject(&self, status: u16, reason: &str) {
+        self.session.reject(Response::error(status, reason));
+    }
+
+    /// The next message, or how the connection ended.
+    pub async fn recv(&self) -> Result<Message, Disconnect> {
+        self.session.recv().await
+    }
+
+    /// Queues a message; it is written in the connection's next batched write.
+    pub fn send(&self, message: Message) -> Result<(), Disconnect> {
+        self.session.send(message)
+    }
+
+    /// Queues a text message.
+    pub fn send_text(&self, text: impl Into<Utf8Bytes>) -> Result<(), Disconnect> {
+        self.session.send_text(text)
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&self, bytes: impl Into<Bytes>) -> Result<(), Disconnect> {
+        self.session.send_binary(bytes)
+    }
+
+    /// Starts the closing handshake with `code` and `reason`.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.session.close(code, reason);
+    }
+}

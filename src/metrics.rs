@@ -1,0 +1,338 @@
+//! Counters in Prometheus text format.
+//!
+//! Each worker owns one [`WorkerMetrics`] and is its only writer (relaxed atomic adds on
+//! memory no other core writes, so the message path shares no cache line); `/metrics`
+//! sums every worker's counters when it is scraped.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a connection ended; every way out is counted under one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The WebSocket closing handshake completed (either side started it).
+    Normal,
+    /// An HTTP connection ended: `Connection: close`, or the peer closed between requests.
+    HttpDone,
+    /// The peer broke RFC 6455 (close 1002/1007/1009).
+    ProtocolError,
+    /// The request head did not arrive within the handshake timeout.
+    HandshakeTimeout,
+    /// A pinged peer did not answer within the pong timeout.
+    PongTimeout,
+    /// No data message within the idle timeout.
+    IdleTimeout,
+    /// The peer queued more outbound bytes than allowed.
+    SlowConsumer,
+    /// The server shut down.
+    Shutdown,
+    /// The peer closed TCP without a close handshake.
+    PeerGone,
+    /// A socket error.
+    IoError,
+    /// The handshake or request was refused with an HTTP error status.
+    Rejected,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 11] = [
+        Self::Normal,
+        Self::HttpDone,
+        Self::ProtocolError,
+        Self::HandshakeTimeout,
+        Self::PongTimeout,
+        Self::IdleTimeout,
+        Self::SlowConsumer,
+        Self::Shutdown,
+        Self::PeerGone,
+        Self::IoError,
+        Self::Rejected,
+    ];
+
+    /// The label value in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::HttpDone => "http_done",
+            Self::ProtocolError => "protocol_error",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::PongTimeout => "pong_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::SlowConsumer => "slow_consumer",
+            Self::Shutdown => "shutdown",
+            Self::PeerGone => "peer_gone",
+            Self::IoError => "io_error",
+            Self::Rejected => "rejected",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// A limit that was reached (ARCHITECTURE.md rule 5: every limit has a metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limit {
+    /// `max_connections`: 503.
+    MaxConnections,
+    /// Frame or message size: close 1009.
+    MessageSize,
+    /// Queued outbound bytes: slow consumer.
+    OutboundBytes,
+    /// HTTP body size: 413.
+    BodySize,
+    /// Request head size or header count: 431.
+    HeadSize,
+}
+
+impl Limit {
+    const ALL: [Limit; 5] = [
+        Self::MaxConnections,
+        Self::MessageSize,
+        Self::OutboundBytes,
+        Self::BodySize,
+        Self::HeadSize,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::MessageSize => "max_message_size",
+            Self::OutboundBytes => "max_outbound_bytes",
+            Self::BodySize => "max_body_bytes",
+            Self::HeadSize => "max_head_bytes",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|l| *l == self).unwrap_or(0)
+    }
+}
+
+/// Statuses counted for refused handshakes and HTTP responses.
+const STATUSES: [u16; 12] = [200, 202, 400, 403, 404, 405, 411, 413, 426, 431, 500, 503];
+
+/// One worker's counters.
+#[derive(Debug, Default)]
+pub struct WorkerMetrics {
+    accepted: AtomicU64,
+    upgraded: AtomicU64,
+    closed: [AtomicU64; CloseReason::ALL.len()],
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    http_requests: AtomicU64,
+    rejections: [AtomicU64; STATUSES.len() + 1],
+    limits: [AtomicU64; Limit::ALL.len()],
+    pings_sent: AtomicU64,
+}
+
+impl WorkerMetrics {
+    /// A connection was accepted.
+    pub fn accepted(&self) {
+        self.accepted.fetch_add(1, Relaxed);
+    }
+
+    /// A connection completed the WebSocket handshake.
+    pub fn upgraded(&self) {
+        self.upgraded.fetch_add(1, Relaxed);
+    }
+
+    /// A connection ended.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Data messages received and their payload bytes.
+    pub fn message_in(&self, bytes: usize) {
+        self.messages_in.fetch_add(1, Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// Data messages queued for sending.
+    pub fn messages_out(&self, count: u64) {
+        self.messages_out.fetch_add(count, Relaxed);
+    }
+
+    /// Bytes written to sockets.
+    pub fn bytes_out(&self, bytes: usize) {
+        self.bytes_out.fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// An HTTP request (not an upgrade) was answered.
+    pub fn http_request(&self) {
+        self.http_requests.fetch_add(1, Relaxed);
+    }
+
+    /// A handshake or request was refused with `status`.
+    pub fn rejected(&self, status: u16) {
+        let i = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len());
+        self.rejections[i].fetch_add(1, Relaxed);
+    }
+
+    /// A limit was reached.
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limits[limit.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A heartbeat ping was sent.
+    pub fn ping_sent(&self) {
+        self.pings_sent.fetch_add(1, Relaxed);
+    }
+
+    /// Connections accepted minus connections ended.
+    pub fn open(&self) -> u64 {
+        let closed: u64 = self.closed.iter().map(|c| c.load(Relaxed)).sum();
+        self.accepted.load(Relaxed).saturating_sub(closed)
+    }
+}
+
+/// Every worker's counters, for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    workers: Vec<Arc<WorkerMetrics>>,
+}
+
+impl Metrics {
+    /// Counters for `n` workers.
+    pub fn new(n: usize) -> Self {
+        Self {
+            workers: (0..n).map(|_| Arc::default()).collect(),
+        }
+    }
+
+    /// Worker `i`'s counters.
+    pub fn worker(&self, i: usize) -> Arc<WorkerMetrics> {
+        self.workers[i % self.workers.len()].clone()
+    }
+
+    /// Open connections across all workers.
+    pub fn open_connections(&self) -> u64 {
+        self.workers.iter().map(|w| w.open()).sum()
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let sum = |f: &dyn Fn(&WorkerMetrics) -> &AtomicU64| -> u64 {
+            self.workers.iter().map(|w| f(w).load(Relaxed)).sum()
+        };
+        let mut out = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, kind: &str, rows: &[(String, u64)]| {
+            let _ = writeln!(
+                out,
+                "# HELP ringsocket_{name} {help}\n# TYPE ringsocket_{name} {kind}"
+            );
+            for (labels, value) in rows {
+                let _ = writeln!(out, "ringsocket_{name}{labels} {value}");
+            }
+        };
+        counter(
+            "connections_open",
+            "Connections open now.",
+            "gauge",
+            &[(String::new(), self.open_connections())],
+        );
+        counter(
+            "connections_accepted_total",
+            "Connections accepted.",
+            "counter",
+            &[(String::new(), sum(&|w| &w.accepted))],
+        );
+        counter(
+            "websocket_upgrades_total",
+            "Completed WebSocket handshakes.",
+            "counter",
+            &[(String::new(), sum(&|w| &w.upgraded))],
+        );
+        let closed: Vec<_> = CloseReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.label()),
+                    sum(&|w| &w.closed[r.index()]),
+                )
+            })
+            .collect();
+        counter(
+            "connections_closed_total",
+            "Connections ended, by reason.",
+            "counter",
+            &closed,
+        );
+        counter(
+            "messages_in_total",
+            "WebSocket data messages received.",
+            "counter",
+            &[(String::new(), sum(&|w| &w.messages_in))],
+        );
+        counter(
+            "messages_out_total",
+            "WebSocket data messages sent.",
+            "counter",
+            &[(String::new(), sum(&|w| &w.messages_out))],
+        );
+        counter(
+            "bytes_in_total",
+            "WebSocket payload bytes received.",
+            "counter",
+            &[(String::new(), sum(&|w| &w.bytes_in))],
+        );
+        counter(
+            "bytes_out_total",
+            "Bytes written to sockets.",
+            "counter",
+            &[(String::new(), sum(&|w| &w.bytes_out))],
+        );
+        counter(
+            "http_requests_total",
+            "Plain HTTP requests answered.",
+            "counter",
+            &[(String::new(), sum(&|w| &w.http_requests))],
+        );
+        counter(
+            "pings_sent_total",
+            "Heartbeat pings sent.",
+            "counter",
+            &[(String::new(), sum(&|w| &w.pings_sent))],
+        );
+        let mut rejections: Vec<_> = STATUSES
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{{status=\"{s}\"}}"), sum(&|w| &w.rejections[i])))
+            .collect();
+        rejections.push((
+            "{status=\"other\"}".into(),
+            sum(&|w| &w.rejections[STATUSES.len()]),
+        ));
+        counter(
+            "rejections_total",
+            "Handshakes and requests refused, by HTTP status.",
+            "counter",
+            &rejections,
+        );
+        let limits: Vec<_> = Limit::ALL
+            .iter()
+            .map(|l| {
+                (
+                    format!("{{limit=\"{}\"}}", l.label()),
+                    sum(&|w| &w.limits[l.index()]),
+                )
+            })
+            .collect();
+        counter(
+            "limit_hits_total",
+            "Times a limit was reached, by limit.",
+            "counter",
+            &limits,
+        );
+        out
+    }
+}

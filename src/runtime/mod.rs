@@ -1,0 +1,191 @@
+//! The runtime: thread-per-core `tokio-uring` workers, `SO_REUSEPORT` listeners, the
+//! connection driver, timers and graceful shutdown.
+//!
+//! Everything that touches `tokio-uring` stays in this module, behind [`Service`] and
+//! [`Session`], so that the I/O driver can change without touching `proto` or `app`.
+//!
+//! Threading model: N workers, each an OS thread pinned to a core with its own runtime
+//! and listener. A connection lives on the core that accepted it; nothing is locked per
+//! message. Workers share only the configuration, the service, their counters (each
+//! written by one worker) and the shutdown signal.
+
+mod buf;
+mod conn;
+pub mod http;
+pub mod listener;
+pub mod service;
+mod session;
+pub mod shutdown;
+mod worker;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::thread::JoinHandle;
+
+pub use http::Response;
+pub use service::{
+    Context, HttpHandler, HttpRequest, LocalFuture, Route, Service, WebSocketHandler,
+};
+pub use session::{Disconnect, Session};
+pub use shutdown::ShutdownSignal;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Why the server could not start or run.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// io_uring is not available; the text says why and what to change.
+    IoUring(String),
+    /// The address could not be bound.
+    Bind(SocketAddr, io::Error),
+    /// The configuration is invalid.
+    Config(String),
+    /// A worker thread could not be started or died.
+    Worker(String),
+}
+
+impl fmt::Display for ServeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::IoUring(why) => write!(f, "io_uring is not available: {why}"),
+            Self::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            Self::Config(why) => write!(f, "invalid configuration: {why}"),
+            Self::Worker(why) => write!(f, "worker failed: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+/// Checks that this process can create an io_uring instance, and explains why not.
+pub fn probe_io_uring() -> Result<(), ServeError> {
+    match io_uring::IoUring::new(8) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ServeError::IoUring(explain_io_uring_error(&e))),
+    }
+}
+
+fn explain_io_uring_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => {
+            format!("{e}: the kernel has no io_uring (Linux 5.11 or later is needed)")
+        }
+        Some(libc::EPERM) | Some(libc::EACCES) => format!(
+            "{e}: io_uring is disabled for this process; set sysctl kernel.io_uring_disabled=0, \
+             or allow io_uring_setup/io_uring_enter/io_uring_register in the container's seccomp profile"
+        ),
+        Some(libc::ENOMEM) => {
+            format!("{e}: not enough locked memory; raise RLIMIT_MEMLOCK (ulimit -l)")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Starts servers.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// Binds, starts the workers and returns at once. The server runs until
+    /// [`RunningServer::shutdown`] (or its drop).
+    pub fn start(config: Config, service: Arc<dyn Service>) -> Result<RunningServer, ServeError> {
+        config.validate().map_err(|e| ServeError::Config(e.0))?;
+        probe_io_uring()?;
+        let n = config.worker_count();
+        let (listeners, addr) =
+            listener::bind_all(config.bind, n).map_err(|e| ServeError::Bind(config.bind, e))?;
+        let config = Arc::new(config);
+        let metrics = Metrics::new(n);
+        let cx = Context {
+            config: config.clone(),
+            metrics: metrics.clone(),
+        };
+        let signal = Arc::new(ShutdownSignal::default());
+        let open_global = Arc::new(AtomicUsize::new(0));
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut threads = Vec::with_capacity(n);
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let spec = worker::WorkerSpec {
+                index,
+                core: (!cores.is_empty()).then(|| cores[index % cores.len()]),
+                listener,
+                config: config.clone(),
+                service: service.clone(),
+                cx: cx.clone(),
+                metrics: metrics.worker(index),
+                open_global: open_global.clone(),
+                signal: signal.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("ringsocket-w{index}"))
+                .spawn(move || worker::run(spec))
+                .map_err(|e| ServeError::Worker(e.to_string()))?;
+            threads.push(thread);
+        }
+        tracing::info!(%addr, workers = n, "listening");
+        Ok(RunningServer {
+            addr,
+            signal,
+            threads,
+            metrics,
+        })
+    }
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    signal: Arc<ShutdownSignal>,
+    threads: Vec<JoinHandle<()>>,
+    metrics: Metrics,
+}
+
+impl RunningServer {
+    /// The address the server listens on (with the port chosen when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every worker's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The signal that stops the server; give it to a signal handler.
+    pub fn shutdown_signal(&self) -> Arc<ShutdownSignal> {
+        self.signal.clone()
+    }
+
+    /// Starts a graceful shutdown: stop accepting, Close 1001 to every connection.
+    pub fn shutdown(&self) {
+        self.signal.trigger();
+    }
+
+    /// Waits for every worker to finish (after a shutdown).
+    pub fn join(mut self) -> Result<(), ServeError> {
+        self.join_threads()
+    }
+
+    fn join_threads(&mut self) -> Result<(), ServeError> {
+        let mut result = Ok(());
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                result = Err(ServeError::Worker("a worker thread panicked".into()));
+            }
+        }
+        result
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.signal.trigger();
+        let _ = self.join_threads();
+    }
+}

@@ -1,0 +1,77 @@
+//! The narrow interface between the runtime and the layers above it.
+//!
+//! The runtime parses a request head and asks the [`Service`] what to do with it; the
+//! answer is a response, an HTTP handler, or a WebSocket handler that receives a
+//! [`Session`](super::Session). Handler futures run on the core that owns the
+//! connection and need not be `Send`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::http::Response;
+use super::session::Session;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proto::handshake::Request;
+
+/// A future that runs on the worker's thread.
+pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
+
+/// Handles an HTTP request once its body has been read.
+pub type HttpHandler = Box<dyn FnOnce(HttpRequest) -> LocalFuture<Response>>;
+
+/// Runs a WebSocket connection. It must call [`Session::accept`] or
+/// [`Session::reject`]; returning without either refuses the handshake with 403.
+pub type WebSocketHandler = Box<dyn FnOnce(Session) -> LocalFuture<()>>;
+
+/// What to do with a request head.
+#[non_exhaustive]
+pub enum Route {
+    /// Answer at once, without reading a body (404, 405, 400…).
+    Respond(Response),
+    /// Read the body, then run the handler.
+    Http(HttpHandler),
+    /// Check the upgrade (RFC 6455 §4.2.1), then run the handler.
+    WebSocket(WebSocketHandler),
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Respond(response) => f.debug_tuple("Respond").field(&response.status).finish(),
+            Self::Http(_) => f.write_str("Http(..)"),
+            Self::WebSocket(_) => f.write_str("WebSocket(..)"),
+        }
+    }
+}
+
+/// A complete HTTP request.
+#[derive(Debug)]
+pub struct HttpRequest {
+    /// The request head.
+    pub head: Request,
+    /// The body (`Content-Length` bytes).
+    pub body: Bytes,
+    /// The peer's address.
+    pub peer: SocketAddr,
+}
+
+/// What a service may consult while routing.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The server's configuration.
+    pub config: Arc<Config>,
+    /// Every worker's counters.
+    pub metrics: Metrics,
+}
+
+/// Routes request heads. One instance serves every worker; the handlers it returns run
+/// on the worker that owns the connection.
+pub trait Service: Send + Sync + 'static {
+    /// Decides what to do with `head`, received from `peer`.
+    fn route(&self, head: &Request, peer: SocketAddr, cx: &Context) -> Route;
+}

@@ -1,0 +1,225 @@
+//! The WebSocket session a handler holds: the runtime's side of `recv`, `send` and
+//! `close`. It lives on the core that owns the connection (`!Send`).
+//!
+//! Sending only queues frames in the connection's sans-IO state; the connection's
+//! driver gathers everything queued since its last write into one vectored write.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use bytes::Bytes;
+
+use super::http::Response;
+use crate::proto::handshake::Request;
+use crate::proto::{CloseCode, CloseFrame, Connection, Message, ProtocolError};
+
+/// Why a session's stream of messages ended: `WebSocketDisconnect`, told apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// The peer started the closing handshake; its close frame (`None`: no code, 1005).
+    Closed(Option<CloseFrame>),
+    /// We closed (the handler or the server) and the handshake completed or timed out.
+    ClosedByUs,
+    /// The peer broke the protocol; the connection was failed with this error.
+    Protocol(ProtocolError),
+    /// The peer went silent: no answer to a ping, or the idle timeout.
+    Timeout,
+    /// The peer did not read fast enough and was closed as a slow consumer.
+    SlowConsumer,
+    /// The server is shutting down (the peer was sent 1001).
+    Shutdown,
+    /// The TCP connection ended without a closing handshake.
+    ConnectionLost,
+}
+
+impl Disconnect {
+    /// Whether the session ended with a completed closing handshake.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Self::Closed(_) | Self::ClosedByUs)
+    }
+
+    /// The close code, as reported to the application (1005 when none was sent,
+    /// 1006 when there was no closing handshake).
+    pub fn code(&self) -> CloseCode {
+        match self {
+            Self::Closed(Some(frame)) => frame.code,
+            Self::Closed(None) => CloseCode::Status,
+            Self::ClosedByUs => CloseCode::Normal,
+            Self::Protocol(e) => e.close_code(),
+            Self::Timeout | Self::ConnectionLost => CloseCode::Abnormal,
+            Self::SlowConsumer => CloseCode::Again,
+            Self::Shutdown => CloseCode::Away,
+        }
+    }
+}
+
+impl fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed(Some(frame)) => {
+                write!(f, "closed by peer ({} {:?})", frame.code, frame.reason)
+            }
+            Self::Closed(None) => f.write_str("closed by peer (no status)"),
+            Self::ClosedByUs => f.write_str("closed"),
+            Self::Protocol(e) => write!(f, "protocol error: {e}"),
+            Self::Timeout => f.write_str("timed out"),
+            Self::SlowConsumer => f.write_str("closed as a slow consumer"),
+            Self::Shutdown => f.write_str("server shutting down"),
+            Self::ConnectionLost => f.write_str("connection lost without a close"),
+        }
+    }
+}
+
+impl std::error::Error for Disconnect {}
+
+/// The handshake decision a handler makes.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    Pending,
+    Accept(Option<String>),
+    Reject(Response),
+}
+
+pub(crate) struct State {
+    pub(crate) decision: Decision,
+    pub(crate) conn: Connection,
+    pub(crate) inbound: VecDeque<Message>,
+    pub(crate) ended: Option<Disconnect>,
+    /// Set when the handler (or anyone) queued output; the driver flushes and clears it.
+    pub(crate) recv_waker: Option<Waker>,
+    pub(crate) driver_waker: Option<Waker>,
+    /// Messages queued by the application since the driver last counted them.
+    pub(crate) sent_messages: u64,
+}
+
+/// A WebSocket connection as its handler sees it. Clones share the connection.
+#[derive(Clone)]
+pub struct Session {
+    pub(crate) state: Rc<RefCell<State>>,
+    pub(crate) request: Rc<Request>,
+    pub(crate) peer: SocketAddr,
+}
+
+impl Session {
+    pub(crate) fn new(request: Request, peer: SocketAddr, conn: Connection) -> Self {
+        Self {
+            state: Rc::new(RefCell::new(State {
+                decision: Decision::Pending,
+                conn,
+                inbound: VecDeque::new(),
+                ended: None,
+                recv_waker: None,
+                driver_waker: None,
+                sent_messages: 0,
+            })),
+            request: Rc::new(request),
+            peer,
+        }
+    }
+
+    /// The upgrade request: path, query, headers, `Origin`.
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Accepts the handshake, optionally with a subprotocol the client offered (see
+    /// `Request::select_protocol`). Messages sent from now on follow the 101 response.
+    pub fn accept(&self, protocol: Option<&str>) {
+        let mut state = self.state.borrow_mut();
+        if matches!(state.decision, Decision::Pending) {
+            state.decision = Decision::Accept(protocol.map(str::to_owned));
+            wake(&mut state.driver_waker);
+        }
+    }
+
+    /// Refuses the handshake with `response` (e.g. 403). Only before `accept`.
+    pub fn reject(&self, response: Response) {
+        let mut state = self.state.borrow_mut();
+        if matches!(state.decision, Decision::Pending) {
+            state.decision = Decision::Reject(response);
+            wake(&mut state.driver_waker);
+        }
+    }
+
+    /// The next message, or why the connection ended. Pings, pongs and the closing
+    /// handshake are handled by the runtime.
+    pub async fn recv(&self) -> Result<Message, Disconnect> {
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if let Some(message) = state.inbound.pop_front() {
+                return Poll::Ready(Ok(message));
+            }
+            if let Some(ended) = &state.ended {
+                return Poll::Ready(Err(ended.clone()));
+            }
+            state.recv_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Queues a message. It is written with everything else queued for this connection
+    /// in the driver's next write.
+    pub fn send(&self, message: Message) -> Result<(), Disconnect> {
+        let mut state = self.state.borrow_mut();
+        if let Some(ended) = &state.ended {
+            return Err(ended.clone());
+        }
+        if state.conn.send(message).is_err() {
+            return Err(Disconnect::ClosedByUs);
+        }
+        state.sent_messages += 1;
+        wake(&mut state.driver_waker);
+        Ok(())
+    }
+
+    /// Queues a text message.
+    pub fn send_text(&self, text: impl Into<crate::proto::Utf8Bytes>) -> Result<(), Disconnect> {
+        self.send(Message::Text(text.into()))
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&self, bytes: impl Into<Bytes>) -> Result<(), Disconnect> {
+        self.send(Message::Binary(bytes.into()))
+    }
+
+    /// Starts the closing handshake. `recv` then ends with [`Disconnect::ClosedByUs`]
+    /// once the peer answers (or the close times out).
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        let mut state = self.state.borrow_mut();
+        if state.conn.close(code, reason).is_ok() {
+            wake(&mut state.driver_waker);
+        }
+    }
+
+    /// Whether the handshake was accepted.
+    pub fn is_accepted(&self) -> bool {
+        matches!(self.state.borrow().decision, Decision::Accept(_))
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("peer", &self.peer)
+            .field("path", &self.request.path())
+            .finish()
+    }
+}
+
+pub(crate) fn wake(waker: &mut Option<Waker>) {
+    if let Some(w) = waker.take() {
+        w.wake();
+    }
+}

@@ -1,0 +1,114 @@
+//! A worker: an OS thread pinned to a core, running its own `tokio-uring` runtime, its
+//! own listener and accept loop, and every connection it accepted, for their whole life.
+
+use std::cell::Cell;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::{Instant, timeout_at};
+
+use super::buf::BufPool;
+use super::conn::{WorkerCtx, drive};
+use super::service::{Context, Service};
+use super::shutdown::ShutdownSignal;
+use crate::config::Config;
+use crate::metrics::WorkerMetrics;
+use crate::proto::{HandshakeLimits, Limits};
+
+/// What a worker thread starts with.
+pub(crate) struct WorkerSpec {
+    pub(crate) index: usize,
+    pub(crate) core: Option<core_affinity::CoreId>,
+    pub(crate) listener: std::net::TcpListener,
+    pub(crate) config: Arc<Config>,
+    pub(crate) service: Arc<dyn Service>,
+    pub(crate) cx: Context,
+    pub(crate) metrics: Arc<WorkerMetrics>,
+    pub(crate) open_global: Arc<AtomicUsize>,
+    pub(crate) signal: Arc<ShutdownSignal>,
+}
+
+/// Runs a worker to the end of its shutdown.
+pub(crate) fn run(spec: WorkerSpec) {
+    if let Some(core) = spec.core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(
+                worker = spec.index,
+                core = core.id,
+                "could not pin worker to its core"
+            );
+        }
+    }
+    let config = spec.config.clone();
+    let limits = Limits::default()
+        .with_max_message_size(config.max_message_size)
+        .with_max_frame_size(config.max_frame_size.min(config.max_message_size));
+    let head_limits = HandshakeLimits {
+        max_head_bytes: config.max_head_bytes,
+        ..HandshakeLimits::default()
+    };
+    tokio_uring::start(async move {
+        let ctx = Rc::new(WorkerCtx {
+            config: config.clone(),
+            service: spec.service,
+            cx: spec.cx,
+            metrics: spec.metrics,
+            open_global: spec.open_global,
+            open_local: Cell::new(0),
+            shutting_down: Cell::new(false),
+            shutdown: Notify::new(),
+            drained: Notify::new(),
+            pool: BufPool::default(),
+            limits,
+            head_limits,
+        });
+        let listener = tokio_uring::net::TcpListener::from_std(spec.listener);
+        tracing::debug!(worker = spec.index, "worker accepting");
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let open = ctx.open_global.fetch_add(1, Ordering::Relaxed);
+                        let over_limit = open >= config.max_connections;
+                        tokio_uring::spawn(drive(stream, peer, ctx.clone(), over_limit));
+                    }
+                    Err(e) => {
+                        // Out of descriptors or memory: back off instead of spinning.
+                        tracing::warn!(worker = spec.index, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = spec.signal.wait() => break,
+            }
+        }
+        // Stop accepting: wake the accept still in flight and close the socket.
+        // SAFETY: the descriptor belongs to `listener`, which is alive here; shutdown(2)
+        // on it has no memory effects.
+        unsafe {
+            libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
+        drop(listener);
+        ctx.shutting_down.set(true);
+        ctx.shutdown.notify_waiters();
+        let deadline = Instant::now() + config.shutdown_timeout() + Duration::from_secs(1);
+        while ctx.open_local.get() > 0 {
+            let drained = ctx.drained.notified();
+            if ctx.open_local.get() == 0 {
+                break;
+            }
+            if timeout_at(deadline, drained).await.is_err() {
+                tracing::warn!(
+                    worker = spec.index,
+                    left = ctx.open_local.get(),
+                    "connections still open after the shutdown timeout"
+                );
+                break;
+            }
+        }
+        tracing::debug!(worker = spec.index, "worker stopped");
+    });
+}
