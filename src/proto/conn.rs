@@ -433,8 +433,9 @@ impl Connection {
         match opcode {
             OpCode::Ping => {
                 // RFC 6455 §5.5.2: answer with a Pong carrying the same payload, unless
-                // we already sent a Close (§5.5.1: nothing follows it).
-                if self.state == CloseState::Open {
+                // a Close was received (then the state is Closed and nothing is read).
+                // After our own Close only data frames are forbidden (§5.5.1).
+                if self.state != CloseState::Closed {
                     self.queue_frame(OpCode::Pong, true, &payload);
                 }
                 Ok(Some(Event::Ping(payload)))

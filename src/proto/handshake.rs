@@ -428,34 +428,23 @@ impl HeadReader {
         &mut self,
         bytes: &[u8],
     ) -> Result<Option<(Request, Bytes)>, HandshakeError> {
-        let room = self
-            .limits
-            .max_head_bytes
-            .saturating_sub(self.buf.len())
-            .max(1);
-        // Never hold more than the limit (plus one byte, to detect going past it).
-        let (take, overflow) = if bytes.len() > room {
-            (&bytes[..room], true)
-        } else {
-            (bytes, false)
-        };
+        let limit = self.limits.max_head_bytes;
+        // Never hold more than the limit: what does not fit is only looked at once the
+        // head is complete (it is what follows the head), or refused with 431.
+        let room = limit.saturating_sub(self.buf.len());
+        let (take, overflow) = bytes.split_at(bytes.len().min(room));
         self.buf.extend_from_slice(take);
-        if !take.contains(&b'\n') && !overflow {
+        let full = self.buf.len() >= limit;
+        if !take.contains(&b'\n') && overflow.is_empty() && !full {
             return Ok(None);
         }
         match parse_request(&self.buf, &self.limits)? {
             Some((request, head_len)) => {
                 let mut rest = std::mem::take(&mut self.buf).split_off(head_len);
-                if overflow {
-                    rest.extend_from_slice(&bytes[room..]);
-                }
+                rest.extend_from_slice(overflow);
                 Ok(Some((request, rest.freeze())))
             }
-            None if overflow || self.buf.len() >= self.limits.max_head_bytes => {
-                Err(HandshakeError::HeadTooLarge {
-                    limit: self.limits.max_head_bytes,
-                })
-            }
+            None if full || !overflow.is_empty() => Err(HandshakeError::HeadTooLarge { limit }),
             None => Ok(None),
         }
     }

@@ -481,7 +481,7 @@ fn invalid_close_reason_fails_with_1007() {
 }
 
 /// RFC 6455 §7.1.2: the closing handshake started by us: CloseSent until the peer's
-/// Close arrives, no frames sent after ours (not even Pongs), data still read.
+/// Close arrives, no data frames after ours, Pings still answered, data still read.
 #[test]
 fn our_close_waits_for_the_peer_close() {
     let mut conn = server();
@@ -506,9 +506,12 @@ fn our_close_waits_for_the_peer_close() {
         ]
     );
     assert!(conn.is_closed());
-    assert!(
-        output(&mut conn).is_empty(),
-        "nothing is sent after our Close"
+    // RFC 6455 §5.5.2: a Ping is answered until a Close is received; §5.5.1 forbids only
+    // data frames after our Close.
+    assert_eq!(
+        server_frames(&output(&mut conn)),
+        vec![(OpCode::Pong, true, b"p".to_vec())],
+        "only the Pong follows our Close"
     );
 }
 

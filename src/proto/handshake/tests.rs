@@ -410,3 +410,29 @@ fn client_refuses_missing_tokens() {
         Err(ClientHandshakeError::ConnectionToken)
     );
 }
+
+/// A head fed a byte at a time without a line end is refused at the limit, and the
+/// reader never holds more than the limit (found by the proptest in
+/// tests/roundtrip_prop.rs).
+#[test]
+fn head_without_line_end_is_refused_at_the_limit() {
+    let limits = HandshakeLimits {
+        max_head_bytes: 64,
+        ..HandshakeLimits::default()
+    };
+    let mut reader = HeadReader::new(limits);
+    let mut refused = None;
+    for i in 0..1000 {
+        match reader.handle_bytes(b"a") {
+            Ok(None) => assert!(reader.buffered() <= 64),
+            Ok(Some(_)) => panic!("no head here"),
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (at, error) = refused.expect("refused");
+    assert_eq!(at, 63);
+    assert_eq!(error, HandshakeError::HeadTooLarge { limit: 64 });
+}
