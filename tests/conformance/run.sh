@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Autobahn TestSuite conformance, sections 1-10 (301 cases), driven by kosoku (PyPI)
+# against `ringsocket serve`'s /echo. Installs kosoku into a venv under target/ the
+# first time. Fails on any case that is not OK or INFORMATIONAL, or that differs from
+# tests/conformance/expected.txt.
+#
+#   bash tests/conformance/run.sh            # check
+#   UPDATE_EXPECTED=1 bash tests/conformance/run.sh   # rewrite expected.txt
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+KOSOKU_VERSION=0.1.0
+VENV=target/kosoku-venv
+if ! "$VENV/bin/kosoku" --help >/dev/null 2>&1; then
+    echo "installing kosoku $KOSOKU_VERSION into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "kosoku==$KOSOKU_VERSION"
+fi
+
+cargo build --release --quiet --bin ringsocket
+
+work=$(mktemp -d)
+# Sections 9.x send messages up to 16 MiB: the conformance server raises the message
+# limit (default 1 MiB) and the outbound queue limit (default 4 MiB) for them.
+./target/release/ringsocket serve --bind 127.0.0.1:0 --workers 2 \
+    --set max_message_size=67108864 --set max_frame_size=67108864 \
+    --set max_outbound_bytes=268435456 >"$work/server.log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+url=""
+for _ in $(seq 1 100); do
+    url=$(grep -o 'ws://[^ ]*/echo' "$work/server.log" | head -n 1 || true)
+    [ -n "$url" ] && break
+    kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; echo "server exited"; exit 1; }
+    sleep 0.1
+done
+[ -n "$url" ] || { cat "$work/server.log"; echo "server did not start"; exit 1; }
+echo "kosoku against $url"
+
+"$VENV/bin/kosoku" "$url" -p 4 -x '12.*' -x '13.*' -o "$work/reports" >"$work/kosoku.log" 2>&1 || true
+tail -n 1 "$work/kosoku.log"
+python3 tests/conformance/check.py "$work/reports" tests/conformance/expected.txt
