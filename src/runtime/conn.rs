@@ -102,9 +102,8 @@ pub(crate) async fn drive(
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-/// Messages parsed and not yet taken by the handler before reading pauses.
-const MAX_UNREAD_MESSAGES: usize = 1;
-/// Bytes read and not yet parsed before reading pauses.
+/// Bytes read and not yet parsed before reading pauses (the handler is not taking
+/// messages); TCP flow control then slows the peer down.
 const MAX_UNPARSED_INPUT: usize = 256 * 1024;
 
 type ReadFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, BytesMut)>>>;
@@ -545,7 +544,19 @@ impl Driver<'_> {
     }
 
     fn poll_step(&mut self, cx: &mut TaskContext<'_>) -> Poll<Step> {
-        self.session.state.borrow_mut().driver_waker = Some(cx.waker().clone());
+        {
+            let mut state = self.session.state.borrow_mut();
+            state.driver_polling = true;
+            if !state.driver_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                state.driver_waker = Some(cx.waker().clone());
+            }
+        }
+        let step = self.poll_step_inner(cx);
+        self.session.state.borrow_mut().driver_polling = false;
+        step
+    }
+
+    fn poll_step_inner(&mut self, cx: &mut TaskContext<'_>) -> Poll<Step> {
         // The handler sees one message at a time: what it sends in reply is queued
         // before anything parsed after that message (such as a protocol error's Close).
         // Everything queued in this pass goes out in one write below.
@@ -647,11 +658,9 @@ impl Driver<'_> {
         true
     }
 
-    /// Whether to read more: not while the handler has messages it has not taken, nor
-    /// while parsed input waits for it. TCP flow control then slows the peer down.
+    /// Whether to read more: not while too much input waits for the handler.
     fn wants_input(&self) -> bool {
-        let state = self.session.state.borrow();
-        state.inbound.len() < MAX_UNREAD_MESSAGES && state.conn.pending_input() < MAX_UNPARSED_INPUT
+        self.session.state.borrow().conn.pending_input() < MAX_UNPARSED_INPUT
     }
 
     /// Parses input up to the next message, close or error and hands it to the session.
@@ -695,7 +704,11 @@ impl Driver<'_> {
         };
         if delivered {
             self.last_message = Instant::now();
-            wake(&mut state.recv_waker);
+            // The handler is polled right after this, inline; only a session held by
+            // another task needs waking.
+            if !state.driver_polling {
+                wake(&mut state.recv_waker);
+            }
         }
         delivered
     }

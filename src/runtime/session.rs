@@ -91,9 +91,13 @@ pub(crate) struct State {
     pub(crate) conn: Connection,
     pub(crate) inbound: VecDeque<Message>,
     pub(crate) ended: Option<Disconnect>,
-    /// Set when the handler (or anyone) queued output; the driver flushes and clears it.
+    /// The task waiting in `recv`.
     pub(crate) recv_waker: Option<Waker>,
+    /// The connection's driver, woken when output is queued or a decision made.
     pub(crate) driver_waker: Option<Waker>,
+    /// Whether the driver is polling right now (it polls the handler inline, so the
+    /// handler's sends need not wake it).
+    pub(crate) driver_polling: bool,
     /// Messages queued by the application since the driver last counted them.
     pub(crate) sent_messages: u64,
 }
@@ -116,6 +120,7 @@ impl Session {
                 ended: None,
                 recv_waker: None,
                 driver_waker: None,
+                driver_polling: false,
                 sent_messages: 0,
             })),
             request: Rc::new(request),
@@ -163,7 +168,9 @@ impl Session {
             if let Some(ended) = &state.ended {
                 return Poll::Ready(Err(ended.clone()));
             }
-            state.recv_waker = Some(cx.waker().clone());
+            if !state.recv_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                state.recv_waker = Some(cx.waker().clone());
+            }
             Poll::Pending
         })
         .await
@@ -180,7 +187,9 @@ impl Session {
             return Err(Disconnect::ClosedByUs);
         }
         state.sent_messages += 1;
-        wake(&mut state.driver_waker);
+        if !state.driver_polling {
+            wake(&mut state.driver_waker);
+        }
         Ok(())
     }
 
@@ -198,7 +207,7 @@ impl Session {
     /// once the peer answers (or the close times out).
     pub fn close(&self, code: CloseCode, reason: &str) {
         let mut state = self.state.borrow_mut();
-        if state.conn.close(code, reason).is_ok() {
+        if state.conn.close(code, reason).is_ok() && !state.driver_polling {
             wake(&mut state.driver_waker);
         }
     }
