@@ -123,8 +123,9 @@ pub struct Connection {
     input: BytesMut,
     /// The data frame whose payload is being moved into `message`.
     frame: Option<InFrame>,
-    /// The data message being received, possibly over several frames.
-    message: Option<InMessage>,
+    /// The data message being received, possibly over several frames. Boxed: only a
+    /// message that arrives in pieces needs it.
+    message: Option<Box<InMessage>>,
     /// Frames queued for the transport, in order; `out_tail` follows them.
     output: VecDeque<Bytes>,
     /// Small frames written back to back, so that many go out as one buffer.
@@ -132,7 +133,8 @@ pub struct Connection {
     /// Bytes in `output` and `out_tail`.
     output_len: usize,
     /// Masking keys for the client role (RFC 6455 §5.3: unpredictable per frame).
-    mask_rng: Option<ChaCha8Rng>,
+    /// Boxed: a server connection does not pay for the generator's state.
+    mask_rng: Option<Box<ChaCha8Rng>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -166,10 +168,14 @@ impl Connection {
     /// generator of the per-frame masking keys; take it from the OS's random source
     /// (RFC 6455 §10.3: keys must not be predictable by the application).
     pub fn client(limits: Limits, mask_seed: [u8; 32]) -> Self {
-        Self::new(Role::Client, limits, Some(ChaCha8Rng::from_seed(mask_seed)))
+        Self::new(
+            Role::Client,
+            limits,
+            Some(Box::new(ChaCha8Rng::from_seed(mask_seed))),
+        )
     }
 
-    fn new(role: Role, limits: Limits, mask_rng: Option<ChaCha8Rng>) -> Self {
+    fn new(role: Role, limits: Limits, mask_rng: Option<Box<ChaCha8Rng>>) -> Self {
         Self {
             role,
             limits,
@@ -318,11 +324,11 @@ impl Connection {
             // The general path: stream the payload into the message as it arrives.
             self.input.advance(header_len);
             if header.opcode != OpCode::Continuation {
-                self.message = Some(InMessage {
+                self.message = Some(Box::new(InMessage {
                     text: header.opcode == OpCode::Text,
                     payload: BytesMut::new(),
                     utf8: Utf8Validator::default(),
-                });
+                }));
             }
             self.frame = Some(InFrame {
                 fin: header.fin,

@@ -118,32 +118,46 @@ impl fmt::Display for HandshakeError {
 
 impl std::error::Error for HandshakeError {}
 
-/// A parsed HTTP/1.x request head. The head's bytes are kept once; accessors borrow
-/// from them.
+/// A parsed HTTP/1.x request head. The head's bytes are kept once; its parts are
+/// 16-bit offsets into them (heads are at most 64 KiB), so a request held for a
+/// connection's life costs its bytes plus 8 bytes per header.
 #[derive(Clone)]
 pub struct Request {
     head: Bytes,
-    method: Range<usize>,
-    path: Range<usize>,
-    query: Option<Range<usize>>,
+    method: Span,
+    path: Span,
+    query: Option<Span>,
     minor_version: u8,
-    headers: Vec<(Range<usize>, Range<usize>)>,
+    headers: Box<[(Span, Span)]>,
+}
+
+/// A part of the head: `head[start..end]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u16,
+    end: u16,
+}
+
+impl Span {
+    fn range(self) -> Range<usize> {
+        usize::from(self.start)..usize::from(self.end)
+    }
 }
 
 impl Request {
     /// The method, e.g. `GET`.
     pub fn method(&self) -> &str {
-        self.str_at(&self.method)
+        self.str_at(self.method)
     }
 
     /// The path of the request target, without the query.
     pub fn path(&self) -> &str {
-        self.str_at(&self.path)
+        self.str_at(self.path)
     }
 
     /// The query string after `?`, if there is one.
     pub fn query(&self) -> Option<&str> {
-        self.query.as_ref().map(|r| self.str_at(r))
+        self.query.map(|r| self.str_at(r))
     }
 
     /// The minor HTTP version: 1 for HTTP/1.1, 0 for HTTP/1.0.
@@ -155,7 +169,7 @@ impl Request {
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.headers
             .iter()
-            .map(|(name, value)| (self.str_at(name), &self.head[value.clone()]))
+            .map(|(name, value)| (self.str_at(*name), &self.head[value.range()]))
     }
 
     /// The first value of the header `name` (case-insensitive).
@@ -260,10 +274,10 @@ impl Request {
         Ok(AcceptKey::from_key(key))
     }
 
-    fn str_at(&self, range: &Range<usize>) -> &str {
+    fn str_at(&self, span: Span) -> &str {
         // httparse only yields tokens and request targets made of visible ASCII, which
         // is valid UTF-8; the fallback is never taken.
-        std::str::from_utf8(&self.head[range.clone()]).unwrap_or("")
+        std::str::from_utf8(&self.head[span.range()]).unwrap_or("")
     }
 }
 
@@ -356,18 +370,15 @@ pub fn parse_request(
         }
         Err(e) => return Err(HandshakeError::Malformed(httparse_reason(e))),
     };
+    let limit = limits.head_limit();
     let httparse::Status::Complete(head_len) = status else {
-        if buf.len() >= limits.max_head_bytes {
-            return Err(HandshakeError::HeadTooLarge {
-                limit: limits.max_head_bytes,
-            });
+        if buf.len() >= limit {
+            return Err(HandshakeError::HeadTooLarge { limit });
         }
         return Ok(None);
     };
-    if head_len > limits.max_head_bytes {
-        return Err(HandshakeError::HeadTooLarge {
-            limit: limits.max_head_bytes,
-        });
+    if head_len > limit {
+        return Err(HandshakeError::HeadTooLarge { limit });
     }
     let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
     else {
@@ -375,16 +386,30 @@ pub fn parse_request(
     };
     let head = Bytes::copy_from_slice(&buf[..head_len]);
     let base = buf.as_ptr() as usize;
+    // Every part lies inside the head, which is at most 64 KiB - 1 long.
+    let at = |offset: usize| u16::try_from(offset).unwrap_or(u16::MAX);
     let span = |s: &[u8]| {
         let start = s.as_ptr() as usize - base;
-        start..start + s.len()
+        Span {
+            start: at(start),
+            end: at(start + s.len()),
+        }
     };
     let target_span = span(target.as_bytes());
     let (path, query) = match target.find('?') {
-        Some(q) => (
-            target_span.start..target_span.start + q,
-            Some(target_span.start + q + 1..target_span.end),
-        ),
+        Some(q) => {
+            let q = at(q);
+            (
+                Span {
+                    start: target_span.start,
+                    end: target_span.start + q,
+                },
+                Some(Span {
+                    start: target_span.start + q + 1,
+                    end: target_span.end,
+                }),
+            )
+        }
         None => (target_span, None),
     };
     let headers = req
@@ -428,7 +453,7 @@ impl HeadReader {
         &mut self,
         bytes: &[u8],
     ) -> Result<Option<(Request, Bytes)>, HandshakeError> {
-        let limit = self.limits.max_head_bytes;
+        let limit = self.limits.head_limit();
         // Never hold more than the limit: what does not fit is only looked at once the
         // head is complete (it is what follows the head), or refused with 431.
         let room = limit.saturating_sub(self.buf.len());

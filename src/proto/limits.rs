@@ -10,6 +10,7 @@
 pub struct HandshakeLimits {
     /// Largest request head, request line and headers up to and including the empty
     /// line, in bytes. Default 8 KiB. Beyond it: `431 Request Header Fields Too Large`.
+    /// Values above [`HandshakeLimits::MAX_HEAD_BYTES_CEILING`] are clamped to it.
     pub max_head_bytes: usize,
     /// Most header fields in one head. Default 64. Beyond it: `431`.
     pub max_headers: usize,
@@ -23,6 +24,14 @@ impl HandshakeLimits {
     /// The hard ceiling on [`HandshakeLimits::max_headers`], the size of the header
     /// array on the stack while parsing. Larger configured values are clamped to it.
     pub const MAX_HEADERS_CEILING: usize = 256;
+    /// The hard ceiling on [`HandshakeLimits::max_head_bytes`]: 64 KiB - 1, so that a
+    /// parsed request stores its parts as 16-bit offsets.
+    pub const MAX_HEAD_BYTES_CEILING: usize = u16::MAX as usize;
+
+    /// [`HandshakeLimits::max_head_bytes`] after the ceiling.
+    pub fn head_limit(&self) -> usize {
+        self.max_head_bytes.min(Self::MAX_HEAD_BYTES_CEILING)
+    }
 }
 
 impl Default for HandshakeLimits {

@@ -1,15 +1,18 @@
 //! Read buffers. An in-flight io_uring read owns its buffer, so an idle connection
 //! would hold a full buffer. Instead each connection keeps one small buffer for its
-//! waiting read, and only a read that filled the small buffer is followed by one into a
-//! large buffer borrowed from the core's pool and returned right after parsing.
+//! waiting read. Only when a read fills its buffer is the socket asked how much more is
+//! waiting (`FIONREAD`); then the next read, which completes at once, borrows a large
+//! buffer from the core's pool, returned right after parsing. A connection that goes
+//! idle is therefore always left waiting on its small buffer.
 
 use std::cell::RefCell;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use bytes::BytesMut;
 
 /// The buffer an idle connection's pending read holds, in bytes.
-pub const SMALL_READ: usize = 512;
+pub const SMALL_READ: usize = 128;
 /// The buffer used after a read filled the small one, in bytes.
 pub const LARGE_READ: usize = 64 * 1024;
 /// Large buffers kept per core for reuse; more are freed when returned.
@@ -69,15 +72,28 @@ impl ReadBufs {
             .unwrap_or_else(|| BytesMut::with_capacity(SMALL_READ))
     }
 
-    /// Takes back a buffer after its bytes were consumed. A read that filled its buffer
-    /// suggests more is waiting: the next read is large.
-    pub fn recycle(&mut self, mut buf: BytesMut) {
-        self.large_next = buf.len() == buf.capacity();
+    /// Takes back a buffer after its bytes were consumed. When the read filled it, the
+    /// next read is large if the socket `fd` has more bytes waiting.
+    pub fn recycle(&mut self, mut buf: BytesMut, fd: RawFd) {
+        self.large_next = buf.len() == buf.capacity() && bytes_waiting(fd) > 0;
         buf.clear();
         if buf.capacity() >= LARGE_READ {
             self.pool.put(buf);
         } else if buf.capacity() >= SMALL_READ {
             self.small = Some(buf);
         }
+    }
+}
+
+/// Bytes the kernel holds for reading on `fd` (0 on error).
+fn bytes_waiting(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one `c_int` through the pointer, which points to `n`, a
+    // live local of that type; an invalid descriptor only makes the call fail.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if rc < 0 {
+        0
+    } else {
+        usize::try_from(n).unwrap_or(0)
     }
 }

@@ -13,10 +13,12 @@ mod buf;
 mod conn;
 pub mod http;
 pub mod listener;
+mod registry;
 pub mod service;
 mod session;
 pub mod shutdown;
 mod worker;
+mod ws;
 
 use std::fmt;
 use std::io;

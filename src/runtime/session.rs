@@ -83,7 +83,7 @@ impl std::error::Error for Disconnect {}
 pub(crate) enum Decision {
     Pending,
     Accept(Option<String>),
-    Reject(Response),
+    Reject(Box<Response>),
 }
 
 pub(crate) struct State {
@@ -100,48 +100,69 @@ pub(crate) struct State {
     pub(crate) driver_polling: bool,
     /// Messages queued by the application since the driver last counted them.
     pub(crate) sent_messages: u64,
+    /// The driver's next timer deadline, checked by the core's housekeeping tick.
+    pub(crate) deadline: Option<tokio::time::Instant>,
+    /// Set by the housekeeping tick when `deadline` has passed.
+    pub(crate) timer_due: bool,
+    /// Set when the server shuts down.
+    pub(crate) shutdown: bool,
 }
 
-/// A WebSocket connection as its handler sees it. Clones share the connection.
+/// A WebSocket connection as its handler sees it. Clones share the connection (a
+/// handle is one pointer).
 #[derive(Clone)]
 pub struct Session {
-    pub(crate) state: Rc<RefCell<State>>,
-    pub(crate) request: Rc<Request>,
+    pub(crate) inner: Rc<SessionInner>,
+}
+
+/// Everything a session holds, in one allocation.
+pub(crate) struct SessionInner {
+    pub(crate) state: RefCell<State>,
+    pub(crate) request: Request,
     pub(crate) peer: SocketAddr,
 }
 
 impl Session {
     pub(crate) fn new(request: Request, peer: SocketAddr, conn: Connection) -> Self {
         Self {
-            state: Rc::new(RefCell::new(State {
-                decision: Decision::Pending,
-                conn,
-                inbound: VecDeque::new(),
-                ended: None,
-                recv_waker: None,
-                driver_waker: None,
-                driver_polling: false,
-                sent_messages: 0,
-            })),
-            request: Rc::new(request),
-            peer,
+            inner: Rc::new(SessionInner {
+                state: RefCell::new(State {
+                    decision: Decision::Pending,
+                    conn,
+                    inbound: VecDeque::new(),
+                    ended: None,
+                    recv_waker: None,
+                    driver_waker: None,
+                    driver_polling: false,
+                    sent_messages: 0,
+                    deadline: None,
+                    timer_due: false,
+                    shutdown: false,
+                }),
+                request,
+                peer,
+            }),
         }
+    }
+
+    pub(crate) fn state(&self) -> &RefCell<State> {
+        &self.inner.state
     }
 
     /// The upgrade request: path, query, headers, `Origin`.
     pub fn request(&self) -> &Request {
-        &self.request
+        &self.inner.request
     }
 
     /// The peer's address.
     pub fn peer(&self) -> SocketAddr {
-        self.peer
+        self.inner.peer
     }
 
     /// Accepts the handshake, optionally with a subprotocol the client offered (see
     /// `Request::select_protocol`). Messages sent from now on follow the 101 response.
     pub fn accept(&self, protocol: Option<&str>) {
-        let mut state = self.state.borrow_mut();
+        let mut state = self.state().borrow_mut();
         if matches!(state.decision, Decision::Pending) {
             state.decision = Decision::Accept(protocol.map(str::to_owned));
             wake(&mut state.driver_waker);
@@ -150,9 +171,9 @@ impl Session {
 
     /// Refuses the handshake with `response` (e.g. 403). Only before `accept`.
     pub fn reject(&self, response: Response) {
-        let mut state = self.state.borrow_mut();
+        let mut state = self.state().borrow_mut();
         if matches!(state.decision, Decision::Pending) {
-            state.decision = Decision::Reject(response);
+            state.decision = Decision::Reject(Box::new(response));
             wake(&mut state.driver_waker);
         }
     }
@@ -161,14 +182,18 @@ impl Session {
     /// handshake are handled by the runtime.
     pub async fn recv(&self) -> Result<Message, Disconnect> {
         poll_fn(|cx| {
-            let mut state = self.state.borrow_mut();
+            let mut state = self.state().borrow_mut();
             if let Some(message) = state.inbound.pop_front() {
                 return Poll::Ready(Ok(message));
             }
             if let Some(ended) = &state.ended {
                 return Poll::Ready(Err(ended.clone()));
             }
-            if !state.recv_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            if !state
+                .recv_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
                 state.recv_waker = Some(cx.waker().clone());
             }
             Poll::Pending
@@ -179,7 +204,7 @@ impl Session {
     /// Queues a message. It is written with everything else queued for this connection
     /// in the driver's next write.
     pub fn send(&self, message: Message) -> Result<(), Disconnect> {
-        let mut state = self.state.borrow_mut();
+        let mut state = self.state().borrow_mut();
         if let Some(ended) = &state.ended {
             return Err(ended.clone());
         }
@@ -206,7 +231,7 @@ impl Session {
     /// Starts the closing handshake. `recv` then ends with [`Disconnect::ClosedByUs`]
     /// once the peer answers (or the close times out).
     pub fn close(&self, code: CloseCode, reason: &str) {
-        let mut state = self.state.borrow_mut();
+        let mut state = self.state().borrow_mut();
         if state.conn.close(code, reason).is_ok() && !state.driver_polling {
             wake(&mut state.driver_waker);
         }
@@ -214,15 +239,15 @@ impl Session {
 
     /// Whether the handshake was accepted.
     pub fn is_accepted(&self) -> bool {
-        matches!(self.state.borrow().decision, Decision::Accept(_))
+        matches!(self.state().borrow().decision, Decision::Accept(_))
     }
 }
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
-            .field("peer", &self.peer)
-            .field("path", &self.request.path())
+            .field("peer", &self.inner.peer)
+            .field("path", &self.inner.request.path())
             .finish()
     }
 }

@@ -1,7 +1,7 @@
 //! A worker: an OS thread pinned to a core, running its own `tokio-uring` runtime, its
 //! own listener and accept loop, and every connection it accepted, for their whole life.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::buf::BufPool;
 use super::conn::{WorkerCtx, drive};
+use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
 use crate::config::Config;
@@ -61,12 +62,24 @@ pub(crate) fn run(spec: WorkerSpec) {
             open_local: Cell::new(0),
             shutting_down: Cell::new(false),
             shutdown: Notify::new(),
+            sessions: RefCell::new(Registry::default()),
             drained: Notify::new(),
             pool: BufPool::default(),
             limits,
             head_limits,
         });
         let listener = tokio_uring::net::TcpListener::from_std(spec.listener);
+        // One timer for the whole core: wakes the sessions whose deadline has passed.
+        let tick = registry::tick(&config);
+        let housekeeping = ctx.clone();
+        tokio_uring::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                housekeeping.sessions.borrow().wake_due(Instant::now());
+            }
+        });
         tracing::debug!(worker = spec.index, "worker accepting");
         loop {
             tokio::select! {
@@ -94,6 +107,7 @@ pub(crate) fn run(spec: WorkerSpec) {
         drop(listener);
         ctx.shutting_down.set(true);
         ctx.shutdown.notify_waiters();
+        ctx.sessions.borrow().shut_down_all();
         let deadline = Instant::now() + config.shutdown_timeout() + Duration::from_secs(1);
         while ctx.open_local.get() > 0 {
             let drained = ctx.drained.notified();
@@ -104,6 +118,7 @@ pub(crate) fn run(spec: WorkerSpec) {
                 tracing::warn!(
                     worker = spec.index,
                     left = ctx.open_local.get(),
+                    sessions = ctx.sessions.borrow().len(),
                     "connections still open after the shutdown timeout"
                 );
                 break;

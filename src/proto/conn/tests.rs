@@ -662,3 +662,13 @@ fn discarded_output_leaves_only_later_frames() {
     assert_eq!(frames[0].0, OpCode::Close);
     assert_eq!(&frames[0].2[..2], &1013u16.to_be_bytes());
 }
+
+/// An idle server connection is small: the client role's generator is boxed.
+#[test]
+fn server_connection_is_small() {
+    assert!(
+        std::mem::size_of::<Connection>() <= 256,
+        "{}",
+        std::mem::size_of::<Connection>()
+    );
+}

@@ -1,0 +1,527 @@
+//! The WebSocket session driver: the task that owns an accepted connection.
+//!
+//! Each poll runs, in turn: the handler (inline, one message at a time, so whatever it
+//! sends in reply is queued before anything parsed after that message), the write in
+//! flight, the read in flight (paused while too much input waits for the handler), the
+//! timer (woken by the core's housekeeping tick) and the shutdown flag. Handlers only
+//! queue frames; whatever was queued since the last write goes out in one vectored
+//! write (ARCHITECTURE.md rule 4). The driver is the task's whole state: an idle
+//! connection costs this struct, its session and one small pending read.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::time::Instant;
+use tokio_uring::net::TcpStream;
+
+use super::buf::ReadBufs;
+use super::conn::{ConnGuard, ReadFuture, start_read};
+use super::service::LocalFuture;
+use super::session::{Disconnect, Session, wake};
+use crate::config::SlowConsumerPolicy;
+use crate::metrics::{CloseReason, Limit};
+use crate::proto::{CloseCode, CloseState, Event, Message, ProtocolError};
+
+/// Bytes read and not yet parsed before reading pauses (the handler is not taking
+/// messages); TCP flow control then slows the peer down.
+const MAX_UNPARSED_INPUT: usize = 256 * 1024;
+
+type WriteFuture = Pin<Box<dyn Future<Output = (io::Result<()>, Vec<Bytes>)>>>;
+
+/// What woke the WebSocket loop.
+enum Step {
+    Read(io::Result<usize>, BytesMut),
+    Timer,
+    Shutdown,
+    WriteFailed(io::Error),
+    SlowConsumer,
+    Done,
+}
+
+/// An accepted WebSocket connection, run as its own task until it ends.
+pub(crate) struct Driver {
+    guard: ConnGuard,
+    session: Session,
+    /// The session's place in the core's registry.
+    slot: usize,
+    handler: Option<LocalFuture<()>>,
+    bufs: ReadBufs,
+    read: Option<ReadFuture>,
+    write: Option<WriteFuture>,
+    /// Chunks for the next write; the vector is reused between writes.
+    iov: Vec<Bytes>,
+    in_flight: usize,
+    shutdown_seen: bool,
+    last_rx: Instant,
+    last_message: Instant,
+    ping_sent: Option<Instant>,
+    /// When we sent our Close (handler, idle, slow consumer, shutdown): the peer has
+    /// until then plus the close timeout to answer.
+    closing_since: Option<Instant>,
+    /// What the session reports once our close completes.
+    our_close: Option<(Disconnect, CloseReason)>,
+}
+
+impl Driver {
+    /// The driver of an accepted session, with the 101 response `head` to write first.
+    pub(crate) fn new(
+        guard: ConnGuard,
+        session: Session,
+        handler: Option<LocalFuture<()>>,
+        bufs: ReadBufs,
+        head: Bytes,
+    ) -> Self {
+        let slot = guard.ctx.sessions.borrow_mut().insert(&session.inner);
+        let now = Instant::now();
+        session.state().borrow_mut().deadline = Some(now + guard.ctx.config.ping_interval());
+        Self {
+            guard,
+            session,
+            slot,
+            handler,
+            bufs,
+            read: None,
+            write: None,
+            iov: vec![head],
+            in_flight: 0,
+            shutdown_seen: false,
+            last_rx: now,
+            last_message: now,
+            ping_sent: None,
+            closing_since: None,
+            our_close: None,
+        }
+    }
+
+    /// Acts on what woke the driver; `Some` when the connection is over.
+    fn handle(&mut self, step: Step) -> Option<CloseReason> {
+        {
+            match step {
+                Step::Read(Ok(0), buf) => {
+                    self.bufs.recycle(buf, self.guard.stream.as_raw_fd());
+                    return Some(self.finish_on_eof());
+                }
+                Step::Read(Ok(n), buf) => {
+                    self.last_rx = Instant::now();
+                    self.ping_sent = None;
+                    self.session
+                        .state()
+                        .borrow_mut()
+                        .conn
+                        .handle_bytes(&buf[..n]);
+                    self.bufs.recycle(buf, self.guard.stream.as_raw_fd());
+                }
+                Step::Read(Err(e), buf) => {
+                    self.bufs.recycle(buf, self.guard.stream.as_raw_fd());
+                    tracing::debug!(peer = %self.session.peer(), error = %e, "read failed");
+                    self.end(Disconnect::ConnectionLost);
+                    return Some(CloseReason::PeerGone);
+                }
+                Step::WriteFailed(e) => {
+                    tracing::debug!(peer = %self.session.peer(), error = %e, "write failed");
+                    self.end(Disconnect::ConnectionLost);
+                    return Some(CloseReason::PeerGone);
+                }
+                Step::Timer => {
+                    return self.on_timer();
+                }
+                Step::Shutdown => {
+                    self.shutdown_seen = true;
+                    self.start_close(
+                        CloseCode::Away,
+                        "server shutting down",
+                        Disconnect::Shutdown,
+                        CloseReason::Shutdown,
+                    );
+                }
+                Step::SlowConsumer => {
+                    let policy = self.guard.ctx.config.slow_consumer_policy;
+                    let code = match policy {
+                        SlowConsumerPolicy::Close1008 => CloseCode::Policy,
+                        _ => CloseCode::Again,
+                    };
+                    self.guard.ctx.metrics.limit_hit(Limit::OutboundBytes);
+                    tracing::info!(peer = %self.session.peer(), limit = self.guard.ctx.config.max_outbound_bytes, "slow consumer closed with {code}");
+                    self.session.state().borrow_mut().conn.discard_output();
+                    self.start_close(
+                        code,
+                        "slow consumer",
+                        Disconnect::SlowConsumer,
+                        CloseReason::SlowConsumer,
+                    );
+                }
+                Step::Done => return Some(self.finish_closed()),
+            }
+        }
+        None
+    }
+
+    fn poll_step(&mut self, cx: &mut TaskContext<'_>) -> Poll<Step> {
+        {
+            let mut state = self.session.state().borrow_mut();
+            state.driver_polling = true;
+            if !state
+                .driver_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                state.driver_waker = Some(cx.waker().clone());
+            }
+        }
+        let step = self.poll_step_inner(cx);
+        self.session.state().borrow_mut().driver_polling = false;
+        step
+    }
+
+    fn poll_step_inner(&mut self, cx: &mut TaskContext<'_>) -> Poll<Step> {
+        // The handler sees one message at a time: what it sends in reply is queued
+        // before anything parsed after that message (such as a protocol error's Close).
+        // Everything queued in this pass goes out in one write below.
+        loop {
+            if let Some(handler) = self.handler.as_mut() {
+                if handler.as_mut().poll(cx).is_ready() {
+                    self.handler = None;
+                    // A handler that returns ends the session normally.
+                    self.session.close(CloseCode::Normal, "");
+                }
+            }
+            let ready_for_more = {
+                let state = self.session.state().borrow();
+                state.inbound.is_empty()
+                    && state.conn.pending_input() > 0
+                    && !state.conn.is_closed()
+            };
+            if !(ready_for_more && self.process_input()) {
+                break;
+            }
+        }
+        // A Close the handler sent: the peer has the close timeout to answer.
+        if self.closing_since.is_none()
+            && self.session.state().borrow().conn.close_state() == CloseState::CloseSent
+        {
+            self.note_close_started(Disconnect::ClosedByUs, CloseReason::Normal);
+        }
+        loop {
+            if let Some(write) = self.write.as_mut() {
+                match write.as_mut().poll(cx) {
+                    Poll::Ready((Ok(()), mut iov)) => {
+                        iov.clear();
+                        self.iov = iov;
+                        self.guard.ctx.metrics.bytes_out(self.in_flight);
+                        self.in_flight = 0;
+                        self.write = None;
+                    }
+                    Poll::Ready((Err(e), _)) => return Poll::Ready(Step::WriteFailed(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if !self.start_write() {
+                break;
+            }
+        }
+        let (pending, closed) = {
+            let state = self.session.state().borrow();
+            (state.conn.pending_output(), state.conn.is_closed())
+        };
+        if pending + self.in_flight > self.guard.ctx.config.max_outbound_bytes
+            && self.our_close.is_none()
+        {
+            return Poll::Ready(Step::SlowConsumer);
+        }
+        if closed {
+            if self.write.is_none() && pending == 0 {
+                return Poll::Ready(Step::Done);
+            }
+        } else if self.read.is_some() || self.wants_input() {
+            let read = self
+                .read
+                .get_or_insert_with(|| start_read(&self.guard.stream, &mut self.bufs));
+            if let Poll::Ready((result, buf)) = read.as_mut().poll(cx) {
+                self.read = None;
+                return Poll::Ready(Step::Read(result, buf));
+            }
+        }
+        let mut state = self.session.state().borrow_mut();
+        if std::mem::take(&mut state.timer_due) {
+            return Poll::Ready(Step::Timer);
+        }
+        if !self.shutdown_seen && (state.shutdown || self.guard.ctx.shutting_down.get()) {
+            return Poll::Ready(Step::Shutdown);
+        }
+        Poll::Pending
+    }
+
+    /// Starts a write of everything queued, if there is something and no write in
+    /// flight. Returns whether one was started.
+    fn start_write(&mut self) -> bool {
+        if self.write.is_some() {
+            return false;
+        }
+        {
+            let mut state = self.session.state().borrow_mut();
+            state.conn.drain_transmit(&mut self.iov);
+            let sent = std::mem::take(&mut state.sent_messages);
+            if sent > 0 {
+                self.guard.ctx.metrics.messages_out(sent);
+            }
+        }
+        if self.iov.is_empty() {
+            return false;
+        }
+        self.in_flight = self.iov.iter().map(Bytes::len).sum();
+        let iov = std::mem::take(&mut self.iov);
+        let stream = self.guard.stream.clone();
+        self.write = Some(Box::pin(write_all_vectored(stream, iov)));
+        true
+    }
+
+    /// Whether to read more: not while too much input waits for the handler.
+    fn wants_input(&self) -> bool {
+        self.session.state().borrow().conn.pending_input() < MAX_UNPARSED_INPUT
+    }
+
+    /// Parses input up to the next message, close or error and hands it to the session.
+    /// Returns whether something was delivered.
+    fn process_input(&mut self) -> bool {
+        let mut guard = self.session.state().borrow_mut();
+        let state = &mut *guard;
+        let delivered = loop {
+            match state.conn.poll_event() {
+                Ok(Some(Event::Text(text))) => {
+                    self.guard.ctx.metrics.message_in(text.len());
+                    state.inbound.push_back(Message::Text(text));
+                    break true;
+                }
+                Ok(Some(Event::Binary(bytes))) => {
+                    self.guard.ctx.metrics.message_in(bytes.len());
+                    state.inbound.push_back(Message::Binary(bytes));
+                    break true;
+                }
+                Ok(Some(Event::Close(frame))) => {
+                    state.ended = Some(match &self.our_close {
+                        Some((disconnect, _)) => disconnect.clone(),
+                        None => Disconnect::Closed(frame),
+                    });
+                    break true;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break false,
+                Err(e) => {
+                    log_protocol_error(self.session.peer(), e);
+                    if matches!(
+                        e,
+                        ProtocolError::FrameTooLarge { .. } | ProtocolError::MessageTooLarge { .. }
+                    ) {
+                        self.guard.ctx.metrics.limit_hit(Limit::MessageSize);
+                    }
+                    state.ended = Some(Disconnect::Protocol(e));
+                    break true;
+                }
+            }
+        };
+        if delivered {
+            self.last_message = Instant::now();
+            // The handler is polled right after this, inline; only a session held by
+            // another task needs waking.
+            if !state.driver_polling {
+                wake(&mut state.recv_waker);
+            }
+        }
+        delivered
+    }
+
+    /// Sends our Close; the first reason to close is the one reported.
+    fn start_close(
+        &mut self,
+        code: CloseCode,
+        reason: &str,
+        disconnect: Disconnect,
+        metric: CloseReason,
+    ) {
+        if self
+            .session
+            .state()
+            .borrow_mut()
+            .conn
+            .close(code, reason)
+            .is_ok()
+        {
+            self.note_close_started(disconnect, metric);
+        }
+    }
+
+    fn note_close_started(&mut self, disconnect: Disconnect, metric: CloseReason) {
+        self.our_close = Some((disconnect, metric));
+        self.closing_since = Some(Instant::now());
+        // Re-arm the timer for the close deadline.
+        self.set_deadline(self.next_deadline());
+    }
+
+    fn on_timer(&mut self) -> Option<CloseReason> {
+        let config = &self.guard.ctx.config;
+        let now = Instant::now();
+        if let Some(since) = self.closing_since {
+            let limit = if self.shutdown_seen {
+                config.shutdown_timeout()
+            } else {
+                config.pong_timeout()
+            };
+            if now >= since + limit {
+                let (disconnect, reason) = self
+                    .our_close
+                    .clone()
+                    .unwrap_or((Disconnect::ClosedByUs, CloseReason::Normal));
+                tracing::debug!(peer = %self.session.peer(), "peer did not answer our Close in time");
+                self.end(disconnect);
+                return Some(reason);
+            }
+        }
+        if let Some(sent) = self.ping_sent {
+            if now >= sent + config.pong_timeout() {
+                tracing::debug!(peer = %self.session.peer(), "no answer to ping within pong_timeout: closing");
+                self.end(Disconnect::Timeout);
+                return Some(CloseReason::PongTimeout);
+            }
+        } else if now >= self.last_rx + config.ping_interval() && self.closing_since.is_none() {
+            if self.session.state().borrow_mut().conn.ping(b"").is_ok() {
+                self.guard.ctx.metrics.ping_sent();
+            }
+            self.ping_sent = Some(now);
+        }
+        if let Some(idle) = config.idle_timeout() {
+            if now >= self.last_message + idle && self.closing_since.is_none() {
+                self.start_close(
+                    CloseCode::Away,
+                    "idle timeout",
+                    Disconnect::Timeout,
+                    CloseReason::IdleTimeout,
+                );
+            }
+        }
+        self.set_deadline(self.next_deadline().max(now + Duration::from_millis(1)));
+        None
+    }
+
+    /// The earliest moment a timer may need attention.
+    fn next_deadline(&self) -> Instant {
+        let config = &self.guard.ctx.config;
+        let mut next = match self.ping_sent {
+            Some(sent) => sent + config.pong_timeout(),
+            None => self.last_rx + config.ping_interval(),
+        };
+        if let Some(idle) = config.idle_timeout() {
+            next = next.min(self.last_message + idle);
+        }
+        if let Some(since) = self.closing_since {
+            let limit = if self.shutdown_seen {
+                config.shutdown_timeout()
+            } else {
+                config.pong_timeout()
+            };
+            next = next.min(since + limit);
+        }
+        next
+    }
+
+    /// Where the core's housekeeping tick will wake this driver.
+    fn set_deadline(&self, deadline: Instant) {
+        self.session.state().borrow_mut().deadline = Some(deadline);
+    }
+
+    fn end(&mut self, disconnect: Disconnect) {
+        let mut state = self.session.state().borrow_mut();
+        if state.ended.is_none() {
+            state.ended = Some(disconnect);
+        }
+        wake(&mut state.recv_waker);
+    }
+
+    fn finish_on_eof(&mut self) -> CloseReason {
+        let closed = self.session.state().borrow().conn.is_closed();
+        if closed {
+            return self.finish_closed();
+        }
+        self.end(Disconnect::ConnectionLost);
+        CloseReason::PeerGone
+    }
+
+    fn finish_closed(&mut self) -> CloseReason {
+        let state = self.session.state().borrow();
+        match (&state.ended, &self.our_close) {
+            (Some(Disconnect::Protocol(_)), _) => CloseReason::ProtocolError,
+            (_, Some((_, reason))) => *reason,
+            _ => CloseReason::Normal,
+        }
+    }
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            let Poll::Ready(step) = this.poll_step(cx) else {
+                return Poll::Pending;
+            };
+            if let Some(reason) = this.handle(step) {
+                this.guard.reason = reason;
+                return Poll::Ready(());
+            }
+        }
+    }
+}
+
+impl Drop for Driver {
+    /// Leaves the registry and ends the session; the guard, dropped next, closes the
+    /// socket and counts the connection closed. Runs on every way out, including the
+    /// task being dropped at shutdown.
+    fn drop(&mut self) {
+        self.guard.ctx.sessions.borrow_mut().remove(self.slot);
+        self.end(Disconnect::ConnectionLost);
+    }
+}
+
+fn log_protocol_error(peer: std::net::SocketAddr, error: ProtocolError) {
+    tracing::info!(%peer, %error, "closing connection: protocol error");
+}
+
+/// Writes every chunk, continuing after partial writes, at most `IOV_MAX` chunks per
+/// system call. Gives back the emptied vector for reuse.
+async fn write_all_vectored(
+    stream: Rc<TcpStream>,
+    mut iov: Vec<Bytes>,
+) -> (io::Result<()>, Vec<Bytes>) {
+    const IOV_MAX: usize = 1024;
+    while !iov.is_empty() {
+        let tail = if iov.len() > IOV_MAX {
+            iov.split_off(IOV_MAX)
+        } else {
+            Vec::new()
+        };
+        let (result, mut head) = stream.writev(iov).await;
+        let mut written = match result {
+            Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), head),
+            Ok(n) => n,
+            Err(e) => return (Err(e), head),
+        };
+        let mut done = 0;
+        while done < head.len() && written >= head[done].len() {
+            written -= head[done].len();
+            done += 1;
+        }
+        if done < head.len() {
+            head[done].advance(written);
+        }
+        head.drain(..done);
+        head.extend(tail);
+        iov = head;
+    }
+    (Ok(()), iov)
+}
