@@ -146,3 +146,92 @@ pub fn keep_alive(request: &Request) -> bool {
     }
     request.minor_version() >= 1 || request.has_token("connection", "keep-alive")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::HandshakeLimits;
+    use crate::proto::handshake::parse_request;
+
+    fn head(lines: &str) -> Request {
+        let text = format!("POST /x HTTP/1.1\r\nHost: h\r\n{lines}\r\n");
+        parse_request(text.as_bytes(), &HandshakeLimits::default())
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn content_length_frames_the_body_within_the_limit() {
+        assert_eq!(body_framing(&head(""), 10), Ok(BodyFraming::None));
+        assert_eq!(
+            body_framing(&head("Content-Length: 0\r\n"), 10),
+            Ok(BodyFraming::None)
+        );
+        assert_eq!(
+            body_framing(&head("Content-Length: 7\r\n"), 10),
+            Ok(BodyFraming::Length(7))
+        );
+        assert_eq!(
+            body_framing(&head("Content-Length: 11\r\n"), 10),
+            Err(BodyError::TooLarge { limit: 10 })
+        );
+        assert_eq!(BodyError::TooLarge { limit: 10 }.response().status, 413);
+    }
+
+    /// RFC 9112 §6.3: a repeated Content-Length must agree; anything else is refused.
+    #[test]
+    fn bad_or_conflicting_lengths_are_refused() {
+        assert_eq!(
+            body_framing(&head("Content-Length: x\r\n"), 10),
+            Err(BodyError::BadLength)
+        );
+        assert_eq!(
+            body_framing(&head("Content-Length: 3\r\nContent-Length: 4\r\n"), 10),
+            Err(BodyError::BadLength)
+        );
+        assert_eq!(
+            body_framing(&head("Content-Length: 3, 3\r\n"), 10),
+            Ok(BodyFraming::Length(3))
+        );
+        assert_eq!(
+            body_framing(&head("Content-Length: -1\r\n"), 10),
+            Err(BodyError::BadLength)
+        );
+    }
+
+    #[test]
+    fn transfer_encoding_is_refused_with_411() {
+        let e = body_framing(&head("Transfer-Encoding: chunked\r\n"), 10).unwrap_err();
+        assert_eq!(e, BodyError::TransferEncoding);
+        assert_eq!(e.response().status, 411);
+    }
+
+    /// RFC 9112 §9.3: HTTP/1.1 stays open unless `Connection: close`; HTTP/1.0 only with
+    /// `Connection: keep-alive`.
+    #[test]
+    fn keep_alive_follows_version_and_connection() {
+        assert!(keep_alive(&head("")));
+        assert!(!keep_alive(&head("Connection: close\r\n")));
+        let v10 = |extra: &str| {
+            let text = format!("GET / HTTP/1.0\r\n{extra}\r\n");
+            parse_request(text.as_bytes(), &HandshakeLimits::default())
+                .unwrap()
+                .unwrap()
+                .0
+        };
+        assert!(!keep_alive(&v10("")));
+        assert!(keep_alive(&v10("Connection: keep-alive\r\n")));
+    }
+
+    #[test]
+    fn header_values_with_line_breaks_are_dropped() {
+        let mut out = BytesMut::new();
+        Response::text(200, "ok")
+            .with_header("X-Evil", "a\r\nSet-Cookie: x")
+            .write(&mut out, false);
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(!text.contains("X-Evil"), "{text}");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
+    }
+}

@@ -191,3 +191,30 @@ impl Drop for RunningServer {
         let _ = self.join_threads();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `serve` explains why io_uring is unavailable and what to change.
+    #[test]
+    fn io_uring_errors_name_the_cause_and_the_fix() {
+        let text = explain_io_uring_error(&io::Error::from_raw_os_error(libc::EPERM));
+        assert!(
+            text.contains("kernel.io_uring_disabled") && text.contains("seccomp"),
+            "{text}"
+        );
+        let text = explain_io_uring_error(&io::Error::from_raw_os_error(libc::ENOSYS));
+        assert!(text.contains("5.11"), "{text}");
+        let text = explain_io_uring_error(&io::Error::from_raw_os_error(libc::ENOMEM));
+        assert!(text.contains("RLIMIT_MEMLOCK"), "{text}");
+    }
+
+    #[test]
+    fn io_uring_is_available_here() {
+        // The tests of the server need it; say so plainly when it is missing.
+        if let Err(e) = probe_io_uring() {
+            panic!("{e}");
+        }
+    }
+}
