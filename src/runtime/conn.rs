@@ -26,7 +26,9 @@ use tokio_uring::net::TcpStream;
 use super::buf::{BufPool, ReadBufs};
 use super::http::{BodyFraming, Response, body_framing, keep_alive};
 use super::registry::Registry;
-use super::service::{Context, HttpRequest, LocalFuture, Route, Service, WebSocketHandler};
+use super::service::{
+    Context, HttpRequest, LocalFuture, Polled, Route, Service, WebSocketHandler, poll_handler,
+};
 use super::session::{Decision, Session};
 use super::ws::Driver;
 use crate::config::Config;
@@ -319,10 +321,18 @@ async fn serve(
                     Err(reason) => return Ok(reason),
                 };
                 ctx.metrics.http_request();
-                let response = handler(HttpRequest {
+                let mut future = handler(HttpRequest {
                     head: request,
                     body,
                     peer,
+                });
+                let response = poll_fn(|cx| match poll_handler(&mut future, cx) {
+                    Polled::Ready(response) => Poll::Ready(response),
+                    Polled::Pending => Poll::Pending,
+                    Polled::Panicked(message) => {
+                        tracing::error!(%peer, panic = %message, "HTTP handler panicked: 500");
+                        Poll::Ready(Response::error(500, "internal server error"))
+                    }
                 })
                 .await;
                 if respond(stream, ctx, &response, !keep).await.is_err() {
@@ -408,8 +418,14 @@ async fn decide(
         deadline,
         poll_fn(|cx| {
             if let Some(h) = handler.as_mut() {
-                if h.as_mut().poll(cx).is_ready() {
-                    *handler = None;
+                match poll_handler(h, cx) {
+                    Polled::Ready(()) => *handler = None,
+                    Polled::Pending => {}
+                    Polled::Panicked(message) => {
+                        tracing::error!(peer = %session.peer(), panic = %message, "WebSocket handler panicked before accepting: 500");
+                        *handler = None;
+                        return Poll::Ready(Err(Response::error(500, "internal server error")));
+                    }
                 }
             }
             let mut state = session.state().borrow_mut();

@@ -75,3 +75,30 @@ pub trait Service: Send + Sync + 'static {
     /// Decides what to do with `head`, received from `peer`.
     fn route(&self, head: &Request, peer: SocketAddr, cx: &Context) -> Route;
 }
+
+/// How polling a handler went.
+pub(crate) enum Polled<T> {
+    Ready(T),
+    Pending,
+    /// The handler panicked; the message, when it was a string.
+    Panicked(String),
+}
+
+/// Polls a handler's future, catching a panic so that it ends only its own request or
+/// connection (500 or Close 1011), never the worker.
+pub(crate) fn poll_handler<T>(
+    future: &mut LocalFuture<T>,
+    cx: &mut std::task::Context<'_>,
+) -> Polled<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+        Ok(std::task::Poll::Ready(value)) => Polled::Ready(value),
+        Ok(std::task::Poll::Pending) => Polled::Pending,
+        Err(payload) => Polled::Panicked(
+            payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned()),
+        ),
+    }
+}

@@ -22,7 +22,7 @@ use tokio_uring::net::TcpStream;
 
 use super::buf::ReadBufs;
 use super::conn::{ConnGuard, ReadFuture, start_read};
-use super::service::LocalFuture;
+use super::service::{LocalFuture, Polled, poll_handler};
 use super::session::{Disconnect, Session, wake};
 use crate::config::SlowConsumerPolicy;
 use crate::metrics::{CloseReason, Limit};
@@ -185,10 +185,18 @@ impl Driver {
         // Everything queued in this pass goes out in one write below.
         loop {
             if let Some(handler) = self.handler.as_mut() {
-                if handler.as_mut().poll(cx).is_ready() {
-                    self.handler = None;
-                    // A handler that returns ends the session normally.
-                    self.session.close(CloseCode::Normal, "");
+                match poll_handler(handler, cx) {
+                    Polled::Pending => {}
+                    Polled::Ready(()) => {
+                        self.handler = None;
+                        // A handler that returns ends the session normally.
+                        self.session.close(CloseCode::Normal, "");
+                    }
+                    Polled::Panicked(message) => {
+                        tracing::error!(peer = %self.session.peer(), panic = %message, "WebSocket handler panicked: closing with 1011");
+                        self.handler = None;
+                        self.session.close(CloseCode::Error, "internal error");
+                    }
                 }
             }
             let ready_for_more = {
