@@ -21,6 +21,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod metrics;
 pub mod proto;

@@ -27,6 +27,8 @@ struct Cli {
 enum Command {
     /// Run the server: /echo echoes every message; /healthz and /metrics beside it.
     Serve(ServeArgs),
+    /// Load generator: `bench echo` (messages/s, latency) or `bench connect` (handshakes/s, memory).
+    Bench(ringsocket::bench::BenchArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => ringsocket::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,767 @@
+//! `bench echo`: connections that each keep a number of messages in flight to an echo
+//! endpoint, checking every echo's content and order and timing its round trip.
+//!
+//! Each connection writes its window of messages in one write, then, each time a read
+//! brings echoes back, checks them and writes as many new ones, again in one write:
+//! a pipeline that keeps `inflight` messages outstanding. A message carries its
+//! sequence number in its first 8 bytes (hex) and a pattern derived from it after
+//! that, so reordering, loss and corruption are each seen. Only the measured window
+//! counts: echoes received after the warm-up and before the end.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::sync::Semaphore;
+use tokio::task::LocalSet;
+
+use super::client::{self, Client};
+use super::stats::{self, CpuSample, CpuUsage, LatencySummary, thousands};
+use super::target::Target;
+use super::{BenchError, Progress, join_worker, new_runtime};
+use crate::proto::Event;
+
+/// Bytes at the start of every message that carry its sequence number.
+pub const SEQ_BYTES: usize = 8;
+
+/// Options of `bench echo`; the defaults are those of the command line.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct EchoOptions {
+    /// WebSocket URL of an endpoint that echoes every message, e.g.
+    /// ws://127.0.0.1:9001/echo.
+    pub url: String,
+    /// Connections.
+    #[arg(long, default_value_t = 100)]
+    pub conns: usize,
+    /// Messages each connection keeps in flight (its pipeline depth).
+    #[arg(long, default_value_t = 16)]
+    pub inflight: usize,
+    /// Payload bytes per message (at least 8: the sequence number).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Send binary messages instead of text.
+    #[arg(long)]
+    pub binary: bool,
+    /// Measured time, in seconds, after the warm-up.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Warm-up time, in seconds, not counted.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Load generator threads, each with its own single-threaded runtime and its share
+    /// of the connections.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// On loopback, spread connections over this many source addresses 127.0.0.2, …
+    /// (0: let the kernel choose).
+    #[arg(long, default_value_t = 50)]
+    pub source_addrs: u8,
+    /// Time allowed to connect and handshake, and to wait for the last echoes, in
+    /// seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// The server's process id: its CPU use over the measured window is reported.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+impl EchoOptions {
+    /// The command line's defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            conns: 100,
+            inflight: 16,
+            size: 64,
+            binary: false,
+            duration: 10.0,
+            warmup: 2.0,
+            threads: 1,
+            source_addrs: 50,
+            timeout: 10.0,
+            server_pid: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), BenchError> {
+        let bad = |what: String| Err(BenchError::Options(what));
+        if self.conns == 0 || self.inflight == 0 || self.threads == 0 {
+            return bad("--conns, --inflight and --threads must be at least 1".into());
+        }
+        if self.size < SEQ_BYTES {
+            return bad(format!(
+                "--size must be at least {SEQ_BYTES}: every message carries its sequence number"
+            ));
+        }
+        for (name, secs) in [
+            ("--duration", self.duration),
+            ("--warmup", self.warmup),
+            ("--timeout", self.timeout),
+        ] {
+            if !(secs.is_finite() && secs >= 0.0) {
+                return bad(format!("{name} must be a number of seconds >= 0"));
+            }
+        }
+        if self.duration == 0.0 {
+            return bad("--duration must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// What `bench echo` measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EchoReport {
+    /// The endpoint.
+    pub url: String,
+    /// Connections.
+    pub conns: usize,
+    /// Messages in flight per connection.
+    pub inflight: usize,
+    /// Payload bytes per message.
+    pub size: usize,
+    /// Binary (true) or text messages.
+    pub binary: bool,
+    /// Load generator threads.
+    pub threads: usize,
+    /// Warm-up, in seconds.
+    pub warmup_secs: f64,
+    /// The measured window, in seconds.
+    pub duration_secs: f64,
+    /// Echoes received in the measured window.
+    pub messages: u64,
+    /// `messages` per second.
+    pub messages_per_sec: f64,
+    /// Payload bytes per second, each way.
+    pub bytes_per_sec: f64,
+    /// Round trips of the echoes received in the measured window.
+    pub latency_us: LatencySummary,
+    /// Echoes whose content, size, type or order was wrong.
+    pub mismatches: u64,
+    /// The first mismatch, described.
+    pub first_mismatch: Option<String>,
+    /// Connections that failed during the run.
+    pub errors: u64,
+    /// Those failures by cause.
+    pub error_causes: BTreeMap<String, u64>,
+    /// Messages sent and never echoed (before a failure or the final timeout).
+    pub unanswered: u64,
+    /// Connections whose closing handshake at the end did not complete.
+    pub close_failures: u64,
+    /// CPU use over the measured window.
+    pub cpu: CpuUsage,
+}
+
+impl EchoReport {
+    /// Whether every message came back intact, in order, on a connection that lived.
+    pub fn is_clean(&self) -> bool {
+        self.errors == 0 && self.mismatches == 0 && self.unanswered == 0
+    }
+}
+
+impl fmt::Display for EchoReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "bench echo {}", self.url)?;
+        writeln!(
+            f,
+            "  {} connections × {} in flight, {} B {} messages, {} thread(s); {} s warm-up, {} s measured",
+            self.conns,
+            self.inflight,
+            self.size,
+            if self.binary { "binary" } else { "text" },
+            self.threads,
+            self.warmup_secs,
+            self.duration_secs
+        )?;
+        writeln!(
+            f,
+            "  messages    {} echoed = {} msg/s, {} each way",
+            thousands(self.messages),
+            thousands(self.messages_per_sec.round() as u64),
+            stats::rate_bytes(self.bytes_per_sec)
+        )?;
+        writeln!(f, "  round trip  {}", self.latency_us)?;
+        writeln!(f, "  cpu         {}", self.cpu)?;
+        write!(f, "  mismatches  {}", self.mismatches)?;
+        if let Some(first) = &self.first_mismatch {
+            write!(f, " (first: {first})")?;
+        }
+        writeln!(f)?;
+        write!(f, "  errors      {}", self.errors)?;
+        for (cause, n) in &self.error_causes {
+            write!(f, "\n    {n} × {cause}")?;
+        }
+        if self.unanswered > 0 {
+            write!(f, "\n  unanswered  {} messages", thousands(self.unanswered))?;
+        }
+        if self.close_failures > 0 {
+            write!(
+                f,
+                "\n  close       {} connections did not complete the closing handshake",
+                self.close_failures
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `bench echo`: opens every connection, then runs the warm-up and the measured
+/// window, and returns what was measured. Fails when the endpoint cannot be reached or
+/// any connection cannot be opened; failures during the run are in the report.
+pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, BenchError> {
+    options.validate()?;
+    let target = Arc::new(Target::resolve(&options.url)?);
+    let received = Arc::new(AtomicU64::new(0));
+    let (ready_tx, ready_rx) = mpsc::channel::<Setup>();
+    let mut plans = Vec::with_capacity(options.threads);
+    let mut workers = Vec::with_capacity(options.threads);
+    progress.message(format!("opening {} connections", options.conns));
+    for thread in 0..options.threads {
+        let (plan_tx, plan_rx) = mpsc::channel::<Option<Plan>>();
+        plans.push(plan_tx);
+        let job = Job {
+            thread,
+            options: options.clone(),
+            target: target.clone(),
+            received: received.clone(),
+        };
+        let ready = ready_tx.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("bench-echo-{thread}"))
+            .spawn(move || job.run(ready, plan_rx))
+            .map_err(|e| BenchError::Runtime(format!("cannot start a thread: {e}")))?;
+        workers.push(worker);
+    }
+    drop(ready_tx);
+
+    let mut failures = BTreeMap::new();
+    let mut failed = 0;
+    for setup in ready_rx.iter().take(options.threads) {
+        failed += setup.failures.values().sum::<u64>();
+        stats::merge_counts(&mut failures, setup.failures);
+    }
+    if failed > 0 {
+        for plan in &plans {
+            let _ = plan.send(None);
+        }
+        for worker in workers {
+            let _ = join_worker(worker);
+        }
+        return Err(BenchError::Setup {
+            failed,
+            total: options.conns as u64,
+            causes: failures,
+        });
+    }
+
+    let start = Instant::now();
+    let plan = Plan {
+        warm_end: start + Duration::from_secs_f64(options.warmup),
+        end: start + Duration::from_secs_f64(options.warmup + options.duration),
+        grace: Duration::from_secs_f64(options.timeout),
+    };
+    for tx in &plans {
+        let _ = tx.send(Some(plan));
+    }
+    progress.message("warming up".to_owned());
+    progress.wait_until(plan.warm_end, || {
+        format!(
+            "warming up: {} echoes",
+            thousands(received.load(Ordering::Relaxed))
+        )
+    });
+    let cpu_start = CpuSample::take(options.server_pid);
+    let at_start = received.load(Ordering::Relaxed);
+    progress.wait_until(plan.end, || {
+        let n = received.load(Ordering::Relaxed) - at_start;
+        let secs = plan.warm_end.elapsed().as_secs_f64().max(1e-3);
+        format!(
+            "measuring: {} echoes, {} msg/s",
+            thousands(n),
+            thousands((n as f64 / secs) as u64)
+        )
+    });
+    let cpu = cpu_start.usage_until(&CpuSample::take(options.server_pid));
+    progress.message("closing".to_owned());
+
+    let mut total = ThreadStats::new();
+    for worker in workers {
+        total.merge(join_worker(worker)?);
+    }
+    progress.finish();
+    let secs = options.duration;
+    Ok(EchoReport {
+        url: options.url.clone(),
+        conns: options.conns,
+        inflight: options.inflight,
+        size: options.size,
+        binary: options.binary,
+        threads: options.threads,
+        warmup_secs: options.warmup,
+        duration_secs: secs,
+        messages: total.messages,
+        messages_per_sec: total.messages as f64 / secs,
+        bytes_per_sec: (total.messages * options.size as u64) as f64 / secs,
+        latency_us: LatencySummary::from_histogram(&total.latency),
+        mismatches: total.mismatches,
+        first_mismatch: total.first_mismatch,
+        errors: total.errors.values().sum(),
+        error_causes: total.errors,
+        unanswered: total.unanswered,
+        close_failures: total.close_failures,
+        cpu,
+    })
+}
+
+/// When the run's phases end; the same instants for every thread.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    warm_end: Instant,
+    end: Instant,
+    /// How long after `end` the last echoes may take.
+    grace: Duration,
+}
+
+/// A thread's connections that opened, or why they did not.
+#[derive(Debug)]
+struct Setup {
+    failures: BTreeMap<String, u64>,
+}
+
+/// What one thread counted.
+#[derive(Debug)]
+pub(crate) struct ThreadStats {
+    latency: Histogram<u64>,
+    messages: u64,
+    mismatches: u64,
+    first_mismatch: Option<String>,
+    errors: BTreeMap<String, u64>,
+    unanswered: u64,
+    close_failures: u64,
+}
+
+impl ThreadStats {
+    fn new() -> Self {
+        Self {
+            latency: stats::new_histogram(),
+            messages: 0,
+            mismatches: 0,
+            first_mismatch: None,
+            errors: BTreeMap::new(),
+            unanswered: 0,
+            close_failures: 0,
+        }
+    }
+
+    fn merge(&mut self, other: ThreadStats) {
+        // Both histograms have the same bounds, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+        self.messages += other.messages;
+        self.mismatches += other.mismatches;
+        if self.first_mismatch.is_none() {
+            self.first_mismatch = other.first_mismatch;
+        }
+        stats::merge_counts(&mut self.errors, other.errors);
+        self.unanswered += other.unanswered;
+        self.close_failures += other.close_failures;
+    }
+
+    fn mismatch(&mut self, why: String) {
+        self.mismatches += 1;
+        self.first_mismatch.get_or_insert(why);
+    }
+}
+
+/// One load generator thread: its runtime, its share of the connections.
+struct Job {
+    thread: usize,
+    options: EchoOptions,
+    target: Arc<Target>,
+    received: Arc<AtomicU64>,
+}
+
+impl Job {
+    fn run(self, ready: mpsc::Sender<Setup>, plan: mpsc::Receiver<Option<Plan>>) -> ThreadStats {
+        let mut failures = BTreeMap::new();
+        let runtime = match new_runtime() {
+            Ok(rt) => rt,
+            Err(e) => {
+                failures.insert(format!("cannot start a runtime: {e}"), 1);
+                let _ = ready.send(Setup { failures });
+                return ThreadStats::new();
+            }
+        };
+        let local = LocalSet::new();
+        let opened = local.block_on(&runtime, self.open_all());
+        let mut clients = Vec::with_capacity(opened.len());
+        for result in opened {
+            match result {
+                Ok(client) => clients.push(client),
+                Err(cause) => stats::count(&mut failures, cause, 1),
+            }
+        }
+        let _ = ready.send(Setup { failures });
+        let Ok(Some(plan)) = plan.recv() else {
+            return ThreadStats::new();
+        };
+        let stats = Rc::new(RefCell::new(ThreadStats::new()));
+        local.block_on(&runtime, self.run_all(clients, plan, stats.clone()));
+        Rc::try_unwrap(stats).map_or_else(|_| ThreadStats::new(), RefCell::into_inner)
+    }
+
+    /// Opens this thread's connections, at most 256 handshakes at a time.
+    async fn open_all(&self) -> Vec<Result<Client, String>> {
+        let permits = Rc::new(Semaphore::new(256));
+        let timeout = Duration::from_secs_f64(self.options.timeout);
+        let handles: Vec<_> = (self.thread..self.options.conns)
+            .step_by(self.options.threads)
+            .map(|index| {
+                let target = self.target.clone();
+                let permits = permits.clone();
+                let source = target.source_for(index, self.options.source_addrs);
+                tokio::task::spawn_local(async move {
+                    let _permit = permits.acquire().await;
+                    client::open(&target, source, timeout)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for handle in handles {
+            out.push(
+                handle
+                    .await
+                    .unwrap_or_else(|e| Err(format!("connection task failed: {e}"))),
+            );
+        }
+        out
+    }
+
+    async fn run_all(&self, clients: Vec<Client>, plan: Plan, stats: Rc<RefCell<ThreadStats>>) {
+        let messages = Rc::new(Messages::new(self.options.size, self.options.binary));
+        let handles: Vec<_> = clients
+            .into_iter()
+            .map(|client| {
+                let run = Run {
+                    client,
+                    plan,
+                    inflight: self.options.inflight,
+                    messages: messages.clone(),
+                    stats: stats.clone(),
+                    received: self.received.clone(),
+                };
+                tokio::task::spawn_local(run.go())
+            })
+            .collect();
+        for handle in handles {
+            if let Err(e) = handle.await {
+                stats::count(
+                    &mut stats.borrow_mut().errors,
+                    format!("connection task failed: {e}"),
+                    1,
+                );
+            }
+        }
+    }
+}
+
+/// Makes and checks the messages of a run.
+#[derive(Debug)]
+struct Messages {
+    size: usize,
+    binary: bool,
+    /// `a..z` repeated: the body of message `seq` is `pattern[seq % 26 + 8..][..size - 8]`.
+    pattern: Vec<u8>,
+}
+
+impl Messages {
+    fn new(size: usize, binary: bool) -> Self {
+        let pattern = (0..size + 26).map(|i| b'a' + (i % 26) as u8).collect();
+        Self {
+            size,
+            binary,
+            pattern,
+        }
+    }
+
+    fn body(&self, seq: u64) -> &[u8] {
+        let start = (seq % 26) as usize + SEQ_BYTES;
+        &self.pattern[start..start + self.size - SEQ_BYTES]
+    }
+
+    /// Message `seq`: its sequence number as 8 hex digits (the low 32 bits), then the
+    /// pattern. All ASCII, so that it is valid text too.
+    fn make(&self, seq: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.size);
+        out.extend_from_slice(&hex8(seq));
+        out.extend_from_slice(self.body(seq));
+        out
+    }
+
+    /// Checks that `payload` is message `seq`.
+    fn check(&self, seq: u64, binary: bool, payload: &[u8]) -> Result<(), String> {
+        if binary != self.binary {
+            let kind = |b| if b { "binary" } else { "text" };
+            return Err(format!(
+                "message {seq} came back as {} instead of {}",
+                kind(binary),
+                kind(self.binary)
+            ));
+        }
+        if payload.len() != self.size {
+            return Err(format!(
+                "message {seq} came back with {} bytes instead of {}",
+                payload.len(),
+                self.size
+            ));
+        }
+        let (head, body) = payload.split_at(SEQ_BYTES);
+        if head != hex8(seq) {
+            return Err(
+                match std::str::from_utf8(head)
+                    .ok()
+                    .and_then(|h| u32::from_str_radix(h, 16).ok())
+                {
+                    Some(got) => format!(
+                        "expected message {} (mod 2^32), got message {got}: out of order or lost",
+                        seq as u32
+                    ),
+                    None => format!("message {seq}: corrupt sequence number {head:?}"),
+                },
+            );
+        }
+        if body != self.body(seq) {
+            return Err(format!("message {seq}: payload differs from what was sent"));
+        }
+        Ok(())
+    }
+}
+
+fn hex8(seq: u64) -> [u8; SEQ_BYTES] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; SEQ_BYTES];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = HEX[((seq >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    out
+}
+
+/// One connection's run.
+struct Run {
+    client: Client,
+    plan: Plan,
+    inflight: usize,
+    messages: Rc<Messages>,
+    stats: Rc<RefCell<ThreadStats>>,
+    received: Arc<AtomicU64>,
+}
+
+/// How a connection's run ended.
+enum End {
+    /// Every message sent was echoed; close normally.
+    Done,
+    /// The connection failed for this reason.
+    Failed(String),
+}
+
+impl Run {
+    async fn go(mut self) {
+        let mut sent_at = VecDeque::with_capacity(self.inflight);
+        let end = self.pump(&mut sent_at).await;
+        self.stats.borrow_mut().unanswered += sent_at.len() as u64;
+        match end {
+            End::Done => {
+                if !self.client.close(Duration::from_secs(2)).await {
+                    self.stats.borrow_mut().close_failures += 1;
+                }
+            }
+            End::Failed(cause) => stats::count(&mut self.stats.borrow_mut().errors, cause, 1),
+        }
+    }
+
+    /// Keeps `inflight` messages outstanding until the end of the plan, then waits for
+    /// the last echoes.
+    async fn pump(&mut self, sent_at: &mut VecDeque<Instant>) -> End {
+        let plan = self.plan;
+        let read_len = (self.inflight * (self.messages.size + 14)).clamp(4096, 64 * 1024);
+        let mut buf = vec![0u8; read_len];
+        let (mut next_send, mut next_recv) = (0u64, 0u64);
+        for _ in 0..self.inflight {
+            if let Err(end) = self.queue(next_send) {
+                return end;
+            }
+            next_send += 1;
+        }
+        let now = Instant::now();
+        sent_at.extend(std::iter::repeat_n(now, self.inflight));
+        if let Err(e) = self.client.flush().await {
+            return End::Failed(format!("write failed: {e}"));
+        }
+        let deadline = tokio::time::Instant::from_std(plan.end + plan.grace);
+        while !sent_at.is_empty() {
+            let read = tokio::time::timeout_at(deadline, self.client.stream.read(&mut buf));
+            let n = match read.await {
+                Err(_) => {
+                    return End::Failed(format!(
+                        "echoes still missing {:.1} s after the end",
+                        plan.grace.as_secs_f64()
+                    ));
+                }
+                Ok(Err(e)) => return End::Failed(format!("read failed: {e}")),
+                Ok(Ok(0)) => {
+                    return End::Failed(
+                        "closed early by the server without a close frame (1006)".into(),
+                    );
+                }
+                Ok(Ok(n)) => n,
+            };
+            let now = Instant::now();
+            let measuring = now >= plan.warm_end && now < plan.end;
+            let sending = now < plan.end;
+            self.client.conn.handle_bytes(&buf[..n]);
+            let (mut echoed, mut queued) = (0u64, 0usize);
+            let mut failed = None;
+            {
+                let stats = self.stats.clone();
+                let mut stats = stats.borrow_mut();
+                loop {
+                    let (binary, payload) = match self.client.conn.poll_event() {
+                        Ok(Some(Event::Text(text))) => (false, text.into_bytes()),
+                        Ok(Some(Event::Binary(bytes))) => (true, bytes),
+                        Ok(Some(Event::Close(frame))) => {
+                            failed = Some(match frame {
+                                Some(frame) if frame.reason.is_empty() => {
+                                    format!("closed early by the server with {}", frame.code)
+                                }
+                                Some(frame) => format!(
+                                    "closed early by the server with {} ({})",
+                                    frame.code, frame.reason
+                                ),
+                                None => {
+                                    "closed early by the server with no status (1005)".to_owned()
+                                }
+                            });
+                            break;
+                        }
+                        Ok(Some(_)) => continue, // Ping (answered) or Pong
+                        Ok(None) => break,
+                        Err(e) => {
+                            failed = Some(format!("protocol error from the server: {e}"));
+                            break;
+                        }
+                    };
+                    let Some(sent) = sent_at.pop_front() else {
+                        stats.mismatch("a message arrived with none in flight".into());
+                        continue;
+                    };
+                    if let Err(why) = self.messages.check(next_recv, binary, &payload) {
+                        stats.mismatch(why);
+                    }
+                    next_recv += 1;
+                    echoed += 1;
+                    if measuring {
+                        stats.messages += 1;
+                        stats::record(&mut stats.latency, now.saturating_duration_since(sent));
+                    }
+                    if sending {
+                        if let Err(End::Failed(why)) = self.queue(next_send) {
+                            failed = Some(why);
+                            break;
+                        }
+                        next_send += 1;
+                        queued += 1;
+                    }
+                }
+            }
+            self.received.fetch_add(echoed, Ordering::Relaxed);
+            if queued > 0 {
+                sent_at.extend(std::iter::repeat_n(Instant::now(), queued));
+            }
+            // Also writes the Close or Pong replies the connection queued.
+            let flushed = self.client.flush().await;
+            if let Some(why) = failed {
+                return End::Failed(why);
+            }
+            if let Err(e) = flushed {
+                return End::Failed(format!("write failed: {e}"));
+            }
+        }
+        End::Done
+    }
+
+    fn queue(&mut self, seq: u64) -> Result<(), End> {
+        let message = self.messages.make(seq);
+        let sent = if self.messages.binary {
+            self.client.conn.send_binary(Bytes::from(message))
+        } else {
+            // The message is ASCII; the fallback is never taken.
+            self.client
+                .conn
+                .send_text(String::from_utf8(message).unwrap_or_default())
+        };
+        sent.map_err(|e| End::Failed(format!("cannot send: {e}")))
+    }
+}
+
+impl fmt::Debug for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Run")
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_their_check() {
+        for binary in [false, true] {
+            let m = Messages::new(64, binary);
+            for seq in [0u64, 1, 25, 26, 1 << 33] {
+                let payload = m.make(seq);
+                assert_eq!(payload.len(), 64);
+                assert!(payload.is_ascii());
+                assert_eq!(m.check(seq, binary, &payload), Ok(()));
+            }
+        }
+    }
+
+    #[test]
+    fn mismatches_are_named() {
+        let m = Messages::new(16, true);
+        let p = m.make(7);
+        assert!(m.check(6, true, &p).unwrap_err().contains("got message 7"));
+        assert!(m.check(7, false, &p).unwrap_err().contains("binary"));
+        assert!(m.check(7, true, &p[..15]).unwrap_err().contains("15 bytes"));
+        let mut q = p.clone();
+        q[12] ^= 1;
+        assert!(m.check(7, true, &q).unwrap_err().contains("differs"));
+        q = p;
+        q[0] = b'z';
+        assert!(m.check(7, true, &q).unwrap_err().contains("corrupt"));
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let mut o = EchoOptions::new("ws://127.0.0.1:1/");
+        assert!(o.validate().is_ok());
+        o.size = 7;
+        assert!(o.validate().is_err());
+        o = EchoOptions::new("ws://127.0.0.1:1/");
+        o.duration = 0.0;
+        assert!(o.validate().is_err());
+        o.duration = f64::NAN;
+        assert!(o.validate().is_err());
+    }
+}

@@ -1,0 +1,245 @@
+//! `ringsocket bench`: a load generator that can measure any WebSocket server.
+//!
+//! It speaks WebSocket through the client role of the sans-IO core
+//! ([`crate::proto::ClientRequest`], [`crate::proto::Connection::client`]) over plain
+//! tokio TCP, so the frames it sends are those the conformance tests check.
+//!
+//! Scenarios:
+//!
+//! - [`echo()`]: connections each keep a number of messages in flight to an echo
+//!   endpoint; messages per second, bytes per second and round-trip latency
+//!   percentiles over a measured window after a warm-up, every echo checked for
+//!   content and order.
+//! - [`connect()`]: open many connections as fast as a cap on concurrent handshakes
+//!   allows, hold them idle; handshakes per second, failures by cause and, given the
+//!   server's pid, its resident memory per connection.
+//!
+//! Threading: `--threads N` starts N OS threads, each with a single-threaded tokio
+//! runtime and every N-th connection, so that the load generator can be pinned to
+//! cores like the server (`taskset -c 1 ringsocket bench … --threads 1`). Both
+//! scenarios report the CPU use of the load generator and, given `--server-pid`, of
+//! the server, so that a reader can see which one was the bottleneck.
+//!
+//! Both are library functions as well as commands: the tests call them against a
+//! server started in the same process.
+
+mod client;
+mod connect;
+mod echo;
+mod stats;
+mod target;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::IsTerminal;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+pub use connect::{ConnectOptions, ConnectReport, Memory, connect};
+pub use echo::{EchoOptions, EchoReport, SEQ_BYTES, echo};
+pub use stats::{CpuUsage, LatencySummary, rss_kib};
+pub use target::Target;
+
+/// `ringsocket bench`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// The scenario.
+    #[command(subcommand)]
+    pub mode: BenchMode,
+}
+
+/// The scenarios of `ringsocket bench`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchMode {
+    /// Messages in flight on many connections to an echo endpoint: messages/s,
+    /// bytes/s and round-trip latency percentiles; every echo is checked.
+    Echo {
+        #[command(flatten)]
+        options: EchoOptions,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open many connections and hold them idle: handshakes/s, failures by cause and
+    /// the server's memory per connection (with --server-pid).
+    Connect {
+        #[command(flatten)]
+        options: ConnectOptions,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `ringsocket bench`, printing the report to stdout. An error when the bench
+/// could not run, or when it ran and saw failures (after printing the report).
+pub fn run(args: BenchArgs) -> Result<(), String> {
+    let interactive = |json: bool| {
+        if !json && std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+            Progress::terminal()
+        } else {
+            Progress::hidden()
+        }
+    };
+    match args.mode {
+        BenchMode::Echo { options, json } => {
+            let report = echo(&options, &interactive(json)).map_err(|e| e.to_string())?;
+            print_report(&report, json)?;
+            if !report.is_clean() {
+                return Err(format!(
+                    "echo saw {} failed connections, {} mismatched and {} unanswered messages",
+                    report.errors, report.mismatches, report.unanswered
+                ));
+            }
+        }
+        BenchMode::Connect { options, json } => {
+            let report = connect(&options, &interactive(json)).map_err(|e| e.to_string())?;
+            print_report(&report, json)?;
+            if !report.is_clean() {
+                return Err(format!(
+                    "{} connections failed to open and {} were dropped during the hold",
+                    report.failed, report.dropped
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_report<R: Serialize + fmt::Display>(report: &R, json: bool) -> Result<(), String> {
+    if json {
+        let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// Why a bench could not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// The options are inconsistent.
+    Options(String),
+    /// The URL cannot be used.
+    Url(String),
+    /// Connections could not be opened: how many of how many, and why.
+    Setup {
+        /// Connections that failed.
+        failed: u64,
+        /// Connections attempted.
+        total: u64,
+        /// Failures by cause, e.g. `cannot connect to …: Connection refused`.
+        causes: BTreeMap<String, u64>,
+    },
+    /// A thread or runtime could not be started, or a thread died.
+    Runtime(String),
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Options(why) | Self::Url(why) | Self::Runtime(why) => f.write_str(why),
+            Self::Setup {
+                failed,
+                total,
+                causes,
+            } => {
+                write!(f, "{failed} of {total} connections could not be opened")?;
+                for (cause, n) in causes {
+                    write!(f, "\n  {n} × {cause}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+/// Progress on the terminal: a spinner or bar with a message, or nothing.
+#[derive(Debug)]
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// Shows nothing (for tests, `--json` and output that is not a terminal).
+    pub fn hidden() -> Self {
+        Self { bar: None }
+    }
+
+    /// A spinner on stderr.
+    pub fn terminal() -> Self {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}") {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Self { bar: Some(bar) }
+    }
+
+    fn message(&self, text: String) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(text);
+        }
+    }
+
+    /// Turns the spinner into a bar counting to `len`.
+    fn set_length(&self, len: u64) {
+        if let Some(bar) = &self.bar {
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} {per_sec} {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_length(len);
+        }
+    }
+
+    fn position(&self, pos: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(pos);
+        }
+    }
+
+    /// Sleeps until `deadline`, refreshing the message from `text` a few times a second.
+    fn wait_until(&self, deadline: Instant, text: impl Fn() -> String) {
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            let step = if self.bar.is_some() {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(3600)
+            };
+            std::thread::sleep(step.min(deadline - now));
+            self.message(text());
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// A load generator thread's runtime: single-threaded, with I/O and timers.
+fn new_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn join_worker<T>(worker: JoinHandle<T>) -> Result<T, BenchError> {
+    worker
+        .join()
+        .map_err(|_| BenchError::Runtime("a load generator thread panicked".into()))
+}

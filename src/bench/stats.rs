@@ -1,0 +1,248 @@
+//! What the scenarios measure besides counts: latency percentiles from an HDR
+//! histogram, CPU time of a process from `/proc/PID/stat`, resident memory from
+//! `/proc/PID/status`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// A histogram of durations in nanoseconds, 1 ns to 100 s, 3 significant digits.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3)
+        .expect("constant histogram bounds are valid: low >= 1, high >= 2 * low, sigfig <= 5")
+}
+
+/// Records `d` in `hist`, clamped to its range.
+pub(crate) fn record(hist: &mut Histogram<u64>, d: Duration) {
+    hist.saturating_record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// How many latencies were recorded.
+    pub samples: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl LatencySummary {
+    /// Summarises a histogram of nanoseconds.
+    pub fn from_histogram(hist: &Histogram<u64>) -> Self {
+        if hist.is_empty() {
+            return Self::default();
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Self {
+            samples: hist.len(),
+            mean: hist.mean() / 1000.0,
+            p50: us(hist.value_at_quantile(0.50)),
+            p90: us(hist.value_at_quantile(0.90)),
+            p99: us(hist.value_at_quantile(0.99)),
+            p999: us(hist.value_at_quantile(0.999)),
+            max: us(hist.max()),
+        }
+    }
+}
+
+impl fmt::Display for LatencySummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs ({} samples)",
+            micros(self.p50),
+            micros(self.p90),
+            micros(self.p99),
+            micros(self.p999),
+            micros(self.max),
+            thousands(self.samples)
+        )
+    }
+}
+
+/// CPU used by the server and by this load generator over a window, as a percentage
+/// of one core (100 = one core busy all the time). The one near 100 × its cores is
+/// the bottleneck.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CpuUsage {
+    /// The server's CPU, when its pid was given.
+    pub server_percent: Option<f64>,
+    /// This process's CPU.
+    pub client_percent: Option<f64>,
+}
+
+impl fmt::Display for CpuUsage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = |p: Option<f64>| p.map_or_else(|| "n/a".to_owned(), |p| format!("{p:.0} %"));
+        write!(
+            f,
+            "server {}, load generator {} (100 % = one core)",
+            pct(self.server_percent),
+            pct(self.client_percent)
+        )
+    }
+}
+
+/// CPU times of the server and of this process at one instant.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSample {
+    at: Instant,
+    server: Option<Duration>,
+    client: Option<Duration>,
+}
+
+impl CpuSample {
+    /// Samples now.
+    pub fn take(server_pid: Option<u32>) -> Self {
+        Self {
+            at: Instant::now(),
+            server: server_pid.and_then(|pid| cpu_time(&pid.to_string())),
+            client: cpu_time("self"),
+        }
+    }
+
+    /// The usage between `self` and a later sample.
+    pub fn usage_until(&self, later: &CpuSample) -> CpuUsage {
+        let wall = later.at.saturating_duration_since(self.at).as_secs_f64();
+        let pct = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) if wall > 0.0 => {
+                Some(b.saturating_sub(a).as_secs_f64() / wall * 100.0)
+            }
+            _ => None,
+        };
+        CpuUsage {
+            server_percent: pct(self.server, later.server),
+            client_percent: pct(self.client, later.client),
+        }
+    }
+}
+
+/// User plus system CPU time of `/proc/{pid}/stat` (fields 14 and 15, in clock ticks).
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let mut fields = after.split_ascii_whitespace();
+    // `after` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value; it has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
+    Some(Duration::from_nanos(
+        (utime + stime) * 1_000_000_000 / ticks,
+    ))
+}
+
+/// The resident set size of process `pid` in KiB (`VmRSS` in `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Adds `n` to the count of `cause`.
+pub(crate) fn count(causes: &mut BTreeMap<String, u64>, cause: String, n: u64) {
+    *causes.entry(cause).or_insert(0) += n;
+}
+
+/// Adds every count of `from` to `into`.
+pub(crate) fn merge_counts(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
+    for (cause, n) in from {
+        count(into, cause, n);
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub(crate) fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Microseconds with one decimal below 100 and none above.
+pub(crate) fn micros(us: f64) -> String {
+    if us < 100.0 {
+        format!("{us:.1}")
+    } else {
+        thousands(us.round() as u64)
+    }
+}
+
+/// Bytes per second in decimal units.
+pub(crate) fn rate_bytes(bps: f64) -> String {
+    match bps {
+        b if b >= 1e9 => format!("{:.2} GB/s", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB/s", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB/s", b / 1e3),
+        b => format!("{b:.0} B/s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_out_in_microseconds() {
+        let mut h = new_histogram();
+        for us in 1..=1000u64 {
+            record(&mut h, Duration::from_micros(us));
+        }
+        let s = LatencySummary::from_histogram(&h);
+        assert_eq!(s.samples, 1000);
+        assert!((s.p50 - 500.0).abs() < 1.0, "{s:?}");
+        assert!((s.p99 - 990.0).abs() < 1.0, "{s:?}");
+        assert!((s.max - 1000.0).abs() < 1.0, "{s:?}");
+        assert_eq!(
+            LatencySummary::from_histogram(&new_histogram()),
+            LatencySummary::default()
+        );
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let pid = std::process::id();
+        assert!(rss_kib(pid).is_some_and(|kib| kib > 0));
+        let a = CpuSample::take(Some(pid));
+        let mut x = 0u64;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let usage = a.usage_until(&CpuSample::take(Some(pid)));
+        assert!(usage.server_percent.is_some() && usage.client_percent.is_some());
+    }
+
+    #[test]
+    fn formats_numbers() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1234567), "1,234,567");
+        assert_eq!(micros(12.34), "12.3");
+        assert_eq!(micros(1234.4), "1,234");
+        assert_eq!(rate_bytes(7.9e6), "7.9 MB/s");
+    }
+}
