@@ -1,0 +1,24 @@
+// `bun echo.js PORT`: Bun's WebSocket echo server (uWebSockets underneath), written the
+// way Bun's docs show it: Bun.serve upgrades every request, and the `message` handler
+// sends each message straight back. Bun runs JavaScript on one thread, so it compares
+// with `ringsocket serve --workers 1` on one pinned core.
+const port = Number(process.argv[2] ?? 9004);
+
+const server = Bun.serve({
+  hostname: "127.0.0.1",
+  port,
+  fetch(req, server) {
+    if (server.upgrade(req)) {
+      return; // Bun answered the handshake with 101.
+    }
+    return new Response("WebSocket only\n", { status: 426 });
+  },
+  websocket: {
+    // Bun's defaults are kept: 16 MiB payload limit, 120 s idle timeout, backpressure.
+    message(ws, message) {
+      ws.send(message);
+    },
+  },
+});
+
+console.log(`bun-echo listening on ws://${server.hostname}:${server.port}/`);
