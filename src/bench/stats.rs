@@ -76,12 +76,16 @@ impl fmt::Display for LatencySummary {
 /// CPU used by the server and by this load generator over a window, as a percentage
 /// of one core (100 = one core busy all the time). The one near 100 × its cores is
 /// the bottleneck.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CpuUsage {
     /// The server's CPU, when its pid was given.
     pub server_percent: Option<f64>,
     /// This process's CPU.
     pub client_percent: Option<f64>,
+    /// How busy each core of the machine was, in percent, from `/proc/stat`: user,
+    /// system, interrupt and softirq time (loopback TCP is processed in softirqs,
+    /// which no process is charged for). Index = CPU number.
+    pub cores_busy_percent: Vec<f64>,
 }
 
 impl fmt::Display for CpuUsage {
@@ -92,16 +96,25 @@ impl fmt::Display for CpuUsage {
             "server {}, load generator {} (100 % = one core)",
             pct(self.server_percent),
             pct(self.client_percent)
-        )
+        )?;
+        if !self.cores_busy_percent.is_empty() {
+            f.write_str("; cores busy")?;
+            for (cpu, busy) in self.cores_busy_percent.iter().enumerate() {
+                write!(f, " cpu{cpu} {busy:.0} %")?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// CPU times of the server and of this process at one instant.
-#[derive(Debug, Clone, Copy)]
+/// CPU times of the server, of this process and of every core at one instant.
+#[derive(Debug, Clone)]
 pub(crate) struct CpuSample {
     at: Instant,
     server: Option<Duration>,
     client: Option<Duration>,
+    /// (busy, total) clock ticks of each core.
+    cores: Vec<(u64, u64)>,
 }
 
 impl CpuSample {
@@ -111,6 +124,7 @@ impl CpuSample {
             at: Instant::now(),
             server: server_pid.and_then(|pid| cpu_time(&pid.to_string())),
             client: cpu_time("self"),
+            cores: core_ticks(),
         }
     }
 
@@ -123,11 +137,46 @@ impl CpuSample {
             }
             _ => None,
         };
+        let cores_busy_percent = self
+            .cores
+            .iter()
+            .zip(&later.cores)
+            .map(|(&(busy0, total0), &(busy1, total1))| {
+                let total = total1.saturating_sub(total0);
+                if total == 0 {
+                    0.0
+                } else {
+                    busy1.saturating_sub(busy0) as f64 * 100.0 / total as f64
+                }
+            })
+            .collect();
         CpuUsage {
             server_percent: pct(self.server, later.server),
             client_percent: pct(self.client, later.client),
+            cores_busy_percent,
         }
     }
+}
+
+/// (busy, total) clock ticks of each core from the `cpuN` lines of `/proc/stat`; idle
+/// and iowait are the only ticks not busy. Empty when unreadable.
+fn core_ticks() -> Vec<(u64, u64)> {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    stat.lines()
+        .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
+        .map(|line| {
+            let ticks: Vec<u64> = line
+                .split_ascii_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            let total: u64 = ticks.iter().sum();
+            let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+            (total - idle.min(total), total)
+        })
+        .collect()
 }
 
 /// User plus system CPU time of `/proc/{pid}/stat` (fields 14 and 15, in clock ticks).
@@ -233,6 +282,14 @@ mod tests {
         }
         let usage = a.usage_until(&CpuSample::take(Some(pid)));
         assert!(usage.server_percent.is_some() && usage.client_percent.is_some());
+        assert!(!usage.cores_busy_percent.is_empty());
+        assert!(
+            usage
+                .cores_busy_percent
+                .iter()
+                .all(|p| (0.0..=100.0).contains(p))
+        );
+        assert!(usage.to_string().contains("cpu0"), "{usage}");
     }
 
     #[test]
