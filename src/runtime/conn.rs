@@ -34,7 +34,7 @@ use super::ws::Driver;
 use crate::config::Config;
 use crate::metrics::{CloseReason, Limit, WorkerMetrics};
 use crate::proto::handshake::{self, AcceptKey, HeadReader, Request};
-use crate::proto::{Connection, HandshakeLimits, Limits};
+use crate::proto::{CloseCode, Connection, HandshakeLimits, Limits};
 
 /// Everything a core's connections share. Owned by the worker, `!Send`.
 pub(crate) struct WorkerCtx {
@@ -133,6 +133,11 @@ pub(crate) async fn drive(
                 session.state().borrow_mut().conn.handle_bytes(&rest);
             }
             drop(rest);
+            // A handler that accepted and returned without ever waiting ends the
+            // session normally, as it would in the driver: Close 1000 after its sends.
+            if handler.is_none() {
+                session.close(CloseCode::Normal, "");
+            }
             // The session gets its own task, sized to its state alone.
             tokio_uring::spawn(Driver::new(guard, session, handler, bufs, head));
         }
