@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Runs the side-by-side echo benchmarks of benches/README.md and prints the table.
+
+Each server runs pinned to CPU 0 (`taskset -c 0`), the load generator to CPU 1
+(`taskset -c 1 ringsocket bench ... --threads 1`). For every repetition each server is
+started fresh for each scenario, so that memory figures start from an idle process and
+no scenario inherits another's state; servers take turns within a repetition, so that
+drift on a shared machine hits all of them alike. Every report is kept as JSON in the
+output folder; the table holds medians and the ratios ringsocket / peer.
+
+    python3 benches/compare.py --reps 3 --out target/bench-results
+"""
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "benches" / "peers"
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+
+
+def servers(ringsocket_server):
+    """name -> (argv taking the port, URL path)."""
+    return {
+        "ringsocket": (
+            lambda port: [ringsocket_server, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+            "/echo",
+        ),
+        "tt-echo": (lambda port: [str(PEERS / "target/release/tt-echo"), str(port)], "/"),
+        "fws-echo": (lambda port: [str(PEERS / "target/release/fws-echo"), str(port)], "/"),
+        "bun": (
+            lambda port: [str(PEERS / "bun/node_modules/.bin/bun"), str(PEERS / "bun/echo.js"), str(port)],
+            "/",
+        ),
+    }
+
+
+SCENARIOS = {
+    # name: bench arguments after the URL
+    "a_throughput": ["echo", "--conns", "100", "--inflight", "16", "--size", "64",
+                     "--duration", "10", "--warmup", "2", "--threads", "1"],
+    "b_latency": ["echo", "--conns", "100", "--inflight", "1", "--size", "64",
+                  "--duration", "10", "--warmup", "2", "--threads", "1"],
+    "c_connect": ["connect", "--conns", "10000", "--hold", "5", "--threads", "1"],
+    # Not in the default set: one connection, one message in flight, the round trip
+    # without queueing behind 99 other connections.
+    "d_latency_1x1": ["echo", "--conns", "1", "--inflight", "1", "--size", "64",
+                      "--duration", "10", "--warmup", "2", "--threads", "1"],
+}
+DEFAULT_SCENARIOS = ["a_throughput", "b_latency", "c_connect"]
+
+
+def cpu_times():
+    """Per-CPU (busy, total) jiffies from /proc/stat, for cpu0 and cpu1."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *vals = line.split()
+            if name in ("cpu0", "cpu1"):
+                v = [int(x) for x in vals]
+                idle = v[3] + v[4]  # idle + iowait
+                out[name] = (sum(v) - idle, sum(v))
+    return out
+
+
+def process_cpu_secs(pid):
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_secs():
+    """Busy time of the whole machine (user, nice, system, irq, softirq), in seconds.
+    Softirq time spent in a process's context is charged to that process too, so it
+    belongs on this side of the comparison with the processes' times."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_percent(before, after):
+    return {
+        cpu: round(100.0 * (after[cpu][0] - before[cpu][0]) / max(1, after[cpu][1] - before[cpu][1]), 1)
+        for cpu in before
+    }
+
+
+def wait_for_port(port, proc, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def wait_quiet(limit=1800.0):
+    """Waits until no fuzzer runs and both cores are under 15 % busy over a second:
+    the machine is shared, and a benchmark next to a compiler or fuzzer measures that."""
+    start = time.time()
+    while True:
+        fuzzing = subprocess.run(["pgrep", "-f", "fuzz"], capture_output=True, text=True).stdout.strip()
+        before = cpu_times()
+        time.sleep(1.0)
+        busy = busy_percent(before, cpu_times())
+        if not fuzzing and max(busy.values()) < 15.0:
+            return time.time() - start
+        if time.time() - start > limit:
+            raise RuntimeError(f"the machine stayed busy for {limit} s: {busy}, fuzzers: {fuzzing!r}")
+        print(f"  waiting for a quiet machine: busy {busy}, fuzzers {fuzzing.split()[:1]}",
+              file=sys.stderr, flush=True)
+        time.sleep(10.0)
+
+
+def run_one(bench, name, argv_for, path, scenario, port, outdir, rep):
+    waited = wait_quiet()
+    server = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv_for(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, server)
+        time.sleep(0.5)  # let the server settle before reading its RSS
+        args = SCENARIOS[scenario]
+        cmd = ["taskset", "-c", CLIENT_CPU, bench, "bench", args[0], f"ws://127.0.0.1:{port}{path}",
+               *args[1:], "--server-pid", str(server.pid), "--json"]
+        before = cpu_times()
+        t0, machine0 = time.time(), busy_secs()
+        server0 = process_cpu_secs(server.pid)
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        server1 = process_cpu_secs(server.pid)
+        wall, machine1 = time.time() - t0, busy_secs()
+        after = cpu_times()
+        client_secs = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+        # CPU that neither the server nor the load generator used: other processes
+        # sharing the machine. Above ~10 % of a core the run is not trusted.
+        other = (machine1 - machine0 - (server1 - server0) - client_secs) / wall * 100.0
+        if not done.stdout.strip():
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+        report = json.loads(done.stdout)
+        report["_command"] = " ".join(cmd)
+        report["_exit_code"] = done.returncode
+        report["_cpu_busy_percent"] = busy_percent(before, after)
+        report["_waited_for_quiet_secs"] = round(waited, 1)
+        report["_other_processes_cpu_percent"] = round(other, 1)
+        (outdir / f"{name}.{scenario}.{rep}.json").write_text(json.dumps(report, indent=2))
+        return report
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def headline(scenario, r):
+    h = headline_of(scenario, r)
+    cores = r["cpu"].get("cores_busy_percent") or []
+    for cpu in (0, 1):
+        h[f"cpu{cpu} busy %"] = cores[cpu] if cpu < len(cores) else None
+    return h
+
+
+def headline_of(scenario, r):
+    if scenario == "a_throughput":
+        return {"msg/s": r["messages_per_sec"], "server cpu %": r["cpu"]["server_percent"],
+                "client cpu %": r["cpu"]["client_percent"], "errors": r["errors"] + r["mismatches"]}
+    if "latency" in scenario:
+        return {"p50 µs": r["latency_us"]["p50"], "p99 µs": r["latency_us"]["p99"],
+                "msg/s": r["messages_per_sec"], "server cpu %": r["cpu"]["server_percent"],
+                "client cpu %": r["cpu"]["client_percent"], "errors": r["errors"] + r["mismatches"]}
+    mem = r.get("memory") or {}
+    return {"handshakes/s": r["handshakes_per_sec"], "B/conn": mem.get("bytes_per_conn"),
+            "B/conn held": mem.get("bytes_per_conn_held"), "server cpu %": r["cpu"]["server_percent"],
+            "client cpu %": r["cpu"]["client_percent"], "errors": r["failed"] + r["dropped"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "target" / "bench-results"))
+    p.add_argument("--bench", default=str(ROOT / "target/release/ringsocket"),
+                   help="the ringsocket binary that runs `bench`")
+    p.add_argument("--server", default=None,
+                   help="the ringsocket binary that serves (default: --bench)")
+    p.add_argument("--only", nargs="*", help="servers to run (default: all)")
+    p.add_argument("--scenarios", nargs="*", default=DEFAULT_SCENARIOS, choices=list(SCENARIOS))
+    p.add_argument("--port", type=int, default=9301)
+    a = p.parse_args()
+
+    # Every connection is a file descriptor in the server and one in the load generator.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 100_000 if hard == resource.RLIM_INFINITY else min(100_000, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    print(f"open-file limit: {want} (hard {hard})", file=sys.stderr)
+
+    outdir = Path(a.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    table = servers(a.server or a.bench)
+    names = a.only or list(table)
+    results = {}
+    port = a.port
+    for rep in range(1, a.reps + 1):
+        for scenario in a.scenarios:
+            for name in names:
+                argv_for, path = table[name]
+                port += 1  # a fresh port: no TIME_WAIT from the previous server
+                for attempt in range(1, 4):
+                    r = run_one(a.bench, name, argv_for, path, scenario, port, outdir, rep)
+                    if r["_other_processes_cpu_percent"] < 10.0:
+                        break
+                    print(f"  other processes used {r['_other_processes_cpu_percent']} % of a core "
+                          f"during the run: repeating it (attempt {attempt})", file=sys.stderr, flush=True)
+                    port += 1
+                h = headline(scenario, r)
+                results.setdefault((scenario, name), []).append(h)
+                print(f"rep {rep} {scenario:13} {name:10} "
+                      + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in h.items())
+                      + f", others {r['_other_processes_cpu_percent']} %", file=sys.stderr, flush=True)
+
+    summary = {}
+    for (scenario, name), runs in results.items():
+        med = {}
+        for key in runs[0]:
+            vals = [r[key] for r in runs if r[key] is not None]
+            med[key] = statistics.median(vals) if vals else None
+        summary.setdefault(scenario, {})[name] = {"median": med, "runs": runs}
+    (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
