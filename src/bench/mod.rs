@@ -192,9 +192,9 @@ impl Progress {
     /// Turns the spinner into a bar counting to `len`.
     fn set_length(&self, len: u64) {
         if let Some(bar) = &self.bar {
-            if let Ok(style) = ProgressStyle::with_template(
-                "{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} {per_sec} {msg}",
-            ) {
+            if let Ok(style) =
+                ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+            {
                 bar.set_style(style.progress_chars("=> "));
             }
             bar.set_length(len);
