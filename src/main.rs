@@ -64,7 +64,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("ringsocket: {e}");
             ExitCode::FAILURE
         }
     }

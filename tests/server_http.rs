@@ -9,6 +9,9 @@
 // Tests unwrap values they built themselves (as `src/lib.rs` allows for unit tests).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::start;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -17,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringsocket::app::App;
-use ringsocket::config::Config;
-use ringsocket::runtime::{Response, RunningServer, Server};
+
+use ringsocket::runtime::{Response, RunningServer};
 
 /// The longest any single read or wait may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -364,16 +367,6 @@ fn connection_over_max_connections_gets_503_before_the_upgrade() {
 }
 
 // ---- helpers ----------------------------------------------------------------------------
-
-/// A server on an ephemeral loopback port with two workers, after `tweak`.
-fn start(app: App, tweak: impl FnOnce(&mut Config)) -> RunningServer {
-    let mut config = Config::default();
-    config.bind = "127.0.0.1:0".parse().unwrap();
-    config.workers = 2;
-    config.shutdown_timeout_secs = 2.0;
-    tweak(&mut config);
-    Server::start(config, Arc::new(app)).unwrap()
-}
 
 /// HTTP routes: `GET /hello/{name}` and `POST /echo-body`, which answers with the body.
 fn http_app() -> App {

@@ -10,17 +10,20 @@
 // Tests unwrap values they built themselves (as `src/lib.rs` allows for unit tests).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::start;
+
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use ringsocket::app::App;
-use ringsocket::config::Config;
+
 use ringsocket::proto::{ClientRequest, Connection, Event, HandshakeLimits, Limits, Message};
-use ringsocket::runtime::{RunningServer, Server};
+use ringsocket::runtime::RunningServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -580,16 +583,6 @@ async fn thousand_clients_dropping_tcp_without_close_leave_no_open_connections()
 }
 
 // ---- helpers ----------------------------------------------------------------------------
-
-/// A server on an ephemeral loopback port with two workers, after `tweak`.
-fn start(app: App, tweak: impl FnOnce(&mut Config)) -> RunningServer {
-    let mut config = Config::default();
-    config.bind = "127.0.0.1:0".parse().unwrap();
-    config.workers = 2;
-    config.shutdown_timeout_secs = 2.0;
-    tweak(&mut config);
-    Server::start(config, Arc::new(app)).unwrap()
-}
 
 /// Awaits `future`, failing the test after `limit`.
 async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> T {
