@@ -22,6 +22,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod broker;
 pub mod config;
 pub mod metrics;
 pub mod proto;

@@ -501,6 +501,23 @@ impl Connection {
         self.send_data(OpCode::Binary, bytes.into())
     }
 
+    /// Queues a complete frame encoded elsewhere, e.g. once for every subscriber of a
+    /// broadcast by [`encode_server_frame`]: the queue holds a reference-counted clone,
+    /// no copy. Server role only (client frames are masked per frame), and only whole,
+    /// unfragmented data frames.
+    pub fn send_frame(&mut self, frame: Bytes) -> Result<(), SendError> {
+        if self.state != CloseState::Open {
+            return Err(SendError::Closed);
+        }
+        debug_assert_eq!(self.role, Role::Server, "a shared frame is unmasked");
+        if !self.out_tail.is_empty() {
+            self.output.push_back(self.out_tail.split().freeze());
+        }
+        self.output_len += frame.len();
+        self.output.push_back(frame);
+        Ok(())
+    }
+
     /// Queues a Ping with `payload` (at most 125 bytes).
     pub fn ping(&mut self, payload: &[u8]) -> Result<(), SendError> {
         self.send_control(OpCode::Ping, payload)

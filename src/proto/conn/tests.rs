@@ -672,3 +672,28 @@ fn server_connection_is_small() {
         std::mem::size_of::<Connection>()
     );
 }
+
+/// A frame encoded once for many connections is queued as is, in order with the
+/// frames around it (RFC 6455 §5.2: server frames are unmasked).
+#[test]
+fn shared_frame_is_queued_in_order_without_copy() {
+    let mut conn = server();
+    conn.send_text("a").unwrap();
+    let shared = encode_server_frame(OpCode::Binary, b"shared");
+    conn.send_frame(shared.clone()).unwrap();
+    conn.send_text("b").unwrap();
+    let mut chunks = Vec::new();
+    conn.drain_transmit(&mut chunks);
+    assert!(chunks.iter().any(|c| c.as_ptr() == shared.as_ptr()));
+    let bytes: Vec<u8> = chunks.concat();
+    assert_eq!(
+        server_frames(&bytes),
+        vec![
+            (OpCode::Text, true, b"a".to_vec()),
+            (OpCode::Binary, true, b"shared".to_vec()),
+            (OpCode::Text, true, b"b".to_vec()),
+        ]
+    );
+    conn.close(CloseCode::Normal, "").unwrap();
+    assert_eq!(conn.send_frame(shared), Err(SendError::Closed));
+}

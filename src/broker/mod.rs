@@ -1,0 +1,149 @@
+//! Brokers: how a message published on one process reaches the subscribers of every
+//! other process.
+//!
+//! The in-process fan-out (every core of this process) is the `pubsub` layer's job and
+//! needs no broker: that is the embedded default. A [`Broker`] only carries messages
+//! *between* processes, for example over Redis Pub/Sub ([`redis`]).
+//!
+//! Contract, for every implementation:
+//! - [`Broker::publish`] forwards a message published on this process to the other
+//!   processes. It never blocks the calling I/O core: it queues and returns.
+//! - Messages from other processes are handed to the [`BrokerSink`] given at start,
+//!   which delivers them to this process's cores. A process never receives back what
+//!   it published itself (it delivered those locally already): exactly once.
+//! - [`Broker::subscribe`] / [`Broker::unsubscribe`] are called by the pubsub layer
+//!   when this process gains its first local subscriber to a topic and loses its last:
+//!   a process listens to a topic only while someone here wants it.
+//! - A broker that loses its connection keeps local delivery running; it reconnects,
+//!   resubscribes, and counts what it could not forward in [`BrokerMetrics`].
+
+pub mod redis;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+/// The kind of a data message carried between processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A text message (valid UTF-8).
+    Text,
+    /// A binary message.
+    Binary,
+}
+
+/// A message received from another process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    /// The topic, without any broker prefix.
+    pub topic: String,
+    /// Text or binary.
+    pub kind: Kind,
+    /// The message payload.
+    pub payload: Bytes,
+}
+
+/// Where a broker delivers messages from other processes. Called on the broker's own
+/// thread; it must not block for long (the pubsub layer only queues into core inboxes).
+pub type BrokerSink = Arc<dyn Fn(Inbound) + Send + Sync>;
+
+/// Carries messages between processes. See the module docs for the contract.
+pub trait Broker: Send + Sync + fmt::Debug {
+    /// Forwards a message published on this process to the other processes.
+    fn publish(&self, topic: &str, kind: Kind, payload: Bytes);
+    /// This process now has local subscribers to `topic`.
+    fn subscribe(&self, topic: &str);
+    /// This process no longer has local subscribers to `topic`.
+    fn unsubscribe(&self, topic: &str);
+    /// The broker's counters, for `/metrics`.
+    fn metrics(&self) -> &BrokerMetrics;
+    /// Stops the broker's threads; messages not yet forwarded are counted as failed.
+    fn shutdown(&self);
+}
+
+/// A broker's counters. Written by the broker's threads, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct BrokerMetrics {
+    /// 1 while connected to the broker, else 0.
+    pub connected: AtomicU64,
+    /// Successful (re)connections after a loss.
+    pub reconnects: AtomicU64,
+    /// Connection losses and failed attempts.
+    pub connection_errors: AtomicU64,
+    /// Messages forwarded to other processes.
+    pub published: AtomicU64,
+    /// Messages that could not be forwarded (broker away, queue full, shutdown).
+    pub publish_failed: AtomicU64,
+    /// Messages received from other processes.
+    pub received: AtomicU64,
+    /// Messages received that could not be decoded (not our envelope).
+    pub malformed: AtomicU64,
+    /// Topics this process is subscribed to at the broker.
+    pub subscriptions: AtomicU64,
+}
+
+impl BrokerMetrics {
+    /// Appends these counters in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let rows: [(&str, &str, &str, &AtomicU64); 8] = [
+            (
+                "ringsocket_broker_connected",
+                "gauge",
+                "1 while connected to the broker",
+                &self.connected,
+            ),
+            (
+                "ringsocket_broker_reconnects_total",
+                "counter",
+                "Reconnections to the broker after a loss",
+                &self.reconnects,
+            ),
+            (
+                "ringsocket_broker_connection_errors_total",
+                "counter",
+                "Broker connection losses and failed attempts",
+                &self.connection_errors,
+            ),
+            (
+                "ringsocket_broker_published_total",
+                "counter",
+                "Messages forwarded to other processes",
+                &self.published,
+            ),
+            (
+                "ringsocket_broker_publish_failed_total",
+                "counter",
+                "Messages that could not be forwarded to other processes",
+                &self.publish_failed,
+            ),
+            (
+                "ringsocket_broker_received_total",
+                "counter",
+                "Messages received from other processes",
+                &self.received,
+            ),
+            (
+                "ringsocket_broker_malformed_total",
+                "counter",
+                "Broker messages that were not a ringsocket envelope",
+                &self.malformed,
+            ),
+            (
+                "ringsocket_broker_subscriptions",
+                "gauge",
+                "Topics subscribed at the broker",
+                &self.subscriptions,
+            ),
+        ];
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+    }
+}

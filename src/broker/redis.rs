@@ -1,0 +1,1 @@
+//! The Redis Pub/Sub broker (see the module docs of [`crate::broker`]).
