@@ -106,7 +106,7 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let config = load_config(&args)?;
-    let server = Server::start(config, Arc::new(App::echo())).map_err(|e| e.to_string())?;
+    let server = Server::start(config, Arc::new(App::standard())).map_err(|e| e.to_string())?;
     println!("ringsocket listening on ws://{}/echo", server.local_addr());
     let signal = server.shutdown_signal();
     let mut signals = signal_hook::iterator::Signals::new([

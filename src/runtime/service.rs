@@ -85,8 +85,8 @@ pub trait Service: Send + Sync + 'static {
     /// Called on each worker's thread as it starts, before it accepts. The returned
     /// task, if any, runs on that core for the worker's whole life (e.g. the core's
     /// pubsub inbox). It is dropped when the worker stops.
-    fn worker_started(&self, worker: usize) -> Option<LocalFuture<()>> {
-        let _ = worker;
+    fn worker_started(&self, worker: usize, cx: &Context) -> Option<LocalFuture<()>> {
+        let _ = (worker, cx);
         None
     }
 }

@@ -71,7 +71,7 @@ pub(crate) fn run(spec: WorkerSpec) {
         // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
         let core_task = ctx
             .service
-            .worker_started(spec.index)
+            .worker_started(spec.index, &ctx.cx)
             .map(tokio_uring::spawn);
         let listener = tokio_uring::net::TcpListener::from_std(spec.listener);
         // One timer for the whole core: wakes the sessions whose deadline has passed.
