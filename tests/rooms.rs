@@ -98,6 +98,11 @@ async fn every_subscriber_on_every_worker_gets_each_message_once_in_order() {
     })
     .await;
     // Both workers hold some of them (SO_REUSEPORT spreads connections by hash).
+    let per_core = hub.core_subscriptions();
+    assert!(
+        per_core.len() == 2 && per_core.iter().all(|n| *n > 0),
+        "{per_core:?}"
+    );
     let metrics = get(addr, "/metrics").await;
     assert!(
         metrics.contains("ringsocket_pubsub_subscribers{topic=\"lobby\"} 25"),

@@ -254,7 +254,7 @@ impl Core {
         };
         entry.subscribers.insert(id, session.clone());
         topics.push(name.clone());
-        self.hub.directory_add(&name);
+        self.hub.directory_add(self.index, &name);
         Ok((true, first))
     }
 
@@ -287,7 +287,7 @@ impl Core {
                 self.topics.remove(topic);
             }
         }
-        self.hub.directory_remove(topic);
+        self.hub.directory_remove(self.index, topic);
     }
 
     /// Queues `delivery` to this core's subscribers of its topic.

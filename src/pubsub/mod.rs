@@ -118,6 +118,8 @@ pub(crate) struct PubsubMetrics {
 /// settings and the broker. One per [`crate::app::App`]; shared by its [`Publisher`]s.
 pub struct Hub {
     inboxes: OnceLock<Vec<mpsc::Sender<Arc<Delivery>>>>,
+    /// Subscriptions held by each core (written by that core only).
+    per_core: OnceLock<Vec<AtomicU64>>,
     /// Receivers, taken by each core as it starts.
     receivers: Mutex<Vec<Option<mpsc::Receiver<Arc<Delivery>>>>>,
     inbox_capacity: usize,
@@ -149,6 +151,7 @@ impl Hub {
     pub fn new(inbox_capacity: usize) -> Self {
         Self {
             inboxes: OnceLock::new(),
+            per_core: OnceLock::new(),
             receivers: Mutex::new(Vec::new()),
             inbox_capacity: inbox_capacity.max(1),
             directory: Mutex::new(HashMap::new()),
@@ -207,6 +210,9 @@ impl Hub {
                 .to_owned()
         })?;
         *receivers = rxs;
+        let _ = self
+            .per_core
+            .set((0..workers).map(|_| AtomicU64::new(0)).collect());
         Ok(())
     }
 
@@ -264,8 +270,20 @@ impl Hub {
         }
     }
 
-    /// Counts a subscription; the first one in the process subscribes the broker.
-    pub(crate) fn directory_add(&self, topic: &Arc<str>) {
+    /// Subscriptions held by each core: how evenly the kernel spread the subscribers.
+    pub fn core_subscriptions(&self) -> Vec<u64> {
+        self.per_core
+            .get()
+            .map(|cores| cores.iter().map(|c| c.load(Ordering::Relaxed)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Counts a subscription on `core`; the first one in the process subscribes the
+    /// broker.
+    pub(crate) fn directory_add(&self, core: usize, topic: &Arc<str>) {
+        if let Some(counter) = self.per_core.get().and_then(|c| c.get(core)) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         let mut directory = lock(&self.directory);
         let count = directory.entry(topic.clone()).or_insert(0);
         *count += 1;
@@ -276,8 +294,12 @@ impl Hub {
         }
     }
 
-    /// Counts an unsubscription; the last one in the process unsubscribes the broker.
-    pub(crate) fn directory_remove(&self, topic: &str) {
+    /// Counts an unsubscription on `core`; the last one in the process unsubscribes
+    /// the broker.
+    pub(crate) fn directory_remove(&self, core: usize, topic: &str) {
+        if let Some(counter) = self.per_core.get().and_then(|c| c.get(core)) {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
         let mut directory = lock(&self.directory);
         if let Some(count) = directory.get_mut(topic) {
             *count -= 1;
