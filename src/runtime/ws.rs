@@ -183,6 +183,7 @@ impl Driver {
         // The handler sees one message at a time: what it sends in reply is queued
         // before anything parsed after that message (such as a protocol error's Close).
         // Everything queued in this pass goes out in one write below.
+        let mut delivered = false;
         loop {
             if let Some(handler) = self.handler.as_mut() {
                 match poll_handler(handler, cx) {
@@ -208,6 +209,11 @@ impl Driver {
             if !(ready_for_more && self.process_input()) {
                 break;
             }
+            delivered = true;
+        }
+        if delivered {
+            // One clock read for all the messages of this pass, not one per message.
+            self.last_message = Instant::now();
         }
         // A Close the handler sent: the peer has the close timeout to answer.
         if self.closing_since.is_none()
@@ -334,7 +340,6 @@ impl Driver {
             }
         };
         if delivered {
-            self.last_message = Instant::now();
             // The handler is polled right after this, inline; only a session held by
             // another task needs waking.
             if !state.driver_polling {
