@@ -93,6 +93,19 @@ impl ReadBufs {
             .unwrap_or_else(|| BytesMut::with_capacity(SMALL_READ))
     }
 
+    /// Forgets the sizes of earlier reads: the next waiting read is small again. For a
+    /// change of phase, such as a WebSocket upgrade after a request head that grew the
+    /// buffer, where earlier reads say nothing about later ones.
+    pub fn reset(&mut self) {
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|b| b.capacity() > SMALL_READ)
+        {
+            self.held = None;
+        }
+    }
+
     /// Takes back a buffer after its bytes were consumed. When the read filled it, the
     /// next read is large if the socket `fd` has more bytes waiting.
     pub fn recycle(&mut self, buf: BytesMut, fd: RawFd) {
@@ -216,6 +229,16 @@ mod tests {
         assert_eq!(pool.free.borrow().len(), 1);
         // The waiting read then uses the connection's own buffer, capped at MEDIUM_MAX.
         assert_eq!(read(&mut bufs, 10_000, 0), MEDIUM_MAX);
+    }
+
+    #[test]
+    fn reset_brings_a_grown_buffer_back_to_small() {
+        let mut bufs = ReadBufs::new(BufPool::default());
+        // A 300 B request head: small read, then the rest from the pool.
+        read(&mut bufs, 300, 300 - SMALL_READ);
+        read(&mut bufs, 300 - SMALL_READ, 0);
+        bufs.reset();
+        assert_eq!(read(&mut bufs, 10, 0), SMALL_READ);
     }
 
     #[test]
