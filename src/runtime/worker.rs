@@ -58,82 +58,82 @@ pub(crate) fn run(spec: WorkerSpec) {
         // of interrupting it (IORING_SETUP_COOP_TASKRUN, Linux 5.19).
         ring.setup_coop_taskrun();
     }
-    tokio_uring::builder()
-        .uring_builder(&ring)
-        .start(async move {
-            let ctx = Rc::new(WorkerCtx {
-                config: config.clone(),
-                service: spec.service,
-                cx: spec.cx,
-                metrics: spec.metrics,
-                open_global: spec.open_global,
-                open_local: Cell::new(0),
-                shutting_down: Cell::new(false),
-                shutdown: Notify::new(),
-                sessions: RefCell::new(Registry::default()),
-                drained: Notify::new(),
-                pool: BufPool::default(),
-                limits,
-                head_limits,
-            });
-            let listener = tokio_uring::net::TcpListener::from_std(spec.listener);
-            // One timer for the whole core: wakes the sessions whose deadline has passed.
-            let tick = registry::tick(&config);
-            let housekeeping = ctx.clone();
-            tokio_uring::spawn(async move {
-                let mut interval = tokio::time::interval(tick);
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    interval.tick().await;
-                    housekeeping.sessions.borrow().wake_due(Instant::now());
-                }
-            });
-            tracing::debug!(worker = spec.index, "worker accepting");
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, peer)) => {
-                            let open = ctx.open_global.fetch_add(1, Ordering::Relaxed);
-                            let over_limit = open >= config.max_connections;
-                            tokio_uring::spawn(drive(stream, peer, ctx.clone(), over_limit));
-                        }
-                        Err(e) => {
-                            // Out of descriptors or memory: back off instead of spinning.
-                            tracing::warn!(worker = spec.index, error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    },
-                    () = spec.signal.wait() => break,
-                }
-            }
-            // Stop accepting: wake the accept still in flight and close the socket.
-            // SAFETY: the descriptor belongs to `listener`, which is alive here; shutdown(2)
-            // on it has no memory effects.
-            unsafe {
-                libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
-            }
-            drop(listener);
-            ctx.shutting_down.set(true);
-            ctx.shutdown.notify_waiters();
-            ctx.sessions.borrow().shut_down_all();
-            let deadline = Instant::now() + config.shutdown_timeout() + Duration::from_secs(1);
-            while ctx.open_local.get() > 0 {
-                let drained = ctx.drained.notified();
-                if ctx.open_local.get() == 0 {
-                    break;
-                }
-                if timeout_at(deadline, drained).await.is_err() {
-                    tracing::warn!(
-                        worker = spec.index,
-                        left = ctx.open_local.get(),
-                        sessions = ctx.sessions.borrow().len(),
-                        "connections still open after the shutdown timeout"
-                    );
-                    break;
-                }
-            }
-            tracing::debug!(worker = spec.index, "worker stopped");
+    let mut runtime = tokio_uring::builder();
+    runtime.uring_builder(&ring);
+    runtime.start(async move {
+        let ctx = Rc::new(WorkerCtx {
+            config: config.clone(),
+            service: spec.service,
+            cx: spec.cx,
+            metrics: spec.metrics,
+            open_global: spec.open_global,
+            open_local: Cell::new(0),
+            shutting_down: Cell::new(false),
+            shutdown: Notify::new(),
+            sessions: RefCell::new(Registry::default()),
+            drained: Notify::new(),
+            pool: BufPool::default(),
+            limits,
+            head_limits,
         });
+        let listener = tokio_uring::net::TcpListener::from_std(spec.listener);
+        // One timer for the whole core: wakes the sessions whose deadline has passed.
+        let tick = registry::tick(&config);
+        let housekeeping = ctx.clone();
+        tokio_uring::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                housekeeping.sessions.borrow().wake_due(Instant::now());
+            }
+        });
+        tracing::debug!(worker = spec.index, "worker accepting");
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let open = ctx.open_global.fetch_add(1, Ordering::Relaxed);
+                        let over_limit = open >= config.max_connections;
+                        tokio_uring::spawn(drive(stream, peer, ctx.clone(), over_limit));
+                    }
+                    Err(e) => {
+                        // Out of descriptors or memory: back off instead of spinning.
+                        tracing::warn!(worker = spec.index, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = spec.signal.wait() => break,
+            }
+        }
+        // Stop accepting: wake the accept still in flight and close the socket.
+        // SAFETY: the descriptor belongs to `listener`, which is alive here; shutdown(2)
+        // on it has no memory effects.
+        unsafe {
+            libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
+        drop(listener);
+        ctx.shutting_down.set(true);
+        ctx.shutdown.notify_waiters();
+        ctx.sessions.borrow().shut_down_all();
+        let deadline = Instant::now() + config.shutdown_timeout() + Duration::from_secs(1);
+        while ctx.open_local.get() > 0 {
+            let drained = ctx.drained.notified();
+            if ctx.open_local.get() == 0 {
+                break;
+            }
+            if timeout_at(deadline, drained).await.is_err() {
+                tracing::warn!(
+                    worker = spec.index,
+                    left = ctx.open_local.get(),
+                    sessions = ctx.sessions.borrow().len(),
+                    "connections still open after the shutdown timeout"
+                );
+                break;
+            }
+        }
+        tracing::debug!(worker = spec.index, "worker stopped");
+    });
 }
 
 /// Whether the kernel accepts `IORING_SETUP_COOP_TASKRUN` (Linux 5.19 and later).
