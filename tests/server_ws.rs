@@ -67,6 +67,43 @@ async fn echo_returns_text_binary_empty_and_64_kib_messages() {
     close_cleanly(&mut client).await;
 }
 
+/// Bursts sent in one write each, growing from one small message past the largest read
+/// buffer a connection keeps (16 KiB) and shrinking back, come back whole and in order:
+/// the read buffer grows, reads into a pooled buffer while bytes wait, and shrinks
+/// without losing or reordering bytes.
+#[tokio::test]
+async fn echo_keeps_bursts_of_growing_and_shrinking_size_whole_and_in_order() {
+    let server = start(App::echo(), |_| {});
+    let mut client = connect(&server, "/echo").await;
+    let bursts: [(usize, usize); 8] = [
+        (1, 10),
+        (16, 64),
+        (16, 64),
+        (40, 300),
+        (100, 1_000),
+        (16, 64),
+        (2, 20),
+        (1, 5),
+    ];
+    let mut sequence = 0u32;
+    for (count, size) in bursts {
+        let mut sent = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut payload = vec![(sequence % 251) as u8; size];
+            payload[..4].copy_from_slice(&sequence.to_be_bytes());
+            sequence += 1;
+            let message = WsMessage::binary(payload);
+            client.feed(message.clone()).await.unwrap();
+            sent.push(message);
+        }
+        client.flush().await.unwrap();
+        for message in sent {
+            assert_eq!(next(&mut client).await, message);
+        }
+    }
+    close_cleanly(&mut client).await;
+}
+
 /// RFC 6455 §5.4: a text message in three fragments, with a UTF-8 character split
 /// across the first two and a Ping between fragments, comes back whole; the Ping is
 /// answered at once, before the message completes (§5.5.2).
@@ -466,12 +503,11 @@ async fn slow_consumer_is_closed_without_stalling_other_clients() {
 /// its coop budget) must not hold back I/O: what it sent before is written at once,
 /// and another connection on the same core (one worker) is still echoed promptly.
 ///
-/// Fails at the time of writing: tokio-uring 0.5 submits queued operations to the
-/// kernel only in tokio's `on_thread_park` hook, and tokio's current-thread scheduler
-/// skips that hook (`park_yield`) while a task has deferred its wake-up, so no
-/// `io_uring_enter` happens on the core until the handler stops yielding.
+/// tokio-uring 0.5 submits queued operations to the kernel only in tokio's
+/// `on_thread_park` hook, and tokio's current-thread scheduler skips that hook
+/// (`park_yield`) while a task has deferred its wake-up, so without the driver's yield
+/// budget no `io_uring_enter` would happen on the core until the handler stops yielding.
 #[tokio::test]
-#[ignore = "known bug: tokio-uring 0.5 submits only on thread park; a busy-yielding handler stalls its core's I/O (fix: flush submissions after each task poll)"]
 async fn handler_that_keeps_yielding_does_not_stall_io() {
     let app = App::echo().websocket("/busy", |ws| async move {
         ws.accept();

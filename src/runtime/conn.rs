@@ -118,12 +118,15 @@ pub(crate) async fn drive(
         Err(upgrade) => upgrade,
     };
     let Upgrade {
-        bufs,
+        mut bufs,
         request,
         accept,
         rest,
         handler,
     } = *upgrade;
+    // The request head's size says nothing about the frames to come: an idle
+    // WebSocket waits on a small buffer.
+    bufs.reset();
     let session = Session::new(request, peer, Connection::server(ctx.limits));
     let mut handler = Some(handler(session.clone()));
     match decide(&stream, &session, &mut handler, &accept, &ctx).await {

@@ -52,7 +52,15 @@ pub(crate) fn run(spec: WorkerSpec) {
         max_head_bytes: config.max_head_bytes,
         ..HandshakeLimits::default()
     };
-    tokio_uring::start(async move {
+    let mut ring = tokio_uring::uring_builder();
+    if coop_taskrun_supported() {
+        // Completions run as task work when the thread next enters the kernel, instead
+        // of interrupting it (IORING_SETUP_COOP_TASKRUN, Linux 5.19).
+        ring.setup_coop_taskrun();
+    }
+    let mut runtime = tokio_uring::builder();
+    runtime.uring_builder(&ring);
+    runtime.start(async move {
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
             service: spec.service,
@@ -134,4 +142,12 @@ pub(crate) fn run(spec: WorkerSpec) {
         }
         tracing::debug!(worker = spec.index, "worker stopped");
     });
+}
+
+/// Whether the kernel accepts `IORING_SETUP_COOP_TASKRUN` (Linux 5.19 and later).
+fn coop_taskrun_supported() -> bool {
+    tokio_uring::uring_builder()
+        .setup_coop_taskrun()
+        .build(8)
+        .is_ok()
 }

@@ -17,7 +17,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep, sleep};
 use tokio_uring::net::TcpStream;
 
 use super::buf::ReadBufs;
@@ -31,6 +31,15 @@ use crate::proto::{CloseCode, CloseState, Event, Message, ProtocolError};
 /// Bytes read and not yet parsed before reading pauses (the handler is not taking
 /// messages); TCP flow control then slows the peer down.
 const MAX_UNPARSED_INPUT: usize = 256 * 1024;
+
+/// Driver polls in a row in which the handler stayed pending and no read or write
+/// completed, after which the handler is paused for [`YIELD_PAUSE`]. tokio-uring 0.5
+/// hands queued reads and writes to the kernel only when the core's thread parks, and a
+/// handler that keeps yielding (`yield_now` in a loop) keeps it from parking, stalling
+/// every connection's I/O on the core; the pause lets the thread park.
+const YIELD_BUDGET: u16 = 64;
+/// How long a handler over [`YIELD_BUDGET`] is left unpolled.
+const YIELD_PAUSE: Duration = Duration::from_millis(1);
 
 type WriteFuture = Pin<Box<dyn Future<Output = (io::Result<()>, Vec<Bytes>)>>>;
 
@@ -54,6 +63,10 @@ pub(crate) struct Driver {
     bufs: ReadBufs,
     read: Option<ReadFuture>,
     write: Option<WriteFuture>,
+    /// Polls in a row without I/O progress while the handler stayed pending.
+    polls_without_io: u16,
+    /// Set while the handler is paused after [`YIELD_BUDGET`] such polls.
+    yield_pause: Option<Pin<Box<Sleep>>>,
     /// Chunks for the next write; the vector is reused between writes.
     iov: Vec<Bytes>,
     in_flight: usize,
@@ -88,6 +101,8 @@ impl Driver {
             bufs,
             read: None,
             write: None,
+            polls_without_io: 0,
+            yield_pause: None,
             iov: vec![head],
             in_flight: 0,
             shutdown_seen: false,
@@ -108,6 +123,7 @@ impl Driver {
                     return Some(self.finish_on_eof());
                 }
                 Step::Read(Ok(n), buf) => {
+                    self.polls_without_io = 0;
                     self.last_rx = Instant::now();
                     self.ping_sent = None;
                     self.session
@@ -183,7 +199,19 @@ impl Driver {
         // The handler sees one message at a time: what it sends in reply is queued
         // before anything parsed after that message (such as a protocol error's Close).
         // Everything queued in this pass goes out in one write below.
+        let mut delivered = false;
+        let paused = self
+            .yield_pause
+            .as_mut()
+            .is_some_and(|pause| pause.as_mut().poll(cx).is_pending());
+        if !paused {
+            self.yield_pause = None;
+        }
+        // A paused handler is not polled, and no new message is handed to it.
         loop {
+            if paused {
+                break;
+            }
             if let Some(handler) = self.handler.as_mut() {
                 match poll_handler(handler, cx) {
                     Polled::Pending => {}
@@ -208,6 +236,11 @@ impl Driver {
             if !(ready_for_more && self.process_input()) {
                 break;
             }
+            delivered = true;
+        }
+        if delivered {
+            // One clock read for all the messages of this pass, not one per message.
+            self.last_message = Instant::now();
         }
         // A Close the handler sent: the peer has the close timeout to answer.
         if self.closing_since.is_none()
@@ -219,6 +252,7 @@ impl Driver {
             if let Some(write) = self.write.as_mut() {
                 match write.as_mut().poll(cx) {
                     Poll::Ready((Ok(()), mut iov)) => {
+                        self.polls_without_io = 0;
                         iov.clear();
                         self.iov = iov;
                         self.guard.ctx.metrics.bytes_out(self.in_flight);
@@ -261,6 +295,17 @@ impl Driver {
         }
         if !self.shutdown_seen && (state.shutdown || self.guard.ctx.shutting_down.get()) {
             return Poll::Ready(Step::Shutdown);
+        }
+        drop(state);
+        if !paused && self.handler.is_some() {
+            self.polls_without_io += 1;
+            if self.polls_without_io >= YIELD_BUDGET {
+                self.polls_without_io = 0;
+                let mut pause = Box::pin(sleep(YIELD_PAUSE));
+                // Registers the wake-up; a 1 ms sleep is not due yet.
+                let _ = pause.as_mut().poll(cx);
+                self.yield_pause = Some(pause);
+            }
         }
         Poll::Pending
     }
@@ -334,7 +379,6 @@ impl Driver {
             }
         };
         if delivered {
-            self.last_message = Instant::now();
             // The handler is polled right after this, inline; only a session held by
             // another task needs waking.
             if !state.driver_polling {
