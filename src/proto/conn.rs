@@ -418,6 +418,7 @@ impl Connection {
 
     /// The decoder behind both `poll_event` and `poll_event_ref`: parses the next event
     /// and fails the connection on a protocol error.
+    #[inline]
     fn decode(&mut self) -> Result<Option<Decoded>, ProtocolError> {
         if self.state == CloseState::Closed {
             return Ok(None);
@@ -431,6 +432,7 @@ impl Connection {
         }
     }
 
+    #[inline]
     fn read_event(&mut self) -> Result<Option<Decoded>, ProtocolError> {
         loop {
             if let Some(frame) = self.frame {
