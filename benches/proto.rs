@@ -8,6 +8,11 @@
 //!   `apply_mask` is not public in 0.27 (`mod mask` is private), so it is not measured.
 //! - `decode_small_frames`: 1000 client-masked binary frames of 16 and 64 bytes
 //!   (frames/s): parse, check, unmask and hand out every payload.
+//!
+//! In both decode groups `ringsocket` is our fastest API, `Connection::poll_event_ref`
+//! (payloads borrowed from the connection's buffers until the next call), and
+//! `ringsocket_owned` is `Connection::poll_event` (payloads as owned `Bytes`); the
+//! `_8KiB_reads` variants feed the same stream in 8 KiB reads.
 //! - `decode_text_16KiB`: 16 masked text frames of 16 KiB, ASCII mixed with 2-, 3- and
 //!   4-byte characters (payload bytes/s): the same, plus UTF-8 validation.
 //! - `server_handshake`: a ~500-byte browser upgrade request parsed, validated and
@@ -21,11 +26,17 @@
 //!   copies it exactly once, inside the timed region, into its own buffer: tungstenite
 //!   and fastwebsockets by reading from an in-memory stream ([`ReplayStream`], reads copy
 //!   out of the borrowed slice then report `WouldBlock` / EOF, writes are discarded),
-//!   ringsocket through `Connection::handle_bytes`. `ringsocket_8KiB_reads` feeds the
+//!   ringsocket through `Connection::handle_bytes`. The `_8KiB_reads` variants feed the
 //!   same bytes 8 KiB at a time, as a server with a fixed 8 KiB read buffer would, which
-//!   also exercises frames split across reads.
-//! - Each implementation hands out an owned payload per message (`Bytes`, `Utf8Bytes` or
-//!   fastwebsockets' `Payload`), which is `black_box`ed and dropped inside the timed loop.
+//!   also exercises frames split across reads. Buffers the competitors allocate when
+//!   their socket is made (tungstenite's 128 KiB read buffer) are allocated in the
+//!   untimed setup; ringsocket's input buffer is allocated by the first read, timed.
+//! - Each implementation hands out every payload through its fastest public API, which
+//!   is `black_box`ed (and dropped, when owned) inside the timed loop: tungstenite an
+//!   owned `Bytes` / `Utf8Bytes` (the only way `read` returns one), fastwebsockets a
+//!   `Frame` whose `Payload` borrows its read buffer, ringsocket a `&[u8]` / `&str`
+//!   borrowed from its input (`ringsocket`) or an owned `Bytes` (`ringsocket_owned`).
+//!   Every one of them has unmasked the payload in place before handing it out.
 //! - All three validate text: ringsocket and fastwebsockets (its default `simd`
 //!   feature, inside `read_frame`, for final text frames) with `simdutf8`, tungstenite
 //!   with `std::str::from_utf8` (`Frame::into_text`). No extra validation is added.
@@ -43,7 +54,7 @@ use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use ringsocket::proto::handshake::{parse_request, write_accept};
 use ringsocket::proto::mask::{apply_mask, apply_mask_scalar};
-use ringsocket::proto::{Connection, Event, HandshakeLimits, Limits};
+use ringsocket::proto::{Connection, Event, EventRef, HandshakeLimits, Limits};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tungstenite::handshake::machine::TryParse;
 
@@ -134,28 +145,30 @@ fn bench_decode(c: &mut Criterion, name: &str, throughput: Throughput, messages:
 
     let mut group = c.benchmark_group(name);
     group.throughput(throughput);
-    group.bench_function("ringsocket", |b| {
-        b.iter_batched(
-            || Connection::server(Limits::default()),
-            |mut conn| {
-                let got = ringsocket_decode(&mut conn, &wire, wire.len(), sink);
-                debug_assert_eq!(got, n);
-                conn
-            },
-            BatchSize::PerIteration,
-        );
-    });
-    group.bench_function("ringsocket_8KiB_reads", |b| {
-        b.iter_batched(
-            || Connection::server(Limits::default()),
-            |mut conn| {
-                let got = ringsocket_decode(&mut conn, &wire, READ_CHUNK, sink);
-                debug_assert_eq!(got, n);
-                conn
-            },
-            BatchSize::PerIteration,
-        );
-    });
+    for (label, chunk) in [("", wire.len()), ("_8KiB_reads", READ_CHUNK)] {
+        group.bench_function(format!("ringsocket{label}"), |b| {
+            b.iter_batched(
+                || Connection::server(Limits::default()),
+                |mut conn| {
+                    let got = ringsocket_decode(&mut conn, &wire, chunk, Api::Borrowed, sink);
+                    debug_assert_eq!(got, n);
+                    conn
+                },
+                BatchSize::PerIteration,
+            );
+        });
+        group.bench_function(format!("ringsocket_owned{label}"), |b| {
+            b.iter_batched(
+                || Connection::server(Limits::default()),
+                |mut conn| {
+                    let got = ringsocket_decode(&mut conn, &wire, chunk, Api::Owned, sink);
+                    debug_assert_eq!(got, n);
+                    conn
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
     group.bench_function("tungstenite", |b| {
         b.iter_batched(
             || tungstenite_socket(&wire),
@@ -186,23 +199,48 @@ fn sink(kind: Kind, payload: &[u8]) {
     black_box((kind, payload));
 }
 
-/// Feeds `wire` to `conn` in reads of `chunk` bytes, polling every event after each.
+/// Which of ringsocket's two event APIs a decode loop uses.
+#[derive(Debug, Clone, Copy)]
+enum Api {
+    /// `Connection::poll_event_ref`: payloads borrowed until the next call.
+    Borrowed,
+    /// `Connection::poll_event`: payloads as owned `Bytes`.
+    Owned,
+}
+
+/// Feeds `wire` to `conn` in reads of `chunk` bytes, polling every event after each
+/// through `api`.
 fn ringsocket_decode(
     conn: &mut Connection,
     wire: &[u8],
     chunk: usize,
+    api: Api,
     mut sink: impl FnMut(Kind, &[u8]),
 ) -> usize {
     let mut count = 0;
     for piece in wire.chunks(chunk) {
         conn.handle_bytes(piece);
-        while let Some(event) = conn.poll_event().expect("valid stream") {
-            match event {
-                Event::Binary(payload) => sink(Kind::Binary, &payload),
-                Event::Text(text) => sink(Kind::Text, text.as_bytes()),
-                other => panic!("unexpected event {other:?}"),
+        match api {
+            Api::Borrowed => {
+                while let Some(event) = conn.poll_event_ref().expect("valid stream") {
+                    match event {
+                        EventRef::Binary(payload) => sink(Kind::Binary, payload),
+                        EventRef::Text(text) => sink(Kind::Text, text.as_bytes()),
+                        other => panic!("unexpected event {other:?}"),
+                    }
+                    count += 1;
+                }
             }
-            count += 1;
+            Api::Owned => {
+                while let Some(event) = conn.poll_event().expect("valid stream") {
+                    match event {
+                        Event::Binary(payload) => sink(Kind::Binary, &payload),
+                        Event::Text(text) => sink(Kind::Text, text.as_bytes()),
+                        other => panic!("unexpected event {other:?}"),
+                    }
+                    count += 1;
+                }
+            }
         }
     }
     count
@@ -264,11 +302,16 @@ async fn fastwebsockets_decode(
 /// Asserts once, before timing, that every decoder yields exactly `expected` from `wire`.
 fn check_decoders_agree(rt: &tokio::runtime::Runtime, wire: &[u8], expected: &[Msg]) {
     for chunk in [wire.len(), READ_CHUNK] {
-        let mut got = Vec::new();
-        let mut conn = Connection::server(Limits::default());
-        ringsocket_decode(&mut conn, wire, chunk, collector(&mut got));
-        assert!(got == expected, "ringsocket (reads of {chunk}) disagrees");
-        assert_eq!(conn.pending_input(), 0);
+        for api in [Api::Borrowed, Api::Owned] {
+            let mut got = Vec::new();
+            let mut conn = Connection::server(Limits::default());
+            ringsocket_decode(&mut conn, wire, chunk, api, collector(&mut got));
+            assert!(
+                got == expected,
+                "ringsocket {api:?} (reads of {chunk}) disagrees"
+            );
+            assert_eq!(conn.pending_input(), 0);
+        }
     }
     let mut got = Vec::new();
     tungstenite_decode(&mut tungstenite_socket(wire), collector(&mut got));

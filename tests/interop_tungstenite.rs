@@ -41,7 +41,7 @@ use tungstenite::{Error as TError, HandshakeError as THandshakeError, Message as
 /// character split across fragments (§8.1), a Ping, a Pong and a Close with a code and a
 /// reason. Our automatic replies, a Pong per Ping (§5.5.2) and the Close echoing the
 /// status code (§5.5.1), are then read by tungstenite, which completes its closing
-/// handshake (§7.1.2).
+/// handshake (§7.1.2). Both `poll_event` and `poll_event_ref` are checked.
 #[test]
 fn tungstenite_client_frames_decode_in_our_server_role() {
     tungstenite_frames_decode_in_our_role(TRole::Client);
@@ -132,6 +132,12 @@ fn tungstenite_frames_decode_in_our_role(their_role: TRole) {
         assert_same_events(&events, &expected, &format!("chunks of {chunk} bytes"));
         assert!(ours.is_closed(), "the peer's Close ends the connection");
         let out = transmit(&mut ours);
+        // The borrowed API decodes the same events and queues the same replies (same
+        // masking seed in the client role, so even the keys match).
+        let mut lent = our_connection(their_role, Limits::default());
+        let context = format!("poll_event_ref, chunks of {chunk} bytes");
+        assert_same_events(&feed_ref(&mut lent, &wire, chunk), &expected, &context);
+        assert_eq!(transmit(&mut lent), out, "{context}");
         if their_role == TRole::Client {
             // Server frames are unmasked: the replies are the same bytes every time.
             if let Some(first) = &replies {
@@ -531,6 +537,18 @@ fn feed(conn: &mut Connection, wire: &[u8], chunk: usize) -> Vec<Event> {
         conn.handle_bytes(piece);
         while let Some(event) = conn.poll_event().unwrap() {
             events.push(event);
+        }
+    }
+    events
+}
+
+/// [`feed`] through `poll_event_ref`, each borrowed event copied out.
+fn feed_ref(conn: &mut Connection, wire: &[u8], chunk: usize) -> Vec<Event> {
+    let mut events = Vec::new();
+    for piece in wire.chunks(chunk.max(1)) {
+        conn.handle_bytes(piece);
+        while let Some(event) = conn.poll_event_ref().unwrap() {
+            events.push(event.to_event());
         }
     }
     events

@@ -220,8 +220,20 @@ fn round_trip(
     prop_assert_eq!(receiver.pending_input(), 0);
     prop_assert_eq!(receiver.close_state(), CloseState::Open);
 
+    // The borrowed API alone decodes the same stream to the same events and replies.
+    let mut twin = endpoint(opposite(sender_role), limits, seed);
+    let borrowed = all_borrowed(chunks);
+    let twin_events = feed(&mut twin, &wire, &borrowed).map_err(fail)?;
+    assert_same_events(&twin_events, &expected)?;
+    prop_assert_eq!(twin.pending_input(), 0);
+
     // The receiver answered every Ping with a Pong carrying its payload, in order.
     let replies = drain_all(&mut receiver);
+    // Same seed, same frames queued in the same order: the same masking keys too.
+    prop_assert!(
+        poll_all(&mut twin) == replies,
+        "the twin replied differently"
+    );
     let pongs = feed(&mut sender, &replies, chunks).map_err(fail)?;
     let expected_pongs: Vec<Event> = messages
         .iter()
@@ -415,12 +427,18 @@ struct Chunk {
     len: usize,
     /// Handed in with `handle_buf` (taken over without a copy) instead of `handle_bytes`.
     owned: bool,
+    /// Its events are taken with `poll_event_ref` (borrowed) instead of `poll_event`.
+    borrowed: bool,
 }
 
 fn chunks() -> impl Strategy<Value = Vec<Chunk>> {
     let len = prop_oneof![1..=16usize, 1..=1500usize, 1..=100_000usize];
     vec(
-        (len, any::<bool>()).prop_map(|(len, owned)| Chunk { len, owned }),
+        (len, any::<bool>(), any::<bool>()).prop_map(|(len, owned, borrowed)| Chunk {
+            len,
+            owned,
+            borrowed,
+        }),
         1..6,
     )
 }
@@ -519,7 +537,7 @@ fn opposite(role: Role) -> Role {
 }
 
 /// Hands `wire` to `conn` cut as `chunks` says (cycling through it), polling every
-/// event after each piece.
+/// event after each piece with the API the chunk names.
 fn feed(conn: &mut Connection, wire: &[u8], chunks: &[Chunk]) -> Result<Vec<Event>, ProtocolError> {
     let mut events = Vec::new();
     let mut rest = wire;
@@ -534,12 +552,29 @@ fn feed(conn: &mut Connection, wire: &[u8], chunks: &[Chunk]) -> Result<Vec<Even
         } else {
             conn.handle_bytes(piece);
         }
-        while let Some(event) = conn.poll_event()? {
-            events.push(event);
+        if chunk.borrowed {
+            while let Some(event) = conn.poll_event_ref()? {
+                events.push(event.to_event());
+            }
+        } else {
+            while let Some(event) = conn.poll_event()? {
+                events.push(event);
+            }
         }
         conn.release_input_buffer();
     }
     Ok(events)
+}
+
+/// `chunks`, with every piece's events taken through `poll_event_ref`.
+fn all_borrowed(chunks: &[Chunk]) -> Vec<Chunk> {
+    chunks
+        .iter()
+        .map(|c| Chunk {
+            borrowed: true,
+            ..*c
+        })
+        .collect()
 }
 
 /// Everything queued for the transport, through `poll_transmit`.

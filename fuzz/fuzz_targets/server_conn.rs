@@ -11,6 +11,10 @@
 //! grows no faster than input; and everything the server wrote decodes to whole, valid
 //! server frames: exactly the replies the protocol requires (a Pong per Ping, the Close
 //! echo or the failing Close), the application's frames, and no data after a Close.
+//!
+//! A twin server connection gets the same pieces and the same sends but is polled with
+//! `poll_event_ref`, the borrowed API: it must yield the same events and errors, hold
+//! the same input and write the same bytes as the one polled with `poll_event`.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -21,7 +25,7 @@ use libfuzzer_sys::fuzz_target;
 use ringsocket::proto::conn::parse_close_payload;
 use ringsocket::proto::frame::MAX_CONTROL_PAYLOAD;
 use ringsocket::proto::{
-    CloseCode, CloseFrame, CloseState, Connection, Event, FrameHeader, Limits, OpCode,
+    CloseCode, CloseFrame, CloseState, Connection, Event, EventRef, FrameHeader, Limits, OpCode,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -79,6 +83,7 @@ fuzz_target!(|input: Input| {
             .with_max_frame_size(64 << 10)
     };
     let mut server = Connection::server(limits);
+    let mut twin = Connection::server(limits);
     let mut client = Mirror::new();
     let mut data = &input.data.0[..];
     let pieces = input
@@ -91,10 +96,12 @@ fuzz_target!(|input: Input| {
         data = after;
         if action & Action::BUF != 0 {
             server.handle_buf(BytesMut::from(piece));
+            twin.handle_buf(BytesMut::from(piece));
         } else {
             server.handle_bytes(piece);
+            twin.handle_bytes(piece);
         }
-        poll_all(&mut server, &mut client, &limits);
+        poll_all(&mut server, &mut twin, &mut client, &limits);
         assert!(
             server.pending_output() <= piece.len() + OUTPUT_SLACK,
             "{} bytes queued after {} fed",
@@ -102,8 +109,14 @@ fuzz_target!(|input: Input| {
             piece.len()
         );
         act(&mut server, &mut client, action);
-        client.read_all_from(&mut server, action & Action::DRAIN != 0);
+        act(&mut twin, &mut Mirror::new(), action);
+        let twin_wrote: Vec<u8> = std::iter::from_fn(|| twin.poll_transmit())
+            .flat_map(|chunk| chunk.to_vec())
+            .collect();
+        let wrote = client.read_all_from(&mut server, action & Action::DRAIN != 0);
+        assert!(twin_wrote == wrote, "poll_event_ref's twin wrote other bytes");
         server.release_input_buffer();
+        twin.release_input_buffer();
     }
     assert!(
         client.expected.is_empty(),
@@ -113,11 +126,21 @@ fuzz_target!(|input: Input| {
 });
 
 /// Polls the server until it needs more input or fails, checking every event and
-/// recording the frames the protocol makes it write.
-fn poll_all(server: &mut Connection, client: &mut Mirror, limits: &Limits) {
+/// recording the frames the protocol makes it write; polls the twin with the borrowed
+/// API alongside and checks that it sees the same.
+fn poll_all(server: &mut Connection, twin: &mut Connection, client: &mut Mirror, limits: &Limits) {
     loop {
         let was_open = server.close_state() == CloseState::Open;
-        match server.poll_event() {
+        let result = server.poll_event();
+        let borrowed = twin.poll_event_ref();
+        if let Ok(Some(EventRef::Text(text))) = &borrowed {
+            assert!(text.len() <= limits.max_message_size);
+        }
+        let borrowed = borrowed.map(|event| event.map(|e| e.to_event()));
+        assert_eq!(borrowed, result, "poll_event_ref disagrees with poll_event");
+        assert_eq!(twin.pending_input(), server.pending_input());
+        assert_eq!(twin.close_state(), server.close_state());
+        match result {
             Ok(Some(event)) => match event {
                 Event::Text(text) => assert!(text.len() <= limits.max_message_size),
                 Event::Binary(bytes) => assert!(bytes.len() <= limits.max_message_size),
@@ -152,8 +175,10 @@ fn poll_all(server: &mut Connection, client: &mut Mirror, limits: &Limits) {
             Err(error) => {
                 assert!(server.is_closed());
                 assert_eq!(server.error(), Some(error));
+                assert_eq!(twin.error(), Some(error));
                 assert_eq!(server.pending_input(), 0);
                 assert_eq!(server.poll_event(), Ok(None));
+                assert_eq!(twin.poll_event_ref(), Ok(None));
                 if was_open {
                     let close = CloseFrame::new(error.close_code(), error.reason());
                     client.expect(Event::Close(Some(close)));
@@ -213,7 +238,8 @@ impl Mirror {
         self.expected.push_back(event);
     }
 
-    fn read_all_from(&mut self, server: &mut Connection, drain: bool) {
+    /// Reads and checks everything the server queued; returns the bytes.
+    fn read_all_from(&mut self, server: &mut Connection, drain: bool) -> Vec<u8> {
         let mut chunks = Vec::new();
         if drain {
             server.drain_transmit(&mut chunks);
@@ -221,9 +247,8 @@ impl Mirror {
             chunks.extend(std::iter::from_fn(|| server.poll_transmit()));
         }
         assert_eq!(server.pending_output(), 0);
-        for chunk in chunks {
-            self.wire.extend_from_slice(&chunk);
-        }
+        let wrote: Vec<u8> = chunks.concat();
+        self.wire.extend_from_slice(&wrote);
         while let Some((header, len)) = FrameHeader::parse(&self.wire).expect("valid header") {
             // A server frame is unmasked, unfragmented (no fragment size is set) and
             // uses no extension (RFC 6455 §5.1, §5.2).
@@ -255,5 +280,6 @@ impl Mirror {
         }
         // Whole frames only: the client is not left waiting for the rest of one.
         assert!(self.wire.is_empty(), "server wrote a partial frame");
+        wrote
     }
 }

@@ -5,13 +5,21 @@
 //! ```text
 //!   handle_bytes(bytes read)  ─┐
 //!   poll_event() until Ok(None) ◄┘   events: Text, Binary, Ping, Pong, Close
+//!     (or poll_event_ref())          the same events, payloads borrowed
 //!   send_* / ping / close            enqueue outgoing frames
 //!   poll_transmit() until None       bytes to write, in order (one writev)
 //!   is_closed()                      the close handshake is over: close the transport
 //! ```
 //!
 //! Input is parsed lazily by [`Connection::poll_event`]: feed what was read, then poll
-//! until `Ok(None)`. After that the connection holds at most one partial frame header
+//! until `Ok(None)`.
+//!
+//! Two ways to take events, one decoder behind both: [`Connection::poll_event`] hands
+//! out owned payloads (`Bytes` sharing the input buffer), to keep or pass on;
+//! [`Connection::poll_event_ref`] hands out [`EventRef`]s whose payloads borrow the
+//! connection's buffers until the next call, which costs no reference counting and
+//! lets the input buffer be reused as is. Both apply exactly the same rules and may be
+//! mixed on one connection. After that the connection holds at most one partial frame header
 //! or one partial control frame (under 140 bytes) of input; data frame payloads are
 //! moved into the message as they arrive, so a text message is validated as it
 //! streams in and fails at its first invalid byte (RFC 6455 §8.1).
@@ -26,7 +34,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -84,6 +92,39 @@ pub enum Event {
     Close(Option<CloseFrame>),
 }
 
+/// What the peer sent, borrowed from the connection: the events of
+/// [`Connection::poll_event`], with payloads that point into the connection's input
+/// buffer (unmasked in place) or into its reassembly buffer for a message that arrived
+/// in pieces. Valid until the next call on the connection, which the borrow enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventRef<'a> {
+    /// A complete text message, valid UTF-8 (RFC 6455 §5.6).
+    Text(&'a str),
+    /// A complete binary message.
+    Binary(&'a [u8]),
+    /// A Ping; its Pong has already been queued (RFC 6455 §5.5.2).
+    Ping(&'a [u8]),
+    /// A Pong (RFC 6455 §5.5.3).
+    Pong(&'a [u8]),
+    /// The peer's Close frame; `None` when it carried no status code (reported as 1005).
+    /// The reply, if one was due, has already been queued (RFC 6455 §5.5.1).
+    Close(Option<CloseFrame>),
+}
+
+impl EventRef<'_> {
+    /// The owned event, with the payload copied: for keeping it past the next call.
+    pub fn to_event(&self) -> Event {
+        match self {
+            Self::Text(text) => Event::Text(Utf8Bytes::from(*text)),
+            Self::Binary(bytes) => Event::Binary(Bytes::copy_from_slice(bytes)),
+            Self::Ping(bytes) => Event::Ping(Bytes::copy_from_slice(bytes)),
+            Self::Pong(bytes) => Event::Pong(Bytes::copy_from_slice(bytes)),
+            Self::Close(frame) => Event::Close(frame.clone()),
+        }
+    }
+}
+
 /// Why a message could not be queued for sending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -121,6 +162,11 @@ pub struct Connection {
     error: Option<ProtocolError>,
     /// Bytes handed in and not yet parsed.
     input: BytesMut,
+    /// Bytes at the front of `input` that the last [`EventRef`] borrowed: consumed at
+    /// the next call (see [`Connection::settle`]).
+    lent: usize,
+    /// The reassembled message the last [`EventRef`] borrowed, dropped at the next call.
+    lent_message: Option<Box<InMessage>>,
     /// The data frame whose payload is being moved into `message`.
     frame: Option<InFrame>,
     /// The data message being received, possibly over several frames. Boxed: only a
@@ -158,6 +204,13 @@ struct InMessage {
 /// ones are queued as their own `Bytes`, without a copy, in the server role.
 const COPY_THRESHOLD: usize = 1024;
 
+/// How far the reassembly buffer is reserved beyond the bytes that have arrived, toward
+/// the length the frame header announces: a frame in pieces is then copied into one
+/// allocation instead of one growing by doubling, while a peer that announces a large
+/// frame and sends little makes it reserve at most this much more than it sent. The
+/// buffer itself is capped by [`Limits::max_message_size`], checked on every header.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 impl Connection {
     /// A server-side connection, after a successful handshake.
     pub fn server(limits: Limits) -> Self {
@@ -182,6 +235,8 @@ impl Connection {
             state: CloseState::Open,
             error: None,
             input: BytesMut::new(),
+            lent: 0,
+            lent_message: None,
             frame: None,
             message: None,
             output: VecDeque::new(),
@@ -223,6 +278,7 @@ impl Connection {
     /// Hands in bytes read from the transport. They are parsed by
     /// [`Connection::poll_event`]. Ignored once the connection is closed.
     pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.settle();
         if self.state != CloseState::Closed {
             self.input.extend_from_slice(bytes);
         }
@@ -231,6 +287,7 @@ impl Connection {
     /// Hands in a buffer read from the transport, taking it over without a copy when
     /// no earlier input is pending. Received payloads may then share its memory.
     pub fn handle_buf(&mut self, buf: BytesMut) {
+        self.settle();
         if self.state == CloseState::Closed {
             return;
         }
@@ -243,12 +300,13 @@ impl Connection {
 
     /// Bytes handed in and not parsed yet.
     pub fn pending_input(&self) -> usize {
-        self.input.len()
+        self.input.len() - self.lent
     }
 
     /// Drops the input buffer's memory when it holds nothing, so an idle connection
     /// keeps no read buffer. Received payloads that share it stay valid.
     pub fn release_input_buffer(&mut self) {
+        self.settle();
         if self.input.is_empty() {
             self.input = BytesMut::new();
         }
@@ -257,7 +315,111 @@ impl Connection {
     /// The next event parsed from the input: `Ok(None)` when more input is needed (or
     /// the connection is closed). A `ProtocolError` fails the connection: its close
     /// frame is queued and later calls return `Ok(None)`.
+    ///
+    /// Payloads are owned `Bytes`; a payload that arrived in one piece shares the input
+    /// buffer's memory. [`Connection::poll_event_ref`] is the cheaper, borrowed twin.
     pub fn poll_event(&mut self) -> Result<Option<Event>, ProtocolError> {
+        self.settle();
+        let event = match self.decode()? {
+            None => return Ok(None),
+            Some(Decoded::InInput { kind, start, end }) => {
+                self.input.advance(start);
+                let payload = self.input.split_to(end - start).freeze();
+                match kind {
+                    // SAFETY: `decode` validated text payloads as UTF-8.
+                    Kind::Text => Event::Text(unsafe { Utf8Bytes::from_bytes_unchecked(payload) }),
+                    Kind::Binary => Event::Binary(payload),
+                    Kind::Ping => Event::Ping(payload),
+                    Kind::Pong => Event::Pong(payload),
+                }
+            }
+            Some(Decoded::Reassembled) => {
+                let Some(message) = self.message.take() else {
+                    return Ok(None); // unreachable: `decode` left the message there
+                };
+                let payload = message.payload.freeze();
+                if message.text {
+                    // SAFETY: `decode` checked the whole message as UTF-8.
+                    Event::Text(unsafe { Utf8Bytes::from_bytes_unchecked(payload) })
+                } else {
+                    Event::Binary(payload)
+                }
+            }
+            Some(Decoded::Close(frame)) => Event::Close(frame),
+        };
+        Ok(Some(event))
+    }
+
+    /// The next event, like [`Connection::poll_event`] (same rules, same errors, same
+    /// replies queued), but with payloads borrowed from the connection instead of
+    /// owned: no allocation or reference counting per event, and the input buffer is
+    /// reused for the next read. The event is valid until the next call on the
+    /// connection; to keep a payload or to reply with it, copy it first
+    /// ([`EventRef::to_event`]) or use `poll_event`.
+    ///
+    /// ```
+    /// use ringsocket::proto::{Connection, EventRef, Limits};
+    ///
+    /// let mut conn = Connection::server(Limits::default());
+    /// // A masked text frame "Hi" (RFC 6455 §5.7, key 37 fa 21 3d).
+    /// conn.handle_bytes(&[0x81, 0x82, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x93]);
+    /// let mut seen = Vec::new();
+    /// while let Some(event) = conn.poll_event_ref()? {
+    ///     if let EventRef::Text(text) = event {
+    ///         seen.push(text.to_owned());
+    ///     }
+    /// }
+    /// assert_eq!(seen, ["Hi"]);
+    /// # Ok::<(), ringsocket::proto::ProtocolError>(())
+    /// ```
+    pub fn poll_event_ref(&mut self) -> Result<Option<EventRef<'_>>, ProtocolError> {
+        self.settle();
+        let event = match self.decode()? {
+            None => return Ok(None),
+            Some(Decoded::InInput { kind, start, end }) => {
+                self.lent = end;
+                let payload = &self.input[start..end];
+                match kind {
+                    // SAFETY: `decode` validated text payloads as UTF-8.
+                    Kind::Text => EventRef::Text(unsafe { std::str::from_utf8_unchecked(payload) }),
+                    Kind::Binary => EventRef::Binary(payload),
+                    Kind::Ping => EventRef::Ping(payload),
+                    Kind::Pong => EventRef::Pong(payload),
+                }
+            }
+            Some(Decoded::Reassembled) => {
+                self.lent_message = self.message.take();
+                let Some(message) = self.lent_message.as_deref() else {
+                    return Ok(None); // unreachable: `decode` left the message there
+                };
+                if message.text {
+                    // SAFETY: `decode` checked the whole message as UTF-8.
+                    EventRef::Text(unsafe { std::str::from_utf8_unchecked(&message.payload) })
+                } else {
+                    EventRef::Binary(&message.payload)
+                }
+            }
+            Some(Decoded::Close(frame)) => EventRef::Close(frame),
+        };
+        Ok(Some(event))
+    }
+
+    /// Ends the loan of the last [`EventRef`]: consumes the input it borrowed and drops
+    /// the message it borrowed. Every method that reads or changes the input calls it
+    /// first, so a loan never outlives the borrow that the type system enforces.
+    #[inline]
+    fn settle(&mut self) {
+        if self.lent > 0 {
+            self.input.advance(self.lent);
+            self.lent = 0;
+        }
+        self.lent_message = None;
+    }
+
+    /// The decoder behind both `poll_event` and `poll_event_ref`: parses the next event
+    /// and fails the connection on a protocol error.
+    #[inline]
+    fn decode(&mut self) -> Result<Option<Decoded>, ProtocolError> {
         if self.state == CloseState::Closed {
             return Ok(None);
         }
@@ -270,11 +432,12 @@ impl Connection {
         }
     }
 
-    fn read_event(&mut self) -> Result<Option<Event>, ProtocolError> {
+    #[inline]
+    fn read_event(&mut self) -> Result<Option<Decoded>, ProtocolError> {
         loop {
             if let Some(frame) = self.frame {
                 match self.read_payload(frame)? {
-                    Progress::Event(event) => return Ok(Some(event)),
+                    Progress::Complete => return Ok(Some(Decoded::Reassembled)),
                     Progress::NeedMore => return Ok(None),
                     Progress::Continue => continue,
                 }
@@ -283,43 +446,41 @@ impl Connection {
                 return Ok(None);
             };
             self.check_header(&header)?;
+            let len = header.payload_len as usize;
+            let end = header_len + len;
             if header.opcode.is_control() {
                 // Control payloads are at most 125 bytes: wait for the whole frame.
-                let total = header_len + header.payload_len as usize;
-                if self.input.len() < total {
+                if self.input.len() < end {
                     return Ok(None);
                 }
-                self.input.advance(header_len);
-                let mut payload = self.input.split_to(total - header_len);
                 if let Some(key) = header.mask {
-                    apply_mask(&mut payload, key, 0);
+                    apply_mask(&mut self.input[header_len..end], key, 0);
                 }
-                match self.control_frame(header.opcode, payload.freeze())? {
+                match self.control_frame(header.opcode, header_len, end)? {
                     Some(event) => return Ok(Some(event)),
                     None => continue,
                 }
             }
-            // The fast path: a whole single-frame message already in the input.
-            let len = header.payload_len as usize;
-            if header.fin
-                && header.opcode != OpCode::Continuation
-                && self.input.len() - header_len >= len
-            {
-                self.input.advance(header_len);
-                let mut payload = self.input.split_to(len);
+            // The fast path: a whole single-frame message already in the input, unmasked
+            // and validated where it lies.
+            if header.fin && header.opcode != OpCode::Continuation && self.input.len() >= end {
+                let payload = &mut self.input[header_len..end];
                 if let Some(key) = header.mask {
-                    apply_mask(&mut payload, key, 0);
+                    apply_mask(payload, key, 0);
                 }
-                let payload = payload.freeze();
-                if header.opcode == OpCode::Text {
-                    if simdutf8::basic::from_utf8(&payload).is_err() {
+                let kind = if header.opcode == OpCode::Text {
+                    if simdutf8::basic::from_utf8(payload).is_err() {
                         return Err(ProtocolError::InvalidUtf8);
                     }
-                    // SAFETY: validated as UTF-8 just above.
-                    let text = unsafe { Utf8Bytes::from_bytes_unchecked(payload) };
-                    return Ok(Some(Event::Text(text)));
-                }
-                return Ok(Some(Event::Binary(payload)));
+                    Kind::Text
+                } else {
+                    Kind::Binary
+                };
+                return Ok(Some(Decoded::InInput {
+                    kind,
+                    start: header_len,
+                    end,
+                }));
             }
             // The general path: stream the payload into the message as it arrives.
             self.input.advance(header_len);
@@ -397,6 +558,10 @@ impl Connection {
             return Ok(Progress::NeedMore);
         }
         let start = message.payload.len();
+        // Reserve toward the announced frame end, a bounded step past what arrived
+        // (RESERVE_AHEAD), so a frame in pieces lands in one allocation.
+        let ahead = frame.remaining.min((take + RESERVE_AHEAD) as u64) as usize;
+        message.payload.reserve(ahead);
         message.payload.extend_from_slice(&self.input[..take]);
         self.input.advance(take);
         if let Some(key) = frame.mask {
@@ -415,51 +580,55 @@ impl Connection {
         if !frame.fin {
             return Ok(Progress::Continue);
         }
-        let Some(message) = self.message.take() else {
-            return Ok(Progress::Continue);
-        };
-        if message.text {
-            if !message.utf8.is_complete(&message.payload) {
-                return Err(ProtocolError::InvalidUtf8);
-            }
-            // SAFETY: the validator accepted every byte and the message ends on a
-            // character boundary, so the whole payload is valid UTF-8.
-            let text = unsafe { Utf8Bytes::from_bytes_unchecked(message.payload.freeze()) };
-            return Ok(Progress::Event(Event::Text(text)));
+        // The validator accepted every byte; the message must also end on a character
+        // boundary to be valid UTF-8 as a whole. It stays in `self.message` for the
+        // caller to take.
+        if message.text && !message.utf8.is_complete(&message.payload) {
+            return Err(ProtocolError::InvalidUtf8);
         }
-        Ok(Progress::Event(Event::Binary(message.payload.freeze())))
+        Ok(Progress::Complete)
     }
 
-    /// Handles a complete control frame; returns the event to report, if any.
+    /// Handles the complete, unmasked control frame whose payload is
+    /// `input[start..end]`; returns the event to report, if any.
     fn control_frame(
         &mut self,
         opcode: OpCode,
-        payload: Bytes,
-    ) -> Result<Option<Event>, ProtocolError> {
+        start: usize,
+        end: usize,
+    ) -> Result<Option<Decoded>, ProtocolError> {
         match opcode {
             OpCode::Ping => {
                 // RFC 6455 §5.5.2: answer with a Pong carrying the same payload, unless
                 // a Close was received (then the state is Closed and nothing is read).
                 // After our own Close only data frames are forbidden (§5.5.1).
                 if self.state != CloseState::Closed {
-                    self.queue_frame(OpCode::Pong, true, &payload);
+                    let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+                    let payload = &mut payload[..end - start];
+                    payload.copy_from_slice(&self.input[start..end]);
+                    self.queue_frame(OpCode::Pong, true, payload);
                 }
-                Ok(Some(Event::Ping(payload)))
+                Ok(Some(Decoded::InInput {
+                    kind: Kind::Ping,
+                    start,
+                    end,
+                }))
             }
-            OpCode::Pong => Ok(Some(Event::Pong(payload))),
+            OpCode::Pong => Ok(Some(Decoded::InInput {
+                kind: Kind::Pong,
+                start,
+                end,
+            })),
             _ => {
-                let frame = parse_close_payload(&payload)?;
+                let frame = parse_close_payload(&self.input[start..end])?;
                 if self.state == CloseState::Open {
                     // RFC 6455 §5.5.1: reply with a Close, echoing the status code.
-                    let mut reply = BytesMut::with_capacity(2);
-                    if let Some(frame) = &frame {
-                        reply.put_u16(u16::from(frame.code));
-                    }
-                    self.queue_frame(OpCode::Close, true, &reply);
+                    let code = frame.as_ref().map(|f| u16::from(f.code).to_be_bytes());
+                    self.queue_frame(OpCode::Close, true, code.as_ref().map_or(&[], |c| c));
                 }
                 self.state = CloseState::Closed;
                 self.discard_input();
-                Ok(Some(Event::Close(frame)))
+                Ok(Some(Decoded::Close(frame)))
             }
         }
     }
@@ -477,6 +646,7 @@ impl Connection {
 
     fn discard_input(&mut self) {
         self.input = BytesMut::new();
+        self.lent = 0;
         self.frame = None;
         self.message = None;
     }
@@ -667,16 +837,41 @@ impl fmt::Debug for Connection {
             .field("role", &self.role)
             .field("state", &self.state)
             .field("error", &self.error)
-            .field("pending_input", &self.input.len())
+            .field("pending_input", &self.pending_input())
             .field("pending_output", &self.output_len)
             .finish_non_exhaustive()
     }
 }
 
 enum Progress {
-    Event(Event),
+    /// The message is complete and valid, in `Connection::message`.
+    Complete,
     NeedMore,
     Continue,
+}
+
+/// An event found by the decoder, before it is handed out owned or borrowed.
+enum Decoded {
+    /// A whole frame's payload, unmasked (and, for text, validated) in place at
+    /// `input[start..end]`; the input up to `end` belongs to the event.
+    InInput {
+        kind: Kind,
+        start: usize,
+        end: usize,
+    },
+    /// A data message reassembled from pieces, complete and valid, in
+    /// `Connection::message`.
+    Reassembled,
+    /// The peer's Close; the input is already discarded.
+    Close(Option<CloseFrame>),
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Text,
+    Binary,
+    Ping,
+    Pong,
 }
 
 /// Parses a close frame body (RFC 6455 §5.5.1, §7.4): empty, or a sendable status code

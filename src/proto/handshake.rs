@@ -10,6 +10,7 @@
 //! key; [`ClientHandshake::parse_response`] checks the server's answer (§4.2.2, §4.1).
 
 use std::fmt;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use base64::Engine as _;
@@ -174,9 +175,7 @@ impl Request {
 
     /// The first value of the header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        self.values(name.as_bytes()).next()
     }
 
     /// The first value of the header `name` as text, if it is valid UTF-8.
@@ -186,15 +185,13 @@ impl Request {
 
     /// Every value of the header `name` (case-insensitive), in order.
     pub fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        self.values(name.as_bytes())
     }
 
     /// Whether the header `name` holds `token` in any of its comma-separated lists
     /// (case-insensitive), e.g. `Connection: keep-alive, Upgrade`.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.header_all(name)
+        self.values(name.as_bytes())
             .any(|v| list_items(v).any(|item| item.eq_ignore_ascii_case(token.as_bytes())))
     }
 
@@ -241,13 +238,13 @@ impl Request {
     /// Checks this request against RFC 6455 §4.2.1 and returns the accept key for the
     /// 101 response. Each failed rule has its own [`HandshakeError`].
     pub fn validate_upgrade(&self) -> Result<AcceptKey, HandshakeError> {
-        if self.method() != "GET" {
+        if &self.head[self.method.range()] != b"GET" {
             return Err(HandshakeError::MethodNotGet);
         }
         if self.minor_version < 1 {
             return Err(HandshakeError::HttpVersion);
         }
-        if self.header_all("host").count() != 1 {
+        if self.values(b"host").count() != 1 {
             return Err(HandshakeError::Host);
         }
         if !self.is_upgrade() {
@@ -256,22 +253,32 @@ impl Request {
         if !self.has_token("connection", "upgrade") {
             return Err(HandshakeError::ConnectionToken);
         }
-        let mut keys = self.header_all("sec-websocket-key");
+        let mut keys = self.values(b"sec-websocket-key");
         let (Some(key), None) = (keys.next(), keys.next()) else {
             return Err(HandshakeError::Key);
         };
         let key = trim(key);
-        match BASE64.decode(key) {
-            Ok(raw) if raw.len() == 16 => {}
-            _ => return Err(HandshakeError::Key),
+        // 16 bytes are 24 base64 characters; longer keys cannot be 16 bytes and are
+        // refused by the length check before any decoding.
+        let mut raw = [0u8; 18];
+        if key.len() != 24 || BASE64.decode_slice(key, &mut raw) != Ok(16) {
+            return Err(HandshakeError::Key);
         }
-        let mut versions = self.header_all("sec-websocket-version");
+        let mut versions = self.values(b"sec-websocket-version");
         match (versions.next(), versions.next()) {
             (None, _) => return Err(HandshakeError::MissingVersion),
             (Some(v), None) if trim(v) == WEBSOCKET_VERSION.as_bytes() => {}
             _ => return Err(HandshakeError::UnsupportedVersion),
         }
         Ok(AcceptKey::from_key(key))
+    }
+
+    /// Every value of the header `name` (case-insensitive), compared as bytes.
+    fn values<'a, 'n>(&'a self, name: &'n [u8]) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| self.head[n.range()].eq_ignore_ascii_case(name))
+            .map(|(_, value)| &self.head[value.range()])
     }
 
     fn str_at(&self, span: Span) -> &str {
@@ -361,9 +368,11 @@ pub fn parse_request(
     limits: &HandshakeLimits,
 ) -> Result<Option<(Request, usize)>, HandshakeError> {
     let max_headers = limits.max_headers.min(HandshakeLimits::MAX_HEADERS_CEILING);
-    let mut storage = [httparse::EMPTY_HEADER; HandshakeLimits::MAX_HEADERS_CEILING];
-    let mut req = httparse::Request::new(&mut storage[..max_headers]);
-    let status = match req.parse(buf) {
+    // Left uninitialised: httparse writes each header before reading it, so a parse
+    // does not first fill the whole array (256 × 32 bytes).
+    let mut storage = [const { MaybeUninit::uninit() }; HandshakeLimits::MAX_HEADERS_CEILING];
+    let mut req = httparse::Request::new(&mut []);
+    let status = match req.parse_with_uninit_headers(buf, &mut storage[..max_headers]) {
         Ok(status) => status,
         Err(httparse::Error::TooManyHeaders) => {
             return Err(HandshakeError::TooManyHeaders { limit: max_headers });
@@ -674,9 +683,14 @@ impl ClientHandshake {
         limits: &HandshakeLimits,
     ) -> Result<Option<(Response, usize)>, ClientHandshakeError> {
         let max_headers = limits.max_headers.min(HandshakeLimits::MAX_HEADERS_CEILING);
-        let mut storage = [httparse::EMPTY_HEADER; HandshakeLimits::MAX_HEADERS_CEILING];
-        let mut res = httparse::Response::new(&mut storage[..max_headers]);
-        let head_len = match res.parse(buf) {
+        let mut storage = [const { MaybeUninit::uninit() }; HandshakeLimits::MAX_HEADERS_CEILING];
+        let mut res = httparse::Response::new(&mut []);
+        let parser = httparse::ParserConfig::default();
+        let head_len = match parser.parse_response_with_uninit_headers(
+            &mut res,
+            buf,
+            &mut storage[..max_headers],
+        ) {
             Ok(httparse::Status::Complete(n)) if n <= limits.max_head_bytes => n,
             Ok(_) if buf.len() < limits.max_head_bytes => return Ok(None),
             Ok(_) => {

@@ -22,8 +22,14 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
             lane.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ word).to_ne_bytes());
         }
     }
-    // Each block is a multiple of 4 bytes long, so the key phase is unchanged here.
-    apply_mask_scalar(blocks.into_remainder(), key, 0);
+    // Blocks and lanes are multiples of 4 bytes long, so the key phase is unchanged.
+    let mut lanes = blocks.into_remainder().chunks_exact_mut(8);
+    for lane in &mut lanes {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(lane);
+        lane.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ word).to_ne_bytes());
+    }
+    apply_mask_scalar(lanes.into_remainder(), key, 0);
 }
 
 /// Byte-at-a-time masking: the definition of RFC 6455 §5.3.
@@ -33,11 +39,14 @@ pub fn apply_mask_scalar(buf: &mut [u8], key: [u8; 4], offset: usize) {
     }
 }
 
-/// The key as seen from byte `offset` of the payload.
+/// The key as seen from byte `offset` of the payload: rotated left by `offset % 4`
+/// bytes (one rotate instruction; `<[u8]>::rotate_left` is an out-of-line call).
 #[inline]
-fn rotate_key(mut key: [u8; 4], offset: usize) -> [u8; 4] {
-    key.rotate_left(offset & 3);
-    key
+fn rotate_key(key: [u8; 4], offset: usize) -> [u8; 4] {
+    // Byte i of a little-endian word is bits 8i..8i+8: moving every byte down n places
+    // is a right rotation by 8n bits.
+    let bits = 8 * (offset & 3) as u32;
+    u32::from_le_bytes(key).rotate_right(bits).to_le_bytes()
 }
 
 #[cfg(test)]
@@ -64,6 +73,17 @@ mod tests {
     }
 
     /// RFC 6455 §5.7: the masked "Hello" example.
+    /// The word rotation equals rotating the key's bytes, on any target's endianness.
+    #[test]
+    fn rotated_key_matches_byte_rotation() {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        for offset in 0..12 {
+            let mut expected = key;
+            expected.rotate_left(offset % 4);
+            assert_eq!(rotate_key(key, offset), expected, "offset {offset}");
+        }
+    }
+
     #[test]
     fn rfc_example_unmasks_to_hello() {
         let mut payload = [0x7f, 0x9f, 0x4d, 0x51, 0x58];

@@ -16,7 +16,7 @@ pub mod mask;
 pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame};
-pub use conn::{CloseState, Connection, Event, Message, Role, SendError};
+pub use conn::{CloseState, Connection, Event, EventRef, Message, Role, SendError};
 pub use error::ProtocolError;
 pub use frame::{FrameHeader, OpCode};
 pub use handshake::{

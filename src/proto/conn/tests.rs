@@ -56,6 +56,21 @@ fn events(conn: &mut Connection) -> Vec<Result<Event, ProtocolError>> {
     }
 }
 
+/// Like [`events`], through [`Connection::poll_event_ref`], each event copied.
+fn events_ref(conn: &mut Connection) -> Vec<Result<Event, ProtocolError>> {
+    let mut out = Vec::new();
+    loop {
+        match conn.poll_event_ref() {
+            Ok(Some(event)) => out.push(Ok(event.to_event())),
+            Ok(None) => return out,
+            Err(e) => {
+                out.push(Err(e));
+                return out;
+            }
+        }
+    }
+}
+
 fn output(conn: &mut Connection) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(chunk) = conn.poll_transmit() {
@@ -82,21 +97,34 @@ fn server_frames(mut bytes: &[u8]) -> Vec<(OpCode, bool, Vec<u8>)> {
 
 /// Feeds `bytes` and expects the connection to fail with `error`, sending a Close with
 /// `code` and ending closed.
+/// The borrowed API gives the same events, the same error and the same output.
 fn assert_fails(bytes: &[u8], error: ProtocolError, code: u16) {
     let mut conn = server();
     conn.handle_bytes(bytes);
     let got = events(&mut conn);
     assert_eq!(got.last(), Some(&Err(error)), "events: {got:?}");
+    let mut twin = server();
+    twin.handle_bytes(bytes);
+    assert_eq!(events_ref(&mut twin), got, "poll_event_ref disagrees");
+    assert_eq!(twin.error(), Some(error));
     assert_eq!(error.close_code(), CloseCode::from(code));
     assert!(conn.is_closed());
     assert_eq!(conn.error(), Some(error));
-    let frames = server_frames(&output(&mut conn));
+    let sent = output(&mut conn);
+    assert_eq!(
+        output(&mut twin),
+        sent,
+        "poll_event_ref queued other frames"
+    );
+    let frames = server_frames(&sent);
     let (op, _, payload) = frames.last().expect("a close frame is sent");
     assert_eq!(*op, OpCode::Close);
     assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), code);
     // RFC 6455 §7.1.7: after failing, nothing more is read.
     conn.handle_bytes(&client(0x1, b"late"));
     assert_eq!(conn.poll_event(), Ok(None));
+    twin.handle_bytes(&client(0x1, b"late"));
+    assert_eq!(twin.poll_event_ref(), Ok(None));
 }
 
 // ---- data frames ----------------------------------------------------------------------
@@ -696,4 +724,193 @@ fn shared_frame_is_queued_in_order_without_copy() {
     );
     conn.close(CloseCode::Normal, "").unwrap();
     assert_eq!(conn.send_frame(shared), Err(SendError::Closed));
+}
+
+// ---- the borrowed API ------------------------------------------------------------------
+
+/// A stream with every kind of event: single-frame text and binary (7-, 16- and 64-bit
+/// lengths), a fragmented message with a Ping and a Pong inside, an empty message and a
+/// Close, followed by a frame that must be ignored.
+fn mixed_stream() -> Vec<u8> {
+    let mut stream = client(0x1, "añb€".as_bytes());
+    stream.extend(client(0x2, &[5; 300]));
+    stream.extend(client(0x2, &vec![6; 70_000]));
+    stream.extend(raw(0x01, true, "frag κό".as_bytes()));
+    stream.extend(client(0x9, b"ping"));
+    stream.extend(raw(0x00, true, "σμε".as_bytes()));
+    stream.extend(client(0xA, b"pong"));
+    stream.extend(raw(0x80, true, b"ment"));
+    stream.extend(client(0x2, b""));
+    let mut close = 1001u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"away");
+    stream.extend(client(0x8, &close));
+    stream.extend(client(0x1, b"after close"));
+    stream
+}
+
+/// Feeds `stream` in pieces of `chunk` bytes; returns every event and the output.
+fn decode_in_chunks(
+    stream: &[u8],
+    chunk: usize,
+    borrowed: bool,
+) -> (Vec<Result<Event, ProtocolError>>, Vec<u8>) {
+    let mut conn = server();
+    let mut got = Vec::new();
+    for piece in stream.chunks(chunk) {
+        conn.handle_bytes(piece);
+        got.extend(if borrowed {
+            events_ref(&mut conn)
+        } else {
+            events(&mut conn)
+        });
+    }
+    (got, output(&mut conn))
+}
+
+/// Both APIs share one decoder: the same events and the same replies for any split of
+/// the input (RFC 6455 §5.4: fragments; §5.5.2: Pongs; §5.5.1: the Close reply).
+#[test]
+fn borrowed_events_match_owned_events_for_any_split() {
+    let stream = mixed_stream();
+    let (expected, sent) = decode_in_chunks(&stream, stream.len(), false);
+    assert_eq!(expected.len(), 8, "{expected:?}");
+    assert_eq!(expected[0], Ok(Event::Text("añb€".into())));
+    assert_eq!(expected[5], Ok(Event::Text("frag κόσμεment".into())));
+    for chunk in [1, 2, 3, 7, 64, 1000, 8192, stream.len()] {
+        for borrowed in [false, true] {
+            let (got, out) = decode_in_chunks(&stream, chunk, borrowed);
+            assert!(
+                got == expected,
+                "chunk {chunk}, borrowed {borrowed}: {got:?}"
+            );
+            assert_eq!(out, sent, "chunk {chunk}, borrowed {borrowed}");
+        }
+    }
+}
+
+/// The two APIs can be mixed on one connection: a loan ends at the next call of either.
+#[test]
+fn borrowed_and_owned_calls_mix() {
+    let stream = mixed_stream();
+    let (expected, _) = decode_in_chunks(&stream, stream.len(), false);
+    let mut conn = server();
+    conn.handle_bytes(&stream);
+    let mut got = Vec::new();
+    for i in 0.. {
+        let next = if i % 2 == 0 {
+            conn.poll_event_ref().map(|e| e.map(|e| e.to_event()))
+        } else {
+            conn.poll_event()
+        };
+        match next {
+            Ok(Some(event)) => got.push(Ok(event)),
+            Ok(None) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(got == expected, "{got:?}");
+}
+
+/// A borrowed payload lies in the input buffer, unmasked in place; the next read reuses
+/// that buffer instead of allocating, and the lent bytes are not counted as pending.
+#[test]
+fn borrowed_payloads_reuse_the_input_buffer() {
+    let mut conn = server();
+    let frames = [client(0x2, &[1; 40]), client(0x2, &[2; 40])].concat();
+    conn.handle_bytes(&frames);
+    let buffer = conn.input.as_ptr() as usize..conn.input.as_ptr() as usize + frames.len();
+    let Ok(Some(EventRef::Binary(first))) = conn.poll_event_ref() else {
+        panic!("expected a binary message");
+    };
+    assert_eq!(first, &[1; 40]);
+    assert!(buffer.contains(&(first.as_ptr() as usize)));
+    assert_eq!(conn.pending_input(), frames.len() / 2);
+    assert!(matches!(conn.poll_event_ref(), Ok(Some(EventRef::Binary(p))) if p == [2; 40]));
+    assert_eq!(conn.poll_event_ref(), Ok(None));
+    assert_eq!(conn.pending_input(), 0);
+    conn.handle_bytes(&frames);
+    assert_eq!(
+        conn.input.as_ptr() as usize,
+        buffer.start,
+        "input buffer reused"
+    );
+    assert_eq!(events_ref(&mut conn).len(), 2);
+}
+
+/// A message that arrived in pieces is lent from the reassembly buffer and dropped at
+/// the next call, so the next message starts afresh (RFC 6455 §5.4).
+#[test]
+fn borrowed_reassembled_message_is_dropped_at_the_next_call() {
+    let mut conn = server();
+    conn.handle_bytes(&raw(0x01, true, b"ab"));
+    conn.handle_bytes(&raw(0x80, true, b"cd"));
+    conn.handle_bytes(&raw(0x02, true, b"x"));
+    assert_eq!(conn.poll_event_ref(), Ok(Some(EventRef::Text("abcd"))));
+    assert!(conn.lent_message.is_some());
+    assert_eq!(conn.poll_event_ref(), Ok(None));
+    assert!(conn.lent_message.is_none());
+    // The fragment started above is a new message, not a continuation of the old one.
+    conn.handle_bytes(&raw(0x80, true, b"y"));
+    assert_eq!(conn.poll_event_ref(), Ok(Some(EventRef::Binary(b"xy"))));
+}
+
+/// The event copied out of the loan equals what `poll_event` returns.
+#[test]
+fn event_ref_copies_to_the_owned_event() {
+    let close = CloseFrame::new(CloseCode::Normal, "ok");
+    let cases = [
+        (EventRef::Text("t"), Event::Text("t".into())),
+        (
+            EventRef::Binary(b"b"),
+            Event::Binary(Bytes::from_static(b"b")),
+        ),
+        (EventRef::Ping(b"i"), Event::Ping(Bytes::from_static(b"i"))),
+        (EventRef::Pong(b"o"), Event::Pong(Bytes::from_static(b"o"))),
+        (
+            EventRef::Close(Some(close.clone())),
+            Event::Close(Some(close)),
+        ),
+        (EventRef::Close(None), Event::Close(None)),
+    ];
+    for (borrowed, owned) in cases {
+        assert_eq!(borrowed.to_event(), owned);
+    }
+}
+
+// ---- reassembly buffer -----------------------------------------------------------------
+
+/// A frame that arrives in pieces is reserved to its announced length once, so the
+/// pieces land in one allocation.
+#[test]
+fn frame_in_pieces_reserves_its_length() {
+    let mut conn = server();
+    let frame = client(0x2, &[4; 20_000]);
+    conn.handle_bytes(&frame[..1000]);
+    assert_eq!(conn.poll_event(), Ok(None));
+    let message = conn.message.as_ref().expect("a message in progress");
+    assert!(message.payload.capacity() >= 20_000);
+    let buffer = message.payload.as_ptr();
+    conn.handle_bytes(&frame[1000..]);
+    let Ok(Some(Event::Binary(payload))) = conn.poll_event() else {
+        panic!("expected the message");
+    };
+    assert_eq!(payload.as_ptr(), buffer, "no reallocation");
+    assert_eq!(payload, vec![4; 20_000]);
+}
+
+/// A peer announcing a large frame and sending little makes the buffer grow by at most
+/// `RESERVE_AHEAD` past what it sent, not to what it announced.
+#[test]
+fn announced_length_reserves_a_bounded_step() {
+    let mut conn = server();
+    let frame = client(0x2, &vec![0; 1 << 20]);
+    conn.handle_bytes(&frame[..114]); // 14-byte header, 100 payload bytes
+    assert_eq!(conn.poll_event(), Ok(None));
+    let message = conn.message.as_ref().expect("a message in progress");
+    assert_eq!(message.payload.len(), 100);
+    assert!(
+        message.payload.capacity() <= 2 * (100 + RESERVE_AHEAD),
+        "{}",
+        message.payload.capacity()
+    );
 }

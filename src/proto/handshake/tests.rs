@@ -117,6 +117,24 @@ fn tokens_are_matched_in_lists_case_insensitively() {
     assert!(req.validate_upgrade().is_ok());
 }
 
+/// RFC 9110 §5.1: field names are case-insensitive, whatever case the client sends.
+#[test]
+fn header_names_are_matched_case_insensitively() {
+    let req = parse(&request(&[
+        "HOST: h",
+        "upgrade: websocket",
+        "CONNECTION: Upgrade",
+        &format!("sec-websocket-KEY: {KEY}"),
+        "SEC-WEBSOCKET-VERSION: 13",
+        "OrIgIn: https://example.com",
+    ]));
+    assert!(req.validate_upgrade().is_ok());
+    assert_eq!(req.origin(), Some("https://example.com"));
+    assert_eq!(req.header("Sec-WebSocket-Key"), Some(KEY.as_bytes()));
+    assert_eq!(req.header_all("host").count(), 1);
+    assert_eq!(req.header("sec-websocket-keys"), None);
+}
+
 /// The head may arrive a byte at a time; what follows it (a first frame) is returned.
 #[test]
 fn head_reader_accepts_bytes_one_at_a_time_and_returns_the_rest() {
@@ -192,6 +210,9 @@ fn bad_keys_are_refused_with_400() {
         "not base64!",
         "AAAAAAAAAAAAAAAAAAAA",
         "AAAAAAAAAAAAAAAAAAAAAA==AA",
+        "AAAAAAAAAAAAAAAAAAAAAAA=",
+        "AAAAAAAAAAAAAAAAAAAAAA=!",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
         "",
     ] {
         let e = rejection(&valid().replace(KEY, bad));
