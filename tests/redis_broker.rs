@@ -1,0 +1,273 @@
+//! The Redis broker against a real `redis-server` (started per test on a free port): two
+//! brokers stand for two processes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use ringsocket::broker::redis::{RedisBroker, RedisConfig};
+use ringsocket::broker::{Broker, BrokerMetrics, BrokerSink, Inbound, Kind};
+
+use common::redis::RedisServer;
+
+/// Longest wait for something that should happen within milliseconds.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// One "process": a broker and what its sink received.
+struct Node {
+    broker: Arc<RedisBroker>,
+    inbox: Receiver<Inbound>,
+}
+
+impl Node {
+    fn start(server: &RedisServer) -> Self {
+        Self::with_prefix(server, "ringsocket:")
+    }
+
+    fn with_prefix(server: &RedisServer, prefix: &str) -> Self {
+        // The broker's log lines show with a failing test's output.
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        let (tx, inbox) = crossbeam_channel::unbounded();
+        let sink: BrokerSink = Arc::new(move |message| {
+            let _ = tx.send(message);
+        });
+        let mut config = RedisConfig::new(server.url());
+        config.prefix = prefix.to_owned();
+        // Quick reconnects and loss detection, so the tests stay short.
+        config.backoff_min = Duration::from_millis(20);
+        config.backoff_max = Duration::from_millis(200);
+        config.health_interval = Duration::from_millis(100);
+        let node = Self {
+            broker: RedisBroker::start(config, sink).unwrap(),
+            inbox,
+        };
+        node.wait_for("connected", |m| &m.connected, 1);
+        node
+    }
+
+    fn metric(&self, counter: fn(&BrokerMetrics) -> &AtomicU64) -> u64 {
+        counter(self.broker.metrics()).load(Ordering::Relaxed)
+    }
+
+    fn wait_for(&self, what: &str, counter: fn(&BrokerMetrics) -> &AtomicU64, value: u64) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.metric(counter) != value {
+            assert!(
+                Instant::now() < deadline,
+                "{what} is {}, expected {value}",
+                self.metric(counter)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn subscribe(&self, topic: &str, expected_subscriptions: u64) {
+        self.broker.subscribe(topic);
+        self.wait_for(
+            "subscriptions",
+            |m| &m.subscriptions,
+            expected_subscriptions,
+        );
+    }
+
+    fn unsubscribe(&self, topic: &str, expected_subscriptions: u64) {
+        self.broker.unsubscribe(topic);
+        self.wait_for(
+            "subscriptions",
+            |m| &m.subscriptions,
+            expected_subscriptions,
+        );
+    }
+
+    fn publish_text(&self, topic: &str, text: &str) {
+        self.broker
+            .publish(topic, Kind::Text, Bytes::copy_from_slice(text.as_bytes()));
+    }
+
+    fn next(&self) -> Inbound {
+        self.inbox
+            .recv_timeout(PATIENCE)
+            .expect("a message within the patience window")
+    }
+}
+
+fn text(topic: &str, text: &str) -> Inbound {
+    Inbound {
+        topic: topic.to_owned(),
+        kind: Kind::Text,
+        payload: Bytes::copy_from_slice(text.as_bytes()),
+    }
+}
+
+/// Message `i` of the ordering test: text and binary in turn, the binary ones with
+/// every byte value.
+fn nth(i: usize) -> (Kind, Bytes) {
+    if i % 2 == 0 {
+        (Kind::Text, Bytes::from(format!("message {i} é")))
+    } else {
+        let mut payload: Vec<u8> = (0..=255).collect();
+        payload.extend_from_slice(&i.to_be_bytes());
+        (Kind::Binary, Bytes::from(payload))
+    }
+}
+
+#[test]
+fn messages_cross_once_in_order_and_never_come_back() {
+    let server = RedisServer::start();
+    let a = Node::start(&server);
+    let b = Node::start(&server);
+    a.subscribe("room", 1);
+    b.subscribe("room", 1);
+    // Repeated calls change nothing: the set of topics is what counts.
+    b.broker.subscribe("room");
+    b.wait_for("subscriptions", |m| &m.subscriptions, 1);
+
+    const N: usize = 2000;
+    for i in 0..N {
+        let (kind, payload) = nth(i);
+        a.broker.publish("room", kind, payload);
+    }
+    for i in 0..N {
+        let (kind, payload) = nth(i);
+        assert_eq!(
+            b.next(),
+            Inbound {
+                topic: "room".into(),
+                kind,
+                payload
+            },
+            "message {i}"
+        );
+    }
+    // B answers only after it has all of A's: A's own N came back to A before this
+    // (one Redis connection delivers in order) and were dropped, so this is A's first.
+    b.publish_text("room", "from b");
+    assert_eq!(a.next(), text("room", "from b"));
+    // And B got nothing twice: A's next message is B's next.
+    a.publish_text("room", "end");
+    assert_eq!(b.next(), text("room", "end"));
+
+    // Counted once Redis has answered, which may come after B got the message.
+    a.wait_for("published", |m| &m.published, N as u64 + 1);
+    assert_eq!(a.metric(|m| &m.received), 1);
+    b.wait_for("published", |m| &m.published, 1);
+    assert_eq!(b.metric(|m| &m.received), N as u64 + 1);
+    for node in [&a, &b] {
+        assert_eq!(node.metric(|m| &m.publish_failed), 0);
+        assert_eq!(node.metric(|m| &m.malformed), 0);
+        assert_eq!(node.metric(|m| &m.reconnects), 0);
+    }
+
+    let started = Instant::now();
+    a.broker.shutdown();
+    b.broker.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.metric(|m| &m.connected), 0);
+}
+
+#[test]
+fn nothing_arrives_unsubscribed() {
+    let server = RedisServer::start();
+    let a = Node::start(&server);
+    let b = Node::start(&server);
+    let other_prefix = Node::with_prefix(&server, "elsewhere:");
+    b.subscribe("wanted", 1);
+    other_prefix.subscribe("wanted", 1);
+
+    a.publish_text("not-wanted", "never");
+    a.publish_text("wanted", "1");
+    assert_eq!(b.next(), text("wanted", "1"));
+
+    b.unsubscribe("wanted", 0);
+    // Unsubscribing again is harmless.
+    b.unsubscribe("wanted", 0);
+    b.subscribe("marker", 1);
+    a.publish_text("wanted", "2");
+    a.publish_text("marker", "m");
+    // Redis delivers in order: had "2" reached B, it would come before the marker.
+    assert_eq!(b.next(), text("marker", "m"));
+    assert!(b.inbox.is_empty());
+    // Another prefix is another namespace.
+    other_prefix.publish_text("marker", "other namespace");
+    a.publish_text("marker", "m2");
+    assert_eq!(b.next(), text("marker", "m2"));
+    assert!(other_prefix.inbox.is_empty());
+}
+
+#[test]
+fn reconnects_and_resubscribes_after_a_redis_restart() {
+    let mut server = RedisServer::start();
+    let a = Node::start(&server);
+    let b = Node::start(&server);
+    b.subscribe("room", 1);
+    a.publish_text("room", "before");
+    assert_eq!(b.next(), text("room", "before"));
+
+    server.stop();
+    a.wait_for("connected", |m| &m.connected, 0);
+    b.wait_for("connected", |m| &m.connected, 0);
+    b.wait_for("subscriptions", |m| &m.subscriptions, 0);
+    let started = Instant::now();
+    for i in 0..10 {
+        a.publish_text("room", &format!("lost {i}"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "publish blocked for {:?}",
+        started.elapsed()
+    );
+    a.wait_for("publish_failed", |m| &m.publish_failed, 10);
+
+    server.restart();
+    for node in [&a, &b] {
+        node.wait_for("connected", |m| &m.connected, 1);
+        // Both connections of each broker came back on their own.
+        node.wait_for("reconnects", |m| &m.reconnects, 2);
+        assert!(node.metric(|m| &m.connection_errors) >= 2);
+    }
+    b.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    a.publish_text("room", "after");
+    assert_eq!(b.next(), text("room", "after"));
+    assert_eq!(a.metric(|m| &m.publish_failed), 10);
+    a.wait_for("published", |m| &m.published, 2);
+}
+
+#[test]
+fn malformed_messages_are_counted_and_dropped() {
+    let server = RedisServer::start();
+    let a = Node::start(&server);
+    let b = Node::start(&server);
+    b.subscribe("room", 1);
+    let mut plain = server.client();
+    let mut bad_utf8 = b"rsb\x01".to_vec();
+    bad_utf8.extend_from_slice(&[7; 16]);
+    bad_utf8.extend_from_slice(b"\x00\xff\xfe");
+    let garbage: [&[u8]; 4] = [b"hello", b"", b"rsb\x02", &bad_utf8];
+    for payload in garbage {
+        redis::cmd("PUBLISH")
+            .arg("ringsocket:room")
+            .arg(payload)
+            .exec(&mut plain)
+            .unwrap();
+    }
+    // Not our channel: not ours to judge.
+    redis::cmd("PUBLISH")
+        .arg("ringsocket:elsewhere")
+        .arg("x")
+        .exec(&mut plain)
+        .unwrap();
+    a.publish_text("room", "still fine");
+    assert_eq!(b.next(), text("room", "still fine"));
+    assert_eq!(b.metric(|m| &m.malformed), 4);
+    assert_eq!(b.metric(|m| &m.received), 1);
+    assert_eq!(b.metric(|m| &m.connected), 1);
+}
