@@ -45,6 +45,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use super::{Broker, BrokerMetrics, BrokerSink, Kind};
+use crate::config::Config;
 use envelope::Origin;
 
 /// How often the subscriber thread wakes up when no message arrives, to apply
@@ -89,6 +90,26 @@ impl RedisConfig {
             health_interval: Duration::from_secs(1),
         }
     }
+
+    /// The broker settings of a server configuration: `None` when
+    /// [`Config::redis_url`] is empty (the embedded broker only).
+    pub fn from_config(config: &Config) -> Option<Self> {
+        if config.redis_url.is_empty() {
+            return None;
+        }
+        let mut redis = Self::new(config.redis_url.clone());
+        redis.prefix.clone_from(&config.redis_prefix);
+        Some(redis)
+    }
+}
+
+/// Checks that `url` is a Redis URL this build can connect to, without connecting.
+pub fn check_url(url: &str) -> Result<(), BrokerError> {
+    client(url).map(drop)
+}
+
+fn client(url: &str) -> Result<redis::Client, BrokerError> {
+    redis::Client::open(url).map_err(|e| BrokerError::InvalidUrl(format!("{url:?}: {e}")))
 }
 
 /// Why the broker could not start.
@@ -139,8 +160,7 @@ impl RedisBroker {
     /// setting (or if the OS refuses a thread): Redis being down is logged and retried
     /// in the background.
     pub fn start(config: RedisConfig, sink: BrokerSink) -> Result<Arc<Self>, BrokerError> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| BrokerError::InvalidUrl(format!("{:?}: {e}", config.url)))?;
+        let client = client(&config.url)?;
         if config.publish_queue == 0 {
             return Err(BrokerError::InvalidConfig(
                 "publish_queue must be above 0".into(),
@@ -600,6 +620,18 @@ mod tests {
         assert_eq!(limit.check(), None);
         limit.next_ms.store(0, Ordering::Relaxed);
         assert_eq!(limit.check(), Some(2));
+    }
+
+    #[test]
+    fn settings_come_from_the_server_config() {
+        let mut config = Config::default();
+        assert_eq!(RedisConfig::from_config(&config), None);
+        config.redis_url = "redis://127.0.0.1:6380".into();
+        config.redis_prefix = "app:".into();
+        let redis = RedisConfig::from_config(&config).unwrap();
+        assert_eq!(redis.url, "redis://127.0.0.1:6380");
+        assert_eq!(redis.prefix, "app:");
+        assert_eq!(redis.publish_queue, 65_536);
     }
 
     #[test]
