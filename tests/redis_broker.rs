@@ -30,6 +30,13 @@ impl Node {
     }
 
     fn with_prefix(server: &RedisServer, prefix: &str) -> Self {
+        let node = Self::unchecked(server, prefix);
+        node.wait_for("connected", |m| &m.connected, 1);
+        node
+    }
+
+    /// A broker that may not be connected yet.
+    fn unchecked(server: &RedisServer, prefix: &str) -> Self {
         // The broker's log lines show with a failing test's output.
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
         let (tx, inbox) = crossbeam_channel::unbounded();
@@ -42,12 +49,10 @@ impl Node {
         config.backoff_min = Duration::from_millis(20);
         config.backoff_max = Duration::from_millis(200);
         config.health_interval = Duration::from_millis(100);
-        let node = Self {
+        Self {
             broker: RedisBroker::start(config, sink).unwrap(),
             inbox,
-        };
-        node.wait_for("connected", |m| &m.connected, 1);
-        node
+        }
     }
 
     fn metric(&self, counter: fn(&BrokerMetrics) -> &AtomicU64) -> u64 {
@@ -55,11 +60,20 @@ impl Node {
     }
 
     fn wait_for(&self, what: &str, counter: fn(&BrokerMetrics) -> &AtomicU64, value: u64) {
+        self.wait_until(what, counter, |v| v == value);
+    }
+
+    fn wait_until(
+        &self,
+        what: &str,
+        counter: fn(&BrokerMetrics) -> &AtomicU64,
+        done: impl Fn(u64) -> bool,
+    ) {
         let deadline = Instant::now() + PATIENCE;
-        while self.metric(counter) != value {
+        while !done(self.metric(counter)) {
             assert!(
                 Instant::now() < deadline,
-                "{what} is {}, expected {value}",
+                "{what} stayed at {}",
                 self.metric(counter)
             );
             std::thread::sleep(Duration::from_millis(2));
@@ -239,6 +253,29 @@ fn reconnects_and_resubscribes_after_a_redis_restart() {
     assert_eq!(b.next(), text("room", "after"));
     assert_eq!(a.metric(|m| &m.publish_failed), 10);
     a.wait_for("published", |m| &m.published, 2);
+}
+
+#[test]
+fn starts_while_redis_is_down_and_connects_later() {
+    let mut server = RedisServer::start();
+    server.stop();
+    let b = Node::unchecked(&server, "ringsocket:");
+    b.broker.subscribe("room");
+    b.broker
+        .publish("room", Kind::Text, Bytes::from_static(b"nobody hears this"));
+    b.wait_for("publish_failed", |m| &m.publish_failed, 1);
+    // Both connections tried and failed.
+    b.wait_until("connection_errors", |m| &m.connection_errors, |n| n >= 2);
+    assert_eq!(b.metric(|m| &m.connected), 0);
+
+    server.restart();
+    b.wait_for("connected", |m| &m.connected, 1);
+    b.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    // A first connection is not a reconnection.
+    assert_eq!(b.metric(|m| &m.reconnects), 0);
+    let a = Node::start(&server);
+    a.publish_text("room", "hello");
+    assert_eq!(b.next(), text("room", "hello"));
 }
 
 #[test]

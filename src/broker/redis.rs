@@ -354,7 +354,8 @@ impl Shared {
     }
 
     /// Connects, with backoff between failed attempts; `wait` sleeps for the given time
-    /// and answers false when the broker is stopping. `None` when stopping.
+    /// and answers false when the broker is stopping. `None` when stopping. The caller
+    /// reports the link as connected ([`LinkState::connected`]) once it is ready.
     fn connect(
         &self,
         link: &mut LinkState,
@@ -373,10 +374,7 @@ impl Shared {
                     Ok(con)
                 });
             match attempt {
-                Ok(con) => {
-                    link.connected(self);
-                    return Some(con);
-                }
+                Ok(con) => return Some(con),
                 Err(e) => {
                     link.attempt_failed(self, &e);
                     if !wait(link.backoff.next()) {

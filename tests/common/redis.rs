@@ -45,6 +45,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's process id, while it runs (e.g. to pin it to a core).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server and waits for it to exit: its clients see the connection drop.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

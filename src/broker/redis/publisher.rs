@@ -29,6 +29,7 @@ pub(super) fn run(shared: &Shared, queue: &Receiver<Outbound>, stop: &Receiver<(
         envelope: Vec::new(),
     };
     while let Some(mut con) = shared.connect(&mut link, |d| sender.drop_for(d)) {
+        link.connected(shared);
         let lost = shared.lost_while_away.swap(0, Ordering::Relaxed);
         if lost > 0 {
             tracing::warn!(
