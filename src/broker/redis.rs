@@ -34,7 +34,7 @@ mod subscriber;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -65,6 +65,9 @@ pub struct RedisConfig {
     /// (policy: drop newest), counts it in `publish_failed` and logs at most one line a
     /// second. Default 65,536.
     pub publish_queue: usize,
+    /// Payload bytes waiting to be forwarded to Redis; beyond it the same policy as
+    /// [`RedisConfig::publish_queue`]. Default 64 MiB.
+    pub publish_queue_bytes: usize,
     /// First wait before reconnecting after a failed attempt. Default 100 ms.
     pub backoff_min: Duration,
     /// Longest wait between reconnection attempts (each wait doubles up to it, with
@@ -84,6 +87,7 @@ impl RedisConfig {
             url: url.into(),
             prefix: "ringsocket:".to_owned(),
             publish_queue: 65_536,
+            publish_queue_bytes: 64 << 20,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             io_timeout: Duration::from_secs(2),
@@ -161,9 +165,9 @@ impl RedisBroker {
     /// in the background.
     pub fn start(config: RedisConfig, sink: BrokerSink) -> Result<Arc<Self>, BrokerError> {
         let client = client(&config.url)?;
-        if config.publish_queue == 0 {
+        if config.publish_queue == 0 || config.publish_queue_bytes == 0 {
             return Err(BrokerError::InvalidConfig(
-                "publish_queue must be above 0".into(),
+                "publish_queue and publish_queue_bytes must be above 0".into(),
             ));
         }
         for (name, value) in [
@@ -197,6 +201,7 @@ impl RedisBroker {
             stopping: AtomicBool::new(false),
             links: Mutex::new([false; 2]),
             lost_while_away: AtomicU64::new(0),
+            queued_bytes: AtomicUsize::new(0),
             queue_full_log: RateLimit::new(),
         });
         let broker = Arc::new(Self {
@@ -248,25 +253,36 @@ impl RedisBroker {
 
 impl Broker for RedisBroker {
     fn publish(&self, topic: &str, kind: Kind, payload: Bytes) {
-        let message = Outbound {
-            topic: topic.into(),
-            kind,
-            payload,
-        };
-        match self.queue.try_send(message) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.shared.failed(1);
-                if let Some(suppressed) = self.shared.queue_full_log.check() {
-                    tracing::warn!(
-                        capacity = self.shared.config.publish_queue,
-                        "Redis broker: publish queue full, dropping messages \
-                         ({suppressed} more dropped since the last such line)"
-                    );
-                }
+        let shared = &self.shared;
+        let size = payload.len();
+        let queued = shared.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        let full = if queued.saturating_add(size) > shared.config.publish_queue_bytes {
+            true
+        } else {
+            let message = Outbound {
+                topic: topic.into(),
+                kind,
+                payload,
+            };
+            match self.queue.try_send(message) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => true,
+                // After shutdown: nothing forwards any more.
+                Err(TrySendError::Disconnected(_)) => false,
             }
-            // After shutdown: nothing forwards any more.
-            Err(TrySendError::Disconnected(_)) => self.shared.failed(1),
+        };
+        shared.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        shared.failed(1);
+        if !full {
+            return;
+        }
+        if let Some(suppressed) = shared.queue_full_log.check() {
+            tracing::warn!(
+                messages = shared.config.publish_queue,
+                bytes = shared.config.publish_queue_bytes,
+                "Redis broker: publish queue full, dropping messages \
+                 ({suppressed} more dropped since the last such line)"
+            );
         }
     }
 
@@ -333,6 +349,8 @@ struct Shared {
     links: Mutex<[bool; 2]>,
     /// Messages dropped since the publisher lost Redis, logged when it is back.
     lost_while_away: AtomicU64,
+    /// Payload bytes in the publish queue.
+    queued_bytes: AtomicUsize,
     queue_full_log: RateLimit,
 }
 
@@ -648,6 +666,13 @@ mod tests {
         config.publish_queue = 0;
         let err = RedisBroker::start(config, sink.clone()).unwrap_err();
         assert!(err.to_string().contains("publish_queue"), "{err}");
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.publish_queue_bytes = 4;
+        let broker = RedisBroker::start(config, sink.clone()).unwrap();
+        broker.publish("t", Kind::Binary, Bytes::from_static(b"12345"));
+        assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 1);
+        assert_eq!(broker.shared.queued_bytes.load(Ordering::Relaxed), 0);
+        broker.shutdown();
         // Nothing listens on port 1: start still succeeds and keeps retrying.
         let mut config = RedisConfig::new("redis://127.0.0.1:1");
         config.publish_queue = 1;
@@ -661,6 +686,7 @@ mod tests {
         assert_eq!(broker.metrics().connected.load(Ordering::Relaxed), 0);
         // Each of the three was dropped: queue full, away, or at shutdown.
         assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 3);
+        assert_eq!(broker.shared.queued_bytes.load(Ordering::Relaxed), 0);
         assert_eq!(broker.metrics().published.load(Ordering::Relaxed), 0);
     }
 }

@@ -44,8 +44,10 @@ pub(super) fn run(shared: &Shared, queue: &Receiver<Outbound>, stop: &Receiver<(
     }
     link.closed(shared);
     // Stopping: what is still queued will not be forwarded.
-    let left = queue.try_iter().count() as u64;
-    shared.failed(left);
+    for message in queue.try_iter() {
+        sender.taken(&message);
+        shared.failed(1);
+    }
 }
 
 /// The publisher's state that outlives one connection (buffers are reused).
@@ -67,7 +69,10 @@ impl Sender<'_> {
         loop {
             select! {
                 recv(self.queue) -> message => match message {
-                    Ok(message) => self.batch.push(message),
+                    Ok(message) => {
+                        self.taken(&message);
+                        self.batch.push(message);
+                    }
                     Err(_) => return Ok(()),
                 },
                 recv(self.stop) -> _ => return Ok(()),
@@ -82,6 +87,7 @@ impl Sender<'_> {
                     break;
                 };
                 bytes += message.payload.len();
+                self.taken(&message);
                 self.batch.push(message);
             }
             self.pipe.clear();
@@ -115,6 +121,13 @@ impl Sender<'_> {
         }
     }
 
+    /// Accounts for a message leaving the publish queue.
+    fn taken(&self, message: &Outbound) {
+        self.shared
+            .queued_bytes
+            .fetch_sub(message.payload.len(), Ordering::Relaxed);
+    }
+
     /// While Redis is away: drops (and counts) whatever is published for `time`. False
     /// when the broker is stopping.
     fn drop_for(&mut self, time: Duration) -> bool {
@@ -122,7 +135,8 @@ impl Sender<'_> {
         loop {
             select! {
                 recv(self.queue) -> message => match message {
-                    Ok(_) => {
+                    Ok(message) => {
+                        self.taken(&message);
                         self.shared.failed(1);
                         self.shared.lost_while_away.fetch_add(1, Ordering::Relaxed);
                     }

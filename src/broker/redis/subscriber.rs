@@ -59,7 +59,10 @@ impl Listener<'_> {
             if shared.stopping() {
                 return Ok(());
             }
-            if shared.wanted_changed.swap(false, Ordering::AcqRel) {
+            // A plain load first: this runs once per message.
+            if shared.wanted_changed.load(Ordering::Relaxed)
+                && shared.wanted_changed.swap(false, Ordering::AcqRel)
+            {
                 pubsub.set_read_timeout(Some(shared.config.io_timeout))?;
                 self.sync(&mut pubsub, &mut subscribed)?;
                 pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
