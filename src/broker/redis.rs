@@ -3,18 +3,18 @@
 //! Each process holds exactly two Redis connections, each on its own OS thread, never on
 //! an I/O core:
 //!
-//! - the **subscriber** (`ringsocket-redis-sub`): `SUBSCRIBE`s to `prefix + topic` for
+//! - the **subscriber** (thread `ringsocket-rsub`): `SUBSCRIBE`s to `prefix + topic` for
 //!   every topic this process wants, receives messages and hands them to the
 //!   [`BrokerSink`]. It reads with a short timeout ([`POLL_INTERVAL`]) so that it also
 //!   applies subscription changes and notices shutdown without a second wake-up channel.
-//! - the **publisher** (`ringsocket-redis-pub`): drains the bounded publish queue and
+//! - the **publisher** (thread `ringsocket-rpub`): drains the bounded publish queue and
 //!   sends everything queued in one pipelined batch of `PUBLISH`es per round trip.
 //!
 //! The I/O cores only `try_send` into the publish queue (a bounded `crossbeam-channel`)
 //! and touch a small mutex-guarded set of wanted topics on subscribe/unsubscribe: they
 //! never wait for Redis.
 //!
-//! Messages travel in a binary envelope ([`envelope`]) carrying a random per-process
+//! Messages travel in a binary envelope (`redis/envelope.rs`) carrying a random per-process
 //! origin id, so a process drops its own messages when Redis echoes them back (it
 //! delivered them locally already): every subscriber gets each message exactly once.
 //!
@@ -216,27 +216,21 @@ impl RedisBroker {
                 .spawn(run)
                 .map_err(BrokerError::Os)
         };
-        let sub = {
-            let (shared, stop) = (shared.clone(), stop_rx.clone());
+        let sub_shared = shared.clone();
+        let sub_stop = stop_rx.clone();
+        let started = spawn(
+            "ringsocket-rsub",
+            Box::new(move || subscriber::run(&sub_shared, &sub_stop)),
+        )
+        .and_then(|sub| {
+            lock(&broker.threads).push(sub);
             spawn(
-                "ringsocket-redis-sub",
-                Box::new(move || subscriber::run(&shared, &stop)),
+                "ringsocket-rpub",
+                Box::new(move || publisher::run(&shared, &queue_rx, &stop_rx)),
             )
-        };
-        let sub = match sub {
-            Ok(handle) => handle,
-            Err(e) => {
-                broker.shutdown();
-                return Err(e);
-            }
-        };
-        lock(&broker.threads).push(sub);
-        let publ = spawn(
-            "ringsocket-redis-pub",
-            Box::new(move || publisher::run(&shared, &queue_rx, &stop_rx)),
-        );
-        match publ {
-            Ok(handle) => lock(&broker.threads).push(handle),
+        });
+        match started {
+            Ok(publ) => lock(&broker.threads).push(publ),
             Err(e) => {
                 broker.shutdown();
                 return Err(e);
