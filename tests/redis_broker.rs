@@ -308,3 +308,24 @@ fn malformed_messages_are_counted_and_dropped() {
     assert_eq!(b.metric(|m| &m.received), 1);
     assert_eq!(b.metric(|m| &m.connected), 1);
 }
+
+#[test]
+fn a_panicking_sink_loses_one_message_not_the_broker() {
+    let server = RedisServer::start();
+    let (tx, inbox) = crossbeam_channel::unbounded();
+    let sink: BrokerSink = Arc::new(move |message: Inbound| {
+        assert_ne!(&message.payload[..], b"boom", "the sink refuses this one");
+        let _ = tx.send(message);
+    });
+    let b = Node {
+        broker: RedisBroker::start(RedisConfig::new(server.url()), sink).unwrap(),
+        inbox,
+    };
+    b.subscribe("room", 1);
+    let a = Node::start(&server);
+    a.publish_text("room", "boom");
+    a.publish_text("room", "after");
+    assert_eq!(b.next(), text("room", "after"));
+    assert_eq!(b.metric(|m| &m.received), 2);
+    assert_eq!(b.metric(|m| &m.connected), 1);
+}

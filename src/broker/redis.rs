@@ -14,9 +14,10 @@
 //! and touch a small mutex-guarded set of wanted topics on subscribe/unsubscribe: they
 //! never wait for Redis.
 //!
-//! Messages travel in a binary envelope (`redis/envelope.rs`) carrying a random per-process
-//! origin id, so a process drops its own messages when Redis echoes them back (it
-//! delivered them locally already): every subscriber gets each message exactly once.
+//! Messages travel in a binary envelope (`redis/envelope.rs`) carrying a random
+//! per-process origin id, so a process drops its own messages when Redis echoes them
+//! back (it delivered them locally already): every subscriber gets each message exactly
+//! once.
 //!
 //! When Redis goes away, each thread logs one line naming the cause, counts it, and
 //! reconnects with exponential backoff and jitter ([`RedisConfig::backoff_min`] to
@@ -465,7 +466,11 @@ impl LinkState {
                 self.link.name()
             );
         } else {
-            tracing::debug!(addr = %shared.addr, "Redis broker: {} connection attempt failed: {error}", self.link.name());
+            tracing::debug!(
+                addr = %shared.addr,
+                "Redis broker: {} connection attempt failed: {error}",
+                self.link.name()
+            );
         }
     }
 
