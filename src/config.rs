@@ -61,6 +61,13 @@ pub struct Config {
     /// Time allowed after SIGINT/SIGTERM for peers to answer Close 1001, in seconds.
     /// Default 5.
     pub shutdown_timeout_secs: f64,
+    /// Conflated topics of the default app: exact names or prefixes ending in `*`
+    /// (comma-separated in the environment and `--set`). Within the window only the
+    /// latest message per key reaches each subscriber (see `ringsocket::pubsub`).
+    /// Default: none.
+    pub conflate_topics: Vec<String>,
+    /// The conflation window, in milliseconds. Default 16 (about 60 Hz).
+    pub conflate_window_ms: u64,
     /// Redis server that carries published messages between processes, as
     /// `redis://[user:password@]host[:port][/db]`. Default empty: no Redis, only the
     /// embedded in-process broker.
@@ -86,6 +93,8 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             max_head_bytes: 8 << 10,
             shutdown_timeout_secs: 5.0,
+            conflate_topics: Vec::new(),
+            conflate_window_ms: 16,
             redis_url: String::new(),
             redis_prefix: "ringsocket:".to_owned(),
         }
@@ -154,6 +163,15 @@ impl Config {
             "max_body_bytes" => self.max_body_bytes = num(value)?,
             "max_head_bytes" => self.max_head_bytes = num(value)?,
             "shutdown_timeout_secs" => self.shutdown_timeout_secs = num(value)?,
+            "conflate_topics" => {
+                self.conflate_topics = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }
+            "conflate_window_ms" => self.conflate_window_ms = num(value)?,
             "redis_url" => self.redis_url = value.trim().to_owned(),
             "redis_prefix" => self.redis_prefix = value.to_owned(),
             "slow_consumer_policy" => {
@@ -191,6 +209,12 @@ impl Config {
                 "max_message_size and max_frame_size must be above 0".into(),
             ));
         }
+        if self.conflate_window_ms == 0 || self.conflate_window_ms > 60_000 {
+            return Err(ConfigError(format!(
+                "conflate_window_ms must be 1 to 60000, got {}",
+                self.conflate_window_ms
+            )));
+        }
         if self.max_connections == 0 {
             return Err(ConfigError("max_connections must be above 0".into()));
         }
@@ -226,6 +250,11 @@ impl Config {
         Duration::from_secs_f64(self.shutdown_timeout_secs)
     }
 
+    /// [`Config::conflate_window_ms`] as a `Duration`.
+    pub fn conflate_window(&self) -> Duration {
+        Duration::from_millis(self.conflate_window_ms)
+    }
+
     /// The number of workers to start: [`Config::workers`], or one per available core.
     pub fn worker_count(&self) -> usize {
         if self.workers > 0 {
@@ -252,6 +281,16 @@ mod tests {
             .unwrap();
         assert_eq!(config.workers, 5);
         assert_eq!(config.bind.port(), 8000);
+    }
+
+    #[test]
+    fn conflated_topics_are_a_list() {
+        let mut config: Config = toml::from_str("conflate_topics = [\"cursor\"]\n").unwrap();
+        assert_eq!(config.conflate_topics, ["cursor"]);
+        config.set("conflate_topics", "a, prices:*,").unwrap();
+        assert_eq!(config.conflate_topics, ["a", "prices:*"]);
+        config.set("conflate_window_ms", "0").unwrap();
+        assert!(config.validate().is_err());
     }
 
     #[test]

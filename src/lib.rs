@@ -26,6 +26,7 @@ pub mod broker;
 pub mod config;
 pub mod metrics;
 pub mod proto;
+pub mod pubsub;
 pub mod runtime;
 
 /// The README's example is compiled and run as a doctest, so it cannot rot.

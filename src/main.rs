@@ -106,8 +106,16 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let config = load_config(&args)?;
-    let server = Server::start(config, Arc::new(App::echo())).map_err(|e| e.to_string())?;
-    println!("ringsocket listening on ws://{}/echo", server.local_addr());
+    let mut app = App::standard();
+    for pattern in &config.conflate_topics {
+        app = app.conflate(pattern, config.conflate_window());
+    }
+    let server = Server::start(config, Arc::new(app)).map_err(|e| e.to_string())?;
+    let addr = server.local_addr();
+    println!(
+        "ringsocket listening on {addr}: ws://{addr}/echo, ws://{addr}/ws/{{room}}, \
+         POST http://{addr}/publish/{{topic}}, http://{addr}/metrics"
+    );
     let signal = server.shutdown_signal();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,

@@ -8,6 +8,18 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// Appends one metric family in the Prometheus text format: `ringsocket_{name}`, its
+/// help and type lines, then one sample per row (`labels` is `""` or `{k="v",…}`).
+pub fn write_family(out: &mut String, name: &str, help: &str, kind: &str, rows: &[(String, u64)]) {
+    let _ = writeln!(
+        out,
+        "# HELP ringsocket_{name} {help}\n# TYPE ringsocket_{name} {kind}"
+    );
+    for (labels, value) in rows {
+        let _ = writeln!(out, "ringsocket_{name}{labels} {value}");
+    }
+}
+
 /// Why a connection ended; every way out is counted under one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -226,13 +238,7 @@ impl Metrics {
         };
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, kind: &str, rows: &[(String, u64)]| {
-            let _ = writeln!(
-                out,
-                "# HELP ringsocket_{name} {help}\n# TYPE ringsocket_{name} {kind}"
-            );
-            for (labels, value) in rows {
-                let _ = writeln!(out, "ringsocket_{name}{labels} {value}");
-            }
+            write_family(&mut out, name, help, kind, rows);
         };
         counter(
             "connections_open",

@@ -21,6 +21,7 @@
 //!     });
 //! ```
 
+mod rooms;
 mod router;
 mod websocket;
 
@@ -35,6 +36,7 @@ pub use router::ParamError;
 pub use websocket::WebSocket;
 
 use crate::proto::handshake::Request as Head;
+use crate::pubsub::{Hub, Publisher};
 use crate::runtime::{Context, HttpRequest, LocalFuture, Response, Route, Service, Session};
 use router::{Match, Pattern};
 
@@ -104,6 +106,8 @@ pub struct App {
     websockets: Vec<(Pattern, WsFn)>,
     http: Vec<(Method, Pattern, HttpFn)>,
     builtins: bool,
+    /// Rooms: shared by the app's clones and its publishers.
+    hub: Arc<Hub>,
 }
 
 impl std::fmt::Debug for App {
@@ -133,9 +137,8 @@ impl App {
     /// An app with the built-in `GET /healthz` and `GET /metrics`.
     pub fn new() -> Self {
         Self {
-            websockets: Vec::new(),
-            http: Vec::new(),
             builtins: true,
+            ..Self::default()
         }
     }
 
@@ -189,9 +192,27 @@ impl App {
         self.route(Method::Post, pattern, handler)
     }
 
-    /// The default app of `ringsocket serve`: `/echo` sends every message back.
+    /// An app with `/echo`, which sends every message back.
     pub fn echo() -> Self {
         Self::new().websocket("/echo", echo)
+    }
+
+    /// A handle to publish to this app's rooms from anywhere (HTTP handlers,
+    /// background jobs, other threads). Publishing works once the server runs.
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.hub.clone())
+    }
+
+    /// The app's rooms: subscriber counts, broker, metrics.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Makes topics matching `pattern` conflated with `window` (see
+    /// [`crate::pubsub`]): an exact name, or a prefix followed by `*`.
+    pub fn conflate(self, pattern: &str, window: std::time::Duration) -> Self {
+        self.hub.conflate(pattern, window);
+        self
     }
 }
 
@@ -206,15 +227,25 @@ pub async fn echo(ws: WebSocket) {
 }
 
 impl Service for App {
+    fn bind_workers(&self, workers: usize) -> Result<(), String> {
+        self.hub.bind(workers)
+    }
+
+    fn worker_started(&self, worker: usize, cx: &Context) -> Option<LocalFuture<()>> {
+        self.hub.core_task(worker, cx.config.max_outbound_bytes)
+    }
+
     fn route(&self, head: &Head, _peer: SocketAddr, cx: &Context) -> Route {
         let path = head.path();
         if self.builtins && head.method() == "GET" {
             match path {
                 "/healthz" => return Route::Respond(Response::text(200, "ok\n")),
                 "/metrics" => {
+                    let mut body = cx.metrics.render();
+                    self.hub.render_metrics(&mut body);
                     return Route::Respond(Response {
                         content_type: "text/plain; version=0.0.4".into(),
-                        ..Response::text(200, cx.metrics.render())
+                        ..Response::text(200, body)
                     });
                 }
                 _ => {}

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::proto::handshake::Request;
 use crate::proto::{CloseCode, Message, Utf8Bytes};
+use crate::pubsub::{self, PublishError, SubscribeError};
 use crate::runtime::{Disconnect, Response, Session};
 
 /// A WebSocket connection on its way in (before `accept`) and after.
@@ -92,5 +93,52 @@ impl WebSocket {
     /// Starts the closing handshake with `code` and `reason`.
     pub fn close(&self, code: CloseCode, reason: &str) {
         self.session.close(code, reason);
+    }
+
+    /// Joins `topic`: from now on this connection receives what is published to it,
+    /// from any core or process, in publish order. Only after `accept`. Returns
+    /// whether it was not subscribed already. Topics are left when the connection ends.
+    pub fn subscribe(&self, topic: &str) -> Result<bool, SubscribeError> {
+        pubsub::subscribe(&self.session, topic)
+    }
+
+    /// Leaves `topic`. Returns whether it was subscribed.
+    pub fn unsubscribe(&self, topic: &str) -> bool {
+        pubsub::unsubscribe(&self.session, topic)
+    }
+
+    /// The topics this connection is subscribed to.
+    pub fn topics(&self) -> Vec<String> {
+        pubsub::topics_of(&self.session)
+    }
+
+    /// Publishes `message` to every subscriber of `topic` in every process, this
+    /// connection included if it is one. The frame is encoded once for all of them.
+    pub fn publish(&self, topic: &str, message: Message) -> Result<(), PublishError> {
+        pubsub::publish_from_session(&self.session, topic, &message, None, true)
+    }
+
+    /// Publishes to every subscriber of `topic` but this connection.
+    pub fn publish_to_others(&self, topic: &str, message: Message) -> Result<(), PublishError> {
+        pubsub::publish_from_session(&self.session, topic, &message, None, false)
+    }
+
+    /// Publishes with a conflation key: on a conflated topic, only the latest message
+    /// per key reaches each subscriber within the window (see [`crate::pubsub`]).
+    /// Without a key, a connection's publishes conflate per connection.
+    pub fn publish_keyed(
+        &self,
+        topic: &str,
+        key: impl Into<Bytes>,
+        message: Message,
+        include_self: bool,
+    ) -> Result<(), PublishError> {
+        pubsub::publish_from_session(
+            &self.session,
+            topic,
+            &message,
+            Some(key.into()),
+            include_self,
+        )
     }
 }

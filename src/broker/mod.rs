@@ -87,62 +87,63 @@ pub struct BrokerMetrics {
 impl BrokerMetrics {
     /// Appends these counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
         let rows: [(&str, &str, &str, &AtomicU64); 8] = [
             (
-                "ringsocket_broker_connected",
+                "broker_connected",
                 "gauge",
-                "1 while connected to the broker",
+                "1 while connected to the broker.",
                 &self.connected,
             ),
             (
-                "ringsocket_broker_reconnects_total",
+                "broker_reconnects_total",
                 "counter",
-                "Reconnections to the broker after a loss",
+                "Reconnections to the broker after a loss.",
                 &self.reconnects,
             ),
             (
-                "ringsocket_broker_connection_errors_total",
+                "broker_connection_errors_total",
                 "counter",
-                "Broker connection losses and failed attempts",
+                "Broker connection losses and failed attempts.",
                 &self.connection_errors,
             ),
             (
-                "ringsocket_broker_published_total",
+                "broker_published_total",
                 "counter",
-                "Messages forwarded to other processes",
+                "Messages forwarded to other processes.",
                 &self.published,
             ),
             (
-                "ringsocket_broker_publish_failed_total",
+                "broker_publish_failed_total",
                 "counter",
-                "Messages that could not be forwarded to other processes",
+                "Messages that could not be forwarded to other processes.",
                 &self.publish_failed,
             ),
             (
-                "ringsocket_broker_received_total",
+                "broker_received_total",
                 "counter",
-                "Messages received from other processes",
+                "Messages received from other processes.",
                 &self.received,
             ),
             (
-                "ringsocket_broker_malformed_total",
+                "broker_malformed_total",
                 "counter",
-                "Broker messages that were not a ringsocket envelope",
+                "Broker messages that were not a ringsocket envelope.",
                 &self.malformed,
             ),
             (
-                "ringsocket_broker_subscriptions",
+                "broker_subscriptions",
                 "gauge",
-                "Topics subscribed at the broker",
+                "Topics subscribed at the broker.",
                 &self.subscriptions,
             ),
         ];
         for (name, kind, help, value) in rows {
-            let _ = writeln!(
+            crate::metrics::write_family(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                value.load(Ordering::Relaxed)
+                name,
+                help,
+                kind,
+                &[(String::new(), value.load(Ordering::Relaxed))],
             );
         }
     }

@@ -141,7 +141,12 @@ pub(crate) async fn drive(
             // The session gets its own task, sized to its state alone.
             tokio_uring::spawn(Driver::new(guard, session, handler, bufs, head));
         }
-        Err(reason) => guard.reason = reason,
+        Err(reason) => {
+            // Refused after the handler may have registered hooks (e.g. it accepted,
+            // subscribed, then panicked): unregister it here, as the driver would.
+            session.run_teardown();
+            guard.reason = reason;
+        }
     }
 }
 

@@ -101,6 +101,7 @@ impl Server {
         let n = config.worker_count();
         let (listeners, addr) =
             listener::bind_all(config.bind, n).map_err(|e| ServeError::Bind(config.bind, e))?;
+        service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
         let metrics = Metrics::new(n);
         let cx = Context {

@@ -74,6 +74,21 @@ pub struct Context {
 pub trait Service: Send + Sync + 'static {
     /// Decides what to do with `head`, received from `peer`.
     fn route(&self, head: &Request, peer: SocketAddr, cx: &Context) -> Route;
+
+    /// Called once by the server before its `workers` threads start. An error (e.g. the
+    /// service is already bound to another running server) stops the start.
+    fn bind_workers(&self, workers: usize) -> Result<(), String> {
+        let _ = workers;
+        Ok(())
+    }
+
+    /// Called on each worker's thread as it starts, before it accepts. The returned
+    /// task, if any, runs on that core for the worker's whole life (e.g. the core's
+    /// pubsub inbox). It is dropped when the worker stops.
+    fn worker_started(&self, worker: usize, cx: &Context) -> Option<LocalFuture<()>> {
+        let _ = (worker, cx);
+        None
+    }
 }
 
 /// How polling a handler went.

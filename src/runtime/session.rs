@@ -106,6 +106,10 @@ pub(crate) struct State {
     pub(crate) timer_due: bool,
     /// Set when the server shuts down.
     pub(crate) shutdown: bool,
+    /// Run once when the session ends, on every way out (ARCHITECTURE.md rule 6): the
+    /// layers above unregister the session here (e.g. its topic subscriptions).
+    /// `None` once they have run.
+    pub(crate) teardown: Option<Vec<Box<dyn FnOnce()>>>,
 }
 
 /// A WebSocket connection as its handler sees it. Clones share the connection (a
@@ -138,6 +142,7 @@ impl Session {
                     deadline: None,
                     timer_due: false,
                     shutdown: false,
+                    teardown: Some(Vec::new()),
                 }),
                 request,
                 peer,
@@ -216,6 +221,55 @@ impl Session {
             wake(&mut state.driver_waker);
         }
         Ok(())
+    }
+
+    /// Queues a frame encoded once for many connections (see
+    /// [`encode_server_frame`](crate::proto::encode_server_frame)): the queue holds a
+    /// reference-counted clone. Counts as one message sent.
+    pub fn send_frame(&self, frame: Bytes) -> Result<(), Disconnect> {
+        let mut state = self.state().borrow_mut();
+        if let Some(ended) = &state.ended {
+            return Err(ended.clone());
+        }
+        if state.conn.send_frame(frame).is_err() {
+            return Err(Disconnect::ClosedByUs);
+        }
+        state.sent_messages += 1;
+        if !state.driver_polling {
+            wake(&mut state.driver_waker);
+        }
+        Ok(())
+    }
+
+    /// Bytes queued for this connection and not yet handed to the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.state().borrow().conn.pending_output()
+    }
+
+    /// A number that identifies this session among the live sessions of its core.
+    pub fn id(&self) -> usize {
+        Rc::as_ptr(&self.inner) as usize
+    }
+
+    /// Registers `hook` to run once when the session ends, however it ends. Runs at
+    /// once if it has ended already.
+    pub(crate) fn on_teardown(&self, hook: Box<dyn FnOnce()>) {
+        let mut state = self.state().borrow_mut();
+        match state.teardown.as_mut() {
+            Some(hooks) => hooks.push(hook),
+            None => {
+                drop(state);
+                hook();
+            }
+        }
+    }
+
+    /// Runs the teardown hooks (once; later calls find none).
+    pub(crate) fn run_teardown(&self) {
+        let hooks = self.state().borrow_mut().teardown.take();
+        for hook in hooks.into_iter().flatten() {
+            hook();
+        }
     }
 
     /// Queues a text message.

@@ -68,6 +68,11 @@ pub(crate) fn run(spec: WorkerSpec) {
             limits,
             head_limits,
         });
+        // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
+        let core_task = ctx
+            .service
+            .worker_started(spec.index, &ctx.cx)
+            .map(tokio_uring::spawn);
         let listener = tokio_uring::net::TcpListener::from_std(spec.listener);
         // One timer for the whole core: wakes the sessions whose deadline has passed.
         let tick = registry::tick(&config);
@@ -123,6 +128,9 @@ pub(crate) fn run(spec: WorkerSpec) {
                 );
                 break;
             }
+        }
+        if let Some(task) = core_task {
+            task.abort();
         }
         tracing::debug!(worker = spec.index, "worker stopped");
     });

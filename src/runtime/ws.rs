@@ -493,6 +493,7 @@ impl Drop for Driver {
     fn drop(&mut self) {
         self.guard.ctx.sessions.borrow_mut().remove(self.slot);
         self.end(Disconnect::ConnectionLost);
+        self.session.run_teardown();
     }
 }
 

@@ -1,0 +1,526 @@
+//! Rooms and broadcast: topics, per-core registries, cross-core fan-out, conflation.
+//!
+//! How one publish reaches every subscriber (ARCHITECTURE.md rules 2–4):
+//!
+//! 1. The message is framed **once** into a [`Bytes`] (an unmasked server frame).
+//! 2. On the publishing core, every local subscriber's outbound queue gets a
+//!    reference-counted clone of that frame, and its connection is marked for writing.
+//!    Delivery only queues: each connection's driver then writes everything queued for
+//!    it in one `writev`, so a burst of messages costs each subscriber one system call.
+//! 3. Every other core gets **one** message in its inbox (not one per subscriber) and
+//!    does the same for its own subscribers. Inboxes are bounded channels that wake the
+//!    receiving core; nothing is locked per message.
+//! 4. With a [`Broker`] (e.g. Redis), the message also goes to the other processes, and
+//!    messages from them come in through the broker's sink into every core's inbox.
+//!
+//! Ordering: messages from one publisher reach each subscriber in publish order (each
+//! inbox is FIFO and a core delivers in the order it receives), each exactly once.
+//!
+//! Registries: each core keeps `topic → its local subscribers` and `session → its
+//! topics`. A session leaves every topic when it ends, on every way out, through the
+//! runtime's single teardown path. Process-wide subscriber counts per topic are kept
+//! under a lock taken only on subscribe and unsubscribe (never per message); they feed
+//! `/metrics` and tell the broker which topics this process listens to.
+//!
+//! Conflation (opt-in per topic, [`Hub::conflate`]): within a window (default 16 ms),
+//! only the latest message **per key** reaches each subscriber. The first message after
+//! a quiet window goes out at once; later ones wait for the window's end, when the
+//! latest value of each key is delivered, so the last value always arrives. The key:
+//! - [`Publisher::publish_keyed`] / [`crate::app::WebSocket::publish_keyed`]: the key
+//!   given (e.g. a user id for live cursors);
+//! - a WebSocket's own publish without a key: the sending connection (each sender's
+//!   latest value wins: one cursor per connection);
+//! - [`Publisher::publish`] without a key and messages from other processes: the topic
+//!   (the latest message of the topic wins).
+//!
+//! Slow consumers: a subscriber whose queued bytes pass `max_outbound_bytes` is closed
+//! by its driver with the configured policy (1013 by default), without slowing the
+//! others. On conflated topics a subscriber whose queue is above half that limit is
+//! not sent more: the latest value per key is kept for it instead (superseded values
+//! are dropped and counted) and delivered once its queue has drained.
+
+mod core;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::broker::{Broker, BrokerSink, Inbound, Kind};
+use crate::proto::conn::encode_server_frame;
+use crate::proto::{Message, OpCode};
+use crate::runtime::LocalFuture;
+
+pub use self::core::{SubscribeError, publish_from_session, subscribe, topics_of, unsubscribe};
+
+/// Messages a core's inbox holds before publishes to that core are dropped (counted in
+/// `ringsocket_pubsub_inbox_dropped_total` and logged). Default 65,536.
+pub const DEFAULT_INBOX_CAPACITY: usize = 65_536;
+
+/// The default conflation window: about one frame of a 60 Hz display.
+pub const DEFAULT_CONFLATION_WINDOW: Duration = Duration::from_millis(16);
+
+/// Longest topic name accepted, in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// One publish, shared by every core it is sent to.
+pub(crate) struct Delivery {
+    pub(crate) topic: Arc<str>,
+    /// The frame, encoded once.
+    pub(crate) frame: Bytes,
+    /// The conflation key (see the module docs).
+    pub(crate) key: Bytes,
+    /// A session to skip: `(core, session id)` of a sender that asked not to get it.
+    pub(crate) exclude: Option<(usize, usize)>,
+}
+
+/// Why a publish did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The server is not running (not started yet, or stopped).
+    NotRunning,
+    /// The topic name is empty or longer than [`MAX_TOPIC_LEN`].
+    BadTopic,
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotRunning => f.write_str("the server is not running"),
+            Self::BadTopic => write!(f, "topic names are 1 to {MAX_TOPIC_LEN} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+/// Whether `topic` is an acceptable topic name.
+pub(crate) fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN
+}
+
+/// Counters of the pubsub layer; per-core delivery counts are added in batches.
+#[derive(Debug, Default)]
+pub(crate) struct PubsubMetrics {
+    pub(crate) published: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) inbox_dropped: AtomicU64,
+    pub(crate) conflated: AtomicU64,
+    pub(crate) from_broker: AtomicU64,
+}
+
+/// The process-wide side of pubsub: the cores' inboxes, subscriber counts, conflation
+/// settings and the broker. One per [`crate::app::App`]; shared by its [`Publisher`]s.
+pub struct Hub {
+    inboxes: OnceLock<Vec<mpsc::Sender<Arc<Delivery>>>>,
+    /// Subscriptions held by each core (written by that core only).
+    per_core: OnceLock<Vec<AtomicU64>>,
+    /// Receivers, taken by each core as it starts.
+    receivers: Mutex<Vec<Option<mpsc::Receiver<Arc<Delivery>>>>>,
+    inbox_capacity: usize,
+    /// Topic → subscribers in this process.
+    directory: Mutex<HashMap<Arc<str>, usize>>,
+    /// Conflated topics: exact names, or prefixes ending in `*`, with their window.
+    conflation: Mutex<Vec<(String, Duration)>>,
+    broker: OnceLock<Arc<dyn Broker>>,
+    pub(crate) metrics: PubsubMetrics,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("cores", &self.inboxes.get().map_or(0, Vec::len))
+            .field("broker", &self.broker.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new(DEFAULT_INBOX_CAPACITY)
+    }
+}
+
+impl Hub {
+    /// A hub whose core inboxes hold `inbox_capacity` messages each.
+    pub fn new(inbox_capacity: usize) -> Self {
+        Self {
+            inboxes: OnceLock::new(),
+            per_core: OnceLock::new(),
+            receivers: Mutex::new(Vec::new()),
+            inbox_capacity: inbox_capacity.max(1),
+            directory: Mutex::new(HashMap::new()),
+            conflation: Mutex::new(Vec::new()),
+            broker: OnceLock::new(),
+            metrics: PubsubMetrics::default(),
+        }
+    }
+
+    /// Makes `pattern` a conflated topic (see the module docs): an exact topic name, or
+    /// a prefix followed by `*` (`"cursors:*"`). Applies to topics first used after the
+    /// call; configure before serving.
+    pub fn conflate(&self, pattern: &str, window: Duration) {
+        lock(&self.conflation).push((pattern.to_owned(), window.max(Duration::from_millis(1))));
+    }
+
+    /// The conflation window of `topic`, if it is conflated.
+    pub(crate) fn conflation_window(&self, topic: &str) -> Option<Duration> {
+        lock(&self.conflation)
+            .iter()
+            .find(|(pattern, _)| match pattern.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix),
+                None => topic == pattern,
+            })
+            .map(|(_, window)| *window)
+    }
+
+    /// Connects a broker: from now on publishes also go to the other processes. Its
+    /// sink must be [`Publisher::broker_sink`] of this hub. Only one broker per hub.
+    pub fn set_broker(&self, broker: Arc<dyn Broker>) -> Result<(), String> {
+        for topic in lock(&self.directory).keys() {
+            broker.subscribe(topic);
+        }
+        self.broker
+            .set(broker)
+            .map_err(|_| "this app already has a broker".to_owned())
+    }
+
+    /// The broker, if one is connected.
+    pub fn broker(&self) -> Option<&Arc<dyn Broker>> {
+        self.broker.get()
+    }
+
+    /// Creates one inbox per worker. Fails if this hub already serves a server.
+    pub(crate) fn bind(&self, workers: usize) -> Result<(), String> {
+        let mut receivers = lock(&self.receivers);
+        let mut senders = Vec::with_capacity(workers);
+        let mut rxs = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (tx, rx) = mpsc::channel(self.inbox_capacity);
+            senders.push(tx);
+            rxs.push(Some(rx));
+        }
+        self.inboxes.set(senders).map_err(|_| {
+            "this App's rooms are already bound to a server; build a new App for another server"
+                .to_owned()
+        })?;
+        *receivers = rxs;
+        let _ = self
+            .per_core
+            .set((0..workers).map(|_| AtomicU64::new(0)).collect());
+        Ok(())
+    }
+
+    /// The task of core `index`: receives that core's inbox and delivers locally.
+    /// Installs core `index`'s registry on the calling (worker) thread.
+    pub(crate) fn core_task(
+        self: &Arc<Self>,
+        index: usize,
+        max_outbound_bytes: usize,
+    ) -> Option<LocalFuture<()>> {
+        let rx = lock(&self.receivers).get_mut(index)?.take()?;
+        Some(Box::pin(core::start(
+            self.clone(),
+            index,
+            max_outbound_bytes,
+            rx,
+        )))
+    }
+
+    /// Sends `delivery` to every core but `skip`. Never blocks: a full inbox drops the
+    /// message for that core (counted and logged).
+    pub(crate) fn fan_out(
+        &self,
+        delivery: Arc<Delivery>,
+        skip: Option<usize>,
+    ) -> Result<(), PublishError> {
+        let inboxes = self.inboxes.get().ok_or(PublishError::NotRunning)?;
+        let mut closed = 0;
+        for (index, inbox) in inboxes.iter().enumerate() {
+            if Some(index) == skip {
+                continue;
+            }
+            match inbox.try_send(delivery.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let dropped = self.metrics.inbox_dropped.fetch_add(1, Ordering::Relaxed);
+                    if dropped.is_power_of_two() {
+                        tracing::warn!(core = index, topic = %delivery.topic, dropped = dropped + 1, capacity = self.inbox_capacity, "pubsub inbox full: message dropped for that core's subscribers");
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => closed += 1,
+            }
+        }
+        if closed > 0 && closed + usize::from(skip.is_some()) >= inboxes.len() {
+            return Err(PublishError::NotRunning);
+        }
+        Ok(())
+    }
+
+    /// Forwards a local publish to the other processes, if a broker is connected.
+    pub(crate) fn to_broker(&self, topic: &str, frame: &Bytes) {
+        if let Some(broker) = self.broker.get() {
+            let (kind, payload) = split_frame(frame);
+            broker.publish(topic, kind, payload);
+        }
+    }
+
+    /// Subscriptions held by each core: how evenly the kernel spread the subscribers.
+    pub fn core_subscriptions(&self) -> Vec<u64> {
+        self.per_core
+            .get()
+            .map(|cores| cores.iter().map(|c| c.load(Ordering::Relaxed)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Counts a subscription on `core`; the first one in the process subscribes the
+    /// broker.
+    pub(crate) fn directory_add(&self, core: usize, topic: &Arc<str>) {
+        if let Some(counter) = self.per_core.get().and_then(|c| c.get(core)) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut directory = lock(&self.directory);
+        let count = directory.entry(topic.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            if let Some(broker) = self.broker.get() {
+                broker.subscribe(topic);
+            }
+        }
+    }
+
+    /// Counts an unsubscription on `core`; the last one in the process unsubscribes
+    /// the broker.
+    pub(crate) fn directory_remove(&self, core: usize, topic: &str) {
+        if let Some(counter) = self.per_core.get().and_then(|c| c.get(core)) {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut directory = lock(&self.directory);
+        if let Some(count) = directory.get_mut(topic) {
+            *count -= 1;
+            if *count == 0 {
+                directory.remove(topic);
+                if let Some(broker) = self.broker.get() {
+                    broker.unsubscribe(topic);
+                }
+            }
+        }
+    }
+
+    /// Subscribers to `topic` in this process.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        lock(&self.directory).get(topic).copied().unwrap_or(0)
+    }
+
+    /// Subscriptions in this process, over every topic.
+    pub fn subscriptions(&self) -> usize {
+        lock(&self.directory).values().sum()
+    }
+
+    /// Topics with at least one subscriber in this process.
+    pub fn topics(&self) -> usize {
+        lock(&self.directory).len()
+    }
+
+    /// Appends the pubsub (and broker) metrics in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::write_family;
+        let m = &self.metrics;
+        let load = |a: &AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed))];
+        write_family(
+            out,
+            "pubsub_published_total",
+            "Messages published in this process.",
+            "counter",
+            &load(&m.published),
+        );
+        write_family(
+            out,
+            "pubsub_delivered_total",
+            "Messages queued to subscribers (one per subscriber).",
+            "counter",
+            &load(&m.delivered),
+        );
+        write_family(
+            out,
+            "pubsub_inbox_dropped_total",
+            "Publishes dropped for a core because its inbox was full.",
+            "counter",
+            &load(&m.inbox_dropped),
+        );
+        write_family(
+            out,
+            "pubsub_conflated_total",
+            "Messages superseded by a newer value of their key (conflated topics).",
+            "counter",
+            &load(&m.conflated),
+        );
+        write_family(
+            out,
+            "pubsub_from_broker_total",
+            "Messages received from other processes.",
+            "counter",
+            &load(&m.from_broker),
+        );
+        let mut rows: Vec<(String, u64)> = lock(&self.directory)
+            .iter()
+            .map(|(topic, n)| (format!("{{topic=\"{}\"}}", escape_label(topic)), *n as u64))
+            .collect();
+        rows.sort();
+        write_family(
+            out,
+            "pubsub_topics",
+            "Topics with subscribers in this process.",
+            "gauge",
+            &[(String::new(), rows.len() as u64)],
+        );
+        write_family(
+            out,
+            "pubsub_subscribers",
+            "Subscribers per topic in this process.",
+            "gauge",
+            &rows,
+        );
+        if let Some(broker) = self.broker.get() {
+            broker.metrics().render(out);
+        }
+    }
+}
+
+/// A handle to publish from anywhere: HTTP handlers, background jobs, other threads.
+/// Cloneable and `Send`; publishing never blocks.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    hub: Arc<Hub>,
+}
+
+impl Publisher {
+    /// A publisher into `hub`.
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+
+    /// The hub it publishes into.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Publishes `message` to every subscriber of `topic`, in every process.
+    pub fn publish(&self, topic: &str, message: Message) -> Result<(), PublishError> {
+        self.publish_keyed(topic, Bytes::new(), message)
+    }
+
+    /// Publishes a text message.
+    pub fn publish_text(
+        &self,
+        topic: &str,
+        text: impl Into<crate::proto::Utf8Bytes>,
+    ) -> Result<(), PublishError> {
+        self.publish(topic, Message::Text(text.into()))
+    }
+
+    /// Publishes a binary message.
+    pub fn publish_binary(&self, topic: &str, bytes: impl Into<Bytes>) -> Result<(), PublishError> {
+        self.publish(topic, Message::Binary(bytes.into()))
+    }
+
+    /// Publishes with a conflation key (used only on conflated topics: the latest
+    /// message per key wins within the window).
+    pub fn publish_keyed(
+        &self,
+        topic: &str,
+        key: Bytes,
+        message: Message,
+    ) -> Result<(), PublishError> {
+        if !valid_topic(topic) {
+            return Err(PublishError::BadTopic);
+        }
+        let frame = encode_message(&message);
+        self.hub.fan_out(
+            Arc::new(Delivery {
+                topic: topic.into(),
+                frame: frame.clone(),
+                key,
+                exclude: None,
+            }),
+            None,
+        )?;
+        self.hub.metrics.published.fetch_add(1, Ordering::Relaxed);
+        self.hub.to_broker(topic, &frame);
+        Ok(())
+    }
+
+    /// Subscribers to `topic` in this process.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.hub.subscribers(topic)
+    }
+
+    /// The sink a broker delivers other processes' messages to: every core's inbox.
+    pub fn broker_sink(&self) -> BrokerSink {
+        let hub = Arc::downgrade(&self.hub);
+        Arc::new(move |inbound: Inbound| {
+            let Some(hub) = hub.upgrade() else { return };
+            if !valid_topic(&inbound.topic) {
+                return;
+            }
+            let opcode = match inbound.kind {
+                Kind::Text => OpCode::Text,
+                Kind::Binary => OpCode::Binary,
+            };
+            hub.metrics.from_broker.fetch_add(1, Ordering::Relaxed);
+            let _ = hub.fan_out(
+                Arc::new(Delivery {
+                    topic: inbound.topic.as_str().into(),
+                    frame: encode_server_frame(opcode, &inbound.payload),
+                    key: Bytes::new(),
+                    exclude: None,
+                }),
+                None,
+            );
+        })
+    }
+}
+
+/// Frames a data message once, for every subscriber.
+pub(crate) fn encode_message(message: &Message) -> Bytes {
+    match message {
+        Message::Text(text) => encode_server_frame(OpCode::Text, text.as_bytes()),
+        Message::Binary(bytes) => encode_server_frame(OpCode::Binary, bytes),
+    }
+}
+
+/// The kind and payload of a frame made by [`encode_message`] (no copy).
+fn split_frame(frame: &Bytes) -> (Kind, Bytes) {
+    let kind = if frame.first().is_some_and(|b| b & 0x0f == 0x1) {
+        Kind::Text
+    } else {
+        Kind::Binary
+    };
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    (kind, frame.slice(header.min(frame.len())..))
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The data under these locks stays consistent at every step; a panic elsewhere
+    // while holding one must not take pubsub down with it.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;
