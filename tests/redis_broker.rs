@@ -14,6 +14,10 @@ use ringsocket::broker::redis::{RedisBroker, RedisConfig};
 use ringsocket::broker::{Broker, BrokerMetrics, BrokerSink, Inbound, Kind};
 
 use common::redis::RedisServer;
+use futures_util::{SinkExt, StreamExt};
+use ringsocket::app::App;
+use ringsocket::runtime::RunningServer;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// Longest wait for something that should happen within milliseconds.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -328,4 +332,97 @@ fn a_panicking_sink_loses_one_message_not_the_broker() {
     assert_eq!(b.next(), text("room", "after"));
     assert_eq!(b.metric(|m| &m.received), 2);
     assert_eq!(b.metric(|m| &m.connected), 1);
+}
+
+/// A `ringsocket serve`-like server (the standard app's rooms) whose hub forwards
+/// through its own Redis broker: one "process" of a cluster.
+fn rooms_server(redis: &RedisServer) -> (RunningServer, Arc<ringsocket::pubsub::Hub>, Node) {
+    let app = App::standard();
+    let hub = app.hub().clone();
+    let mut config = RedisConfig::new(redis.url());
+    config.backoff_min = Duration::from_millis(20);
+    config.backoff_max = Duration::from_millis(200);
+    config.health_interval = Duration::from_millis(100);
+    let broker = RedisBroker::start(config, app.publisher().broker_sink()).unwrap();
+    hub.set_broker(broker.clone()).unwrap();
+    let node = Node {
+        broker,
+        inbox: crossbeam_channel::never(),
+    };
+    (common::start(app, |_| {}), hub, node)
+}
+
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn join(server: &RunningServer, room: &str) -> Client {
+    let url = format!("ws://{}/ws/{room}", server.local_addr());
+    tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+}
+
+async fn next_text(client: &mut Client) -> String {
+    loop {
+        let message = tokio::time::timeout(PATIENCE, client.next())
+            .await
+            .expect("a message within the patience window")
+            .unwrap()
+            .unwrap();
+        if let WsMessage::Text(text) = message {
+            return text.as_str().to_owned();
+        }
+    }
+}
+
+/// Two servers, each with its own broker: a message sent in a room reaches its members
+/// on both servers exactly once and in order; while Redis is down, local delivery goes
+/// on; after it is back, cross-server delivery resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_span_two_servers_and_survive_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let (one, hub_one, broker_one) = rooms_server(&redis);
+    let (two, hub_two, broker_two) = rooms_server(&redis);
+    let mut sender = join(&one, "lobby").await;
+    let mut near = join(&one, "lobby").await;
+    let mut far = join(&two, "lobby").await;
+    let deadline = Instant::now() + PATIENCE;
+    while hub_one.subscribers("lobby") != 2 || hub_two.subscribers("lobby") != 1 {
+        assert!(Instant::now() < deadline, "clients did not join");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker_one.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    broker_two.wait_for("subscriptions", |m| &m.subscriptions, 1);
+
+    const N: usize = 100;
+    for i in 0..N {
+        sender.send(WsMessage::text(format!("m{i}"))).await.unwrap();
+    }
+    for i in 0..N {
+        assert_eq!(next_text(&mut near).await, format!("m{i}"));
+        assert_eq!(next_text(&mut far).await, format!("m{i}"));
+    }
+    // The far side answers: it reaches both near clients once, and nothing of the
+    // sender's own came back to it before.
+    far.send(WsMessage::text("reply")).await.unwrap();
+    assert_eq!(next_text(&mut sender).await, "reply");
+    assert_eq!(next_text(&mut near).await, "reply");
+
+    redis.stop();
+    broker_one.wait_for("connected", |m| &m.connected, 0);
+    sender.send(WsMessage::text("local only")).await.unwrap();
+    assert_eq!(next_text(&mut near).await, "local only");
+
+    redis.restart();
+    for broker in [&broker_one, &broker_two] {
+        broker.wait_for("connected", |m| &m.connected, 1);
+        broker.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    }
+    sender.send(WsMessage::text("back")).await.unwrap();
+    assert_eq!(next_text(&mut near).await, "back");
+    // "local only" never reached the far side: its next message is this one.
+    assert_eq!(next_text(&mut far).await, "back");
+    assert!(broker_one.metric(|m| &m.publish_failed) >= 1);
 }
