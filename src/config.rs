@@ -68,6 +68,12 @@ pub struct Config {
     pub conflate_topics: Vec<String>,
     /// The conflation window, in milliseconds. Default 16 (about 60 Hz).
     pub conflate_window_ms: u64,
+    /// Redis server that carries published messages between processes, as
+    /// `redis://[user:password@]host[:port][/db]`. Default empty: no Redis, only the
+    /// embedded in-process broker.
+    pub redis_url: String,
+    /// Prefix of the Redis channel of every topic. Default `ringsocket:`.
+    pub redis_prefix: String,
 }
 
 impl Default for Config {
@@ -89,6 +95,8 @@ impl Default for Config {
             shutdown_timeout_secs: 5.0,
             conflate_topics: Vec::new(),
             conflate_window_ms: 16,
+            redis_url: String::new(),
+            redis_prefix: "ringsocket:".to_owned(),
         }
     }
 }
@@ -164,6 +172,8 @@ impl Config {
                     .collect()
             }
             "conflate_window_ms" => self.conflate_window_ms = num(value)?,
+            "redis_url" => self.redis_url = value.trim().to_owned(),
+            "redis_prefix" => self.redis_prefix = value.to_owned(),
             "slow_consumer_policy" => {
                 self.slow_consumer_policy = match value.trim() {
                     "close-1013" => SlowConsumerPolicy::Close1013,
@@ -207,6 +217,10 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(ConfigError("max_connections must be above 0".into()));
+        }
+        if !self.redis_url.is_empty() {
+            crate::broker::redis::check_url(&self.redis_url)
+                .map_err(|e| ConfigError(format!("redis_url: {e}")))?;
         }
         Ok(())
     }
@@ -296,5 +310,30 @@ mod tests {
                 .0
                 .contains("pong_timeout_secs")
         );
+    }
+
+    #[test]
+    fn redis_settings_from_file_env_and_set() {
+        let config = Config::default();
+        assert_eq!(config.redis_url, "");
+        assert_eq!(config.redis_prefix, "ringsocket:");
+        let mut config: Config =
+            toml::from_str("redis_url = \"redis://10.0.0.1:6380/2\"\nredis_prefix = \"app:\"\n")
+                .unwrap();
+        assert_eq!(config.redis_url, "redis://10.0.0.1:6380/2");
+        assert_eq!(config.redis_prefix, "app:");
+        config.validate().unwrap();
+        config
+            .apply_env([(
+                "RINGSOCKET_REDIS_URL".to_owned(),
+                " redis://127.0.0.1:7000 ".to_owned(),
+            )])
+            .unwrap();
+        assert_eq!(config.redis_url, "redis://127.0.0.1:7000");
+        config.set("redis_prefix", "other:").unwrap();
+        assert_eq!(config.redis_prefix, "other:");
+        config.set("redis_url", "http://nope").unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.0.contains("redis_url"), "{err}");
     }
 }

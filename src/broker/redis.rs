@@ -1,1 +1,691 @@
-//! The Redis Pub/Sub broker (see the module docs of [`crate::broker`]).
+//! The Redis Pub/Sub broker (see the module docs of [`crate::broker`] for the contract).
+//!
+//! Each process holds exactly two Redis connections, each on its own OS thread, never on
+//! an I/O core:
+//!
+//! - the **subscriber** (thread `ringsocket-rsub`): `SUBSCRIBE`s to `prefix + topic` for
+//!   every topic this process wants, receives messages and hands them to the
+//!   [`BrokerSink`]. It reads with a short timeout ([`POLL_INTERVAL`]) so that it also
+//!   applies subscription changes and notices shutdown without a second wake-up channel.
+//! - the **publisher** (thread `ringsocket-rpub`): drains the bounded publish queue and
+//!   sends everything queued in one pipelined batch of `PUBLISH`es per round trip.
+//!
+//! The I/O cores only `try_send` into the publish queue (a bounded `crossbeam-channel`)
+//! and touch a small mutex-guarded set of wanted topics on subscribe/unsubscribe: they
+//! never wait for Redis.
+//!
+//! Messages travel in a binary envelope (`redis/envelope.rs`) carrying a random
+//! per-process origin id, so a process drops its own messages when Redis echoes them
+//! back (it delivered them locally already): every subscriber gets each message exactly
+//! once.
+//!
+//! When Redis goes away, each thread logs one line naming the cause, counts it, and
+//! reconnects with exponential backoff and jitter ([`RedisConfig::backoff_min`] to
+//! [`RedisConfig::backoff_max`]); the subscriber resubscribes to every wanted topic.
+//! Messages published meanwhile are dropped and counted in `publish_failed`; the
+//! publisher logs their total when it is back. An idle connection is checked with a
+//! `PING` every [`RedisConfig::health_interval`], so a silent loss is noticed too.
+//!
+//! The client is the `redis` crate's synchronous API (no async runtime): `PubSub` with a
+//! read timeout on the subscriber, `redis::pipe()` on the publisher.
+
+mod envelope;
+mod publisher;
+mod subscriber;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use super::{Broker, BrokerMetrics, BrokerSink, Kind};
+use crate::config::Config;
+use envelope::Origin;
+
+/// How often the subscriber thread wakes up when no message arrives, to apply
+/// subscription changes and to notice shutdown: the longest a new subscription waits
+/// before it is sent to Redis.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Settings of the Redis broker. Build with [`RedisConfig::new`], then change fields.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host[:port][/db]` (or `redis+unix:///path`). No default.
+    pub url: String,
+    /// Prepended to every topic to name its Redis channel. Default `"ringsocket:"`.
+    pub prefix: String,
+    /// Messages waiting to be forwarded to Redis. Beyond it `publish` drops the message
+    /// (policy: drop newest), counts it in `publish_failed` and logs at most one line a
+    /// second. Default 65,536.
+    pub publish_queue: usize,
+    /// Payload bytes waiting to be forwarded to Redis; beyond it the same policy as
+    /// [`RedisConfig::publish_queue`]. Default 64 MiB.
+    pub publish_queue_bytes: usize,
+    /// First wait before reconnecting after a failed attempt. Default 100 ms.
+    pub backoff_min: Duration,
+    /// Longest wait between reconnection attempts (each wait doubles up to it, with
+    /// jitter). Default 5 s.
+    pub backoff_max: Duration,
+    /// Longest wait for a connection, a reply or a write before the connection is taken
+    /// as lost. Default 2 s.
+    pub io_timeout: Duration,
+    /// An idle connection is checked with a `PING` this often. Default 1 s.
+    pub health_interval: Duration,
+}
+
+impl RedisConfig {
+    /// The defaults, for the Redis server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "ringsocket:".to_owned(),
+            publish_queue: 65_536,
+            publish_queue_bytes: 64 << 20,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(2),
+            health_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// The broker settings of a server configuration: `None` when
+    /// [`Config::redis_url`] is empty (the embedded broker only).
+    pub fn from_config(config: &Config) -> Option<Self> {
+        if config.redis_url.is_empty() {
+            return None;
+        }
+        let mut redis = Self::new(config.redis_url.clone());
+        redis.prefix.clone_from(&config.redis_prefix);
+        Some(redis)
+    }
+}
+
+/// Checks that `url` is a Redis URL this build can connect to, without connecting.
+pub fn check_url(url: &str) -> Result<(), BrokerError> {
+    client(url).map(drop)
+}
+
+fn client(url: &str) -> Result<redis::Client, BrokerError> {
+    redis::Client::open(url).map_err(|e| BrokerError::InvalidUrl(format!("{url:?}: {e}")))
+}
+
+/// Why the broker could not start.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The URL is not a Redis URL this build can use.
+    InvalidUrl(String),
+    /// A setting is out of range (named).
+    InvalidConfig(String),
+    /// The OS could not give a random origin id or start a thread.
+    Os(std::io::Error),
+}
+
+impl fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidUrl(e) => write!(f, "invalid Redis URL: {e}"),
+            Self::InvalidConfig(e) => write!(f, "invalid Redis broker setting: {e}"),
+            Self::Os(e) => write!(f, "cannot start the Redis broker: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BrokerError {}
+
+/// The Redis Pub/Sub broker. See the module docs.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    queue: Sender<Outbound>,
+    /// Dropped by [`Broker::shutdown`]: disconnecting it wakes both threads.
+    stop: Mutex<Option<Sender<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("addr", &self.shared.addr)
+            .field("prefix", &self.shared.config.prefix)
+            .field("queued", &self.queue.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// Starts the subscriber and publisher threads. Fails only for an invalid URL or
+    /// setting (or if the OS refuses a thread): Redis being down is logged and retried
+    /// in the background.
+    pub fn start(config: RedisConfig, sink: BrokerSink) -> Result<Arc<Self>, BrokerError> {
+        let client = client(&config.url)?;
+        if config.publish_queue == 0 || config.publish_queue_bytes == 0 {
+            return Err(BrokerError::InvalidConfig(
+                "publish_queue and publish_queue_bytes must be above 0".into(),
+            ));
+        }
+        for (name, value) in [
+            ("backoff_min", config.backoff_min),
+            ("backoff_max", config.backoff_max),
+            ("io_timeout", config.io_timeout),
+            ("health_interval", config.health_interval),
+        ] {
+            if value.is_zero() {
+                return Err(BrokerError::InvalidConfig(format!(
+                    "{name} must be above 0"
+                )));
+            }
+        }
+        let mut origin: Origin = [0; envelope::ORIGIN_LEN];
+        getrandom::fill(&mut origin).map_err(|e| {
+            BrokerError::Os(std::io::Error::other(format!("no random origin id: {e}")))
+        })?;
+        let addr = client.get_connection_info().addr().to_string();
+        let (queue, queue_rx) = crossbeam_channel::bounded(config.publish_queue);
+        let (stop, stop_rx) = crossbeam_channel::bounded(0);
+        let shared = Arc::new(Shared {
+            config,
+            client,
+            addr,
+            origin,
+            sink,
+            metrics: BrokerMetrics::default(),
+            wanted: Mutex::new(HashSet::new()),
+            wanted_changed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            links: Mutex::new([false; 2]),
+            lost_while_away: AtomicU64::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            queue_full_log: RateLimit::new(),
+        });
+        let broker = Arc::new(Self {
+            shared: shared.clone(),
+            queue,
+            stop: Mutex::new(Some(stop)),
+            threads: Mutex::new(Vec::new()),
+        });
+        let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(run)
+                .map_err(BrokerError::Os)
+        };
+        let sub_shared = shared.clone();
+        let sub_stop = stop_rx.clone();
+        let started = spawn(
+            "ringsocket-rsub",
+            Box::new(move || subscriber::run(&sub_shared, &sub_stop)),
+        )
+        .and_then(|sub| {
+            lock(&broker.threads).push(sub);
+            spawn(
+                "ringsocket-rpub",
+                Box::new(move || publisher::run(&shared, &queue_rx, &stop_rx)),
+            )
+        });
+        match started {
+            Ok(publ) => lock(&broker.threads).push(publ),
+            Err(e) => {
+                broker.shutdown();
+                return Err(e);
+            }
+        }
+        Ok(broker)
+    }
+
+    /// Messages waiting in the publish queue (at most [`RedisConfig::publish_queue`]).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) {
+        let shared = &self.shared;
+        let size = payload.len();
+        let queued = shared.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        let full = if queued.saturating_add(size) > shared.config.publish_queue_bytes {
+            true
+        } else {
+            let message = Outbound {
+                topic: topic.into(),
+                kind,
+                payload,
+            };
+            match self.queue.try_send(message) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => true,
+                // After shutdown: nothing forwards any more.
+                Err(TrySendError::Disconnected(_)) => false,
+            }
+        };
+        shared.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        shared.failed(1);
+        if !full {
+            return;
+        }
+        if let Some(suppressed) = shared.queue_full_log.check() {
+            tracing::warn!(
+                messages = shared.config.publish_queue,
+                bytes = shared.config.publish_queue_bytes,
+                "Redis broker: publish queue full, dropping messages \
+                 ({suppressed} more dropped since the last such line)"
+            );
+        }
+    }
+
+    fn subscribe(&self, topic: &str) {
+        if lock(&self.shared.wanted).insert(topic.to_owned()) {
+            self.shared.wanted_changed.store(true, Ordering::Release);
+        }
+    }
+
+    fn unsubscribe(&self, topic: &str) {
+        if lock(&self.shared.wanted).remove(topic) {
+            self.shared.wanted_changed.store(true, Ordering::Release);
+        }
+    }
+
+    fn metrics(&self) -> &BrokerMetrics {
+        &self.shared.metrics
+    }
+
+    fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        drop(lock(&self.stop).take());
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        let me = std::thread::current().id();
+        for handle in threads {
+            // The sink runs on the subscriber thread: it cannot join itself.
+            if handle.thread().id() != me {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A message waiting to be forwarded.
+#[derive(Debug)]
+struct Outbound {
+    topic: Box<str>,
+    kind: Kind,
+    payload: Bytes,
+}
+
+/// What both threads share with the broker handle.
+struct Shared {
+    config: RedisConfig,
+    client: redis::Client,
+    /// `host:port` (or socket path) for log lines: the URL may hold a password.
+    addr: String,
+    origin: Origin,
+    sink: BrokerSink,
+    metrics: BrokerMetrics,
+    /// Topics this process has local subscribers to. Changed by the I/O cores (short
+    /// critical sections), applied to Redis by the subscriber thread.
+    wanted: Mutex<HashSet<String>>,
+    /// Set when `wanted` changed since the subscriber last applied it.
+    wanted_changed: AtomicBool,
+    stopping: AtomicBool,
+    /// Whether each [`Link`] is connected; `connected` is 1 while both are.
+    links: Mutex<[bool; 2]>,
+    /// Messages dropped since the publisher lost Redis, logged when it is back.
+    lost_while_away: AtomicU64,
+    /// Payload bytes in the publish queue.
+    queued_bytes: AtomicUsize,
+    queue_full_log: RateLimit,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Counts `n` messages that could not be forwarded.
+    fn failed(&self, n: u64) {
+        self.metrics.publish_failed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The Redis channel of `topic`, written into `out`.
+    fn channel_into(&self, topic: &str, out: &mut String) {
+        out.clear();
+        out.push_str(&self.config.prefix);
+        out.push_str(topic);
+    }
+
+    /// Connects, with backoff between failed attempts; `wait` sleeps for the given time
+    /// and answers false when the broker is stopping. `None` when stopping. The caller
+    /// reports the link as connected ([`LinkState::connected`]) once it is ready.
+    fn connect(
+        &self,
+        link: &mut LinkState,
+        mut wait: impl FnMut(Duration) -> bool,
+    ) -> Option<redis::Connection> {
+        loop {
+            if self.stopping() {
+                return None;
+            }
+            let attempt = self
+                .client
+                .get_connection_with_timeout(self.config.io_timeout)
+                .and_then(|con| {
+                    con.set_read_timeout(Some(self.config.io_timeout))?;
+                    con.set_write_timeout(Some(self.config.io_timeout))?;
+                    Ok(con)
+                });
+            match attempt {
+                Ok(con) => return Some(con),
+                Err(e) => {
+                    link.attempt_failed(self, &e);
+                    if !wait(link.backoff.next()) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_link(&self, link: Link, up: bool) {
+        let mut links = lock(&self.links);
+        links[link as usize] = up;
+        let both = links.iter().all(|&up| up);
+        self.metrics
+            .connected
+            .store(u64::from(both), Ordering::Relaxed);
+    }
+}
+
+/// One of the two connections.
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    Subscriber = 0,
+    Publisher = 1,
+}
+
+impl Link {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Subscriber => "subscriber",
+            Self::Publisher => "publisher",
+        }
+    }
+}
+
+/// A connection's history, for its log lines and counters.
+struct LinkState {
+    link: Link,
+    backoff: Backoff,
+    /// When the current outage began (`None` while connected or before the first
+    /// connection), and whether it follows a loss (a reconnect) or the start.
+    down_since: Option<(Instant, bool)>,
+    up_since: Option<Instant>,
+    failed_attempts: u64,
+}
+
+impl LinkState {
+    fn new(link: Link, shared: &Shared) -> Self {
+        let mut seed = [0; 32];
+        seed[..envelope::ORIGIN_LEN].copy_from_slice(&shared.origin);
+        seed[31] = link as u8;
+        Self {
+            link,
+            backoff: Backoff::new(
+                shared.config.backoff_min,
+                shared.config.backoff_max,
+                ChaCha8Rng::from_seed(seed),
+            ),
+            down_since: Some((Instant::now(), false)),
+            up_since: None,
+            failed_attempts: 0,
+        }
+    }
+
+    fn attempt_failed(&mut self, shared: &Shared, error: &redis::RedisError) {
+        shared
+            .metrics
+            .connection_errors
+            .fetch_add(1, Ordering::Relaxed);
+        self.failed_attempts += 1;
+        if self.failed_attempts == 1 && matches!(self.down_since, Some((_, false))) {
+            tracing::warn!(
+                addr = %shared.addr,
+                "Redis broker: {} cannot connect: {error}; retrying in the background",
+                self.link.name()
+            );
+        } else {
+            tracing::debug!(
+                addr = %shared.addr,
+                "Redis broker: {} connection attempt failed: {error}",
+                self.link.name()
+            );
+        }
+    }
+
+    fn connected(&mut self, shared: &Shared) {
+        if let Some((since, after_loss)) = self.down_since.take() {
+            if after_loss {
+                shared.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    addr = %shared.addr,
+                    "Redis broker: {} reconnected after {:.1} s ({} failed attempts)",
+                    self.link.name(),
+                    since.elapsed().as_secs_f64(),
+                    self.failed_attempts
+                );
+            } else if self.failed_attempts > 0 {
+                tracing::info!(addr = %shared.addr, "Redis broker: {} connected", self.link.name());
+            }
+        }
+        self.failed_attempts = 0;
+        self.up_since = Some(Instant::now());
+        shared.set_link(self.link, true);
+    }
+
+    /// The connection was lost: one log line naming the cause.
+    fn lost(&mut self, shared: &Shared, error: &redis::RedisError) {
+        shared
+            .metrics
+            .connection_errors
+            .fetch_add(1, Ordering::Relaxed);
+        shared.set_link(self.link, false);
+        tracing::warn!(
+            addr = %shared.addr,
+            "Redis broker: {} connection lost: {error}; reconnecting",
+            self.link.name()
+        );
+        // A connection that stayed up a while starts over from the shortest wait; one
+        // that keeps failing right after connecting keeps backing off.
+        if self
+            .up_since
+            .take()
+            .is_some_and(|t| t.elapsed() >= shared.config.backoff_max)
+        {
+            self.backoff.reset();
+        }
+        self.down_since = Some((Instant::now(), true));
+    }
+
+    /// The thread is stopping.
+    fn closed(&mut self, shared: &Shared) {
+        shared.set_link(self.link, false);
+    }
+}
+
+/// Exponential backoff with "equal jitter": each wait is half the current step plus a
+/// random part up to the other half, and the step doubles up to the maximum.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    step: Duration,
+    rng: ChaCha8Rng,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration, rng: ChaCha8Rng) -> Self {
+        let max = max.max(min);
+        Self {
+            min,
+            max,
+            step: min,
+            rng,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let half = self.step / 2;
+        let jitter_nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        let jitter = Duration::from_nanos(self.rng.next_u64() % jitter_nanos.saturating_add(1));
+        self.step = (self.step * 2).min(self.max);
+        half + jitter
+    }
+
+    fn reset(&mut self) {
+        self.step = self.min;
+    }
+}
+
+/// Lets one log line through per second, counting the ones it holds back.
+struct RateLimit {
+    start: Instant,
+    /// Milliseconds since `start` before which no line is logged.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be logged now.
+    fn check(&self) -> Option<u64> {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Waits `timeout` on `stop`; false when the broker is stopping.
+fn wait_unless_stopped(stop: &Receiver<()>, timeout: Duration) -> bool {
+    !matches!(
+        stop.recv_timeout(timeout),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_max_and_resets() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        let mut backoff = Backoff::new(min, max, ChaCha8Rng::from_seed([1; 32]));
+        let mut step = min;
+        for _ in 0..12 {
+            let wait = backoff.next();
+            assert!(
+                wait >= step / 2 && wait <= step,
+                "{wait:?} for step {step:?}"
+            );
+            step = (step * 2).min(max);
+        }
+        assert_eq!(backoff.step, max);
+        backoff.reset();
+        assert!(backoff.next() <= min);
+    }
+
+    #[test]
+    fn rate_limit_lets_one_line_a_second_through_and_counts_the_rest() {
+        let limit = RateLimit::new();
+        assert_eq!(limit.check(), Some(0));
+        assert_eq!(limit.check(), None);
+        assert_eq!(limit.check(), None);
+        limit.next_ms.store(0, Ordering::Relaxed);
+        assert_eq!(limit.check(), Some(2));
+    }
+
+    #[test]
+    fn settings_come_from_the_server_config() {
+        let mut config = Config::default();
+        assert_eq!(RedisConfig::from_config(&config), None);
+        config.redis_url = "redis://127.0.0.1:6380".into();
+        config.redis_prefix = "app:".into();
+        let redis = RedisConfig::from_config(&config).unwrap();
+        assert_eq!(redis.url, "redis://127.0.0.1:6380");
+        assert_eq!(redis.prefix, "app:");
+        assert_eq!(redis.publish_queue, 65_536);
+    }
+
+    #[test]
+    fn start_refuses_only_bad_urls_and_settings() {
+        let sink: BrokerSink = Arc::new(|_| {});
+        for url in [
+            "http://localhost",
+            "redis://",
+            "not a url",
+            "rediss://localhost",
+        ] {
+            let err = RedisBroker::start(RedisConfig::new(url), sink.clone()).unwrap_err();
+            assert!(matches!(err, BrokerError::InvalidUrl(_)), "{url}: {err}");
+        }
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.publish_queue = 0;
+        let err = RedisBroker::start(config, sink.clone()).unwrap_err();
+        assert!(err.to_string().contains("publish_queue"), "{err}");
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.publish_queue_bytes = 4;
+        let broker = RedisBroker::start(config, sink.clone()).unwrap();
+        broker.publish("t", Kind::Binary, Bytes::from_static(b"12345"));
+        assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 1);
+        assert_eq!(broker.shared.queued_bytes.load(Ordering::Relaxed), 0);
+        broker.shutdown();
+        // Nothing listens on port 1: start still succeeds and keeps retrying.
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.publish_queue = 1;
+        let broker = RedisBroker::start(config, sink).unwrap();
+        broker.publish("t", Kind::Text, Bytes::from_static(b"a"));
+        broker.publish("t", Kind::Text, Bytes::from_static(b"b"));
+        broker.publish("t", Kind::Text, Bytes::from_static(b"c"));
+        let started = Instant::now();
+        broker.shutdown();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(broker.metrics().connected.load(Ordering::Relaxed), 0);
+        // Each of the three was dropped: queue full, away, or at shutdown.
+        assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 3);
+        assert_eq!(broker.shared.queued_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(broker.metrics().published.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,6 +1,8 @@
 //! Helpers shared by the loopback server tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod redis;
+
 use std::sync::Arc;
 
 use ringsocket::app::App;

@@ -1,0 +1,186 @@
+//! The subscriber thread: one Redis connection in Pub/Sub mode, for the whole process.
+
+use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use redis::{Msg, PubSub, RedisResult};
+
+use super::envelope;
+use super::{Link, LinkState, POLL_INTERVAL, RateLimit, Shared, lock, wait_unless_stopped};
+use crate::broker::Inbound;
+
+/// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command when many change at once.
+const CHANNELS_PER_COMMAND: usize = 512;
+
+/// Runs until the broker stops: connect, subscribe to every wanted topic, receive;
+/// on a loss, reconnect with backoff and start over.
+pub(super) fn run(shared: &Shared, stop: &Receiver<()>) {
+    let mut link = LinkState::new(Link::Subscriber, shared);
+    let mut listener = Listener {
+        shared,
+        malformed_log: RateLimit::new(),
+    };
+    while let Some(mut con) = shared.connect(&mut link, |d| wait_unless_stopped(stop, d)) {
+        let result = listener.session(&mut con, &mut link);
+        shared.metrics.subscriptions.store(0, Ordering::Relaxed);
+        match result {
+            Ok(()) => break,
+            Err(e) => link.lost(shared, &e),
+        }
+    }
+    link.closed(shared);
+}
+
+/// The subscriber's state that outlives one connection.
+struct Listener<'a> {
+    shared: &'a Shared,
+    malformed_log: RateLimit,
+}
+
+impl Listener<'_> {
+    /// One connection's life. `Ok` when the broker stops, `Err` when the connection is
+    /// lost.
+    fn session(&mut self, con: &mut redis::Connection, link: &mut LinkState) -> RedisResult<()> {
+        let shared = self.shared;
+        let mut pubsub = con.as_pubsub();
+        // Channels subscribed on this connection, by topic.
+        let mut subscribed = HashSet::new();
+        shared.wanted_changed.store(false, Ordering::Release);
+        self.sync(&mut pubsub, &mut subscribed)?;
+        link.connected(shared);
+        pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
+        let idle_polls_per_ping =
+            (shared.config.health_interval.as_nanos() / POLL_INTERVAL.as_nanos()).max(1);
+        let mut idle_polls = 0;
+        loop {
+            if shared.stopping() {
+                return Ok(());
+            }
+            // A plain load first: this runs once per message.
+            if shared.wanted_changed.load(Ordering::Relaxed)
+                && shared.wanted_changed.swap(false, Ordering::AcqRel)
+            {
+                pubsub.set_read_timeout(Some(shared.config.io_timeout))?;
+                self.sync(&mut pubsub, &mut subscribed)?;
+                pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
+            }
+            match pubsub.get_message() {
+                Ok(msg) => {
+                    idle_polls = 0;
+                    self.deliver(&msg, &subscribed);
+                }
+                Err(e) if e.is_timeout() => {
+                    idle_polls += 1;
+                    if idle_polls >= idle_polls_per_ping {
+                        idle_polls = 0;
+                        pubsub.set_read_timeout(Some(shared.config.io_timeout))?;
+                        pubsub.ping::<redis::Value>()?;
+                        pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Brings this connection's subscriptions in line with the wanted topics.
+    fn sync(&self, pubsub: &mut PubSub<'_>, subscribed: &mut HashSet<String>) -> RedisResult<()> {
+        let shared = self.shared;
+        let (add, remove): (Vec<String>, Vec<String>) = {
+            let wanted = lock(&shared.wanted);
+            (
+                wanted
+                    .iter()
+                    .filter(|t| !subscribed.contains(*t))
+                    .cloned()
+                    .collect(),
+                subscribed
+                    .iter()
+                    .filter(|t| !wanted.contains(*t))
+                    .cloned()
+                    .collect(),
+            )
+        };
+        let channels = |topics: &[String]| -> Vec<String> {
+            topics
+                .iter()
+                .map(|t| {
+                    let mut channel = String::new();
+                    shared.channel_into(t, &mut channel);
+                    channel
+                })
+                .collect()
+        };
+        for topics in add.chunks(CHANNELS_PER_COMMAND) {
+            pubsub.subscribe(channels(topics))?;
+            subscribed.extend(topics.iter().cloned());
+        }
+        // Never an empty UNSUBSCRIBE: that would drop every subscription.
+        for topics in remove.chunks(CHANNELS_PER_COMMAND) {
+            pubsub.unsubscribe(channels(topics))?;
+            for topic in topics {
+                subscribed.remove(topic);
+            }
+        }
+        shared
+            .metrics
+            .subscriptions
+            .store(subscribed.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Hands a message from another process to the sink; drops our own and late ones,
+    /// counts what is not our envelope.
+    fn deliver(&self, msg: &Msg, subscribed: &HashSet<String>) {
+        let shared = self.shared;
+        let channel = msg.get_channel_name();
+        let Some(topic) = channel.strip_prefix(shared.config.prefix.as_str()) else {
+            self.malformed(channel, "channel without our prefix");
+            return;
+        };
+        if !subscribed.contains(topic) {
+            // Sent before our UNSUBSCRIBE took effect: nobody here wants it any more.
+            return;
+        }
+        let envelope = match envelope::decode(msg.get_payload_bytes()) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                self.malformed(channel, e);
+                return;
+            }
+        };
+        if envelope.origin == shared.origin {
+            return;
+        }
+        shared.metrics.received.fetch_add(1, Ordering::Relaxed);
+        let inbound = Inbound {
+            topic: topic.to_owned(),
+            kind: envelope.kind,
+            payload: Bytes::copy_from_slice(envelope.payload),
+        };
+        // The sink is the pubsub layer's; should it panic, this thread carries on.
+        if catch_unwind(AssertUnwindSafe(|| (shared.sink)(inbound))).is_err() {
+            tracing::error!(
+                topic,
+                "Redis broker: the sink panicked on a message; dropped"
+            );
+        }
+    }
+
+    fn malformed(&self, channel: &str, cause: impl std::fmt::Display) {
+        self.shared
+            .metrics
+            .malformed
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.malformed_log.check() {
+            tracing::warn!(
+                channel,
+                "Redis broker: dropped a message that is not a ringsocket envelope: {cause} \
+                 ({suppressed} more since the last such line)"
+            );
+        }
+    }
+}

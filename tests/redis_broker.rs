@@ -1,0 +1,428 @@
+//! The Redis broker against a real `redis-server` (started per test on a free port): two
+//! brokers stand for two processes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use ringsocket::broker::redis::{RedisBroker, RedisConfig};
+use ringsocket::broker::{Broker, BrokerMetrics, BrokerSink, Inbound, Kind};
+
+use common::redis::RedisServer;
+use futures_util::{SinkExt, StreamExt};
+use ringsocket::app::App;
+use ringsocket::runtime::RunningServer;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// Longest wait for something that should happen within milliseconds.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// One "process": a broker and what its sink received.
+struct Node {
+    broker: Arc<RedisBroker>,
+    inbox: Receiver<Inbound>,
+}
+
+impl Node {
+    fn start(server: &RedisServer) -> Self {
+        Self::with_prefix(server, "ringsocket:")
+    }
+
+    fn with_prefix(server: &RedisServer, prefix: &str) -> Self {
+        let node = Self::unchecked(server, prefix);
+        node.wait_for("connected", |m| &m.connected, 1);
+        node
+    }
+
+    /// A broker that may not be connected yet.
+    fn unchecked(server: &RedisServer, prefix: &str) -> Self {
+        // The broker's log lines show with a failing test's output.
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        let (tx, inbox) = crossbeam_channel::unbounded();
+        let sink: BrokerSink = Arc::new(move |message| {
+            let _ = tx.send(message);
+        });
+        let mut config = RedisConfig::new(server.url());
+        config.prefix = prefix.to_owned();
+        // Quick reconnects and loss detection, so the tests stay short.
+        config.backoff_min = Duration::from_millis(20);
+        config.backoff_max = Duration::from_millis(200);
+        config.health_interval = Duration::from_millis(100);
+        Self {
+            broker: RedisBroker::start(config, sink).unwrap(),
+            inbox,
+        }
+    }
+
+    fn metric(&self, counter: fn(&BrokerMetrics) -> &AtomicU64) -> u64 {
+        counter(self.broker.metrics()).load(Ordering::Relaxed)
+    }
+
+    fn wait_for(&self, what: &str, counter: fn(&BrokerMetrics) -> &AtomicU64, value: u64) {
+        self.wait_until(what, counter, |v| v == value);
+    }
+
+    fn wait_until(
+        &self,
+        what: &str,
+        counter: fn(&BrokerMetrics) -> &AtomicU64,
+        done: impl Fn(u64) -> bool,
+    ) {
+        let deadline = Instant::now() + PATIENCE;
+        while !done(self.metric(counter)) {
+            assert!(
+                Instant::now() < deadline,
+                "{what} stayed at {}",
+                self.metric(counter)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn subscribe(&self, topic: &str, expected_subscriptions: u64) {
+        self.broker.subscribe(topic);
+        self.wait_for(
+            "subscriptions",
+            |m| &m.subscriptions,
+            expected_subscriptions,
+        );
+    }
+
+    fn unsubscribe(&self, topic: &str, expected_subscriptions: u64) {
+        self.broker.unsubscribe(topic);
+        self.wait_for(
+            "subscriptions",
+            |m| &m.subscriptions,
+            expected_subscriptions,
+        );
+    }
+
+    fn publish_text(&self, topic: &str, text: &str) {
+        self.broker
+            .publish(topic, Kind::Text, Bytes::copy_from_slice(text.as_bytes()));
+    }
+
+    fn next(&self) -> Inbound {
+        self.inbox
+            .recv_timeout(PATIENCE)
+            .expect("a message within the patience window")
+    }
+}
+
+fn text(topic: &str, text: &str) -> Inbound {
+    Inbound {
+        topic: topic.to_owned(),
+        kind: Kind::Text,
+        payload: Bytes::copy_from_slice(text.as_bytes()),
+    }
+}
+
+/// Message `i` of the ordering test: text and binary in turn, the binary ones with
+/// every byte value.
+fn nth(i: usize) -> (Kind, Bytes) {
+    if i % 2 == 0 {
+        (Kind::Text, Bytes::from(format!("message {i} é")))
+    } else {
+        let mut payload: Vec<u8> = (0..=255).collect();
+        payload.extend_from_slice(&i.to_be_bytes());
+        (Kind::Binary, Bytes::from(payload))
+    }
+}
+
+#[test]
+fn messages_cross_once_in_order_and_never_come_back() {
+    let server = RedisServer::start();
+    let a = Node::start(&server);
+    let b = Node::start(&server);
+    a.subscribe("room", 1);
+    b.subscribe("room", 1);
+    // Repeated calls change nothing: the set of topics is what counts.
+    b.broker.subscribe("room");
+    b.wait_for("subscriptions", |m| &m.subscriptions, 1);
+
+    const N: usize = 2000;
+    for i in 0..N {
+        let (kind, payload) = nth(i);
+        a.broker.publish("room", kind, payload);
+    }
+    for i in 0..N {
+        let (kind, payload) = nth(i);
+        assert_eq!(
+            b.next(),
+            Inbound {
+                topic: "room".into(),
+                kind,
+                payload
+            },
+            "message {i}"
+        );
+    }
+    // B answers only after it has all of A's: A's own N came back to A before this
+    // (one Redis connection delivers in order) and were dropped, so this is A's first.
+    b.publish_text("room", "from b");
+    assert_eq!(a.next(), text("room", "from b"));
+    // And B got nothing twice: A's next message is B's next.
+    a.publish_text("room", "end");
+    assert_eq!(b.next(), text("room", "end"));
+
+    // Counted once Redis has answered, which may come after B got the message.
+    a.wait_for("published", |m| &m.published, N as u64 + 1);
+    assert_eq!(a.metric(|m| &m.received), 1);
+    b.wait_for("published", |m| &m.published, 1);
+    assert_eq!(b.metric(|m| &m.received), N as u64 + 1);
+    for node in [&a, &b] {
+        assert_eq!(node.metric(|m| &m.publish_failed), 0);
+        assert_eq!(node.metric(|m| &m.malformed), 0);
+        assert_eq!(node.metric(|m| &m.reconnects), 0);
+    }
+
+    let started = Instant::now();
+    a.broker.shutdown();
+    b.broker.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.metric(|m| &m.connected), 0);
+}
+
+#[test]
+fn nothing_arrives_unsubscribed() {
+    let server = RedisServer::start();
+    let a = Node::start(&server);
+    let b = Node::start(&server);
+    let other_prefix = Node::with_prefix(&server, "elsewhere:");
+    b.subscribe("wanted", 1);
+    other_prefix.subscribe("wanted", 1);
+
+    a.publish_text("not-wanted", "never");
+    a.publish_text("wanted", "1");
+    assert_eq!(b.next(), text("wanted", "1"));
+
+    b.unsubscribe("wanted", 0);
+    // Unsubscribing again is harmless.
+    b.unsubscribe("wanted", 0);
+    b.subscribe("marker", 1);
+    a.publish_text("wanted", "2");
+    a.publish_text("marker", "m");
+    // Redis delivers in order: had "2" reached B, it would come before the marker.
+    assert_eq!(b.next(), text("marker", "m"));
+    assert!(b.inbox.is_empty());
+    // Another prefix is another namespace.
+    other_prefix.publish_text("marker", "other namespace");
+    a.publish_text("marker", "m2");
+    assert_eq!(b.next(), text("marker", "m2"));
+    assert!(other_prefix.inbox.is_empty());
+}
+
+#[test]
+fn reconnects_and_resubscribes_after_a_redis_restart() {
+    let mut server = RedisServer::start();
+    let a = Node::start(&server);
+    let b = Node::start(&server);
+    b.subscribe("room", 1);
+    a.publish_text("room", "before");
+    assert_eq!(b.next(), text("room", "before"));
+
+    server.stop();
+    a.wait_for("connected", |m| &m.connected, 0);
+    b.wait_for("connected", |m| &m.connected, 0);
+    b.wait_for("subscriptions", |m| &m.subscriptions, 0);
+    let started = Instant::now();
+    for i in 0..10 {
+        a.publish_text("room", &format!("lost {i}"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "publish blocked for {:?}",
+        started.elapsed()
+    );
+    a.wait_for("publish_failed", |m| &m.publish_failed, 10);
+
+    server.restart();
+    for node in [&a, &b] {
+        node.wait_for("connected", |m| &m.connected, 1);
+        // Both connections of each broker came back on their own.
+        node.wait_for("reconnects", |m| &m.reconnects, 2);
+        assert!(node.metric(|m| &m.connection_errors) >= 2);
+    }
+    b.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    a.publish_text("room", "after");
+    assert_eq!(b.next(), text("room", "after"));
+    assert_eq!(a.metric(|m| &m.publish_failed), 10);
+    a.wait_for("published", |m| &m.published, 2);
+}
+
+#[test]
+fn starts_while_redis_is_down_and_connects_later() {
+    let mut server = RedisServer::start();
+    server.stop();
+    let b = Node::unchecked(&server, "ringsocket:");
+    b.broker.subscribe("room");
+    b.broker
+        .publish("room", Kind::Text, Bytes::from_static(b"nobody hears this"));
+    b.wait_for("publish_failed", |m| &m.publish_failed, 1);
+    // Both connections tried and failed.
+    b.wait_until("connection_errors", |m| &m.connection_errors, |n| n >= 2);
+    assert_eq!(b.metric(|m| &m.connected), 0);
+
+    server.restart();
+    b.wait_for("connected", |m| &m.connected, 1);
+    b.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    // A first connection is not a reconnection.
+    assert_eq!(b.metric(|m| &m.reconnects), 0);
+    let a = Node::start(&server);
+    a.publish_text("room", "hello");
+    assert_eq!(b.next(), text("room", "hello"));
+}
+
+#[test]
+fn malformed_messages_are_counted_and_dropped() {
+    let server = RedisServer::start();
+    let a = Node::start(&server);
+    let b = Node::start(&server);
+    b.subscribe("room", 1);
+    let mut plain = server.client();
+    let mut bad_utf8 = b"rsb\x01".to_vec();
+    bad_utf8.extend_from_slice(&[7; 16]);
+    bad_utf8.extend_from_slice(b"\x00\xff\xfe");
+    let garbage: [&[u8]; 4] = [b"hello", b"", b"rsb\x02", &bad_utf8];
+    for payload in garbage {
+        redis::cmd("PUBLISH")
+            .arg("ringsocket:room")
+            .arg(payload)
+            .exec(&mut plain)
+            .unwrap();
+    }
+    // Not our channel: not ours to judge.
+    redis::cmd("PUBLISH")
+        .arg("ringsocket:elsewhere")
+        .arg("x")
+        .exec(&mut plain)
+        .unwrap();
+    a.publish_text("room", "still fine");
+    assert_eq!(b.next(), text("room", "still fine"));
+    assert_eq!(b.metric(|m| &m.malformed), 4);
+    assert_eq!(b.metric(|m| &m.received), 1);
+    assert_eq!(b.metric(|m| &m.connected), 1);
+}
+
+#[test]
+fn a_panicking_sink_loses_one_message_not_the_broker() {
+    let server = RedisServer::start();
+    let (tx, inbox) = crossbeam_channel::unbounded();
+    let sink: BrokerSink = Arc::new(move |message: Inbound| {
+        assert_ne!(&message.payload[..], b"boom", "the sink refuses this one");
+        let _ = tx.send(message);
+    });
+    let b = Node {
+        broker: RedisBroker::start(RedisConfig::new(server.url()), sink).unwrap(),
+        inbox,
+    };
+    b.subscribe("room", 1);
+    let a = Node::start(&server);
+    a.publish_text("room", "boom");
+    a.publish_text("room", "after");
+    assert_eq!(b.next(), text("room", "after"));
+    assert_eq!(b.metric(|m| &m.received), 2);
+    assert_eq!(b.metric(|m| &m.connected), 1);
+}
+
+/// A `ringsocket serve`-like server (the standard app's rooms) whose hub forwards
+/// through its own Redis broker: one "process" of a cluster.
+fn rooms_server(redis: &RedisServer) -> (RunningServer, Arc<ringsocket::pubsub::Hub>, Node) {
+    let app = App::standard();
+    let hub = app.hub().clone();
+    let mut config = RedisConfig::new(redis.url());
+    config.backoff_min = Duration::from_millis(20);
+    config.backoff_max = Duration::from_millis(200);
+    config.health_interval = Duration::from_millis(100);
+    let broker = RedisBroker::start(config, app.publisher().broker_sink()).unwrap();
+    hub.set_broker(broker.clone()).unwrap();
+    let node = Node {
+        broker,
+        inbox: crossbeam_channel::never(),
+    };
+    (common::start(app, |_| {}), hub, node)
+}
+
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn join(server: &RunningServer, room: &str) -> Client {
+    let url = format!("ws://{}/ws/{room}", server.local_addr());
+    tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+}
+
+async fn next_text(client: &mut Client) -> String {
+    loop {
+        let message = tokio::time::timeout(PATIENCE, client.next())
+            .await
+            .expect("a message within the patience window")
+            .unwrap()
+            .unwrap();
+        if let WsMessage::Text(text) = message {
+            return text.as_str().to_owned();
+        }
+    }
+}
+
+/// Two servers, each with its own broker: a message sent in a room reaches its members
+/// on both servers exactly once and in order; while Redis is down, local delivery goes
+/// on; after it is back, cross-server delivery resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_span_two_servers_and_survive_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let (one, hub_one, broker_one) = rooms_server(&redis);
+    let (two, hub_two, broker_two) = rooms_server(&redis);
+    let mut sender = join(&one, "lobby").await;
+    let mut near = join(&one, "lobby").await;
+    let mut far = join(&two, "lobby").await;
+    let deadline = Instant::now() + PATIENCE;
+    while hub_one.subscribers("lobby") != 2 || hub_two.subscribers("lobby") != 1 {
+        assert!(Instant::now() < deadline, "clients did not join");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker_one.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    broker_two.wait_for("subscriptions", |m| &m.subscriptions, 1);
+
+    const N: usize = 100;
+    for i in 0..N {
+        sender.send(WsMessage::text(format!("m{i}"))).await.unwrap();
+    }
+    for i in 0..N {
+        assert_eq!(next_text(&mut near).await, format!("m{i}"));
+        assert_eq!(next_text(&mut far).await, format!("m{i}"));
+    }
+    // The far side answers: it reaches both near clients once, and nothing of the
+    // sender's own came back to it before.
+    far.send(WsMessage::text("reply")).await.unwrap();
+    assert_eq!(next_text(&mut sender).await, "reply");
+    assert_eq!(next_text(&mut near).await, "reply");
+
+    redis.stop();
+    broker_one.wait_for("connected", |m| &m.connected, 0);
+    sender.send(WsMessage::text("local only")).await.unwrap();
+    assert_eq!(next_text(&mut near).await, "local only");
+
+    redis.restart();
+    for broker in [&broker_one, &broker_two] {
+        broker.wait_for("connected", |m| &m.connected, 1);
+        broker.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    }
+    sender.send(WsMessage::text("back")).await.unwrap();
+    assert_eq!(next_text(&mut near).await, "back");
+    // "local only" never reached the far side: its next message is this one.
+    assert_eq!(next_text(&mut far).await, "back");
+    assert!(broker_one.metric(|m| &m.publish_failed) >= 1);
+}
