@@ -196,10 +196,13 @@ fn header(data: &[u8]) -> Option<(u32, u32, u64)> {
     ))
 }
 
-/// A naive tokio-tungstenite room server on its own thread: a shared map of senders,
-/// every message to every other connection, with an optional fault.
-fn tt_room(fault: Fault) -> SocketAddr {
-    type Members = Arc<Mutex<HashMap<SocketAddr, UnboundedSender<Message>>>>;
+/// Runs `handle` for every connection accepted on a fresh loopback port, on a thread
+/// of its own with a single-threaded tokio runtime; returns the address.
+fn serve_on_thread<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -210,86 +213,85 @@ fn tt_room(fault: Fault) -> SocketAddr {
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let members = Members::default();
-            let held = Arc::new(Mutex::new(None::<Message>));
             loop {
                 let (stream, peer) = listener.accept().await.unwrap();
-                let (members, held) = (members.clone(), held.clone());
-                tokio::spawn(async move {
-                    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
-                        return;
-                    };
-                    let (mut write, mut read) = ws.split();
-                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                    members.lock().unwrap().insert(peer, tx);
-                    tokio::spawn(async move {
-                        while let Some(msg) = rx.recv().await {
-                            if write.send(msg).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                    while let Some(Ok(msg)) = read.next().await {
-                        if !msg.is_binary() {
-                            continue;
-                        }
-                        let mut out = vec![msg.clone()];
-                        match (fault, header(&msg.clone().into_data())) {
-                            (Fault::Drop, Some((0, 1, 10))) => out.clear(),
-                            (Fault::Reorder, Some((0, 1, 10))) => {
-                                *held.lock().unwrap() = Some(msg);
-                                out.clear();
-                            }
-                            (Fault::Reorder, Some((0, 1, 11))) => {
-                                out.extend(held.lock().unwrap().take());
-                            }
-                            _ => {}
-                        }
-                        for (addr, member) in members.lock().unwrap().iter() {
-                            if *addr != peer {
-                                for m in &out {
-                                    let _ = member.send(m.clone());
-                                }
-                            }
-                        }
-                    }
-                    members.lock().unwrap().remove(&peer);
-                });
+                tokio::spawn(handle(stream, peer));
             }
         });
     });
     addr
 }
 
-/// A tokio-tungstenite echo server on its own thread.
-fn tt_echo() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+/// A naive tokio-tungstenite room server: a shared map of senders, every message to
+/// every other connection, with an optional fault.
+fn tt_room(fault: Fault) -> SocketAddr {
+    type Members = Arc<Mutex<HashMap<SocketAddr, UnboundedSender<Message>>>>;
+    let members = Members::default();
+    let held = Arc::new(Mutex::new(None::<Message>));
+    serve_on_thread(move |stream, peer| {
+        let (members, held) = (members.clone(), held.clone());
+        async move {
+            let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            let (mut write, mut read) = ws.split();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            members.lock().unwrap().insert(peer, tx);
+            tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    if write.send(msg).await.is_err() {
                         return;
-                    };
-                    let (mut write, mut read) = ws.split();
-                    while let Some(Ok(msg)) = read.next().await {
-                        if (msg.is_text() || msg.is_binary()) && write.send(msg).await.is_err() {
-                            return;
+                    }
+                }
+            });
+            while let Some(Ok(msg)) = read.next().await {
+                if !msg.is_binary() {
+                    continue;
+                }
+                let mut out = vec![msg.clone()];
+                match (fault, header(&msg.clone().into_data())) {
+                    (Fault::Drop, Some((0, 1, 10))) => out.clear(),
+                    (Fault::Reorder, Some((0, 1, 10))) => {
+                        *held.lock().unwrap() = Some(msg);
+                        out.clear();
+                    }
+                    (Fault::Reorder, Some((0, 1, 11))) => {
+                        out.extend(held.lock().unwrap().take());
+                    }
+                    _ => {}
+                }
+                for (addr, member) in members.lock().unwrap().iter() {
+                    if *addr != peer {
+                        for m in &out {
+                            let _ = member.send(m.clone());
                         }
                     }
-                });
+                }
             }
-        });
-    });
-    addr
+            members.lock().unwrap().remove(&peer);
+        }
+    })
+}
+
+/// A tokio-tungstenite echo server.
+fn tt_echo() -> SocketAddr {
+    serve_on_thread(|stream, _| async move {
+        let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+            return;
+        };
+        let (mut write, mut read) = ws.split();
+        while let Some(Ok(msg)) = read.next().await {
+            if (msg.is_text() || msg.is_binary()) && write.send(msg).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The small broadcast run against a fresh tokio-tungstenite room.
+fn run_room(fault: Fault) -> bench::BroadcastReport {
+    let url = format!("ws://{}/room", tt_room(fault));
+    bench::broadcast(&small_broadcast(url), &Progress::hidden()).unwrap()
 }
 
 fn small_broadcast(url: String) -> BroadcastOptions {
@@ -345,24 +347,14 @@ fn broadcast_through_ringsocket_rooms() {
 /// An independent server: a naive tokio-tungstenite room.
 #[test]
 fn broadcast_through_a_tokio_tungstenite_room() {
-    let addr = tt_room(Fault::None);
-    let report = bench::broadcast(
-        &small_broadcast(format!("ws://{addr}/room")),
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let report = run_room(Fault::None);
     assert_clean_broadcast(&report);
 }
 
 /// A server that drops one message: every subscriber misses it, the run is not clean.
 #[test]
 fn dropped_message_is_reported_lost() {
-    let addr = tt_room(Fault::Drop);
-    let report = bench::broadcast(
-        &small_broadcast(format!("ws://{addr}/room")),
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let report = run_room(Fault::Drop);
     let step = &report.steps[0];
     assert_eq!(step.lost, 20, "{report}");
     assert_eq!((step.duplicated, step.reordered), (0, 0), "{report}");
@@ -376,12 +368,7 @@ fn dropped_message_is_reported_lost() {
 /// A server that swaps two messages: every subscriber sees one reordered, none lost.
 #[test]
 fn swapped_messages_are_reported_reordered() {
-    let addr = tt_room(Fault::Reorder);
-    let report = bench::broadcast(
-        &small_broadcast(format!("ws://{addr}/room")),
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let report = run_room(Fault::Reorder);
     let step = &report.steps[0];
     assert_eq!(step.reordered, 20, "{report}");
     assert_eq!((step.lost, step.duplicated), (0, 0), "{report}");

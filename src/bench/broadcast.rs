@@ -52,7 +52,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::LocalSet;
 
 use super::client::{self, Client};
-use super::common::{CommonOptions, seconds};
+use super::common::{CommonOptions, seconds, window};
 use super::compare::{Figure, Summary};
 use super::stats::{
     self, CpuPerItem, CpuSample, CpuUsage, LatencySummary, Percentile, micros, thousands,
@@ -153,13 +153,8 @@ impl BroadcastOptions {
         if !(self.max_p99_ms.is_finite() && self.max_p99_ms > 0.0) {
             return bad("--max-p99-ms must be above 0".into());
         }
-        seconds("--duration", self.duration)?;
-        seconds("--warmup", self.warmup)?;
         seconds("--grace", self.grace)?;
-        if self.duration == 0.0 {
-            return bad("--duration must be more than 0".into());
-        }
-        Ok(())
+        window(self.warmup, self.duration)
     }
 }
 
@@ -432,22 +427,8 @@ impl fmt::Display for BroadcastReport {
         if let Some(s) = self.result() {
             write_step(f, s)?;
         }
-        write!(
-            f,
-            "  errors      {}",
-            self.error_causes.values().sum::<u64>()
-        )?;
-        for (cause, n) in &self.error_causes {
-            write!(f, "\n    {} × {cause}", thousands(*n))?;
-        }
-        if self.close_failures > 0 {
-            write!(
-                f,
-                "\n  close       {} connections did not complete the closing handshake",
-                self.close_failures
-            )?;
-        }
-        Ok(())
+        stats::write_causes(f, "errors", &self.error_causes)?;
+        stats::write_close_failures(f, self.close_failures)
     }
 }
 

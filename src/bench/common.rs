@@ -81,3 +81,13 @@ pub(crate) fn seconds(name: &str, secs: f64) -> Result<(), BenchError> {
         )))
     }
 }
+
+/// Checks a warm-up and a measured window: seconds, the window more than 0.
+pub(crate) fn window(warmup: f64, duration: f64) -> Result<(), BenchError> {
+    seconds("--warmup", warmup)?;
+    seconds("--duration", duration)?;
+    if duration == 0.0 {
+        return Err(BenchError::Options("--duration must be more than 0".into()));
+    }
+    Ok(())
+}

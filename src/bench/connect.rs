@@ -196,22 +196,10 @@ impl fmt::Display for ConnectReport {
                 thousands(m.bytes_per_conn_held.max(0.0).round() as u64)
             )?;
         }
-        write!(f, "  failed      {}", self.failed)?;
-        for (cause, n) in &self.failure_causes {
-            write!(f, "\n    {} × {cause}", thousands(*n))?;
-        }
-        write!(f, "\n  dropped     {}", self.dropped)?;
-        for (cause, n) in &self.drop_causes {
-            write!(f, "\n    {} × {cause}", thousands(*n))?;
-        }
-        if self.close_failures > 0 {
-            write!(
-                f,
-                "\n  close       {} connections did not complete the closing handshake",
-                self.close_failures
-            )?;
-        }
-        Ok(())
+        stats::write_causes(f, "failed", &self.failure_causes)?;
+        writeln!(f)?;
+        stats::write_causes(f, "dropped", &self.drop_causes)?;
+        stats::write_close_failures(f, self.close_failures)
     }
 }
 

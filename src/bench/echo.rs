@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::LocalSet;
 
 use super::client::{self, Client};
-use super::common::{CommonOptions, seconds};
+use super::common::{CommonOptions, window};
 use super::compare::{Figure, Summary};
 use super::stats::{self, CpuPerItem, CpuSample, CpuUsage, LatencySummary, Percentile, thousands};
 use super::target::Target;
@@ -89,12 +89,7 @@ impl EchoOptions {
                 "--size must be at least {SEQ_BYTES}: every message carries its sequence number"
             ));
         }
-        seconds("--duration", self.duration)?;
-        seconds("--warmup", self.warmup)?;
-        if self.duration == 0.0 {
-            return bad("--duration must be more than 0".into());
-        }
-        Ok(())
+        window(self.warmup, self.duration)
     }
 }
 
@@ -218,21 +213,11 @@ impl fmt::Display for EchoReport {
             write!(f, " (first: {first})")?;
         }
         writeln!(f)?;
-        write!(f, "  errors      {}", self.errors)?;
-        for (cause, n) in &self.error_causes {
-            write!(f, "\n    {n} × {cause}")?;
-        }
+        stats::write_causes(f, "errors", &self.error_causes)?;
         if self.unanswered > 0 {
             write!(f, "\n  unanswered  {} messages", thousands(self.unanswered))?;
         }
-        if self.close_failures > 0 {
-            write!(
-                f,
-                "\n  close       {} connections did not complete the closing handshake",
-                self.close_failures
-            )?;
-        }
-        Ok(())
+        stats::write_close_failures(f, self.close_failures)
     }
 }
 

@@ -301,6 +301,30 @@ pub(crate) fn merge_counts(into: &mut BTreeMap<String, u64>, from: BTreeMap<Stri
     }
 }
 
+/// Writes `label n` and one line per cause, `k × cause`, indented under it.
+pub(crate) fn write_causes(
+    f: &mut fmt::Formatter<'_>,
+    label: &str,
+    causes: &BTreeMap<String, u64>,
+) -> fmt::Result {
+    write!(f, "  {label:<12}{}", thousands(causes.values().sum()))?;
+    for (cause, n) in causes {
+        write!(f, "\n    {} × {cause}", thousands(*n))?;
+    }
+    Ok(())
+}
+
+/// Writes the line about closing handshakes that did not complete, if any did not.
+pub(crate) fn write_close_failures(f: &mut fmt::Formatter<'_>, n: u64) -> fmt::Result {
+    if n > 0 {
+        write!(
+            f,
+            "\n  close       {n} connections did not complete the closing handshake"
+        )?;
+    }
+    Ok(())
+}
+
 /// `1234567` as `1,234,567`.
 pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
