@@ -377,12 +377,12 @@ impl fmt::Display for BroadcastReport {
         writeln!(f, "bench broadcast {}", self.url)?;
         writeln!(
             f,
-            "  {} subscribers, {} publisher(s), {} B binary messages, {} thread(s); {} {} s warm-up, {} s measured, {} s grace",
+            "  {} subscribers, {} publisher(s), {} B binary messages, {} thread(s); {}{} s warm-up, {} s measured, {} s grace",
             thousands(self.subs as u64),
             self.pubs,
             self.size,
             self.threads,
-            if self.ramp { "steps of" } else { "" },
+            if self.ramp { "steps of " } else { "" },
             self.warmup_secs,
             self.duration_secs,
             self.grace_secs
