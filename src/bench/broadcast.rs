@@ -1575,3 +1575,76 @@ async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_short_payloads_are_refused() {
+        let h = Header {
+            publisher: 3,
+            step: 7,
+            seq: 1 << 40,
+            sent_ns: 123_456_789,
+        };
+        let bytes = h.encode(64);
+        assert_eq!(bytes.len(), 64);
+        assert!(bytes[HEADER_BYTES..].iter().all(|b| *b == 0));
+        assert_eq!(Header::decode(&bytes), Some(h));
+        assert_eq!(Header::decode(&bytes[..HEADER_BYTES - 1]), None);
+    }
+
+    #[test]
+    fn tracks_gaps_reorders_and_duplicates() {
+        let mut t = Track::default();
+        assert_eq!(t.arrive(1, 0), Arrival::InOrder);
+        assert_eq!(t.arrive(1, 3), Arrival::InOrder); // gap 1..3
+        assert_eq!(t.arrive(1, 2), Arrival::Reordered); // gap 1..2 left
+        assert_eq!(t.arrive(1, 2), Arrival::Duplicate);
+        assert_eq!(t.arrive(1, 0), Arrival::Duplicate);
+        assert_eq!(t.arrive(1, 6), Arrival::InOrder); // gaps 1..2, 4..6
+        assert_eq!(t.arrive(1, 4), Arrival::Reordered); // gaps 1..2, 5..6
+        // Published 9: missing 1, 5 and 7, 8 never came.
+        assert_eq!(t.missing(1, 9), 4);
+        // Another step: everything of it is missing until it arrives.
+        assert_eq!(t.missing(2, 5), 5);
+        assert_eq!(t.arrive(2, 0), Arrival::InOrder);
+        assert_eq!(t.missing(2, 1), 0);
+    }
+
+    #[test]
+    fn plan_spreads_messages_over_the_step() {
+        let start = Instant::now();
+        let plan = Plan {
+            step: 1,
+            rate_per_pub: 100.0,
+            start,
+            warm_end: start,
+            end: start + Duration::from_millis(700),
+            grace: Duration::ZERO,
+        };
+        assert_eq!(plan.total(), 70);
+        assert_eq!(plan.due(start), 1);
+        assert_eq!(plan.due(start + Duration::from_millis(95)), 10);
+        assert_eq!(plan.due(start + Duration::from_secs(5)), 70);
+        assert_eq!(plan.due_at(10), start + Duration::from_millis(100));
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let mut o = BroadcastOptions::new("ws://127.0.0.1:1/broadcast");
+        assert!(o.validate().is_ok());
+        o.size = HEADER_BYTES - 1;
+        assert!(o.validate().is_err());
+        o = BroadcastOptions::new("ws://127.0.0.1:1/broadcast");
+        o.rate = 0.0;
+        assert!(o.validate().is_err());
+        o = BroadcastOptions::new("ws://127.0.0.1:1/broadcast");
+        o.grace = -1.0;
+        assert!(o.validate().is_err());
+        o = BroadcastOptions::new("ws://127.0.0.1:1/broadcast");
+        o.common.threads = 0;
+        assert!(o.validate().is_err());
+    }
+}

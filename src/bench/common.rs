@@ -62,6 +62,10 @@ pub struct OutputOptions {
     /// a side-by-side table with ratios against the first URL.
     #[arg(long, value_name = "URL", num_args = 1..)]
     pub compare: Vec<String>,
+    /// With --compare: the process ids of the --compare servers, in the same order, for
+    /// their CPU (and, in connect, memory) figures; --server-pid is the first URL's.
+    #[arg(long, value_name = "PID", num_args = 1.., requires = "compare")]
+    pub compare_pids: Vec<u32>,
     /// Print the report (with --compare: every report and the ratios) as JSON.
     #[arg(long)]
     pub json: bool,

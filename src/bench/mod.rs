@@ -104,28 +104,31 @@ pub enum BenchMode {
 pub fn run(args: BenchArgs) -> Result<(), String> {
     match args.mode {
         BenchMode::Echo { options, output } => {
-            let run = |url: &str, progress: &Progress| {
+            let run = |url: &str, pid: Option<u32>, progress: &Progress| {
                 let mut options = options.clone();
                 url.clone_into(&mut options.url);
+                options.common.server_pid = pid;
                 echo(&options, progress)
             };
-            run_mode(&options.url, &output, run)
+            run_mode(&options.url, options.common.server_pid, &output, run)
         }
         BenchMode::Broadcast { options, output } => {
-            let run = |url: &str, progress: &Progress| {
+            let run = |url: &str, pid: Option<u32>, progress: &Progress| {
                 let mut options = options.clone();
                 url.clone_into(&mut options.url);
+                options.common.server_pid = pid;
                 broadcast(&options, progress)
             };
-            run_mode(&options.url, &output, run)
+            run_mode(&options.url, options.common.server_pid, &output, run)
         }
         BenchMode::Connect { options, output } => {
-            let run = |url: &str, progress: &Progress| {
+            let run = |url: &str, pid: Option<u32>, progress: &Progress| {
                 let mut options = options.clone();
                 url.clone_into(&mut options.url);
+                options.common.server_pid = pid;
                 connect(&options, progress)
             };
-            run_mode(&options.url, &output, run)
+            run_mode(&options.url, options.common.server_pid, &output, run)
         }
     }
 }
@@ -134,9 +137,17 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
 /// plots and judges the results.
 fn run_mode<R: Summary>(
     url: &str,
+    server_pid: Option<u32>,
     output: &OutputOptions,
-    run: impl Fn(&str, &Progress) -> Result<R, BenchError>,
+    run: impl Fn(&str, Option<u32>, &Progress) -> Result<R, BenchError>,
 ) -> Result<(), String> {
+    if !output.compare_pids.is_empty() && output.compare_pids.len() != output.compare.len() {
+        return Err(format!(
+            "--compare-pids: {} pids for {} --compare URLs; give one per URL, in order",
+            output.compare_pids.len(),
+            output.compare.len()
+        ));
+    }
     let progress = || {
         if !output.json && std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
             Progress::terminal()
@@ -145,7 +156,7 @@ fn run_mode<R: Summary>(
         }
     };
     if output.compare.is_empty() {
-        let report = run(url, &progress()).map_err(|e| e.to_string())?;
+        let report = run(url, server_pid, &progress()).map_err(|e| e.to_string())?;
         print(&report, output.json)?;
         if let Some(path) = &output.plot {
             let curve = Curve {
@@ -157,11 +168,13 @@ fn run_mode<R: Summary>(
         return report.failure().map_or(Ok(()), Err);
     }
     let urls = std::iter::once(url).chain(output.compare.iter().map(String::as_str));
+    let pids = std::iter::once(server_pid)
+        .chain((0..output.compare.len()).map(|i| output.compare_pids.get(i).copied()));
     let mut runs = Vec::new();
-    for (i, url) in urls.enumerate() {
+    for (i, (url, pid)) in urls.zip(pids).enumerate() {
         let progress = progress();
         progress.message(format!("[{}] {url}", i + 1));
-        let run = match run(url, &progress) {
+        let run = match run(url, pid, &progress) {
             Ok(report) => {
                 if !output.json {
                     println!("[{}] {report}\n", i + 1);
