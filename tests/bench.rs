@@ -548,3 +548,23 @@ fn lossy_room_fails_the_command() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("3 lost"), "{stderr}");
 }
+
+/// `--compare-pids` needs one pid per `--compare` URL; the bench says so before running.
+#[test]
+fn compare_pids_must_match_the_urls() {
+    let out = ringsocket_bench(&[
+        "echo",
+        "ws://127.0.0.1:1/",
+        "--compare",
+        "ws://127.0.0.1:2/",
+        "--compare-pids",
+        "1",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--compare-pids: 2 pids for 1 --compare URLs"),
+        "{stderr}"
+    );
+}
