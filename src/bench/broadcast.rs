@@ -457,7 +457,10 @@ fn write_step(f: &mut fmt::Formatter<'_>, s: &StepReport) -> fmt::Result {
         thousands(s.reordered),
         thousands(s.malformed),
         if s.stale > 0 {
-            format!(" ({} stale from an earlier step)", thousands(s.stale))
+            format!(
+                " ({} stale: probes or an earlier step's, not counted)",
+                thousands(s.stale)
+            )
         } else {
             String::new()
         }
