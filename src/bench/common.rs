@@ -18,8 +18,9 @@ pub struct CommonOptions {
     /// (0: let the kernel choose). One address has about 28,000 ephemeral ports.
     #[arg(long, default_value_t = 50)]
     pub source_addrs: u8,
-    /// Time allowed for one connect and handshake, and, in echo, for the last echoes
-    /// to come back, in seconds.
+    /// Time allowed for one connect and handshake, in echo for the last echoes to come
+    /// back, and in broadcast for every subscriber to hear every publisher before the
+    /// first step, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
     /// The server's process id: its CPU use over the measured window is reported, and,
