@@ -9,6 +9,8 @@ drift on a shared machine hits all of them alike. Every report is kept as JSON i
 output folder; the table holds medians and the ratios ringsocket / peer.
 
     python3 benches/compare.py --reps 3 --out target/bench-results
+    python3 benches/compare.py --reps 3 --scenarios e_1k_100 f_1k_ramp e_10k_100 f_10k_ramp \
+        --out target/bench-results-broadcast
 """
 
 import argparse
@@ -29,7 +31,7 @@ CLIENT_CPU = "1"
 
 
 def servers(ringsocket_server):
-    """name -> (argv taking the port, URL path)."""
+    """Echo servers: name -> (argv taking the port, URL path)."""
     return {
         "ringsocket": (
             lambda port: [ringsocket_server, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
@@ -40,6 +42,21 @@ def servers(ringsocket_server):
         "bun": (
             lambda port: [str(PEERS / "bun/node_modules/.bin/bun"), str(PEERS / "bun/echo.js"), str(port)],
             "/",
+        ),
+    }
+
+
+def room_servers(ringsocket_server):
+    """Room servers for `bench broadcast`: name -> (argv taking the port, URL path)."""
+    return {
+        "ringsocket": (
+            lambda port: [ringsocket_server, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+            "/broadcast",
+        ),
+        "tt-broadcast": (lambda port: [str(PEERS / "target/release/tt-broadcast"), str(port)], "/room"),
+        "bun": (
+            lambda port: [str(PEERS / "bun/node_modules/.bin/bun"), str(PEERS / "bun/broadcast.js"), str(port)],
+            "/room",
         ),
     }
 
@@ -55,8 +72,25 @@ SCENARIOS = {
     # without queueing behind 99 other connections.
     "d_latency_1x1": ["echo", "--conns", "1", "--inflight", "1", "--size", "64",
                       "--duration", "10", "--warmup", "2", "--threads", "1"],
+    # Broadcast (issue #4's table): one publisher, 64 B, at a fixed 100 msg/s and ramped
+    # to the highest rate without loss, to 1,000 and 10,000 subscribers. Not in the
+    # default set; run with --scenarios e_1k_100 f_1k_ramp e_10k_100 f_10k_ramp.
+    "e_1k_100": ["broadcast", "--subs", "1000", "--rate", "100", "--size", "64",
+                 "--duration", "10", "--warmup", "2", "--threads", "1"],
+    "f_1k_ramp": ["broadcast", "--subs", "1000", "--rate", "100", "--size", "64", "--ramp",
+                  "--duration", "3", "--warmup", "1", "--threads", "1"],
+    "e_10k_100": ["broadcast", "--subs", "10000", "--rate", "100", "--size", "64",
+                  "--duration", "10", "--warmup", "2", "--grace", "5", "--timeout", "30",
+                  "--threads", "1"],
+    "f_10k_ramp": ["broadcast", "--subs", "10000", "--rate", "10", "--size", "64", "--ramp",
+                   "--duration", "3", "--warmup", "1", "--grace", "5", "--timeout", "30",
+                   "--threads", "1"],
 }
 DEFAULT_SCENARIOS = ["a_throughput", "b_latency", "c_connect"]
+
+
+def is_broadcast(scenario):
+    return SCENARIOS[scenario][0] == "broadcast"
 
 
 def cpu_times():
@@ -126,8 +160,8 @@ def wait_quiet(limit=1800.0):
         time.sleep(10.0)
 
 
-def run_one(bench, name, argv_for, path, scenario, port, outdir, rep):
-    waited = wait_quiet()
+def run_one(bench, name, argv_for, path, scenario, port, outdir, rep, quiet=True):
+    waited = wait_quiet() if quiet else 0.0
     server = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv_for(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -140,7 +174,7 @@ def run_one(bench, name, argv_for, path, scenario, port, outdir, rep):
         t0, machine0 = time.time(), busy_secs()
         server0 = process_cpu_secs(server.pid)
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         server1 = process_cpu_secs(server.pid)
         wall, machine1 = time.time() - t0, busy_secs()
@@ -168,15 +202,34 @@ def run_one(bench, name, argv_for, path, scenario, port, outdir, rep):
             server.wait()
 
 
+def broadcast_result(r):
+    """The step a broadcast report's headline comes from (as `Summary::figures`)."""
+    steps = r["steps"]
+    if r["ramp"]:
+        passed = [x for x in steps if x["verdict"] == "pass"]
+        return max(passed, key=lambda x: x["target_rate"]) if passed else steps[-1]
+    return steps[0]
+
+
 def headline(scenario, r):
     h = headline_of(scenario, r)
-    cores = r["cpu"].get("cores_busy_percent") or []
+    cpu = broadcast_result(r)["cpu"] if is_broadcast(scenario) else r["cpu"]
+    cores = cpu.get("cores_busy_percent") or []
     for cpu in (0, 1):
         h[f"cpu{cpu} busy %"] = cores[cpu] if cpu < len(cores) else None
     return h
 
 
 def headline_of(scenario, r):
+    if is_broadcast(scenario):
+        s = broadcast_result(r)
+        return {"max loss-free msg/s": r["max_loss_free_rate"], "deliveries/s": s["deliveries_per_sec"],
+                "p50 µs": s["latency_us"]["p50"], "p99 µs": s["latency_us"]["p99"],
+                "lost": s["lost"], "server cpu %": s["cpu"]["server_percent"],
+                "client cpu %": s["cpu"]["client_percent"],
+                "client µs/delivery": s["cpu_per_delivery"]["client_us"],
+                "server µs/delivery": s["cpu_per_delivery"]["server_us"],
+                "errors": sum(r["error_causes"].values())}
     if scenario == "a_throughput":
         return {"msg/s": r["messages_per_sec"], "server cpu %": r["cpu"]["server_percent"],
                 "client cpu %": r["cpu"]["client_percent"], "errors": r["errors"] + r["mismatches"]}
@@ -201,6 +254,9 @@ def main():
     p.add_argument("--only", nargs="*", help="servers to run (default: all)")
     p.add_argument("--scenarios", nargs="*", default=DEFAULT_SCENARIOS, choices=list(SCENARIOS))
     p.add_argument("--port", type=int, default=9301)
+    p.add_argument("--no-quiet-wait", action="store_true",
+                   help="do not wait for a quiet machine, nor repeat runs disturbed by other processes "
+                        "(to try the script out; the numbers are then not to be quoted)")
     a = p.parse_args()
 
     # Every connection is a file descriptor in the server and one in the load generator.
@@ -211,18 +267,20 @@ def main():
 
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    table = servers(a.server or a.bench)
-    names = a.only or list(table)
+    echo_table = servers(a.server or a.bench)
+    room_table = room_servers(a.server or a.bench)
     results = {}
     port = a.port
     for rep in range(1, a.reps + 1):
         for scenario in a.scenarios:
-            for name in names:
+            table = room_table if is_broadcast(scenario) else echo_table
+            for name in [n for n in table if not a.only or n in a.only]:
                 argv_for, path = table[name]
                 port += 1  # a fresh port: no TIME_WAIT from the previous server
                 for attempt in range(1, 4):
-                    r = run_one(a.bench, name, argv_for, path, scenario, port, outdir, rep)
-                    if r["_other_processes_cpu_percent"] < 10.0:
+                    r = run_one(a.bench, name, argv_for, path, scenario, port, outdir, rep,
+                                quiet=not a.no_quiet_wait)
+                    if a.no_quiet_wait or r["_other_processes_cpu_percent"] < 10.0:
                         break
                     print(f"  other processes used {r['_other_processes_cpu_percent']} % of a core "
                           f"during the run: repeating it (attempt {attempt})", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Run the server: /echo echoes every message; /healthz and /metrics beside it.
     Serve(ServeArgs),
-    /// Load generator: `bench echo` (messages/s, latency) or `bench connect` (handshakes/s, memory).
+    /// Load generator: `bench echo` (messages/s, latency), `bench broadcast` (deliveries/s, loss, latency) or `bench connect` (handshakes/s, memory); `--compare`, `--json`, `--plot`.
     Bench(ringsocket::bench::BenchArgs),
 }
 

@@ -17,7 +17,9 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::LocalSet;
 
 use super::client::{self, Client};
-use super::stats::{self, CpuSample, CpuUsage, LatencySummary, thousands};
+use super::common::{CommonOptions, seconds};
+use super::compare::{Figure, Summary};
+use super::stats::{self, CpuSample, CpuUsage, LatencySummary, Percentile, thousands};
 use super::target::Target;
 use super::{BenchError, Progress, join_worker, new_runtime};
 use crate::proto::Event;
@@ -36,20 +38,9 @@ pub struct ConnectOptions {
     /// How long to hold the connections idle once all are open, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub hold: f64,
-    /// The server's process id: its resident memory (VmRSS) is read before and after
-    /// opening, for the memory per connection, and its CPU use while opening.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// Load generator threads, each with its own single-threaded runtime.
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
-    /// On loopback, spread connections over this many source addresses 127.0.0.2, …
-    /// (0: let the kernel choose). One address has about 28,000 ephemeral ports.
-    #[arg(long, default_value_t = 50)]
-    pub source_addrs: u8,
-    /// Time allowed for one connect and handshake, in seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub timeout: f64,
+    /// Threads, source addresses, timeout, server pid.
+    #[command(flatten)]
+    pub common: CommonOptions,
 }
 
 impl ConnectOptions {
@@ -60,27 +51,18 @@ impl ConnectOptions {
             conns: 1000,
             concurrency: 256,
             hold: 5.0,
-            server_pid: None,
-            threads: 1,
-            source_addrs: 50,
-            timeout: 10.0,
+            common: CommonOptions::default(),
         }
     }
 
     fn validate(&self) -> Result<(), BenchError> {
-        if self.conns == 0 || self.concurrency == 0 || self.threads == 0 {
+        self.common.validate()?;
+        if self.conns == 0 || self.concurrency == 0 {
             return Err(BenchError::Options(
-                "--conns, --concurrency and --threads must be at least 1".into(),
+                "--conns and --concurrency must be at least 1".into(),
             ));
         }
-        for (name, secs) in [("--hold", self.hold), ("--timeout", self.timeout)] {
-            if !(secs.is_finite() && secs >= 0.0) {
-                return Err(BenchError::Options(format!(
-                    "{name} must be a number of seconds >= 0"
-                )));
-            }
-        }
-        Ok(())
+        seconds("--hold", self.hold)
     }
 }
 
@@ -107,6 +89,8 @@ pub struct ConnectReport {
     pub handshakes_per_sec: f64,
     /// Connect plus handshake, per connection.
     pub handshake_latency_us: LatencySummary,
+    /// Their distribution, for plots.
+    pub handshake_latency_curve: Vec<Percentile>,
     /// CPU use while opening.
     pub cpu: CpuUsage,
     /// How long the connections were held, in seconds.
@@ -143,6 +127,44 @@ impl ConnectReport {
     }
 }
 
+impl Summary for ConnectReport {
+    const MODE: &'static str = "connect";
+    const LATENCY: &'static str = "connect-and-handshake";
+
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn figures(&self) -> Vec<Figure> {
+        let l = &self.handshake_latency_us;
+        vec![
+            Figure::more("handshakes/s", self.handshakes_per_sec),
+            Figure::less("handshake p50 µs", l.p50),
+            Figure::less("handshake p99 µs", l.p99),
+            Figure::less("failed", self.failed as f64),
+            Figure::less("dropped", self.dropped as f64),
+            Figure::less(
+                "server RSS B/connection",
+                self.memory.map(|m| m.bytes_per_conn),
+            ),
+            Figure::less("after the hold", self.memory.map(|m| m.bytes_per_conn_held)),
+        ]
+    }
+
+    fn latency_curve(&self) -> &[Percentile] {
+        &self.handshake_latency_curve
+    }
+
+    fn failure(&self) -> Option<String> {
+        (!self.is_clean()).then(|| {
+            format!(
+                "{} connections failed to open and {} were dropped during the hold",
+                self.failed, self.dropped
+            )
+        })
+    }
+}
+
 impl fmt::Display for ConnectReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "bench connect {}", self.url)?;
@@ -174,22 +196,10 @@ impl fmt::Display for ConnectReport {
                 thousands(m.bytes_per_conn_held.max(0.0).round() as u64)
             )?;
         }
-        write!(f, "  failed      {}", self.failed)?;
-        for (cause, n) in &self.failure_causes {
-            write!(f, "\n    {} × {cause}", thousands(*n))?;
-        }
-        write!(f, "\n  dropped     {}", self.dropped)?;
-        for (cause, n) in &self.drop_causes {
-            write!(f, "\n    {} × {cause}", thousands(*n))?;
-        }
-        if self.close_failures > 0 {
-            write!(
-                f,
-                "\n  close       {} connections did not complete the closing handshake",
-                self.close_failures
-            )?;
-        }
-        Ok(())
+        stats::write_causes(f, "failed", &self.failure_causes)?;
+        writeln!(f)?;
+        stats::write_causes(f, "dropped", &self.drop_causes)?;
+        stats::write_close_failures(f, self.close_failures)
     }
 }
 
@@ -205,8 +215,8 @@ pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectR
             ))
         })
     };
-    let rss_before = options.server_pid.map(rss).transpose()?;
-    let threads = options.threads.min(options.conns);
+    let rss_before = options.common.server_pid.map(rss).transpose()?;
+    let threads = options.common.threads.min(options.conns);
     let per_thread_cap = options.concurrency.div_ceil(threads);
     let attempted = Arc::new(AtomicU64::new(0));
     let start_line = Arc::new(Barrier::new(threads + 1));
@@ -237,7 +247,7 @@ pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectR
     progress.set_length(options.conns as u64);
     start_line.wait();
     let start = Instant::now();
-    let cpu_start = CpuSample::take(options.server_pid);
+    let cpu_start = CpuSample::take(options.common.server_pid);
     let mut open = OpenStats::new();
     let mut reported = 0;
     while reported < threads {
@@ -251,8 +261,8 @@ pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectR
         }
         progress.position(attempted.load(Ordering::Relaxed));
     }
-    let cpu = cpu_start.usage_until(&CpuSample::take(options.server_pid));
-    let rss_open = options.server_pid.and_then(stats::rss_kib);
+    let cpu = cpu_start.usage_until(&CpuSample::take(options.common.server_pid));
+    let rss_open = options.common.server_pid.and_then(stats::rss_kib);
     let open_secs = open.finished.map_or(0.0, |end| {
         end.saturating_duration_since(start).as_secs_f64()
     });
@@ -284,7 +294,7 @@ pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectR
             options.hold
         )
     });
-    let rss_held = options.server_pid.and_then(stats::rss_kib);
+    let rss_held = options.common.server_pid.and_then(stats::rss_kib);
     let _ = release_tx.send(true);
     progress.message("closing".to_owned());
     let mut held = HoldStats::default();
@@ -321,6 +331,7 @@ pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectR
             0.0
         },
         handshake_latency_us: LatencySummary::from_histogram(&open.latency),
+        handshake_latency_curve: stats::percentile_curve(&open.latency),
         cpu,
         hold_secs: options.hold,
         dropped: held.drops.values().sum(),
@@ -424,12 +435,12 @@ impl Job {
         if remaining.get() == 0 {
             all_attempted.notify_one();
         }
-        let timeout = Duration::from_secs_f64(self.options.timeout);
+        let timeout = Duration::from_secs_f64(self.options.common.timeout);
         let handles: Vec<_> = self
             .indices()
             .map(|index| {
                 let target = self.target.clone();
-                let source = target.source_for(index, self.options.source_addrs);
+                let source = target.source_for(index, self.options.common.source_addrs);
                 let permits = permits.clone();
                 let open_stats = open_stats.clone();
                 let hold_stats = hold_stats.clone();

@@ -24,7 +24,9 @@ use tokio::sync::Semaphore;
 use tokio::task::LocalSet;
 
 use super::client::{self, Client};
-use super::stats::{self, CpuSample, CpuUsage, LatencySummary, thousands};
+use super::common::{CommonOptions, window};
+use super::compare::{Figure, Summary};
+use super::stats::{self, CpuPerItem, CpuSample, CpuUsage, LatencySummary, Percentile, thousands};
 use super::target::Target;
 use super::{BenchError, Progress, join_worker, new_runtime};
 use crate::proto::Event;
@@ -56,21 +58,9 @@ pub struct EchoOptions {
     /// Warm-up time, in seconds, not counted.
     #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
-    /// Load generator threads, each with its own single-threaded runtime and its share
-    /// of the connections.
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
-    /// On loopback, spread connections over this many source addresses 127.0.0.2, …
-    /// (0: let the kernel choose).
-    #[arg(long, default_value_t = 50)]
-    pub source_addrs: u8,
-    /// Time allowed to connect and handshake, and to wait for the last echoes, in
-    /// seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub timeout: f64,
-    /// The server's process id: its CPU use over the measured window is reported.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Threads, source addresses, timeout, server pid.
+    #[command(flatten)]
+    pub common: CommonOptions,
 }
 
 impl EchoOptions {
@@ -84,36 +74,22 @@ impl EchoOptions {
             binary: false,
             duration: 10.0,
             warmup: 2.0,
-            threads: 1,
-            source_addrs: 50,
-            timeout: 10.0,
-            server_pid: None,
+            common: CommonOptions::default(),
         }
     }
 
     fn validate(&self) -> Result<(), BenchError> {
         let bad = |what: String| Err(BenchError::Options(what));
-        if self.conns == 0 || self.inflight == 0 || self.threads == 0 {
-            return bad("--conns, --inflight and --threads must be at least 1".into());
+        self.common.validate()?;
+        if self.conns == 0 || self.inflight == 0 {
+            return bad("--conns and --inflight must be at least 1".into());
         }
         if self.size < SEQ_BYTES {
             return bad(format!(
                 "--size must be at least {SEQ_BYTES}: every message carries its sequence number"
             ));
         }
-        for (name, secs) in [
-            ("--duration", self.duration),
-            ("--warmup", self.warmup),
-            ("--timeout", self.timeout),
-        ] {
-            if !(secs.is_finite() && secs >= 0.0) {
-                return bad(format!("{name} must be a number of seconds >= 0"));
-            }
-        }
-        if self.duration == 0.0 {
-            return bad("--duration must be more than 0".into());
-        }
-        Ok(())
+        window(self.warmup, self.duration)
     }
 }
 
@@ -144,6 +120,8 @@ pub struct EchoReport {
     pub bytes_per_sec: f64,
     /// Round trips of the echoes received in the measured window.
     pub latency_us: LatencySummary,
+    /// Their distribution, for plots.
+    pub latency_curve: Vec<Percentile>,
     /// Echoes whose content, size, type or order was wrong.
     pub mismatches: u64,
     /// The first mismatch, described.
@@ -158,12 +136,51 @@ pub struct EchoReport {
     pub close_failures: u64,
     /// CPU use over the measured window.
     pub cpu: CpuUsage,
+    /// CPU time per echoed message over the measured window: the load generator's own
+    /// cost (sending and receiving one message) and the server's.
+    pub cpu_per_message: CpuPerItem,
 }
 
 impl EchoReport {
     /// Whether every message came back intact, in order, on a connection that lived.
     pub fn is_clean(&self) -> bool {
         self.errors == 0 && self.mismatches == 0 && self.unanswered == 0
+    }
+}
+
+impl Summary for EchoReport {
+    const MODE: &'static str = "echo";
+    const LATENCY: &'static str = "round-trip";
+
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn figures(&self) -> Vec<Figure> {
+        let l = &self.latency_us;
+        vec![
+            Figure::more("messages/s", self.messages_per_sec),
+            Figure::less("round trip p50 µs", l.p50),
+            Figure::less("round trip p99 µs", l.p99),
+            Figure::less("round trip p99.9 µs", l.p999),
+            Figure::less("round trip max µs", l.max),
+            Figure::less("server CPU µs/message", self.cpu_per_message.server_us),
+            Figure::less("server CPU %", self.cpu.server_percent),
+            Figure::less("load generator CPU %", self.cpu.client_percent),
+        ]
+    }
+
+    fn latency_curve(&self) -> &[Percentile] {
+        &self.latency_curve
+    }
+
+    fn failure(&self) -> Option<String> {
+        (!self.is_clean()).then(|| {
+            format!(
+                "echo saw {} failed connections, {} mismatched and {} unanswered messages",
+                self.errors, self.mismatches, self.unanswered
+            )
+        })
     }
 }
 
@@ -190,26 +207,17 @@ impl fmt::Display for EchoReport {
         )?;
         writeln!(f, "  round trip  {}", self.latency_us)?;
         writeln!(f, "  cpu         {}", self.cpu)?;
+        writeln!(f, "  cpu/message {}", self.cpu_per_message)?;
         write!(f, "  mismatches  {}", self.mismatches)?;
         if let Some(first) = &self.first_mismatch {
             write!(f, " (first: {first})")?;
         }
         writeln!(f)?;
-        write!(f, "  errors      {}", self.errors)?;
-        for (cause, n) in &self.error_causes {
-            write!(f, "\n    {n} × {cause}")?;
-        }
+        stats::write_causes(f, "errors", &self.error_causes)?;
         if self.unanswered > 0 {
             write!(f, "\n  unanswered  {} messages", thousands(self.unanswered))?;
         }
-        if self.close_failures > 0 {
-            write!(
-                f,
-                "\n  close       {} connections did not complete the closing handshake",
-                self.close_failures
-            )?;
-        }
-        Ok(())
+        stats::write_close_failures(f, self.close_failures)
     }
 }
 
@@ -221,10 +229,10 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
     let target = Arc::new(Target::resolve(&options.url)?);
     let received = Arc::new(AtomicU64::new(0));
     let (ready_tx, ready_rx) = mpsc::channel::<Setup>();
-    let mut plans = Vec::with_capacity(options.threads);
-    let mut workers = Vec::with_capacity(options.threads);
+    let mut plans = Vec::with_capacity(options.common.threads);
+    let mut workers = Vec::with_capacity(options.common.threads);
     progress.message(format!("opening {} connections", options.conns));
-    for thread in 0..options.threads {
+    for thread in 0..options.common.threads {
         let (plan_tx, plan_rx) = mpsc::channel::<Option<Plan>>();
         plans.push(plan_tx);
         let job = Job {
@@ -244,7 +252,7 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
 
     let mut failures = BTreeMap::new();
     let mut failed = 0;
-    for setup in ready_rx.iter().take(options.threads) {
+    for setup in ready_rx.iter().take(options.common.threads) {
         failed += setup.failures.values().sum::<u64>();
         stats::merge_counts(&mut failures, setup.failures);
     }
@@ -266,7 +274,7 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
     let plan = Plan {
         warm_end: start + Duration::from_secs_f64(options.warmup),
         end: start + Duration::from_secs_f64(options.warmup + options.duration),
-        grace: Duration::from_secs_f64(options.timeout),
+        grace: Duration::from_secs_f64(options.common.timeout),
     };
     for tx in &plans {
         let _ = tx.send(Some(plan));
@@ -278,7 +286,7 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
             thousands(received.load(Ordering::Relaxed))
         )
     });
-    let cpu_start = CpuSample::take(options.server_pid);
+    let cpu_start = CpuSample::take(options.common.server_pid);
     let at_start = received.load(Ordering::Relaxed);
     progress.wait_until(plan.end, || {
         let n = received.load(Ordering::Relaxed) - at_start;
@@ -289,7 +297,7 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
             thousands((n as f64 / secs) as u64)
         )
     });
-    let cpu = cpu_start.usage_until(&CpuSample::take(options.server_pid));
+    let cpu = cpu_start.usage_until(&CpuSample::take(options.common.server_pid));
     progress.message("closing".to_owned());
 
     let mut total = ThreadStats::new();
@@ -304,19 +312,21 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
         inflight: options.inflight,
         size: options.size,
         binary: options.binary,
-        threads: options.threads,
+        threads: options.common.threads,
         warmup_secs: options.warmup,
         duration_secs: secs,
         messages: total.messages,
         messages_per_sec: total.messages as f64 / secs,
         bytes_per_sec: (total.messages * options.size as u64) as f64 / secs,
         latency_us: LatencySummary::from_histogram(&total.latency),
+        latency_curve: stats::percentile_curve(&total.latency),
         mismatches: total.mismatches,
         first_mismatch: total.first_mismatch,
         errors: total.errors.values().sum(),
         error_causes: total.errors,
         unanswered: total.unanswered,
         close_failures: total.close_failures,
+        cpu_per_message: cpu.per_item_us(total.messages),
         cpu,
     })
 }
@@ -420,13 +430,13 @@ impl Job {
     /// Opens this thread's connections, at most 256 handshakes at a time.
     async fn open_all(&self) -> Vec<Result<Client, String>> {
         let permits = Rc::new(Semaphore::new(256));
-        let timeout = Duration::from_secs_f64(self.options.timeout);
+        let timeout = Duration::from_secs_f64(self.options.common.timeout);
         let handles: Vec<_> = (self.thread..self.options.conns)
-            .step_by(self.options.threads)
+            .step_by(self.options.common.threads)
             .map(|index| {
                 let target = self.target.clone();
                 let permits = permits.clone();
-                let source = target.source_for(index, self.options.source_addrs);
+                let source = target.source_for(index, self.options.common.source_addrs);
                 tokio::task::spawn_local(async move {
                     let _permit = permits.acquire().await;
                     client::open(&target, source, timeout)

@@ -6,6 +6,10 @@
 //!
 //! Scenarios:
 //!
+//! - [`broadcast()`]: subscribers and publishers in one room; publishers send at a
+//!   fixed rate or ramp up to the highest rate without loss; deliveries per second,
+//!   publish-to-receipt latency, and every message accounted for at every subscriber
+//!   (lost, duplicated, reordered).
 //! - [`echo()`]: connections each keep a number of messages in flight to an echo
 //!   endpoint; messages per second, bytes per second and round-trip latency
 //!   percentiles over a measured window after a warm-up, every echo checked for
@@ -20,12 +24,20 @@
 //! scenarios report the CPU use of the load generator and, given `--server-pid`, of
 //! the server, so that a reader can see which one was the bottleneck.
 //!
-//! Both are library functions as well as commands: the tests call them against a
+//! `--compare URL2 …` runs the same scenario against several servers in turn and
+//! prints a table with ratios ([`Comparison`]); `--json` prints the reports as JSON;
+//! `--plot FILE.svg` draws the latency distributions ([`svg()`]).
+//!
+//! Each is a library function as well as a command: the tests call them against a
 //! server started in the same process.
 
+mod broadcast;
 mod client;
+mod common;
+mod compare;
 mod connect;
 mod echo;
+mod plot;
 mod stats;
 mod target;
 
@@ -36,11 +48,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::Serialize;
 
+pub use broadcast::{
+    BroadcastOptions, BroadcastReport, HEADER_BYTES, StepReport, Verdict, broadcast,
+};
+pub use common::{CommonOptions, OutputOptions};
+pub use compare::{ComparedFigure, Comparison, Figure, Run, Summary};
 pub use connect::{ConnectOptions, ConnectReport, Memory, connect};
 pub use echo::{EchoOptions, EchoReport, SEQ_BYTES, echo};
-pub use stats::{CpuUsage, LatencySummary, rss_kib};
+pub use plot::{Curve, svg};
+pub use stats::{CpuPerItem, CpuUsage, LatencySummary, Percentile, rss_kib};
 pub use target::Target;
 
 /// `ringsocket bench`'s arguments.
@@ -59,57 +76,146 @@ pub enum BenchMode {
     Echo {
         #[command(flatten)]
         options: EchoOptions,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputOptions,
+    },
+    /// Subscribers and publishers in one room: publishers send at a fixed rate (or
+    /// ramp up to the highest rate without loss); deliveries/s, publish-to-receipt
+    /// latency, lost, duplicated and reordered messages.
+    Broadcast {
+        #[command(flatten)]
+        options: BroadcastOptions,
+        #[command(flatten)]
+        output: OutputOptions,
     },
     /// Open many connections and hold them idle: handshakes/s, failures by cause and
     /// the server's memory per connection (with --server-pid).
     Connect {
         #[command(flatten)]
         options: ConnectOptions,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputOptions,
     },
 }
 
-/// Runs `ringsocket bench`, printing the report to stdout. An error when the bench
-/// could not run, or when it ran and saw failures (after printing the report).
+/// Runs `ringsocket bench`, printing the report (or, with `--compare`, every report
+/// and the table) to stdout. An error when the bench could not run, or when it ran and
+/// saw failures (after printing the report).
 pub fn run(args: BenchArgs) -> Result<(), String> {
-    let interactive = |json: bool| {
-        if !json && std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+    match args.mode {
+        BenchMode::Echo { options, output } => {
+            let run = |url: &str, pid: Option<u32>, progress: &Progress| {
+                let mut options = options.clone();
+                url.clone_into(&mut options.url);
+                options.common.server_pid = pid;
+                echo(&options, progress)
+            };
+            run_mode(&options.url, options.common.server_pid, &output, run)
+        }
+        BenchMode::Broadcast { options, output } => {
+            let run = |url: &str, pid: Option<u32>, progress: &Progress| {
+                let mut options = options.clone();
+                url.clone_into(&mut options.url);
+                options.common.server_pid = pid;
+                broadcast(&options, progress)
+            };
+            run_mode(&options.url, options.common.server_pid, &output, run)
+        }
+        BenchMode::Connect { options, output } => {
+            let run = |url: &str, pid: Option<u32>, progress: &Progress| {
+                let mut options = options.clone();
+                url.clone_into(&mut options.url);
+                options.common.server_pid = pid;
+                connect(&options, progress)
+            };
+            run_mode(&options.url, options.common.server_pid, &output, run)
+        }
+    }
+}
+
+/// Runs one scenario against `url` and every `--compare` URL in turn, and prints,
+/// plots and judges the results.
+fn run_mode<R: Summary>(
+    url: &str,
+    server_pid: Option<u32>,
+    output: &OutputOptions,
+    run: impl Fn(&str, Option<u32>, &Progress) -> Result<R, BenchError>,
+) -> Result<(), String> {
+    if !output.compare_pids.is_empty() && output.compare_pids.len() != output.compare.len() {
+        return Err(format!(
+            "--compare-pids: {} pids for {} --compare URLs; give one per URL, in order",
+            output.compare_pids.len(),
+            output.compare.len()
+        ));
+    }
+    let progress = || {
+        if !output.json && std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
             Progress::terminal()
         } else {
             Progress::hidden()
         }
     };
-    match args.mode {
-        BenchMode::Echo { options, json } => {
-            let report = echo(&options, &interactive(json)).map_err(|e| e.to_string())?;
-            print_report(&report, json)?;
-            if !report.is_clean() {
-                return Err(format!(
-                    "echo saw {} failed connections, {} mismatched and {} unanswered messages",
-                    report.errors, report.mismatches, report.unanswered
-                ));
-            }
+    if output.compare.is_empty() {
+        let report = run(url, server_pid, &progress()).map_err(|e| e.to_string())?;
+        print(&report, output.json)?;
+        if let Some(path) = &output.plot {
+            let curve = Curve {
+                label: report.url(),
+                points: report.latency_curve(),
+            };
+            plot::write_svg(path, &plot_title::<R>(), &[curve])?;
         }
-        BenchMode::Connect { options, json } => {
-            let report = connect(&options, &interactive(json)).map_err(|e| e.to_string())?;
-            print_report(&report, json)?;
-            if !report.is_clean() {
-                return Err(format!(
-                    "{} connections failed to open and {} were dropped during the hold",
-                    report.failed, report.dropped
-                ));
-            }
-        }
+        return report.failure().map_or(Ok(()), Err);
     }
-    Ok(())
+    let urls = std::iter::once(url).chain(output.compare.iter().map(String::as_str));
+    let pids = std::iter::once(server_pid)
+        .chain((0..output.compare.len()).map(|i| output.compare_pids.get(i).copied()));
+    let mut runs = Vec::new();
+    for (i, (url, pid)) in urls.zip(pids).enumerate() {
+        let progress = progress();
+        progress.message(format!("[{}] {url}", i + 1));
+        let run = match run(url, pid, &progress) {
+            Ok(report) => {
+                if !output.json {
+                    println!("[{}] {report}\n", i + 1);
+                }
+                Run {
+                    url: url.to_owned(),
+                    error: report.failure(),
+                    report: Some(report),
+                }
+            }
+            Err(e) => Run {
+                url: url.to_owned(),
+                report: None,
+                error: Some(e.to_string()),
+            },
+        };
+        runs.push(run);
+    }
+    let comparison = Comparison::new(runs);
+    print(&comparison, output.json)?;
+    if let Some(path) = &output.plot {
+        let curves: Vec<Curve<'_>> = comparison
+            .runs
+            .iter()
+            .filter_map(|run| {
+                run.report.as_ref().map(|report| Curve {
+                    label: &run.url,
+                    points: report.latency_curve(),
+                })
+            })
+            .collect();
+        plot::write_svg(path, &plot_title::<R>(), &curves)?;
+    }
+    comparison.failure().map_or(Ok(()), Err)
 }
 
-fn print_report<R: Serialize + fmt::Display>(report: &R, json: bool) -> Result<(), String> {
+fn plot_title<R: Summary>() -> String {
+    format!("ringsocket bench {}: {} latency", R::MODE, R::LATENCY)
+}
+
+fn print<R: serde::Serialize + fmt::Display>(report: &R, json: bool) -> Result<(), String> {
     if json {
         let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
         println!("{text}");
@@ -138,12 +244,17 @@ pub enum BenchError {
     },
     /// A thread or runtime could not be started, or a thread died.
     Runtime(String),
+    /// The server does not behave as the scenario needs (e.g. `bench broadcast`
+    /// against a URL that is not a room).
+    Scenario(String),
 }
 
 impl fmt::Display for BenchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Options(why) | Self::Url(why) | Self::Runtime(why) => f.write_str(why),
+            Self::Options(why) | Self::Url(why) | Self::Runtime(why) | Self::Scenario(why) => {
+                f.write_str(why)
+            }
             Self::Setup {
                 failed,
                 total,

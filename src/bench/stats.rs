@@ -73,11 +73,55 @@ impl fmt::Display for LatencySummary {
     }
 }
 
+/// One point of a latency distribution: the latency below which `percentile` % of
+/// the samples fall.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Percentile {
+    /// 0 to 100.
+    pub percentile: f64,
+    /// Microseconds.
+    pub us: f64,
+}
+
+/// The latency distribution of `hist` (nanoseconds) as percentiles in microseconds,
+/// evenly spaced on the log scale of `1 / (1 - p)` that HdrHistogram plots use (ten
+/// points a decade: 0 %, 20.6 %, 36.9 %, …, 90 %, …, 99 %, …), up to the point where
+/// one sample remains, then the maximum at 100 %. Empty for an empty histogram.
+pub fn percentile_curve(hist: &Histogram<u64>) -> Vec<Percentile> {
+    if hist.is_empty() {
+        return Vec::new();
+    }
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let mut curve = Vec::new();
+    for step in 0..=70 {
+        let tail = 10f64.powf(-f64::from(step) / 10.0);
+        if tail * (hist.len() as f64) < 1.0 - 1e-9 {
+            break;
+        }
+        let quantile = 1.0 - tail;
+        curve.push(Percentile {
+            percentile: quantile * 100.0,
+            us: us(hist.value_at_quantile(quantile)),
+        });
+    }
+    curve.push(Percentile {
+        percentile: 100.0,
+        us: us(hist.max()),
+    });
+    curve
+}
+
 /// CPU used by the server and by this load generator over a window, as a percentage
 /// of one core (100 = one core busy all the time). The one near 100 × its cores is
 /// the bottleneck.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CpuUsage {
+    /// The length of the window, in seconds.
+    pub window_secs: f64,
+    /// The server's CPU time over the window, in seconds, when its pid was given.
+    pub server_secs: Option<f64>,
+    /// This process's CPU time over the window, in seconds.
+    pub client_secs: Option<f64>,
     /// The server's CPU, when its pid was given.
     pub server_percent: Option<f64>,
     /// This process's CPU.
@@ -107,6 +151,40 @@ impl fmt::Display for CpuUsage {
     }
 }
 
+impl CpuUsage {
+    /// The CPU time per item (message, delivery) of the load generator and of the
+    /// server, in microseconds, for `items` handled over the window.
+    pub fn per_item_us(&self, items: u64) -> CpuPerItem {
+        let per = |secs: Option<f64>| secs.filter(|_| items > 0).map(|s| s * 1e6 / items as f64);
+        CpuPerItem {
+            client_us: per(self.client_secs),
+            server_us: per(self.server_secs),
+        }
+    }
+}
+
+/// CPU time per message (or delivery), in microseconds: the load generator's own cost,
+/// beside the server's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CpuPerItem {
+    /// This load generator (user + system time of the process).
+    pub client_us: Option<f64>,
+    /// The server, when its pid was given.
+    pub server_us: Option<f64>,
+}
+
+impl fmt::Display for CpuPerItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2} µs"));
+        write!(
+            f,
+            "load generator {}, server {}",
+            us(self.client_us),
+            us(self.server_us)
+        )
+    }
+}
+
 /// CPU times of the server, of this process and of every core at one instant.
 #[derive(Debug, Clone)]
 pub(crate) struct CpuSample {
@@ -131,12 +209,15 @@ impl CpuSample {
     /// The usage between `self` and a later sample.
     pub fn usage_until(&self, later: &CpuSample) -> CpuUsage {
         let wall = later.at.saturating_duration_since(self.at).as_secs_f64();
-        let pct = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
-            (Some(a), Some(b)) if wall > 0.0 => {
-                Some(b.saturating_sub(a).as_secs_f64() / wall * 100.0)
-            }
+        let secs = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
             _ => None,
         };
+        let (server_secs, client_secs) = (
+            secs(self.server, later.server),
+            secs(self.client, later.client),
+        );
+        let pct = |secs: Option<f64>| secs.filter(|_| wall > 0.0).map(|s| s / wall * 100.0);
         let cores_busy_percent = self
             .cores
             .iter()
@@ -151,8 +232,11 @@ impl CpuSample {
             })
             .collect();
         CpuUsage {
-            server_percent: pct(self.server, later.server),
-            client_percent: pct(self.client, later.client),
+            window_secs: wall,
+            server_secs,
+            client_secs,
+            server_percent: pct(server_secs),
+            client_percent: pct(client_secs),
             cores_busy_percent,
         }
     }
@@ -217,6 +301,30 @@ pub(crate) fn merge_counts(into: &mut BTreeMap<String, u64>, from: BTreeMap<Stri
     }
 }
 
+/// Writes `label n` and one line per cause, `k × cause`, indented under it.
+pub(crate) fn write_causes(
+    f: &mut fmt::Formatter<'_>,
+    label: &str,
+    causes: &BTreeMap<String, u64>,
+) -> fmt::Result {
+    write!(f, "  {label:<12}{}", thousands(causes.values().sum()))?;
+    for (cause, n) in causes {
+        write!(f, "\n    {} × {cause}", thousands(*n))?;
+    }
+    Ok(())
+}
+
+/// Writes the line about closing handshakes that did not complete, if any did not.
+pub(crate) fn write_close_failures(f: &mut fmt::Formatter<'_>, n: u64) -> fmt::Result {
+    if n > 0 {
+        write!(
+            f,
+            "\n  close       {n} connections did not complete the closing handshake"
+        )?;
+    }
+    Ok(())
+}
+
 /// `1234567` as `1,234,567`.
 pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
@@ -271,6 +379,27 @@ mod tests {
     }
 
     #[test]
+    fn curve_runs_from_the_minimum_to_the_maximum() {
+        let mut h = new_histogram();
+        for us in 1..=1000u64 {
+            record(&mut h, Duration::from_micros(us));
+        }
+        let curve = percentile_curve(&h);
+        assert_eq!(curve.first().map(|p| p.percentile), Some(0.0));
+        let last = curve.last().unwrap();
+        assert_eq!(last.percentile, 100.0);
+        assert!((last.us - 1000.0).abs() < 1.0, "{last:?}");
+        // Ten points a decade while at least one sample is left: 0 … 99.9 %.
+        assert_eq!(curve.len(), 31 + 1, "{curve:?}");
+        assert!(
+            curve
+                .windows(2)
+                .all(|w| w[0].percentile < w[1].percentile && w[0].us <= w[1].us)
+        );
+        assert!(percentile_curve(&new_histogram()).is_empty());
+    }
+
+    #[test]
     fn reads_this_process() {
         let pid = std::process::id();
         assert!(rss_kib(pid).is_some_and(|kib| kib > 0));
@@ -299,6 +428,14 @@ mod tests {
         assert_eq!(thousands(1000), "1,000");
         assert_eq!(thousands(1234567), "1,234,567");
         assert_eq!(micros(12.34), "12.3");
+        let per = CpuUsage {
+            client_secs: Some(0.5),
+            ..CpuUsage::default()
+        }
+        .per_item_us(1_000_000);
+        assert_eq!(per.client_us, Some(0.5));
+        assert_eq!(per.server_us, None);
+        assert_eq!(per.to_string(), "load generator 0.50 µs, server n/a");
         assert_eq!(micros(1234.4), "1,234");
         assert_eq!(rate_bytes(7.9e6), "7.9 MB/s");
     }

@@ -1,0 +1,588 @@
+//! The connections of `bench broadcast`: each load generator thread's subscribers and
+//! publishers, and the state they share on that thread.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::LocalSet;
+
+use super::message::{Arrival, Header, Track};
+use super::{BroadcastOptions, Collected, Phase, Plan, Shared, StepStats, ThreadEnd};
+use crate::bench::client::{self, Client};
+use crate::bench::new_runtime;
+use crate::bench::stats;
+use crate::bench::target::Target;
+use crate::proto::{CloseCode, Event};
+
+/// A thread's subscribers' tracks and its counts, shared by its tasks.
+#[derive(Debug)]
+struct ThreadState {
+    pubs: usize,
+    size: usize,
+    /// `tracks[sub * pubs + publisher]`.
+    tracks: Vec<Track>,
+    /// Per subscriber: publishers heard during the probe.
+    heard: Vec<Vec<bool>>,
+    /// The step `stats` belong to.
+    stats_step: u32,
+    stats: StepStats,
+    errors: BTreeMap<String, u64>,
+    close_failures: u64,
+}
+
+impl ThreadState {
+    fn new(subs: usize, pubs: usize, size: usize) -> Self {
+        Self {
+            pubs,
+            size,
+            tracks: vec![Track::default(); subs * pubs],
+            heard: vec![vec![false; pubs]; subs],
+            stats_step: 0,
+            stats: StepStats::new(),
+            errors: BTreeMap::new(),
+            close_failures: 0,
+        }
+    }
+
+    fn stats_for(&mut self, step: u32) -> &mut StepStats {
+        if self.stats_step != step {
+            self.stats_step = step;
+            self.stats = StepStats::new();
+        }
+        &mut self.stats
+    }
+
+    fn malformed(&mut self, step: u32, why: String) {
+        let stats = self.stats_for(step);
+        stats.malformed += 1;
+        stats.first_malformed.get_or_insert(why);
+    }
+
+    /// Accounts for one message received by subscriber `sub` at `now`; returns
+    /// whether it was a new delivery of the current step.
+    fn receive(
+        &mut self,
+        sub: usize,
+        payload: &[u8],
+        now: Instant,
+        phase: &Phase,
+        shared: &Shared,
+    ) -> bool {
+        let current = match phase {
+            Phase::Step(plan) => plan.step,
+            Phase::Collect { plan, .. } => plan.step,
+            _ => 0,
+        };
+        let Some(header) = Header::decode(payload) else {
+            self.malformed(
+                current,
+                format!("a {} B message, shorter than the header", payload.len()),
+            );
+            return false;
+        };
+        let publisher = header.publisher as usize;
+        if publisher >= self.pubs {
+            self.malformed(
+                current,
+                format!("a message from publisher {publisher}, of {}", self.pubs),
+            );
+            return false;
+        }
+        if payload.len() != self.size {
+            self.malformed(
+                current,
+                format!("a {} B message instead of {}", payload.len(), self.size),
+            );
+            return false;
+        }
+        let plan = match phase {
+            Phase::Probe if header.step == 0 => {
+                let heard = &mut self.heard[sub];
+                if !heard[publisher] {
+                    heard[publisher] = true;
+                    if heard.iter().all(|h| *h) {
+                        shared.ready.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return false;
+            }
+            Phase::Step(plan) if header.step == plan.step => plan,
+            _ => {
+                self.stats_for(current).stale += 1;
+                return false;
+            }
+        };
+        let arrival = self.tracks[sub * self.pubs + publisher].arrive(plan.step, header.seq);
+        let stats = self.stats_for(plan.step);
+        match arrival {
+            Arrival::Duplicate => {
+                stats.duplicated += 1;
+                return false;
+            }
+            Arrival::Reordered => stats.reordered += 1,
+            Arrival::InOrder => {}
+        }
+        stats.delivered += 1;
+        if now >= plan.warm_end && now < plan.end {
+            stats.window_deliveries += 1;
+            let latency = shared.nanos_since_base(now).saturating_sub(header.sent_ns);
+            stats::record(&mut stats.latency, Duration::from_nanos(latency));
+        }
+        true
+    }
+
+    /// The step's counts, with the messages each subscriber is missing.
+    fn collect(&mut self, plan: &Plan, published: &[u64]) -> Collected {
+        let mut lost = 0;
+        for (i, track) in self.tracks.iter().enumerate() {
+            let sent = published.get(i % self.pubs).copied().unwrap_or(0);
+            lost += track.missing(plan.step, sent);
+        }
+        let mut stats = std::mem::replace(self.stats_for(plan.step), StepStats::new());
+        stats.lost = lost;
+        Collected {
+            stats,
+            failures: self.errors.values().sum(),
+        }
+    }
+
+    fn fail(&mut self, cause: String) {
+        stats::count(&mut self.errors, cause, 1);
+    }
+}
+
+/// One load generator thread: its runtime, its share of the connections.
+pub(super) struct Job {
+    pub(super) thread: usize,
+    pub(super) threads: usize,
+    pub(super) options: BroadcastOptions,
+    pub(super) target: Arc<Target>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) phase: watch::Receiver<Phase>,
+}
+
+/// A connection's part.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    /// Subscriber with this index among the thread's subscribers.
+    Subscriber(usize),
+    /// Publisher with this id.
+    Publisher(u32),
+}
+
+impl Job {
+    pub(super) fn run(
+        self,
+        ready: mpsc::Sender<BTreeMap<String, u64>>,
+        collect: mpsc::Sender<Collected>,
+    ) -> ThreadEnd {
+        let mut failures = BTreeMap::new();
+        let runtime = match new_runtime() {
+            Ok(rt) => rt,
+            Err(e) => {
+                failures.insert(format!("cannot start a runtime: {e}"), 1);
+                let _ = ready.send(failures);
+                return ThreadEnd::default();
+            }
+        };
+        let local = LocalSet::new();
+        let opened = local.block_on(&runtime, self.open_all());
+        let mut clients = Vec::with_capacity(opened.len());
+        for (role, result) in opened {
+            match result {
+                Ok(client) => clients.push((role, client)),
+                Err(cause) => stats::count(&mut failures, cause, 1),
+            }
+        }
+        let _ = ready.send(failures);
+        local.block_on(&runtime, self.run_all(clients, collect))
+    }
+
+    /// Subscribers are connections `0..subs`, publishers `subs..subs + pubs`; this
+    /// thread has every `threads`-th one.
+    fn roles(&self) -> impl Iterator<Item = (usize, Role)> + use<> {
+        let subs = self.options.subs;
+        let mut local_subs = 0;
+        (self.thread..subs + self.options.pubs)
+            .step_by(self.threads)
+            .map(move |index| {
+                let role = if index < subs {
+                    local_subs += 1;
+                    Role::Subscriber(local_subs - 1)
+                } else {
+                    Role::Publisher((index - subs) as u32)
+                };
+                (index, role)
+            })
+    }
+
+    /// Opens this thread's connections, at most 256 handshakes at a time.
+    async fn open_all(&self) -> Vec<(Role, Result<Client, String>)> {
+        let permits = Rc::new(Semaphore::new(256));
+        let timeout = self.options.common.timeout();
+        let handles: Vec<_> = self
+            .roles()
+            .map(|(index, role)| {
+                let target = self.target.clone();
+                let permits = permits.clone();
+                let source = target.source_for(index, self.options.common.source_addrs);
+                let task = tokio::task::spawn_local(async move {
+                    let _permit = permits.acquire().await;
+                    client::open(&target, source, timeout)
+                        .await
+                        .map_err(|e| e.to_string())
+                });
+                (role, task)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for (role, handle) in handles {
+            let result = handle
+                .await
+                .unwrap_or_else(|e| Err(format!("connection task failed: {e}")));
+            out.push((role, result));
+        }
+        out
+    }
+
+    async fn run_all(
+        &self,
+        clients: Vec<(Role, Client)>,
+        collect: mpsc::Sender<Collected>,
+    ) -> ThreadEnd {
+        let subs = clients
+            .iter()
+            .filter(|(role, _)| matches!(role, Role::Subscriber(_)))
+            .count();
+        let state = Rc::new(RefCell::new(ThreadState::new(
+            subs,
+            self.options.pubs,
+            self.options.size,
+        )));
+        // One read buffer for all the thread's subscribers: they read only when ready.
+        let buf = Rc::new(RefCell::new(vec![0u8; 64 * 1024]));
+        let handles: Vec<_> = clients
+            .into_iter()
+            .map(|(role, client)| {
+                let state = state.clone();
+                let shared = self.shared.clone();
+                let phase = self.phase.clone();
+                match role {
+                    Role::Subscriber(sub) => tokio::task::spawn_local(subscribe(
+                        client,
+                        sub,
+                        state,
+                        shared,
+                        phase,
+                        buf.clone(),
+                    )),
+                    Role::Publisher(id) => tokio::task::spawn_local(publish(
+                        client,
+                        id,
+                        self.options.size,
+                        state,
+                        shared,
+                        phase,
+                    )),
+                }
+            })
+            .collect();
+        let mut phase = self.phase.clone();
+        loop {
+            let current = phase.borrow_and_update().clone();
+            match current {
+                Phase::Collect { plan, published } => {
+                    let collected = state.borrow_mut().collect(&plan, &published);
+                    let _ = collect.send(collected);
+                }
+                Phase::Stop => break,
+                Phase::Idle | Phase::Probe | Phase::Step(_) => {}
+            }
+            if phase.changed().await.is_err() {
+                break;
+            }
+        }
+        for handle in handles {
+            if let Err(e) = handle.await {
+                state
+                    .borrow_mut()
+                    .fail(format!("connection task failed: {e}"));
+            }
+        }
+        let mut state = state.borrow_mut();
+        ThreadEnd {
+            errors: std::mem::take(&mut state.errors),
+            close_failures: state.close_failures,
+        }
+    }
+}
+
+/// A subscriber: reads until told to stop, accounting for every message.
+async fn subscribe(
+    mut client: Client,
+    sub: usize,
+    state: Rc<RefCell<ThreadState>>,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+    buf: Rc<RefCell<Vec<u8>>>,
+) {
+    let mut current = phase.borrow_and_update().clone();
+    loop {
+        if matches!(current, Phase::Stop) {
+            if !client.close(Duration::from_secs(2)).await {
+                state.borrow_mut().close_failures += 1;
+            }
+            return;
+        }
+        tokio::select! {
+            changed = phase.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = phase.borrow_and_update().clone();
+            }
+            readable = client.stream.readable() => {
+                if let Err(e) = readable {
+                    state.borrow_mut().fail(format!("read failed: {e}"));
+                    return;
+                }
+                if phase.has_changed().unwrap_or(false) {
+                    current = phase.borrow_and_update().clone();
+                }
+                match receive(&mut client, sub, &state, &shared, &current, &buf) {
+                    Ok(()) => {}
+                    Err(None) => continue,
+                    Err(Some(cause)) => {
+                        let _ = client.flush().await;
+                        state.borrow_mut().fail(cause);
+                        return;
+                    }
+                }
+                if let Err(e) = client.flush().await {
+                    state.borrow_mut().fail(format!("write failed: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads what a ready subscriber has and accounts for every message in it. `Err(None)`:
+/// nothing to read after all; `Err(Some(cause))`: the connection failed.
+fn receive(
+    client: &mut Client,
+    sub: usize,
+    state: &RefCell<ThreadState>,
+    shared: &Shared,
+    phase: &Phase,
+    buf: &RefCell<Vec<u8>>,
+) -> Result<(), Option<String>> {
+    let mut buf = buf.borrow_mut();
+    let n = match client.stream.try_read(&mut buf) {
+        Ok(0) => {
+            return Err(Some(
+                "closed by the server without a close frame (1006)".into(),
+            ));
+        }
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(None),
+        Err(e) => return Err(Some(format!("read failed: {e}"))),
+    };
+    let now = Instant::now();
+    client.conn.handle_bytes(&buf[..n]);
+    drop(buf);
+    let mut state = state.borrow_mut();
+    let (mut received, mut delivered) = (0, 0);
+    let result = loop {
+        let payload = match client.conn.poll_event() {
+            Ok(Some(Event::Binary(bytes))) => bytes,
+            Ok(Some(Event::Text(text))) => text.into_bytes(),
+            Ok(Some(Event::Close(frame))) => break Err(Some(closed_by_server(frame))),
+            Ok(Some(_)) => continue,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(Some(format!("protocol error from the server: {e}"))),
+        };
+        received += 1;
+        if state.receive(sub, &payload, now, phase, shared) {
+            delivered += 1;
+        }
+    };
+    shared.received.fetch_add(received, Ordering::Relaxed);
+    shared.delivered.fetch_add(delivered, Ordering::Relaxed);
+    result
+}
+
+fn closed_by_server(frame: Option<crate::proto::CloseFrame>) -> String {
+    match frame {
+        Some(frame) if frame.reason.is_empty() => {
+            format!("closed early by the server with {}", frame.code)
+        }
+        Some(frame) => format!(
+            "closed early by the server with {} ({})",
+            frame.code, frame.reason
+        ),
+        None => "closed early by the server with no status (1005)".to_owned(),
+    }
+}
+
+/// A publisher: sends probes, then each step's messages on schedule, while reading
+/// (and discarding) what the room sends it.
+async fn publish(
+    client: Client,
+    id: u32,
+    size: usize,
+    state: Rc<RefCell<ThreadState>>,
+    shared: Arc<Shared>,
+    phase: watch::Receiver<Phase>,
+) {
+    let Client { mut stream, conn } = client;
+    let conn = RefCell::new(conn);
+    let wake = Notify::new();
+    let stopping = Cell::new(false);
+    let (mut rd, mut wr) = stream.split();
+    let reader = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match rd.read(&mut buf).await {
+                Ok(0) => {
+                    return Some("closed by the server without a close frame (1006)".to_owned());
+                }
+                Ok(n) => n,
+                Err(e) => return Some(format!("read failed: {e}")),
+            };
+            let mut conn = conn.borrow_mut();
+            conn.handle_bytes(&buf[..n]);
+            loop {
+                match conn.poll_event() {
+                    Ok(Some(Event::Close(frame))) => return Some(closed_by_server(frame)),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => return Some(format!("protocol error from the server: {e}")),
+                }
+            }
+            if conn.pending_output() > 0 {
+                wake.notify_one();
+            }
+        }
+    };
+    let writer = async {
+        let mut phase = phase;
+        let mut chunks = Vec::new();
+        let mut probe_seq = 0u64;
+        let mut step_sent: Option<(u32, u64)> = None;
+        let mut done_step = None;
+        loop {
+            let current = phase.borrow_and_update().clone();
+            let mut next_wake = None;
+            let mut write_deadline = None;
+            match &current {
+                Phase::Idle | Phase::Collect { .. } => {}
+                Phase::Stop => {
+                    stopping.set(true);
+                    let _ = conn.borrow_mut().close(CloseCode::Normal, "");
+                    conn.borrow_mut().drain_transmit(&mut chunks);
+                    for chunk in chunks.drain(..) {
+                        let _ = wr.write_all(&chunk).await;
+                    }
+                    return None;
+                }
+                Phase::Probe => {
+                    let header = Header {
+                        publisher: id,
+                        step: 0,
+                        seq: probe_seq,
+                        sent_ns: shared.nanos_since_base(Instant::now()),
+                    };
+                    probe_seq += 1;
+                    if let Err(e) = conn.borrow_mut().send_binary(header.encode(size)) {
+                        return Some(format!("cannot send: {e}"));
+                    }
+                    next_wake = Some(Instant::now() + Duration::from_millis(20));
+                }
+                Phase::Step(plan) => {
+                    let sent = match step_sent {
+                        Some((step, sent)) if step == plan.step => sent,
+                        _ => 0,
+                    };
+                    let due = plan.due(Instant::now());
+                    {
+                        let mut conn = conn.borrow_mut();
+                        for seq in sent..due {
+                            let header = Header {
+                                publisher: id,
+                                step: plan.step,
+                                seq,
+                                sent_ns: shared.nanos_since_base(plan.due_at(seq)),
+                            };
+                            if let Err(e) = conn.send_binary(header.encode(size)) {
+                                return Some(format!("cannot send: {e}"));
+                            }
+                        }
+                    }
+                    step_sent = Some((plan.step, due));
+                    write_deadline = Some(plan.end + plan.grace);
+                    if due < plan.total() {
+                        next_wake = Some(plan.due_at(due));
+                    }
+                }
+            }
+            conn.borrow_mut().drain_transmit(&mut chunks);
+            for chunk in chunks.drain(..) {
+                let write = wr.write_all(&chunk);
+                let written = match write_deadline {
+                    Some(deadline) => match tokio::time::timeout_at(deadline.into(), write).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            return Some(
+                                "a publisher's write was still blocked at the end of the \
+                                     grace period: the server stopped reading"
+                                    .to_owned(),
+                            );
+                        }
+                    },
+                    None => write.await,
+                };
+                if let Err(e) = written {
+                    return Some(format!("write failed: {e}"));
+                }
+            }
+            if let (Phase::Step(plan), Some((step, sent))) = (&current, step_sent) {
+                shared.published[id as usize].store(sent, Ordering::Relaxed);
+                if sent == plan.total() && done_step != Some(step) {
+                    done_step = Some(step);
+                    shared.pubs_done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::select! {
+                changed = phase.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                () = wake.notified() => {}
+                () = sleep_until(next_wake) => {}
+            }
+        }
+    };
+    let failure = tokio::select! {
+        failure = reader => failure,
+        failure = writer => failure,
+    };
+    // A reader that ends because the bench is stopping is not a failure.
+    if let Some(cause) = failure.filter(|_| !stopping.get()) {
+        state.borrow_mut().fail(cause);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
