@@ -61,6 +61,12 @@ pub struct Config {
     /// Time allowed after SIGINT/SIGTERM for peers to answer Close 1001, in seconds.
     /// Default 5.
     pub shutdown_timeout_secs: f64,
+    /// Background executor threads (never the I/O cores). Default 1.
+    pub task_threads: usize,
+    /// Background jobs the queue holds, queued or reserved by requests whose response
+    /// is being written. Beyond it a job is refused (the app's queue-full policy: 503
+    /// or drop, counted in `ringsocket_tasks_rejected_total`). Default 10,000.
+    pub task_queue_capacity: usize,
 }
 
 impl Default for Config {
@@ -80,6 +86,8 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             max_head_bytes: 8 << 10,
             shutdown_timeout_secs: 5.0,
+            task_threads: 1,
+            task_queue_capacity: 10_000,
         }
     }
 }
@@ -146,6 +154,8 @@ impl Config {
             "max_body_bytes" => self.max_body_bytes = num(value)?,
             "max_head_bytes" => self.max_head_bytes = num(value)?,
             "shutdown_timeout_secs" => self.shutdown_timeout_secs = num(value)?,
+            "task_threads" => self.task_threads = num(value)?,
+            "task_queue_capacity" => self.task_queue_capacity = num(value)?,
             "slow_consumer_policy" => {
                 self.slow_consumer_policy = match value.trim() {
                     "close-1013" => SlowConsumerPolicy::Close1013,
@@ -183,6 +193,11 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(ConfigError("max_connections must be above 0".into()));
+        }
+        if self.task_threads == 0 || self.task_queue_capacity == 0 {
+            return Err(ConfigError(
+                "task_threads and task_queue_capacity must be above 0".into(),
+            ));
         }
         Ok(())
     }

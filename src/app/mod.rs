@@ -36,6 +36,7 @@ pub use websocket::WebSocket;
 
 use crate::proto::handshake::Request as Head;
 use crate::runtime::{Context, HttpRequest, LocalFuture, Response, Route, Service, Session};
+use crate::tasks::{BackgroundTasks, QueueFullPolicy};
 use router::{Match, Pattern};
 
 type WsFn = Arc<dyn Fn(WebSocket) -> LocalFuture<()> + Send + Sync>;
@@ -62,6 +63,11 @@ impl Request {
     /// The peer's address.
     pub fn peer(&self) -> SocketAddr {
         self.inner.peer
+    }
+
+    /// The request's background jobs: they start once the response has been written.
+    pub fn tasks(&self) -> &BackgroundTasks {
+        &self.inner.tasks
     }
 
     /// The path parameter `name`, converted to `T`.
@@ -104,6 +110,7 @@ pub struct App {
     websockets: Vec<(Pattern, WsFn)>,
     http: Vec<(Method, Pattern, HttpFn)>,
     builtins: bool,
+    queue_full: QueueFullPolicy,
 }
 
 impl std::fmt::Debug for App {
@@ -136,6 +143,7 @@ impl App {
             websockets: Vec::new(),
             http: Vec::new(),
             builtins: true,
+            queue_full: QueueFullPolicy::default(),
         }
     }
 
@@ -189,6 +197,13 @@ impl App {
         self.route(Method::Post, pattern, handler)
     }
 
+    /// What an HTTP request gets when its handler's background job finds the queue
+    /// full. Default [`QueueFullPolicy::Reject503`].
+    pub fn queue_full_policy(mut self, policy: QueueFullPolicy) -> Self {
+        self.queue_full = policy;
+        self
+    }
+
     /// The default app of `ringsocket serve`: `/echo` sends every message back.
     pub fn echo() -> Self {
         Self::new().websocket("/echo", echo)
@@ -212,9 +227,11 @@ impl Service for App {
             match path {
                 "/healthz" => return Route::Respond(Response::text(200, "ok\n")),
                 "/metrics" => {
+                    let mut text = cx.metrics.render();
+                    text.push_str(&cx.tasks.metrics().render(cx.tasks.capacity()));
                     return Route::Respond(Response {
                         content_type: "text/plain; version=0.0.4".into(),
-                        ..Response::text(200, cx.metrics.render())
+                        ..Response::text(200, text)
                     });
                 }
                 _ => {}
@@ -230,8 +247,10 @@ impl Service for App {
                 match pattern.matches(path) {
                     Match::Yes(params) => {
                         let handler = handler.clone();
+                        let tasks = cx.tasks.clone();
                         return Route::WebSocket(Box::new(move |session: Session| {
-                            handler(WebSocket::new(session, params))
+                            let tasks = BackgroundTasks::immediate(tasks);
+                            handler(WebSocket::new(session, params, tasks))
                         }));
                     }
                     Match::BadParam(e) => {
@@ -246,7 +265,11 @@ impl Service for App {
             match pattern.matches(path) {
                 Match::Yes(params) if method.as_str() == head.method() => {
                     let handler = handler.clone();
-                    return Route::Http(Box::new(move |inner| handler(Request { inner, params })));
+                    let policy = self.queue_full;
+                    return Route::Http(Box::new(move |inner: HttpRequest| {
+                        inner.tasks.set_policy(policy);
+                        handler(Request { inner, params })
+                    }));
                 }
                 Match::BadParam(e) if method.as_str() == head.method() => {
                     return Route::Respond(Response::error(400, &e.to_string()));
