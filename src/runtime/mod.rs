@@ -187,6 +187,21 @@ impl RunningServer {
         self.signal.trigger();
     }
 
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully and waits for the end
+    /// (for examples and small programs; `ringsocket serve` does the same).
+    pub fn run_until_signalled(self) -> Result<(), ServeError> {
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])
+        .map_err(|e| ServeError::Worker(format!("cannot install signal handlers: {e}")))?;
+        if let Some(signal) = signals.forever().next() {
+            tracing::info!(signal, "shutting down: closing connections with 1001");
+        }
+        self.shutdown();
+        self.join()
+    }
+
     /// Waits for every worker to finish (after a shutdown), then drains the background
     /// queue within `shutdown_timeout` (no connection is left to schedule jobs).
     pub fn join(mut self) -> Result<(), ServeError> {

@@ -132,11 +132,18 @@ impl Executor {
             abandoned += metrics.running();
         }
         // Jobs queued behind the stop messages (a race with `closed`) or not reached in time.
-        abandoned += self
-            .rx
-            .try_iter()
-            .filter(|m| matches!(m, Message::Job(_)))
-            .count() as u64;
+        for message in self.rx.try_iter() {
+            if let Message::Job(_) = message {
+                shared.slots.fetch_sub(1, Ordering::AcqRel);
+                metrics.unqueued();
+                abandoned += 1;
+            }
+        }
+        // Threads still busy took no stop message yet (or it was drained just now): one
+        // each, so that they end when their job does.
+        for _ in self.threads.iter().filter(|t| !t.is_finished()) {
+            let _ = self.handle.tx.try_send(Message::Stop);
+        }
         metrics.abandoned(abandoned);
         let report = DrainReport {
             finished: metrics.completed().saturating_sub(completed_before),

@@ -173,3 +173,34 @@ impl TaskMetrics {
         self.done() + self.failed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Buckets are cumulative in the text, `_count` is every job, `_sum` in seconds.
+    #[test]
+    fn queue_wait_histogram_is_cumulative() {
+        let metrics = TaskMetrics::default();
+        for _ in 0..3 {
+            metrics.enqueued();
+        }
+        metrics.dequeued(Duration::from_micros(50));
+        metrics.dequeued(Duration::from_millis(2));
+        metrics.dequeued(Duration::from_secs(20));
+        let text = metrics.render(8);
+        for line in [
+            "ringsocket_tasks_queue_wait_seconds_bucket{le=\"0.0001\"} 1",
+            "ringsocket_tasks_queue_wait_seconds_bucket{le=\"0.001\"} 1",
+            "ringsocket_tasks_queue_wait_seconds_bucket{le=\"0.005\"} 2",
+            "ringsocket_tasks_queue_wait_seconds_bucket{le=\"10\"} 2",
+            "ringsocket_tasks_queue_wait_seconds_bucket{le=\"+Inf\"} 3",
+            "ringsocket_tasks_queue_wait_seconds_count 3",
+            "ringsocket_tasks_queue_wait_seconds_sum 20.00205",
+            "ringsocket_tasks_queued 0",
+            "ringsocket_tasks_queue_capacity 8",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+    }
+}
