@@ -22,9 +22,7 @@ use ringsocket::runtime::{Response, Server};
 use ringsocket::tasks::QueueFullPolicy;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt::init();
     let mut args = std::env::args().skip(1);
     let mut config = Config::default();
     if let Some(addr) = args.next() {
