@@ -231,6 +231,49 @@ fn http_job_starts_only_after_the_response_is_written() {
     done.recv_timeout(PATIENCE).unwrap();
 }
 
+/// A client that leaves before the response is written does not cancel the jobs: the
+/// handler committed to them, so they run once the write has failed.
+#[test]
+fn http_job_runs_when_the_client_leaves_before_the_response_is_written() {
+    let (ran_tx, ran) = unbounded::<()>();
+    let app = App::new().post("/signup", move |req| {
+        let ran_tx = ran_tx.clone();
+        async move {
+            req.tasks()
+                .add("welcome-email", move || ran_tx.send(()).unwrap())
+                .unwrap();
+            Response::text(200, "x".repeat(32 << 20))
+        }
+    });
+    let server = start(app, |_| {});
+    let stream = send(&server, "POST", "/signup");
+    drop(stream);
+    ran.recv_timeout(PATIENCE).unwrap();
+}
+
+/// A handler that panics after adding a job gets 500 and its job never runs; the
+/// dropped job is counted.
+#[test]
+fn jobs_of_a_panicking_handler_are_dropped_and_counted() {
+    let (ran_tx, ran) = unbounded::<()>();
+    let app = App::new().post("/boom", move |req| {
+        let ran_tx = ran_tx.clone();
+        async move {
+            req.tasks()
+                .add("never", move || ran_tx.send(()).unwrap())
+                .unwrap();
+            panic!("handler failed after scheduling");
+        }
+    });
+    let server = start(app, |_| {});
+    let response = http(&server, "POST", "/boom");
+    assert!(response.starts_with("HTTP/1.1 500"), "{response}");
+    assert_eq!(tasks_metric(&server, "ringsocket_tasks_rejected_total"), 1);
+    server.shutdown();
+    server.join().unwrap();
+    assert_eq!(ran.try_recv(), Err(TryRecvError::Disconnected));
+}
+
 /// `Reject503` (the default): with the executor busy and the queue full, the request
 /// gets 503 with `Retry-After` instead of the handler's 202, and its job never runs.
 #[test]
