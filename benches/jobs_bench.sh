@@ -5,18 +5,22 @@
 # side, ROUNDS times, and prints one line per run; medians are left to the reader.
 #
 # Server: one worker pinned to CPU 0 (`taskset -c 0,1`: the worker pins itself to the
-# first allowed CPU), the executor thread pinned to CPU 1 (`--task-cpu 1`). Load
+# first allowed CPU), the executor thread pinned to CPU TASK_CPU (default 1). Load
 # (`ringsocket bench echo`, closed loop: CONNS connections, 1 message in flight each)
 # and the job stream (benches/jobs_stream.py) on CPU 1. Everything at `nice -n -10`
 # so that other builds on a shared machine disturb it less.
 #
 #   cargo build --release --example jobs_bench --bin ringsocket
 #   benches/jobs_bench.sh [ROUNDS] [CONNS]
+#   TASK_CPU=0 benches/jobs_bench.sh   # the executor on the I/O core's CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 CONNS=${2:-4}
 PORT=${PORT:-9311}
+# Where the executor thread runs, and its nice value (-10: the same as the rest).
+TASK_CPU=${TASK_CPU:-1}
+TASK_NICE=${TASK_NICE:--10}
 DURATION=10
 WARMUP=2
 server=target/release/examples/jobs_bench
@@ -24,7 +28,7 @@ bench=target/release/ringsocket
 
 run() {
     local mode=$1
-    nice -n -10 taskset -c 0,1 "$server" "127.0.0.1:$PORT" --task-cpu 1 >/dev/null 2>&1 &
+    nice -n -10 taskset -c 0,1 "$server" "127.0.0.1:$PORT" --task-cpu "$TASK_CPU" --task-nice "$TASK_NICE" >/dev/null 2>&1 &
     local pid=$!
     sleep 0.5
     local driver=

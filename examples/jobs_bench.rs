@@ -9,7 +9,8 @@
 //!
 //! One worker (pinned to the first CPU the process may use) and one executor thread.
 //! `--task-cpu N` pins the executor thread to CPU `N` (the job pins the thread it runs
-//! on the first time), so the benchmark can say where it ran.
+//! on the first time), so the benchmark can say where it ran; `--task-nice N` sets
+//! `task_nice` (default 0).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--task-cpu" => task_cpu = Some(args.next().ok_or("--task-cpu N")?.parse()?),
+            "--task-nice" => config.task_nice = args.next().ok_or("--task-nice N")?.parse()?,
             addr => config.bind = addr.parse()?,
         }
     }

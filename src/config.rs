@@ -67,6 +67,10 @@ pub struct Config {
     /// is being written. Beyond it a job is refused (the app's queue-full policy: 503
     /// or drop, counted in `ringsocket_tasks_rejected_total`). Default 10,000.
     pub task_queue_capacity: usize,
+    /// Nice value of the executor threads (absolute), -20 (most favoured) to 19. When
+    /// an executor thread and an I/O core share a CPU and both are busy, the scheduler
+    /// shares it by these weights; raise it to favour the I/O cores. Default 0.
+    pub task_nice: i32,
 }
 
 impl Default for Config {
@@ -88,6 +92,7 @@ impl Default for Config {
             shutdown_timeout_secs: 5.0,
             task_threads: 1,
             task_queue_capacity: 10_000,
+            task_nice: 0,
         }
     }
 }
@@ -156,6 +161,7 @@ impl Config {
             "shutdown_timeout_secs" => self.shutdown_timeout_secs = num(value)?,
             "task_threads" => self.task_threads = num(value)?,
             "task_queue_capacity" => self.task_queue_capacity = num(value)?,
+            "task_nice" => self.task_nice = num(value)?,
             "slow_consumer_policy" => {
                 self.slow_consumer_policy = match value.trim() {
                     "close-1013" => SlowConsumerPolicy::Close1013,
@@ -193,6 +199,12 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(ConfigError("max_connections must be above 0".into()));
+        }
+        if !(-20..=19).contains(&self.task_nice) {
+            return Err(ConfigError(format!(
+                "task_nice must be between -20 and 19, got {}",
+                self.task_nice
+            )));
         }
         if self.task_threads == 0 || self.task_queue_capacity == 0 {
             return Err(ConfigError(
@@ -271,6 +283,25 @@ mod tests {
                 .unwrap_err()
                 .0
                 .contains("pong_timeout_secs")
+        );
+    }
+
+    #[test]
+    fn task_settings_are_checked() {
+        let mut config = Config::default();
+        config.set("task_threads", "3").unwrap();
+        config.set("task_nice", "-5").unwrap();
+        assert_eq!((config.task_threads, config.task_nice), (3, -5));
+        config.task_nice = 25;
+        assert!(config.validate().unwrap_err().0.contains("task_nice"));
+        config.task_nice = 0;
+        config.task_queue_capacity = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("task_queue_capacity")
         );
     }
 }

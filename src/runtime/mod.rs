@@ -105,10 +105,12 @@ impl Server {
             listener::bind_all(config.bind, n).map_err(|e| ServeError::Bind(config.bind, e))?;
         let config = Arc::new(config);
         let metrics = Metrics::new(n);
-        let executor =
-            Executor::start(config.task_threads, config.task_queue_capacity).map_err(|e| {
-                ServeError::Worker(format!("cannot start the background executor: {e}"))
-            })?;
+        let executor = Executor::start_with_nice(
+            config.task_threads,
+            config.task_queue_capacity,
+            Some(config.task_nice),
+        )
+        .map_err(|e| ServeError::Worker(format!("cannot start the background executor: {e}")))?;
         let cx = Context {
             config: config.clone(),
             metrics: metrics.clone(),

@@ -63,8 +63,17 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// Starts `threads` executor threads behind a queue of `capacity` jobs.
+    /// Starts `threads` executor threads behind a queue of `capacity` jobs, at the
+    /// scheduling priority of the calling thread.
     pub fn start(threads: usize, capacity: usize) -> io::Result<Self> {
+        Self::start_with_nice(threads, capacity, None)
+    }
+
+    /// Like [`Executor::start`], with the threads' nice value set to `nice` (Linux
+    /// gives each thread its own), so that where they share a CPU with an I/O core the
+    /// scheduler favours the I/O core. A value the process may not set is logged and
+    /// the threads keep the inherited priority.
+    pub fn start_with_nice(threads: usize, capacity: usize, nice: Option<i32>) -> io::Result<Self> {
         let threads = threads.max(1);
         let capacity = capacity.max(1);
         // Room for the stop messages beside a full queue.
@@ -84,7 +93,12 @@ impl Executor {
             let shared = shared.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringsocket-task{index}"))
-                .spawn(move || run(index, rx, shared))?;
+                .spawn(move || {
+                    if let Some(nice) = nice {
+                        set_nice(index, nice);
+                    }
+                    run(index, rx, shared)
+                })?;
             handles.push(thread);
         }
         Ok(Self {
@@ -466,6 +480,16 @@ fn run_sync(index: usize, name: &str, f: Box<dyn FnOnce() + Send>, metrics: &Tas
     metrics.finished(outcome.is_ok());
     if let Err(payload) = outcome {
         tracing::error!(thread = index, job = %name, panic = %panic_message(&*payload), "background job panicked");
+    }
+}
+
+/// Sets the calling thread's nice value (on Linux `setpriority(PRIO_PROCESS, 0, …)`
+/// applies to the calling thread only).
+fn set_nice(index: usize, nice: i32) {
+    // SAFETY: setpriority(2) reads only its integer arguments.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if result != 0 {
+        tracing::warn!(thread = index, nice, error = %io::Error::last_os_error(), "cannot set the executor thread's nice value");
     }
 }
 
