@@ -74,6 +74,16 @@ pub struct Config {
     pub redis_url: String,
     /// Prefix of the Redis channel of every topic. Default `ringsocket:`.
     pub redis_prefix: String,
+    /// Background executor threads (never the I/O cores). Default 1.
+    pub task_threads: usize,
+    /// Background jobs the queue holds, queued or reserved by requests whose response
+    /// is being written. Beyond it a job is refused (the app's queue-full policy: 503
+    /// or drop, counted in `ringsocket_tasks_rejected_total`). Default 10,000.
+    pub task_queue_capacity: usize,
+    /// Nice value of the executor threads (absolute), -20 (most favoured) to 19. When
+    /// an executor thread and an I/O core share a CPU and both are busy, the scheduler
+    /// shares it by these weights; raise it to favour the I/O cores. Default 0.
+    pub task_nice: i32,
 }
 
 impl Default for Config {
@@ -97,6 +107,9 @@ impl Default for Config {
             conflate_window_ms: 16,
             redis_url: String::new(),
             redis_prefix: "ringsocket:".to_owned(),
+            task_threads: 1,
+            task_queue_capacity: 10_000,
+            task_nice: 0,
         }
     }
 }
@@ -174,6 +187,9 @@ impl Config {
             "conflate_window_ms" => self.conflate_window_ms = num(value)?,
             "redis_url" => self.redis_url = value.trim().to_owned(),
             "redis_prefix" => self.redis_prefix = value.to_owned(),
+            "task_threads" => self.task_threads = num(value)?,
+            "task_queue_capacity" => self.task_queue_capacity = num(value)?,
+            "task_nice" => self.task_nice = num(value)?,
             "slow_consumer_policy" => {
                 self.slow_consumer_policy = match value.trim() {
                     "close-1013" => SlowConsumerPolicy::Close1013,
@@ -221,6 +237,17 @@ impl Config {
         if !self.redis_url.is_empty() {
             crate::broker::redis::check_url(&self.redis_url)
                 .map_err(|e| ConfigError(format!("redis_url: {e}")))?;
+        }
+        if !(-20..=19).contains(&self.task_nice) {
+            return Err(ConfigError(format!(
+                "task_nice must be between -20 and 19, got {}",
+                self.task_nice
+            )));
+        }
+        if self.task_threads == 0 || self.task_queue_capacity == 0 {
+            return Err(ConfigError(
+                "task_threads and task_queue_capacity must be above 0".into(),
+            ));
         }
         Ok(())
     }
@@ -335,5 +362,24 @@ mod tests {
         config.set("redis_url", "http://nope").unwrap();
         let err = config.validate().unwrap_err();
         assert!(err.0.contains("redis_url"), "{err}");
+    }
+
+    #[test]
+    fn task_settings_are_checked() {
+        let mut config = Config::default();
+        config.set("task_threads", "3").unwrap();
+        config.set("task_nice", "-5").unwrap();
+        assert_eq!((config.task_threads, config.task_nice), (3, -5));
+        config.task_nice = 25;
+        assert!(config.validate().unwrap_err().0.contains("task_nice"));
+        config.task_nice = 0;
+        config.task_queue_capacity = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("task_queue_capacity")
+        );
     }
 }

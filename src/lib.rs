@@ -15,7 +15,10 @@
 //!   handle (`accept`, `recv`, `send`, `close`), HTTP routes, `/healthz`, `/metrics`.
 //! - [`config`] and [`metrics`]: settings with documented defaults, Prometheus counters.
 //!
-//! Rooms and broadcast, brokers and background tasks come next (see the README).
+//! - [`tasks`]: background jobs on dedicated executor threads, fed by a bounded queue;
+//!   HTTP handlers' jobs start after the response is written.
+//!
+//! Rooms and broadcast and brokers come next (see the README).
 #![deny(clippy::undocumented_unsafe_blocks)]
 // Tests unwrap values they built themselves; library code may not (Cargo.toml lints).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -28,6 +31,7 @@ pub mod metrics;
 pub mod proto;
 pub mod pubsub;
 pub mod runtime;
+pub mod tasks;
 
 /// The README's example is compiled and run as a doctest, so it cannot rot.
 #[cfg(doctest)]

@@ -39,6 +39,9 @@ struct ServeArgs {
     /// Worker threads, one per core [default: one per available core; env RINGSOCKET_WORKERS].
     #[arg(long)]
     workers: Option<usize>,
+    /// Background executor threads [default: 1; env RINGSOCKET_TASK_THREADS].
+    #[arg(long)]
+    task_threads: Option<usize>,
     /// Configuration file [default: ./ringsocket.toml if it exists].
     #[arg(long)]
     config: Option<PathBuf>,
@@ -91,6 +94,9 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     }
     if let Some(workers) = args.workers {
         config.workers = workers;
+    }
+    if let Some(threads) = args.task_threads {
+        config.task_threads = threads;
     }
     for item in &args.set {
         let (key, value) = item

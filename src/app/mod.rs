@@ -38,6 +38,7 @@ pub use websocket::WebSocket;
 use crate::proto::handshake::Request as Head;
 use crate::pubsub::{Hub, Publisher};
 use crate::runtime::{Context, HttpRequest, LocalFuture, Response, Route, Service, Session};
+use crate::tasks::{BackgroundTasks, QueueFullPolicy};
 use router::{Match, Pattern};
 
 type WsFn = Arc<dyn Fn(WebSocket) -> LocalFuture<()> + Send + Sync>;
@@ -64,6 +65,11 @@ impl Request {
     /// The peer's address.
     pub fn peer(&self) -> SocketAddr {
         self.inner.peer
+    }
+
+    /// The request's background jobs: they start once the response has been written.
+    pub fn tasks(&self) -> &BackgroundTasks {
+        &self.inner.tasks
     }
 
     /// The path parameter `name`, converted to `T`.
@@ -108,6 +114,7 @@ pub struct App {
     builtins: bool,
     /// Rooms: shared by the app's clones and its publishers.
     hub: Arc<Hub>,
+    queue_full: QueueFullPolicy,
 }
 
 impl std::fmt::Debug for App {
@@ -192,6 +199,13 @@ impl App {
         self.route(Method::Post, pattern, handler)
     }
 
+    /// What an HTTP request gets when its handler's background job finds the queue
+    /// full. Default [`QueueFullPolicy::Reject503`].
+    pub fn queue_full_policy(mut self, policy: QueueFullPolicy) -> Self {
+        self.queue_full = policy;
+        self
+    }
+
     /// An app with `/echo`, which sends every message back.
     pub fn echo() -> Self {
         Self::new().websocket("/echo", echo)
@@ -242,6 +256,7 @@ impl Service for App {
                 "/healthz" => return Route::Respond(Response::text(200, "ok\n")),
                 "/metrics" => {
                     let mut body = cx.metrics.render();
+                    body.push_str(&cx.tasks.metrics().render(cx.tasks.capacity()));
                     self.hub.render_metrics(&mut body);
                     return Route::Respond(Response {
                         content_type: "text/plain; version=0.0.4".into(),
@@ -261,8 +276,10 @@ impl Service for App {
                 match pattern.matches(path) {
                     Match::Yes(params) => {
                         let handler = handler.clone();
+                        let tasks = cx.tasks.clone();
                         return Route::WebSocket(Box::new(move |session: Session| {
-                            handler(WebSocket::new(session, params))
+                            let tasks = BackgroundTasks::immediate(tasks);
+                            handler(WebSocket::new(session, params, tasks))
                         }));
                     }
                     Match::BadParam(e) => {
@@ -277,7 +294,11 @@ impl Service for App {
             match pattern.matches(path) {
                 Match::Yes(params) if method.as_str() == head.method() => {
                     let handler = handler.clone();
-                    return Route::Http(Box::new(move |inner| handler(Request { inner, params })));
+                    let policy = self.queue_full;
+                    return Route::Http(Box::new(move |inner: HttpRequest| {
+                        inner.tasks.set_policy(policy);
+                        handler(Request { inner, params })
+                    }));
                 }
                 Match::BadParam(e) if method.as_str() == head.method() => {
                     return Route::Respond(Response::error(400, &e.to_string()));

@@ -10,17 +10,32 @@ use crate::proto::handshake::Request;
 use crate::proto::{CloseCode, Message, Utf8Bytes};
 use crate::pubsub::{self, PublishError, SubscribeError};
 use crate::runtime::{Disconnect, Response, Session};
+use crate::tasks::BackgroundTasks;
 
 /// A WebSocket connection on its way in (before `accept`) and after.
 #[derive(Debug, Clone)]
 pub struct WebSocket {
     session: Session,
     params: Vec<(String, String)>,
+    tasks: BackgroundTasks,
 }
 
 impl WebSocket {
-    pub(crate) fn new(session: Session, params: Vec<(String, String)>) -> Self {
-        Self { session, params }
+    pub(crate) fn new(
+        session: Session,
+        params: Vec<(String, String)>,
+        tasks: BackgroundTasks,
+    ) -> Self {
+        Self {
+            session,
+            params,
+            tasks,
+        }
+    }
+
+    /// Background jobs for this connection; they start at once on the executor.
+    pub fn tasks(&self) -> &BackgroundTasks {
+        &self.tasks
     }
 
     /// The path parameter `name`, converted to `T`. Parameters declared with a type in

@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::metrics::{CloseReason, Limit, WorkerMetrics};
 use crate::proto::handshake::{self, AcceptKey, HeadReader, Request};
 use crate::proto::{CloseCode, Connection, HandshakeLimits, Limits};
+use crate::tasks::BackgroundTasks;
 
 /// Everything a core's connections share. Owned by the worker, `!Send`.
 pub(crate) struct WorkerCtx {
@@ -334,21 +335,34 @@ async fn serve(
                     Err(reason) => return Ok(reason),
                 };
                 ctx.metrics.http_request();
+                let tasks = BackgroundTasks::deferred(ctx.cx.tasks.clone());
                 let mut future = handler(HttpRequest {
                     head: request,
                     body,
                     peer,
+                    tasks: tasks.clone(),
                 });
-                let response = poll_fn(|cx| match poll_handler(&mut future, cx) {
+                let mut response = poll_fn(|cx| match poll_handler(&mut future, cx) {
                     Polled::Ready(response) => Poll::Ready(response),
                     Polled::Pending => Poll::Pending,
                     Polled::Panicked(message) => {
                         tracing::error!(%peer, panic = %message, "HTTP handler panicked: 500");
+                        tasks.discard("the HTTP handler panicked");
                         Poll::Ready(Response::error(500, "internal server error"))
                     }
                 })
                 .await;
-                if respond(stream, ctx, &response, !keep).await.is_err() {
+                drop(future);
+                if tasks.must_reject() {
+                    tasks.discard("background queue full: the request was answered 503");
+                    response = Response::error(503, "background task queue full")
+                        .with_header("Retry-After", "1");
+                }
+                let written = respond(stream, ctx, &response, !keep).await;
+                // The response is on the socket: the request's jobs may start now (and
+                // still do when the write failed; the handler committed to them).
+                tasks.commit();
+                if written.is_err() {
                     return Ok(CloseReason::IoError);
                 }
                 if !keep {

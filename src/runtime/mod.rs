@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 pub use http::Response;
 pub use service::{
@@ -36,6 +37,7 @@ pub use shutdown::ShutdownSignal;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::tasks::{Executor, TaskHandle};
 
 /// Why the server could not start or run.
 #[derive(Debug)]
@@ -104,9 +106,16 @@ impl Server {
         service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
         let metrics = Metrics::new(n);
+        let executor = Executor::start_with_nice(
+            config.task_threads,
+            config.task_queue_capacity,
+            Some(config.task_nice),
+        )
+        .map_err(|e| ServeError::Worker(format!("cannot start the background executor: {e}")))?;
         let cx = Context {
             config: config.clone(),
             metrics: metrics.clone(),
+            tasks: executor.handle(),
         };
         let signal = Arc::new(ShutdownSignal::default());
         let open_global = Arc::new(AtomicUsize::new(0));
@@ -130,12 +139,15 @@ impl Server {
                 .map_err(|e| ServeError::Worker(e.to_string()))?;
             threads.push(thread);
         }
-        tracing::info!(%addr, workers = n, "listening");
+        tracing::info!(%addr, workers = n, task_threads = config.task_threads, "listening");
         Ok(RunningServer {
             addr,
             signal,
             threads,
             metrics,
+            tasks: executor.handle(),
+            executor: Some(executor),
+            shutdown_timeout: config.shutdown_timeout(),
         })
     }
 }
@@ -147,6 +159,9 @@ pub struct RunningServer {
     signal: Arc<ShutdownSignal>,
     threads: Vec<JoinHandle<()>>,
     metrics: Metrics,
+    executor: Option<Executor>,
+    tasks: TaskHandle,
+    shutdown_timeout: Duration,
 }
 
 impl RunningServer {
@@ -160,6 +175,11 @@ impl RunningServer {
         &self.metrics
     }
 
+    /// Queues background jobs on the server's executor.
+    pub fn tasks(&self) -> TaskHandle {
+        self.tasks.clone()
+    }
+
     /// The signal that stops the server; give it to a signal handler.
     pub fn shutdown_signal(&self) -> Arc<ShutdownSignal> {
         self.signal.clone()
@@ -170,7 +190,23 @@ impl RunningServer {
         self.signal.trigger();
     }
 
-    /// Waits for every worker to finish (after a shutdown).
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully and waits for the end
+    /// (for examples and small programs; `ringsocket serve` does the same).
+    pub fn run_until_signalled(self) -> Result<(), ServeError> {
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])
+        .map_err(|e| ServeError::Worker(format!("cannot install signal handlers: {e}")))?;
+        if let Some(signal) = signals.forever().next() {
+            tracing::info!(signal, "shutting down: closing connections with 1001");
+        }
+        self.shutdown();
+        self.join()
+    }
+
+    /// Waits for every worker to finish (after a shutdown), then drains the background
+    /// queue within `shutdown_timeout` (no connection is left to schedule jobs).
     pub fn join(mut self) -> Result<(), ServeError> {
         self.join_threads()
     }
@@ -181,6 +217,9 @@ impl RunningServer {
             if thread.join().is_err() {
                 result = Err(ServeError::Worker("a worker thread panicked".into()));
             }
+        }
+        if let Some(executor) = self.executor.take() {
+            executor.shutdown(self.shutdown_timeout);
         }
         result
     }

@@ -17,6 +17,7 @@ use super::session::Session;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proto::handshake::Request;
+use crate::tasks::{BackgroundTasks, TaskHandle};
 
 /// A future that runs on the worker's thread.
 pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
@@ -58,6 +59,8 @@ pub struct HttpRequest {
     pub body: Bytes,
     /// The peer's address.
     pub peer: SocketAddr,
+    /// The request's background jobs, handed to the executor after the response.
+    pub tasks: BackgroundTasks,
 }
 
 /// What a service may consult while routing.
@@ -67,6 +70,8 @@ pub struct Context {
     pub config: Arc<Config>,
     /// Every worker's counters.
     pub metrics: Metrics,
+    /// Queues background jobs on the executor threads.
+    pub tasks: TaskHandle,
 }
 
 /// Routes request heads. One instance serves every worker; the handlers it returns run
@@ -108,12 +113,6 @@ pub(crate) fn poll_handler<T>(
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(cx))) {
         Ok(std::task::Poll::Ready(value)) => Polled::Ready(value),
         Ok(std::task::Poll::Pending) => Polled::Pending,
-        Err(payload) => Polled::Panicked(
-            payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_owned()),
-        ),
+        Err(payload) => Polled::Panicked(crate::tasks::panic_message(&*payload)),
     }
 }

@@ -1,0 +1,173 @@
+//! `BackgroundTasks`: the jobs one request (or one WebSocket) schedules.
+
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::Future;
+use std::rc::Rc;
+
+use super::executor::{Job, SpawnError, TaskHandle};
+
+/// What an HTTP request gets when the background queue is full. Chosen per app
+/// (`App::queue_full_policy`); the refused job is counted and logged either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum QueueFullPolicy {
+    /// Answer 503 with `Retry-After: 1` instead of the handler's response, and drop
+    /// the request's other jobs: the client learns that its work was not taken, and may
+    /// retry (the default).
+    #[default]
+    Reject503,
+    /// Keep the handler's response and drop only the refused job.
+    Drop,
+}
+
+/// The background jobs of one HTTP request or one WebSocket connection, FastAPI's
+/// `BackgroundTasks`. Lives on the connection's core (`!Send`); use
+/// [`BackgroundTasks::handle`] to schedule from other threads.
+///
+/// For an HTTP request, jobs start after the response has been written; for a
+/// WebSocket, at once. `add` tells at once whether the job was taken.
+#[derive(Clone)]
+pub struct BackgroundTasks {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    handle: TaskHandle,
+    /// HTTP: hold jobs until the response is written. WebSocket: send at once.
+    deferred: bool,
+    policy: Cell<QueueFullPolicy>,
+    /// Jobs with a reserved place in the queue, waiting for the response.
+    pending: RefCell<Vec<Job>>,
+    refused: Cell<usize>,
+}
+
+impl fmt::Debug for BackgroundTasks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackgroundTasks")
+            .field("deferred", &self.inner.deferred)
+            .field("policy", &self.inner.policy.get())
+            .field("pending", &self.inner.pending.borrow().len())
+            .field("refused", &self.inner.refused.get())
+            .finish()
+    }
+}
+
+impl BackgroundTasks {
+    /// Jobs held until [`BackgroundTasks::commit`], for an HTTP request.
+    pub fn deferred(handle: TaskHandle) -> Self {
+        Self::new(handle, true)
+    }
+
+    /// Jobs queued as they are added, for a WebSocket connection.
+    pub fn immediate(handle: TaskHandle) -> Self {
+        Self::new(handle, false)
+    }
+
+    fn new(handle: TaskHandle, deferred: bool) -> Self {
+        Self {
+            inner: Rc::new(Inner {
+                handle,
+                deferred,
+                policy: Cell::new(QueueFullPolicy::default()),
+                pending: RefCell::new(Vec::new()),
+                refused: Cell::new(0),
+            }),
+        }
+    }
+
+    /// Schedules `job` (a closure run on an executor thread); `name` names it in logs.
+    /// `Err` when the queue is full or the server is shutting down: the job will not
+    /// run (and for an HTTP request under [`QueueFullPolicy::Reject503`], the response
+    /// will be 503).
+    pub fn add<F>(&self, name: impl Into<Cow<'static, str>>, job: F) -> Result<(), SpawnError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        self.push(Job::sync(name.into(), job))
+    }
+
+    /// Schedules a future, run on an executor thread's async runtime (for jobs that
+    /// wait on I/O), never on the I/O core.
+    pub fn add_async<F>(&self, name: impl Into<Cow<'static, str>>, job: F) -> Result<(), SpawnError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.push(Job::future(name.into(), job))
+    }
+
+    /// A `Send` handle on the executor, for other threads and for jobs that schedule
+    /// more jobs (those start at once).
+    pub fn handle(&self) -> TaskHandle {
+        self.inner.handle.clone()
+    }
+
+    /// Sets the queue-full policy (the app does, before the handler runs).
+    pub fn set_policy(&self, policy: QueueFullPolicy) {
+        self.inner.policy.set(policy);
+    }
+
+    /// Whether a job was refused and the policy is to answer 503.
+    pub fn must_reject(&self) -> bool {
+        self.inner.refused.get() > 0 && self.inner.policy.get() == QueueFullPolicy::Reject503
+    }
+
+    /// Jobs waiting for the response to be written.
+    pub fn pending(&self) -> usize {
+        self.inner.pending.borrow().len()
+    }
+
+    /// Hands the held jobs to the executor. The runtime calls it once the response has
+    /// been written.
+    pub fn commit(&self) {
+        let jobs = std::mem::take(&mut *self.inner.pending.borrow_mut());
+        for job in jobs {
+            self.inner.handle.send_reserved(job);
+        }
+    }
+
+    /// Drops the held jobs (the request was answered 503, or its handler panicked),
+    /// counting each as rejected and saying so in one log line.
+    pub fn discard(&self, why: &str) {
+        let jobs = std::mem::take(&mut *self.inner.pending.borrow_mut());
+        if jobs.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = jobs.iter().map(|job| job.name.as_ref()).collect();
+        tracing::warn!(jobs = ?names, reason = why, "background jobs dropped");
+        for _ in &jobs {
+            self.inner.handle.release();
+            self.inner.handle.metrics().rejected();
+        }
+    }
+
+    fn push(&self, job: Job) -> Result<(), SpawnError> {
+        let inner = &self.inner;
+        if !inner.deferred {
+            return inner.handle.queue(job);
+        }
+        match inner.handle.reserve() {
+            Ok(()) => {
+                inner.pending.borrow_mut().push(job);
+                Ok(())
+            }
+            Err(e) => {
+                inner.refused.set(inner.refused.get() + 1);
+                inner.handle.refused(&job.name, e);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// Jobs still held when the request goes away (its connection was torn down while
+    /// the response was being written) are queued rather than lost: the handler
+    /// committed to them.
+    fn drop(&mut self) {
+        for job in self.pending.get_mut().drain(..) {
+            self.handle.send_reserved(job);
+        }
+    }
+}
