@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use ringsocket::app::App;
+use ringsocket::broker::Broker;
+use ringsocket::broker::redis::{RedisBroker, RedisConfig};
 use ringsocket::config::Config;
 use ringsocket::runtime::Server;
 
@@ -42,6 +44,10 @@ struct ServeArgs {
     /// Background executor threads [default: 1; env RINGSOCKET_TASK_THREADS].
     #[arg(long)]
     task_threads: Option<usize>,
+    /// Redis server joining this process's rooms with other processes, e.g.
+    /// redis://127.0.0.1:6379 [default: none, the embedded broker; env RINGSOCKET_REDIS_URL].
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
     /// Configuration file [default: ./ringsocket.toml if it exists].
     #[arg(long)]
     config: Option<PathBuf>,
@@ -95,6 +101,9 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     if let Some(workers) = args.workers {
         config.workers = workers;
     }
+    if let Some(url) = &args.redis {
+        config.redis_url = url.trim().to_owned();
+    }
     if let Some(threads) = args.task_threads {
         config.task_threads = threads;
     }
@@ -116,6 +125,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     for pattern in &config.conflate_topics {
         app = app.conflate(pattern, config.conflate_window());
     }
+    let broker = match RedisConfig::from_config(&config) {
+        Some(redis) => {
+            let broker = RedisBroker::start(redis, app.publisher().broker_sink())
+                .map_err(|e| format!("redis: {e}"))?;
+            app.hub().set_broker(broker.clone())?;
+            Some(broker)
+        }
+        None => None,
+    };
     let server = Server::start(config, Arc::new(app)).map_err(|e| e.to_string())?;
     let addr = server.local_addr();
     println!(
@@ -140,6 +158,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     let result = server.join().map_err(|e| e.to_string());
     handle.close();
+    if let Some(broker) = broker {
+        broker.shutdown();
+    }
     tracing::info!("stopped");
     result
 }
