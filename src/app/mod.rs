@@ -21,7 +21,7 @@
 //!     });
 //! ```
 
-mod rooms;
+pub mod rooms;
 mod router;
 mod websocket;
 
