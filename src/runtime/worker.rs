@@ -59,7 +59,7 @@ pub(crate) fn run(spec: WorkerSpec) {
         ring.setup_coop_taskrun();
     }
     let mut runtime = tokio_uring::builder();
-    runtime.uring_builder(&ring).entries(RING_ENTRIES);
+    runtime.uring_builder(&ring);
     runtime.start(async move {
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
@@ -143,12 +143,6 @@ pub(crate) fn run(spec: WorkerSpec) {
         tracing::debug!(worker = spec.index, "worker stopped");
     });
 }
-
-/// Submission queue entries of each worker's ring (the completion queue has twice as
-/// many). A broadcast to thousands of connections queues a write for each of them in
-/// one pass; a deep ring submits them in fewer `io_uring_enter` calls. 4,096 entries
-/// cost 256 KiB of SQEs and 128 KiB of CQEs per worker.
-const RING_ENTRIES: u32 = 4096;
 
 /// Whether the kernel accepts `IORING_SETUP_COOP_TASKRUN` (Linux 5.19 and later).
 fn coop_taskrun_supported() -> bool {
