@@ -114,7 +114,10 @@ fuzz_target!(|input: Input| {
             .flat_map(|chunk| chunk.to_vec())
             .collect();
         let wrote = client.read_all_from(&mut server, action & Action::DRAIN != 0);
-        assert!(twin_wrote == wrote, "poll_event_ref's twin wrote other bytes");
+        assert!(
+            twin_wrote == wrote,
+            "poll_event_ref's twin wrote other bytes"
+        );
         server.release_input_buffer();
         twin.release_input_buffer();
     }
