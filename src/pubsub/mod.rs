@@ -55,7 +55,9 @@ use crate::proto::conn::encode_server_frame;
 use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
-pub use self::core::{SubscribeError, publish_from_session, subscribe, topics_of, unsubscribe};
+pub use self::core::{
+    MAX_TOPICS_PER_SESSION, SubscribeError, publish_from_session, subscribe, topics_of, unsubscribe,
+};
 
 /// Messages a core's inbox holds before publishes to that core are dropped (counted in
 /// `ringsocket_pubsub_inbox_dropped_total` and logged). Default 65,536.

@@ -2,7 +2,7 @@
 //!
 //! The runtime parses a request head and asks the [`Service`] what to do with it; the
 //! answer is a response, an HTTP handler, or a WebSocket handler that receives a
-//! [`Session`](super::Session). Handler futures run on the core that owns the
+//! [`Session`]. Handler futures run on the core that owns the
 //! connection and need not be `Send`.
 
 use std::future::Future;

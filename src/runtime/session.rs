@@ -224,7 +224,7 @@ impl Session {
     }
 
     /// Queues a frame encoded once for many connections (see
-    /// [`encode_server_frame`](crate::proto::encode_server_frame)): the queue holds a
+    /// [`encode_server_frame`](crate::proto::conn::encode_server_frame)): the queue holds a
     /// reference-counted clone. Counts as one message sent.
     pub fn send_frame(&self, frame: Bytes) -> Result<(), Disconnect> {
         let mut state = self.state().borrow_mut();
