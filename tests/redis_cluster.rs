@@ -12,15 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
+use common::{Client, http_exchange, ws_connect};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const PATIENCE: Duration = Duration::from_secs(15);
-
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A `ringsocket serve` child process, stopped with SIGTERM on drop.
 struct Serve {
@@ -55,7 +51,7 @@ impl Serve {
     }
 
     async fn metric(&self, name: &str) -> Option<u64> {
-        let text = http(
+        let text = http_exchange(
             self.addr,
             b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
@@ -81,28 +77,6 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn http(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn connect(addr: SocketAddr, path: &str) -> Client {
-    tokio::time::timeout(
-        PATIENCE,
-        tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("handshake failed")
-    .0
 }
 
 async fn next_text(client: &mut Client) -> String {
@@ -155,10 +129,10 @@ async fn two_processes_share_rooms_through_redis_and_survive_its_restart() {
     let mut on_a = Vec::new();
     let mut on_b = Vec::new();
     for _ in 0..3 {
-        on_a.push(connect(a.addr, "/ws/room").await);
-        on_b.push(connect(b.addr, "/ws/room").await);
+        on_a.push(ws_connect(a.addr, "/ws/room").await);
+        on_b.push(ws_connect(b.addr, "/ws/room").await);
     }
-    let mut sender = connect(a.addr, "/ws/room").await;
+    let mut sender = ws_connect(a.addr, "/ws/room").await;
     for serve in [&a, &b] {
         eventually("both processes subscribed at Redis", async || {
             serve.metric("ringsocket_broker_subscriptions").await == Some(1)
@@ -177,7 +151,7 @@ async fn two_processes_share_rooms_through_redis_and_survive_its_restart() {
     expect_sequence(&mut on_a, "before", N).await;
     expect_sequence(&mut on_b, "before", N).await;
     // An HTTP publish on B reaches A's clients too, the sender included.
-    let response = http(
+    let response = http_exchange(
         b.addr,
         b"POST /publish/room HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhttp 0",
     )

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::start;
+use common::{Client, http_exchange, start, ws_connect};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,20 +17,8 @@ use ringsocket::runtime::RunningServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const PATIENCE: Duration = Duration::from_secs(10);
-
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn connect(addr: SocketAddr, path: &str) -> Client {
-    let url = format!("ws://{addr}{path}");
-    tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
-        .await
-        .expect("connect timed out")
-        .expect("handshake failed")
-        .0
-}
 
 /// The next data message, failing the test on timeout, close or error.
 async fn next_data(client: &mut Client) -> WsMessage {
@@ -56,22 +44,11 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 }
 
 async fn get(addr: SocketAddr, path: &str) -> String {
-    http(
+    http_exchange(
         addr,
         format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
-}
-
-async fn http(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn addr(server: &RunningServer) -> SocketAddr {
@@ -90,9 +67,9 @@ async fn every_subscriber_on_every_worker_gets_each_message_once_in_order() {
     let addr = addr(&server);
     let mut subscribers = Vec::new();
     for _ in 0..24 {
-        subscribers.push(connect(addr, "/ws/lobby").await);
+        subscribers.push(ws_connect(addr, "/ws/lobby").await);
     }
-    let mut sender = connect(addr, "/ws/lobby").await;
+    let mut sender = ws_connect(addr, "/ws/lobby").await;
     eventually("25 subscribers are registered", || {
         hub.subscribers("lobby") == 25
     })
@@ -186,7 +163,7 @@ async fn unsubscribe_close_and_abrupt_disconnects_leave_no_entry() {
     let server = start(app, |_| {});
     let addr = addr(&server);
 
-    let mut toggler = connect(addr, "/toggle").await;
+    let mut toggler = ws_connect(addr, "/toggle").await;
     eventually("a and b have a subscriber", || hub.subscriptions() == 2).await;
     toggler.send(WsMessage::text("a")).await.unwrap();
     assert_eq!(next_data(&mut toggler).await.to_text().unwrap(), "b");
@@ -196,7 +173,7 @@ async fn unsubscribe_close_and_abrupt_disconnects_leave_no_entry() {
     // 200 room members: half close cleanly, half drop TCP without a close frame.
     let mut members = Vec::new();
     for i in 0..200 {
-        members.push(connect(addr, &format!("/ws/room{}", i % 7)).await);
+        members.push(ws_connect(addr, &format!("/ws/room{}", i % 7)).await);
     }
     eventually("201 subscriptions", || hub.subscriptions() == 201).await;
     for (i, mut member) in members.into_iter().enumerate() {
@@ -219,10 +196,10 @@ async fn http_publish_reaches_subscribers() {
     let hub = app.hub().clone();
     let server = start(app, |_| {});
     let addr = addr(&server);
-    let mut sub = connect(addr, "/ws/news").await;
+    let mut sub = ws_connect(addr, "/ws/news").await;
     eventually("a subscriber", || hub.subscribers("news") == 1).await;
 
-    let response = http(
+    let response = http_exchange(
         addr,
         b"POST /publish/news HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
     )
@@ -230,7 +207,7 @@ async fn http_publish_reaches_subscribers() {
     assert!(response.starts_with("HTTP/1.1 202"), "{response}");
     assert_eq!(next_data(&mut sub).await, WsMessage::text("hello"));
 
-    let response = http(
+    let response = http_exchange(
         addr,
         b"POST /publish/news HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 2\r\nConnection: close\r\n\r\n\xff\x00",
     )
@@ -241,7 +218,7 @@ async fn http_publish_reaches_subscribers() {
         WsMessage::binary(vec![0xff, 0x00])
     );
 
-    let response = http(
+    let response = http_exchange(
         addr,
         b"POST /publish/news HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n\xff\x00",
     )
@@ -259,8 +236,8 @@ async fn conflated_topic_delivers_latest_value_at_window_rate() {
     let hub = app.hub().clone();
     let server = start(app, |_| {});
     let addr = addr(&server);
-    let mut viewer = connect(addr, "/ws/cursor").await;
-    let mut mover = connect(addr, "/ws/cursor").await;
+    let mut viewer = ws_connect(addr, "/ws/cursor").await;
+    let mut mover = ws_connect(addr, "/ws/cursor").await;
     eventually("two subscribers", || hub.subscribers("cursor") == 2).await;
 
     let started = Instant::now();
@@ -325,7 +302,7 @@ async fn slow_subscriber_is_closed_and_others_keep_up() {
     let mut head = [0u8; 12];
     slow.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 101");
-    let mut fast = connect(addr, "/ws/feed").await;
+    let mut fast = ws_connect(addr, "/ws/feed").await;
     eventually("two subscribers", || hub.subscribers("feed") == 2).await;
 
     let payload = "x".repeat(16 * 1024);

@@ -18,3 +18,37 @@ pub fn start(app: App, tweak: impl FnOnce(&mut Config)) -> RunningServer {
     tweak(&mut config);
     Server::start(config, Arc::new(app)).unwrap()
 }
+
+/// The longest one await on a server may take in the shared helpers below.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A tokio-tungstenite client connection.
+pub type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `ws://{addr}{path}` with tokio-tungstenite (an independent
+/// client), failing the test on timeout or refusal.
+pub async fn ws_connect(addr: std::net::SocketAddr, path: &str) -> Client {
+    tokio::time::timeout(
+        PATIENCE,
+        tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("handshake failed")
+    .0
+}
+
+/// Sends a raw HTTP request and returns the whole response (the request should say
+/// `Connection: close`).
+pub async fn http_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
