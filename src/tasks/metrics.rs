@@ -57,9 +57,12 @@ impl TaskMetrics {
     pub fn render(&self, capacity: usize) -> String {
         let mut out = String::with_capacity(2048);
         let mut one = |name: &str, help: &str, kind: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP ringsocket_tasks_{name} {help}\n# TYPE ringsocket_tasks_{name} {kind}\nringsocket_tasks_{name} {value}"
+            crate::metrics::write_family(
+                &mut out,
+                &format!("tasks_{name}"),
+                help,
+                kind,
+                &[(String::new(), value)],
             );
         };
         one(
