@@ -194,10 +194,7 @@ pub fn publish_from_session(
         });
         core.deliver(&delivery);
         core.flush_counters();
-        let hub = core.hub.clone();
-        hub.metrics.published.fetch_add(1, Ordering::Relaxed);
-        hub.to_broker(topic, &delivery.frame);
-        hub.fan_out(delivery, Some(core.index))
+        core.hub.publish(delivery, Some(core.index))
     })
     .ok_or(PublishError::NotRunning)?
 }

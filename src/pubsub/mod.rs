@@ -264,12 +264,23 @@ impl Hub {
         Ok(())
     }
 
-    /// Forwards a local publish to the other processes, if a broker is connected.
-    pub(crate) fn to_broker(&self, topic: &str, frame: &Bytes) {
-        if let Some(broker) = self.broker.get() {
-            let (kind, payload) = split_frame(frame);
-            broker.publish(topic, kind, payload);
+    /// Sends a publish made in this process to every core but `skip` (the publishing
+    /// core, which delivered it already) and to the other processes, and counts it.
+    pub(crate) fn publish(
+        &self,
+        delivery: Arc<Delivery>,
+        skip: Option<usize>,
+    ) -> Result<(), PublishError> {
+        let (topic, frame) = (delivery.topic.clone(), delivery.frame.clone());
+        let sent = self.fan_out(delivery, skip);
+        if sent.is_ok() {
+            self.metrics.published.fetch_add(1, Ordering::Relaxed);
+            if let Some(broker) = self.broker.get() {
+                let (kind, payload) = split_frame(&frame);
+                broker.publish(&topic, kind, payload);
+            }
         }
+        sent
     }
 
     /// Subscriptions held by each core: how evenly the kernel spread the subscribers.
@@ -442,19 +453,15 @@ impl Publisher {
         if !valid_topic(topic) {
             return Err(PublishError::BadTopic);
         }
-        let frame = encode_message(&message);
-        self.hub.fan_out(
+        self.hub.publish(
             Arc::new(Delivery {
                 topic: topic.into(),
-                frame: frame.clone(),
+                frame: encode_message(&message),
                 key,
                 exclude: None,
             }),
             None,
-        )?;
-        self.hub.metrics.published.fetch_add(1, Ordering::Relaxed);
-        self.hub.to_broker(topic, &frame);
-        Ok(())
+        )
     }
 
     /// Subscribers to `topic` in this process.
