@@ -81,9 +81,16 @@ struct Core {
     /// Session id → its topics, to leave them all at teardown.
     sessions: HashMap<usize, Vec<Arc<str>>>,
     /// Queued bytes above which a conflated topic holds messages back for a session.
+    tally: Tally,
+}
+
+/// A core's delivery bookkeeping, apart from its registry so both can be borrowed.
+struct Tally {
+    /// Queued bytes above which a conflated topic holds messages back for a session.
     soft_limit: usize,
     /// Deliveries not yet added to the shared counter.
     delivered: u64,
+    /// Superseded conflated values not yet added to the shared counter.
     conflated: u64,
 }
 
@@ -101,9 +108,11 @@ pub(crate) fn start(
             hub,
             topics: HashMap::new(),
             sessions: HashMap::new(),
-            soft_limit: max_outbound_bytes / 2,
-            delivered: 0,
-            conflated: 0,
+            tally: Tally {
+                soft_limit: max_outbound_bytes / 2,
+                delivered: 0,
+                conflated: 0,
+            },
         });
     });
     run(rx)
@@ -299,7 +308,7 @@ impl Core {
         let Some(conflation) = topic.conflation.as_mut() else {
             for (id, session) in &topic.subscribers {
                 if Some(*id) != exclude && session.send_frame(delivery.frame.clone()).is_ok() {
-                    self.delivered += 1;
+                    self.tally.delivered += 1;
                 }
             }
             return;
@@ -318,10 +327,8 @@ impl Core {
                         *id,
                         &delivery.key,
                         &delivery.frame,
-                        self.soft_limit,
                         &mut conflation.lagging,
-                        &mut self.delivered,
-                        &mut self.conflated,
+                        &mut self.tally,
                     );
                 }
             }
@@ -332,7 +339,7 @@ impl Core {
             .insert(delivery.key.clone(), (delivery.frame.clone(), exclude))
             .is_some()
         {
-            self.conflated += 1;
+            self.tally.conflated += 1;
         }
         if !conflation.scheduled {
             conflation.scheduled = true;
@@ -359,15 +366,15 @@ impl Core {
             if let Some(mut held) = conflation.lagging.remove(id) {
                 for (key, (frame, skip)) in &pending {
                     if *skip != Some(*id) && held.insert(key.clone(), frame.clone()).is_some() {
-                        self.conflated += 1;
+                        self.tally.conflated += 1;
                     }
                 }
-                if session.queued_bytes() > self.soft_limit {
+                if session.queued_bytes() > self.tally.soft_limit {
                     conflation.lagging.insert(*id, held);
                 } else {
                     for (_, frame) in held {
                         if session.send_frame(frame).is_ok() {
-                            self.delivered += 1;
+                            self.tally.delivered += 1;
                         }
                     }
                 }
@@ -380,10 +387,8 @@ impl Core {
                         *id,
                         key,
                         frame,
-                        self.soft_limit,
                         &mut conflation.lagging,
-                        &mut self.delivered,
-                        &mut self.conflated,
+                        &mut self.tally,
                     );
                 }
             }
@@ -399,43 +404,40 @@ impl Core {
 
     fn flush_counters(&mut self) {
         let metrics = &self.hub.metrics;
-        if self.delivered > 0 {
+        if self.tally.delivered > 0 {
             metrics
                 .delivered
-                .fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
+                .fetch_add(std::mem::take(&mut self.tally.delivered), Ordering::Relaxed);
         }
-        if self.conflated > 0 {
+        if self.tally.conflated > 0 {
             metrics
                 .conflated
-                .fetch_add(std::mem::take(&mut self.conflated), Ordering::Relaxed);
+                .fetch_add(std::mem::take(&mut self.tally.conflated), Ordering::Relaxed);
         }
     }
 }
 
 /// Queues a conflated message to one subscriber, or holds it back (latest per key)
 /// while the subscriber's queue is above the soft limit.
-#[allow(clippy::too_many_arguments)]
 fn deliver_conflated(
     session: &Session,
     id: usize,
     key: &Bytes,
     frame: &Bytes,
-    soft_limit: usize,
     lagging: &mut HashMap<usize, IndexMap<Bytes, Bytes>>,
-    delivered: &mut u64,
-    conflated: &mut u64,
+    tally: &mut Tally,
 ) {
-    if session.queued_bytes() > soft_limit {
+    if session.queued_bytes() > tally.soft_limit {
         if lagging
             .entry(id)
             .or_default()
             .insert(key.clone(), frame.clone())
             .is_some()
         {
-            *conflated += 1;
+            tally.conflated += 1;
         }
     } else if session.send_frame(frame.clone()).is_ok() {
-        *delivered += 1;
+        tally.delivered += 1;
     }
 }
 
