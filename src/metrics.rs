@@ -138,6 +138,7 @@ pub struct WorkerMetrics {
     messages_out: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    writes: AtomicU64,
     http_requests: AtomicU64,
     rejections: [AtomicU64; STATUSES.len() + 1],
     limits: [AtomicU64; Limit::ALL.len()],
@@ -171,8 +172,10 @@ impl WorkerMetrics {
         self.messages_out.fetch_add(count, Relaxed);
     }
 
-    /// Bytes written to sockets.
+    /// One write (everything queued for a connection, handed to the kernel together)
+    /// of `bytes` bytes completed.
     pub fn bytes_out(&self, bytes: usize) {
+        self.writes.fetch_add(1, Relaxed);
         self.bytes_out.fetch_add(bytes as u64, Relaxed);
     }
 
@@ -296,6 +299,13 @@ impl Metrics {
             "Bytes written to sockets.",
             "counter",
             &[(String::new(), sum(&|w| &w.bytes_out))],
+        );
+        counter(
+            "writes_total",
+            "Writes handed to the kernel, each carrying everything queued for one connection \
+             (messages_out_total / writes_total: messages per write).",
+            "counter",
+            &[(String::new(), sum(&|w| &w.writes))],
         );
         counter(
             "http_requests_total",

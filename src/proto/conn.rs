@@ -33,6 +33,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
 use rand_chacha::ChaCha8Rng;
@@ -731,6 +732,41 @@ impl Connection {
             out.push(self.out_tail.split().freeze());
         }
         self.output_len = 0;
+    }
+
+    /// The queued output as slices, in order, for a vectored write made by the caller
+    /// (e.g. a non-blocking `sendmsg`): fills `out` from the front and returns how many
+    /// slices it filled. Nothing is taken until [`Connection::advance_transmit`] says how
+    /// much was written.
+    pub fn transmit_slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+        let tail = (!self.out_tail.is_empty()).then_some(&self.out_tail[..]);
+        let chunks = self.output.iter().map(|chunk| &chunk[..]).chain(tail);
+        let mut filled = 0;
+        for (slot, chunk) in out.iter_mut().zip(chunks) {
+            *slot = IoSlice::new(chunk);
+            filled += 1;
+        }
+        filled
+    }
+
+    /// Drops the first `written` bytes of the queued output, after a write of the
+    /// slices [`Connection::transmit_slices`] gave. A chunk written in part keeps its
+    /// rest at the front.
+    pub fn advance_transmit(&mut self, mut written: usize) {
+        written = written.min(self.output_len);
+        self.output_len -= written;
+        while written > 0 {
+            let Some(front) = self.output.front_mut() else {
+                self.out_tail.advance(written);
+                return;
+            };
+            if written < front.len() {
+                front.advance(written);
+                return;
+            }
+            written -= front.len();
+            self.output.pop_front();
+        }
     }
 
     /// Bytes queued for the transport and not yet taken.

@@ -11,6 +11,7 @@
 
 mod buf;
 mod conn;
+mod flush;
 pub mod http;
 pub mod listener;
 mod registry;

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
@@ -106,6 +107,13 @@ pub(crate) struct State {
     pub(crate) timer_due: bool,
     /// Set when the server shuts down.
     pub(crate) shutdown: bool,
+    /// The socket, while the driver lives (set when it starts, cleared when it ends):
+    /// the core's flusher writes broadcast frames to it directly.
+    pub(crate) fd: Option<RawFd>,
+    /// Whether the driver has a write in flight (nothing else may write then).
+    pub(crate) writing: bool,
+    /// Whether the session is in the core's flush queue.
+    pub(crate) queued_for_flush: bool,
     /// Run once when the session ends, on every way out (ARCHITECTURE.md rule 6): the
     /// layers above unregister the session here (e.g. its topic subscriptions).
     /// `None` once they have run.
@@ -142,6 +150,9 @@ impl Session {
                     deadline: None,
                     timer_due: false,
                     shutdown: false,
+                    fd: None,
+                    writing: false,
+                    queued_for_flush: false,
                     teardown: Some(Vec::new()),
                 }),
                 request,
@@ -226,6 +237,9 @@ impl Session {
     /// Queues a frame encoded once for many connections (see
     /// [`encode_server_frame`](crate::proto::conn::encode_server_frame)): the queue holds a
     /// reference-counted clone. Counts as one message sent.
+    ///
+    /// The core's flusher writes it (with whatever else is queued by then), not the
+    /// connection's task: a broadcast wakes no task per subscriber (see `flush`).
     pub fn send_frame(&self, frame: Bytes) -> Result<(), Disconnect> {
         let mut state = self.state().borrow_mut();
         if let Some(ended) = &state.ended {
@@ -235,8 +249,16 @@ impl Session {
             return Err(Disconnect::ClosedByUs);
         }
         state.sent_messages += 1;
-        if !state.driver_polling {
+        if state.driver_polling {
+            // The driver writes when its poll ends.
+        } else if state.writing || state.fd.is_none() {
+            // The driver's write is in flight (it applies the outbound limit), or the
+            // driver has not started: it takes this with the rest.
             wake(&mut state.driver_waker);
+        } else if !state.queued_for_flush {
+            state.queued_for_flush = true;
+            drop(state);
+            super::flush::enqueue(self.inner.clone());
         }
         Ok(())
     }

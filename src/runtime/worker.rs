@@ -81,6 +81,8 @@ pub(crate) fn run(spec: WorkerSpec) {
             .service
             .worker_started(spec.index, &ctx.cx)
             .map(tokio_uring::spawn);
+        // Writes the frames broadcast to this core's connections.
+        tokio_uring::spawn(super::flush::run(ctx.metrics.clone()));
         let listener = tokio_uring::net::TcpListener::from_std(spec.listener);
         // One timer for the whole core: wakes the sessions whose deadline has passed.
         let tick = registry::tick(&config);

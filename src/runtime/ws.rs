@@ -92,7 +92,11 @@ impl Driver {
     ) -> Self {
         let slot = guard.ctx.sessions.borrow_mut().insert(&session.inner);
         let now = Instant::now();
-        session.state().borrow_mut().deadline = Some(now + guard.ctx.config.ping_interval());
+        {
+            let mut state = session.state().borrow_mut();
+            state.deadline = Some(now + guard.ctx.config.ping_interval());
+            state.fd = Some(guard.stream.as_raw_fd());
+        }
         Self {
             guard,
             session,
@@ -252,6 +256,7 @@ impl Driver {
             if let Some(write) = self.write.as_mut() {
                 match write.as_mut().poll(cx) {
                     Poll::Ready((Ok(()), mut iov)) => {
+                        self.session.state().borrow_mut().writing = false;
                         self.polls_without_io = 0;
                         iov.clear();
                         self.iov = iov;
@@ -323,9 +328,10 @@ impl Driver {
             if sent > 0 {
                 self.guard.ctx.metrics.messages_out(sent);
             }
-        }
-        if self.iov.is_empty() {
-            return false;
+            if self.iov.is_empty() {
+                return false;
+            }
+            state.writing = true;
         }
         self.in_flight = self.iov.iter().map(Bytes::len).sum();
         let iov = std::mem::take(&mut self.iov);
@@ -535,6 +541,8 @@ impl Drop for Driver {
     /// socket and counts the connection closed. Runs on every way out, including the
     /// task being dropped at shutdown.
     fn drop(&mut self) {
+        // The socket closes after this: the flusher must not write to it any more.
+        self.session.state().borrow_mut().fd = None;
         self.guard.ctx.sessions.borrow_mut().remove(self.slot);
         self.end(Disconnect::ConnectionLost);
         self.session.run_teardown();

@@ -637,6 +637,41 @@ fn output_keeps_order_and_coalesces_small_frames() {
     assert_eq!(frames[3].2, b"c");
 }
 
+/// A caller that writes the queued output itself sees the same bytes as
+/// `drain_transmit` gives, and after any partial write the rest is what is left, in
+/// order, including a chunk cut in the middle and the small-frame tail.
+#[test]
+fn transmit_slices_and_partial_advance_keep_the_byte_stream() {
+    let queue = || {
+        let mut conn = server();
+        conn.send_text("a").unwrap();
+        conn.send_binary(Bytes::from(vec![5u8; 4096])).unwrap();
+        conn.send_frame(Bytes::from_static(b"shared frame"))
+            .unwrap();
+        conn.send_text("tail").unwrap();
+        conn
+    };
+    let mut drained = Vec::new();
+    queue().drain_transmit(&mut drained);
+    let expected: Vec<u8> = drained.iter().flat_map(|c| c.iter().copied()).collect();
+    for step in [1, 3, 7, 100, 4096, 5000] {
+        let mut conn = queue();
+        let mut written = Vec::new();
+        while conn.pending_output() > 0 {
+            let mut slices = [IoSlice::new(&[]); 8];
+            let n = conn.transmit_slices(&mut slices);
+            let flat: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(flat.len(), conn.pending_output());
+            let take = step.min(flat.len());
+            written.extend_from_slice(&flat[..take]);
+            conn.advance_transmit(take);
+        }
+        assert_eq!(written, expected, "writes of {step} bytes");
+        let mut slices = [IoSlice::new(&[]); 2];
+        assert_eq!(conn.transmit_slices(&mut slices), 0);
+    }
+}
+
 /// Control frames sent by the application are limited to 125 bytes (RFC 6455 §5.5).
 #[test]
 fn long_ping_is_refused() {
