@@ -322,14 +322,74 @@ async fn slow_subscriber_is_closed_and_others_keep_up() {
         hub.subscribers("feed") == 1
     })
     .await;
-    let metrics = get(addr, "/metrics").await;
-    assert!(
-        metrics.contains("ringsocket_connections_closed_total{reason=\"slow_consumer\"} 1"),
-        "{metrics}"
-    );
+    // Its close completes at the close timeout, as it cannot read our Close.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let metrics = get(addr, "/metrics").await;
+        if metrics.contains("ringsocket_connections_closed_total{reason=\"slow_consumer\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         worst < Duration::from_secs(1),
         "the fast subscriber waited {worst:?}"
+    );
+    drop(slow);
+}
+
+/// A slow subscriber leaves its room as soon as it is being closed, not when its close
+/// completes (here it never reads, so that would take the 30 s close timeout): later
+/// publishes no longer visit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_leaves_the_room_while_its_close_is_pending() {
+    let app = App::standard();
+    let hub = app.hub().clone();
+    let publisher = app.publisher();
+    let server = start(app, |c| {
+        c.max_outbound_bytes = 256 * 1024;
+        c.pong_timeout_secs = 30.0;
+    });
+    let addr = addr(&server);
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        b"GET /ws/feed HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    slow.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    let mut fast = ws_connect(addr, "/ws/feed").await;
+    eventually("two subscribers", || hub.subscribers("feed") == 2).await;
+
+    let payload = "x".repeat(16 * 1024);
+    let started = Instant::now();
+    let mut i = 0;
+    // Past the limit the slow one is closed; the next publish finds it closing.
+    while hub.subscribers("feed") == 2 {
+        assert!(started.elapsed() < PATIENCE, "the slow subscriber stayed");
+        publisher
+            .publish_text("feed", format!("{i:06}{payload}"))
+            .unwrap();
+        next_data(&mut fast).await;
+        i += 1;
+    }
+    let metrics = get(addr, "/metrics").await;
+    assert!(
+        metrics.contains("ringsocket_limit_hits_total{limit=\"max_outbound_bytes\"} 1"),
+        "{metrics}"
+    );
+    // Its close has not completed: it left the room before its teardown.
+    assert!(
+        metrics.contains("ringsocket_connections_closed_total{reason=\"slow_consumer\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringsocket_pubsub_subscribers{topic=\"feed\"} 1"),
+        "{metrics}"
     );
     drop(slow);
 }
