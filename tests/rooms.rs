@@ -55,6 +55,20 @@ fn addr(server: &RunningServer) -> SocketAddr {
     server.local_addr()
 }
 
+/// A raw socket that completes a WebSocket handshake on `path` and never reads again.
+async fn never_reading(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    socket.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    socket
+}
+
 /// Subscribers spread over both workers each get every message, exactly once and in
 /// publish order, from a publishing connection and from a `Publisher` on another
 /// thread; the sender does not get its own messages.
@@ -291,17 +305,8 @@ async fn slow_subscriber_is_closed_and_others_keep_up() {
     });
     let addr = addr(&server);
 
-    // The slow one: a raw socket that completes the handshake and never reads again.
-    let mut slow = TcpStream::connect(addr).await.unwrap();
-    slow.write_all(
-        b"GET /ws/feed HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = [0u8; 12];
-    slow.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head, b"HTTP/1.1 101");
+    // The slow one completes the handshake and never reads again.
+    let slow = never_reading(addr, "/ws/feed").await;
     let mut fast = ws_connect(addr, "/ws/feed").await;
     eventually("two subscribers", || hub.subscribers("feed") == 2).await;
 
@@ -352,16 +357,7 @@ async fn slow_subscriber_leaves_the_room_while_its_close_is_pending() {
         c.pong_timeout_secs = 30.0;
     });
     let addr = addr(&server);
-    let mut slow = TcpStream::connect(addr).await.unwrap();
-    slow.write_all(
-        b"GET /ws/feed HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = [0u8; 12];
-    slow.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head, b"HTTP/1.1 101");
+    let slow = never_reading(addr, "/ws/feed").await;
     let mut fast = ws_connect(addr, "/ws/feed").await;
     eventually("two subscribers", || hub.subscribers("feed") == 2).await;
 
