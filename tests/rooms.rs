@@ -203,12 +203,13 @@ async fn unsubscribe_close_and_abrupt_disconnects_leave_no_entry() {
 }
 
 /// `POST /publish/{topic}` reaches the topic's subscribers (text, or binary with
-/// `application/octet-stream`); a body that is not UTF-8 as text is refused with 400.
+/// `application/octet-stream`); a body that is not UTF-8 as text is refused with 400,
+/// one over `max_body_bytes` with 413, and neither reaches anyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_publish_reaches_subscribers() {
     let app = App::standard();
     let hub = app.hub().clone();
-    let server = start(app, |_| {});
+    let server = start(app, |c| c.max_body_bytes = 64);
     let addr = addr(&server);
     let mut sub = ws_connect(addr, "/ws/news").await;
     eventually("a subscriber", || hub.subscribers("news") == 1).await;
@@ -239,6 +240,26 @@ async fn http_publish_reaches_subscribers() {
     .await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert!(response.contains("UTF-8"), "{response}");
+
+    for (len, status) in [(65, "413"), (64, "202")] {
+        let mut request = format!(
+            "POST /publish/news HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        request.resize(request.len() + len, b'b');
+        let response = http_exchange(addr, &request).await;
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{response}"
+        );
+    }
+    // Neither the 400 nor the 413 reached the subscriber: the next message is the 202.
+    assert_eq!(next_data(&mut sub).await, WsMessage::text("b".repeat(64)));
+    let metrics = get(addr, "/metrics").await;
+    assert!(
+        metrics.contains("ringsocket_limit_hits_total{limit=\"max_body_bytes\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// Conflation: a publisher sending 400 positions in about 0.4 s reaches a viewer at
