@@ -82,7 +82,7 @@ struct Conflation {
     /// Key → (latest frame, session to skip), waiting for the window's end. At most
     /// [`MAX_CONFLATION_KEYS`] keys.
     pending: IndexMap<Bytes, (Bytes, Option<usize>)>,
-    /// Bytes of the frames in `pending`.
+    /// Bytes of the keys and frames in `pending`.
     pending_bytes: usize,
     /// Subscribers whose queue was too full: the latest frame per key, kept for them.
     lagging: HashMap<usize, Held>,
@@ -388,13 +388,17 @@ impl Core {
             self.leave_closing(&delivery.topic, closing);
             return;
         }
+        // Keys count too: they may be as long as a message.
         conflation.pending_bytes += delivery.frame.len();
-        if let Some((old, _)) = conflation
+        match conflation
             .pending
             .insert(delivery.key.clone(), (delivery.frame.clone(), exclude))
         {
-            conflation.pending_bytes -= old.len();
-            self.tally.conflated += 1;
+            Some((old, _)) => {
+                conflation.pending_bytes -= old.len();
+                self.tally.conflated += 1;
+            }
+            None => conflation.pending_bytes += delivery.key.len(),
         }
         if conflation.pending.len() >= MAX_CONFLATION_KEYS
             || conflation.pending_bytes > self.tally.soft_limit
@@ -556,10 +560,14 @@ impl Held {
     /// three quarters of both: each drop then costs O(1) amortized, although removing
     /// from the front of an `IndexMap` shifts the rest.
     fn hold(&mut self, key: &Bytes, frame: &Bytes, tally: &mut Tally) {
+        // Keys count too: they may be as long as a message.
         self.bytes += frame.len();
-        if let Some(old) = self.values.insert(key.clone(), frame.clone()) {
-            self.bytes -= old.len();
-            tally.conflated += 1;
+        match self.values.insert(key.clone(), frame.clone()) {
+            Some(old) => {
+                self.bytes -= old.len();
+                tally.conflated += 1;
+            }
+            None => self.bytes += key.len(),
         }
         if self.values.len() <= MAX_HELD_KEYS && self.bytes <= tally.soft_limit {
             return;
@@ -568,8 +576,8 @@ impl Held {
         let newest = self.values.len() - 1;
         let mut drop = 0;
         while drop < newest && (self.values.len() - drop > keys || self.bytes > bytes) {
-            if let Some((_, frame)) = self.values.get_index(drop) {
-                self.bytes -= frame.len();
+            if let Some((key, frame)) = self.values.get_index(drop) {
+                self.bytes -= key.len() + frame.len();
             }
             drop += 1;
         }

@@ -265,3 +265,62 @@ fn a_closing_subscriber_leaves_its_topics_at_the_next_publish() {
         assert_eq!(hub.topics(), 2);
     });
 }
+
+/// The byte bounds count keys too: keys may be as long as messages. A window whose keys
+/// and values pass half of `max_outbound_bytes` is delivered early, and a lagging
+/// subscriber's held keys and values are cut to three quarters of that.
+#[test]
+fn conflation_byte_bounds_count_the_keys() {
+    const SOFT_LIMIT: usize = 1 << 20;
+    on_a_core(2 * SOFT_LIMIT, Duration::from_secs(3600), async |hub| {
+        let (viewer, lagging, sender) = (session(), session(), session());
+        subscribe(&viewer, "c").unwrap();
+        subscribe(&lagging, "c").unwrap();
+        lagging.send_binary(vec![0u8; SOFT_LIMIT + 1]).unwrap();
+        // 300 KiB keys, one-byte values.
+        let key = |i: u8| format!("{}", char::from(b'a' + i)).repeat(300 << 10);
+        publish_keyed(&sender, &key(0), "0");
+        assert_eq!(take_texts(&viewer), ["0"]);
+        for i in 1..=3 {
+            publish_keyed(&sender, &key(i), &i.to_string());
+        }
+        assert!(
+            take_texts(&viewer).is_empty(),
+            "900 KiB pending: not full yet"
+        );
+        publish_keyed(&sender, &key(4), "4");
+        assert_eq!(take_texts(&viewer), ["1", "2", "3", "4"]);
+        assert_eq!(
+            hub.metrics.conflation_early_flushes.load(Ordering::Relaxed),
+            1
+        );
+        // Held for the lagging one: keys 0..=3 reach 1.2 MiB, cut to at most 768 KiB by
+        // dropping 0 and 1; then 4 makes 900 KiB, within the limit.
+        assert_eq!(hub.metrics.conflation_dropped.load(Ordering::Relaxed), 2);
+    });
+}
+
+/// Topic names and the number of topics per session are bounded.
+#[test]
+fn subscriptions_are_bounded() {
+    on_a_core(1 << 20, Duration::from_secs(1), async |hub| {
+        let member = session();
+        assert_eq!(subscribe(&member, ""), Err(SubscribeError::BadTopic));
+        let long = "t".repeat(MAX_TOPIC_LEN + 1);
+        assert_eq!(subscribe(&member, &long), Err(SubscribeError::BadTopic));
+        assert_eq!(subscribe(&member, &"t".repeat(MAX_TOPIC_LEN)), Ok(true));
+        for i in 1..MAX_TOPICS_PER_SESSION {
+            assert_eq!(subscribe(&member, &format!("t{i}")), Ok(true));
+        }
+        assert_eq!(
+            subscribe(&member, "one too many"),
+            Err(SubscribeError::TooManyTopics)
+        );
+        // Already in it: not a new topic, so not refused.
+        assert_eq!(subscribe(&member, "t1"), Ok(false));
+        assert_eq!(hub.subscriptions(), MAX_TOPICS_PER_SESSION);
+        member.run_teardown();
+        assert_eq!(hub.subscriptions(), 0);
+        assert_eq!(hub.topics(), 0);
+    });
+}
