@@ -157,6 +157,42 @@ async fn every_subscriber_on_every_worker_gets_each_message_once_in_order() {
     }
 }
 
+/// A room name over `MAX_TOPIC_LEN` is refused: the connection is closed with 1008
+/// naming the limit, and nothing is registered. Over HTTP such a topic is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_names_over_the_limit_are_refused() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let app = App::standard();
+    let hub = app.hub().clone();
+    let server = start(app, |_| {});
+    let addr = addr(&server);
+    let long = "r".repeat(ringsocket::pubsub::MAX_TOPIC_LEN + 1);
+    let mut member = ws_connect(addr, &format!("/ws/{long}")).await;
+    let close = loop {
+        let message = tokio::time::timeout(PATIENCE, member.next())
+            .await
+            .expect("timed out waiting for the close")
+            .expect("stream ended")
+            .expect("read failed");
+        if let WsMessage::Close(frame) = message {
+            break frame.expect("a close code");
+        }
+    };
+    assert_eq!(close.code, CloseCode::Policy);
+    assert!(close.reason.contains("256"), "{}", close.reason);
+    assert_eq!(hub.subscriptions(), 0);
+
+    let response = http_exchange(
+        addr,
+        format!(
+            "POST /publish/{long} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+}
+
 /// Unsubscribing, closing and vanishing without a close frame all leave the
 /// registry: the subscription count returns to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
