@@ -31,9 +31,9 @@ pub const MAX_CONFLATION_KEYS: usize = 4096;
 
 /// Keys whose latest value a conflated topic holds for one lagging subscriber (one
 /// whose queue is above half of `max_outbound_bytes`). Beyond it, or once the held
-/// values pass half of `max_outbound_bytes`, the oldest held values are dropped, down
-/// to three quarters of both limits (counted in `ringsocket_pubsub_conflation_dropped_total`
-/// and logged). Default 4,096.
+/// keys and values pass half of `max_outbound_bytes`, the keys held longest are
+/// dropped, down to three quarters of both limits (counted in
+/// `ringsocket_pubsub_conflation_dropped_total` and logged). Default 4,096.
 pub const MAX_HELD_KEYS: usize = 4096;
 
 thread_local! {
@@ -88,7 +88,8 @@ struct Conflation {
     lagging: HashMap<usize, Held>,
 }
 
-/// The values a conflated topic holds for one lagging subscriber, oldest key first.
+/// The values a conflated topic holds for one lagging subscriber, in the order their
+/// keys were first held (a newer value of a key keeps its place).
 #[derive(Default)]
 struct Held {
     values: IndexMap<Bytes, Bytes>,
@@ -526,7 +527,7 @@ impl Core {
             if crossed_power_of_two(before, before + n) {
                 tracing::warn!(
                     dropped = before + n,
-                    "conflation: lagging subscribers held more than {MAX_HELD_KEYS} keys or {} bytes; their oldest held values were dropped",
+                    "conflation: lagging subscribers held more than {MAX_HELD_KEYS} keys or {} bytes; the keys they held longest were dropped",
                     self.tally.soft_limit
                 );
             }
@@ -556,7 +557,7 @@ fn deliver_conflated(
 
 impl Held {
     /// Keeps `frame` as the latest value of `key`. Past [`MAX_HELD_KEYS`] keys or the
-    /// soft limit in bytes, drops the oldest values (never the one just held) down to
+    /// soft limit in bytes, drops the keys held longest (never the one just held) down to
     /// three quarters of both: each drop then costs O(1) amortized, although removing
     /// from the front of an `IndexMap` shifts the rest.
     fn hold(&mut self, key: &Bytes, frame: &Bytes, tally: &mut Tally) {

@@ -44,7 +44,7 @@
 //!   `max_outbound_bytes` per topic and core; a full window is delivered at once
 //!   instead of at its end (`ringsocket_pubsub_conflation_early_flushes_total`);
 //! - a lagging subscriber is held at most [`MAX_HELD_KEYS`] keys (4,096) and half of
-//!   `max_outbound_bytes` per topic; beyond, its oldest held values are dropped
+//!   `max_outbound_bytes` per topic; beyond, the keys held longest are dropped
 //!   (`ringsocket_pubsub_conflation_dropped_total`). Each is logged at 1, 2, 4, 8, ...
 //!   occurrences.
 //!
