@@ -426,3 +426,67 @@ async fn rooms_span_two_servers_and_survive_a_redis_restart() {
     assert_eq!(next_text(&mut far).await, "back");
     assert!(broker_one.metric(|m| &m.publish_failed) >= 1);
 }
+
+/// A message from another process larger than the server's `max_message_size` (which
+/// no client could have sent) is dropped and counted, the server carries on, and the
+/// next message arrives. Our own large publishes, echoed back by Redis, are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_max_message_size_from_redis_are_dropped_and_counted() {
+    let redis = RedisServer::start();
+    let app = App::standard();
+    let hub = app.hub().clone();
+    let publisher = app.publisher();
+    let mut config = ringsocket::config::Config::default();
+    config.redis_url = redis.url();
+    config.max_message_size = 1024;
+    let broker = RedisBroker::start(
+        RedisConfig::from_config(&config).unwrap(),
+        app.publisher().broker_sink(),
+    )
+    .unwrap();
+    hub.set_broker(broker.clone()).unwrap();
+    let node = Node {
+        broker,
+        inbox: crossbeam_channel::never(),
+    };
+    let server = common::start(app, |c| c.max_message_size = 1024);
+    let mut client = join(&server, "lobby").await;
+    node.wait_for("subscriptions", |m| &m.subscriptions, 1);
+
+    // Ours, over the limit: delivered here, and its echo from Redis dropped silently.
+    let own = "o".repeat(2048);
+    publisher.publish_text("lobby", own.clone()).unwrap();
+    assert_eq!(next_text(&mut client).await, own);
+    node.wait_for("published", |m| &m.published, 1);
+
+    let envelope = |payload: &[u8]| {
+        let mut bytes = b"rsb\x01".to_vec();
+        bytes.extend_from_slice(&[9; 16]);
+        bytes.push(0);
+        bytes.extend_from_slice(payload);
+        bytes
+    };
+    let mut plain = redis.client();
+    for payload in ["x".repeat(1025), "y".repeat(1024)] {
+        redis::cmd("PUBLISH")
+            .arg("ringsocket:lobby")
+            .arg(envelope(payload.as_bytes()))
+            .exec(&mut plain)
+            .unwrap();
+    }
+    // Redis delivers in order: the one at the limit comes after the one over it.
+    assert_eq!(next_text(&mut client).await, "y".repeat(1024));
+    assert_eq!(node.metric(|m| &m.oversized), 1);
+    assert_eq!(node.metric(|m| &m.received), 1);
+    assert_eq!(node.metric(|m| &m.malformed), 0);
+    assert_eq!(node.metric(|m| &m.connected), 1);
+    let metrics = common::http_exchange(
+        server.local_addr(),
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        metrics.contains("ringsocket_broker_oversized_total 1"),
+        "{metrics}"
+    );
+}

@@ -55,6 +55,20 @@ fn addr(server: &RunningServer) -> SocketAddr {
     server.local_addr()
 }
 
+/// A raw socket that completes a WebSocket handshake on `path` and never reads again.
+async fn never_reading(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    socket.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    socket
+}
+
 /// Subscribers spread over both workers each get every message, exactly once and in
 /// publish order, from a publishing connection and from a `Publisher` on another
 /// thread; the sender does not get its own messages.
@@ -143,6 +157,42 @@ async fn every_subscriber_on_every_worker_gets_each_message_once_in_order() {
     }
 }
 
+/// A room name over `MAX_TOPIC_LEN` is refused: the connection is closed with 1008
+/// naming the limit, and nothing is registered. Over HTTP such a topic is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_names_over_the_limit_are_refused() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let app = App::standard();
+    let hub = app.hub().clone();
+    let server = start(app, |_| {});
+    let addr = addr(&server);
+    let long = "r".repeat(ringsocket::pubsub::MAX_TOPIC_LEN + 1);
+    let mut member = ws_connect(addr, &format!("/ws/{long}")).await;
+    let close = loop {
+        let message = tokio::time::timeout(PATIENCE, member.next())
+            .await
+            .expect("timed out waiting for the close")
+            .expect("stream ended")
+            .expect("read failed");
+        if let WsMessage::Close(frame) = message {
+            break frame.expect("a close code");
+        }
+    };
+    assert_eq!(close.code, CloseCode::Policy);
+    assert!(close.reason.contains("256"), "{}", close.reason);
+    assert_eq!(hub.subscriptions(), 0);
+
+    let response = http_exchange(
+        addr,
+        format!(
+            "POST /publish/{long} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+}
+
 /// Unsubscribing, closing and vanishing without a close frame all leave the
 /// registry: the subscription count returns to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,12 +239,13 @@ async fn unsubscribe_close_and_abrupt_disconnects_leave_no_entry() {
 }
 
 /// `POST /publish/{topic}` reaches the topic's subscribers (text, or binary with
-/// `application/octet-stream`); a body that is not UTF-8 as text is refused with 400.
+/// `application/octet-stream`); a body that is not UTF-8 as text is refused with 400,
+/// one over `max_body_bytes` with 413, and neither reaches anyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_publish_reaches_subscribers() {
     let app = App::standard();
     let hub = app.hub().clone();
-    let server = start(app, |_| {});
+    let server = start(app, |c| c.max_body_bytes = 64);
     let addr = addr(&server);
     let mut sub = ws_connect(addr, "/ws/news").await;
     eventually("a subscriber", || hub.subscribers("news") == 1).await;
@@ -225,6 +276,26 @@ async fn http_publish_reaches_subscribers() {
     .await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert!(response.contains("UTF-8"), "{response}");
+
+    for (len, status) in [(65, "413"), (64, "202")] {
+        let mut request = format!(
+            "POST /publish/news HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        request.resize(request.len() + len, b'b');
+        let response = http_exchange(addr, &request).await;
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{response}"
+        );
+    }
+    // Neither the 400 nor the 413 reached the subscriber: the next message is the 202.
+    assert_eq!(next_data(&mut sub).await, WsMessage::text("b".repeat(64)));
+    let metrics = get(addr, "/metrics").await;
+    assert!(
+        metrics.contains("ringsocket_limit_hits_total{limit=\"max_body_bytes\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// Conflation: a publisher sending 400 positions in about 0.4 s reaches a viewer at
@@ -291,17 +362,8 @@ async fn slow_subscriber_is_closed_and_others_keep_up() {
     });
     let addr = addr(&server);
 
-    // The slow one: a raw socket that completes the handshake and never reads again.
-    let mut slow = TcpStream::connect(addr).await.unwrap();
-    slow.write_all(
-        b"GET /ws/feed HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = [0u8; 12];
-    slow.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head, b"HTTP/1.1 101");
+    // The slow one completes the handshake and never reads again.
+    let slow = never_reading(addr, "/ws/feed").await;
     let mut fast = ws_connect(addr, "/ws/feed").await;
     eventually("two subscribers", || hub.subscribers("feed") == 2).await;
 
@@ -322,14 +384,65 @@ async fn slow_subscriber_is_closed_and_others_keep_up() {
         hub.subscribers("feed") == 1
     })
     .await;
-    let metrics = get(addr, "/metrics").await;
-    assert!(
-        metrics.contains("ringsocket_connections_closed_total{reason=\"slow_consumer\"} 1"),
-        "{metrics}"
-    );
+    // Its close completes at the close timeout, as it cannot read our Close.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let metrics = get(addr, "/metrics").await;
+        if metrics.contains("ringsocket_connections_closed_total{reason=\"slow_consumer\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         worst < Duration::from_secs(1),
         "the fast subscriber waited {worst:?}"
+    );
+    drop(slow);
+}
+
+/// A slow subscriber leaves its room as soon as it is being closed, not when its close
+/// completes (here it never reads, so that would take the 30 s close timeout): later
+/// publishes no longer visit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_leaves_the_room_while_its_close_is_pending() {
+    let app = App::standard();
+    let hub = app.hub().clone();
+    let publisher = app.publisher();
+    let server = start(app, |c| {
+        c.max_outbound_bytes = 256 * 1024;
+        c.pong_timeout_secs = 30.0;
+    });
+    let addr = addr(&server);
+    let slow = never_reading(addr, "/ws/feed").await;
+    let mut fast = ws_connect(addr, "/ws/feed").await;
+    eventually("two subscribers", || hub.subscribers("feed") == 2).await;
+
+    let payload = "x".repeat(16 * 1024);
+    let started = Instant::now();
+    let mut i = 0;
+    // Past the limit the slow one is closed; the next publish finds it closing.
+    while hub.subscribers("feed") == 2 {
+        assert!(started.elapsed() < PATIENCE, "the slow subscriber stayed");
+        publisher
+            .publish_text("feed", format!("{i:06}{payload}"))
+            .unwrap();
+        next_data(&mut fast).await;
+        i += 1;
+    }
+    let metrics = get(addr, "/metrics").await;
+    assert!(
+        metrics.contains("ringsocket_limit_hits_total{limit=\"max_outbound_bytes\"} 1"),
+        "{metrics}"
+    );
+    // Its close has not completed: it left the room before its teardown.
+    assert!(
+        metrics.contains("ringsocket_connections_closed_total{reason=\"slow_consumer\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringsocket_pubsub_subscribers{topic=\"feed\"} 1"),
+        "{metrics}"
     );
     drop(slow);
 }

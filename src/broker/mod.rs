@@ -80,6 +80,8 @@ pub struct BrokerMetrics {
     pub received: AtomicU64,
     /// Messages received that could not be decoded (not our envelope).
     pub malformed: AtomicU64,
+    /// Messages received whose payload was over the size limit, dropped.
+    pub oversized: AtomicU64,
     /// Topics this process is subscribed to at the broker.
     pub subscriptions: AtomicU64,
 }
@@ -87,7 +89,7 @@ pub struct BrokerMetrics {
 impl BrokerMetrics {
     /// Appends these counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 8] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 9] = [
             (
                 "broker_connected",
                 "gauge",
@@ -129,6 +131,12 @@ impl BrokerMetrics {
                 "counter",
                 "Broker messages that were not a ringsocket envelope.",
                 &self.malformed,
+            ),
+            (
+                "broker_oversized_total",
+                "counter",
+                "Broker messages dropped because their payload was over max_message_size.",
+                &self.oversized,
             ),
             (
                 "broker_subscriptions",

@@ -26,6 +26,13 @@
 //! publisher logs their total when it is back. An idle connection is checked with a
 //! `PING` every [`RedisConfig::health_interval`], so a silent loss is noticed too.
 //!
+//! A message from another process whose payload is larger than
+//! [`RedisConfig::max_payload`] (the server's `max_message_size`) is dropped, counted
+//! and logged, like one that is not our envelope: nothing reaches a client that the
+//! client could not have sent. (Redis itself disconnects a subscriber whose pending
+//! output passes `client-output-buffer-limit pubsub`, 32 MiB by default; the broker
+//! then reconnects.)
+//!
 //! The client is the `redis` crate's synchronous API (no async runtime): `PubSub` with a
 //! read timeout on the subscriber, `redis::pipe()` on the publisher.
 
@@ -79,6 +86,11 @@ pub struct RedisConfig {
     pub io_timeout: Duration,
     /// An idle connection is checked with a `PING` this often. Default 1 s.
     pub health_interval: Duration,
+    /// Largest payload taken from another process, in bytes. A bigger message is
+    /// dropped, counted in `ringsocket_broker_oversized_total` and logged (at most one
+    /// line a second). Default 1 MiB; [`RedisConfig::from_config`] uses the server's
+    /// `max_message_size`, the largest message a client may send it.
+    pub max_payload: usize,
 }
 
 impl RedisConfig {
@@ -93,6 +105,7 @@ impl RedisConfig {
             backoff_max: Duration::from_secs(5),
             io_timeout: Duration::from_secs(2),
             health_interval: Duration::from_secs(1),
+            max_payload: 1 << 20,
         }
     }
 
@@ -104,6 +117,7 @@ impl RedisConfig {
         }
         let mut redis = Self::new(config.redis_url.clone());
         redis.prefix.clone_from(&config.redis_prefix);
+        redis.max_payload = config.max_message_size;
         Some(redis)
     }
 }
@@ -647,6 +661,9 @@ mod tests {
         assert_eq!(redis.url, "redis://127.0.0.1:6380");
         assert_eq!(redis.prefix, "app:");
         assert_eq!(redis.publish_queue, 65_536);
+        assert_eq!(redis.max_payload, 1 << 20);
+        config.max_message_size = 4096;
+        assert_eq!(RedisConfig::from_config(&config).unwrap().max_payload, 4096);
     }
 
     #[test]

@@ -22,6 +22,20 @@ use crate::runtime::Session;
 /// Topics one session may be subscribed to at once. Default 1,024.
 pub const MAX_TOPICS_PER_SESSION: usize = 1024;
 
+/// Distinct keys a conflated topic collects within one window (each core). A new key
+/// beyond it does not wait for the window's end: the window is delivered at once
+/// (counted in `ringsocket_pubsub_conflation_early_flushes_total` and logged), so keys
+/// chosen by clients cannot grow it without bound. The same happens once the pending
+/// values pass half of `max_outbound_bytes`. Default 4,096.
+pub const MAX_CONFLATION_KEYS: usize = 4096;
+
+/// Keys whose latest value a conflated topic holds for one lagging subscriber (one
+/// whose queue is above half of `max_outbound_bytes`). Beyond it, or once the held
+/// keys and values pass half of `max_outbound_bytes`, the keys held longest are
+/// dropped, down to three quarters of both limits (counted in
+/// `ringsocket_pubsub_conflation_dropped_total` and logged). Default 4,096.
+pub const MAX_HELD_KEYS: usize = 4096;
+
 thread_local! {
     static CORE: RefCell<Option<Core>> = const { RefCell::new(None) };
 }
@@ -62,11 +76,24 @@ impl std::error::Error for SubscribeError {}
 struct Conflation {
     window: Duration,
     last_flush: Option<Instant>,
-    scheduled: bool,
-    /// Key → (latest frame, session to skip), waiting for the window's end.
+    /// The flush scheduled for the window's end, if any: a timer that finds another
+    /// id here (the window was flushed early) does nothing.
+    timer: Option<u64>,
+    /// Key → (latest frame, session to skip), waiting for the window's end. At most
+    /// [`MAX_CONFLATION_KEYS`] keys.
     pending: IndexMap<Bytes, (Bytes, Option<usize>)>,
+    /// Bytes of the keys and frames in `pending`.
+    pending_bytes: usize,
     /// Subscribers whose queue was too full: the latest frame per key, kept for them.
-    lagging: HashMap<usize, IndexMap<Bytes, Bytes>>,
+    lagging: HashMap<usize, Held>,
+}
+
+/// The values a conflated topic holds for one lagging subscriber, in the order their
+/// keys were first held (a newer value of a key keeps its place).
+#[derive(Default)]
+struct Held {
+    values: IndexMap<Bytes, Bytes>,
+    bytes: usize,
 }
 
 struct Topic {
@@ -80,7 +107,8 @@ struct Core {
     topics: HashMap<Arc<str>, Topic>,
     /// Session id → its topics, to leave them all at teardown.
     sessions: HashMap<usize, Vec<Arc<str>>>,
-    /// Queued bytes above which a conflated topic holds messages back for a session.
+    /// The id of the next conflation timer.
+    next_timer: u64,
     tally: Tally,
 }
 
@@ -92,6 +120,9 @@ struct Tally {
     delivered: u64,
     /// Superseded conflated values not yet added to the shared counter.
     conflated: u64,
+    /// Values dropped for lagging subscribers over [`MAX_HELD_KEYS`] or the soft limit,
+    /// not yet added to the shared counter.
+    held_dropped: u64,
 }
 
 /// Installs core `index`'s state on this thread; returns the task that serves its
@@ -108,10 +139,12 @@ pub(crate) fn start(
             hub,
             topics: HashMap::new(),
             sessions: HashMap::new(),
+            next_timer: 0,
             tally: Tally {
                 soft_limit: max_outbound_bytes / 2,
                 delivered: 0,
                 conflated: 0,
+                held_dropped: 0,
             },
         });
     });
@@ -241,8 +274,9 @@ impl Core {
                 let conflation = self.hub.conflation_window(topic).map(|window| Conflation {
                     window,
                     last_flush: None,
-                    scheduled: false,
+                    timer: None,
                     pending: IndexMap::new(),
+                    pending_bytes: 0,
                     lagging: HashMap::new(),
                 });
                 self.topics.insert(
@@ -296,6 +330,16 @@ impl Core {
         self.hub.directory_remove(self.index, topic);
     }
 
+    /// Takes subscribers that can no longer be sent to (their connection is closing
+    /// or has ended) out of `topic` right away, rather than when their close completes
+    /// (up to the close timeout later): later publishes skip them. Their teardown then
+    /// finds nothing left to do here.
+    fn leave_closing(&mut self, topic: &str, closing: Vec<usize>) {
+        for id in closing {
+            self.unsubscribe(id, topic);
+        }
+    }
+
     /// Queues `delivery` to this core's subscribers of its topic.
     fn deliver(&mut self, delivery: &Delivery) {
         let Some(topic) = self.topics.get_mut(&*delivery.topic) else {
@@ -305,52 +349,106 @@ impl Core {
             .exclude
             .filter(|(core, _)| *core == self.index)
             .map(|(_, id)| id);
+        // Allocates only when a subscriber is closing.
+        let mut closing = Vec::new();
         let Some(conflation) = topic.conflation.as_mut() else {
             for (id, session) in &topic.subscribers {
-                if Some(*id) != exclude && session.send_frame(delivery.frame.clone()).is_ok() {
+                if Some(*id) == exclude {
+                    continue;
+                }
+                if session.send_frame(delivery.frame.clone()).is_ok() {
                     self.tally.delivered += 1;
+                } else {
+                    closing.push(*id);
                 }
             }
+            self.leave_closing(&delivery.topic, closing);
             return;
         };
         let now = Instant::now();
         let window_open = conflation
             .last_flush
             .is_none_or(|at| now >= at + conflation.window);
-        if window_open && !conflation.scheduled && conflation.lagging.is_empty() {
+        if window_open && conflation.timer.is_none() && conflation.lagging.is_empty() {
             // The first message after a quiet window goes out at once.
             conflation.last_flush = Some(now);
             for (id, session) in &topic.subscribers {
-                if Some(*id) != exclude {
-                    deliver_conflated(
+                if Some(*id) != exclude
+                    && !deliver_conflated(
                         session,
                         *id,
                         &delivery.key,
                         &delivery.frame,
                         &mut conflation.lagging,
                         &mut self.tally,
-                    );
+                    )
+                {
+                    closing.push(*id);
                 }
             }
+            self.leave_closing(&delivery.topic, closing);
             return;
         }
-        if conflation
+        // Keys count too: they may be as long as a message.
+        conflation.pending_bytes += delivery.frame.len();
+        match conflation
             .pending
             .insert(delivery.key.clone(), (delivery.frame.clone(), exclude))
-            .is_some()
         {
-            self.tally.conflated += 1;
+            Some((old, _)) => {
+                conflation.pending_bytes -= old.len();
+                self.tally.conflated += 1;
+            }
+            None => conflation.pending_bytes += delivery.key.len(),
         }
-        if !conflation.scheduled {
-            conflation.scheduled = true;
+        if conflation.pending.len() >= MAX_CONFLATION_KEYS
+            || conflation.pending_bytes > self.tally.soft_limit
+        {
+            let (keys, bytes) = (conflation.pending.len(), conflation.pending_bytes);
+            let early = self
+                .hub
+                .metrics
+                .conflation_early_flushes
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if early.is_power_of_two() {
+                tracing::warn!(
+                    topic = %delivery.topic,
+                    keys,
+                    bytes,
+                    early_flushes = early,
+                    "conflation window full ({MAX_CONFLATION_KEYS} keys or {} bytes): delivered before the window's end",
+                    self.tally.soft_limit
+                );
+            }
+            self.flush_window(&delivery.topic);
+            return;
+        }
+        if conflation.timer.is_none() {
             let at = conflation
                 .last_flush
                 .map_or(now, |at| at + conflation.window);
-            schedule_flush(delivery.topic.clone(), at);
+            let id = self.next_timer;
+            self.next_timer += 1;
+            conflation.timer = Some(id);
+            schedule_flush(delivery.topic.clone(), id, at);
         }
     }
 
-    /// The end of a conflation window: the latest value of each key goes out.
+    /// A conflation timer fired: flushes the window unless it was flushed early since.
+    fn on_timer(&mut self, name: &str, id: u64) {
+        let current = self
+            .topics
+            .get(name)
+            .and_then(|topic| topic.conflation.as_ref())
+            .is_some_and(|conflation| conflation.timer == Some(id));
+        if current {
+            self.flush_window(name);
+        }
+    }
+
+    /// The end of a conflation window (or a full window): the latest value of each key
+    /// goes out.
     fn flush_window(&mut self, name: &str) {
         let Some(topic) = self.topics.get_mut(name) else {
             return;
@@ -358,47 +456,56 @@ impl Core {
         let Some(conflation) = topic.conflation.as_mut() else {
             return;
         };
-        conflation.scheduled = false;
+        conflation.timer = None;
         conflation.last_flush = Some(Instant::now());
+        conflation.pending_bytes = 0;
         let pending = std::mem::take(&mut conflation.pending);
+        let mut closing = Vec::new();
         for (id, session) in &topic.subscribers {
             // Values held back for this subscriber go first, if it has drained.
             if let Some(mut held) = conflation.lagging.remove(id) {
                 for (key, (frame, skip)) in &pending {
-                    if *skip != Some(*id) && held.insert(key.clone(), frame.clone()).is_some() {
-                        self.tally.conflated += 1;
+                    if *skip != Some(*id) {
+                        held.hold(key, frame, &mut self.tally);
                     }
                 }
                 if session.queued_bytes() > self.tally.soft_limit {
                     conflation.lagging.insert(*id, held);
-                } else {
-                    for (_, frame) in held {
-                        if session.send_frame(frame).is_ok() {
-                            self.tally.delivered += 1;
-                        }
+                    continue;
+                }
+                for (_, frame) in held.values {
+                    if session.send_frame(frame).is_err() {
+                        closing.push(*id);
+                        break;
                     }
+                    self.tally.delivered += 1;
                 }
                 continue;
             }
             for (key, (frame, skip)) in &pending {
-                if *skip != Some(*id) {
-                    deliver_conflated(
+                if *skip != Some(*id)
+                    && !deliver_conflated(
                         session,
                         *id,
                         key,
                         frame,
                         &mut conflation.lagging,
                         &mut self.tally,
-                    );
+                    )
+                {
+                    closing.push(*id);
+                    break;
                 }
             }
         }
         if !conflation.lagging.is_empty() {
             // Keep the window ticking until every held value is out.
-            conflation.scheduled = true;
-            let at = Instant::now() + conflation.window;
-            schedule_flush(name.into(), at);
+            let id = self.next_timer;
+            self.next_timer += 1;
+            conflation.timer = Some(id);
+            schedule_flush(name.into(), id, Instant::now() + conflation.window);
         }
+        self.leave_closing(name, closing);
         self.flush_counters();
     }
 
@@ -414,36 +521,81 @@ impl Core {
                 .conflated
                 .fetch_add(std::mem::take(&mut self.tally.conflated), Ordering::Relaxed);
         }
+        if self.tally.held_dropped > 0 {
+            let n = std::mem::take(&mut self.tally.held_dropped);
+            let before = metrics.conflation_dropped.fetch_add(n, Ordering::Relaxed);
+            if crossed_power_of_two(before, before + n) {
+                tracing::warn!(
+                    dropped = before + n,
+                    "conflation: lagging subscribers held more than {MAX_HELD_KEYS} keys or {} bytes; the keys they held longest were dropped",
+                    self.tally.soft_limit
+                );
+            }
+        }
     }
 }
 
 /// Queues a conflated message to one subscriber, or holds it back (latest per key)
-/// while the subscriber's queue is above the soft limit.
+/// while the subscriber's queue is above the soft limit. False when the subscriber's
+/// connection is closing (nothing can be sent to it any more).
 fn deliver_conflated(
     session: &Session,
     id: usize,
     key: &Bytes,
     frame: &Bytes,
-    lagging: &mut HashMap<usize, IndexMap<Bytes, Bytes>>,
+    lagging: &mut HashMap<usize, Held>,
     tally: &mut Tally,
-) {
+) -> bool {
     if session.queued_bytes() > tally.soft_limit {
-        if lagging
-            .entry(id)
-            .or_default()
-            .insert(key.clone(), frame.clone())
-            .is_some()
-        {
-            tally.conflated += 1;
+        lagging.entry(id).or_default().hold(key, frame, tally);
+        return true;
+    }
+    let sent = session.send_frame(frame.clone()).is_ok();
+    tally.delivered += u64::from(sent);
+    sent
+}
+
+impl Held {
+    /// Keeps `frame` as the latest value of `key`. Past [`MAX_HELD_KEYS`] keys or the
+    /// soft limit in bytes, drops the keys held longest (never the one just held) down to
+    /// three quarters of both: each drop then costs O(1) amortized, although removing
+    /// from the front of an `IndexMap` shifts the rest.
+    fn hold(&mut self, key: &Bytes, frame: &Bytes, tally: &mut Tally) {
+        // Keys count too: they may be as long as a message.
+        self.bytes += frame.len();
+        match self.values.insert(key.clone(), frame.clone()) {
+            Some(old) => {
+                self.bytes -= old.len();
+                tally.conflated += 1;
+            }
+            None => self.bytes += key.len(),
         }
-    } else if session.send_frame(frame.clone()).is_ok() {
-        tally.delivered += 1;
+        if self.values.len() <= MAX_HELD_KEYS && self.bytes <= tally.soft_limit {
+            return;
+        }
+        let (keys, bytes) = (MAX_HELD_KEYS / 4 * 3, tally.soft_limit / 4 * 3);
+        let newest = self.values.len() - 1;
+        let mut drop = 0;
+        while drop < newest && (self.values.len() - drop > keys || self.bytes > bytes) {
+            if let Some((key, frame)) = self.values.get_index(drop) {
+                self.bytes -= key.len() + frame.len();
+            }
+            drop += 1;
+        }
+        self.values.drain(..drop);
+        tally.held_dropped += drop as u64;
     }
 }
 
-fn schedule_flush(topic: Arc<str>, at: Instant) {
+/// Whether a counter going from `before` to `after` reached a new power of two: log
+/// lines at 1, 2, 4, 8, ... events, never a flood.
+fn crossed_power_of_two(before: u64, after: u64) -> bool {
+    after > 0 && (before == 0 || after.ilog2() > before.ilog2())
+}
+
+fn schedule_flush(topic: Arc<str>, id: u64, at: Instant) {
     tokio::task::spawn_local(async move {
         tokio::time::sleep_until(at).await;
-        with_core(|core| core.flush_window(&topic));
+        with_core(|core| core.on_timer(&topic, id));
     });
 }

@@ -38,6 +38,19 @@
 //! others. On conflated topics a subscriber whose queue is above half that limit is
 //! not sent more: the latest value per key is kept for it instead (superseded values
 //! are dropped and counted) and delivered once its queue has drained.
+//!
+//! Limits, since conflation keys may come from clients:
+//! - a window collects at most [`MAX_CONFLATION_KEYS`] keys (4,096) and half of
+//!   `max_outbound_bytes` per topic and core; a full window is delivered at once
+//!   instead of at its end (`ringsocket_pubsub_conflation_early_flushes_total`);
+//! - a lagging subscriber is held at most [`MAX_HELD_KEYS`] keys (4,096) and half of
+//!   `max_outbound_bytes` per topic; beyond, the keys held longest are dropped
+//!   (`ringsocket_pubsub_conflation_dropped_total`). Each is logged at 1, 2, 4, 8, ...
+//!   occurrences.
+//!
+//! A subscriber whose connection is closing (a slow consumer being closed, or any
+//! other close) leaves its topics at the first publish that cannot be queued to it,
+//! without waiting for its close to complete: later publishes do not visit it.
 
 mod core;
 
@@ -56,7 +69,8 @@ use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
 pub use self::core::{
-    MAX_TOPICS_PER_SESSION, SubscribeError, publish_from_session, subscribe, topics_of, unsubscribe,
+    MAX_CONFLATION_KEYS, MAX_HELD_KEYS, MAX_TOPICS_PER_SESSION, SubscribeError,
+    publish_from_session, subscribe, topics_of, unsubscribe,
 };
 
 /// Messages a core's inbox holds before publishes to that core are dropped (counted in
@@ -113,6 +127,8 @@ pub(crate) struct PubsubMetrics {
     pub(crate) delivered: AtomicU64,
     pub(crate) inbox_dropped: AtomicU64,
     pub(crate) conflated: AtomicU64,
+    pub(crate) conflation_early_flushes: AtomicU64,
+    pub(crate) conflation_dropped: AtomicU64,
     pub(crate) from_broker: AtomicU64,
 }
 
@@ -372,6 +388,20 @@ impl Hub {
             "Messages superseded by a newer value of their key (conflated topics).",
             "counter",
             &load(&m.conflated),
+        );
+        write_family(
+            out,
+            "pubsub_conflation_early_flushes_total",
+            "Conflation windows delivered before their end because they held too many keys or bytes.",
+            "counter",
+            &load(&m.conflation_early_flushes),
+        );
+        write_family(
+            out,
+            "pubsub_conflation_dropped_total",
+            "Conflated values dropped for lagging subscribers holding too many keys or bytes.",
+            "counter",
+            &load(&m.conflation_dropped),
         );
         write_family(
             out,

@@ -90,3 +90,237 @@ fn broker_messages_reach_every_core() {
         assert_eq!(&delivery.frame[..], b"\x81\x02hi");
     }
 }
+
+/// Runs `test` on this thread as core 0 of a one-core hub, inside a `LocalSet` (the
+/// conflation timers are local tasks). Topic `"c"` is conflated with `window`.
+fn on_a_core(max_outbound_bytes: usize, window: Duration, test: impl AsyncFnOnce(Arc<Hub>)) {
+    let hub = Arc::new(Hub::default());
+    hub.conflate("c", window);
+    hub.bind(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async {
+        let inbox = hub.core_task(0, max_outbound_bytes).unwrap();
+        tokio::task::spawn_local(inbox);
+        test(hub).await;
+    });
+}
+
+/// An accepted session with no driver: what is queued for it stays in its queue.
+fn session() -> crate::runtime::Session {
+    let (request, _) = crate::proto::handshake::parse_request(
+        b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n",
+        &crate::proto::HandshakeLimits::default(),
+    )
+    .unwrap()
+    .unwrap();
+    let session = crate::runtime::Session::new(
+        request,
+        "127.0.0.1:1".parse().unwrap(),
+        crate::proto::Connection::server(crate::proto::Limits::default()),
+    );
+    session.accept(None);
+    session
+}
+
+/// The payloads of the text frames queued for `session` (taken out of its queue).
+fn take_texts(session: &crate::runtime::Session) -> Vec<String> {
+    let mut frames = Vec::new();
+    session
+        .state()
+        .borrow_mut()
+        .conn
+        .drain_transmit(&mut frames);
+    let bytes: Vec<u8> = frames.concat();
+    let mut texts = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        // Server frames: FIN + opcode, then a 7-bit or 16-bit length, unmasked.
+        let (len, header) = match rest[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            n => (usize::from(n), 2),
+        };
+        if rest[0] == 0x81 {
+            texts.push(String::from_utf8(rest[header..header + len].to_vec()).unwrap());
+        }
+        rest = &rest[header + len..];
+    }
+    texts
+}
+
+fn publish_keyed(sender: &crate::runtime::Session, key: &str, text: &str) {
+    publish_from_session(
+        sender,
+        "c",
+        &Message::Text(text.to_owned().into()),
+        Some(Bytes::copy_from_slice(key.as_bytes())),
+        false,
+    )
+    .unwrap();
+}
+
+/// Distinct keys from clients cannot grow a window without bound: at
+/// `MAX_CONFLATION_KEYS` keys the window goes out at once, long before its end.
+#[test]
+fn a_full_conflation_window_is_delivered_early() {
+    on_a_core(64 << 20, Duration::from_secs(3600), async |hub| {
+        let (viewer, sender) = (session(), session());
+        subscribe(&viewer, "c").unwrap();
+        publish_keyed(&sender, "k0", "first");
+        assert_eq!(take_texts(&viewer), ["first"]);
+        for i in 1..MAX_CONFLATION_KEYS {
+            publish_keyed(&sender, &format!("k{i}"), &format!("v{i}"));
+        }
+        // A key sent twice within the window is superseded, not another key.
+        publish_keyed(&sender, "k1", "v1'");
+        assert!(take_texts(&viewer).is_empty(), "the window is not over");
+        let early = |hub: &Hub| hub.metrics.conflation_early_flushes.load(Ordering::Relaxed);
+        assert_eq!(early(&hub), 0);
+        publish_keyed(&sender, "last", "last");
+        let texts = take_texts(&viewer);
+        assert_eq!(texts.len(), MAX_CONFLATION_KEYS);
+        assert_eq!(texts[0], "v1'");
+        assert_eq!(texts.last().map(String::as_str), Some("last"));
+        assert_eq!(early(&hub), 1);
+        assert_eq!(hub.metrics.conflated.load(Ordering::Relaxed), 1);
+        let mut metrics = String::new();
+        hub.render_metrics(&mut metrics);
+        assert!(
+            metrics.contains("ringsocket_pubsub_conflation_early_flushes_total 1"),
+            "{metrics}"
+        );
+    });
+}
+
+/// A lagging subscriber is held at most `MAX_HELD_KEYS` keys: past it the oldest are
+/// dropped (down to three quarters) and counted; the newest values survive and reach
+/// it once it has drained.
+#[test]
+fn a_lagging_subscriber_holds_a_bounded_number_of_keys() {
+    const SOFT_LIMIT: usize = 1 << 20;
+    on_a_core(2 * SOFT_LIMIT, Duration::from_secs(3600), async |hub| {
+        let (viewer, sender) = (session(), session());
+        subscribe(&viewer, "c").unwrap();
+        // Above the soft limit: the viewer lags.
+        viewer.send_binary(vec![0u8; SOFT_LIMIT + 1]).unwrap();
+        let dropped = |hub: &Hub| hub.metrics.conflation_dropped.load(Ordering::Relaxed);
+        for i in 0..=MAX_CONFLATION_KEYS {
+            publish_keyed(&sender, &format!("k{i}"), &format!("a{i}"));
+        }
+        // k0 was held at once, k1..=k4096 at the early flush: 4,097 keys, cut to 3,072.
+        let expected = (MAX_HELD_KEYS + 1 - MAX_HELD_KEYS / 4 * 3) as u64;
+        assert_eq!(dropped(&hub), expected);
+        assert!(
+            take_texts(&viewer).is_empty(),
+            "only the big binary was queued"
+        );
+
+        // Drained: the next window delivers what is held, newest values first held.
+        for i in 1..=MAX_CONFLATION_KEYS {
+            publish_keyed(&sender, &format!("k{i}"), &format!("b{i}"));
+        }
+        let texts = take_texts(&viewer);
+        assert_eq!(texts.len(), MAX_HELD_KEYS);
+        assert!(texts.iter().all(|t| t.starts_with('b')), "{texts:?}");
+        assert_eq!(dropped(&hub), expected);
+        let mut metrics = String::new();
+        hub.render_metrics(&mut metrics);
+        assert!(
+            metrics.contains(&format!(
+                "ringsocket_pubsub_conflation_dropped_total {expected}"
+            )),
+            "{metrics}"
+        );
+    });
+}
+
+/// A subscriber whose connection is closing leaves its topics at the first publish
+/// that cannot reach it, not when its close completes; its teardown later changes
+/// nothing (and counts nothing twice).
+#[test]
+fn a_closing_subscriber_leaves_its_topics_at_the_next_publish() {
+    on_a_core(64 << 20, Duration::from_secs(3600), async |hub| {
+        let (closing, staying, sender) = (session(), session(), session());
+        for topic in ["plain", "c", "other"] {
+            subscribe(&closing, topic).unwrap();
+        }
+        subscribe(&staying, "plain").unwrap();
+        subscribe(&staying, "c").unwrap();
+        assert_eq!(hub.subscriptions(), 5);
+        closing.close(crate::proto::CloseCode::Again, "slow consumer");
+
+        publish_from_session(&sender, "plain", &Message::Text("p".into()), None, false).unwrap();
+        assert_eq!(hub.subscribers("plain"), 1);
+        publish_keyed(&sender, "k", "c");
+        assert_eq!(hub.subscribers("c"), 1);
+        assert_eq!(topics_of(&closing), ["other"]);
+        assert_eq!(take_texts(&staying), ["p", "c"]);
+
+        closing.run_teardown();
+        assert_eq!(hub.subscriptions(), 2);
+        assert_eq!(hub.core_subscriptions(), [2]);
+        assert_eq!(hub.topics(), 2);
+    });
+}
+
+/// The byte bounds count keys too: keys may be as long as messages. A window whose keys
+/// and values pass half of `max_outbound_bytes` is delivered early, and a lagging
+/// subscriber's held keys and values are cut to three quarters of that.
+#[test]
+fn conflation_byte_bounds_count_the_keys() {
+    const SOFT_LIMIT: usize = 1 << 20;
+    on_a_core(2 * SOFT_LIMIT, Duration::from_secs(3600), async |hub| {
+        let (viewer, lagging, sender) = (session(), session(), session());
+        subscribe(&viewer, "c").unwrap();
+        subscribe(&lagging, "c").unwrap();
+        lagging.send_binary(vec![0u8; SOFT_LIMIT + 1]).unwrap();
+        // 300 KiB keys, one-byte values.
+        let key = |i: u8| format!("{}", char::from(b'a' + i)).repeat(300 << 10);
+        publish_keyed(&sender, &key(0), "0");
+        assert_eq!(take_texts(&viewer), ["0"]);
+        for i in 1..=3 {
+            publish_keyed(&sender, &key(i), &i.to_string());
+        }
+        assert!(
+            take_texts(&viewer).is_empty(),
+            "900 KiB pending: not full yet"
+        );
+        publish_keyed(&sender, &key(4), "4");
+        assert_eq!(take_texts(&viewer), ["1", "2", "3", "4"]);
+        assert_eq!(
+            hub.metrics.conflation_early_flushes.load(Ordering::Relaxed),
+            1
+        );
+        // Held for the lagging one: keys 0..=3 reach 1.2 MiB, cut to at most 768 KiB by
+        // dropping 0 and 1; then 4 makes 900 KiB, within the limit.
+        assert_eq!(hub.metrics.conflation_dropped.load(Ordering::Relaxed), 2);
+    });
+}
+
+/// Topic names and the number of topics per session are bounded.
+#[test]
+fn subscriptions_are_bounded() {
+    on_a_core(1 << 20, Duration::from_secs(1), async |hub| {
+        let member = session();
+        assert_eq!(subscribe(&member, ""), Err(SubscribeError::BadTopic));
+        let long = "t".repeat(MAX_TOPIC_LEN + 1);
+        assert_eq!(subscribe(&member, &long), Err(SubscribeError::BadTopic));
+        assert_eq!(subscribe(&member, &"t".repeat(MAX_TOPIC_LEN)), Ok(true));
+        for i in 1..MAX_TOPICS_PER_SESSION {
+            assert_eq!(subscribe(&member, &format!("t{i}")), Ok(true));
+        }
+        assert_eq!(
+            subscribe(&member, "one too many"),
+            Err(SubscribeError::TooManyTopics)
+        );
+        // Already in it: not a new topic, so not refused.
+        assert_eq!(subscribe(&member, "t1"), Ok(false));
+        assert_eq!(hub.subscriptions(), MAX_TOPICS_PER_SESSION);
+        member.run_teardown();
+        assert_eq!(hub.subscriptions(), 0);
+        assert_eq!(hub.topics(), 0);
+    });
+}

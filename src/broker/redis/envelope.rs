@@ -112,6 +112,18 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, DecodeError> {
     })
 }
 
+/// The origin of an envelope, read from its header alone (without checking the
+/// payload): to recognise our own messages before anything else is done with them.
+pub fn origin(bytes: &[u8]) -> Option<Origin> {
+    let (header, _) = bytes.split_first_chunk::<HEADER_LEN>()?;
+    if header[..MAGIC.len()] != MAGIC || header[MAGIC.len()] != VERSION {
+        return None;
+    }
+    let mut origin = [0; ORIGIN_LEN];
+    origin.copy_from_slice(&header[MAGIC.len() + 1..HEADER_LEN - 1]);
+    Some(origin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +143,9 @@ mod tests {
         assert_eq!(text.kind, Kind::Binary);
         assert_eq!(text.payload, b"\x00\xff");
         assert_eq!(text.origin, ORIGIN);
+        assert_eq!(origin(&out), Some(ORIGIN));
+        assert_eq!(origin(&out[..HEADER_LEN - 1]), None);
+        assert_eq!(origin(b"hello, this is no envelope at all"), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub(super) fn run(shared: &Shared, stop: &Receiver<()>) {
     let mut listener = Listener {
         shared,
         malformed_log: RateLimit::new(),
+        oversized_log: RateLimit::new(),
     };
     while let Some(mut con) = shared.connect(&mut link, |d| wait_unless_stopped(stop, d)) {
         let result = listener.session(&mut con, &mut link);
@@ -38,6 +39,7 @@ pub(super) fn run(shared: &Shared, stop: &Receiver<()>) {
 struct Listener<'a> {
     shared: &'a Shared,
     malformed_log: RateLimit,
+    oversized_log: RateLimit,
 }
 
 impl Listener<'_> {
@@ -145,7 +147,16 @@ impl Listener<'_> {
             // Sent before our UNSUBSCRIBE took effect: nobody here wants it any more.
             return;
         }
-        let envelope = match envelope::decode(msg.get_payload_bytes()) {
+        let bytes = msg.get_payload_bytes();
+        let size = bytes.len().saturating_sub(envelope::HEADER_LEN);
+        if size > shared.config.max_payload {
+            // Checked before decoding: a huge text payload is not validated for nothing.
+            if envelope::origin(bytes) != Some(shared.origin) {
+                self.oversized(channel, size);
+            }
+            return;
+        }
+        let envelope = match envelope::decode(bytes) {
             Ok(envelope) => envelope,
             Err(e) => {
                 self.malformed(channel, e);
@@ -166,6 +177,22 @@ impl Listener<'_> {
             tracing::error!(
                 topic,
                 "Redis broker: the sink panicked on a message; dropped"
+            );
+        }
+    }
+
+    fn oversized(&self, channel: &str, size: usize) {
+        self.shared
+            .metrics
+            .oversized
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.oversized_log.check() {
+            tracing::warn!(
+                channel,
+                size,
+                max_payload = self.shared.config.max_payload,
+                "Redis broker: dropped a message larger than max_message_size \
+                 ({suppressed} more since the last such line)"
             );
         }
     }
