@@ -477,7 +477,12 @@ async fn decide(
     let response = match decided {
         Ok(Ok(protocol)) => {
             let mut head = BytesMut::new();
-            handshake::write_accept(&mut head, accept, protocol.as_deref(), &[]);
+            handshake::write_accept(
+                &mut head,
+                accept,
+                protocol.as_deref().map(String::as_str),
+                &[],
+            );
             ctx.metrics.upgraded();
             return Ok(head.freeze());
         }
