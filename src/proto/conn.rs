@@ -160,7 +160,8 @@ pub struct Connection {
     limits: Limits,
     state: CloseState,
     /// Why the connection failed, if it did.
-    error: Option<ProtocolError>,
+    /// Boxed: only a failed connection has one.
+    error: Option<Box<ProtocolError>>,
     /// Bytes handed in and not yet parsed.
     input: BytesMut,
     /// Bytes at the front of `input` that the last [`EventRef`] borrowed: consumed at
@@ -271,7 +272,7 @@ impl Connection {
 
     /// The protocol error that failed the connection, if one did.
     pub fn error(&self) -> Option<ProtocolError> {
-        self.error
+        self.error.as_deref().copied()
     }
 
     // ---- input ------------------------------------------------------------------
@@ -640,7 +641,7 @@ impl Connection {
         if self.state == CloseState::Open {
             self.queue_close(error.close_code(), error.reason());
         }
-        self.error = Some(error);
+        self.error = Some(Box::new(error));
         self.state = CloseState::Closed;
         self.discard_input();
     }

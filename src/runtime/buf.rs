@@ -28,6 +28,11 @@ use bytes::BytesMut;
 
 /// The buffer a connection that was never busy waits on, in bytes.
 pub const SMALL_READ: usize = 128;
+/// The first read of a connection in its HTTP phase, in bytes: most request heads
+/// (browsers' are 400 to 800 bytes) arrive whole in one read, instead of a small read,
+/// `FIONREAD` and a large read. A WebSocket starts small again (see
+/// [`ReadBufs::reset`]).
+pub const HEAD_READ: usize = 1024;
 /// The largest buffer a busy connection keeps for its waiting reads, in bytes (16 KiB).
 /// Batches larger than this take two reads (the second one large).
 pub const MEDIUM_MAX: usize = 16 * 1024;
@@ -74,11 +79,21 @@ pub struct ReadBufs {
 }
 
 impl ReadBufs {
-    /// Read buffers drawing on `pool`.
+    /// Read buffers drawing on `pool`, starting small.
+    #[cfg(test)]
     pub fn new(pool: BufPool) -> Self {
         Self {
             pool,
             held: None,
+            large_next: false,
+        }
+    }
+
+    /// Read buffers whose first read holds `capacity` bytes.
+    pub fn with_first(pool: BufPool, capacity: usize) -> Self {
+        Self {
+            pool,
+            held: Some(BytesMut::with_capacity(capacity)),
             large_next: false,
         }
     }
@@ -229,6 +244,18 @@ mod tests {
         assert_eq!(pool.free.borrow().len(), 1);
         // The waiting read then uses the connection's own buffer, capped at MEDIUM_MAX.
         assert_eq!(read(&mut bufs, 10_000, 0), MEDIUM_MAX);
+    }
+
+    #[test]
+    fn a_request_head_comes_in_one_read_then_the_websocket_waits_small() {
+        let mut bufs = ReadBufs::with_first(BufPool::default(), HEAD_READ);
+        // A 600 B head fits the first read: no FIONREAD, no second read.
+        let mut buf = bufs.next();
+        assert_eq!(buf.capacity(), HEAD_READ);
+        buf.resize(600, 0);
+        bufs.recycle_with(buf, || panic!("asked although the head fit"));
+        bufs.reset();
+        assert_eq!(read(&mut bufs, 10, 0), SMALL_READ);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tokio_uring::net::TcpStream;
 
-use super::buf::{BufPool, ReadBufs};
+use super::buf::{BufPool, HEAD_READ, ReadBufs};
 use super::http::{BodyFraming, Response, body_framing, keep_alive};
 use super::registry::Registry;
 use super::service::{
@@ -108,8 +108,8 @@ pub(crate) async fn drive(
     ctx: Rc<WorkerCtx>,
     over_limit: bool,
 ) {
+    // TCP_NODELAY comes from the listener (see `listener::bind_reuseport`).
     let stream = Rc::new(stream);
-    let _ = stream.set_nodelay(true);
     let mut guard = ConnGuard::new(ctx.clone(), stream.clone(), peer);
     let upgrade = match serve(&stream, peer, &ctx, over_limit).await {
         Ok(reason) => {
@@ -237,7 +237,7 @@ async fn serve(
     over_limit: bool,
 ) -> Result<CloseReason, Box<Upgrade>> {
     let config = &ctx.config;
-    let mut bufs = ReadBufs::new(ctx.pool.clone());
+    let mut bufs = ReadBufs::with_first(ctx.pool.clone(), HEAD_READ);
     let mut leftover = Bytes::new();
     let mut first = true;
     loop {
@@ -477,7 +477,12 @@ async fn decide(
     let response = match decided {
         Ok(Ok(protocol)) => {
             let mut head = BytesMut::new();
-            handshake::write_accept(&mut head, accept, protocol.as_deref(), &[]);
+            handshake::write_accept(
+                &mut head,
+                accept,
+                protocol.as_deref().map(String::as_str),
+                &[],
+            );
             ctx.metrics.upgraded();
             return Ok(head.freeze());
         }

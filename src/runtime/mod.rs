@@ -258,4 +258,17 @@ mod tests {
             panic!("{e}");
         }
     }
+
+    /// An idle WebSocket costs mostly two allocations: its driver's task (tokio's task
+    /// cell: the driver plus 104 bytes, rounded up to a multiple of 128) and its session
+    /// (`Rc`: 16 bytes plus the session, in mimalloc's 448-byte size class). One field
+    /// more and each jumps to the next class: 128 and 192 bytes more per connection
+    /// (issue 3's idle-memory target). Box state an idle connection does not need.
+    #[test]
+    fn idle_connection_state_stays_within_its_size_classes() {
+        let driver = std::mem::size_of::<ws::Driver>();
+        assert!(driver + 104 <= 384, "Driver is {driver} bytes");
+        let session = std::mem::size_of::<session::SessionInner>();
+        assert!(session + 16 <= 448, "SessionInner is {session} bytes");
+    }
 }

@@ -83,15 +83,21 @@ impl std::error::Error for Disconnect {}
 #[derive(Debug)]
 pub(crate) enum Decision {
     Pending,
-    Accept(Option<String>),
+    /// Boxed although a `String` is on the heap already: the decision stays in the
+    /// session for its whole life, and a pointer is 16 bytes smaller.
+    #[allow(clippy::box_collection)]
+    Accept(Option<Box<String>>),
     Reject(Box<Response>),
 }
+
+type TeardownHooks = Vec<Box<dyn FnOnce()>>;
 
 pub(crate) struct State {
     pub(crate) decision: Decision,
     pub(crate) conn: Connection,
     pub(crate) inbound: VecDeque<Message>,
-    pub(crate) ended: Option<Disconnect>,
+    /// Boxed: it is set once, at the end (an idle session does not pay for it).
+    pub(crate) ended: Option<Box<Disconnect>>,
     /// The task waiting in `recv`.
     pub(crate) recv_waker: Option<Waker>,
     /// The connection's driver, woken when output is queued or a decision made.
@@ -116,8 +122,10 @@ pub(crate) struct State {
     pub(crate) queued_for_flush: bool,
     /// Run once when the session ends, on every way out (ARCHITECTURE.md rule 6): the
     /// layers above unregister the session here (e.g. its topic subscriptions).
-    /// `None` once they have run.
-    pub(crate) teardown: Option<Vec<Box<dyn FnOnce()>>>,
+    /// Boxed: most sessions register none.
+    pub(crate) teardown: Option<Box<TeardownHooks>>,
+    /// Set once the teardown hooks have run; hooks registered later run at once.
+    pub(crate) torn_down: bool,
 }
 
 /// A WebSocket connection as its handler sees it. Clones share the connection (a
@@ -153,7 +161,8 @@ impl Session {
                     fd: None,
                     writing: false,
                     queued_for_flush: false,
-                    teardown: Some(Vec::new()),
+                    teardown: None,
+                    torn_down: false,
                 }),
                 request,
                 peer,
@@ -180,7 +189,7 @@ impl Session {
     pub fn accept(&self, protocol: Option<&str>) {
         let mut state = self.state().borrow_mut();
         if matches!(state.decision, Decision::Pending) {
-            state.decision = Decision::Accept(protocol.map(str::to_owned));
+            state.decision = Decision::Accept(protocol.map(|p| Box::new(p.to_owned())));
             wake(&mut state.driver_waker);
         }
     }
@@ -203,7 +212,7 @@ impl Session {
                 return Poll::Ready(Ok(message));
             }
             if let Some(ended) = &state.ended {
-                return Poll::Ready(Err(ended.clone()));
+                return Poll::Ready(Err((**ended).clone()));
             }
             if !state
                 .recv_waker
@@ -222,7 +231,7 @@ impl Session {
     pub fn send(&self, message: Message) -> Result<(), Disconnect> {
         let mut state = self.state().borrow_mut();
         if let Some(ended) = &state.ended {
-            return Err(ended.clone());
+            return Err((**ended).clone());
         }
         if state.conn.send(message).is_err() {
             return Err(Disconnect::ClosedByUs);
@@ -243,7 +252,7 @@ impl Session {
     pub fn send_frame(&self, frame: Bytes) -> Result<(), Disconnect> {
         let mut state = self.state().borrow_mut();
         if let Some(ended) = &state.ended {
-            return Err(ended.clone());
+            return Err((**ended).clone());
         }
         if state.conn.send_frame(frame).is_err() {
             return Err(Disconnect::ClosedByUs);
@@ -277,19 +286,22 @@ impl Session {
     /// once if it has ended already.
     pub(crate) fn on_teardown(&self, hook: Box<dyn FnOnce()>) {
         let mut state = self.state().borrow_mut();
-        match state.teardown.as_mut() {
-            Some(hooks) => hooks.push(hook),
-            None => {
-                drop(state);
-                hook();
-            }
+        if state.torn_down {
+            drop(state);
+            hook();
+        } else {
+            state.teardown.get_or_insert_default().push(hook);
         }
     }
 
     /// Runs the teardown hooks (once; later calls find none).
     pub(crate) fn run_teardown(&self) {
-        let hooks = self.state().borrow_mut().teardown.take();
-        for hook in hooks.into_iter().flatten() {
+        let hooks = {
+            let mut state = self.state().borrow_mut();
+            state.torn_down = true;
+            state.teardown.take()
+        };
+        for hook in hooks.into_iter().flat_map(|hooks| *hooks) {
             hook();
         }
     }

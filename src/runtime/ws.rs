@@ -76,9 +76,17 @@ pub(crate) struct Driver {
     ping_sent: Option<Instant>,
     /// When we sent our Close (handler, idle, slow consumer, shutdown): the peer has
     /// until then plus the close timeout to answer.
-    closing_since: Option<Instant>,
+    /// Boxed: only a closing connection has it.
+    closing: Option<Box<Closing>>,
+}
+
+/// Our side of a closing handshake in progress.
+struct Closing {
+    /// When we sent our Close.
+    since: Instant,
     /// What the session reports once our close completes.
-    our_close: Option<(Disconnect, CloseReason)>,
+    disconnect: Disconnect,
+    reason: CloseReason,
 }
 
 impl Driver {
@@ -113,8 +121,7 @@ impl Driver {
             last_rx: now,
             last_message: now,
             ping_sent: None,
-            closing_since: None,
-            our_close: None,
+            closing: None,
         }
     }
 
@@ -247,7 +254,7 @@ impl Driver {
             self.last_message = Instant::now();
         }
         // A Close the handler sent: the peer has the close timeout to answer.
-        if self.closing_since.is_none()
+        if self.closing.is_none()
             && self.session.state().borrow().conn.close_state() == CloseState::CloseSent
         {
             self.note_close_started(Disconnect::ClosedByUs, CloseReason::Normal);
@@ -277,7 +284,7 @@ impl Driver {
             (state.conn.pending_output(), state.conn.is_closed())
         };
         if pending + self.in_flight > self.guard.ctx.config.max_outbound_bytes
-            && self.our_close.is_none()
+            && self.closing.is_none()
         {
             return Poll::Ready(Step::SlowConsumer);
         }
@@ -363,10 +370,10 @@ impl Driver {
                     break true;
                 }
                 Ok(Some(Event::Close(frame))) => {
-                    state.ended = Some(match &self.our_close {
-                        Some((disconnect, _)) => disconnect.clone(),
+                    state.ended = Some(Box::new(match &self.closing {
+                        Some(closing) => closing.disconnect.clone(),
                         None => Disconnect::Closed(frame),
-                    });
+                    }));
                     break true;
                 }
                 Ok(Some(_)) => {}
@@ -379,7 +386,7 @@ impl Driver {
                     ) {
                         self.guard.ctx.metrics.limit_hit(Limit::MessageSize);
                     }
-                    state.ended = Some(Disconnect::Protocol(e));
+                    state.ended = Some(Box::new(Disconnect::Protocol(e)));
                     break true;
                 }
             }
@@ -415,8 +422,11 @@ impl Driver {
     }
 
     fn note_close_started(&mut self, disconnect: Disconnect, metric: CloseReason) {
-        self.our_close = Some((disconnect, metric));
-        self.closing_since = Some(Instant::now());
+        self.closing = Some(Box::new(Closing {
+            since: Instant::now(),
+            disconnect,
+            reason: metric,
+        }));
         // Re-arm the timer for the close deadline.
         self.set_deadline(self.next_deadline());
     }
@@ -424,17 +434,14 @@ impl Driver {
     fn on_timer(&mut self) -> Option<CloseReason> {
         let config = &self.guard.ctx.config;
         let now = Instant::now();
-        if let Some(since) = self.closing_since {
+        if let Some(closing) = &self.closing {
             let limit = if self.shutdown_seen {
                 config.shutdown_timeout()
             } else {
                 config.pong_timeout()
             };
-            if now >= since + limit {
-                let (disconnect, reason) = self
-                    .our_close
-                    .clone()
-                    .unwrap_or((Disconnect::ClosedByUs, CloseReason::Normal));
+            if now >= closing.since + limit {
+                let (disconnect, reason) = (closing.disconnect.clone(), closing.reason);
                 tracing::debug!(peer = %self.session.peer(), "peer did not answer our Close in time");
                 self.end(disconnect);
                 return Some(reason);
@@ -446,14 +453,14 @@ impl Driver {
                 self.end(Disconnect::Timeout);
                 return Some(CloseReason::PongTimeout);
             }
-        } else if now >= self.last_rx + config.ping_interval() && self.closing_since.is_none() {
+        } else if now >= self.last_rx + config.ping_interval() && self.closing.is_none() {
             if self.session.state().borrow_mut().conn.ping(b"").is_ok() {
                 self.guard.ctx.metrics.ping_sent();
             }
             self.ping_sent = Some(now);
         }
         if let Some(idle) = config.idle_timeout() {
-            if now >= self.last_message + idle && self.closing_since.is_none() {
+            if now >= self.last_message + idle && self.closing.is_none() {
                 self.start_close(
                     CloseCode::Away,
                     "idle timeout",
@@ -476,7 +483,7 @@ impl Driver {
         if let Some(idle) = config.idle_timeout() {
             next = next.min(self.last_message + idle);
         }
-        if let Some(since) = self.closing_since {
+        if let Some(since) = self.closing.as_ref().map(|c| c.since) {
             let limit = if self.shutdown_seen {
                 config.shutdown_timeout()
             } else {
@@ -495,7 +502,7 @@ impl Driver {
     fn end(&mut self, disconnect: Disconnect) {
         let mut state = self.session.state().borrow_mut();
         if state.ended.is_none() {
-            state.ended = Some(disconnect);
+            state.ended = Some(Box::new(disconnect));
         }
         wake(&mut state.recv_waker);
     }
@@ -511,9 +518,9 @@ impl Driver {
 
     fn finish_closed(&mut self) -> CloseReason {
         let state = self.session.state().borrow();
-        match (&state.ended, &self.our_close) {
+        match (state.ended.as_deref(), &self.closing) {
             (Some(Disconnect::Protocol(_)), _) => CloseReason::ProtocolError,
-            (_, Some((_, reason))) => *reason,
+            (_, Some(closing)) => closing.reason,
             _ => CloseReason::Normal,
         }
     }

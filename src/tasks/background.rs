@@ -30,13 +30,20 @@ pub enum QueueFullPolicy {
 /// WebSocket, at once. `add` tells at once whether the job was taken.
 #[derive(Clone)]
 pub struct BackgroundTasks {
-    inner: Rc<Inner>,
+    repr: Repr,
+}
+
+#[derive(Clone)]
+enum Repr {
+    /// A WebSocket's: each job goes to the queue as it is added, so there is nothing to
+    /// hold but the handle (and no allocation per connection).
+    Immediate(TaskHandle),
+    /// An HTTP request's: jobs held until the response is written.
+    Deferred(Rc<Inner>),
 }
 
 struct Inner {
     handle: TaskHandle,
-    /// HTTP: hold jobs until the response is written. WebSocket: send at once.
-    deferred: bool,
     policy: Cell<QueueFullPolicy>,
     /// Jobs with a reserved place in the queue, waiting for the response.
     pending: RefCell<Vec<Job>>,
@@ -45,35 +52,36 @@ struct Inner {
 
 impl fmt::Debug for BackgroundTasks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BackgroundTasks")
-            .field("deferred", &self.inner.deferred)
-            .field("policy", &self.inner.policy.get())
-            .field("pending", &self.inner.pending.borrow().len())
-            .field("refused", &self.inner.refused.get())
-            .finish()
+        let mut f = f.debug_struct("BackgroundTasks");
+        match &self.repr {
+            Repr::Immediate(_) => f.field("deferred", &false),
+            Repr::Deferred(inner) => f
+                .field("deferred", &true)
+                .field("policy", &inner.policy.get())
+                .field("pending", &inner.pending.borrow().len())
+                .field("refused", &inner.refused.get()),
+        }
+        .finish()
     }
 }
 
 impl BackgroundTasks {
     /// Jobs held until [`BackgroundTasks::commit`], for an HTTP request.
     pub fn deferred(handle: TaskHandle) -> Self {
-        Self::new(handle, true)
+        Self {
+            repr: Repr::Deferred(Rc::new(Inner {
+                handle,
+                policy: Cell::new(QueueFullPolicy::default()),
+                pending: RefCell::new(Vec::new()),
+                refused: Cell::new(0),
+            })),
+        }
     }
 
     /// Jobs queued as they are added, for a WebSocket connection.
     pub fn immediate(handle: TaskHandle) -> Self {
-        Self::new(handle, false)
-    }
-
-    fn new(handle: TaskHandle, deferred: bool) -> Self {
         Self {
-            inner: Rc::new(Inner {
-                handle,
-                deferred,
-                policy: Cell::new(QueueFullPolicy::default()),
-                pending: RefCell::new(Vec::new()),
-                refused: Cell::new(0),
-            }),
+            repr: Repr::Immediate(handle),
         }
     }
 
@@ -100,53 +108,74 @@ impl BackgroundTasks {
     /// A `Send` handle on the executor, for other threads and for jobs that schedule
     /// more jobs (those start at once).
     pub fn handle(&self) -> TaskHandle {
-        self.inner.handle.clone()
+        match &self.repr {
+            Repr::Immediate(handle) => handle.clone(),
+            Repr::Deferred(inner) => inner.handle.clone(),
+        }
     }
 
-    /// Sets the queue-full policy (the app does, before the handler runs).
+    /// Sets the queue-full policy (the app does, before the handler runs). Only an
+    /// HTTP request's jobs have a response to answer 503 with; a WebSocket's are
+    /// refused one by one whatever the policy.
     pub fn set_policy(&self, policy: QueueFullPolicy) {
-        self.inner.policy.set(policy);
+        if let Repr::Deferred(inner) = &self.repr {
+            inner.policy.set(policy);
+        }
     }
 
     /// Whether a job was refused and the policy is to answer 503.
     pub fn must_reject(&self) -> bool {
-        self.inner.refused.get() > 0 && self.inner.policy.get() == QueueFullPolicy::Reject503
+        match &self.repr {
+            Repr::Immediate(_) => false,
+            Repr::Deferred(inner) => {
+                inner.refused.get() > 0 && inner.policy.get() == QueueFullPolicy::Reject503
+            }
+        }
     }
 
     /// Jobs waiting for the response to be written.
     pub fn pending(&self) -> usize {
-        self.inner.pending.borrow().len()
+        match &self.repr {
+            Repr::Immediate(_) => 0,
+            Repr::Deferred(inner) => inner.pending.borrow().len(),
+        }
     }
 
     /// Hands the held jobs to the executor. The runtime calls it once the response has
     /// been written.
     pub fn commit(&self) {
-        let jobs = std::mem::take(&mut *self.inner.pending.borrow_mut());
+        let Repr::Deferred(inner) = &self.repr else {
+            return;
+        };
+        let jobs = std::mem::take(&mut *inner.pending.borrow_mut());
         for job in jobs {
-            self.inner.handle.send_reserved(job);
+            inner.handle.send_reserved(job);
         }
     }
 
     /// Drops the held jobs (the request was answered 503, or its handler panicked),
     /// counting each as rejected and saying so in one log line.
     pub fn discard(&self, why: &str) {
-        let jobs = std::mem::take(&mut *self.inner.pending.borrow_mut());
+        let Repr::Deferred(inner) = &self.repr else {
+            return;
+        };
+        let jobs = std::mem::take(&mut *inner.pending.borrow_mut());
         if jobs.is_empty() {
             return;
         }
         let names: Vec<&str> = jobs.iter().map(|job| job.name.as_ref()).collect();
         tracing::warn!(jobs = ?names, reason = why, "background jobs dropped");
         for _ in &jobs {
-            self.inner.handle.release();
-            self.inner.handle.metrics().rejected();
+            inner.handle.release();
+            inner.handle.metrics().rejected();
         }
     }
 
     fn push(&self, job: Job) -> Result<(), SpawnError> {
-        let inner = &self.inner;
-        if !inner.deferred {
-            return inner.handle.queue(job);
-        }
+        let inner = match &self.repr {
+            Repr::Immediate(handle) => return handle.queue(job),
+            Repr::Deferred(inner) => inner,
+        };
         match inner.handle.reserve() {
             Ok(()) => {
                 inner.pending.borrow_mut().push(job);
