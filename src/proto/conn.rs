@@ -164,9 +164,14 @@ pub struct Connection {
     error: Option<Box<ProtocolError>>,
     /// Bytes handed in and not yet parsed.
     input: BytesMut,
-    /// Bytes at the front of `input` that the last [`EventRef`] borrowed: consumed at
-    /// the next call (see [`Connection::settle`]).
+    /// Bytes at the front of `input` already decoded: those the last [`EventRef`]
+    /// borrowed, and before them those of earlier events that took the whole-frame fast
+    /// path ([`Connection::decode_whole_frame`]), which reads on from here without
+    /// dropping them. Dropped at the next [`Connection::settle`].
     lent: usize,
+    /// The longest payload the whole-frame fast path takes: the smaller of the frame
+    /// and message limits, so that a frame within it passes both (RFC 6455 §10.4).
+    whole_frame_limit: usize,
     /// The reassembled message the last [`EventRef`] borrowed, dropped at the next call.
     lent_message: Option<Box<InMessage>>,
     /// The data frame whose payload is being moved into `message`.
@@ -238,6 +243,7 @@ impl Connection {
             error: None,
             input: BytesMut::new(),
             lent: 0,
+            whole_frame_limit: limits.max_frame_size.min(limits.max_message_size),
             lent_message: None,
             frame: None,
             message: None,
@@ -321,6 +327,18 @@ impl Connection {
     /// Payloads are owned `Bytes`; a payload that arrived in one piece shares the input
     /// buffer's memory. [`Connection::poll_event_ref`] is the cheaper, borrowed twin.
     pub fn poll_event(&mut self) -> Result<Option<Event>, ProtocolError> {
+        self.lent_message = None;
+        if let Some(frame) = self.decode_whole_frame() {
+            let (kind, start, end) = frame?;
+            self.input.advance(start);
+            self.lent = 0;
+            let payload = self.input.split_to(end - start).freeze();
+            return Ok(Some(match kind {
+                // SAFETY: `decode_whole_frame` validated text payloads as UTF-8.
+                Kind::Text => Event::Text(unsafe { Utf8Bytes::from_bytes_unchecked(payload) }),
+                _ => Event::Binary(payload),
+            }));
+        }
         self.settle();
         let event = match self.decode()? {
             None => return Ok(None),
@@ -375,6 +393,17 @@ impl Connection {
     /// # Ok::<(), ringsocket::proto::ProtocolError>(())
     /// ```
     pub fn poll_event_ref(&mut self) -> Result<Option<EventRef<'_>>, ProtocolError> {
+        self.lent_message = None;
+        if let Some(frame) = self.decode_whole_frame() {
+            let (kind, start, end) = frame?;
+            self.lent = end;
+            let payload = &self.input[start..end];
+            return Ok(Some(match kind {
+                // SAFETY: `decode_whole_frame` validated text payloads as UTF-8.
+                Kind::Text => EventRef::Text(unsafe { std::str::from_utf8_unchecked(payload) }),
+                _ => EventRef::Binary(payload),
+            }));
+        }
         self.settle();
         let event = match self.decode()? {
             None => return Ok(None),
@@ -416,6 +445,63 @@ impl Connection {
             self.lent = 0;
         }
         self.lent_message = None;
+    }
+
+    /// The fast path of both `poll_event` and `poll_event_ref`, for the commonest input:
+    /// a whole single-frame Text or Binary message (FIN set, RSV bits clear), masked as
+    /// the role requires, with a 7- or 16-bit length within both limits, while no
+    /// fragmented message is in progress, already in `input[lent..]`. Such a frame
+    /// passes every rule of [`Connection::check_header`]; it is unmasked and, for text,
+    /// validated in place, and its payload's range in `input` is returned. The input
+    /// before it is not dropped, so a run of small frames costs no buffer bookkeeping.
+    ///
+    /// `None`, with nothing consumed or changed, for any other next frame (a partial
+    /// one, a control frame, a fragment, a 64-bit length, a rule broken...): the
+    /// general decoder then settles and decodes it, applying every rule.
+    #[inline(always)]
+    fn decode_whole_frame(&mut self) -> Option<Result<(Kind, usize, usize), ProtocolError>> {
+        if self.message.is_some() || self.frame.is_some() || self.state == CloseState::Closed {
+            return None;
+        }
+        let buf = self.input.get(self.lent..)?;
+        let (&[b0, b1], rest) = buf.split_first_chunk::<2>()?;
+        let kind = match b0 {
+            0x81 => Kind::Text,
+            0x82 => Kind::Binary,
+            _ => return None,
+        };
+        // RFC 6455 §5.1: clients mask, servers do not.
+        let masked = self.role == Role::Server;
+        if (b1 & 0x80 != 0) != masked {
+            return None;
+        }
+        let (len, rest) = match b1 & 0x7F {
+            126 => {
+                let (&len, rest) = rest.split_first_chunk::<2>()?;
+                (usize::from(u16::from_be_bytes(len)), rest)
+            }
+            127 => return None,
+            short => (usize::from(short), rest),
+        };
+        if len > self.whole_frame_limit {
+            return None;
+        }
+        let key = if masked {
+            Some(*rest.first_chunk::<4>()?)
+        } else {
+            None
+        };
+        let start = self.input.len() - rest.len() + if masked { 4 } else { 0 };
+        let end = start + len;
+        let payload = self.input.get_mut(start..end)?;
+        if let Some(key) = key {
+            apply_mask(payload, key, 0);
+        }
+        if matches!(kind, Kind::Text) && simdutf8::basic::from_utf8(payload).is_err() {
+            self.fail(ProtocolError::InvalidUtf8);
+            return Some(Err(ProtocolError::InvalidUtf8));
+        }
+        Some(Ok((kind, start, end)))
     }
 
     /// The decoder behind both `poll_event` and `poll_event_ref`: parses the next event
@@ -637,6 +723,7 @@ impl Connection {
 
     /// Fails the connection (RFC 6455 §7.1.7): send a Close with the error's code unless
     /// one was sent already, and read nothing more.
+    #[cold]
     fn fail(&mut self, error: ProtocolError) {
         if self.state == CloseState::Open {
             self.queue_close(error.close_code(), error.reason());

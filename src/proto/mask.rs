@@ -11,9 +11,9 @@
 #[inline]
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
     let key = rotate_key(key, offset);
-    let word = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
+    // The key twice, as the 8 bytes of a word: the same in either byte order.
+    let half = u64::from(u32::from_ne_bytes(key));
+    let word = half | (half << 32);
     let mut blocks = buf.chunks_exact_mut(32);
     for block in &mut blocks {
         for lane in block.chunks_exact_mut(8) {
@@ -29,7 +29,16 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
         bytes.copy_from_slice(lane);
         lane.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ word).to_ne_bytes());
     }
-    apply_mask_scalar(lanes.into_remainder(), key, 0);
+    // Then one 4-byte step, still in phase, and at most 3 bytes.
+    let rest = lanes.into_remainder();
+    let tail = match rest.split_first_chunk_mut::<4>() {
+        Some((quad, tail)) => {
+            *quad = (u32::from_ne_bytes(*quad) ^ half as u32).to_ne_bytes();
+            tail
+        }
+        None => rest,
+    };
+    apply_mask_scalar(tail, key, 0);
 }
 
 /// Byte-at-a-time masking: the definition of RFC 6455 §5.3.

@@ -420,6 +420,45 @@ fn oversized_message_fails_with_1009() {
     assert_eq!(&frames[0].2[..2], &1009u16.to_be_bytes());
 }
 
+/// RFC 6455 §10.4: limits under 126 bytes apply to a whole small frame too, which
+/// takes the decoder's fast path when it is within them, through both APIs: the frame
+/// limit, and a message limit set below the frame limit.
+#[test]
+fn small_frames_over_small_limits_fail_with_1009() {
+    let message_limit = Limits {
+        max_message_size: 10,
+        ..Limits::default()
+    };
+    let cases = [
+        (
+            Limits::default().with_max_frame_size(10),
+            ProtocolError::FrameTooLarge { len: 11, limit: 10 },
+        ),
+        (
+            message_limit,
+            ProtocolError::MessageTooLarge { len: 11, limit: 10 },
+        ),
+    ];
+    for (limits, error) in cases {
+        for borrowed in [false, true] {
+            let mut conn = Connection::server(limits);
+            conn.handle_bytes(&[client(0x2, &[1; 10]), client(0x1, b"0123456789a")].concat());
+            let got = if borrowed {
+                events_ref(&mut conn)
+            } else {
+                events(&mut conn)
+            };
+            assert_eq!(
+                got,
+                vec![Ok(Event::Binary(Bytes::from_static(&[1; 10]))), Err(error)],
+                "borrowed {borrowed}"
+            );
+            let frames = server_frames(&output(&mut conn));
+            assert_eq!(&frames[0].2[..2], &1009u16.to_be_bytes());
+        }
+    }
+}
+
 /// The default message limit of the server is 1 MiB.
 #[test]
 fn default_message_limit_is_one_mebibyte() {
