@@ -169,9 +169,6 @@ pub struct Connection {
     /// path ([`Connection::decode_whole_frame`]), which reads on from here without
     /// dropping them. Dropped at the next [`Connection::settle`].
     lent: usize,
-    /// The longest payload the whole-frame fast path takes: the smaller of the frame
-    /// and message limits, so that a frame within it passes both (RFC 6455 §10.4).
-    whole_frame_limit: usize,
     /// The reassembled message the last [`EventRef`] borrowed, dropped at the next call.
     lent_message: Option<Box<InMessage>>,
     /// The data frame whose payload is being moved into `message`.
@@ -243,7 +240,6 @@ impl Connection {
             error: None,
             input: BytesMut::new(),
             lent: 0,
-            whole_frame_limit: limits.max_frame_size.min(limits.max_message_size),
             lent_message: None,
             frame: None,
             message: None,
@@ -483,7 +479,9 @@ impl Connection {
             127 => return None,
             short => (usize::from(short), rest),
         };
-        if len > self.whole_frame_limit {
+        // Within both the frame and the message limit (RFC 6455 §10.4); not a field,
+        // so that an idle connection does not carry it.
+        if len > self.limits.max_frame_size.min(self.limits.max_message_size) {
             return None;
         }
         let key = if masked {
