@@ -15,7 +15,8 @@
 //! behind the first: no subscriber waits for more than one pass over the queue.
 //!
 //! The flusher yields to the core after every [`FLUSH_BATCH`] sessions, so reads
-//! (the publisher's next messages), timers and other connections keep running.
+//! (the publisher's next messages), timers and other connections keep running, and
+//! submits the io_uring operations queued meanwhile (see `ring`).
 //!
 //! What it leaves to the connection's driver (woken for it): a socket that did not
 //! take everything (the rest goes out through an io_uring write that waits for room,
@@ -88,6 +89,9 @@ pub(crate) async fn run(metrics: Arc<WorkerMetrics>) {
         for session in batch.drain(..) {
             flush(&session, &metrics);
         }
+        // The core does not park while the flusher has work, so what other tasks
+        // queued (e.g. the publisher's next read) is handed to the kernel here.
+        super::ring::submit_pending();
         tokio::task::yield_now().await;
     }
 }

@@ -52,6 +52,10 @@ pub(crate) fn run(spec: WorkerSpec) {
         max_head_bytes: config.max_head_bytes,
         ..HandshakeLimits::default()
     };
+    // This worker's ring is the io_uring descriptor the process gains while it holds
+    // the lock (see `ring`).
+    let creating = super::ring::creation_lock();
+    let rings_before = super::ring::io_uring_fds();
     let mut ring = tokio_uring::uring_builder();
     if coop_taskrun_supported() {
         // Completions run as task work when the thread next enters the kernel, instead
@@ -61,6 +65,8 @@ pub(crate) fn run(spec: WorkerSpec) {
     let mut runtime = tokio_uring::builder();
     runtime.uring_builder(&ring);
     runtime.start(async move {
+        super::ring::adopt(&rings_before, &super::ring::io_uring_fds());
+        drop(creating);
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
             service: spec.service,
