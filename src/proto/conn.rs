@@ -835,6 +835,11 @@ impl Connection {
         filled
     }
 
+    /// How many slices [`Connection::transmit_slices`] would fill with room for all.
+    pub fn transmit_chunks(&self) -> usize {
+        self.output.len() + usize::from(!self.out_tail.is_empty())
+    }
+
     /// Drops the first `written` bytes of the queued output, after a write of the
     /// slices [`Connection::transmit_slices`] gave. A chunk written in part keeps its
     /// rest at the front.
