@@ -55,7 +55,10 @@ pub(crate) fn adopt(before: &HashSet<RawFd>, after: &HashSet<RawFd>) {
     let ring = match (new.next(), new.next()) {
         (Some(&fd), None) => Some(fd),
         _ => {
-            tracing::debug!("could not tell this worker's io_uring descriptor apart");
+            tracing::warn!(
+                "could not tell this worker's io_uring descriptor apart: reads queued while \
+                 a broadcast is being written wait for the core to go idle"
+            );
             None
         }
     };
