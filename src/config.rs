@@ -36,6 +36,12 @@ pub struct Config {
     /// Time a client has to send a complete request head, and that an HTTP keep-alive
     /// connection may stay idle between requests, in seconds. Default 10.
     pub handshake_timeout_secs: f64,
+    /// How long the kernel may hold a new connection whose client has sent nothing yet
+    /// before handing it to a worker (`TCP_DEFER_ACCEPT`), in whole seconds. Deferred
+    /// accepts arrive with their request head, which saves the core a turn per
+    /// handshake; a silent client is handed over after this and then gets the
+    /// handshake timeout. Default 1; 0: accept at once.
+    pub defer_accept_secs: u32,
     /// A connection silent this long is pinged, in seconds. Default 25 (load balancers
     /// commonly drop idle TCP after 60 s).
     pub ping_interval_secs: f64,
@@ -93,6 +99,7 @@ impl Default for Config {
             workers: 0,
             max_connections: 100_000,
             handshake_timeout_secs: 10.0,
+            defer_accept_secs: 1,
             ping_interval_secs: 25.0,
             pong_timeout_secs: 20.0,
             idle_timeout_secs: 0.0,
@@ -167,6 +174,7 @@ impl Config {
             "workers" => self.workers = num(value)?,
             "max_connections" => self.max_connections = num(value)?,
             "handshake_timeout_secs" => self.handshake_timeout_secs = num(value)?,
+            "defer_accept_secs" => self.defer_accept_secs = num(value)?,
             "ping_interval_secs" => self.ping_interval_secs = num(value)?,
             "pong_timeout_secs" => self.pong_timeout_secs = num(value)?,
             "idle_timeout_secs" => self.idle_timeout_secs = num(value)?,
@@ -229,6 +237,12 @@ impl Config {
             return Err(ConfigError(format!(
                 "conflate_window_ms must be 1 to 60000, got {}",
                 self.conflate_window_ms
+            )));
+        }
+        if self.defer_accept_secs > 3600 {
+            return Err(ConfigError(format!(
+                "defer_accept_secs must be 0 to 3600, got {}",
+                self.defer_accept_secs
             )));
         }
         if self.max_connections == 0 {

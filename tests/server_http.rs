@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringsocket::app::App;
+use ringsocket::config::Config;
 
 use ringsocket::runtime::{Response, RunningServer};
 
@@ -299,10 +300,14 @@ fn metrics_route_exposes_the_counters() {
 // ---- deadlines and limits ---------------------------------------------------------------
 
 /// A client that sends half a request head (or nothing) is cut off with 408 once
-/// `handshake_timeout_secs` has passed, not before and not much after.
+/// `handshake_timeout_secs` has passed, not before and not much after (accepts not
+/// deferred, so the silent one is accepted at once).
 #[test]
 fn incomplete_request_head_is_cut_off_at_the_handshake_timeout() {
-    let server = start(App::echo(), |c| c.handshake_timeout_secs = 0.5);
+    let server = start(App::echo(), |c| {
+        c.handshake_timeout_secs = 0.5;
+        c.defer_accept_secs = 0;
+    });
     let mut half = HttpClient::connect(server.local_addr());
     let mut silent = HttpClient::connect(server.local_addr());
     let started = Instant::now();
@@ -320,6 +325,55 @@ fn incomplete_request_head_is_cut_off_at_the_handshake_timeout() {
             "{text:?}"
         );
     }
+    wait_until("both connections counted closed", || {
+        server.metrics().open_connections() == 0
+    });
+    assert_eq!(
+        metric(
+            &server,
+            "ringsocket_connections_closed_total{reason=\"handshake_timeout\"}"
+        ),
+        2
+    );
+}
+
+/// With deferred accepts (the default, 1 s), a silent client is held by the kernel,
+/// not the server: it is not an open connection until the deferral ends, and is then
+/// cut off by the handshake timeout like any other. One that sends half a head is
+/// accepted at once and cut off on time.
+#[test]
+fn silent_client_is_handed_over_after_the_accept_deferral_then_timed_out() {
+    let server = start(App::echo(), |c| c.handshake_timeout_secs = 0.5);
+    assert_eq!(Config::default().defer_accept_secs, 1);
+    let mut silent = HttpClient::connect(server.local_addr());
+    let mut half = HttpClient::connect(server.local_addr());
+    let started = Instant::now();
+    half.send("GET /echo HTTP/1.1\r\nHost: x\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        server.metrics().open_connections(),
+        1,
+        "only the client that sent bytes is accepted"
+    );
+    let answer = half.read_to_end();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(450) && elapsed < Duration::from_millis(1500),
+        "half a head cut off after {elapsed:?}"
+    );
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 408 "));
+    let answer = silent.read_to_end();
+    let elapsed = started.elapsed();
+    // About 1 s (one SYN-ACK retransmission) of deferral, then the 0.5 s timeout.
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        "silent client cut off after {elapsed:?}"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408 "),
+        "{text:?}"
+    );
     wait_until("both connections counted closed", || {
         server.metrics().open_connections() == 0
     });

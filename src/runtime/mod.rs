@@ -105,8 +105,8 @@ impl Server {
         config.validate().map_err(|e| ServeError::Config(e.0))?;
         probe_io_uring()?;
         let n = config.worker_count();
-        let (listeners, addr) =
-            listener::bind_all(config.bind, n).map_err(|e| ServeError::Bind(config.bind, e))?;
+        let (listeners, addr) = listener::bind_all(config.bind, n, config.defer_accept_secs)
+            .map_err(|e| ServeError::Bind(config.bind, e))?;
         service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
         let metrics = Metrics::new(n);
