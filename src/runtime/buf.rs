@@ -121,6 +121,17 @@ impl ReadBufs {
         }
     }
 
+    /// Takes back a buffer that no read used (a read that found nothing): the next read
+    /// gets it as it was.
+    pub fn unused(&mut self, mut buf: BytesMut) {
+        buf.clear();
+        if buf.capacity() >= LARGE_READ {
+            self.pool.put(buf);
+        } else {
+            self.held = Some(buf);
+        }
+    }
+
     /// Takes back a buffer after its bytes were consumed. When the read filled it, the
     /// next read is large if the socket `fd` has more bytes waiting.
     pub fn recycle(&mut self, buf: BytesMut, fd: RawFd) {
@@ -277,5 +288,17 @@ mod tests {
             panic!("asked although the read did not fill its buffer")
         });
         assert_eq!(read(&mut bufs, 10, 0), SMALL_READ);
+    }
+
+    /// A read that found nothing (a non-blocking read of the request head before it
+    /// arrived) gives its buffer back as it was: the io_uring read that waits next
+    /// still holds the 1 KiB head buffer, not a small one.
+    #[test]
+    fn an_unused_buffer_is_the_next_one() {
+        let mut bufs = ReadBufs::with_first(BufPool::default(), HEAD_READ);
+        let buf = bufs.next();
+        assert_eq!(buf.capacity(), HEAD_READ);
+        bufs.unused(buf);
+        assert_eq!(read(&mut bufs, 400, 0), HEAD_READ);
     }
 }

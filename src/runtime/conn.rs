@@ -11,14 +11,15 @@ use std::cell::{Cell, RefCell};
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use socket2::SockRef;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tokio_uring::net::TcpStream;
@@ -137,6 +138,7 @@ pub(crate) async fn drive(
                 session.state().borrow_mut().conn.handle_bytes(&rest);
             }
             drop(rest);
+            let head = write_ready(&stream, head, &ctx.metrics);
             // A handler that accepted and returned without ever waiting ends the
             // session normally, as it would in the driver: Close 1000 after its sends.
             if handler.is_none() {
@@ -152,6 +154,56 @@ pub(crate) async fn drive(
             guard.reason = reason;
         }
     }
+}
+
+/// The descriptor of `stream`, for system calls made beside tokio-uring's operations.
+fn socket_of(stream: &TcpStream) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor is owned by `stream`, which the returned borrow cannot
+    // outlive; tokio-uring closes it only when the stream is dropped.
+    unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }
+}
+
+/// A read that does not wait (`MSG_DONTWAIT`): what the socket holds now, or `None`
+/// when it holds nothing yet (the caller's io_uring read waits for it).
+fn read_ready(stream: &TcpStream, bufs: &mut ReadBufs) -> Option<ReadOutcome> {
+    let mut buf = bufs.next();
+    let socket = socket_of(stream);
+    let outcome = match SockRef::from(&socket)
+        .recv_with_flags(buf.spare_capacity_mut(), libc::MSG_DONTWAIT)
+    {
+        Ok(0) => Some(ReadOutcome::Eof),
+        Ok(n) => {
+            // SAFETY: recv(2) initialized the first `n` bytes of the spare capacity it
+            // was given, and `n` is at most that capacity.
+            unsafe { buf.set_len(n) };
+            return Some(ReadOutcome::Data(buf));
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
+        Err(e) => Some(ReadOutcome::Error(e)),
+    };
+    bufs.unused(buf);
+    outcome
+}
+
+/// Writes what the socket takes of `bytes` now (`MSG_DONTWAIT`) and returns the rest,
+/// for the driver's io_uring write. An error also leaves the rest there: the driver's
+/// write then fails and ends the connection on its one path.
+fn write_ready(stream: &TcpStream, mut bytes: Bytes, metrics: &WorkerMetrics) -> Bytes {
+    let socket = socket_of(stream);
+    if let Ok(n) =
+        SockRef::from(&socket).send_with_flags(&bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    {
+        metrics.bytes_out(n);
+        bytes.advance(n);
+    }
+    bytes
 }
 
 pub(crate) type ReadFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, BytesMut)>>>;
@@ -266,7 +318,19 @@ async fn serve(
                 Ok(None) => {}
             }
             let idle = reader.buffered() == 0;
-            match read_once(stream, &mut bufs, deadline, ctx, idle).await {
+            // Accepts are deferred until the client's first bytes are in (see
+            // `listener`), so the first read finds them: take them now, without an
+            // io_uring read and the turn of the core it costs.
+            let ready = if first && idle {
+                read_ready(stream, &mut bufs)
+            } else {
+                None
+            };
+            let outcome = match ready {
+                Some(outcome) => outcome,
+                None => read_once(stream, &mut bufs, deadline, ctx, idle).await,
+            };
+            match outcome {
                 ReadOutcome::Data(buf) => {
                     parsed = reader.handle_bytes(&buf);
                     bufs.recycle(buf, stream.as_raw_fd());

@@ -90,7 +90,8 @@ struct Closing {
 }
 
 impl Driver {
-    /// The driver of an accepted session, with the 101 response `head` to write first.
+    /// The driver of an accepted session, with what is left of the 101 response `head`
+    /// to write first.
     pub(crate) fn new(
         guard: ConnGuard,
         session: Session,
@@ -115,7 +116,12 @@ impl Driver {
             write: None,
             polls_without_io: 0,
             yield_pause: None,
-            iov: vec![head],
+            // What of the 101 the socket did not take at once (usually nothing).
+            iov: if head.is_empty() {
+                Vec::new()
+            } else {
+                vec![head]
+            },
             in_flight: 0,
             shutdown_seen: false,
             last_rx: now,
