@@ -775,6 +775,14 @@ impl Connection {
         Ok(())
     }
 
+    /// Queues `bytes` ahead of everything queued so far: transport bytes that precede
+    /// the WebSocket stream, such as the handshake's 101 response, written by the same
+    /// writes as the frames behind them.
+    pub fn send_raw_first(&mut self, bytes: Bytes) {
+        self.output_len += bytes.len();
+        self.output.push_front(bytes);
+    }
+
     /// Queues a Ping with `payload` (at most 125 bytes).
     pub fn ping(&mut self, payload: &[u8]) -> Result<(), SendError> {
         self.send_control(OpCode::Ping, payload)

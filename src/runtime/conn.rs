@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
@@ -133,19 +133,23 @@ pub(crate) async fn drive(
     let mut handler = Some(handler(session.clone()));
     match decide(&stream, &session, &mut handler, &accept, &ctx).await {
         Ok(head) => {
-            // Frames the client sent right behind its request.
-            if !rest.is_empty() {
-                session.state().borrow_mut().conn.handle_bytes(&rest);
+            {
+                let mut state = session.state().borrow_mut();
+                // The 101 goes out first, with whatever the handler queued behind it.
+                state.conn.send_raw_first(head);
+                // Frames the client sent right behind its request.
+                if !rest.is_empty() {
+                    state.conn.handle_bytes(&rest);
+                }
             }
             drop(rest);
-            let head = write_ready(&stream, head, &ctx.metrics);
             // A handler that accepted and returned without ever waiting ends the
             // session normally, as it would in the driver: Close 1000 after its sends.
             if handler.is_none() {
                 session.close(CloseCode::Normal, "");
             }
             // The session gets its own task, sized to its state alone.
-            tokio_uring::spawn(Driver::new(guard, session, handler, bufs, head));
+            tokio_uring::spawn(Driver::new(guard, session, handler, bufs));
         }
         Err(reason) => {
             // Refused after the handler may have registered hooks (e.g. it accepted,
@@ -190,20 +194,6 @@ fn read_ready(stream: &TcpStream, bufs: &mut ReadBufs) -> Option<ReadOutcome> {
     };
     bufs.unused(buf);
     outcome
-}
-
-/// Writes what the socket takes of `bytes` now (`MSG_DONTWAIT`) and returns the rest,
-/// for the driver's io_uring write. An error also leaves the rest there: the driver's
-/// write then fails and ends the connection on its one path.
-fn write_ready(stream: &TcpStream, mut bytes: Bytes, metrics: &WorkerMetrics) -> Bytes {
-    let socket = socket_of(stream);
-    if let Ok(n) =
-        SockRef::from(&socket).send_with_flags(&bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-    {
-        metrics.bytes_out(n);
-        bytes.advance(n);
-    }
-    bytes
 }
 
 pub(crate) type ReadFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, BytesMut)>>>;

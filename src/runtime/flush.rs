@@ -90,7 +90,7 @@ pub(crate) async fn run(metrics: Arc<WorkerMetrics>) {
         })
         .await;
         for session in batch.drain(..) {
-            flush(&session, &metrics);
+            write_queued(&session, &metrics);
         }
         // The core does not park while the flusher has work, so what other tasks
         // queued (e.g. the publisher's next read) is handed to the kernel here.
@@ -116,8 +116,10 @@ fn send_queued<const N: usize>(
     (written, want)
 }
 
-/// Writes what `session` has queued, or hands it to its driver.
-fn flush(session: &SessionInner, metrics: &WorkerMetrics) {
+/// Writes what `session` has queued with non-blocking `sendmsg`s, or hands it to its
+/// driver. Also the driver's first write (the 101 and what the handler queued behind
+/// it), made when the driver starts.
+pub(crate) fn write_queued(session: &SessionInner, metrics: &WorkerMetrics) {
     let mut guard = session.state.borrow_mut();
     let state = &mut *guard;
     state.queued_for_flush = false;

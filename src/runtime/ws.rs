@@ -90,14 +90,14 @@ struct Closing {
 }
 
 impl Driver {
-    /// The driver of an accepted session, with what is left of the 101 response `head`
-    /// to write first.
+    /// The driver of an accepted session, whose queue starts with the 101 response.
+    /// What the socket takes of that queue at once is written here, without an io_uring
+    /// write (see `flush::write_queued`); the driver writes the rest.
     pub(crate) fn new(
         guard: ConnGuard,
         session: Session,
         handler: Option<LocalFuture<()>>,
         bufs: ReadBufs,
-        head: Bytes,
     ) -> Self {
         let slot = guard.ctx.sessions.borrow_mut().insert(&session.inner);
         let now = Instant::now();
@@ -106,6 +106,7 @@ impl Driver {
             state.deadline = Some(now + guard.ctx.config.ping_interval());
             state.fd = Some(guard.stream.as_raw_fd());
         }
+        super::flush::write_queued(&session.inner, &guard.ctx.metrics);
         Self {
             guard,
             session,
@@ -116,12 +117,7 @@ impl Driver {
             write: None,
             polls_without_io: 0,
             yield_pause: None,
-            // What of the 101 the socket did not take at once (usually nothing).
-            iov: if head.is_empty() {
-                Vec::new()
-            } else {
-                vec![head]
-            },
+            iov: Vec::new(),
             in_flight: 0,
             shutdown_seen: false,
             last_rx: now,

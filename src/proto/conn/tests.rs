@@ -676,6 +676,24 @@ fn output_keeps_order_and_coalesces_small_frames() {
     assert_eq!(frames[3].2, b"c");
 }
 
+/// Raw bytes queued first (the 101) go out ahead of frames queued before them, small
+/// ones still in the coalescing tail included, and count as pending output.
+#[test]
+fn raw_bytes_queued_first_precede_earlier_frames() {
+    let mut conn = server();
+    conn.send_text("early").unwrap();
+    conn.send_raw_first(Bytes::from_static(
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    ));
+    let head_len = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".len();
+    assert_eq!(conn.pending_output(), head_len + 2 + 5);
+    let out = output(&mut conn);
+    assert!(out.starts_with(b"HTTP/1.1 101 "));
+    let frames = server_frames(&out[head_len..]);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].2, b"early");
+}
+
 /// A caller that writes the queued output itself sees the same bytes as
 /// `drain_transmit` gives, and after any partial write the rest is what is left, in
 /// order, including a chunk cut in the middle and the small-frame tail.
