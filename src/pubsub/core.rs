@@ -88,6 +88,17 @@ struct Conflation {
     lagging: HashMap<usize, Held>,
 }
 
+impl Conflation {
+    /// Schedules the flush of this window at `at`, under a new timer id (a timer that
+    /// finds another id when it fires does nothing).
+    fn arm(&mut self, next_timer: &mut u64, topic: Arc<str>, at: Instant) {
+        let id = *next_timer;
+        *next_timer += 1;
+        self.timer = Some(id);
+        schedule_flush(topic, id, at);
+    }
+}
+
 /// The values a conflated topic holds for one lagging subscriber, in the order their
 /// keys were first held (a newer value of a key keeps its place).
 #[derive(Default)]
@@ -405,13 +416,13 @@ impl Core {
             || conflation.pending_bytes > self.tally.soft_limit
         {
             let (keys, bytes) = (conflation.pending.len(), conflation.pending_bytes);
-            let early = self
+            let before = self
                 .hub
                 .metrics
                 .conflation_early_flushes
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            if early.is_power_of_two() {
+                .fetch_add(1, Ordering::Relaxed);
+            let early = before + 1;
+            if crossed_power_of_two(before, early) {
                 tracing::warn!(
                     topic = %delivery.topic,
                     keys,
@@ -428,10 +439,7 @@ impl Core {
             let at = conflation
                 .last_flush
                 .map_or(now, |at| at + conflation.window);
-            let id = self.next_timer;
-            self.next_timer += 1;
-            conflation.timer = Some(id);
-            schedule_flush(delivery.topic.clone(), id, at);
+            conflation.arm(&mut self.next_timer, delivery.topic.clone(), at);
         }
     }
 
@@ -500,10 +508,8 @@ impl Core {
         }
         if !conflation.lagging.is_empty() {
             // Keep the window ticking until every held value is out.
-            let id = self.next_timer;
-            self.next_timer += 1;
-            conflation.timer = Some(id);
-            schedule_flush(name.into(), id, Instant::now() + conflation.window);
+            let at = Instant::now() + conflation.window;
+            conflation.arm(&mut self.next_timer, name.into(), at);
         }
         self.leave_closing(name, closing);
         self.flush_counters();
