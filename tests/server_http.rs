@@ -325,16 +325,7 @@ fn incomplete_request_head_is_cut_off_at_the_handshake_timeout() {
             "{text:?}"
         );
     }
-    wait_until("both connections counted closed", || {
-        server.metrics().open_connections() == 0
-    });
-    assert_eq!(
-        metric(
-            &server,
-            "ringsocket_connections_closed_total{reason=\"handshake_timeout\"}"
-        ),
-        2
-    );
+    both_closed_by_the_handshake_timeout(&server);
 }
 
 /// With deferred accepts (the default, 1 s), a silent client is held by the kernel,
@@ -374,12 +365,18 @@ fn silent_client_is_handed_over_after_the_accept_deferral_then_timed_out() {
         text.is_empty() || text.starts_with("HTTP/1.1 408 "),
         "{text:?}"
     );
+    both_closed_by_the_handshake_timeout(&server);
+}
+
+/// Waits until no connection is open, then checks that two were closed by the
+/// handshake timeout.
+fn both_closed_by_the_handshake_timeout(server: &RunningServer) {
     wait_until("both connections counted closed", || {
         server.metrics().open_connections() == 0
     });
     assert_eq!(
         metric(
-            &server,
+            server,
             "ringsocket_connections_closed_total{reason=\"handshake_timeout\"}"
         ),
         2
