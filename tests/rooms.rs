@@ -446,3 +446,42 @@ async fn slow_subscriber_leaves_the_room_while_its_close_is_pending() {
     );
     drop(slow);
 }
+
+/// A subscriber that stops reading for a while (its socket fills, so writes to it
+/// end part-way through a frame and the rest waits in its queue) and then reads again
+/// gets every message, whole, once and in order, as does one that kept reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_subscriber_gets_every_message_whole_when_it_reads_again() {
+    let app = App::standard();
+    let hub = app.hub().clone();
+    let publisher = app.publisher();
+    let server = start(app, |c| {
+        c.workers = 1;
+        c.max_outbound_bytes = 64 << 20;
+    });
+    let addr = addr(&server);
+    let mut paused = ws_connect(addr, "/ws/feed").await;
+    let mut reading = ws_connect(addr, "/ws/feed").await;
+    eventually("two subscribers", || hub.subscribers("feed") == 2).await;
+
+    // Sizes that do not divide the socket's buffers: writes end inside frames.
+    let message = |i: usize| {
+        let fill = char::from(b'a' + (i % 26) as u8);
+        format!("{i:06}{}", fill.to_string().repeat(i * 37 % 20_000))
+    };
+    const COUNT: usize = 600;
+    for i in 0..COUNT {
+        publisher.publish_text("feed", message(i)).unwrap();
+        assert_eq!(next_data(&mut reading).await.to_text().unwrap(), message(i));
+    }
+    for i in 0..COUNT {
+        let got = next_data(&mut paused).await;
+        assert_eq!(got.to_text().unwrap(), message(i), "message {i}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), paused.next())
+            .await
+            .is_err(),
+        "a message arrived twice"
+    );
+}

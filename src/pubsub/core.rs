@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 
 use super::{Delivery, Hub, PublishError, encode_message, valid_topic};
 use crate::proto::Message;
-use crate::runtime::Session;
+use crate::runtime::{Feed, Session, unfollow};
 
 /// Topics one session may be subscribed to at once. Default 1,024.
 pub const MAX_TOPICS_PER_SESSION: usize = 1024;
@@ -110,9 +111,16 @@ struct Held {
 struct Topic {
     subscribers: IndexMap<usize, Session>,
     conflation: Option<Conflation>,
+    /// A plain (not conflated) topic's broadcasts, followed by its subscribers that
+    /// are in no other topic: a publish costs them one append, whatever their number
+    /// (see `runtime::feed`). A session follows one feed at most, so that one write
+    /// keeps the order of everything it is sent.
+    feed: Option<Rc<Feed>>,
+    /// The plain topic's other subscribers (in several topics), sent each frame.
+    direct: IndexMap<usize, Session>,
 }
 
-struct Core {
+pub(super) struct Core {
     index: usize,
     hub: Arc<Hub>,
     topics: HashMap<Arc<str>, Topic>,
@@ -175,7 +183,7 @@ async fn run(mut rx: mpsc::Receiver<Arc<Delivery>>) {
     }
 }
 
-fn with_core<R>(f: impl FnOnce(&mut Core) -> R) -> Option<R> {
+pub(super) fn with_core<R>(f: impl FnOnce(&mut Core) -> R) -> Option<R> {
     CORE.try_with(|cell| match cell.try_borrow_mut() {
         Ok(mut core) => core.as_mut().map(f),
         Err(_) => {
@@ -290,20 +298,43 @@ impl Core {
                     pending_bytes: 0,
                     lagging: HashMap::new(),
                 });
+                let feed = conflation.is_none().then(Feed::new);
                 self.topics.insert(
                     name.clone(),
                     Topic {
                         subscribers: IndexMap::new(),
                         conflation,
+                        feed,
+                        direct: IndexMap::new(),
                     },
                 );
                 name
             }
         };
+        if let [only] = &topics[..] {
+            // In two topics now: sent each frame of both, in the order published.
+            if let Some(first) = self.topics.get_mut(only) {
+                if first
+                    .feed
+                    .as_ref()
+                    .is_some_and(|f| f.is_followed_by(session))
+                {
+                    unfollow(session);
+                    first.direct.insert(id, session.clone());
+                }
+            }
+        }
         let Some(entry) = self.topics.get_mut(&name) else {
             return Err(SubscribeError::NotRunning);
         };
         entry.subscribers.insert(id, session.clone());
+        match &entry.feed {
+            Some(feed) if topics.is_empty() => feed.follow(session),
+            Some(_) => {
+                entry.direct.insert(id, session.clone());
+            }
+            None => {}
+        }
         topics.push(name.clone());
         self.hub.directory_add(self.index, &name);
         Ok((true, first))
@@ -317,8 +348,30 @@ impl Core {
             return false;
         };
         topics.swap_remove(at);
+        let remaining = match &topics[..] {
+            [only] => Some(only.clone()),
+            _ => None,
+        };
         self.leave(id, topic);
+        if let Some(only) = remaining {
+            // In one topic again: back to following its feed. Everything published
+            // before is in the session's queue already.
+            if let Some(entry) = self.topics.get_mut(&only) {
+                if let (Some(feed), Some(session)) = (&entry.feed, entry.direct.swap_remove(&id)) {
+                    feed.follow(&session);
+                }
+            }
+        }
         true
+    }
+
+    /// Whether `session` follows the feed of `topic` (tests).
+    #[cfg(test)]
+    pub(super) fn follows_feed(&self, session: &Session, topic: &str) -> bool {
+        self.topics
+            .get(topic)
+            .and_then(|topic| topic.feed.as_ref())
+            .is_some_and(|feed| feed.is_followed_by(session))
     }
 
     /// Leaves every topic of a session that ended.
@@ -330,7 +383,13 @@ impl Core {
 
     fn leave(&mut self, id: usize, topic: &str) {
         if let Some(entry) = self.topics.get_mut(topic) {
-            entry.subscribers.swap_remove(&id);
+            let session = entry.subscribers.swap_remove(&id);
+            entry.direct.swap_remove(&id);
+            if let (Some(feed), Some(session)) = (&entry.feed, session) {
+                if feed.is_followed_by(&session) {
+                    unfollow(&session);
+                }
+            }
             if let Some(conflation) = entry.conflation.as_mut() {
                 conflation.lagging.remove(&id);
             }
@@ -363,7 +422,25 @@ impl Core {
         // Allocates only when a subscriber is closing.
         let mut closing = Vec::new();
         let Some(conflation) = topic.conflation.as_mut() else {
-            for (id, session) in &topic.subscribers {
+            if let Some(feed) = &topic.feed {
+                // Followers the flusher found closing leave now.
+                // (An id is an address: one reused by a new session is not closing.)
+                closing.extend(feed.take_closing().into_iter().filter(|id| {
+                    topic
+                        .subscribers
+                        .get(id)
+                        .is_some_and(|session| !session.can_send())
+                }));
+                let skip = exclude
+                    .and_then(|id| topic.subscribers.get(&id))
+                    .filter(|session| feed.is_followed_by(session));
+                match skip {
+                    Some(session) => feed.push_except(&delivery.frame, session),
+                    None => feed.push(&delivery.frame),
+                }
+                self.tally.delivered += (feed.followers() - usize::from(skip.is_some())) as u64;
+            }
+            for (id, session) in &topic.direct {
                 if Some(*id) == exclude {
                     continue;
                 }

@@ -1,3 +1,4 @@
+use super::core::with_core;
 use super::*;
 
 #[test]
@@ -128,6 +129,8 @@ fn session() -> crate::runtime::Session {
 
 /// The payloads of the text frames queued for `session` (taken out of its queue).
 fn take_texts(session: &crate::runtime::Session) -> Vec<String> {
+    // What its feed owes it first (the flusher would write it).
+    session.catch_up();
     let mut frames = Vec::new();
     session
         .state()
@@ -321,6 +324,90 @@ fn subscriptions_are_bounded() {
         assert_eq!(hub.subscriptions(), MAX_TOPICS_PER_SESSION);
         member.run_teardown();
         assert_eq!(hub.subscriptions(), 0);
+        assert_eq!(hub.topics(), 0);
+    });
+}
+
+fn publish(sender: &crate::runtime::Session, topic: &str, text: &str, include_self: bool) {
+    let message = Message::Text(text.to_owned().into());
+    publish_from_session(sender, topic, &message, None, include_self).unwrap();
+}
+
+/// A session in one plain topic follows the topic's feed (a publish appends once for
+/// all of them); what the handler sends itself still comes after the broadcasts
+/// published before it, and a Close after them too.
+#[test]
+fn a_feed_follower_gets_broadcasts_and_its_own_sends_in_order() {
+    on_a_core(1 << 20, Duration::from_secs(1), async |hub| {
+        let (member, sender) = (session(), session());
+        subscribe(&member, "plain").unwrap();
+        assert!(with_core(|core| core.follows_feed(&member, "plain")).unwrap());
+        publish(&sender, "plain", "p1", false);
+        publish(&sender, "plain", "p2", false);
+        member.send_text("own").unwrap();
+        publish(&sender, "plain", "p3", false);
+        assert_eq!(take_texts(&member), ["p1", "p2", "own", "p3"]);
+        // Nothing is given twice.
+        publish(&sender, "plain", "p4", false);
+        assert_eq!(take_texts(&member), ["p4"]);
+        assert_eq!(hub.metrics.delivered.load(Ordering::Relaxed), 4);
+
+        publish(&sender, "plain", "p5", false);
+        member.close(crate::proto::CloseCode::Normal, "bye");
+        let mut frames = Vec::new();
+        member.state().borrow_mut().conn.drain_transmit(&mut frames);
+        let bytes = frames.concat();
+        // The text frame "p5", then the Close (opcode 8).
+        assert_eq!(&bytes[..4], b"\x81\x02p5");
+        assert_eq!(bytes[4], 0x88);
+        member.run_teardown();
+        assert_eq!(hub.topics(), 0);
+    });
+}
+
+/// A follower that joins a second topic is sent the frames of both in the order they
+/// were published (it leaves the feed, with what it was owed); back in one topic, it
+/// follows the feed again, without a frame lost or given twice.
+#[test]
+fn joining_and_leaving_a_second_topic_keeps_the_order() {
+    on_a_core(1 << 20, Duration::from_secs(1), async |hub| {
+        let (member, sender) = (session(), session());
+        subscribe(&member, "a").unwrap();
+        publish(&sender, "a", "a1", false);
+        subscribe(&member, "b").unwrap();
+        assert!(!with_core(|core| core.follows_feed(&member, "a")).unwrap());
+        publish(&sender, "b", "b1", false);
+        publish(&sender, "a", "a2", false);
+        publish(&sender, "b", "b2", false);
+        assert!(unsubscribe(&member, "b"));
+        assert!(with_core(|core| core.follows_feed(&member, "a")).unwrap());
+        publish(&sender, "a", "a3", false);
+        publish(&sender, "b", "b3", false);
+        assert_eq!(take_texts(&member), ["a1", "b1", "a2", "b2", "a3"]);
+        member.run_teardown();
+        assert_eq!(hub.subscriptions(), 0);
+        assert_eq!(hub.topics(), 0);
+    });
+}
+
+/// A publish without the sender skips only the sender, also when both follow the
+/// topic's feed, and the sender still gets what was published before and after.
+#[test]
+fn a_publish_without_the_sender_skips_only_the_sender_on_a_feed() {
+    on_a_core(1 << 20, Duration::from_secs(1), async |hub| {
+        let (sender, other) = (session(), session());
+        subscribe(&sender, "room").unwrap();
+        subscribe(&other, "room").unwrap();
+        publish(&sender, "room", "m1", true);
+        publish(&sender, "room", "m2", false);
+        publish(&other, "room", "m3", false);
+        publish(&sender, "room", "m4", true);
+        assert_eq!(take_texts(&sender), ["m1", "m3", "m4"]);
+        assert_eq!(take_texts(&other), ["m1", "m2", "m4"]);
+        // Deliveries: 2 + 1 + 1 + 2.
+        assert_eq!(hub.metrics.delivered.load(Ordering::Relaxed), 6);
+        other.run_teardown();
+        sender.run_teardown();
         assert_eq!(hub.topics(), 0);
     });
 }

@@ -35,8 +35,10 @@ use std::task::{Poll, Waker};
 
 use socket2::SockRef;
 
-use super::session::{SessionInner, wake};
+use super::feed::{Feed, FeedInner, give_owed};
+use super::session::{NO_SOCKET, SessionInner, State, wake};
 use crate::metrics::WorkerMetrics;
+use crate::proto::CloseState;
 
 /// Sessions written between two yields to the core.
 const FLUSH_BATCH: usize = 256;
@@ -55,26 +57,45 @@ thread_local! {
 }
 
 struct FlushQueue {
-    sessions: VecDeque<Rc<SessionInner>>,
+    sessions: VecDeque<Entry>,
     /// The flusher, parked while the queue is empty.
     waker: Option<Waker>,
+}
+
+/// What the flusher writes: one session's queue, or a feed's followers (see `feed`).
+enum Entry {
+    Session(Rc<SessionInner>),
+    Feed(Rc<Feed>),
 }
 
 /// Puts `session` at the back of this core's flush queue (its `queued_for_flush` flag
 /// is set by the caller, so it is there at most once).
 pub(crate) fn enqueue(session: Rc<SessionInner>) {
+    push(Entry::Session(session));
+}
+
+/// Puts `feed` at the back of this core's flush queue (its `queued` flag is set by the
+/// caller, so it is there at most once).
+pub(crate) fn enqueue_feed(feed: Rc<Feed>) {
+    push(Entry::Feed(feed));
+}
+
+fn push(entry: Entry) {
     QUEUE.with(|queue| {
         let mut queue = queue.borrow_mut();
-        queue.sessions.push_back(session);
+        queue.sessions.push_back(entry);
         if let Some(waker) = queue.waker.take() {
             waker.wake();
         }
     });
 }
 
+fn pop() -> Option<Entry> {
+    QUEUE.with(|queue| queue.borrow_mut().sessions.pop_front())
+}
+
 /// The core's flusher: runs for the worker's life.
 pub(crate) async fn run(metrics: Arc<WorkerMetrics>) {
-    let mut batch = Vec::with_capacity(FLUSH_BATCH);
     loop {
         poll_fn(|cx| {
             QUEUE.with(|queue| {
@@ -83,14 +104,29 @@ pub(crate) async fn run(metrics: Arc<WorkerMetrics>) {
                     queue.waker = Some(cx.waker().clone());
                     return Poll::Pending;
                 }
-                let n = queue.sessions.len().min(FLUSH_BATCH);
-                batch.extend(queue.sessions.drain(..n));
                 Poll::Ready(())
             })
         })
         .await;
-        for session in batch.drain(..) {
-            write_queued(&session, &metrics);
+        // Entries queued during this batch wait for the next one.
+        let mut entries = QUEUE.with(|queue| queue.borrow().sessions.len());
+        let mut budget = FLUSH_BATCH;
+        while budget > 0 && entries > 0 {
+            let Some(entry) = pop() else { break };
+            entries -= 1;
+            match entry {
+                Entry::Session(session) => {
+                    write_queued(&session, &metrics);
+                    budget -= 1;
+                }
+                Entry::Feed(feed) => {
+                    let (visited, requeue) = feed.write_batch(budget, &metrics);
+                    budget = budget.saturating_sub(visited.max(1));
+                    if requeue {
+                        enqueue_feed(feed);
+                    }
+                }
+            }
         }
         // The core does not park while the flusher has work, so what other tasks
         // queued (e.g. the publisher's next read) is handed to the kernel here.
@@ -102,53 +138,107 @@ pub(crate) async fn run(metrics: Arc<WorkerMetrics>) {
 /// Slices of the small array most writes use.
 const FEW_SLICES: usize = 16;
 
-/// One non-blocking `sendmsg` of up to `N` queued chunks; returns its result and how
-/// many bytes it was asked to write.
+/// What one `sendmsg` was asked to write.
+struct Sent {
+    /// Bytes from the connection's queue.
+    queued: usize,
+    /// Bytes of the feed frames the session is owed (0: none were in this write).
+    owed: usize,
+}
+
+/// One non-blocking `sendmsg` of up to `N` - 2 queued chunks, followed by the feed
+/// frames the session is owed when every queued chunk fits; returns its result and
+/// what it was asked to write.
 fn send_queued<const N: usize>(
-    conn: &crate::proto::Connection,
+    state: &State,
+    feed: Option<&FeedInner>,
     socket: &BorrowedFd<'_>,
-) -> (io::Result<usize>, usize) {
+) -> (io::Result<usize>, Sent) {
     let mut slices = [IoSlice::new(&[]); N];
-    let n = conn.transmit_slices(&mut slices);
-    let want = slices[..n].iter().map(|s| s.len()).sum();
+    let mut n = state.conn.transmit_slices(&mut slices[..N - 2]);
+    let queued = slices[..n].iter().map(|s| s.len()).sum();
+    if let (Some(feed), Some(follow)) = (feed, state.follow.as_ref()) {
+        if n == state.conn.transmit_chunks() {
+            n += feed.owed_slices(follow, &mut slices[n..]);
+        }
+    }
+    let owed = slices[..n].iter().map(|s| s.len()).sum::<usize>() - queued;
     let written = SockRef::from(socket)
         .send_vectored_with_flags(&slices[..n], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
-    (written, want)
+    (written, Sent { queued, owed })
 }
 
 /// Writes what `session` has queued with non-blocking `sendmsg`s, or hands it to its
 /// driver. Also the driver's first write (the 101 and what the handler queued behind
 /// it), made when the driver starts.
 pub(crate) fn write_queued(session: &SessionInner, metrics: &WorkerMetrics) {
-    let mut guard = session.state.borrow_mut();
-    let state = &mut *guard;
+    let mut state = session.state.borrow_mut();
     state.queued_for_flush = false;
-    let Some(fd) = state.fd else {
-        // The driver has ended: nothing may be written to its socket any more.
-        return;
+    let feed = state.follow.as_ref().map(|follow| follow.feed.clone());
+    // The feed is only borrowed mutably while it appends or trims.
+    let inner = feed
+        .as_ref()
+        .and_then(|feed| feed.inner().try_borrow().ok());
+    write_session(&mut state, inner.as_deref(), metrics);
+}
+
+/// Writes what a session has queued, then the frames `feed` (the feed it follows, if
+/// any) owes it, with non-blocking `sendmsg`s; what the socket does not take is left
+/// to its driver, and its feed position is the feed's end afterwards. Returns false if
+/// the connection can no longer take data (it is closing or its driver has ended).
+pub(crate) fn write_session(
+    state: &mut State,
+    feed: Option<&FeedInner>,
+    metrics: &WorkerMetrics,
+) -> bool {
+    let open = state.conn.close_state() == CloseState::Open && state.ended.is_none();
+    let Some(fd) = Some(state.fd).filter(|&fd| fd != NO_SOCKET && !state.writing) else {
+        // No driver yet, or it has ended (the frames are dropped), or its write goes
+        // first and takes what is queued when it completes.
+        if let Some(feed) = feed {
+            if give_owed(state, feed, 0) > 0 {
+                // The driver applies the outbound limit to what was queued.
+                wake(&mut state.driver_waker);
+            }
+        }
+        return open;
     };
-    if state.writing {
-        // The driver's write goes first; it takes what is queued when it completes.
-        return;
-    }
     let mut sent = false;
-    while state.conn.pending_output() > 0 {
+    loop {
+        let owed = match (feed, state.follow.as_ref()) {
+            (Some(feed), Some(follow)) if open => feed.owed_frames(follow),
+            _ => 0,
+        };
+        if state.conn.pending_output() == 0 && owed == 0 {
+            break;
+        }
         // SAFETY: `fd` is the socket of the session's live driver: the driver sets
         // `state.fd` when it starts and clears it in its `Drop`, before the stream it
         // owns is closed, and this runs on the same thread with the state borrowed.
         let socket = unsafe { BorrowedFd::borrow_raw(fd) };
-        // Most writes carry a few frames: a small array then, not 16 KiB of slices.
-        let (written, want) = if state.conn.transmit_chunks() <= FEW_SLICES {
-            send_queued::<FEW_SLICES>(&state.conn, &socket)
+        // Most writes carry a few chunks: a small array then, not 16 KiB of slices.
+        let feed = feed.filter(|_| open);
+        let (written, want) = if state.conn.transmit_chunks() + 2 <= FEW_SLICES {
+            send_queued::<FEW_SLICES>(state, feed, &socket)
         } else {
-            send_queued::<MAX_SLICES>(&state.conn, &socket)
+            send_queued::<MAX_SLICES>(state, feed, &socket)
         };
         match written {
             Ok(written) => {
-                state.conn.advance_transmit(written);
+                let from_queue = written.min(want.queued);
+                state.conn.advance_transmit(from_queue);
                 metrics.bytes_out(written);
                 sent = true;
-                if written < want {
+                if let Some(feed) = feed.filter(|_| want.owed > 0) {
+                    // All of it was written, or the rest goes to the connection's
+                    // queue (and is counted when that is written).
+                    let skip = written - from_queue;
+                    let frames = give_owed(state, feed, skip);
+                    if skip >= want.owed {
+                        metrics.messages_out(frames);
+                    }
+                }
+                if written < want.queued + want.owed {
                     // The socket is full: the driver waits for room.
                     break;
                 }
@@ -159,13 +249,18 @@ pub(crate) fn write_queued(session: &SessionInner, metrics: &WorkerMetrics) {
             Err(_) => break,
         }
     }
+    if let Some(feed) = feed {
+        // Whatever was not written goes to the driver.
+        give_owed(state, feed, 0);
+    }
     if sent {
         let messages = std::mem::take(&mut state.sent_messages);
         if messages > 0 {
-            metrics.messages_out(messages);
+            metrics.messages_out(u64::from(messages));
         }
     }
     if state.conn.pending_output() > 0 {
         wake(&mut state.driver_waker);
     }
+    open
 }

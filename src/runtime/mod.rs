@@ -11,6 +11,7 @@
 
 mod buf;
 mod conn;
+mod feed;
 mod flush;
 pub mod http;
 pub mod listener;
@@ -30,6 +31,7 @@ use std::sync::atomic::AtomicUsize;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub(crate) use feed::{Feed, unfollow};
 pub use http::Response;
 pub use service::{
     Context, HttpHandler, HttpRequest, LocalFuture, Route, Service, WebSocketHandler,

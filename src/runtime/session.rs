@@ -90,6 +90,9 @@ pub(crate) enum Decision {
     Reject(Box<Response>),
 }
 
+/// `State::fd` of a session without a live driver.
+pub(crate) const NO_SOCKET: RawFd = -1;
+
 type TeardownHooks = Vec<Box<dyn FnOnce()>>;
 
 pub(crate) struct State {
@@ -106,7 +109,8 @@ pub(crate) struct State {
     /// handler's sends need not wake it).
     pub(crate) driver_polling: bool,
     /// Messages queued by the application since the driver last counted them.
-    pub(crate) sent_messages: u64,
+    /// (32 bits: it is counted at every write, and a session stays in its size class.)
+    pub(crate) sent_messages: u32,
     /// The driver's next timer deadline, checked by the core's housekeeping tick.
     pub(crate) deadline: Option<tokio::time::Instant>,
     /// Set by the housekeeping tick when `deadline` has passed.
@@ -114,12 +118,17 @@ pub(crate) struct State {
     /// Set when the server shuts down.
     pub(crate) shutdown: bool,
     /// The socket, while the driver lives (set when it starts, cleared when it ends):
-    /// the core's flusher writes broadcast frames to it directly.
-    pub(crate) fd: Option<RawFd>,
+    /// the core's flusher writes broadcast frames to it directly. [`NO_SOCKET`] when
+    /// there is none (not an `Option`: four bytes fewer keep a session in its size
+    /// class).
+    pub(crate) fd: RawFd,
     /// Whether the driver has a write in flight (nothing else may write then).
     pub(crate) writing: bool,
     /// Whether the session is in the core's flush queue.
     pub(crate) queued_for_flush: bool,
+    /// The feed this session follows (a topic's broadcasts), and its place in it.
+    /// Boxed: most sessions follow none.
+    pub(crate) follow: Option<Box<super::feed::Follow>>,
     /// Run once when the session ends, on every way out (ARCHITECTURE.md rule 6): the
     /// layers above unregister the session here (e.g. its topic subscriptions).
     /// Boxed: most sessions register none.
@@ -158,9 +167,10 @@ impl Session {
                     deadline: None,
                     timer_due: false,
                     shutdown: false,
-                    fd: None,
+                    fd: NO_SOCKET,
                     writing: false,
                     queued_for_flush: false,
+                    follow: None,
                     teardown: None,
                     torn_down: false,
                 }),
@@ -233,6 +243,8 @@ impl Session {
         if let Some(ended) = &state.ended {
             return Err((**ended).clone());
         }
+        // Broadcasts published before this go first.
+        super::feed::catch_up(&mut state);
         if state.conn.send(message).is_err() {
             return Err(Disconnect::ClosedByUs);
         }
@@ -254,13 +266,14 @@ impl Session {
         if let Some(ended) = &state.ended {
             return Err((**ended).clone());
         }
+        super::feed::catch_up(&mut state);
         if state.conn.send_frame(frame).is_err() {
             return Err(Disconnect::ClosedByUs);
         }
         state.sent_messages += 1;
         if state.driver_polling {
             // The driver writes when its poll ends.
-        } else if state.writing || state.fd.is_none() {
+        } else if state.writing || state.fd == NO_SOCKET {
             // The driver's write is in flight (it applies the outbound limit), or the
             // driver has not started: it takes this with the rest.
             wake(&mut state.driver_waker);
@@ -270,6 +283,20 @@ impl Session {
             super::flush::enqueue(self.inner.clone());
         }
         Ok(())
+    }
+
+    /// Moves the broadcasts owed to this session by the feed it follows into its queue
+    /// (the flusher does it on its next pass otherwise).
+    #[cfg(test)]
+    pub(crate) fn catch_up(&self) {
+        super::feed::catch_up(&mut self.state().borrow_mut());
+    }
+
+    /// Whether messages can still be sent: the session has not ended and no Close has
+    /// been sent.
+    pub(crate) fn can_send(&self) -> bool {
+        let state = self.state().borrow();
+        state.ended.is_none() && state.conn.close_state() == crate::proto::CloseState::Open
     }
 
     /// Bytes queued for this connection and not yet handed to the socket.
@@ -296,6 +323,7 @@ impl Session {
 
     /// Runs the teardown hooks (once; later calls find none).
     pub(crate) fn run_teardown(&self) {
+        super::feed::unfollow(self);
         let hooks = {
             let mut state = self.state().borrow_mut();
             state.torn_down = true;
@@ -320,6 +348,8 @@ impl Session {
     /// once the peer answers (or the close times out).
     pub fn close(&self, code: CloseCode, reason: &str) {
         let mut state = self.state().borrow_mut();
+        // Broadcasts published before the Close go out before it.
+        super::feed::catch_up(&mut state);
         if state.conn.close(code, reason).is_ok() && !state.driver_polling {
             wake(&mut state.driver_waker);
         }

@@ -104,7 +104,7 @@ impl Driver {
         {
             let mut state = session.state().borrow_mut();
             state.deadline = Some(now + guard.ctx.config.ping_interval());
-            state.fd = Some(guard.stream.as_raw_fd());
+            state.fd = guard.stream.as_raw_fd();
         }
         super::flush::write_queued(&session.inner, &guard.ctx.metrics);
         Self {
@@ -177,7 +177,11 @@ impl Driver {
                     };
                     self.guard.ctx.metrics.limit_hit(Limit::OutboundBytes);
                     tracing::info!(peer = %self.session.peer(), limit = self.guard.ctx.config.max_outbound_bytes, "slow consumer closed with {code}");
-                    self.session.state().borrow_mut().conn.discard_output();
+                    {
+                        let mut state = self.session.state().borrow_mut();
+                        super::feed::skip_owed(&mut state);
+                        state.conn.discard_output();
+                    }
                     self.start_close(
                         code,
                         "slow consumer",
@@ -335,7 +339,7 @@ impl Driver {
             state.conn.drain_transmit(&mut self.iov);
             let sent = std::mem::take(&mut state.sent_messages);
             if sent > 0 {
-                self.guard.ctx.metrics.messages_out(sent);
+                self.guard.ctx.metrics.messages_out(u64::from(sent));
             }
             if self.iov.is_empty() {
                 return false;
@@ -411,14 +415,13 @@ impl Driver {
         disconnect: Disconnect,
         metric: CloseReason,
     ) {
-        if self
-            .session
-            .state()
-            .borrow_mut()
-            .conn
-            .close(code, reason)
-            .is_ok()
-        {
+        let closed = {
+            let mut state = self.session.state().borrow_mut();
+            // Broadcasts published before the Close go out before it.
+            super::feed::catch_up(&mut state);
+            state.conn.close(code, reason).is_ok()
+        };
+        if closed {
             self.note_close_started(disconnect, metric);
         }
     }
@@ -551,7 +554,7 @@ impl Drop for Driver {
     /// task being dropped at shutdown.
     fn drop(&mut self) {
         // The socket closes after this: the flusher must not write to it any more.
-        self.session.state().borrow_mut().fd = None;
+        self.session.state().borrow_mut().fd = super::session::NO_SOCKET;
         self.guard.ctx.sessions.borrow_mut().remove(self.slot);
         self.end(Disconnect::ConnectionLost);
         self.session.run_teardown();
