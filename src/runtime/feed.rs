@@ -33,6 +33,9 @@ use bytes::Bytes;
 use super::session::{SessionInner, State};
 use crate::metrics::WorkerMetrics;
 
+/// Bytes of frames an empty feed keeps room for; it lets go of more.
+const KEPT_CAPACITY: usize = 64 * 1024;
+
 /// Frames that the sessions of one core follow (see the module docs).
 pub struct Feed {
     inner: RefCell<FeedInner>,
@@ -230,6 +233,11 @@ impl FeedInner {
         self.starts.drain(..frames);
         self.base += frames as u64;
         self.data_start = offset;
+        // A burst does not keep its memory once it has gone out.
+        if self.data.is_empty() && self.data.capacity() > KEPT_CAPACITY {
+            self.data = VecDeque::new();
+            self.starts = VecDeque::new();
+        }
     }
 
     /// The bytes of frames `next..` (one or two slices) and how many frames that is.

@@ -8,7 +8,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::LocalSet;
 
@@ -333,6 +337,9 @@ async fn subscribe(
     buf: Rc<RefCell<Vec<u8>>>,
 ) {
     let mut current = phase.borrow_and_update().clone();
+    // The phase rarely changes: its watch is polled, not a new `changed()` future made
+    // (and dropped, which locks the watch) for every read.
+    let mut changed = next_change(phase.clone());
     loop {
         if matches!(current, Phase::Stop) {
             if !client.close(Duration::from_secs(2)).await {
@@ -340,73 +347,98 @@ async fn subscribe(
             }
             return;
         }
-        tokio::select! {
-            changed = phase.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                current = phase.borrow_and_update().clone();
+        let step = poll_fn(|cx| {
+            if let Poll::Ready(next) = changed.as_mut().poll(cx) {
+                return Poll::Ready(match next {
+                    Some(phases) => {
+                        changed = next_change(phases);
+                        Ok(false)
+                    }
+                    None => Err(None),
+                });
             }
-            readable = client.stream.readable() => {
-                if let Err(e) = readable {
-                    state.borrow_mut().fail(format!("read failed: {e}"));
-                    return;
-                }
+            read(&mut client, &buf, cx).map(|read| read.map(|()| true))
+        })
+        .await;
+        match step {
+            // The phase changed.
+            Ok(false) => current = phase.borrow_and_update().clone(),
+            Ok(true) => {
                 if phase.has_changed().unwrap_or(false) {
                     current = phase.borrow_and_update().clone();
                 }
-                match receive(&mut client, sub, &state, &shared, &current, &buf) {
-                    Ok(()) => {}
-                    Err(None) => continue,
-                    Err(Some(cause)) => {
-                        let _ = client.flush().await;
-                        state.borrow_mut().fail(cause);
-                        return;
-                    }
+                if let Err(cause) = receive(&mut client, sub, &state, &shared, &current) {
+                    let _ = client.flush().await;
+                    state.borrow_mut().fail(cause);
+                    return;
                 }
                 if let Err(e) = client.flush().await {
                     state.borrow_mut().fail(format!("write failed: {e}"));
                     return;
                 }
             }
+            // The phase's sender is gone: the run is over.
+            Err(None) => return,
+            Err(Some(cause)) => {
+                state.borrow_mut().fail(cause);
+                return;
+            }
         }
     }
 }
 
-/// Reads what a ready subscriber has and accounts for every message in it. `Err(None)`:
-/// nothing to read after all; `Err(Some(cause))`: the connection failed.
+/// The phase's next change: resolves to its receiver again, or `None` when the
+/// sender is gone.
+fn next_change(
+    mut phases: watch::Receiver<Phase>,
+) -> Pin<Box<dyn Future<Output = Option<watch::Receiver<Phase>>>>> {
+    Box::pin(async move { phases.changed().await.ok().map(|()| phases) })
+}
+
+/// Reads what a ready subscriber has into its connection, through the thread's
+/// shared buffer. `poll_read` treats a read that does not fill the buffer as the
+/// socket drained (epoll is edge-triggered), so the next wait needs no read that finds
+/// nothing. `Err(Some(cause))`: the connection failed.
+fn read(
+    client: &mut Client,
+    buf: &RefCell<Vec<u8>>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Result<(), Option<String>>> {
+    let mut buf = buf.borrow_mut();
+    let mut read = ReadBuf::new(&mut buf);
+    match Pin::new(&mut client.stream).poll_read(cx, &mut read) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Err(e)) => Poll::Ready(Err(Some(format!("read failed: {e}")))),
+        Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Err(Some(
+            "closed by the server without a close frame (1006)".into(),
+        ))),
+        Poll::Ready(Ok(())) => {
+            client.conn.handle_bytes(read.filled());
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
+/// Accounts for every message a subscriber's last read completed. `Err(cause)`: the
+/// connection failed.
 fn receive(
     client: &mut Client,
     sub: usize,
     state: &RefCell<ThreadState>,
     shared: &Shared,
     phase: &Phase,
-    buf: &RefCell<Vec<u8>>,
-) -> Result<(), Option<String>> {
-    let mut buf = buf.borrow_mut();
-    let n = match client.stream.try_read(&mut buf) {
-        Ok(0) => {
-            return Err(Some(
-                "closed by the server without a close frame (1006)".into(),
-            ));
-        }
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(None),
-        Err(e) => return Err(Some(format!("read failed: {e}"))),
-    };
+) -> Result<(), String> {
     let now = Instant::now();
-    client.conn.handle_bytes(&buf[..n]);
-    drop(buf);
     let mut state = state.borrow_mut();
     let (mut received, mut delivered) = (0, 0);
     let result = loop {
         let payload = match client.conn.poll_event() {
             Ok(Some(Event::Binary(bytes))) => bytes,
             Ok(Some(Event::Text(text))) => text.into_bytes(),
-            Ok(Some(Event::Close(frame))) => break Err(Some(closed_by_server(frame))),
+            Ok(Some(Event::Close(frame))) => break Err(closed_by_server(frame)),
             Ok(Some(_)) => continue,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(Some(format!("protocol error from the server: {e}"))),
+            Err(e) => break Err(format!("protocol error from the server: {e}")),
         };
         received += 1;
         if state.receive(sub, &payload, now, phase, shared) {
