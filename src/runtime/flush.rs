@@ -1,8 +1,10 @@
 //! A core's flush queue: frames delivered to many connections at once (a broadcast)
 //! are written by one task per core, not by each connection's driver.
 //!
-//! `Session::send_frame` only queues the frame and, the first time, puts the session
-//! at the back of this queue. The core's flusher takes sessions from the front and
+//! The queue holds sessions and feeds (see `feed`). `Session::send_frame` only queues
+//! the frame and, the first time, puts the session at the back of this queue; a
+//! feed's push puts the feed there, and its turn is a pass over its followers, each
+//! written like a session, with the feed frames it is owed behind its own queue. The core's flusher takes sessions from the front and
 //! writes everything each has queued with one non-blocking `sendmsg` (`MSG_DONTWAIT`),
 //! straight from the connection's queue. A broadcast to 10,000 subscribers then costs
 //! 10,000 system calls in a loop and no task wake-up, io_uring operation or future per

@@ -348,16 +348,18 @@ async fn subscribe(
             return;
         }
         let step = poll_fn(|cx| {
-            if let Poll::Ready(next) = changed.as_mut().poll(cx) {
-                return Poll::Ready(match next {
-                    Some(phases) => {
-                        changed = next_change(phases);
-                        Ok(false)
-                    }
-                    None => Err(None),
-                });
+            // A read first: a phase change is also seen after one (`has_changed`), so
+            // its future is only polled when there is nothing to read.
+            if let Poll::Ready(read) = read(&mut client, &buf, cx) {
+                return Poll::Ready(read.map(|()| true));
             }
-            read(&mut client, &buf, cx).map(|read| read.map(|()| true))
+            changed.as_mut().poll(cx).map(|next| match next {
+                Some(phases) => {
+                    changed = next_change(phases);
+                    Ok(false)
+                }
+                None => Err(None),
+            })
         })
         .await;
         match step {
