@@ -8,11 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use std::future::{Future, poll_fn};
-use std::pin::Pin;
-use std::task::Poll;
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::LocalSet;
 
@@ -26,7 +22,7 @@ use crate::proto::{CloseCode, Event};
 
 /// A thread's subscribers' tracks and its counts, shared by its tasks.
 #[derive(Debug)]
-struct ThreadState {
+pub(super) struct ThreadState {
     pubs: usize,
     size: usize,
     /// `tracks[sub * pubs + publisher]`.
@@ -37,7 +33,7 @@ struct ThreadState {
     stats_step: u32,
     stats: StepStats,
     errors: BTreeMap<String, u64>,
-    close_failures: u64,
+    pub(super) close_failures: u64,
 }
 
 impl ThreadState {
@@ -156,7 +152,7 @@ impl ThreadState {
         }
     }
 
-    fn fail(&mut self, cause: String) {
+    pub(super) fn fail(&mut self, cause: String) {
         stats::count(&mut self.errors, cause, 1);
     }
 }
@@ -269,34 +265,27 @@ impl Job {
             self.options.pubs,
             self.options.size,
         )));
-        // One read buffer for all the thread's subscribers: they read only when ready.
-        let buf = Rc::new(RefCell::new(vec![0u8; 64 * 1024]));
-        let handles: Vec<_> = clients
-            .into_iter()
-            .map(|(role, client)| {
-                let state = state.clone();
-                let shared = self.shared.clone();
-                let phase = self.phase.clone();
-                match role {
-                    Role::Subscriber(sub) => tokio::task::spawn_local(subscribe(
-                        client,
-                        sub,
-                        state,
-                        shared,
-                        phase,
-                        buf.clone(),
-                    )),
-                    Role::Publisher(id) => tokio::task::spawn_local(publish(
-                        client,
-                        id,
-                        self.options.size,
-                        state,
-                        shared,
-                        phase,
-                    )),
-                }
-            })
-            .collect();
+        let mut subscribers = Vec::with_capacity(subs);
+        let mut handles = Vec::with_capacity(self.options.pubs + 1);
+        for (role, client) in clients {
+            match role {
+                Role::Subscriber(sub) => subscribers.push((sub, client)),
+                Role::Publisher(id) => handles.push(tokio::task::spawn_local(publish(
+                    client,
+                    id,
+                    self.options.size,
+                    state.clone(),
+                    self.shared.clone(),
+                    self.phase.clone(),
+                ))),
+            }
+        }
+        handles.push(tokio::task::spawn_local(super::subs::run(
+            subscribers,
+            state.clone(),
+            self.shared.clone(),
+            self.phase.clone(),
+        )));
         let mut phase = self.phase.clone();
         loop {
             let current = phase.borrow_and_update().clone();
@@ -327,104 +316,10 @@ impl Job {
     }
 }
 
-/// A subscriber: reads until told to stop, accounting for every message.
-async fn subscribe(
-    mut client: Client,
-    sub: usize,
-    state: Rc<RefCell<ThreadState>>,
-    shared: Arc<Shared>,
-    mut phase: watch::Receiver<Phase>,
-    buf: Rc<RefCell<Vec<u8>>>,
-) {
-    let mut current = phase.borrow_and_update().clone();
-    // The phase rarely changes: its watch is polled, not a new `changed()` future made
-    // (and dropped, which locks the watch) for every read.
-    let mut changed = next_change(phase.clone());
-    loop {
-        if matches!(current, Phase::Stop) {
-            if !client.close(Duration::from_secs(2)).await {
-                state.borrow_mut().close_failures += 1;
-            }
-            return;
-        }
-        let step = poll_fn(|cx| {
-            // A read first: a phase change is also seen after one (`has_changed`), so
-            // its future is only polled when there is nothing to read.
-            if let Poll::Ready(read) = read(&mut client, &buf, cx) {
-                return Poll::Ready(read.map(|()| true));
-            }
-            changed.as_mut().poll(cx).map(|next| match next {
-                Some(phases) => {
-                    changed = next_change(phases);
-                    Ok(false)
-                }
-                None => Err(None),
-            })
-        })
-        .await;
-        match step {
-            // The phase changed.
-            Ok(false) => current = phase.borrow_and_update().clone(),
-            Ok(true) => {
-                if phase.has_changed().unwrap_or(false) {
-                    current = phase.borrow_and_update().clone();
-                }
-                if let Err(cause) = receive(&mut client, sub, &state, &shared, &current) {
-                    let _ = client.flush().await;
-                    state.borrow_mut().fail(cause);
-                    return;
-                }
-                if let Err(e) = client.flush().await {
-                    state.borrow_mut().fail(format!("write failed: {e}"));
-                    return;
-                }
-            }
-            // The phase's sender is gone: the run is over.
-            Err(None) => return,
-            Err(Some(cause)) => {
-                state.borrow_mut().fail(cause);
-                return;
-            }
-        }
-    }
-}
-
-/// The phase's next change: resolves to its receiver again, or `None` when the
-/// sender is gone.
-fn next_change(
-    mut phases: watch::Receiver<Phase>,
-) -> Pin<Box<dyn Future<Output = Option<watch::Receiver<Phase>>>>> {
-    Box::pin(async move { phases.changed().await.ok().map(|()| phases) })
-}
-
-/// Reads what a ready subscriber has into its connection, through the thread's
-/// shared buffer. `poll_read` treats a read that does not fill the buffer as the
-/// socket drained (epoll is edge-triggered), so the next wait needs no read that finds
-/// nothing. `Err(Some(cause))`: the connection failed.
-fn read(
-    client: &mut Client,
-    buf: &RefCell<Vec<u8>>,
-    cx: &mut std::task::Context<'_>,
-) -> Poll<Result<(), Option<String>>> {
-    let mut buf = buf.borrow_mut();
-    let mut read = ReadBuf::new(&mut buf);
-    match Pin::new(&mut client.stream).poll_read(cx, &mut read) {
-        Poll::Pending => Poll::Pending,
-        Poll::Ready(Err(e)) => Poll::Ready(Err(Some(format!("read failed: {e}")))),
-        Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Err(Some(
-            "closed by the server without a close frame (1006)".into(),
-        ))),
-        Poll::Ready(Ok(())) => {
-            client.conn.handle_bytes(read.filled());
-            Poll::Ready(Ok(()))
-        }
-    }
-}
-
 /// Accounts for every message a subscriber's last read completed. `Err(cause)`: the
 /// connection failed.
-fn receive(
-    client: &mut Client,
+pub(super) fn receive(
+    conn: &mut crate::proto::Connection,
     sub: usize,
     state: &RefCell<ThreadState>,
     shared: &Shared,
@@ -434,7 +329,7 @@ fn receive(
     let mut state = state.borrow_mut();
     let (mut received, mut delivered) = (0, 0);
     let result = loop {
-        let payload = match client.conn.poll_event() {
+        let payload = match conn.poll_event() {
             Ok(Some(Event::Binary(bytes))) => bytes,
             Ok(Some(Event::Text(text))) => text.into_bytes(),
             Ok(Some(Event::Close(frame))) => break Err(closed_by_server(frame)),

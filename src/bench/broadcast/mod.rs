@@ -37,6 +37,7 @@
 
 mod conns;
 mod message;
+mod subs;
 
 use std::collections::BTreeMap;
 use std::fmt;
