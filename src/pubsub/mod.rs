@@ -8,8 +8,8 @@
 //!    feed, nothing per message), and the feed is put in the core's flush queue. The
 //!    core's flusher then writes to each follower, with one non-blocking `sendmsg`,
 //!    whatever its own queue holds followed by every feed frame past its position,
-//!    which lie back to back: a burst costs each subscriber one system call and one
-//!    or two slices, and a publish costs the same for 10 subscribers as for 10,000.
+//!    which lie back to back: a burst costs each subscriber one system call with one
+//!    slice, and a publish costs the same for 10 subscribers as for 10,000.
 //!    Subscribers of several topics (or of a conflated topic) get a reference-counted
 //!    clone of the frame in their own queue instead, so that one write keeps the order
 //!    of everything they are sent; back in one topic, they follow its feed again.

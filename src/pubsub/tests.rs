@@ -110,34 +110,13 @@ fn on_a_core(max_outbound_bytes: usize, window: Duration, test: impl AsyncFnOnce
     });
 }
 
-/// An accepted session with no driver: what is queued for it stays in its queue.
 fn session() -> crate::runtime::Session {
-    let (request, _) = crate::proto::handshake::parse_request(
-        b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n",
-        &crate::proto::HandshakeLimits::default(),
-    )
-    .unwrap()
-    .unwrap();
-    let session = crate::runtime::Session::new(
-        request,
-        "127.0.0.1:1".parse().unwrap(),
-        crate::proto::Connection::server(crate::proto::Limits::default()),
-    );
-    session.accept(None);
-    session
+    crate::runtime::Session::driverless()
 }
 
 /// The payloads of the text frames queued for `session` (taken out of its queue).
 fn take_texts(session: &crate::runtime::Session) -> Vec<String> {
-    // What its feed owes it first (the flusher would write it).
-    session.catch_up();
-    let mut frames = Vec::new();
-    session
-        .state()
-        .borrow_mut()
-        .conn
-        .drain_transmit(&mut frames);
-    let bytes: Vec<u8> = frames.concat();
+    let bytes = session.take_queued();
     let mut texts = Vec::new();
     let mut rest = &bytes[..];
     while !rest.is_empty() {

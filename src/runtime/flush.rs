@@ -148,7 +148,7 @@ struct Sent {
     owed: usize,
 }
 
-/// One non-blocking `sendmsg` of up to `N` - 2 queued chunks, followed by the feed
+/// One non-blocking `sendmsg` of up to `N` - 1 queued chunks, followed by the feed
 /// frames the session is owed when every queued chunk fits; returns its result and
 /// what it was asked to write.
 fn send_queued<const N: usize>(
@@ -157,16 +157,24 @@ fn send_queued<const N: usize>(
     socket: &BorrowedFd<'_>,
 ) -> (io::Result<usize>, Sent) {
     let mut slices = [IoSlice::new(&[]); N];
-    let mut n = state.conn.transmit_slices(&mut slices[..N - 2]);
+    let mut n = state.conn.transmit_slices(&mut slices[..N - 1]);
     let queued = slices[..n].iter().map(|s| s.len()).sum();
     if let (Some(feed), Some(follow)) = (feed, state.follow.as_ref()) {
-        if n == state.conn.transmit_chunks() {
-            n += feed.owed_slices(follow, &mut slices[n..]);
+        let owed = feed.owed_slice(follow);
+        if n == state.conn.transmit_chunks() && !owed.is_empty() {
+            slices[n] = IoSlice::new(owed);
+            n += 1;
         }
     }
     let owed = slices[..n].iter().map(|s| s.len()).sum::<usize>() - queued;
-    let written = SockRef::from(socket)
-        .send_vectored_with_flags(&slices[..n], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    let socket = SockRef::from(socket);
+    // One slice (the usual broadcast write): `send`, which spares the kernel copying
+    // and checking a message header and an iovec array.
+    let written = match &slices[..n] {
+        [one] => socket.send_with_flags(one, flags),
+        many => socket.send_vectored_with_flags(many, flags),
+    };
     (written, Sent { queued, owed })
 }
 
@@ -220,7 +228,7 @@ pub(crate) fn write_session(
         let socket = unsafe { BorrowedFd::borrow_raw(fd) };
         // Most writes carry a few chunks: a small array then, not 16 KiB of slices.
         let feed = feed.filter(|_| open);
-        let (written, want) = if state.conn.transmit_chunks() + 2 <= FEW_SLICES {
+        let (written, want) = if state.conn.transmit_chunks() < FEW_SLICES {
             send_queued::<FEW_SLICES>(state, feed, &socket)
         } else {
             send_queued::<MAX_SLICES>(state, feed, &socket)

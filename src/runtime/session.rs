@@ -285,11 +285,34 @@ impl Session {
         Ok(())
     }
 
-    /// Moves the broadcasts owed to this session by the feed it follows into its queue
-    /// (the flusher does it on its next pass otherwise).
+    /// An accepted session with no driver (tests): what is queued for it stays in its
+    /// queue, and the flusher queues there what a feed owes it.
     #[cfg(test)]
-    pub(crate) fn catch_up(&self) {
-        super::feed::catch_up(&mut self.state().borrow_mut());
+    pub(crate) fn driverless() -> Self {
+        let (request, _) = crate::proto::handshake::parse_request(
+            b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n",
+            &crate::proto::HandshakeLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        let session = Self::new(
+            request,
+            "127.0.0.1:1".parse().unwrap(),
+            Connection::server(crate::proto::Limits::default()),
+        );
+        session.accept(None);
+        session
+    }
+
+    /// Everything queued for this session, taken out of its queue, after what the feed
+    /// it follows owes it (tests).
+    #[cfg(test)]
+    pub(crate) fn take_queued(&self) -> Vec<u8> {
+        let mut state = self.state().borrow_mut();
+        super::feed::catch_up(&mut state);
+        let mut chunks = Vec::new();
+        state.conn.drain_transmit(&mut chunks);
+        chunks.concat()
     }
 
     /// Whether messages can still be sent: the session has not ended and no Close has
