@@ -87,8 +87,15 @@ pub(super) async fn run(
                         on_ready(sub, &mut buf, &state, &shared, &current, &epoll);
                     }
                 }
-                drop(guard);
-                tokio::task::yield_now().await;
+                if ready < EVENTS {
+                    // The set had no more ready sockets: a socket that becomes ready
+                    // from now on signals the set again, so the next wait needs no
+                    // `epoll_wait` that finds nothing.
+                    guard.clear_ready();
+                } else {
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                }
             }
         }
     }
