@@ -333,9 +333,7 @@ fn a_feed_follower_gets_broadcasts_and_its_own_sends_in_order() {
 
         publish(&sender, "plain", "p5", false);
         member.close(crate::proto::CloseCode::Normal, "bye");
-        let mut frames = Vec::new();
-        member.state().borrow_mut().conn.drain_transmit(&mut frames);
-        let bytes = frames.concat();
+        let bytes = member.take_queued();
         // The text frame "p5", then the Close (opcode 8).
         assert_eq!(&bytes[..4], b"\x81\x02p5");
         assert_eq!(bytes[4], 0x88);

@@ -350,20 +350,16 @@ pub fn unfollow(session: &super::Session) {
     let Some(Follow { feed, index, .. }) = follow.map(|follow| *follow) else {
         return;
     };
-    let mut inner = feed.inner.borrow_mut();
+    let mut guard = feed.inner.borrow_mut();
+    let inner = &mut *guard;
     let mut index = index;
     // A follower the current pass has visited may only be replaced by another visited
     // one: swap it with the last visited, which then takes the place of the last.
-    if let Some(pass) = inner.pass.as_mut() {
-        if index < pass.at {
-            let last_visited = pass.at - 1;
-            inner.followers.swap(index, last_visited);
-            set_index(&inner.followers[index], index);
-            if let Some(pass) = inner.pass.as_mut() {
-                pass.at -= 1;
-            }
-            index = last_visited;
-        }
+    if let Some(pass) = inner.pass.as_mut().filter(|pass| index < pass.at) {
+        pass.at -= 1;
+        inner.followers.swap(index, pass.at);
+        set_index(&inner.followers[index], index);
+        index = pass.at;
     }
     inner.followers.swap_remove(index);
     if let Some(moved) = inner.followers.get(index) {

@@ -4,8 +4,8 @@
 //! The queue holds sessions and feeds (see `feed`). `Session::send_frame` only queues
 //! the frame and, the first time, puts the session at the back of this queue; a
 //! feed's push puts the feed there, and its turn is a pass over its followers, each
-//! written like a session, with the feed frames it is owed behind its own queue. The core's flusher takes sessions from the front and
-//! writes everything each has queued with one non-blocking `sendmsg` (`MSG_DONTWAIT`),
+//! written like a session, with the feed frames it is owed behind its own queue. The
+//! core's flusher takes entries from the front and writes everything each has queued with one non-blocking `sendmsg` (`MSG_DONTWAIT`),
 //! straight from the connection's queue. A broadcast to 10,000 subscribers then costs
 //! 10,000 system calls in a loop and no task wake-up, io_uring operation or future per
 //! subscriber; the kernel's TCP send is what remains.
@@ -213,10 +213,13 @@ pub(crate) fn write_session(
         }
         return open;
     };
+    // Feed frames go out only while the connection can take data; otherwise the last
+    // `give_owed` below drops them.
+    let writable = feed.filter(|_| open);
     let mut sent = false;
     loop {
-        let owed = match (feed, state.follow.as_ref()) {
-            (Some(feed), Some(follow)) if open => feed.owed_frames(follow),
+        let owed = match (writable, state.follow.as_ref()) {
+            (Some(feed), Some(follow)) => feed.owed_frames(follow),
             _ => 0,
         };
         if state.conn.pending_output() == 0 && owed == 0 {
@@ -227,11 +230,10 @@ pub(crate) fn write_session(
         // owns is closed, and this runs on the same thread with the state borrowed.
         let socket = unsafe { BorrowedFd::borrow_raw(fd) };
         // Most writes carry a few chunks: a small array then, not 16 KiB of slices.
-        let feed = feed.filter(|_| open);
         let (written, want) = if state.conn.transmit_chunks() < FEW_SLICES {
-            send_queued::<FEW_SLICES>(state, feed, &socket)
+            send_queued::<FEW_SLICES>(state, writable, &socket)
         } else {
-            send_queued::<MAX_SLICES>(state, feed, &socket)
+            send_queued::<MAX_SLICES>(state, writable, &socket)
         };
         match written {
             Ok(written) => {
@@ -239,7 +241,7 @@ pub(crate) fn write_session(
                 state.conn.advance_transmit(from_queue);
                 metrics.bytes_out(written);
                 sent = true;
-                if let Some(feed) = feed.filter(|_| want.owed > 0) {
+                if let Some(feed) = writable.filter(|_| want.owed > 0) {
                     // All of it was written, or the rest goes to the connection's
                     // queue (and is counted when that is written).
                     let skip = written - from_queue;
