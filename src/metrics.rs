@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 /// Appends one metric family in the Prometheus text format: `ringsocket_{name}`, its
 /// help and type lines, then one sample per row (`labels` is `""` or `{k="v",…}`).
@@ -125,6 +126,12 @@ impl Limit {
     }
 }
 
+/// Upper bounds, in seconds, of the `broadcast_pass_seconds` histogram's buckets (the
+/// last bucket, `+Inf`, takes the rest).
+pub const PASS_BUCKETS: [f64; 12] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
 /// Statuses counted for refused handshakes and HTTP responses.
 const STATUSES: [u16; 12] = [200, 202, 400, 403, 404, 405, 411, 413, 426, 431, 500, 503];
 
@@ -143,6 +150,9 @@ pub struct WorkerMetrics {
     rejections: [AtomicU64; STATUSES.len() + 1],
     limits: [AtomicU64; Limit::ALL.len()],
     pings_sent: AtomicU64,
+    /// Broadcast passes per bucket of [`PASS_BUCKETS`] (not cumulative), then `+Inf`.
+    passes: [AtomicU64; PASS_BUCKETS.len() + 1],
+    pass_nanos: AtomicU64,
 }
 
 impl WorkerMetrics {
@@ -203,6 +213,19 @@ impl WorkerMetrics {
         self.pings_sent.fetch_add(1, Relaxed);
     }
 
+    /// A core finished writing a broadcast to every subscriber of a topic on it (one
+    /// pass over a feed's followers) in `took`.
+    pub fn broadcast_pass(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = PASS_BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(PASS_BUCKETS.len());
+        self.passes[bucket].fetch_add(1, Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.pass_nanos.fetch_add(nanos, Relaxed);
+    }
+
     /// Connections accepted minus connections ended.
     pub fn open(&self) -> u64 {
         let closed: u64 = self.closed.iter().map(|c| c.load(Relaxed)).sum();
@@ -236,9 +259,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
-        let sum = |f: &dyn Fn(&WorkerMetrics) -> &AtomicU64| -> u64 {
-            self.workers.iter().map(|w| f(w).load(Relaxed)).sum()
-        };
+        let sum = |f: &dyn Fn(&WorkerMetrics) -> &AtomicU64| -> u64 { self.sum_over(f) };
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, kind: &str, rows: &[(String, u64)]| {
             write_family(&mut out, name, help, kind, rows);
@@ -349,6 +370,70 @@ impl Metrics {
             "counter",
             &limits,
         );
+        self.render_passes(&mut out);
         out
+    }
+
+    /// The `broadcast_pass_seconds` histogram, summed over the workers.
+    fn render_passes(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP ringsocket_broadcast_pass_seconds Time a core took to write what was \
+             broadcast to a topic to every subscriber of it on that core (one pass; \
+             subscribers of one topic only). A message published while a pass is under way \
+             reaches the subscribers already written in the next one, so this is how long \
+             a subscriber can wait when the core is busy.\n\
+             # TYPE ringsocket_broadcast_pass_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (i, le) in PASS_BUCKETS.iter().enumerate() {
+            cumulative += self.sum_over(|w| &w.passes[i]);
+            let _ = writeln!(
+                out,
+                "ringsocket_broadcast_pass_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.sum_over(|w| &w.passes[PASS_BUCKETS.len()]);
+        let nanos = self.sum_over(|w| &w.pass_nanos);
+        let _ = writeln!(
+            out,
+            "ringsocket_broadcast_pass_seconds_bucket{{le=\"+Inf\"}} {cumulative}\n\
+             ringsocket_broadcast_pass_seconds_sum {}\n\
+             ringsocket_broadcast_pass_seconds_count {cumulative}",
+            nanos as f64 / 1e9
+        );
+    }
+
+    fn sum_over(&self, f: impl Fn(&WorkerMetrics) -> &AtomicU64) -> u64 {
+        self.workers.iter().map(|w| f(w).load(Relaxed)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Passes land in the first bucket at or above their time; buckets are cumulative,
+    /// summed over the workers, and the sum is in seconds.
+    #[test]
+    fn broadcast_passes_render_as_a_cumulative_histogram() {
+        let metrics = Metrics::new(2);
+        metrics.worker(0).broadcast_pass(Duration::from_micros(300));
+        metrics.worker(1).broadcast_pass(Duration::from_millis(40));
+        metrics.worker(1).broadcast_pass(Duration::from_millis(50));
+        metrics.worker(0).broadcast_pass(Duration::from_secs(3));
+        let text = metrics.render();
+        for line in [
+            "ringsocket_broadcast_pass_seconds_bucket{le=\"0.0005\"} 1",
+            "ringsocket_broadcast_pass_seconds_bucket{le=\"0.025\"} 1",
+            "ringsocket_broadcast_pass_seconds_bucket{le=\"0.05\"} 3",
+            "ringsocket_broadcast_pass_seconds_bucket{le=\"2.5\"} 3",
+            "ringsocket_broadcast_pass_seconds_bucket{le=\"+Inf\"} 4",
+            "ringsocket_broadcast_pass_seconds_sum 3.0903",
+            "ringsocket_broadcast_pass_seconds_count 4",
+            "# TYPE ringsocket_broadcast_pass_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
     }
 }

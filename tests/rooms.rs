@@ -155,6 +155,20 @@ async fn every_subscriber_on_every_worker_gets_each_message_once_in_order() {
             "a subscriber got an extra message"
         );
     }
+    // Each core's passes over its subscribers were timed: at least one per core.
+    let metrics = get(addr, "/metrics").await;
+    let passes: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("ringsocket_broadcast_pass_seconds_count "))
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no pass count in {metrics}"));
+    assert!(passes >= 2, "{passes} passes for 400 messages on 2 cores");
+    assert!(
+        metrics.contains(&format!(
+            "ringsocket_broadcast_pass_seconds_bucket{{le=\"+Inf\"}} {passes}"
+        )),
+        "{metrics}"
+    );
 }
 
 /// A room name over `MAX_TOPIC_LEN` is refused: the connection is closed with 1008

@@ -26,6 +26,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -74,6 +75,8 @@ struct Pass {
     at: usize,
     /// The feed's end when the pass began: every follower is at least there after it.
     end: u64,
+    /// When it began.
+    started: Instant,
 }
 
 impl Feed {
@@ -177,7 +180,11 @@ impl Feed {
             let mut inner = self.inner.borrow_mut();
             let end = inner.end();
             let len = inner.followers.len();
-            let pass = inner.pass.get_or_insert(Pass { at: 0, end });
+            let pass = inner.pass.get_or_insert_with(|| Pass {
+                at: 0,
+                end,
+                started: Instant::now(),
+            });
             let from = pass.at.min(len);
             let to = (from + budget).min(len);
             pass.at = to;
@@ -209,6 +216,7 @@ impl Feed {
             return (to - from, true);
         }
         inner.pass = None;
+        metrics.broadcast_pass(pass.started.elapsed());
         inner.trim(pass.end);
         let again = inner.end() > pass.end;
         inner.queued = again;
