@@ -324,6 +324,13 @@ fn assert_clean_broadcast(report: &bench::BroadcastReport) {
     assert!(step.window_deliveries > 0, "{report}");
     assert_eq!(step.latency_us.samples, step.window_deliveries, "{report}");
     assert!(step.latency_us.p50 > 0.0 && step.latency_us.p99 <= step.latency_us.max);
+    // Each message due in the 0.5 s window (100 of them) has its publisher lag.
+    let lag = &step.publish_lag_us;
+    assert!((98..=102).contains(&lag.samples), "{report}");
+    assert!(
+        lag.p50 <= lag.p99 && lag.p99 <= lag.max && lag.max < 1e6,
+        "{report}"
+    );
     assert_eq!(step.verdict, Verdict::Pass, "{report}");
     assert!(report.is_clean() && report.failure().is_none(), "{report}");
     assert!(report.error_causes.is_empty(), "{report}");

@@ -34,6 +34,8 @@ pub(super) struct ThreadState {
     stats: StepStats,
     errors: BTreeMap<String, u64>,
     pub(super) close_failures: u64,
+    /// Per publisher (by id): when it next has messages due, if it is waiting for that.
+    publish_due: Vec<Option<Instant>>,
 }
 
 impl ThreadState {
@@ -47,6 +49,7 @@ impl ThreadState {
             stats: StepStats::new(),
             errors: BTreeMap::new(),
             close_failures: 0,
+            publish_due: vec![None; pubs],
         }
     }
 
@@ -135,6 +138,24 @@ impl ThreadState {
             stats::record(&mut stats.latency, Duration::from_nanos(latency));
         }
         true
+    }
+
+    /// Whether a publisher of this thread has messages due (and is waiting for its
+    /// timer, which runs only when the thread's tasks yield).
+    pub(super) fn publisher_due(&self, now: Instant) -> bool {
+        self.publish_due.iter().flatten().any(|&due| due <= now)
+    }
+
+    /// Publisher lag: messages `seqs` of `plan`'s step were written by `now`; those due
+    /// in the measured window are counted.
+    fn publish_lag(&mut self, plan: &Plan, (from, to): (u64, u64), now: Instant) {
+        let stats = self.stats_for(plan.step);
+        for seq in from..to {
+            let due = plan.due_at(seq);
+            if due >= plan.warm_end && due < plan.end {
+                stats::record(&mut stats.publish_lag, now.saturating_duration_since(due));
+            }
+        }
     }
 
     /// The step's counts, with the messages each subscriber is missing.
@@ -408,6 +429,7 @@ async fn publish(
         let mut done_step = None;
         loop {
             let current = phase.borrow_and_update().clone();
+            let mut written = None;
             let mut next_wake = None;
             let mut write_deadline = None;
             match &current {
@@ -454,6 +476,9 @@ async fn publish(
                             }
                         }
                     }
+                    if due > sent {
+                        written = Some((sent, due));
+                    }
                     step_sent = Some((plan.step, due));
                     write_deadline = Some(plan.end + plan.grace);
                     if due < plan.total() {
@@ -481,12 +506,18 @@ async fn publish(
                     return Some(format!("write failed: {e}"));
                 }
             }
+            if let (Phase::Step(plan), Some(seqs)) = (&current, written) {
+                state.borrow_mut().publish_lag(plan, seqs, Instant::now());
+            }
             if let (Phase::Step(plan), Some((step, sent))) = (&current, step_sent) {
                 shared.published[id as usize].store(sent, Ordering::Relaxed);
                 if sent == plan.total() && done_step != Some(step) {
                     done_step = Some(step);
                     shared.pubs_done.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+            if let Some(due) = state.borrow_mut().publish_due.get_mut(id as usize) {
+                *due = next_wake;
             }
             tokio::select! {
                 changed = phase.changed() => {

@@ -209,6 +209,10 @@ pub struct StepReport {
     pub latency_us: LatencySummary,
     /// Its distribution, for plots.
     pub latency_curve: Vec<Percentile>,
+    /// How late the publishers wrote the messages due in the measured window (from the
+    /// time each was due to the end of its write): the load generator's own share of
+    /// the latency, which counts from the due time.
+    pub publish_lag_us: LatencySummary,
     /// Expected messages not received by the end of the grace.
     pub lost: u64,
     /// Messages received again.
@@ -446,6 +450,11 @@ fn write_step(f: &mut fmt::Formatter<'_>, s: &StepReport) -> fmt::Result {
         thousands(s.deliveries_per_sec.round() as u64)
     )?;
     writeln!(f, "  latency     {}", s.latency_us)?;
+    writeln!(
+        f,
+        "  pub. lag    {} (publishers' writes after the due time; part of the latency)",
+        s.publish_lag_us
+    )?;
     writeln!(
         f,
         "  lost        {}, duplicated {}, reordered {}, malformed {}{}",
@@ -708,6 +717,7 @@ fn run_step(
         deliveries_per_sec: s.window_deliveries as f64 / options.duration,
         latency_us: LatencySummary::from_histogram(&s.latency),
         latency_curve: stats::percentile_curve(&s.latency),
+        publish_lag_us: LatencySummary::from_histogram(&s.publish_lag),
         lost: s.lost,
         duplicated: s.duplicated,
         reordered: s.reordered,
@@ -839,6 +849,7 @@ impl Plan {
 #[derive(Debug)]
 struct StepStats {
     latency: Histogram<u64>,
+    publish_lag: Histogram<u64>,
     delivered: u64,
     window_deliveries: u64,
     lost: u64,
@@ -853,6 +864,7 @@ impl StepStats {
     fn new() -> Self {
         Self {
             latency: stats::new_histogram(),
+            publish_lag: stats::new_histogram(),
             delivered: 0,
             window_deliveries: 0,
             lost: 0,
@@ -867,6 +879,7 @@ impl StepStats {
     fn merge(&mut self, other: StepStats) {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
+        let _ = self.publish_lag.add(&other.publish_lag);
         self.delivered += other.delivered;
         self.window_deliveries += other.window_deliveries;
         self.lost += other.lost;

@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -25,9 +25,12 @@ use super::conns::{ThreadState, receive};
 use crate::bench::client::Client;
 use crate::proto::Connection;
 
-/// Ready sockets taken per `epoll_wait`; the task yields to the thread's publishers
-/// and timers after each batch.
+/// Ready sockets taken per `epoll_wait`; the task yields to the thread's timers after
+/// each batch, and within one as soon as a publisher has messages due.
 const EVENTS: usize = 1024;
+
+/// Reads between two checks of whether a publisher of the thread has messages due.
+const DUE_CHECK: usize = 32;
 
 struct Sub {
     index: usize,
@@ -81,7 +84,14 @@ pub(super) async fn run(
                 if phase.has_changed().unwrap_or(false) {
                     current = phase.borrow_and_update().clone();
                 }
-                for event in &events[..ready] {
+                for (i, event) in events[..ready].iter().enumerate() {
+                    if i % DUE_CHECK == DUE_CHECK - 1
+                        && state.borrow().publisher_due(Instant::now())
+                    {
+                        // A publisher's messages are due: its timer fires when this
+                        // task yields, not after the rest of the batch.
+                        tokio::task::yield_now().await;
+                    }
                     let index = event.u64 as usize;
                     if let Some(sub) = subs.get_mut(index) {
                         on_ready(sub, &mut buf, &state, &shared, &current, &epoll);
