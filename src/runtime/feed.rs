@@ -399,6 +399,48 @@ mod tests {
         chunks.concat()
     }
 
+    /// A read that completes while the flusher is in the middle of a long pass is
+    /// handled after the batch under way, not after the next one: the pass is one
+    /// batch in when the reading task runs.
+    #[test]
+    fn a_read_completing_during_a_pass_is_handled_after_one_batch() {
+        use std::cell::Cell;
+        use std::io::Write;
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        tokio_uring::start(async {
+            let feed = Feed::new();
+            let sessions: Vec<Session> = (0..super::super::flush::FLUSH_BATCH * 8)
+                .map(|_| Session::driverless())
+                .collect();
+            for session in &sessions {
+                feed.follow(session);
+            }
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+            let ours = tokio_uring::net::UnixStream::from_std(ours);
+            let seen = Rc::new(Cell::new(None));
+            let reader = {
+                let (seen, feed) = (seen.clone(), feed.clone());
+                tokio_uring::spawn(async move {
+                    let (read, _) = ours.read(vec![0u8; 16]).await;
+                    assert_eq!(read.expect("read"), 1);
+                    seen.set(feed.inner().borrow().pass.map(|pass| pass.at));
+                })
+            };
+            // The runtime parks, which hands the read to the kernel.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio_uring::spawn(super::super::flush::run(Arc::new(WorkerMetrics::default())));
+            (&theirs).write_all(b"x").expect("write");
+            feed.push(b"frame");
+            reader.await.expect("reader");
+            assert_eq!(seen.get(), Some(super::super::flush::FLUSH_BATCH));
+            for session in &sessions {
+                session.run_teardown();
+            }
+        });
+    }
+
     /// Followers that leave in the middle of a pass, visited or not, do not make the
     /// pass skip or repeat anyone: every follower left gets each frame once, one that
     /// leaves gets what it was owed, and the frames are dropped once the pass is over.
