@@ -12,13 +12,18 @@ use std::time::Duration;
 /// Appends one metric family in the Prometheus text format: `ringsocket_{name}`, its
 /// help and type lines, then one sample per row (`labels` is `""` or `{k="v",…}`).
 pub fn write_family(out: &mut String, name: &str, help: &str, kind: &str, rows: &[(String, u64)]) {
+    write_header(out, name, help, kind);
+    for (labels, value) in rows {
+        let _ = writeln!(out, "ringsocket_{name}{labels} {value}");
+    }
+}
+
+/// Appends a metric family's help and type lines (`ringsocket_{name}`).
+fn write_header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(
         out,
         "# HELP ringsocket_{name} {help}\n# TYPE ringsocket_{name} {kind}"
     );
-    for (labels, value) in rows {
-        let _ = writeln!(out, "ringsocket_{name}{labels} {value}");
-    }
 }
 
 /// Why a connection ended; every way out is counted under one of these.
@@ -376,14 +381,15 @@ impl Metrics {
 
     /// The `broadcast_pass_seconds` histogram, summed over the workers.
     fn render_passes(&self, out: &mut String) {
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP ringsocket_broadcast_pass_seconds Time a core took to write what was \
-             broadcast to a topic to every subscriber of it on that core (one pass; \
-             subscribers of one topic only). A message published while a pass is under way \
-             reaches the subscribers already written in the next one, so this is how long \
-             a subscriber can wait when the core is busy.\n\
-             # TYPE ringsocket_broadcast_pass_seconds histogram"
+            "broadcast_pass_seconds",
+            "Time a core took to write what was broadcast to a topic to every subscriber \
+             of it on that core (one pass; subscribers of one topic only). A message \
+             published while a pass is under way reaches the subscribers already written \
+             in the next one, so this is how long a subscriber can wait when the core is \
+             busy.",
+            "histogram",
         );
         let mut cumulative = 0;
         for (i, le) in PASS_BUCKETS.iter().enumerate() {

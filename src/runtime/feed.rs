@@ -409,9 +409,11 @@ mod tests {
         use std::sync::Arc;
         use std::time::Duration;
 
+        use crate::runtime::flush::{self, FLUSH_BATCH};
+
         tokio_uring::start(async {
             let feed = Feed::new();
-            let sessions: Vec<Session> = (0..super::super::flush::FLUSH_BATCH * 8)
+            let sessions: Vec<Session> = (0..FLUSH_BATCH * 8)
                 .map(|_| Session::driverless())
                 .collect();
             for session in &sessions {
@@ -430,11 +432,11 @@ mod tests {
             };
             // The runtime parks, which hands the read to the kernel.
             tokio::time::sleep(Duration::from_millis(5)).await;
-            tokio_uring::spawn(super::super::flush::run(Arc::new(WorkerMetrics::default())));
+            tokio_uring::spawn(flush::run(Arc::new(WorkerMetrics::default())));
             (&theirs).write_all(b"x").expect("write");
             feed.push(b"frame");
             reader.await.expect("reader");
-            assert_eq!(seen.get(), Some(super::super::flush::FLUSH_BATCH));
+            assert_eq!(seen.get(), Some(FLUSH_BATCH));
             for session in &sessions {
                 session.run_teardown();
             }

@@ -5,8 +5,9 @@
 //! the frame and, the first time, puts the session at the back of this queue; a
 //! feed's push puts the feed there, and its turn is a pass over its followers, each
 //! written like a session, with the feed frames it is owed behind its own queue. The
-//! core's flusher takes entries from the front and writes everything each has queued with one non-blocking `sendmsg` (`MSG_DONTWAIT`),
-//! straight from the connection's queue. A broadcast to 10,000 subscribers then costs
+//! core's flusher takes entries from the front and writes everything each has queued
+//! with one non-blocking `send` or `sendmsg` (`MSG_DONTWAIT`), straight from the
+//! connection's queue. A broadcast to 10,000 subscribers then costs
 //! 10,000 system calls in a loop and no task wake-up, io_uring operation or future per
 //! subscriber; the kernel's TCP send is what remains.
 //!

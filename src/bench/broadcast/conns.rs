@@ -534,6 +534,10 @@ async fn publish(
         failure = reader => failure,
         failure = writer => failure,
     };
+    // An ended publisher has nothing due: the subscribers' task stops yielding for it.
+    if let Some(due) = state.borrow_mut().publish_due.get_mut(id as usize) {
+        *due = None;
+    }
     // A reader that ends because the bench is stopping is not a failure.
     if let Some(cause) = failure.filter(|_| !stopping.get()) {
         state.borrow_mut().fail(cause);
