@@ -24,6 +24,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod app;
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod broker;
 pub mod config;
