@@ -105,6 +105,9 @@ impl Server {
     /// [`RunningServer::shutdown`] (or its drop).
     pub fn start(config: Config, service: Arc<dyn Service>) -> Result<RunningServer, ServeError> {
         config.validate().map_err(|e| ServeError::Config(e.0))?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         probe_io_uring()?;
         let n = config.worker_count();
         let (listeners, addr) = listener::bind_all(config.bind, n, config.defer_accept_secs)
@@ -204,10 +207,12 @@ impl RunningServer {
             signal_hook::consts::SIGTERM,
         ])
         .map_err(|e| ServeError::Worker(format!("cannot install signal handlers: {e}")))?;
-        if let Some(signal) = signals.forever().next() {
+        let signal = signals.forever().next();
+        // The shutdown first: it must never depend on a log line being written.
+        self.shutdown();
+        if let Some(signal) = signal {
             tracing::info!(signal, "shutting down: closing connections with 1001");
         }
-        self.shutdown();
         self.join()
     }
 
