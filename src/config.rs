@@ -2,17 +2,26 @@
 //!
 //! Precedence, lowest first: these defaults, the TOML file (`ringsocket.toml`), the
 //! environment (`RINGSOCKET_<FIELD>`, e.g. `RINGSOCKET_BIND=0.0.0.0:9000`), then flags.
+//!
+//! Every source goes through one parser per field, [`Config::set`]: a value reads the
+//! same in the file, in the environment and after `--set` (a TOML string, number or
+//! list in the file is handed to it as its text). [`Config::validate`] refuses values
+//! outside their range, naming the range; [`Config::warnings`] lists the values that
+//! are accepted but probably not what was meant. [`Loader`] keeps track of where each
+//! value came from, for `ringsocket config`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 /// What a connection that queues too many outbound bytes (a slow consumer) gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+///
+/// Written `close-1013` or `close-1008` (also accepted: `close1013`, `1013`, and the
+/// same for 1008), in the file, the environment and `--set` alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SlowConsumerPolicy {
     /// Close with 1013 "try again later" (the default).
@@ -21,9 +30,42 @@ pub enum SlowConsumerPolicy {
     Close1008,
 }
 
+impl SlowConsumerPolicy {
+    /// The canonical spelling, as `ringsocket config` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Close1013 => "close-1013",
+            Self::Close1008 => "close-1008",
+        }
+    }
+}
+
+impl FromStr for SlowConsumerPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let normalized: String = s
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, '-' | '_'))
+            .collect::<String>()
+            .to_ascii_lowercase();
+        match normalized.as_str() {
+            "close1013" | "1013" => Ok(Self::Close1013),
+            "close1008" | "1008" => Ok(Self::Close1008),
+            _ => Err(format!("expected close-1013 or close-1008, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for SlowConsumerPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The server's settings. Durations are in seconds in the file and the environment.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Config {
     /// Address to listen on. Default `127.0.0.1:9001`.
@@ -133,12 +175,58 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Every setting's name, in the order `ringsocket config` prints them.
+pub const FIELDS: [&str; 22] = [
+    "bind",
+    "workers",
+    "max_connections",
+    "handshake_timeout_secs",
+    "defer_accept_secs",
+    "ping_interval_secs",
+    "pong_timeout_secs",
+    "idle_timeout_secs",
+    "max_message_size",
+    "max_frame_size",
+    "max_outbound_bytes",
+    "slow_consumer_policy",
+    "max_body_bytes",
+    "max_head_bytes",
+    "shutdown_timeout_secs",
+    "conflate_topics",
+    "conflate_window_ms",
+    "redis_url",
+    "redis_prefix",
+    "task_threads",
+    "task_queue_capacity",
+    "task_nice",
+];
+
+/// The largest `workers` accepted.
+pub const MAX_WORKERS: usize = 1024;
+/// The range of `max_head_bytes`: room for a real handshake, up to the 16-bit offsets
+/// a parsed request stores its parts in.
+pub const MAX_HEAD_BYTES_RANGE: (usize, usize) = (512, u16::MAX as usize);
+/// The largest `max_message_size` and `max_frame_size` accepted: 1 GiB.
+pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+
 impl Config {
     /// Reads a TOML file over the defaults. Unknown keys are an error.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        let mut loader = Loader::new();
+        loader.file(path)?;
+        Ok(loader.config)
+    }
+
+    /// Reads TOML text over the defaults, each key through [`Config::set`]. Unknown
+    /// keys are an error.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let mut config = Self::default();
+        for (field, value) in toml_settings(text)? {
+            config
+                .set(&field, &value)
+                .map_err(|e| ConfigError(format!("{field}: {e}")))?;
+        }
+        Ok(config)
     }
 
     /// Applies `RINGSOCKET_<FIELD>` variables from `vars` over this configuration.
@@ -157,62 +245,91 @@ impl Config {
         Ok(())
     }
 
-    /// Sets one field from its text form, by its name in the file.
-    pub fn set(&mut self, field: &str, value: &str) -> Result<(), String> {
-        fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
-            v.trim()
-                .parse()
-                .map_err(|_| format!("not a valid number: {v:?}"))
-        }
-        match field {
+    /// Sets one field from its text form, by its name in the file: the one parser
+    /// every source goes through. Lists (`conflate_topics`) are written `a,b*` or
+    /// `["a", "b*"]`; `slow_consumer_policy` as [`SlowConsumerPolicy`] says. Returns
+    /// the field's canonical name.
+    pub fn set(&mut self, field: &str, value: &str) -> Result<&'static str, String> {
+        let name = FIELDS
+            .iter()
+            .copied()
+            .find(|name| *name == field)
+            .ok_or_else(|| format!("unknown setting {field:?} (known: {})", FIELDS.join(", ")))?;
+        match name {
             "bind" => {
-                self.bind = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("not an address: {value:?}"))?
+                self.bind = value.trim().parse().map_err(|_| {
+                    format!("not an address: {value:?} (expected IP:PORT, e.g. 0.0.0.0:9001)")
+                })?
             }
-            "workers" => self.workers = num(value)?,
-            "max_connections" => self.max_connections = num(value)?,
-            "handshake_timeout_secs" => self.handshake_timeout_secs = num(value)?,
-            "defer_accept_secs" => self.defer_accept_secs = num(value)?,
-            "ping_interval_secs" => self.ping_interval_secs = num(value)?,
-            "pong_timeout_secs" => self.pong_timeout_secs = num(value)?,
-            "idle_timeout_secs" => self.idle_timeout_secs = num(value)?,
-            "max_message_size" => self.max_message_size = num(value)?,
-            "max_frame_size" => self.max_frame_size = num(value)?,
-            "max_outbound_bytes" => self.max_outbound_bytes = num(value)?,
-            "max_body_bytes" => self.max_body_bytes = num(value)?,
-            "max_head_bytes" => self.max_head_bytes = num(value)?,
-            "shutdown_timeout_secs" => self.shutdown_timeout_secs = num(value)?,
-            "conflate_topics" => {
-                self.conflate_topics = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            }
-            "conflate_window_ms" => self.conflate_window_ms = num(value)?,
+            "workers" => self.workers = whole(value)?,
+            "max_connections" => self.max_connections = whole(value)?,
+            "handshake_timeout_secs" => self.handshake_timeout_secs = seconds(value)?,
+            "defer_accept_secs" => self.defer_accept_secs = whole(value)?,
+            "ping_interval_secs" => self.ping_interval_secs = seconds(value)?,
+            "pong_timeout_secs" => self.pong_timeout_secs = seconds(value)?,
+            "idle_timeout_secs" => self.idle_timeout_secs = seconds(value)?,
+            "max_message_size" => self.max_message_size = whole(value)?,
+            "max_frame_size" => self.max_frame_size = whole(value)?,
+            "max_outbound_bytes" => self.max_outbound_bytes = whole(value)?,
+            "slow_consumer_policy" => self.slow_consumer_policy = value.parse()?,
+            "max_body_bytes" => self.max_body_bytes = whole(value)?,
+            "max_head_bytes" => self.max_head_bytes = whole(value)?,
+            "shutdown_timeout_secs" => self.shutdown_timeout_secs = seconds(value)?,
+            "conflate_topics" => self.conflate_topics = topic_list(value)?,
+            "conflate_window_ms" => self.conflate_window_ms = whole(value)?,
             "redis_url" => self.redis_url = value.trim().to_owned(),
             "redis_prefix" => self.redis_prefix = value.to_owned(),
-            "task_threads" => self.task_threads = num(value)?,
-            "task_queue_capacity" => self.task_queue_capacity = num(value)?,
-            "task_nice" => self.task_nice = num(value)?,
-            "slow_consumer_policy" => {
-                self.slow_consumer_policy = match value.trim() {
-                    "close-1013" => SlowConsumerPolicy::Close1013,
-                    "close-1008" => SlowConsumerPolicy::Close1008,
-                    other => {
-                        return Err(format!("expected close-1013 or close-1008, got {other:?}"));
-                    }
-                }
-            }
-            other => return Err(format!("unknown setting {other:?}")),
+            "task_threads" => self.task_threads = whole(value)?,
+            "task_queue_capacity" => self.task_queue_capacity = whole(value)?,
+            "task_nice" => self.task_nice = whole(value)?,
+            _ => return Err(format!("unknown setting {field:?}")),
         }
-        Ok(())
+        Ok(name)
     }
 
-    /// Checks values that would make the server misbehave.
+    /// The value of `field` as TOML (what a file would say), secrets masked: the
+    /// password in `redis_url` is shown as `***`.
+    pub fn value_of(&self, field: &str) -> Option<String> {
+        use toml::Value;
+        let int = |n: usize| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        let value = match field {
+            "bind" => Value::String(self.bind.to_string()),
+            "workers" => int(self.workers),
+            "max_connections" => int(self.max_connections),
+            "handshake_timeout_secs" => Value::Float(self.handshake_timeout_secs),
+            "defer_accept_secs" => Value::Integer(i64::from(self.defer_accept_secs)),
+            "ping_interval_secs" => Value::Float(self.ping_interval_secs),
+            "pong_timeout_secs" => Value::Float(self.pong_timeout_secs),
+            "idle_timeout_secs" => Value::Float(self.idle_timeout_secs),
+            "max_message_size" => int(self.max_message_size),
+            "max_frame_size" => int(self.max_frame_size),
+            "max_outbound_bytes" => int(self.max_outbound_bytes),
+            "slow_consumer_policy" => Value::String(self.slow_consumer_policy.to_string()),
+            "max_body_bytes" => int(self.max_body_bytes),
+            "max_head_bytes" => int(self.max_head_bytes),
+            "shutdown_timeout_secs" => Value::Float(self.shutdown_timeout_secs),
+            "conflate_topics" => Value::Array(
+                self.conflate_topics
+                    .iter()
+                    .cloned()
+                    .map(Value::String)
+                    .collect(),
+            ),
+            "conflate_window_ms" => {
+                Value::Integer(i64::try_from(self.conflate_window_ms).unwrap_or(i64::MAX))
+            }
+            "redis_url" => Value::String(mask_url_password(&self.redis_url)),
+            "redis_prefix" => Value::String(self.redis_prefix.clone()),
+            "task_threads" => int(self.task_threads),
+            "task_queue_capacity" => int(self.task_queue_capacity),
+            "task_nice" => Value::Integer(i64::from(self.task_nice)),
+            _ => return None,
+        };
+        Some(value.to_string())
+    }
+
+    /// Checks values that would make the server misbehave; the error names the field
+    /// and its range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let secs = [
             ("handshake_timeout_secs", self.handshake_timeout_secs, false),
@@ -223,47 +340,95 @@ impl Config {
         ];
         for (name, value, zero_ok) in secs {
             if !value.is_finite() || value < 0.0 || (!zero_ok && value == 0.0) || value > 1e9 {
+                let range = if zero_ok { "0" } else { "above 0" };
                 return Err(ConfigError(format!(
-                    "{name} must be a positive number of seconds, got {value}"
+                    "{name} must be a number of seconds, {range} up to 1e9, got {value}"
                 )));
             }
         }
-        if self.max_message_size == 0 || self.max_frame_size == 0 {
-            return Err(ConfigError(
-                "max_message_size and max_frame_size must be above 0".into(),
-            ));
-        }
-        if self.conflate_window_ms == 0 || self.conflate_window_ms > 60_000 {
-            return Err(ConfigError(format!(
-                "conflate_window_ms must be 1 to 60000, got {}",
-                self.conflate_window_ms
-            )));
-        }
-        if self.defer_accept_secs > 3600 {
-            return Err(ConfigError(format!(
-                "defer_accept_secs must be 0 to 3600, got {}",
-                self.defer_accept_secs
-            )));
-        }
-        if self.max_connections == 0 {
-            return Err(ConfigError("max_connections must be above 0".into()));
+        range("workers", self.workers, 0, MAX_WORKERS)?;
+        range("max_connections", self.max_connections, 1, usize::MAX)?;
+        range(
+            "max_message_size",
+            self.max_message_size,
+            1,
+            MAX_MESSAGE_SIZE,
+        )?;
+        range("max_frame_size", self.max_frame_size, 1, MAX_MESSAGE_SIZE)?;
+        range("max_outbound_bytes", self.max_outbound_bytes, 1, usize::MAX)?;
+        let (low, high) = MAX_HEAD_BYTES_RANGE;
+        range("max_head_bytes", self.max_head_bytes, low, high)?;
+        range("conflate_window_ms", self.conflate_window_ms, 1, 60_000)?;
+        range("defer_accept_secs", self.defer_accept_secs, 0, 3600)?;
+        range("task_threads", self.task_threads, 1, 1024)?;
+        range(
+            "task_queue_capacity",
+            self.task_queue_capacity,
+            1,
+            usize::MAX,
+        )?;
+        range("task_nice", self.task_nice, -20, 19)?;
+        for topic in &self.conflate_topics {
+            check_topic_pattern(topic).map_err(|e| ConfigError(format!("conflate_topics: {e}")))?;
         }
         if !self.redis_url.is_empty() {
-            crate::broker::redis::check_url(&self.redis_url)
-                .map_err(|e| ConfigError(format!("redis_url: {e}")))?;
-        }
-        if !(-20..=19).contains(&self.task_nice) {
-            return Err(ConfigError(format!(
-                "task_nice must be between -20 and 19, got {}",
-                self.task_nice
-            )));
-        }
-        if self.task_threads == 0 || self.task_queue_capacity == 0 {
-            return Err(ConfigError(
-                "task_threads and task_queue_capacity must be above 0".into(),
-            ));
+            check_redis_url(&self.redis_url).map_err(|e| ConfigError(format!("redis_url: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Values that are accepted but are probably not what was meant, each saying what
+    /// is used instead. `serve` logs each at WARN; `ringsocket config` prints them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.workers > cores {
+            warnings.push(format!(
+                "workers = {} but this machine has {cores} core(s): the workers share \
+                 them, pinned round-robin; one worker per core (workers = 0) is faster",
+                self.workers
+            ));
+        }
+        if self.max_frame_size > self.max_message_size {
+            warnings.push(format!(
+                "max_frame_size = {} is above max_message_size = {}: a frame can be no \
+                 larger than a message, so frames are limited to {} bytes",
+                self.max_frame_size, self.max_message_size, self.max_message_size
+            ));
+        }
+        if self.idle_timeout_secs > 0.0 && self.idle_timeout_secs < self.ping_interval_secs {
+            warnings.push(format!(
+                "idle_timeout_secs = {} is shorter than ping_interval_secs = {}: an idle \
+                 connection is closed before it is ever pinged",
+                self.idle_timeout_secs, self.ping_interval_secs
+            ));
+        }
+        warnings
+    }
+
+    /// The effective configuration as TOML, every field with where its value came
+    /// from (secrets masked), then the warnings: what `ringsocket config` prints.
+    pub fn describe(&self, sources: &Sources) -> String {
+        let mut out = String::from(
+            "# ringsocket: the effective configuration; each value's source after it\n\
+             # (precedence, lowest first: default, file, environment, flag)\n",
+        );
+        for field in FIELDS {
+            let value = self.value_of(field).unwrap_or_default();
+            let source = sources.of(field);
+            let mut note = source.to_string();
+            if field == "workers" && self.workers == 0 {
+                note.push_str(&format!("; 0 = one per core: {} here", self.worker_count()));
+            }
+            if field == "redis_url" && value.contains("***") {
+                note.push_str("; password masked");
+            }
+            out.push_str(&format!("{field} = {value}  # {note}\n"));
+        }
+        for warning in self.warnings() {
+            out.push_str(&format!("# WARNING: {warning}\n"));
+        }
+        out
     }
 
     /// [`Config::handshake_timeout_secs`] as a `Duration`.
@@ -305,13 +470,256 @@ impl Config {
     }
 }
 
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Source {
+    /// The built-in default.
+    Default,
+    /// The configuration file at this path.
+    File(String),
+    /// This environment variable.
+    Env(String),
+    /// This command-line flag.
+    Flag(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Default => f.write_str("default"),
+            Self::File(path) => write!(f, "file {path}"),
+            Self::Env(var) => write!(f, "env {var}"),
+            Self::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// Where each setting came from (fields not listed: the default).
+#[derive(Debug, Clone, Default)]
+pub struct Sources(BTreeMap<&'static str, Source>);
+
+impl Sources {
+    /// The source of `field`.
+    pub fn of(&self, field: &str) -> Source {
+        self.0.get(field).cloned().unwrap_or(Source::Default)
+    }
+}
+
+/// Builds a [`Config`] from its sources, lowest precedence first, remembering where
+/// each value came from.
+#[derive(Debug, Clone, Default)]
+pub struct Loader {
+    config: Config,
+    sources: Sources,
+}
+
+impl Loader {
+    /// Starts from the defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies a TOML file.
+    pub fn file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let settings =
+            toml_settings(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        for (field, value) in settings {
+            let name = self
+                .config
+                .set(&field, &value)
+                .map_err(|e| ConfigError(format!("{}: {field}: {e}", path.display())))?;
+            self.sources
+                .0
+                .insert(name, Source::File(path.display().to_string()));
+        }
+        Ok(())
+    }
+
+    /// Applies the `RINGSOCKET_<FIELD>` variables among `vars`.
+    pub fn env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (key, value) in vars {
+            let Some(field) = key.strip_prefix("RINGSOCKET_") else {
+                continue;
+            };
+            let name = self
+                .config
+                .set(&field.to_ascii_lowercase(), &value)
+                .map_err(|e| ConfigError(format!("{key}={value:?}: {e}")))?;
+            self.sources.0.insert(name, Source::Env(key));
+        }
+        Ok(())
+    }
+
+    /// Applies a command-line flag (`flag` as the user wrote it, for messages).
+    pub fn flag(&mut self, flag: &str, field: &str, value: &str) -> Result<(), ConfigError> {
+        let name = self
+            .config
+            .set(field, value)
+            .map_err(|e| ConfigError(format!("{flag}: {e}")))?;
+        self.sources.0.insert(name, Source::Flag(flag.to_owned()));
+        Ok(())
+    }
+
+    /// The configuration so far (not validated).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Validates the result and returns it with its sources.
+    pub fn finish(self) -> Result<(Config, Sources), ConfigError> {
+        self.config.validate()?;
+        Ok((self.config, self.sources))
+    }
+}
+
+/// The settings of a TOML document, each value as the text [`Config::set`] parses.
+fn toml_settings(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let table: toml::Table = text.parse().map_err(|e| ConfigError(format!("{e}")))?;
+    table
+        .into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                array @ toml::Value::Array(_) => array.to_string(),
+                other => {
+                    return Err(ConfigError(format!(
+                        "{key}: expected a value, got a {}",
+                        other.type_str()
+                    )));
+                }
+            };
+            Ok((key, text))
+        })
+        .collect()
+}
+
+/// A whole number of any integer type.
+fn whole<T: FromStr>(value: &str) -> Result<T, String> {
+    value
+        .trim()
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("expected a whole number, got {value:?}"))
+}
+
+/// A number of seconds (fractions allowed).
+fn seconds(value: &str) -> Result<f64, String> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of seconds, got {value:?}"))
+}
+
+/// A list of topic names or patterns: `a, b*` or TOML's `["a", "b*"]`.
+fn topic_list(value: &str) -> Result<Vec<String>, String> {
+    let trimmed = value.trim();
+    let items: Vec<String> = if trimmed.starts_with('[') {
+        let table: toml::Table = format!("v = {trimmed}")
+            .parse()
+            .map_err(|_| format!("not a list: {value:?} (write a,b* or [\"a\", \"b*\"])"))?;
+        let Some(toml::Value::Array(items)) = table.get("v") else {
+            return Err(format!("not a list: {value:?}"));
+        };
+        items
+            .iter()
+            .map(|item| match item {
+                toml::Value::String(s) => Ok(s.trim().to_owned()),
+                other => Err(format!("expected topic names, got {other}")),
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        trimmed
+            .split(',')
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    for item in &items {
+        check_topic_pattern(item)?;
+    }
+    Ok(items)
+}
+
+/// A topic name, or a prefix followed by `*`: no quotes, brackets, spaces or control
+/// characters (what they would mean is a list written wrong).
+fn check_topic_pattern(topic: &str) -> Result<(), String> {
+    let bad = topic
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '[' | ']'));
+    if topic.is_empty() {
+        return Err("an empty topic name".into());
+    }
+    if let Some(c) = bad {
+        return Err(format!(
+            "{topic:?} is not a topic name or pattern ({c:?} is not allowed; write a,b* \
+             or [\"a\", \"b*\"])"
+        ));
+    }
+    if topic.find('*').is_some_and(|i| i + 1 != topic.len()) {
+        return Err(format!("{topic:?}: '*' may only end a pattern"));
+    }
+    Ok(())
+}
+
+fn range<T: PartialOrd + fmt::Display>(
+    name: &str,
+    value: T,
+    low: T,
+    high: T,
+) -> Result<(), ConfigError> {
+    if value < low || value > high {
+        return Err(ConfigError(format!(
+            "{name} must be between {low} and {high}, got {value}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `url` is a Redis URL the broker can use (`redis://`, `rediss://` or
+/// `unix://`), without connecting.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo;
+    url.into_connection_info()
+        .map(drop)
+        .map_err(|e| format!("{:?}: {e}", mask_url_password(url)))
+}
+
+/// `url` with the password of its user info replaced by `***`, for logs and
+/// `ringsocket config`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user_info = &rest[..at];
+    let masked = match user_info.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        // `redis://password@host` is also read as a password.
+        None if !user_info.is_empty() => "***".to_owned(),
+        None => String::new(),
+    };
+    format!("{scheme}://{masked}{}", &rest[at..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn file_then_env_override_defaults() {
-        let mut config: Config = toml::from_str("bind = \"0.0.0.0:8000\"\nworkers = 3\n").unwrap();
+        let mut config = Config::from_toml("bind = \"0.0.0.0:8000\"\nworkers = 3\n").unwrap();
         assert_eq!(config.workers, 3);
         assert_eq!(config.ping_interval_secs, 25.0);
         config
@@ -326,7 +734,7 @@ mod tests {
 
     #[test]
     fn conflated_topics_are_a_list() {
-        let mut config: Config = toml::from_str("conflate_topics = [\"cursor\"]\n").unwrap();
+        let mut config = Config::from_toml("conflate_topics = [\"cursor\"]\n").unwrap();
         assert_eq!(config.conflate_topics, ["cursor"]);
         config.set("conflate_topics", "a, prices:*,").unwrap();
         assert_eq!(config.conflate_topics, ["a", "prices:*"]);
@@ -341,7 +749,7 @@ mod tests {
             .apply_env([("RINGSOCKET_WORKERS".to_owned(), "many".to_owned())])
             .unwrap_err();
         assert!(err.0.contains("RINGSOCKET_WORKERS"), "{err}");
-        let err = toml::from_str::<Config>("colour = 1").unwrap_err();
+        let err = Config::from_toml("colour = 1").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
         config.pong_timeout_secs = 0.0;
         assert!(
@@ -354,12 +762,169 @@ mod tests {
     }
 
     #[test]
+    fn slow_consumer_policy_reads_the_same_everywhere() {
+        for spelling in ["close-1008", "close1008", "CLOSE_1008", "1008"] {
+            let file =
+                Config::from_toml(&format!("slow_consumer_policy = \"{spelling}\"")).unwrap();
+            assert_eq!(file.slow_consumer_policy, SlowConsumerPolicy::Close1008);
+            let mut env = Config::default();
+            env.apply_env([("RINGSOCKET_SLOW_CONSUMER_POLICY".into(), spelling.into())])
+                .unwrap();
+            assert_eq!(env.slow_consumer_policy, SlowConsumerPolicy::Close1008);
+        }
+        let config = Config::from_toml("slow_consumer_policy = \"close1013\"").unwrap();
+        assert_eq!(
+            config.value_of("slow_consumer_policy").as_deref(),
+            Some("\"close-1013\""),
+            "printed in its canonical spelling"
+        );
+        let err = Config::from_toml("slow_consumer_policy = \"close-1011\"").unwrap_err();
+        assert!(err.0.contains("close-1013 or close-1008"), "{err}");
+    }
+
+    #[test]
+    fn lists_read_the_same_from_file_env_and_set() {
+        let file = Config::from_toml("conflate_topics = [\"a*\", \"b\"]").unwrap();
+        let mut set = Config::default();
+        set.set("conflate_topics", "[\"a*\", \"b\"]").unwrap();
+        let mut plain = Config::default();
+        plain.set("conflate_topics", "a*, b").unwrap();
+        assert_eq!(file.conflate_topics, ["a*", "b"]);
+        assert_eq!(set.conflate_topics, file.conflate_topics);
+        assert_eq!(plain.conflate_topics, file.conflate_topics);
+        // What used to become a literal topic named `["a*"]`.
+        let err = Config::default()
+            .set("conflate_topics", "[\"a*\"")
+            .unwrap_err();
+        assert!(err.contains("not a list"), "{err}");
+        let err = Config::default()
+            .set("conflate_topics", "\"a*\"")
+            .unwrap_err();
+        assert!(err.contains("not a topic name"), "{err}");
+        let err = Config::default().set("conflate_topics", "a*b").unwrap_err();
+        assert!(err.contains("may only end"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_errors_naming_the_range() {
+        let mut config = Config::default();
+        config.set("max_head_bytes", "1000000").unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.0
+                .contains("max_head_bytes must be between 512 and 65535, got 1000000"),
+            "{err}"
+        );
+        let mut config = Config::default();
+        config.set("workers", "5000").unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("between 0 and 1024")
+        );
+        let err = Config::default().set("workers", "1.5").unwrap_err();
+        assert!(err.contains("whole number"), "{err}");
+        let err = Config::from_toml("workers = 1.5").unwrap_err();
+        assert!(
+            err.0.contains("workers") && err.0.contains("whole number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn accepted_surprises_are_warned_about() {
+        let mut config = Config::default();
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+        config.workers = 64;
+        config.max_frame_size = 2 << 20;
+        let warnings = config.warnings();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("workers = 64") && w.contains("core")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("frames are limited to 1048576")),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn the_loader_records_each_values_source_and_masks_secrets() {
+        let dir = std::env::temp_dir().join(format!("ringsocket-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringsocket.toml");
+        std::fs::write(&path, "workers = 2\nping_interval_secs = 5\n").unwrap();
+        let mut loader = Loader::new();
+        loader.file(&path).unwrap();
+        loader
+            .env([
+                ("RINGSOCKET_PING_INTERVAL_SECS".into(), "7".into()),
+                (
+                    "RINGSOCKET_REDIS_URL".into(),
+                    "redis://app:s3cret@127.0.0.1:6379/0".into(),
+                ),
+            ])
+            .unwrap();
+        loader.flag("--bind", "bind", "0.0.0.0:9100").unwrap();
+        let (config, sources) = loader.finish().unwrap();
+        assert_eq!(
+            sources.of("workers"),
+            Source::File(path.display().to_string())
+        );
+        assert_eq!(
+            sources.of("ping_interval_secs"),
+            Source::Env("RINGSOCKET_PING_INTERVAL_SECS".into())
+        );
+        assert_eq!(sources.of("bind"), Source::Flag("--bind".into()));
+        assert_eq!(sources.of("max_body_bytes"), Source::Default);
+        let text = config.describe(&sources);
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            text.contains("redis_url = \"redis://app:***@127.0.0.1:6379/0\"  # env RINGSOCKET_REDIS_URL; password masked"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bind = \"0.0.0.0:9100\"  # flag --bind"),
+            "{text}"
+        );
+        assert!(text.contains("ping_interval_secs = 7.0  # env"), "{text}");
+        assert!(
+            text.contains("max_body_bytes = 1048576  # default"),
+            "{text}"
+        );
+        // What it prints is a configuration file again (once the password is put back).
+        let reread = Config::from_toml(&text.replace("***", "s3cret")).unwrap();
+        assert_eq!(reread, config);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn passwords_are_masked_in_urls() {
+        for (url, masked) in [
+            ("redis://u:p@h:1/2", "redis://u:***@h:1/2"),
+            ("redis://:p@h", "redis://:***@h"),
+            ("rediss://p@h", "rediss://***@h"),
+            ("redis://h:6379", "redis://h:6379"),
+            ("redis://h/a@b", "redis://h/a@b"),
+            ("", ""),
+        ] {
+            assert_eq!(mask_url_password(url), masked);
+        }
+    }
+
+    #[test]
     fn redis_settings_from_file_env_and_set() {
         let config = Config::default();
         assert_eq!(config.redis_url, "");
         assert_eq!(config.redis_prefix, "ringsocket:");
-        let mut config: Config =
-            toml::from_str("redis_url = \"redis://10.0.0.1:6380/2\"\nredis_prefix = \"app:\"\n")
+        let mut config =
+            Config::from_toml("redis_url = \"redis://10.0.0.1:6380/2\"\nredis_prefix = \"app:\"\n")
                 .unwrap();
         assert_eq!(config.redis_url, "redis://10.0.0.1:6380/2");
         assert_eq!(config.redis_prefix, "app:");

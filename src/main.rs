@@ -1,14 +1,17 @@
-//! `ringsocket`: the server (`serve`) and, later, the load generator (`bench`).
+//! `ringsocket`: the server (`serve`), its effective configuration (`config`) and the
+//! load generator (`bench`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::io::Write as _;
+
 use clap::{Parser, Subcommand};
 use ringsocket::app::App;
 use ringsocket::broker::Broker;
 use ringsocket::broker::redis::{RedisBroker, RedisConfig};
-use ringsocket::config::Config;
+use ringsocket::config::{Config, Loader, Sources};
 use ringsocket::runtime::Server;
 
 #[global_allocator]
@@ -29,6 +32,8 @@ struct Cli {
 enum Command {
     /// Run the server: /echo echoes every message; /healthz and /metrics beside it.
     Serve(ServeArgs),
+    /// Print the effective configuration (as TOML, secrets masked) and where each value came from, then exit.
+    Config(ServeArgs),
     /// Load generator: `bench echo` (messages/s, latency), `bench broadcast` (deliveries/s, loss, latency) or `bench connect` (handshakes/s, memory); `--compare`, `--json`, `--plot`.
     Bench(ringsocket::bench::BenchArgs),
 }
@@ -54,6 +59,10 @@ struct ServeArgs {
     /// A setting as KEY=VALUE, as named in the file (repeatable), e.g. --set ping_interval_secs=5.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Print the effective configuration and where each value came from, then exit
+    /// (the same as `ringsocket config`).
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -63,10 +72,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr is a closed pipe) is dropped, not
+        // reported with `eprintln!`, which panics on that same closed pipe.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) if args.print_config => print_config(&args),
         Command::Serve(args) => serve(args),
+        Command::Config(args) => print_config(&args),
         Command::Bench(args) => ringsocket::bench::run(args),
     };
     match result {
@@ -78,49 +92,58 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(args: &ServeArgs) -> Result<Config, String> {
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+/// The configuration from its sources, lowest first: defaults, the file, the
+/// environment, the flags; validated.
+fn load_config(args: &ServeArgs) -> Result<(Config, Sources), String> {
+    let mut loader = Loader::new();
+    match &args.config {
+        Some(path) => loader.file(path).map_err(|e| e.to_string())?,
         None => {
             let default = PathBuf::from("ringsocket.toml");
             if default.exists() {
-                Config::from_file(&default).map_err(|e| e.to_string())?
-            } else {
-                Config::default()
+                loader.file(&default).map_err(|e| e.to_string())?;
             }
         }
-    };
-    config
-        .apply_env(std::env::vars())
-        .map_err(|e| e.to_string())?;
-    if let Some(bind) = &args.bind {
-        config
-            .set("bind", bind)
-            .map_err(|e| format!("--bind: {e}"))?;
     }
-    if let Some(workers) = args.workers {
-        config.workers = workers;
-    }
-    if let Some(url) = &args.redis {
-        config.redis_url = url.trim().to_owned();
-    }
-    if let Some(threads) = args.task_threads {
-        config.task_threads = threads;
+    loader.env(std::env::vars()).map_err(|e| e.to_string())?;
+    let flags = [
+        ("--bind", "bind", args.bind.clone()),
+        ("--workers", "workers", args.workers.map(|w| w.to_string())),
+        ("--redis", "redis_url", args.redis.clone()),
+        (
+            "--task-threads",
+            "task_threads",
+            args.task_threads.map(|t| t.to_string()),
+        ),
+    ];
+    for (flag, field, value) in flags {
+        if let Some(value) = value {
+            loader
+                .flag(flag, field, &value)
+                .map_err(|e| e.to_string())?;
+        }
     }
     for item in &args.set {
         let (key, value) = item
             .split_once('=')
             .ok_or_else(|| format!("--set {item:?}: expected KEY=VALUE"))?;
-        config
-            .set(key.trim(), value)
-            .map_err(|e| format!("--set {item:?}: {e}"))?;
+        loader
+            .flag(&format!("--set {}", key.trim()), key.trim(), value)
+            .map_err(|e| e.to_string())?;
     }
-    config.validate().map_err(|e| e.to_string())?;
-    Ok(config)
+    loader.finish().map_err(|e| e.to_string())
+}
+
+fn print_config(args: &ServeArgs) -> Result<(), String> {
+    let (config, sources) = load_config(args)?;
+    let mut stdout = std::io::stdout().lock();
+    // A closed stdout (`| head`) is not an error worth reporting.
+    let _ = stdout.write_all(config.describe(&sources).as_bytes());
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let config = load_config(&args)?;
+    let (config, _) = load_config(&args)?;
     let mut app = App::standard();
     for pattern in &config.conflate_topics {
         app = app.conflate(pattern, config.conflate_window());
@@ -136,7 +159,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let server = Server::start(config, Arc::new(app)).map_err(|e| e.to_string())?;
     let addr = server.local_addr();
-    println!(
+    // Not `println!`: it panics when stdout is a closed pipe.
+    let _ = writeln!(
+        std::io::stdout(),
         "ringsocket listening on {addr}: ws://{addr}/echo, ws://{addr}/ws/{{room}}, \
          POST http://{addr}/publish/{{topic}}, http://{addr}/metrics"
     );
@@ -151,8 +176,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .name("ringsocket-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "shutting down: closing connections with 1001");
+                // The shutdown first: it must never depend on a log line being written.
                 signal.trigger();
+                tracing::info!(signal = sig, "shutting down: closing connections with 1001");
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
