@@ -141,6 +141,7 @@ impl Server {
                 metrics: metrics.worker(index),
                 open_global: open_global.clone(),
                 signal: signal.clone(),
+                ring_entries: worker::RING_ENTRIES,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("ringsocket-w{index}"))
@@ -166,7 +167,7 @@ impl Server {
 pub struct RunningServer {
     addr: SocketAddr,
     signal: Arc<ShutdownSignal>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<Result<(), String>>>,
     metrics: Metrics,
     executor: Option<Executor>,
     tasks: TaskHandle,
@@ -225,8 +226,16 @@ impl RunningServer {
     fn join_threads(&mut self) -> Result<(), ServeError> {
         let mut result = Ok(());
         for thread in self.threads.drain(..) {
-            if thread.join().is_err() {
-                result = Err(ServeError::Worker("a worker thread panicked".into()));
+            let outcome = match thread.join() {
+                Ok(outcome) => outcome,
+                Err(_) => Err("a worker thread panicked".into()),
+            };
+            if let Err(e) = outcome {
+                // The others stop too; the first failure is the one reported.
+                self.signal.trigger();
+                if result.is_ok() {
+                    result = Err(ServeError::Worker(e));
+                }
             }
         }
         if let Some(executor) = self.executor.take() {

@@ -31,10 +31,29 @@ pub(crate) struct WorkerSpec {
     pub(crate) metrics: Arc<WorkerMetrics>,
     pub(crate) open_global: Arc<AtomicUsize>,
     pub(crate) signal: Arc<ShutdownSignal>,
+    /// Submission queue entries of the worker's ring.
+    pub(crate) ring_entries: u32,
 }
 
-/// Runs a worker to the end of its shutdown.
-pub(crate) fn run(spec: WorkerSpec) {
+/// The submission queue size of each worker's ring (tokio-uring's default).
+pub(crate) const RING_ENTRIES: u32 = 256;
+
+/// Runs a worker to the end of its shutdown. A per-worker resource that cannot be
+/// set up (its io_uring, its runtime) is an error that names the worker and the
+/// cause; the other workers are then shut down too, so that the process exits with
+/// that error instead of running on with a core missing.
+pub(crate) fn run(spec: WorkerSpec) -> Result<(), String> {
+    let index = spec.index;
+    let signal = spec.signal.clone();
+    let result = run_worker(spec);
+    if let Err(e) = &result {
+        tracing::error!(worker = index, "{e}");
+        signal.trigger();
+    }
+    result
+}
+
+fn run_worker(spec: WorkerSpec) -> Result<(), String> {
     if let Some(core) = spec.core {
         if !core_affinity::set_for_current(core) {
             tracing::warn!(
@@ -62,9 +81,17 @@ pub(crate) fn run(spec: WorkerSpec) {
         // of interrupting it (IORING_SETUP_COOP_TASKRUN, Linux 5.19).
         ring.setup_coop_taskrun();
     }
-    let mut runtime = tokio_uring::builder();
-    runtime.uring_builder(&ring);
-    runtime.start(async move {
+    let mut builder = tokio_uring::builder();
+    builder.entries(spec.ring_entries).uring_builder(&ring);
+    let runtime = tokio_uring::Runtime::new(&builder).map_err(|e| {
+        format!(
+            "worker {} cannot set up its io_uring runtime ({} entries): {}",
+            spec.index,
+            spec.ring_entries,
+            super::explain_io_uring_error(&e)
+        )
+    })?;
+    runtime.block_on(async move {
         super::ring::adopt(&rings_before, &super::ring::io_uring_fds());
         drop(creating);
         let ctx = Rc::new(WorkerCtx {
@@ -143,6 +170,7 @@ pub(crate) fn run(spec: WorkerSpec) {
         }
         tracing::debug!(worker = spec.index, "worker stopped");
     });
+    Ok(())
 }
 
 /// Accepts in flight on each worker's listener. When connections come in faster than
@@ -187,4 +215,59 @@ fn coop_taskrun_supported() -> bool {
         .setup_coop_taskrun()
         .build(8)
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::proto::handshake::Request;
+    use crate::runtime::{Response, Route};
+    use crate::tasks::Executor;
+
+    struct NotFound;
+
+    impl Service for NotFound {
+        fn route(&self, _: &Request, _: std::net::SocketAddr, _: &Context) -> Route {
+            Route::Respond(Response::error(404, "none"))
+        }
+    }
+
+    /// A worker whose ring cannot be set up (here: more submission entries than the
+    /// kernel allows) returns one error naming the worker and the cause, and stops
+    /// the other workers, instead of panicking on an `unwrap()` in its thread.
+    #[test]
+    fn a_worker_whose_ring_fails_reports_it_and_stops_the_others() {
+        let config = Arc::new(Config::default());
+        let executor = Executor::start(1, 16).unwrap();
+        let metrics = Metrics::new(1);
+        let signal = Arc::new(ShutdownSignal::default());
+        let spec = WorkerSpec {
+            index: 3,
+            core: None,
+            listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            config: config.clone(),
+            service: Arc::new(NotFound),
+            cx: Context {
+                config,
+                metrics: metrics.clone(),
+                tasks: executor.handle(),
+            },
+            metrics: metrics.worker(0),
+            open_global: Arc::default(),
+            signal: signal.clone(),
+            // IORING_MAX_ENTRIES is 32,768: io_uring_setup refuses this with EINVAL.
+            ring_entries: 1 << 20,
+        };
+        let err = std::thread::spawn(move || run(spec))
+            .join()
+            .expect("the worker thread does not panic")
+            .unwrap_err();
+        assert!(
+            err.starts_with("worker 3 cannot set up its io_uring runtime (1048576 entries): "),
+            "{err}"
+        );
+        assert!(signal.is_set(), "the other workers are told to stop");
+        executor.shutdown(std::time::Duration::from_secs(1));
+    }
 }
