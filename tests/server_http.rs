@@ -139,6 +139,49 @@ fn handler_reject_403_refuses_the_handshake() {
     );
 }
 
+/// A handler that calls `recv()` before `accept()` gets `Disconnect::NotAccepted` at
+/// once instead of waiting for a message that cannot come; when it then returns
+/// without deciding, the client gets 403 at once, not 503 at the handshake timeout.
+#[test]
+fn recv_before_accept_is_an_immediate_error_and_the_client_gets_403() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let app = App::new().websocket("/forgot", move |ws| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(ws.recv().await.map(|_| ()));
+        }
+    });
+    let server = start(app, |_| {});
+    let started = Instant::now();
+    let response = refusal(&server, &handshake("GET", "/forgot", &[]));
+    assert_eq!(response.status, 403, "{response:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after the handshake timeout"
+    );
+    assert_eq!(
+        rx.recv_timeout(PATIENCE).unwrap(),
+        Err(ringsocket::runtime::Disconnect::NotAccepted)
+    );
+}
+
+/// A route pattern with an unsupported parameter type is not a panic: the server
+/// refuses to start with an error that lists the supported types.
+#[test]
+fn an_unsupported_route_parameter_type_stops_the_start_listing_the_supported_ones() {
+    let app = App::new().websocket("/users/{id:usize}", |ws| async move { ws.accept() });
+    let err = app.check().unwrap_err();
+    assert_eq!(err.pattern, "/users/{id:usize}");
+    let mut config = Config::default();
+    config.bind = "127.0.0.1:0".parse().unwrap();
+    let err = ringsocket::runtime::Server::start(config, Arc::new(app)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: route pattern \"/users/{id:usize}\": unknown parameter \
+         type \"usize\" for {id} (supported: str, u64, i64, u32, i32, f64, bool)"
+    );
+}
+
 // ---- HTTP routes ------------------------------------------------------------------------
 
 #[test]

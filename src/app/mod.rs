@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use router::ParamError;
+pub use router::{PARAM_TYPES, ParamError, RouteError};
 pub use websocket::WebSocket;
 
 use crate::proto::handshake::Request as Head;
@@ -115,6 +115,9 @@ pub struct App {
     /// Rooms: shared by the app's clones and its publishers.
     hub: Arc<Hub>,
     queue_full: QueueFullPolicy,
+    /// Patterns that did not compile; [`App::check`] and the server's start report
+    /// them.
+    errors: Vec<RouteError>,
 }
 
 impl std::fmt::Debug for App {
@@ -154,30 +157,57 @@ impl App {
         Self::default()
     }
 
-    /// A WebSocket route. The handler must `accept` (or `reject`) the connection.
+    /// A WebSocket route. The handler must [`accept`](WebSocket::accept) (or
+    /// [`reject`](WebSocket::reject)) the connection before it can `recv`; one that
+    /// returns without deciding gets 403, logged at WARN.
+    ///
+    /// `pattern` is a path of literal segments and parameters, each a whole segment:
+    /// `{name}` matches any non-empty segment (percent-decoded), `{name:type}` only one
+    /// that parses as `type`, one of [`PARAM_TYPES`]: `str`, `u64`, `i64`, `u32`,
+    /// `i32`, `f64` (finite), `bool`. A path whose typed parameter does not parse is
+    /// answered 400 before the handler runs. Read parameters with
+    /// [`WebSocket::param`].
+    ///
+    /// A pattern that does not compile (an unknown type such as `{id:usize}`, a
+    /// missing leading `/`) is not added: [`App::check`] returns the error, and
+    /// [`Server::start`](crate::runtime::Server::start) refuses to start with it.
     pub fn websocket<F, Fut>(mut self, pattern: &str, handler: F) -> Self
     where
         F: Fn(WebSocket) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        self.websockets.push((
-            Pattern::new(pattern),
-            Arc::new(move |ws| Box::pin(handler(ws))),
-        ));
+        match Pattern::parse(pattern) {
+            Ok(pattern) => self
+                .websockets
+                .push((pattern, Arc::new(move |ws| Box::pin(handler(ws))))),
+            Err(e) => self.errors.push(e),
+        }
         self
     }
 
-    /// An HTTP route for `method`.
+    /// The first route pattern that did not compile, if any (see
+    /// [`App::websocket`]). The server checks this when it starts.
+    pub fn check(&self) -> Result<(), RouteError> {
+        match self.errors.first() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// An HTTP route for `method`. `pattern` is written as for [`App::websocket`];
+    /// read parameters with [`Request::param`].
     pub fn route<F, Fut>(mut self, method: Method, pattern: &str, handler: F) -> Self
     where
         F: Fn(Request) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response> + 'static,
     {
-        self.http.push((
-            method,
-            Pattern::new(pattern),
-            Arc::new(move |req| Box::pin(handler(req))),
-        ));
+        match Pattern::parse(pattern) {
+            Ok(pattern) => {
+                self.http
+                    .push((method, pattern, Arc::new(move |req| Box::pin(handler(req)))))
+            }
+            Err(e) => self.errors.push(e),
+        }
         self
     }
 
@@ -242,6 +272,7 @@ pub async fn echo(ws: WebSocket) {
 
 impl Service for App {
     fn bind_workers(&self, workers: usize) -> Result<(), String> {
+        self.check().map_err(|e| e.to_string())?;
         self.hub.bind(workers)
     }
 

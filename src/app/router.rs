@@ -104,39 +104,77 @@ pub(crate) enum Match {
     No,
 }
 
+/// The parameter types a route pattern may declare after a colon.
+pub const PARAM_TYPES: [&str; 7] = ["str", "u64", "i64", "u32", "i32", "f64", "bool"];
+
+/// A route pattern that cannot be compiled (a programmer's mistake, reported by
+/// [`App::check`](super::App::check) and when the server starts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteError {
+    /// The pattern as written.
+    pub pattern: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for RouteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "route pattern {:?}: {}", self.pattern, self.reason)
+    }
+}
+
+impl std::error::Error for RouteError {}
+
 impl Pattern {
-    /// Compiles `source`. Panics on an invalid pattern: patterns are written by the
-    /// programmer at start-up, not received from peers.
-    pub(crate) fn new(source: &str) -> Self {
-        assert!(
-            source.starts_with('/'),
-            "route pattern {source:?} must start with '/'"
-        );
-        let segments = split(source)
-            .map(
-                |seg| match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                    Some(inner) => {
-                        let (name, kind) = inner.split_once(':').unwrap_or((inner, ""));
-                        let kind = ParamKind::parse(kind).unwrap_or_else(|| {
-                            panic!("route pattern {source:?}: unknown parameter type {kind:?}")
-                        });
-                        assert!(
-                            !name.is_empty(),
-                            "route pattern {source:?}: empty parameter name"
-                        );
-                        Segment::Param {
-                            name: name.to_owned(),
-                            kind,
-                        }
-                    }
-                    None => Segment::Literal(seg.to_owned()),
-                },
-            )
-            .collect();
-        Self {
+    /// Compiles `source`: literal segments and `{name}` or `{name:type}` parameters,
+    /// `type` one of [`PARAM_TYPES`].
+    pub(crate) fn parse(source: &str) -> Result<Self, RouteError> {
+        let error = |reason: String| RouteError {
+            pattern: source.to_owned(),
+            reason,
+        };
+        if !source.starts_with('/') {
+            return Err(error("must start with '/'".into()));
+        }
+        let mut segments = Vec::new();
+        for seg in split(source) {
+            let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) else {
+                if seg.contains(['{', '}']) {
+                    return Err(error(format!(
+                        "segment {seg:?}: a parameter is a whole segment, written {{name}} or \
+                         {{name:type}}"
+                    )));
+                }
+                segments.push(Segment::Literal(seg.to_owned()));
+                continue;
+            };
+            let (name, kind) = inner.split_once(':').unwrap_or((inner, ""));
+            let kind = ParamKind::parse(kind).ok_or_else(|| {
+                error(format!(
+                    "unknown parameter type {kind:?} for {{{name}}} (supported: {})",
+                    PARAM_TYPES.join(", ")
+                ))
+            })?;
+            if name.is_empty() || name.contains(['{', '}']) {
+                return Err(error(format!(
+                    "segment {seg:?}: empty or invalid parameter name"
+                )));
+            }
+            let taken = segments
+                .iter()
+                .any(|s| matches!(s, Segment::Param { name: n, .. } if n == name));
+            if taken {
+                return Err(error(format!("parameter {{{name}}} appears twice")));
+            }
+            segments.push(Segment::Param {
+                name: name.to_owned(),
+                kind,
+            });
+        }
+        Ok(Self {
             source: source.to_owned(),
             segments,
-        }
+        })
     }
 
     /// The pattern as written.
@@ -219,6 +257,37 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Pattern {
+        fn new(source: &str) -> Self {
+            Self::parse(source).unwrap()
+        }
+    }
+
+    /// A mistake in a pattern is an error that says what is wrong and, for a type,
+    /// lists the supported ones; it never panics.
+    #[test]
+    fn bad_patterns_are_errors_naming_the_fix() {
+        let err = Pattern::parse("/u/{id:usize}").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "route pattern \"/u/{id:usize}\": unknown parameter type \"usize\" for {id} \
+             (supported: str, u64, i64, u32, i32, f64, bool)"
+        );
+        for (pattern, says) in [
+            ("ws/{room}", "must start with '/'"),
+            ("/ws/{}", "empty or invalid parameter name"),
+            ("/ws/room-{id}", "a parameter is a whole segment"),
+            ("/ws/{id", "a parameter is a whole segment"),
+            ("/a/{id}/b/{id}", "appears twice"),
+        ] {
+            let err = Pattern::parse(pattern).unwrap_err().to_string();
+            assert!(err.contains(says), "{pattern}: {err}");
+        }
+        for ty in PARAM_TYPES {
+            assert!(Pattern::parse(&format!("/x/{{v:{ty}}}")).is_ok(), "{ty}");
+        }
+    }
 
     #[test]
     fn literal_and_param_segments_match() {

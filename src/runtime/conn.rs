@@ -511,10 +511,17 @@ async fn decide(
             }
             let mut state = session.state().borrow_mut();
             match std::mem::replace(&mut state.decision, Decision::Pending) {
-                Decision::Pending if handler.is_none() => Poll::Ready(Err(Response::error(
-                    403,
-                    "the WebSocket handler did not accept the connection",
-                ))),
+                Decision::Pending if handler.is_none() => {
+                    tracing::warn!(
+                        peer = %session.peer(),
+                        path = session.request().path(),
+                        "WebSocket handler returned without calling accept() or reject(): 403"
+                    );
+                    Poll::Ready(Err(Response::error(
+                        403,
+                        "the WebSocket handler did not accept the connection",
+                    )))
+                }
                 Decision::Pending => {
                     state.driver_waker = Some(cx.waker().clone());
                     Poll::Pending

@@ -37,6 +37,8 @@ pub enum Disconnect {
     Shutdown,
     /// The TCP connection ended without a closing handshake.
     ConnectionLost,
+    /// `recv` was called before the handshake was accepted: call `accept` first.
+    NotAccepted,
 }
 
 impl Disconnect {
@@ -53,7 +55,7 @@ impl Disconnect {
             Self::Closed(None) => CloseCode::Status,
             Self::ClosedByUs => CloseCode::Normal,
             Self::Protocol(e) => e.close_code(),
-            Self::Timeout | Self::ConnectionLost => CloseCode::Abnormal,
+            Self::Timeout | Self::ConnectionLost | Self::NotAccepted => CloseCode::Abnormal,
             Self::SlowConsumer => CloseCode::Again,
             Self::Shutdown => CloseCode::Away,
         }
@@ -73,6 +75,9 @@ impl fmt::Display for Disconnect {
             Self::SlowConsumer => f.write_str("closed as a slow consumer"),
             Self::Shutdown => f.write_str("server shutting down"),
             Self::ConnectionLost => f.write_str("connection lost without a close"),
+            Self::NotAccepted => f.write_str(
+                "recv() before accept(): the handshake is still pending; call accept() first",
+            ),
         }
     }
 }
@@ -214,10 +219,20 @@ impl Session {
     }
 
     /// The next message, or why the connection ended. Pings, pongs and the closing
-    /// handshake are handled by the runtime.
+    /// handshake are handled by the runtime. Before [`Session::accept`] no message
+    /// can arrive: it returns [`Disconnect::NotAccepted`] at once (and logs it)
+    /// instead of waiting for ever.
     pub async fn recv(&self) -> Result<Message, Disconnect> {
         poll_fn(|cx| {
             let mut state = self.state().borrow_mut();
+            if matches!(state.decision, Decision::Pending) {
+                tracing::warn!(
+                    peer = %self.inner.peer,
+                    path = self.inner.request.path(),
+                    "WebSocket handler called recv() before accept(): call accept() (or reject()) first"
+                );
+                return Poll::Ready(Err(Disconnect::NotAccepted));
+            }
             if let Some(message) = state.inbound.pop_front() {
                 return Poll::Ready(Ok(message));
             }
