@@ -625,9 +625,11 @@ pub struct ClientHandshake {
     protocols: Vec<String>,
 }
 
-/// A server's accepted handshake response.
+/// A server's handshake response that the client accepted (101, key and tokens
+/// checked): what it chose. Not an HTTP response to send; that is
+/// `runtime::Response`, above this layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
+pub struct Accepted {
     /// The subprotocol the server chose, one of those offered.
     pub protocol: Option<String>,
     /// Every header of the response, as (name, value) with lossy UTF-8.
@@ -683,7 +685,7 @@ impl ClientHandshake {
         &self,
         buf: &[u8],
         limits: &HandshakeLimits,
-    ) -> Result<Option<(Response, usize)>, ClientHandshakeError> {
+    ) -> Result<Option<(Accepted, usize)>, ClientHandshakeError> {
         let max_headers = limits.max_headers.min(HandshakeLimits::MAX_HEADERS_CEILING);
         let mut storage = [const { MaybeUninit::uninit() }; HandshakeLimits::MAX_HEADERS_CEILING];
         let mut res = httparse::Response::new(&mut []);
@@ -764,7 +766,7 @@ impl ClientHandshake {
                 )
             })
             .collect();
-        Ok(Some((Response { protocol, headers }, head_len)))
+        Ok(Some((Accepted { protocol, headers }, head_len)))
     }
 }
 

@@ -20,8 +20,8 @@ pub use conn::{CloseState, Connection, Event, EventRef, Message, Role, SendError
 pub use error::ProtocolError;
 pub use frame::{FrameHeader, OpCode};
 pub use handshake::{
-    AcceptKey, ClientHandshake, ClientHandshakeError, ClientRequest, HandshakeError, HeadReader,
-    Request, Response,
+    AcceptKey, Accepted, ClientHandshake, ClientHandshakeError, ClientRequest, HandshakeError,
+    HeadReader, Request,
 };
 pub use limits::{HandshakeLimits, Limits};
 pub use utf8::Utf8Bytes;
