@@ -103,10 +103,12 @@ impl Driver {
         bufs: ReadBufs,
     ) -> Self {
         let slot = guard.ctx.sessions.borrow_mut().insert(&session.inner);
-        let now = Instant::now();
+        let timers = ConnTimers::new(Instant::now().into_std());
         {
             let mut state = session.state().borrow_mut();
-            state.deadline = Some(now + guard.ctx.timers.ping_interval);
+            state.deadline = timers
+                .poll_timeout(&guard.ctx.timers)
+                .map(Instant::from_std);
             state.fd = guard.stream.as_raw_fd();
         }
         super::flush::write_queued(&session.inner, &guard.ctx.metrics);
@@ -122,7 +124,7 @@ impl Driver {
             yield_pause: None,
             iov: Vec::new(),
             in_flight: 0,
-            timers: ConnTimers::new(now.into_std()),
+            timers,
             closing: None,
         }
     }
@@ -474,12 +476,12 @@ impl Driver {
     }
 
     /// Records the timers' next deadline where the core's housekeeping tick wakes this
-    /// driver: when our Close goes out and after each timeout, as before the timers
-    /// moved to `core::timers`. Reads, messages and the shutdown flag do not re-arm; the
-    /// tick comes at the deadline armed before, and `handle_timeout` takes what became
-    /// due by then. That is after `poll_timeout` in two cases: a ping answered when
-    /// `ping_interval` is shorter than what was left of `pong_timeout` (the next ping
-    /// waits for the pong deadline armed), and a shutdown while our Close is out when
+    /// driver (`new` arms it the same way): when our Close goes out and after each
+    /// timeout. Reads, messages and the shutdown flag do not re-arm; the tick comes at
+    /// the deadline armed before, and `handle_timeout` takes what became due by then.
+    /// That is after `poll_timeout` in two cases: a ping answered when `ping_interval`
+    /// is shorter than what was left of `pong_timeout` (the next ping waits for the
+    /// pong deadline armed), and a shutdown while our Close is out when
     /// `shutdown_timeout` is shorter than `pong_timeout`.
     fn arm_timer(&self) {
         let deadline = self.timers.poll_timeout(&self.guard.ctx.timers);
