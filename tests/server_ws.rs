@@ -1,6 +1,6 @@
 //! The server over loopback, after the upgrade: echo, fragmentation, ping, every close
-//! code the server sends, path parameters, heartbeats, slow consumers, graceful
-//! shutdown and the accounting of connections that vanish.
+//! code the server sends, path parameters, heartbeats, the idle timeout, slow
+//! consumers, graceful shutdown and the accounting of connections that vanish.
 //!
 //! Each test starts its own server on port 0. The client is tokio-tungstenite, an
 //! independent implementation, except where a test must break the protocol or stay
@@ -407,6 +407,35 @@ async fn client_answering_pings_stays_connected_across_ping_intervals() {
         0
     );
     close_cleanly(&mut client).await;
+}
+
+/// A client that sends no data message for `idle_timeout_secs` is closed with 1001
+/// "idle timeout", counted as `idle_timeout`. The idle clock runs from the upgrade: the
+/// Close comes after the idle timeout, not at the first (much later) heartbeat.
+#[tokio::test]
+async fn idle_client_is_closed_with_1001_after_idle_timeout() {
+    let server = start(App::echo(), |c| {
+        c.ping_interval_secs = 20.0;
+        c.idle_timeout_secs = 0.3;
+    });
+    let mut client = connect(&server, "/echo").await;
+    let started = Instant::now();
+    let frame = close_frame(&mut client).await.expect("a close code");
+    let elapsed = started.elapsed();
+    assert_eq!(u16::from(frame.code), 1001);
+    assert_eq!(frame.reason.as_str(), "idle timeout");
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(2),
+        "closed after {elapsed:?}"
+    );
+    wait_for_no_connections(&server).await;
+    assert_eq!(
+        metric(
+            &server,
+            "ringsocket_connections_closed_total{reason=\"idle_timeout\"}"
+        ),
+        1
+    );
 }
 
 // ---- slow consumers ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_uring::net::TcpStream;
 
 use super::buf::{BufPool, HEAD_READ, ReadBufs};
+use super::core::timers::TimerPolicy;
 use super::http::{BodyFraming, Response, body_framing, keep_alive};
 use super::registry::Registry;
 use super::service::{
@@ -59,6 +60,9 @@ pub(crate) struct WorkerCtx {
     pub(crate) pool: BufPool,
     pub(crate) limits: Limits,
     pub(crate) head_limits: HandshakeLimits,
+    /// The WebSocket timeouts, for every session's `ConnTimers` (kept here, not per
+    /// connection).
+    pub(crate) timers: TimerPolicy,
 }
 
 /// The single way out of a connection: counts it closed, releases its place in the

@@ -11,6 +11,7 @@
 
 mod buf;
 mod conn;
+mod core;
 mod feed;
 mod flush;
 pub mod http;

@@ -1,10 +1,12 @@
 //! A core's registry of WebSocket sessions: how the core reaches each of its
 //! connections without a task or timer per connection.
 //!
-//! - Timers: a session records its next deadline in its state; one housekeeping tick
-//!   per core wakes the sessions whose deadline has passed. Heartbeat and close
-//!   timeouts are seconds, so a tick of a fraction of the shortest one is precise
-//!   enough, and an idle connection carries no timer of its own.
+//! - Timers: the core's timer wheel, with one slot per session. What is due and when is
+//!   decided by each connection's `core::timers::ConnTimers`; its driver records
+//!   `poll_timeout` as the session's deadline, and one housekeeping tick per core wakes
+//!   the sessions whose deadline has passed (the driver then calls `handle_timeout`).
+//!   Heartbeat and close timeouts are seconds, so a tick of a fraction of the shortest
+//!   one is precise enough, and an idle connection carries no timer of its own.
 //! - Shutdown: the core walks the registry and wakes every session.
 //!
 //! A slot holds a `Weak` reference, so the registry never keeps a session alive; the
@@ -15,8 +17,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::core::timers::TimerPolicy;
 use super::session::{SessionInner, wake};
-use crate::config::Config;
 
 /// The sessions of one core.
 #[derive(Default)]
@@ -79,14 +81,14 @@ impl Registry {
     }
 }
 
-/// The housekeeping tick for `config`: a quarter of the shortest session timeout,
+/// The housekeeping tick for `policy`: a quarter of the shortest session timeout,
 /// between 5 ms and 1 s.
-pub(crate) fn tick(config: &Config) -> Duration {
-    let mut shortest = config
-        .ping_interval()
-        .min(config.pong_timeout())
-        .min(config.shutdown_timeout());
-    if let Some(idle) = config.idle_timeout() {
+pub(crate) fn tick(policy: &TimerPolicy) -> Duration {
+    let mut shortest = policy
+        .ping_interval
+        .min(policy.pong_timeout)
+        .min(policy.shutdown_timeout);
+    if let Some(idle) = policy.idle_timeout {
         shortest = shortest.min(idle);
     }
     (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))

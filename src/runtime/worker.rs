@@ -13,6 +13,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::buf::BufPool;
 use super::conn::{WorkerCtx, drive};
+use super::core::timers::TimerPolicy;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
@@ -108,6 +109,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             pool: BufPool::default(),
             limits,
             head_limits,
+            timers: TimerPolicy::from_config(&config),
         });
         // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
         let core_task = ctx
@@ -118,7 +120,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         tokio_uring::spawn(super::flush::run(ctx.metrics.clone()));
         let listener = Rc::new(tokio_uring::net::TcpListener::from_std(spec.listener));
         // One timer for the whole core: wakes the sessions whose deadline has passed.
-        let tick = registry::tick(&config);
+        let tick = registry::tick(&ctx.timers);
         let housekeeping = ctx.clone();
         tokio_uring::spawn(async move {
             let mut interval = tokio::time::interval(tick);

@@ -7,6 +7,11 @@
 //! queue frames; whatever was queued since the last write goes out in one vectored
 //! write (ARCHITECTURE.md rule 4). The driver is the task's whole state: an idle
 //! connection costs this struct, its session and one small pending read.
+//!
+//! Heartbeat, pong, idle and close timeouts are decided in `core::timers`
+//! ([`ConnTimers`]); the driver tells it what was read, delivered and sent, reads the
+//! clock for it, takes the actions it returns and records its `poll_timeout` as the
+//! session's deadline for the core's tick.
 
 use std::future::Future;
 use std::io;
@@ -22,6 +27,7 @@ use tokio_uring::net::TcpStream;
 
 use super::buf::ReadBufs;
 use super::conn::{ConnGuard, ReadFuture, start_read};
+use super::core::timers::{ConnTimers, TimerAction};
 use super::service::{LocalFuture, Polled, poll_handler};
 use super::session::{Disconnect, Session, wake};
 use crate::config::SlowConsumerPolicy;
@@ -70,20 +76,17 @@ pub(crate) struct Driver {
     /// Chunks for the next write; the vector is reused between writes.
     iov: Vec<Bytes>,
     in_flight: usize,
-    shutdown_seen: bool,
-    last_rx: Instant,
-    last_message: Instant,
-    ping_sent: Option<Instant>,
-    /// When we sent our Close (handler, idle, slow consumer, shutdown): the peer has
-    /// until then plus the close timeout to answer.
+    /// Heartbeat, pong, idle and close timeouts (the durations are the core's
+    /// `WorkerCtx::timers`).
+    timers: ConnTimers,
+    /// Set once we sent our Close (handler, idle, slow consumer, shutdown); when, and
+    /// how long the peer has to answer, is in `timers`.
     /// Boxed: only a closing connection has it.
     closing: Option<Box<Closing>>,
 }
 
 /// Our side of a closing handshake in progress.
 struct Closing {
-    /// When we sent our Close.
-    since: Instant,
     /// What the session reports once our close completes.
     disconnect: Disconnect,
     reason: CloseReason,
@@ -100,10 +103,12 @@ impl Driver {
         bufs: ReadBufs,
     ) -> Self {
         let slot = guard.ctx.sessions.borrow_mut().insert(&session.inner);
-        let now = Instant::now();
+        let timers = ConnTimers::new(Instant::now().into_std());
         {
             let mut state = session.state().borrow_mut();
-            state.deadline = Some(now + guard.ctx.config.ping_interval());
+            state.deadline = timers
+                .poll_timeout(&guard.ctx.timers)
+                .map(Instant::from_std);
             state.fd = guard.stream.as_raw_fd();
         }
         super::flush::write_queued(&session.inner, &guard.ctx.metrics);
@@ -119,10 +124,7 @@ impl Driver {
             yield_pause: None,
             iov: Vec::new(),
             in_flight: 0,
-            shutdown_seen: false,
-            last_rx: now,
-            last_message: now,
-            ping_sent: None,
+            timers,
             closing: None,
         }
     }
@@ -137,8 +139,7 @@ impl Driver {
                 }
                 Step::Read(Ok(n), buf) => {
                     self.polls_without_io = 0;
-                    self.last_rx = Instant::now();
-                    self.ping_sent = None;
+                    self.timers.handle_bytes_received(Instant::now().into_std());
                     self.session
                         .state()
                         .borrow_mut()
@@ -161,7 +162,7 @@ impl Driver {
                     return self.on_timer();
                 }
                 Step::Shutdown => {
-                    self.shutdown_seen = true;
+                    self.timers.handle_shutdown();
                     self.start_close(
                         CloseCode::Away,
                         "server shutting down",
@@ -257,7 +258,7 @@ impl Driver {
         }
         if delivered {
             // One clock read for all the messages of this pass, not one per message.
-            self.last_message = Instant::now();
+            self.timers.handle_message(Instant::now().into_std());
         }
         // A Close the handler sent: the peer has the close timeout to answer.
         if self.closing.is_none()
@@ -311,7 +312,7 @@ impl Driver {
         if std::mem::take(&mut state.timer_due) {
             return Poll::Ready(Step::Timer);
         }
-        if !self.shutdown_seen && (state.shutdown || self.guard.ctx.shutting_down.get()) {
+        if !self.timers.shutdown_seen() && (state.shutdown || self.guard.ctx.shutting_down.get()) {
             return Poll::Ready(Step::Shutdown);
         }
         drop(state);
@@ -428,80 +429,63 @@ impl Driver {
 
     fn note_close_started(&mut self, disconnect: Disconnect, metric: CloseReason) {
         self.closing = Some(Box::new(Closing {
-            since: Instant::now(),
             disconnect,
             reason: metric,
         }));
+        self.timers.handle_close_sent(Instant::now().into_std());
         // Re-arm the timer for the close deadline.
-        self.set_deadline(self.next_deadline());
+        self.arm_timer();
     }
 
+    /// Takes the actions the timers call for; `Some` when the connection is over.
     fn on_timer(&mut self) -> Option<CloseReason> {
-        let config = &self.guard.ctx.config;
-        let now = Instant::now();
-        if let Some(closing) = &self.closing {
-            let limit = if self.shutdown_seen {
-                config.shutdown_timeout()
-            } else {
-                config.pong_timeout()
-            };
-            if now >= closing.since + limit {
-                let (disconnect, reason) = (closing.disconnect.clone(), closing.reason);
-                tracing::debug!(peer = %self.session.peer(), "peer did not answer our Close in time");
-                self.end(disconnect);
-                return Some(reason);
-            }
-        }
-        if let Some(sent) = self.ping_sent {
-            if now >= sent + config.pong_timeout() {
-                tracing::debug!(peer = %self.session.peer(), "no answer to ping within pong_timeout: closing");
-                self.end(Disconnect::Timeout);
-                return Some(CloseReason::PongTimeout);
-            }
-        } else if now >= self.last_rx + config.ping_interval() && self.closing.is_none() {
-            if self.session.state().borrow_mut().conn.ping(b"").is_ok() {
-                self.guard.ctx.metrics.ping_sent();
-            }
-            self.ping_sent = Some(now);
-        }
-        if let Some(idle) = config.idle_timeout() {
-            if now >= self.last_message + idle && self.closing.is_none() {
-                self.start_close(
+        let now = Instant::now().into_std();
+        let policy = self.guard.ctx.timers;
+        for action in self.timers.handle_timeout(now, &policy) {
+            match action {
+                TimerAction::CloseTimedOut => {
+                    let (disconnect, reason) = match &self.closing {
+                        Some(closing) => (closing.disconnect.clone(), closing.reason),
+                        // Not reached: the timers learn of our Close only with `closing`.
+                        None => (Disconnect::ClosedByUs, CloseReason::Normal),
+                    };
+                    tracing::debug!(peer = %self.session.peer(), "peer did not answer our Close in time");
+                    self.end(disconnect);
+                    return Some(reason);
+                }
+                TimerAction::PongTimedOut => {
+                    tracing::debug!(peer = %self.session.peer(), "no answer to ping within pong_timeout: closing");
+                    self.end(Disconnect::Timeout);
+                    return Some(CloseReason::PongTimeout);
+                }
+                TimerAction::SendPing => {
+                    if self.session.state().borrow_mut().conn.ping(b"").is_ok() {
+                        self.guard.ctx.metrics.ping_sent();
+                    }
+                }
+                TimerAction::CloseIdle => self.start_close(
                     CloseCode::Away,
                     "idle timeout",
                     Disconnect::Timeout,
                     CloseReason::IdleTimeout,
-                );
+                ),
             }
         }
-        self.set_deadline(self.next_deadline().max(now + Duration::from_millis(1)));
+        self.arm_timer();
         None
     }
 
-    /// The earliest moment a timer may need attention.
-    fn next_deadline(&self) -> Instant {
-        let config = &self.guard.ctx.config;
-        let mut next = match self.ping_sent {
-            Some(sent) => sent + config.pong_timeout(),
-            None => self.last_rx + config.ping_interval(),
-        };
-        if let Some(idle) = config.idle_timeout() {
-            next = next.min(self.last_message + idle);
-        }
-        if let Some(since) = self.closing.as_ref().map(|c| c.since) {
-            let limit = if self.shutdown_seen {
-                config.shutdown_timeout()
-            } else {
-                config.pong_timeout()
-            };
-            next = next.min(since + limit);
-        }
-        next
-    }
-
-    /// Where the core's housekeeping tick will wake this driver.
-    fn set_deadline(&self, deadline: Instant) {
-        self.session.state().borrow_mut().deadline = Some(deadline);
+    /// Records the timers' next deadline where the core's housekeeping tick wakes this
+    /// driver (`new` arms it the same way): when our Close goes out and after each
+    /// timeout. Reads, messages and the shutdown flag do not re-arm; the tick comes at
+    /// the deadline armed before, and `handle_timeout` takes what became due by then.
+    /// That is after `poll_timeout` in two cases: a ping answered when `ping_interval`
+    /// is shorter than what was left of `pong_timeout` (the next ping waits for the
+    /// pong deadline armed), and a shutdown while our Close is out when
+    /// `shutdown_timeout` is shorter than `pong_timeout`.
+    fn arm_timer(&self) {
+        let deadline = self.timers.poll_timeout(&self.guard.ctx.timers);
+        self.session.state().borrow_mut().deadline = deadline.map(Instant::from_std);
     }
 
     fn end(&mut self, disconnect: Disconnect) {
