@@ -13,7 +13,8 @@
 //!   writes, heartbeats, timeouts, limits and graceful shutdown.
 //! - [`app`]: the FastAPI-like API: routes with typed path parameters, the WebSocket
 //!   handle (`accept`, `recv`, `send`, `close`), HTTP routes, `/healthz`, `/metrics`.
-//! - [`config`] and [`metrics`]: settings with documented defaults, Prometheus counters.
+//! - [`config`] and [`metrics`]: settings with documented defaults; per-core counters
+//!   and their OpenMetrics exposition (`prometheus-client` collectors).
 //!
 //! - [`tasks`]: background jobs on dedicated executor threads, fed by a bounded queue;
 //!   HTTP handlers' jobs start after the response is written.

@@ -286,7 +286,7 @@ fn metrics_route_exposes_the_counters() {
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(
         response.header("content-type"),
-        Some("text/plain; version=0.0.4")
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
     let text = String::from_utf8(response.body).unwrap();
     // The scraping connection itself is open while the page is rendered.
@@ -295,6 +295,16 @@ fn metrics_route_exposes_the_counters() {
         text.contains("ringsocket_connections_accepted_total 1"),
         "{text}"
     );
+    // Every family of the page: the workers', the executor's, the hub's.
+    for line in [
+        "# TYPE ringsocket_connections_accepted counter",
+        "ringsocket_tasks_queued 0",
+        "ringsocket_pubsub_topics 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    // OpenMetrics: the page ends with the end marker, and nothing follows it.
+    assert!(text.ends_with("\n# EOF\n"), "{text}");
 }
 
 // ---- deadlines and limits ---------------------------------------------------------------
