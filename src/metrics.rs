@@ -143,8 +143,49 @@ pub const PASS_BUCKETS: [f64; 12] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Statuses counted for refused handshakes and HTTP responses.
-const STATUSES: [u16; 12] = [200, 202, 400, 403, 404, 405, 411, 413, 426, 431, 500, 503];
+/// Statuses exposed even before they are first written (at 0), so that a rate over
+/// them exists from the start; any other status appears once written.
+const SHOWN_STATUSES: [u16; 15] = [
+    101, 200, 202, 204, 400, 403, 404, 405, 408, 411, 413, 426, 431, 500, 503,
+];
+
+/// The lowest status counted on its own; [`StatusCounts`] holds `100..=599`.
+const FIRST_STATUS: u16 = 100;
+/// Statuses `100..=599`, then one slot for anything outside that range.
+const STATUS_SLOTS: usize = 500;
+
+/// Responses written, per status: one slot per status in `100..=599`, the last slot for
+/// a status outside it.
+struct StatusCounts([AtomicU64; STATUS_SLOTS + 1]);
+
+impl StatusCounts {
+    fn add(&self, status: u16) {
+        self.0[Self::slot(status)].fetch_add(1, Relaxed);
+    }
+
+    fn slot(status: u16) -> usize {
+        usize::from(status)
+            .checked_sub(usize::from(FIRST_STATUS))
+            .filter(|i| *i < STATUS_SLOTS)
+            .unwrap_or(STATUS_SLOTS)
+    }
+}
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl fmt::Debug for StatusCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seen = (FIRST_STATUS..)
+            .zip(&self.0[..STATUS_SLOTS])
+            .map(|(status, n)| (status, n.load(Relaxed)))
+            .filter(|(_, n)| *n > 0);
+        f.debug_map().entries(seen).finish()
+    }
+}
 
 /// One worker's counters.
 #[derive(Debug, Default)]
@@ -158,7 +199,8 @@ pub struct WorkerMetrics {
     bytes_out: AtomicU64,
     writes: AtomicU64,
     http_requests: AtomicU64,
-    rejections: [AtomicU64; STATUSES.len() + 1],
+    /// Every HTTP response written, by status; those >= 400 are the rejections.
+    responses: StatusCounts,
     limits: [AtomicU64; Limit::ALL.len()],
     pings_sent: AtomicU64,
     /// Broadcast passes per bucket of [`PASS_BUCKETS`] (not cumulative), then `+Inf`.
@@ -205,13 +247,11 @@ impl WorkerMetrics {
         self.http_requests.fetch_add(1, Relaxed);
     }
 
-    /// A handshake or request was refused with `status`.
-    pub fn rejected(&self, status: u16) {
-        let i = STATUSES
-            .iter()
-            .position(|s| *s == status)
-            .unwrap_or(STATUSES.len());
-        self.rejections[i].fetch_add(1, Relaxed);
+    /// An HTTP response with `status` was written (the 101 of an upgrade: queued, it
+    /// leaves with the session's first write). A 4xx or 5xx is also a rejection: a
+    /// handshake or request refused.
+    pub fn http_response(&self, status: u16) {
+        self.responses.add(status);
     }
 
     /// A limit was reached.
@@ -292,6 +332,19 @@ impl Metrics {
     fn sum_over(&self, f: impl Fn(&WorkerMetrics) -> &AtomicU64) -> u64 {
         self.workers.iter().map(|w| f(w).load(Relaxed)).sum()
     }
+
+    /// Responses with a status in `range`, summed over the workers: the statuses of
+    /// [`SHOWN_STATUSES`] always, any other once written.
+    fn statuses(&self, range: std::ops::RangeInclusive<u16>) -> Vec<(String, u64)> {
+        range
+            .map(|status| {
+                let n = self.sum_over(|w| &w.responses.0[StatusCounts::slot(status)]);
+                (status, n)
+            })
+            .filter(|(status, n)| *n > 0 || SHOWN_STATUSES.contains(status))
+            .map(|(status, n)| (status.to_string(), n))
+            .collect()
+    }
 }
 
 impl Collector for Metrics {
@@ -363,19 +416,26 @@ impl Collector for Metrics {
             "Plain HTTP requests answered.",
             sum(&|w| &w.http_requests),
         )?;
-        let mut rejections: Vec<(String, u64)> = STATUSES
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.to_string(), sum(&|w| &w.rejections[i])))
-            .collect();
-        rejections.push(("other".into(), sum(&|w| &w.rejections[STATUSES.len()])));
+        let mut responses = self.statuses(FIRST_STATUS..=599);
+        let other = sum(&|w| &w.responses.0[STATUS_SLOTS]);
+        if other > 0 {
+            responses.push(("other".into(), other));
+        }
+        family(
+            e,
+            "http_responses",
+            "HTTP responses written, by status (the 101 of every WebSocket upgrade too).",
+            MetricType::Counter,
+            "status",
+            responses,
+        )?;
         family(
             e,
             "rejections",
-            "Handshakes and requests refused, by HTTP status.",
+            "Handshakes and requests refused (responses with a 4xx or 5xx status), by status.",
             MetricType::Counter,
             "status",
-            rejections,
+            self.statuses(400..=599),
         )?;
         counter(
             e,
@@ -551,6 +611,44 @@ mod tests {
         ] {
             has_line(&text, line);
         }
+    }
+
+    /// Every response counts in `http_responses_total`; only 4xx and 5xx count as
+    /// rejections, and statuses outside the always-shown list appear once written.
+    #[test]
+    fn responses_and_rejections_are_counted_apart() {
+        let metrics = Metrics::new(2);
+        let (a, b) = (metrics.worker(0), metrics.worker(1));
+        a.http_response(200);
+        b.http_response(200);
+        a.http_response(202);
+        a.http_response(101);
+        b.http_response(404);
+        a.http_response(418);
+        b.http_response(999);
+        let text = render_collector(metrics);
+        for line in [
+            "ringsocket_http_responses_total{status=\"101\"} 1",
+            "ringsocket_http_responses_total{status=\"200\"} 2",
+            "ringsocket_http_responses_total{status=\"202\"} 1",
+            "ringsocket_http_responses_total{status=\"404\"} 1",
+            "ringsocket_http_responses_total{status=\"418\"} 1",
+            "ringsocket_http_responses_total{status=\"503\"} 0",
+            "ringsocket_http_responses_total{status=\"other\"} 1",
+            "ringsocket_rejections_total{status=\"404\"} 1",
+            "ringsocket_rejections_total{status=\"418\"} 1",
+            "ringsocket_rejections_total{status=\"403\"} 0",
+        ] {
+            has_line(&text, line);
+        }
+        assert!(
+            !text.contains("ringsocket_rejections_total{status=\"2"),
+            "a success counted as a rejection:\n{text}"
+        );
+        assert!(
+            !text.contains("ringsocket_http_responses_total{status=\"301\"}"),
+            "a status never written and not in the list is shown:\n{text}"
+        );
     }
 
     /// The whole exposition: our metrics with the prefix, and the OpenMetrics end

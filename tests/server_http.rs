@@ -307,6 +307,57 @@ fn metrics_route_exposes_the_counters() {
     assert!(text.ends_with("\n# EOF\n"), "{text}");
 }
 
+/// Successes are counted as responses, by status, and never as rejections; a refusal
+/// is counted in both.
+#[test]
+fn successes_count_as_responses_and_not_as_rejections() {
+    let app = http_app().post(
+        "/later",
+        |_req| async move { Response::text(202, "queued\n") },
+    );
+    let server = start(app, |_| {});
+    let rejections = |server: &RunningServer| -> u64 {
+        let text = server.metrics().render();
+        text.lines()
+            .filter(|l| l.starts_with("ringsocket_rejections_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    let ok = request(&server, "GET /hello/x HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let later = request(
+        &server,
+        "POST /later HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(later.status, 202, "{later:?}");
+    assert_eq!(
+        metric(&server, "ringsocket_http_responses_total{status=\"200\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&server, "ringsocket_http_responses_total{status=\"202\"}"),
+        1
+    );
+    assert_eq!(rejections(&server), 0);
+    let text = server.metrics().render();
+    assert!(
+        !text.contains("ringsocket_rejections_total{status=\"20"),
+        "a success has a rejections series:\n{text}"
+    );
+
+    let missing = request(&server, "GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(missing.status, 404, "{missing:?}");
+    assert_eq!(
+        metric(&server, "ringsocket_http_responses_total{status=\"404\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&server, "ringsocket_rejections_total{status=\"404\"}"),
+        1
+    );
+    assert_eq!(rejections(&server), 1);
+}
+
 // ---- deadlines and limits ---------------------------------------------------------------
 
 /// A client that sends half a request head (or nothing) is cut off with 408 once

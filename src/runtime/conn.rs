@@ -255,9 +255,7 @@ pub(crate) async fn respond(
 ) -> io::Result<()> {
     let mut out = BytesMut::new();
     response.write(&mut out, close);
-    if response.status >= 400 {
-        ctx.metrics.rejected(response.status);
-    }
+    ctx.metrics.http_response(response.status);
     write_bytes(stream, out, &ctx.metrics).await
 }
 
@@ -301,7 +299,7 @@ async fn serve(
                     }
                     let mut out = BytesMut::new();
                     e.write_response(&mut out);
-                    ctx.metrics.rejected(e.status());
+                    ctx.metrics.http_response(e.status());
                     let _ = write_bytes(stream, out, &ctx.metrics).await;
                     return Ok(CloseReason::Rejected);
                 }
@@ -431,7 +429,7 @@ async fn serve(
                         tracing::debug!(%peer, error = %e, "handshake refused");
                         let mut out = BytesMut::new();
                         e.write_response(&mut out);
-                        ctx.metrics.rejected(e.status());
+                        ctx.metrics.http_response(e.status());
                         let _ = write_bytes(stream, out, &ctx.metrics).await;
                         return Ok(CloseReason::Rejected);
                     }
@@ -538,6 +536,7 @@ async fn decide(
                 &[],
             );
             ctx.metrics.upgraded();
+            ctx.metrics.http_response(101);
             return Ok(head.freeze());
         }
         Ok(Err(response)) => response,
