@@ -290,13 +290,16 @@ impl WorkerMetrics {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     workers: Vec<Arc<WorkerMetrics>>,
+    io_backend: &'static str,
 }
 
 impl Metrics {
-    /// Counters for `n` workers.
-    pub fn new(n: usize) -> Self {
+    /// Counters for `n` workers that do their I/O with `io_backend` (`"io_uring"`),
+    /// the `io_backend` label of `ringsocket_build_info`.
+    pub fn new(n: usize, io_backend: &'static str) -> Self {
         Self {
             workers: (0..n.max(1)).map(|_| Arc::default()).collect(),
+            io_backend,
         }
     }
 
@@ -351,6 +354,18 @@ impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let e = &mut encoder;
         let sum = |f: &dyn Fn(&WorkerMetrics) -> &AtomicU64| self.sum_over(f);
+        let build = [
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("io_backend", self.io_backend),
+        ];
+        e.encode_descriptor(
+            "build_info",
+            "The version of ringsocket and the I/O backend its workers use; always 1.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_family(&build)?
+        .encode_gauge(&1u64)?;
         gauge(
             e,
             "connections_open",
@@ -559,7 +574,7 @@ mod tests {
     /// summed over the workers, and the sum is in seconds.
     #[test]
     fn broadcast_passes_render_as_a_cumulative_histogram() {
-        let metrics = Metrics::new(2);
+        let metrics = Metrics::new(2, "io_uring");
         metrics.worker(0).broadcast_pass(Duration::from_micros(300));
         metrics.worker(1).broadcast_pass(Duration::from_millis(40));
         metrics.worker(1).broadcast_pass(Duration::from_millis(50));
@@ -580,10 +595,11 @@ mod tests {
         }
     }
 
-    /// Counters are the sum over the workers, with the `_total` suffix.
+    /// Counters are the sum over the workers, with the `_total` suffix; the build info
+    /// names the version and the backend given at construction.
     #[test]
     fn counters_are_summed_over_the_workers() {
-        let metrics = Metrics::new(2);
+        let metrics = Metrics::new(2, "io_uring");
         let (a, b) = (metrics.worker(0), metrics.worker(1));
         for _ in 0..3 {
             a.accepted();
@@ -597,6 +613,11 @@ mod tests {
         b.limit_hit(Limit::BodySize);
         let text = render_collector(metrics);
         for line in [
+            &format!(
+                "ringsocket_build_info{{version=\"{}\",io_backend=\"io_uring\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "# TYPE ringsocket_build_info gauge",
             "ringsocket_connections_open 1",
             "# TYPE ringsocket_connections_open gauge",
             "ringsocket_connections_accepted_total 4",
@@ -617,7 +638,7 @@ mod tests {
     /// rejections, and statuses outside the always-shown list appear once written.
     #[test]
     fn responses_and_rejections_are_counted_apart() {
-        let metrics = Metrics::new(2);
+        let metrics = Metrics::new(2, "io_uring");
         let (a, b) = (metrics.worker(0), metrics.worker(1));
         a.http_response(200);
         b.http_response(200);
@@ -655,7 +676,7 @@ mod tests {
     /// marker.
     #[test]
     fn the_registry_has_the_worker_metrics_and_ends_with_eof() {
-        let metrics = Metrics::new(1);
+        let metrics = Metrics::new(1, "io_uring");
         metrics.worker(0).accepted();
         let text = metrics.render();
         has_line(&text, "ringsocket_connections_accepted_total 1");
