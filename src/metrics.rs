@@ -5,7 +5,9 @@
 //! lock). Nothing of `prometheus-client` is on that path: at scrape time, collectors
 //! ([`Collector`]) sum every worker's counters and hand them to its OpenMetrics text
 //! encoder. [`Metrics`] is the workers' collector; the executor, the pubsub hub and the
-//! broker have theirs.
+//! broker have theirs, and [`process::ProcessCollector`] reads `/proc`.
+
+pub mod process;
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,7 +21,8 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-/// The prefix of every ringsocket metric name (`ringsocket_…`).
+/// The prefix of every ringsocket metric name (`ringsocket_…`); the standard
+/// `process_*` metrics have none.
 pub const PREFIX: &str = "ringsocket";
 
 /// The `Content-Type` of the exposition: the OpenMetrics text format.
@@ -313,18 +316,20 @@ impl Metrics {
         self.workers.iter().map(|w| w.open()).sum()
     }
 
-    /// A registry holding these counters under [`PREFIX`]. Register more collectors
-    /// on `registry.sub_registry_with_prefix(PREFIX)` to have them prefixed too.
+    /// A registry holding the process metrics (`process_*`) and, under
+    /// [`PREFIX`], these counters. Register more collectors on
+    /// `registry.sub_registry_with_prefix(PREFIX)` to have them prefixed too.
     pub fn registry(&self) -> Registry {
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(process::ProcessCollector));
         registry
             .sub_registry_with_prefix(PREFIX)
             .register_collector(Box::new(self.clone()));
         registry
     }
 
-    /// The OpenMetrics text of [`Metrics::registry`]: every worker counter (not the
-    /// executor's or the hub's, which `/metrics` adds).
+    /// The OpenMetrics text of [`Metrics::registry`]: the process metrics and every
+    /// worker counter (not the executor's or the hub's, which `/metrics` adds).
     pub fn render(&self) -> String {
         encode(&self.registry()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "encoding the metrics failed");
@@ -672,14 +677,15 @@ mod tests {
         );
     }
 
-    /// The whole exposition: our metrics with the prefix, and the OpenMetrics end
-    /// marker.
+    /// The whole exposition: process metrics without the prefix, ours with it, and the
+    /// OpenMetrics end marker.
     #[test]
-    fn the_registry_has_the_worker_metrics_and_ends_with_eof() {
+    fn the_registry_has_process_and_worker_metrics_and_ends_with_eof() {
         let metrics = Metrics::new(1, "io_uring");
         metrics.worker(0).accepted();
         let text = metrics.render();
         has_line(&text, "ringsocket_connections_accepted_total 1");
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
         assert!(text.ends_with("\n# EOF\n"), "{text}");
     }
 }

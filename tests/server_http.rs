@@ -295,7 +295,7 @@ fn metrics_route_exposes_the_counters() {
         text.contains("ringsocket_connections_accepted_total 1"),
         "{text}"
     );
-    // Every family of the page: the workers', the executor's, the hub's.
+    // Every family of the page: the workers', the executor's, the hub's, the process's.
     for line in [
         "# TYPE ringsocket_connections_accepted counter",
         "ringsocket_tasks_queued 0",
@@ -306,6 +306,20 @@ fn metrics_route_exposes_the_counters() {
         ),
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        let value: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        assert!(value >= 0.0, "{name} {value}");
     }
     // OpenMetrics: the page ends with the end marker, and nothing follows it.
     assert!(text.ends_with("\n# EOF\n"), "{text}");
