@@ -146,6 +146,32 @@ pub const PASS_BUCKETS: [f64; 12] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// A handler whose panic was caught (it ended its own request or connection only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandlerKind {
+    /// A WebSocket handler: Close 1011, or 500 when it panicked before accepting.
+    WebSocket,
+    /// An HTTP handler: 500.
+    Http,
+}
+
+impl HandlerKind {
+    const ALL: [HandlerKind; 2] = [Self::WebSocket, Self::Http];
+
+    /// The label value in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::WebSocket => "websocket",
+            Self::Http => "http",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0)
+    }
+}
+
 /// Statuses exposed even before they are first written (at 0), so that a rate over
 /// them exists from the start; any other status appears once written.
 const SHOWN_STATUSES: [u16; 15] = [
@@ -206,6 +232,7 @@ pub struct WorkerMetrics {
     responses: StatusCounts,
     limits: [AtomicU64; Limit::ALL.len()],
     pings_sent: AtomicU64,
+    handler_panics: [AtomicU64; HandlerKind::ALL.len()],
     /// Broadcast passes per bucket of [`PASS_BUCKETS`] (not cumulative), then `+Inf`.
     passes: [AtomicU64; PASS_BUCKETS.len() + 1],
     pass_nanos: AtomicU64,
@@ -265,6 +292,12 @@ impl WorkerMetrics {
     /// A heartbeat ping was sent.
     pub fn ping_sent(&self) {
         self.pings_sent.fetch_add(1, Relaxed);
+    }
+
+    /// A handler of `kind` panicked; the panic was caught and ended only its own
+    /// request or connection.
+    pub fn handler_panicked(&self, kind: HandlerKind) {
+        self.handler_panics[kind.index()].fetch_add(1, Relaxed);
     }
 
     /// A core finished writing a broadcast to every subscriber of a topic on it (one
@@ -473,6 +506,16 @@ impl Collector for Metrics {
                 .iter()
                 .map(|l| (l.label(), sum(&|w| &w.limits[l.index()]))),
         )?;
+        family(
+            e,
+            "handler_panics",
+            "Handler panics caught (each ended only its own request or connection), by kind.",
+            MetricType::Counter,
+            "kind",
+            HandlerKind::ALL
+                .iter()
+                .map(|k| (k.label(), sum(&|w| &w.handler_panics[k.index()]))),
+        )?;
         let mut buckets: Vec<(f64, u64)> = PASS_BUCKETS
             .iter()
             .enumerate()
@@ -674,6 +717,20 @@ mod tests {
         assert!(
             !text.contains("ringsocket_http_responses_total{status=\"301\"}"),
             "a status never written and not in the list is shown:\n{text}"
+        );
+    }
+
+    #[test]
+    fn handler_panics_are_counted_by_kind() {
+        let metrics = Metrics::new(1, "io_uring");
+        metrics.worker(0).handler_panicked(HandlerKind::Http);
+        metrics.worker(0).handler_panicked(HandlerKind::Http);
+        metrics.worker(0).handler_panicked(HandlerKind::WebSocket);
+        let text = render_collector(metrics);
+        has_line(&text, "ringsocket_handler_panics_total{kind=\"http\"} 2");
+        has_line(
+            &text,
+            "ringsocket_handler_panics_total{kind=\"websocket\"} 1",
         );
     }
 

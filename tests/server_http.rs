@@ -300,6 +300,7 @@ fn metrics_route_exposes_the_counters() {
         "# TYPE ringsocket_connections_accepted counter",
         "ringsocket_tasks_queued 0",
         "ringsocket_pubsub_topics 0",
+        "ringsocket_handler_panics_total{kind=\"http\"} 0",
         &format!(
             "ringsocket_build_info{{version=\"{}\",io_backend=\"io_uring\"}} 1",
             env!("CARGO_PKG_VERSION")

@@ -33,7 +33,7 @@ use super::service::{
 use super::session::{Decision, Session};
 use super::ws::Driver;
 use crate::config::Config;
-use crate::metrics::{CloseReason, Limit, WorkerMetrics};
+use crate::metrics::{CloseReason, HandlerKind, Limit, WorkerMetrics};
 use crate::proto::handshake::{self, AcceptKey, HeadReader, Request};
 use crate::proto::{CloseCode, Connection, HandshakeLimits, Limits};
 use crate::tasks::BackgroundTasks;
@@ -399,6 +399,7 @@ async fn serve(
                     Polled::Pending => Poll::Pending,
                     Polled::Panicked(message) => {
                         tracing::error!(%peer, panic = %message, "HTTP handler panicked: 500");
+                        ctx.metrics.handler_panicked(HandlerKind::Http);
                         tasks.discard("the HTTP handler panicked");
                         Poll::Ready(Response::error(500, "internal server error"))
                     }
@@ -502,6 +503,7 @@ async fn decide(
                     Polled::Pending => {}
                     Polled::Panicked(message) => {
                         tracing::error!(peer = %session.peer(), panic = %message, "WebSocket handler panicked before accepting: 500");
+                        ctx.metrics.handler_panicked(HandlerKind::WebSocket);
                         *handler = None;
                         return Poll::Ready(Err(Response::error(500, "internal server error")));
                     }
