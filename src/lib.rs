@@ -22,7 +22,8 @@
 //!   masking, UTF-8 validation, close codes and the connection state machine, for both
 //!   the server and the client role. No sockets, no runtime, no clock.
 //! - [`config`] and [`metrics`]: settings with documented defaults and one parser per
-//!   field, Prometheus counters.
+//!   field; per-core counters and their OpenMetrics exposition (`prometheus-client`
+//!   collectors that sum them at scrape time).
 //! - `bench` (feature `cli`, on by default): the load generator of `ringsocket bench`.
 //!
 //! The library logs through `tracing`; install a subscriber to see it (the README

@@ -1,29 +1,38 @@
-//! Counters in Prometheus text format.
+//! The server's counters and their OpenMetrics exposition (`GET /metrics`).
 //!
 //! Each worker owns one [`WorkerMetrics`] and is its only writer (relaxed atomic adds on
-//! memory no other core writes, so the message path shares no cache line); `/metrics`
-//! sums every worker's counters when it is scraped.
+//! memory no other core writes, so the message path shares no cache line and takes no
+//! lock). Nothing of `prometheus-client` is on that path: at scrape time, collectors
+//! ([`Collector`]) sum every worker's counters and hand them to its OpenMetrics text
+//! encoder. [`Metrics`] is the workers' collector; the executor, the pubsub hub and the
+//! broker have theirs, and [`process::ProcessCollector`] reads `/proc`.
 
-use std::fmt::Write as _;
+pub mod process;
+
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Appends one metric family in the Prometheus text format: `ringsocket_{name}`, its
-/// help and type lines, then one sample per row (`labels` is `""` or `{k="v",…}`).
-pub fn write_family(out: &mut String, name: &str, help: &str, kind: &str, rows: &[(String, u64)]) {
-    write_header(out, name, help, kind);
-    for (labels, value) in rows {
-        let _ = writeln!(out, "ringsocket_{name}{labels} {value}");
-    }
-}
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelValue, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 
-/// Appends a metric family's help and type lines (`ringsocket_{name}`).
-fn write_header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(
-        out,
-        "# HELP ringsocket_{name} {help}\n# TYPE ringsocket_{name} {kind}"
-    );
+/// The prefix of every ringsocket metric name (`ringsocket_…`); the standard
+/// `process_*` metrics have none.
+pub const PREFIX: &str = "ringsocket";
+
+/// The `Content-Type` of the exposition: the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The OpenMetrics text exposition of `registry`, ending with `# EOF`.
+pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut out = String::with_capacity(8192);
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
 }
 
 /// Why a connection ended; every way out is counted under one of these.
@@ -137,8 +146,75 @@ pub const PASS_BUCKETS: [f64; 12] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Statuses counted for refused handshakes and HTTP responses.
-const STATUSES: [u16; 12] = [200, 202, 400, 403, 404, 405, 411, 413, 426, 431, 500, 503];
+/// A handler whose panic was caught (it ended its own request or connection only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandlerKind {
+    /// A WebSocket handler: Close 1011, or 500 when it panicked before accepting.
+    WebSocket,
+    /// An HTTP handler: 500.
+    Http,
+}
+
+impl HandlerKind {
+    const ALL: [HandlerKind; 2] = [Self::WebSocket, Self::Http];
+
+    /// The label value in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::WebSocket => "websocket",
+            Self::Http => "http",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0)
+    }
+}
+
+/// Statuses exposed even before they are first written (at 0), so that a rate over
+/// them exists from the start; any other status appears once written.
+const SHOWN_STATUSES: [u16; 15] = [
+    101, 200, 202, 204, 400, 403, 404, 405, 408, 411, 413, 426, 431, 500, 503,
+];
+
+/// The lowest status counted on its own; [`StatusCounts`] holds `100..=599`.
+const FIRST_STATUS: u16 = 100;
+/// Statuses `100..=599`, then one slot for anything outside that range.
+const STATUS_SLOTS: usize = 500;
+
+/// Responses written, per status: one slot per status in `100..=599`, the last slot for
+/// a status outside it.
+struct StatusCounts([AtomicU64; STATUS_SLOTS + 1]);
+
+impl StatusCounts {
+    fn add(&self, status: u16) {
+        self.0[Self::slot(status)].fetch_add(1, Relaxed);
+    }
+
+    fn slot(status: u16) -> usize {
+        usize::from(status)
+            .checked_sub(usize::from(FIRST_STATUS))
+            .filter(|i| *i < STATUS_SLOTS)
+            .unwrap_or(STATUS_SLOTS)
+    }
+}
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl fmt::Debug for StatusCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seen = (FIRST_STATUS..)
+            .zip(&self.0[..STATUS_SLOTS])
+            .map(|(status, n)| (status, n.load(Relaxed)))
+            .filter(|(_, n)| *n > 0);
+        f.debug_map().entries(seen).finish()
+    }
+}
 
 /// One worker's counters.
 #[derive(Debug, Default)]
@@ -152,9 +228,11 @@ pub struct WorkerMetrics {
     bytes_out: AtomicU64,
     writes: AtomicU64,
     http_requests: AtomicU64,
-    rejections: [AtomicU64; STATUSES.len() + 1],
+    /// Every HTTP response written, by status; those >= 400 are the rejections.
+    responses: StatusCounts,
     limits: [AtomicU64; Limit::ALL.len()],
     pings_sent: AtomicU64,
+    handler_panics: [AtomicU64; HandlerKind::ALL.len()],
     /// Broadcast passes per bucket of [`PASS_BUCKETS`] (not cumulative), then `+Inf`.
     passes: [AtomicU64; PASS_BUCKETS.len() + 1],
     pass_nanos: AtomicU64,
@@ -199,13 +277,11 @@ impl WorkerMetrics {
         self.http_requests.fetch_add(1, Relaxed);
     }
 
-    /// A handshake or request was refused with `status`.
-    pub fn rejected(&self, status: u16) {
-        let i = STATUSES
-            .iter()
-            .position(|s| *s == status)
-            .unwrap_or(STATUSES.len());
-        self.rejections[i].fetch_add(1, Relaxed);
+    /// An HTTP response with `status` was written (the 101 of an upgrade: queued, it
+    /// leaves with the session's first write). A 4xx or 5xx is also a rejection: a
+    /// handshake or request refused.
+    pub fn http_response(&self, status: u16) {
+        self.responses.add(status);
     }
 
     /// A limit was reached.
@@ -216,6 +292,12 @@ impl WorkerMetrics {
     /// A heartbeat ping was sent.
     pub fn ping_sent(&self) {
         self.pings_sent.fetch_add(1, Relaxed);
+    }
+
+    /// A handler of `kind` panicked; the panic was caught and ended only its own
+    /// request or connection.
+    pub fn handler_panicked(&self, kind: HandlerKind) {
+        self.handler_panics[kind.index()].fetch_add(1, Relaxed);
     }
 
     /// A core finished writing a broadcast to every subscriber of a topic on it (one
@@ -238,17 +320,22 @@ impl WorkerMetrics {
     }
 }
 
-/// Every worker's counters, for `/metrics`.
-#[derive(Debug, Clone, Default)]
+/// Every worker's counters, for `/metrics`. As a [`Collector`] it sums them at
+/// scrape time into the `ringsocket_*` families (without the prefix, which the
+/// registry adds: see [`Metrics::registry`]).
+#[derive(Debug, Clone)]
 pub struct Metrics {
     workers: Vec<Arc<WorkerMetrics>>,
+    io_backend: &'static str,
 }
 
 impl Metrics {
-    /// Counters for `n` workers.
-    pub fn new(n: usize) -> Self {
+    /// Counters for `n` workers that do their I/O with `io_backend` (`"io_uring"`),
+    /// the `io_backend` label of `ringsocket_build_info`.
+    pub fn new(n: usize, io_backend: &'static str) -> Self {
         Self {
-            workers: (0..n).map(|_| Arc::default()).collect(),
+            workers: (0..n.max(1)).map(|_| Arc::default()).collect(),
+            io_backend,
         }
     }
 
@@ -262,174 +349,288 @@ impl Metrics {
         self.workers.iter().map(|w| w.open()).sum()
     }
 
-    /// The Prometheus text exposition of every counter.
-    pub fn render(&self) -> String {
-        let sum = |f: &dyn Fn(&WorkerMetrics) -> &AtomicU64| -> u64 { self.sum_over(f) };
-        let mut out = String::with_capacity(4096);
-        let mut counter = |name: &str, help: &str, kind: &str, rows: &[(String, u64)]| {
-            write_family(&mut out, name, help, kind, rows);
-        };
-        counter(
-            "connections_open",
-            "Connections open now.",
-            "gauge",
-            &[(String::new(), self.open_connections())],
-        );
-        counter(
-            "connections_accepted_total",
-            "Connections accepted.",
-            "counter",
-            &[(String::new(), sum(&|w| &w.accepted))],
-        );
-        counter(
-            "websocket_upgrades_total",
-            "Completed WebSocket handshakes.",
-            "counter",
-            &[(String::new(), sum(&|w| &w.upgraded))],
-        );
-        let closed: Vec<_> = CloseReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.label()),
-                    sum(&|w| &w.closed[r.index()]),
-                )
-            })
-            .collect();
-        counter(
-            "connections_closed_total",
-            "Connections ended, by reason.",
-            "counter",
-            &closed,
-        );
-        counter(
-            "messages_in_total",
-            "WebSocket data messages received.",
-            "counter",
-            &[(String::new(), sum(&|w| &w.messages_in))],
-        );
-        counter(
-            "messages_out_total",
-            "WebSocket data messages sent.",
-            "counter",
-            &[(String::new(), sum(&|w| &w.messages_out))],
-        );
-        counter(
-            "bytes_in_total",
-            "WebSocket payload bytes received.",
-            "counter",
-            &[(String::new(), sum(&|w| &w.bytes_in))],
-        );
-        counter(
-            "bytes_out_total",
-            "Bytes written to sockets.",
-            "counter",
-            &[(String::new(), sum(&|w| &w.bytes_out))],
-        );
-        counter(
-            "writes_total",
-            "Writes handed to the kernel, each carrying everything queued for one connection \
-             (messages_out_total / writes_total: messages per write).",
-            "counter",
-            &[(String::new(), sum(&|w| &w.writes))],
-        );
-        counter(
-            "http_requests_total",
-            "Plain HTTP requests answered.",
-            "counter",
-            &[(String::new(), sum(&|w| &w.http_requests))],
-        );
-        counter(
-            "pings_sent_total",
-            "Heartbeat pings sent.",
-            "counter",
-            &[(String::new(), sum(&|w| &w.pings_sent))],
-        );
-        let mut rejections: Vec<_> = STATUSES
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("{{status=\"{s}\"}}"), sum(&|w| &w.rejections[i])))
-            .collect();
-        rejections.push((
-            "{status=\"other\"}".into(),
-            sum(&|w| &w.rejections[STATUSES.len()]),
-        ));
-        counter(
-            "rejections_total",
-            "Handshakes and requests refused, by HTTP status.",
-            "counter",
-            &rejections,
-        );
-        let limits: Vec<_> = Limit::ALL
-            .iter()
-            .map(|l| {
-                (
-                    format!("{{limit=\"{}\"}}", l.label()),
-                    sum(&|w| &w.limits[l.index()]),
-                )
-            })
-            .collect();
-        counter(
-            "limit_hits_total",
-            "Times a limit was reached, by limit.",
-            "counter",
-            &limits,
-        );
-        self.render_passes(&mut out);
-        out
+    /// A registry holding the process metrics (`process_*`) and, under
+    /// [`PREFIX`], these counters. Register more collectors on
+    /// `registry.sub_registry_with_prefix(PREFIX)` to have them prefixed too.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(process::ProcessCollector));
+        registry
+            .sub_registry_with_prefix(PREFIX)
+            .register_collector(Box::new(self.clone()));
+        registry
     }
 
-    /// The `broadcast_pass_seconds` histogram, summed over the workers.
-    fn render_passes(&self, out: &mut String) {
-        write_header(
-            out,
-            "broadcast_pass_seconds",
-            "Time a core took to write what was broadcast to a topic to every subscriber \
-             of it on that core (one pass; subscribers of one topic only). A message \
-             published while a pass is under way reaches the subscribers already written \
-             in the next one, so this is how long a subscriber can wait when the core is \
-             busy.",
-            "histogram",
-        );
-        let mut cumulative = 0;
-        for (i, le) in PASS_BUCKETS.iter().enumerate() {
-            cumulative += self.sum_over(|w| &w.passes[i]);
-            let _ = writeln!(
-                out,
-                "ringsocket_broadcast_pass_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
-        }
-        cumulative += self.sum_over(|w| &w.passes[PASS_BUCKETS.len()]);
-        let nanos = self.sum_over(|w| &w.pass_nanos);
-        let _ = writeln!(
-            out,
-            "ringsocket_broadcast_pass_seconds_bucket{{le=\"+Inf\"}} {cumulative}\n\
-             ringsocket_broadcast_pass_seconds_sum {}\n\
-             ringsocket_broadcast_pass_seconds_count {cumulative}",
-            nanos as f64 / 1e9
-        );
+    /// The OpenMetrics text of [`Metrics::registry`]: the process metrics and every
+    /// worker counter (not the executor's or the hub's, which `/metrics` adds).
+    pub fn render(&self) -> String {
+        encode(&self.registry()).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "encoding the metrics failed");
+            String::new()
+        })
     }
 
     fn sum_over(&self, f: impl Fn(&WorkerMetrics) -> &AtomicU64) -> u64 {
         self.workers.iter().map(|w| f(w).load(Relaxed)).sum()
     }
+
+    /// Responses with a status in `range`, summed over the workers: the statuses of
+    /// [`SHOWN_STATUSES`] always, any other once written.
+    fn statuses(&self, range: std::ops::RangeInclusive<u16>) -> Vec<(String, u64)> {
+        range
+            .map(|status| {
+                let n = self.sum_over(|w| &w.responses.0[StatusCounts::slot(status)]);
+                (status, n)
+            })
+            .filter(|(status, n)| *n > 0 || SHOWN_STATUSES.contains(status))
+            .map(|(status, n)| (status.to_string(), n))
+            .collect()
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let e = &mut encoder;
+        let sum = |f: &dyn Fn(&WorkerMetrics) -> &AtomicU64| self.sum_over(f);
+        let build = [
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("io_backend", self.io_backend),
+        ];
+        e.encode_descriptor(
+            "build_info",
+            "The version of ringsocket and the I/O backend its workers use; always 1.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_family(&build)?
+        .encode_gauge(&1u64)?;
+        gauge(
+            e,
+            "connections_open",
+            "Connections open now.",
+            self.open_connections(),
+        )?;
+        counter(
+            e,
+            "connections_accepted",
+            "Connections accepted.",
+            sum(&|w| &w.accepted),
+        )?;
+        counter(
+            e,
+            "websocket_upgrades",
+            "Completed WebSocket handshakes.",
+            sum(&|w| &w.upgraded),
+        )?;
+        family(
+            e,
+            "connections_closed",
+            "Connections ended, by reason.",
+            MetricType::Counter,
+            "reason",
+            CloseReason::ALL
+                .iter()
+                .map(|r| (r.label(), sum(&|w| &w.closed[r.index()]))),
+        )?;
+        counter(
+            e,
+            "messages_in",
+            "WebSocket data messages received.",
+            sum(&|w| &w.messages_in),
+        )?;
+        counter(
+            e,
+            "messages_out",
+            "WebSocket data messages sent.",
+            sum(&|w| &w.messages_out),
+        )?;
+        counter(
+            e,
+            "bytes_in",
+            "WebSocket payload bytes received.",
+            sum(&|w| &w.bytes_in),
+        )?;
+        counter(
+            e,
+            "bytes_out",
+            "Bytes written to sockets.",
+            sum(&|w| &w.bytes_out),
+        )?;
+        counter(
+            e,
+            "writes",
+            "Writes handed to the kernel, each carrying everything queued for one connection \
+             (messages_out_total / writes_total: messages per write).",
+            sum(&|w| &w.writes),
+        )?;
+        counter(
+            e,
+            "http_requests",
+            "Plain HTTP requests answered.",
+            sum(&|w| &w.http_requests),
+        )?;
+        let mut responses = self.statuses(FIRST_STATUS..=599);
+        let other = sum(&|w| &w.responses.0[STATUS_SLOTS]);
+        if other > 0 {
+            responses.push(("other".into(), other));
+        }
+        family(
+            e,
+            "http_responses",
+            "HTTP responses written, by status (the 101 of every WebSocket upgrade too).",
+            MetricType::Counter,
+            "status",
+            responses,
+        )?;
+        family(
+            e,
+            "rejections",
+            "Handshakes and requests refused (responses with a 4xx or 5xx status), by status.",
+            MetricType::Counter,
+            "status",
+            self.statuses(400..=599),
+        )?;
+        counter(
+            e,
+            "pings_sent",
+            "Heartbeat pings sent.",
+            sum(&|w| &w.pings_sent),
+        )?;
+        family(
+            e,
+            "limit_hits",
+            "Times a limit was reached, by limit.",
+            MetricType::Counter,
+            "limit",
+            Limit::ALL
+                .iter()
+                .map(|l| (l.label(), sum(&|w| &w.limits[l.index()]))),
+        )?;
+        family(
+            e,
+            "handler_panics",
+            "Handler panics caught (each ended only its own request or connection), by kind.",
+            MetricType::Counter,
+            "kind",
+            HandlerKind::ALL
+                .iter()
+                .map(|k| (k.label(), sum(&|w| &w.handler_panics[k.index()]))),
+        )?;
+        let mut buckets: Vec<(f64, u64)> = PASS_BUCKETS
+            .iter()
+            .enumerate()
+            .map(|(i, le)| (*le, sum(&|w| &w.passes[i])))
+            .collect();
+        buckets.push((f64::INFINITY, sum(&|w| &w.passes[PASS_BUCKETS.len()])));
+        histogram(
+            e,
+            "broadcast_pass",
+            "Time a core took to write what was broadcast to a topic to every subscriber \
+             of it on that core (one pass; subscribers of one topic only). A message \
+             published while a pass is under way reaches the subscribers already written \
+             in the next one, so this is how long a subscriber can wait when the core is \
+             busy.",
+            &Unit::Seconds,
+            &buckets,
+            sum(&|w| &w.pass_nanos) as f64 / 1e9,
+        )
+    }
+}
+
+/// Encodes a counter without labels: `name` without `_total`, which the encoder adds.
+pub(crate) fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+/// Encodes a gauge without labels.
+pub(crate) fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: impl EncodeGaugeValue,
+) -> fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+/// Encodes a counter or gauge family with one label, `key`: a sample per row.
+pub(crate) fn family<V: EncodeLabelValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    key: &str,
+    rows: impl IntoIterator<Item = (V, u64)>,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (value, n) in rows {
+        let labels = [(key, value)];
+        let mut sample = metric.encode_family(&labels)?;
+        if metric_type == MetricType::Counter {
+            sample.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        } else {
+            sample.encode_gauge(&n)?;
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a histogram named `name` + `_` + `unit`: `buckets` are (upper bound, count
+/// in that bucket alone), the last bound `f64::INFINITY`; the encoder makes them
+/// cumulative.
+pub(crate) fn histogram(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: &Unit,
+    buckets: &[(f64, u64)],
+    sum: f64,
+) -> fmt::Result {
+    let count = buckets.iter().map(|(_, n)| n).sum();
+    encoder
+        .encode_descriptor(name, help, Some(unit), MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(sum, count, buckets, None)
+}
+
+/// The text of one collector under [`PREFIX`], for tests.
+#[cfg(test)]
+pub(crate) fn render_collector(collector: impl Collector) -> String {
+    let mut registry = Registry::default();
+    registry
+        .sub_registry_with_prefix(PREFIX)
+        .register_collector(Box::new(collector));
+    encode(&registry).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn has_line(text: &str, line: &str) {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+
     /// Passes land in the first bucket at or above their time; buckets are cumulative,
     /// summed over the workers, and the sum is in seconds.
     #[test]
     fn broadcast_passes_render_as_a_cumulative_histogram() {
-        let metrics = Metrics::new(2);
+        let metrics = Metrics::new(2, "io_uring");
         metrics.worker(0).broadcast_pass(Duration::from_micros(300));
         metrics.worker(1).broadcast_pass(Duration::from_millis(40));
         metrics.worker(1).broadcast_pass(Duration::from_millis(50));
         metrics.worker(0).broadcast_pass(Duration::from_secs(3));
-        let text = metrics.render();
+        let text = render_collector(metrics);
         for line in [
+            "# TYPE ringsocket_broadcast_pass_seconds histogram",
+            "# UNIT ringsocket_broadcast_pass_seconds seconds",
             "ringsocket_broadcast_pass_seconds_bucket{le=\"0.0005\"} 1",
             "ringsocket_broadcast_pass_seconds_bucket{le=\"0.025\"} 1",
             "ringsocket_broadcast_pass_seconds_bucket{le=\"0.05\"} 3",
@@ -437,9 +638,111 @@ mod tests {
             "ringsocket_broadcast_pass_seconds_bucket{le=\"+Inf\"} 4",
             "ringsocket_broadcast_pass_seconds_sum 3.0903",
             "ringsocket_broadcast_pass_seconds_count 4",
-            "# TYPE ringsocket_broadcast_pass_seconds histogram",
         ] {
-            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+            has_line(&text, line);
         }
+    }
+
+    /// Counters are the sum over the workers, with the `_total` suffix; the build info
+    /// names the version and the backend given at construction.
+    #[test]
+    fn counters_are_summed_over_the_workers() {
+        let metrics = Metrics::new(2, "io_uring");
+        let (a, b) = (metrics.worker(0), metrics.worker(1));
+        for _ in 0..3 {
+            a.accepted();
+        }
+        b.accepted();
+        a.closed(CloseReason::Normal);
+        a.closed(CloseReason::PeerGone);
+        b.closed(CloseReason::Normal);
+        a.message_in(10);
+        b.message_in(5);
+        b.limit_hit(Limit::BodySize);
+        let text = render_collector(metrics);
+        for line in [
+            &format!(
+                "ringsocket_build_info{{version=\"{}\",io_backend=\"io_uring\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "# TYPE ringsocket_build_info gauge",
+            "ringsocket_connections_open 1",
+            "# TYPE ringsocket_connections_open gauge",
+            "ringsocket_connections_accepted_total 4",
+            "# TYPE ringsocket_connections_accepted counter",
+            "ringsocket_connections_closed_total{reason=\"normal\"} 2",
+            "ringsocket_connections_closed_total{reason=\"peer_gone\"} 1",
+            "ringsocket_connections_closed_total{reason=\"shutdown\"} 0",
+            "ringsocket_messages_in_total 2",
+            "ringsocket_bytes_in_total 15",
+            "ringsocket_limit_hits_total{limit=\"max_body_bytes\"} 1",
+            "ringsocket_limit_hits_total{limit=\"max_connections\"} 0",
+        ] {
+            has_line(&text, line);
+        }
+    }
+
+    /// Every response counts in `http_responses_total`; only 4xx and 5xx count as
+    /// rejections, and statuses outside the always-shown list appear once written.
+    #[test]
+    fn responses_and_rejections_are_counted_apart() {
+        let metrics = Metrics::new(2, "io_uring");
+        let (a, b) = (metrics.worker(0), metrics.worker(1));
+        a.http_response(200);
+        b.http_response(200);
+        a.http_response(202);
+        a.http_response(101);
+        b.http_response(404);
+        a.http_response(418);
+        b.http_response(999);
+        let text = render_collector(metrics);
+        for line in [
+            "ringsocket_http_responses_total{status=\"101\"} 1",
+            "ringsocket_http_responses_total{status=\"200\"} 2",
+            "ringsocket_http_responses_total{status=\"202\"} 1",
+            "ringsocket_http_responses_total{status=\"404\"} 1",
+            "ringsocket_http_responses_total{status=\"418\"} 1",
+            "ringsocket_http_responses_total{status=\"503\"} 0",
+            "ringsocket_http_responses_total{status=\"other\"} 1",
+            "ringsocket_rejections_total{status=\"404\"} 1",
+            "ringsocket_rejections_total{status=\"418\"} 1",
+            "ringsocket_rejections_total{status=\"403\"} 0",
+        ] {
+            has_line(&text, line);
+        }
+        assert!(
+            !text.contains("ringsocket_rejections_total{status=\"2"),
+            "a success counted as a rejection:\n{text}"
+        );
+        assert!(
+            !text.contains("ringsocket_http_responses_total{status=\"301\"}"),
+            "a status never written and not in the list is shown:\n{text}"
+        );
+    }
+
+    #[test]
+    fn handler_panics_are_counted_by_kind() {
+        let metrics = Metrics::new(1, "io_uring");
+        metrics.worker(0).handler_panicked(HandlerKind::Http);
+        metrics.worker(0).handler_panicked(HandlerKind::Http);
+        metrics.worker(0).handler_panicked(HandlerKind::WebSocket);
+        let text = render_collector(metrics);
+        has_line(&text, "ringsocket_handler_panics_total{kind=\"http\"} 2");
+        has_line(
+            &text,
+            "ringsocket_handler_panics_total{kind=\"websocket\"} 1",
+        );
+    }
+
+    /// The whole exposition: process metrics without the prefix, ours with it, and the
+    /// OpenMetrics end marker.
+    #[test]
+    fn the_registry_has_process_and_worker_metrics_and_ends_with_eof() {
+        let metrics = Metrics::new(1, "io_uring");
+        metrics.worker(0).accepted();
+        let text = metrics.render();
+        has_line(&text, "ringsocket_connections_accepted_total 1");
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
     }
 }

@@ -53,6 +53,15 @@ fn http_get(server: &RunningServer, path: &str) -> String {
     out
 }
 
+/// `ringsocket_handler_panics_total{kind="…"}`.
+fn panics(server: &RunningServer, kind: &str) -> u64 {
+    let text = server.metrics().render();
+    let series = format!("ringsocket_handler_panics_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
 fn wait_for_no_connections(server: &RunningServer) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while server.metrics().open_connections() > 0 {
@@ -73,8 +82,11 @@ fn http_handler_panic_answers_500_and_the_server_carries_on() {
         response.starts_with("HTTP/1.1 500 Internal Server Error\r\n"),
         "{response}"
     );
+    assert_eq!(panics(&server, "http"), 1);
+    assert_eq!(panics(&server, "websocket"), 0);
     let response = http_get(&server, "/healthz");
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert_eq!(panics(&server, "http"), 1, "a 200 is no panic");
     wait_for_no_connections(&server);
 }
 
@@ -102,6 +114,8 @@ async fn websocket_handler_panic_closes_with_1011_and_spares_other_connections()
     .unwrap()
     .expect("a close frame");
     assert_eq!(close.code, CloseCode::Error);
+    assert_eq!(panics(&server, "websocket"), 1);
+    assert_eq!(panics(&server, "http"), 0);
 
     bystander.send(WsMessage::text("still here")).await.unwrap();
     let echoed = tokio::time::timeout(Duration::from_secs(5), bystander.next())
@@ -129,6 +143,7 @@ async fn websocket_handler_panic_before_accept_answers_500() {
         tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 500),
         other => panic!("expected an HTTP 500, got {other}"),
     }
+    assert_eq!(panics(&server, "websocket"), 1);
     tokio::task::spawn_blocking(move || wait_for_no_connections(&server))
         .await
         .unwrap();

@@ -329,7 +329,7 @@ fn metrics_route_exposes_the_counters() {
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(
         response.header("content-type"),
-        Some("text/plain; version=0.0.4")
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
     let text = String::from_utf8(response.body).unwrap();
     // The scraping connection itself is open while the page is rendered.
@@ -338,6 +338,86 @@ fn metrics_route_exposes_the_counters() {
         text.contains("ringsocket_connections_accepted_total 1"),
         "{text}"
     );
+    // Every family of the page: the workers', the executor's, the hub's, the process's.
+    for line in [
+        "# TYPE ringsocket_connections_accepted counter",
+        "ringsocket_tasks_queued 0",
+        "ringsocket_pubsub_topics 0",
+        "ringsocket_handler_panics_total{kind=\"http\"} 0",
+        &format!(
+            "ringsocket_build_info{{version=\"{}\",io_backend=\"io_uring\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        let value: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        assert!(value >= 0.0, "{name} {value}");
+    }
+    // OpenMetrics: the page ends with the end marker, and nothing follows it.
+    assert!(text.ends_with("\n# EOF\n"), "{text}");
+}
+
+/// Successes are counted as responses, by status, and never as rejections; a refusal
+/// is counted in both.
+#[test]
+fn successes_count_as_responses_and_not_as_rejections() {
+    let app = http_app().post(
+        "/later",
+        |_req| async move { Response::text(202, "queued\n") },
+    );
+    let server = start(app, |_| {});
+    let rejections = |server: &RunningServer| -> u64 {
+        let text = server.metrics().render();
+        text.lines()
+            .filter(|l| l.starts_with("ringsocket_rejections_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    let ok = request(&server, "GET /hello/x HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let later = request(
+        &server,
+        "POST /later HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(later.status, 202, "{later:?}");
+    assert_eq!(
+        metric(&server, "ringsocket_http_responses_total{status=\"200\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&server, "ringsocket_http_responses_total{status=\"202\"}"),
+        1
+    );
+    assert_eq!(rejections(&server), 0);
+    let text = server.metrics().render();
+    assert!(
+        !text.contains("ringsocket_rejections_total{status=\"20"),
+        "a success has a rejections series:\n{text}"
+    );
+
+    let missing = request(&server, "GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(missing.status, 404, "{missing:?}");
+    assert_eq!(
+        metric(&server, "ringsocket_http_responses_total{status=\"404\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&server, "ringsocket_rejections_total{status=\"404\"}"),
+        1
+    );
+    assert_eq!(rejections(&server), 1);
 }
 
 // ---- deadlines and limits ---------------------------------------------------------------

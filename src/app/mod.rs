@@ -35,6 +35,7 @@ use bytes::Bytes;
 pub use router::{PARAM_TYPES, ParamError, RouteError};
 pub use websocket::WebSocket;
 
+use crate::metrics;
 use crate::proto::handshake::Request as Head;
 use crate::pubsub::{Hub, Publisher};
 use crate::runtime::{Context, HttpRequest, LocalFuture, Response, Route, Service, Session};
@@ -270,6 +271,27 @@ pub async fn echo(ws: WebSocket) {
     }
 }
 
+impl App {
+    /// The `/metrics` page: the process's, the workers', the executor's and the hub's
+    /// (with its broker's) metrics, in the OpenMetrics text format.
+    fn scrape(&self, cx: &Context) -> Response {
+        let mut registry = cx.metrics.registry();
+        let ours = registry.sub_registry_with_prefix(metrics::PREFIX);
+        ours.register_collector(Box::new(cx.tasks.clone()));
+        ours.register_collector(Box::new(self.hub.clone()));
+        match metrics::encode(&registry) {
+            Ok(body) => Response {
+                content_type: metrics::CONTENT_TYPE.into(),
+                ..Response::text(200, body)
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "encoding the metrics failed");
+                Response::error(500, "the metrics could not be encoded")
+            }
+        }
+    }
+}
+
 impl Service for App {
     fn bind_workers(&self, workers: usize) -> Result<(), String> {
         self.check().map_err(|e| e.to_string())?;
@@ -285,15 +307,7 @@ impl Service for App {
         if self.builtins && head.method() == "GET" {
             match path {
                 "/healthz" => return Route::Respond(Response::text(200, "ok\n")),
-                "/metrics" => {
-                    let mut body = cx.metrics.render();
-                    body.push_str(&cx.tasks.metrics().render(cx.tasks.capacity()));
-                    self.hub.render_metrics(&mut body);
-                    return Route::Respond(Response {
-                        content_type: "text/plain; version=0.0.4".into(),
-                        ..Response::text(200, body)
-                    });
-                }
+                "/metrics" => return Route::Respond(self.scrape(cx)),
                 _ => {}
             }
         }

@@ -24,6 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use prometheus_client::encoding::DescriptorEncoder;
+
+use crate::metrics::{counter, gauge};
 
 /// The kind of a data message carried between processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,72 +90,60 @@ pub struct BrokerMetrics {
 }
 
 impl BrokerMetrics {
-    /// Appends these counters in the Prometheus text format.
-    pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 9] = [
+    /// Encodes these counters as the `broker_*` families (`ringsocket_broker_*` under
+    /// the registry's prefix).
+    pub fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        gauge(
+            encoder,
+            "broker_connected",
+            "1 while connected to the broker.",
+            load(&self.connected),
+        )?;
+        for (name, help, value) in [
             (
-                "broker_connected",
-                "gauge",
-                "1 while connected to the broker.",
-                &self.connected,
-            ),
-            (
-                "broker_reconnects_total",
-                "counter",
+                "broker_reconnects",
                 "Reconnections to the broker after a loss.",
                 &self.reconnects,
             ),
             (
-                "broker_connection_errors_total",
-                "counter",
+                "broker_connection_errors",
                 "Broker connection losses and failed attempts.",
                 &self.connection_errors,
             ),
             (
-                "broker_published_total",
-                "counter",
+                "broker_published",
                 "Messages forwarded to other processes.",
                 &self.published,
             ),
             (
-                "broker_publish_failed_total",
-                "counter",
+                "broker_publish_failed",
                 "Messages that could not be forwarded to other processes.",
                 &self.publish_failed,
             ),
             (
-                "broker_received_total",
-                "counter",
+                "broker_received",
                 "Messages received from other processes.",
                 &self.received,
             ),
             (
-                "broker_malformed_total",
-                "counter",
+                "broker_malformed",
                 "Broker messages that were not a ringsocket envelope.",
                 &self.malformed,
             ),
             (
-                "broker_oversized_total",
-                "counter",
+                "broker_oversized",
                 "Broker messages dropped because their payload was over max_message_size.",
                 &self.oversized,
             ),
-            (
-                "broker_subscriptions",
-                "gauge",
-                "Topics subscribed at the broker.",
-                &self.subscriptions,
-            ),
-        ];
-        for (name, kind, help, value) in rows {
-            crate::metrics::write_family(
-                out,
-                name,
-                help,
-                kind,
-                &[(String::new(), value.load(Ordering::Relaxed))],
-            );
+        ] {
+            counter(encoder, name, help, load(value))?;
         }
+        gauge(
+            encoder,
+            "broker_subscriptions",
+            "Topics subscribed at the broker.",
+            load(&self.subscriptions),
+        )
     }
 }

@@ -68,9 +68,13 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
 use tokio::sync::mpsc;
 
 use crate::broker::{Broker, BrokerSink, Inbound, Kind};
+use crate::metrics::{counter, family, gauge};
 use crate::proto::conn::encode_server_frame;
 use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
@@ -362,83 +366,77 @@ impl Hub {
     pub fn topics(&self) -> usize {
         lock(&self.directory).len()
     }
+}
 
-    /// Appends the pubsub (and broker) metrics in the Prometheus text format.
-    pub fn render_metrics(&self, out: &mut String) {
-        use crate::metrics::write_family;
+/// The pubsub (and broker) counters at scrape time, as the `pubsub_*` and `broker_*`
+/// families (`ringsocket_…` under the registry's prefix).
+impl Collector for Hub {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let e = &mut encoder;
         let m = &self.metrics;
-        let load = |a: &AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed))];
-        write_family(
-            out,
-            "pubsub_published_total",
-            "Messages published in this process.",
-            "counter",
-            &load(&m.published),
-        );
-        write_family(
-            out,
-            "pubsub_delivered_total",
-            "Messages queued to subscribers (one per subscriber).",
-            "counter",
-            &load(&m.delivered),
-        );
-        write_family(
-            out,
-            "pubsub_inbox_dropped_total",
-            "Publishes dropped for a core because its inbox was full.",
-            "counter",
-            &load(&m.inbox_dropped),
-        );
-        write_family(
-            out,
-            "pubsub_conflated_total",
-            "Messages superseded by a newer value of their key (conflated topics).",
-            "counter",
-            &load(&m.conflated),
-        );
-        write_family(
-            out,
-            "pubsub_conflation_early_flushes_total",
-            "Conflation windows delivered before their end because they held too many keys or bytes.",
-            "counter",
-            &load(&m.conflation_early_flushes),
-        );
-        write_family(
-            out,
-            "pubsub_conflation_dropped_total",
-            "Conflated values dropped for lagging subscribers holding too many keys or bytes.",
-            "counter",
-            &load(&m.conflation_dropped),
-        );
-        write_family(
-            out,
-            "pubsub_from_broker_total",
-            "Messages received from other processes.",
-            "counter",
-            &load(&m.from_broker),
-        );
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, help, value) in [
+            (
+                "pubsub_published",
+                "Messages published in this process.",
+                &m.published,
+            ),
+            (
+                "pubsub_delivered",
+                "Messages queued to subscribers (one per subscriber).",
+                &m.delivered,
+            ),
+            (
+                "pubsub_inbox_dropped",
+                "Publishes dropped for a core because its inbox was full.",
+                &m.inbox_dropped,
+            ),
+            (
+                "pubsub_conflated",
+                "Messages superseded by a newer value of their key (conflated topics).",
+                &m.conflated,
+            ),
+            (
+                "pubsub_conflation_early_flushes",
+                "Conflation windows delivered before their end because they held too many keys or bytes.",
+                &m.conflation_early_flushes,
+            ),
+            (
+                "pubsub_conflation_dropped",
+                "Conflated values dropped for lagging subscribers holding too many keys or bytes.",
+                &m.conflation_dropped,
+            ),
+            (
+                "pubsub_from_broker",
+                "Messages received from other processes.",
+                &m.from_broker,
+            ),
+        ] {
+            counter(e, name, help, load(value))?;
+        }
         let mut rows: Vec<(String, u64)> = lock(&self.directory)
             .iter()
-            .map(|(topic, n)| (format!("{{topic=\"{}\"}}", escape_label(topic)), *n as u64))
+            .map(|(topic, n)| (topic.to_string(), *n as u64))
             .collect();
         rows.sort();
-        write_family(
-            out,
+        gauge(
+            e,
             "pubsub_topics",
             "Topics with subscribers in this process.",
-            "gauge",
-            &[(String::new(), rows.len() as u64)],
-        );
-        write_family(
-            out,
+            rows.len() as u64,
+        )?;
+        family(
+            e,
             "pubsub_subscribers",
             "Subscribers per topic in this process.",
-            "gauge",
-            &rows,
-        );
+            MetricType::Gauge,
+            "topic",
+            rows,
+        )?;
         if let Some(broker) = self.broker.get() {
-            broker.metrics().render(out);
+            broker.metrics().encode(e)?;
         }
+        Ok(())
     }
 }
 
@@ -553,13 +551,6 @@ fn split_frame(frame: &Bytes) -> (Kind, Bytes) {
         _ => 2,
     };
     (kind, frame.slice(header.min(frame.len())..))
-}
-
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

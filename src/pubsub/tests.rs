@@ -168,8 +168,7 @@ fn a_full_conflation_window_is_delivered_early() {
         assert_eq!(texts.last().map(String::as_str), Some("last"));
         assert_eq!(early(&hub), 1);
         assert_eq!(hub.metrics.conflated.load(Ordering::Relaxed), 1);
-        let mut metrics = String::new();
-        hub.render_metrics(&mut metrics);
+        let metrics = crate::metrics::render_collector(hub.clone());
         assert!(
             metrics.contains("ringsocket_pubsub_conflation_early_flushes_total 1"),
             "{metrics}"
@@ -208,8 +207,7 @@ fn a_lagging_subscriber_holds_a_bounded_number_of_keys() {
         assert_eq!(texts.len(), MAX_HELD_KEYS);
         assert!(texts.iter().all(|t| t.starts_with('b')), "{texts:?}");
         assert_eq!(dropped(&hub), expected);
-        let mut metrics = String::new();
-        hub.render_metrics(&mut metrics);
+        let metrics = crate::metrics::render_collector(hub.clone());
         assert!(
             metrics.contains(&format!(
                 "ringsocket_pubsub_conflation_dropped_total {expected}"

@@ -34,7 +34,7 @@ use super::service::{
 use super::session::{Decision, Session};
 use super::ws::Driver;
 use crate::config::Config;
-use crate::metrics::{CloseReason, Limit, WorkerMetrics};
+use crate::metrics::{CloseReason, HandlerKind, Limit, WorkerMetrics};
 use crate::proto::handshake::{self, AcceptKey, HeadReader, Request};
 use crate::proto::{CloseCode, Connection, HandshakeLimits, Limits};
 use crate::tasks::BackgroundTasks;
@@ -259,9 +259,7 @@ pub(crate) async fn respond(
 ) -> io::Result<()> {
     let mut out = BytesMut::new();
     response.write(&mut out, close);
-    if response.status >= 400 {
-        ctx.metrics.rejected(response.status);
-    }
+    ctx.metrics.http_response(response.status);
     write_bytes(stream, out, &ctx.metrics).await
 }
 
@@ -305,7 +303,7 @@ async fn serve(
                     }
                     let mut out = BytesMut::new();
                     e.write_response(&mut out);
-                    ctx.metrics.rejected(e.status());
+                    ctx.metrics.http_response(e.status());
                     let _ = write_bytes(stream, out, &ctx.metrics).await;
                     return Ok(CloseReason::Rejected);
                 }
@@ -405,6 +403,7 @@ async fn serve(
                     Polled::Pending => Poll::Pending,
                     Polled::Panicked(message) => {
                         tracing::error!(%peer, panic = %message, "HTTP handler panicked: 500");
+                        ctx.metrics.handler_panicked(HandlerKind::Http);
                         tasks.discard("the HTTP handler panicked");
                         Poll::Ready(Response::error(500, "internal server error"))
                     }
@@ -435,7 +434,7 @@ async fn serve(
                         tracing::debug!(%peer, error = %e, "handshake refused");
                         let mut out = BytesMut::new();
                         e.write_response(&mut out);
-                        ctx.metrics.rejected(e.status());
+                        ctx.metrics.http_response(e.status());
                         let _ = write_bytes(stream, out, &ctx.metrics).await;
                         return Ok(CloseReason::Rejected);
                     }
@@ -508,6 +507,7 @@ async fn decide(
                     Polled::Pending => {}
                     Polled::Panicked(message) => {
                         tracing::error!(peer = %session.peer(), panic = %message, "WebSocket handler panicked before accepting: 500");
+                        ctx.metrics.handler_panicked(HandlerKind::WebSocket);
                         *handler = None;
                         return Poll::Ready(Err(Response::error(500, "internal server error")));
                     }
@@ -549,6 +549,7 @@ async fn decide(
                 &[],
             );
             ctx.metrics.upgraded();
+            ctx.metrics.http_response(101);
             return Ok(head.freeze());
         }
         Ok(Err(response)) => response,

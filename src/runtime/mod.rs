@@ -44,6 +44,10 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::tasks::{Executor, TaskHandle};
 
+/// The I/O backend the workers use, as `/metrics` names it
+/// (`ringsocket_build_info{io_backend=…}`). A fallback backend sets its own.
+pub const IO_BACKEND: &str = "io_uring";
+
 /// Why the server could not start or run.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -115,7 +119,7 @@ impl Server {
             .map_err(|e| ServeError::Bind(config.bind, e))?;
         service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
-        let metrics = Metrics::new(n);
+        let metrics = Metrics::new(n, IO_BACKEND);
         let executor = Executor::start_with_nice(
             config.task_threads,
             config.task_queue_capacity,

@@ -242,7 +242,7 @@ mod tests {
     fn a_worker_whose_ring_fails_reports_it_and_stops_the_others() {
         let config = Arc::new(Config::default());
         let executor = Executor::start(1, 16).unwrap();
-        let metrics = Metrics::new(1);
+        let metrics = Metrics::new(1, crate::runtime::IO_BACKEND);
         let signal = Arc::new(ShutdownSignal::default());
         let spec = WorkerSpec {
             index: 3,

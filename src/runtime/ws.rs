@@ -31,7 +31,7 @@ use super::core::timers::{ConnTimers, TimerAction};
 use super::service::{LocalFuture, Polled, poll_handler};
 use super::session::{Disconnect, Session, wake};
 use crate::config::SlowConsumerPolicy;
-use crate::metrics::{CloseReason, Limit};
+use crate::metrics::{CloseReason, HandlerKind, Limit};
 use crate::proto::{CloseCode, CloseState, Event, Message, ProtocolError};
 
 /// Bytes read and not yet parsed before reading pauses (the handler is not taking
@@ -240,6 +240,10 @@ impl Driver {
                     }
                     Polled::Panicked(message) => {
                         tracing::error!(peer = %self.session.peer(), panic = %message, "WebSocket handler panicked: closing with 1011");
+                        self.guard
+                            .ctx
+                            .metrics
+                            .handler_panicked(HandlerKind::WebSocket);
                         self.handler = None;
                         self.session.close(CloseCode::Error, "internal error");
                     }

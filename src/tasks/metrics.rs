@@ -1,8 +1,15 @@
 //! The executor's counters, in `/metrics` beside the workers'.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Unit;
+
+use super::TaskHandle;
+use crate::metrics::{counter, gauge, histogram};
 
 /// Upper bounds of the queue-wait histogram buckets, in seconds.
 const WAIT_BUCKETS: [f64; 8] = [0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 1.0, 10.0];
@@ -53,79 +60,68 @@ impl TaskMetrics {
         self.abandoned.load(Relaxed)
     }
 
-    /// The Prometheus text exposition, `ringsocket_tasks_*`.
-    pub fn render(&self, capacity: usize) -> String {
-        let mut out = String::with_capacity(2048);
-        let mut one = |name: &str, help: &str, kind: &str, value: u64| {
-            crate::metrics::write_family(
-                &mut out,
-                &format!("tasks_{name}"),
-                help,
-                kind,
-                &[(String::new(), value)],
-            );
-        };
-        one(
-            "queue_capacity",
+    /// Encodes these counters as the `tasks_*` families (`ringsocket_tasks_*` under the
+    /// registry's prefix); `capacity` is the queue's.
+    pub fn encode(&self, capacity: usize, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        gauge(
+            encoder,
+            "tasks_queue_capacity",
             "Jobs the background queue holds (task_queue_capacity).",
-            "gauge",
             capacity as u64,
-        );
-        one(
-            "queued",
+        )?;
+        gauge(
+            encoder,
+            "tasks_queued",
             "Background jobs waiting in the queue.",
-            "gauge",
             self.queued(),
-        );
-        one(
-            "running",
+        )?;
+        gauge(
+            encoder,
+            "tasks_running",
             "Background jobs running now.",
-            "gauge",
             self.running(),
-        );
-        one(
-            "done_total",
+        )?;
+        counter(
+            encoder,
+            "tasks_done",
             "Background jobs that returned.",
-            "counter",
             self.done(),
-        );
-        one(
-            "failed_total",
+        )?;
+        counter(
+            encoder,
+            "tasks_failed",
             "Background jobs that panicked.",
-            "counter",
             self.failed(),
-        );
-        one(
-            "rejected_total",
+        )?;
+        counter(
+            encoder,
+            "tasks_rejected",
             "Background jobs refused (queue full or shutting down).",
-            "counter",
             self.rejected_total(),
-        );
-        one(
-            "abandoned_total",
+        )?;
+        counter(
+            encoder,
+            "tasks_abandoned",
             "Background jobs not finished by the shutdown deadline.",
-            "counter",
             self.abandoned_total(),
-        );
-        let name = "ringsocket_tasks_queue_wait_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time background jobs waited in the queue.\n# TYPE {name} histogram"
-        );
-        let mut cumulative = 0;
-        for (i, bound) in WAIT_BUCKETS.iter().enumerate() {
-            cumulative += self.wait_buckets[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += self.wait_buckets[WAIT_BUCKETS.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.wait_micros.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {cumulative}");
-        out
+        )?;
+        let mut buckets: Vec<(f64, u64)> = WAIT_BUCKETS
+            .iter()
+            .zip(&self.wait_buckets)
+            .map(|(bound, n)| (*bound, n.load(Relaxed)))
+            .collect();
+        buckets.push((
+            f64::INFINITY,
+            self.wait_buckets[WAIT_BUCKETS.len()].load(Relaxed),
+        ));
+        histogram(
+            encoder,
+            "tasks_queue_wait",
+            "Time background jobs waited in the queue.",
+            &Unit::Seconds,
+            &buckets,
+            self.wait_micros.load(Relaxed) as f64 / 1e6,
+        )
     }
 
     pub(crate) fn enqueued(&self) {
@@ -177,9 +173,26 @@ impl TaskMetrics {
     }
 }
 
+/// The executor's counters at scrape time, with its queue's capacity.
+impl Collector for TaskHandle {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        self.metrics().encode(self.capacity(), &mut encoder)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The counters with a queue of 8.
+    #[derive(Debug)]
+    struct Eight(TaskMetrics);
+
+    impl Collector for Eight {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            self.0.encode(8, &mut encoder)
+        }
+    }
 
     /// Buckets are cumulative in the text, `_count` is every job, `_sum` in seconds.
     #[test]
@@ -191,17 +204,19 @@ mod tests {
         metrics.dequeued(Duration::from_micros(50));
         metrics.dequeued(Duration::from_millis(2));
         metrics.dequeued(Duration::from_secs(20));
-        let text = metrics.render(8);
+        let text = crate::metrics::render_collector(Eight(metrics));
         for line in [
             "ringsocket_tasks_queue_wait_seconds_bucket{le=\"0.0001\"} 1",
             "ringsocket_tasks_queue_wait_seconds_bucket{le=\"0.001\"} 1",
             "ringsocket_tasks_queue_wait_seconds_bucket{le=\"0.005\"} 2",
-            "ringsocket_tasks_queue_wait_seconds_bucket{le=\"10\"} 2",
+            "ringsocket_tasks_queue_wait_seconds_bucket{le=\"10.0\"} 2",
             "ringsocket_tasks_queue_wait_seconds_bucket{le=\"+Inf\"} 3",
             "ringsocket_tasks_queue_wait_seconds_count 3",
             "ringsocket_tasks_queue_wait_seconds_sum 20.00205",
             "ringsocket_tasks_queued 0",
             "ringsocket_tasks_queue_capacity 8",
+            "ringsocket_tasks_done_total 0",
+            "# TYPE ringsocket_tasks_done counter",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }
