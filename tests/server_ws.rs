@@ -611,6 +611,41 @@ async fn shutdown_cuts_off_a_client_that_does_not_answer_1001() {
     raw.expect_eof().await;
 }
 
+/// A connection whose handler sent Close before the shutdown, to a peer that never
+/// answers, is cut off at `shutdown_timeout_secs` once the shutdown starts, not at the
+/// later close deadline (`pong_timeout_secs`) armed when the Close went out.
+#[tokio::test]
+async fn shutdown_shortens_the_deadline_of_a_close_already_sent() {
+    let app = App::new().websocket("/closing", |ws| async move {
+        ws.accept();
+        ws.close(ringsocket::proto::CloseCode::Normal, "bye");
+        // Wait for the peer's answer (which never comes).
+        while ws.recv().await.is_ok() {}
+    });
+    let server = start(app, |c| {
+        c.pong_timeout_secs = 30.0;
+        c.shutdown_timeout_secs = 0.5;
+    });
+    let mut raw = RawWs::connect(server.local_addr(), "/closing").await;
+    assert_eq!(raw.close_code().await, 1000);
+    let metrics = server.metrics().clone();
+    server.shutdown();
+    let joined = within(PATIENCE, tokio::task::spawn_blocking(move || server.join())).await;
+    joined.unwrap().unwrap();
+    // Ended by its close timeout (counted as the handler's close), not dropped when
+    // the worker gave up waiting (shutdown_timeout + 1 s, counted as an I/O error).
+    let text = metrics.render();
+    let closed = |reason: &str| {
+        let series = format!("ringsocket_connections_closed_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!((closed("normal"), closed("io_error")), (1, 0), "{text}");
+    raw.expect_eof().await;
+}
+
 // ---- accounting -------------------------------------------------------------------------
 
 /// 1,000 clients complete the handshake, then drop their TCP connections without a

@@ -169,6 +169,9 @@ impl Driver {
                         Disconnect::Shutdown,
                         CloseReason::Shutdown,
                     );
+                    // A Close already out now has `shutdown_timeout`, which may be
+                    // sooner than the deadline armed for it.
+                    self.arm_timer();
                 }
                 Step::SlowConsumer => {
                     let policy = self.guard.ctx.config.slow_consumer_policy;
@@ -480,13 +483,12 @@ impl Driver {
     }
 
     /// Records the timers' next deadline where the core's housekeeping tick wakes this
-    /// driver (`new` arms it the same way): when our Close goes out and after each
-    /// timeout. Reads, messages and the shutdown flag do not re-arm; the tick comes at
-    /// the deadline armed before, and `handle_timeout` takes what became due by then.
-    /// That is after `poll_timeout` in two cases: a ping answered when `ping_interval`
-    /// is shorter than what was left of `pong_timeout` (the next ping waits for the
-    /// pong deadline armed), and a shutdown while our Close is out when
-    /// `shutdown_timeout` is shorter than `pong_timeout`.
+    /// driver (`new` arms it the same way): when our Close goes out, at shutdown and
+    /// after each timeout. Reads and messages do not re-arm (that would be a write per
+    /// read); the tick comes at the deadline armed before, and `handle_timeout` takes
+    /// what became due by then. That is after `poll_timeout` in one case: a ping
+    /// answered when `ping_interval` is shorter than what was left of `pong_timeout`
+    /// (the next ping waits for the pong deadline armed).
     fn arm_timer(&self) {
         let deadline = self.timers.poll_timeout(&self.guard.ctx.timers);
         self.session.state().borrow_mut().deadline = deadline.map(Instant::from_std);
