@@ -49,7 +49,10 @@ fn every_relative_link_in_the_readme_and_docs_resolves_inside_the_repository() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "the README links the architecture and benchmark docs");
+    assert!(
+        checked >= 2,
+        "the README links the architecture and benchmark docs"
+    );
     assert!(
         std::fs::read_to_string(root.join("README.md"))
             .expect("README")

@@ -28,10 +28,12 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
 
-use bytes::Bytes;
-
-use super::session::{SessionInner, State};
+use super::core::outbox::{FeedHandle, FeedView};
+use super::session::SessionInner;
 use crate::metrics::WorkerMetrics;
+
+/// A session's place in the feed it follows.
+pub(crate) type Follow = super::core::outbox::Follow<Rc<Feed>>;
 
 /// Bytes of frames an empty feed keeps room for; it lets go of more.
 const KEPT_CAPACITY: usize = 64 * 1024;
@@ -39,15 +41,6 @@ const KEPT_CAPACITY: usize = 64 * 1024;
 /// Frames that the sessions of one core follow (see the module docs).
 pub struct Feed {
     inner: RefCell<FeedInner>,
-}
-
-/// A session's place in the feed it follows.
-pub(crate) struct Follow {
-    pub(crate) feed: Rc<Feed>,
-    /// Its index in the feed's followers.
-    index: usize,
-    /// The number of the next frame it has not been given.
-    next: u64,
 }
 
 pub(crate) struct FeedInner {
@@ -116,7 +109,7 @@ impl Feed {
         if !inner.queued {
             inner.queued = true;
             drop(inner);
-            super::flush::enqueue_feed(self.clone());
+            super::flush::enqueue(self.clone());
         }
     }
 
@@ -125,18 +118,18 @@ impl Feed {
     pub fn push_except(self: &Rc<Self>, frame: &[u8], skip: &super::Session) {
         let mut state = skip.state().borrow_mut();
         let follows = state
-            .follow
-            .as_ref()
+            .out
+            .follow()
             .is_some_and(|follow| Rc::ptr_eq(&follow.feed, self));
         if !follows {
             drop(state);
             return self.push(frame);
         }
-        catch_up(&mut state);
+        state.catch_up();
         drop(state);
         self.push(frame);
         let end = self.inner.borrow().end();
-        if let Some(follow) = skip.state().borrow_mut().follow.as_mut() {
+        if let Some(follow) = skip.state().borrow_mut().out.follow_mut() {
             follow.next = end;
         }
     }
@@ -149,11 +142,11 @@ impl Feed {
         let index = inner.followers.len();
         let next = inner.end();
         inner.followers.push(session.inner.clone());
-        session.state().borrow_mut().follow = Some(Box::new(Follow {
+        session.state().borrow_mut().out.set_follow(Follow {
             feed: self.clone(),
             index,
             next,
-        }));
+        });
     }
 
     /// Whether `session` follows this feed.
@@ -161,8 +154,8 @@ impl Feed {
         session
             .state()
             .borrow()
-            .follow
-            .as_ref()
+            .out
+            .follow()
             .is_some_and(|follow| Rc::ptr_eq(&follow.feed, self))
     }
 
@@ -199,7 +192,7 @@ impl Feed {
                     prefetch(ahead);
                 }
                 let mut state = session.state.borrow_mut();
-                if !super::flush::write_session(&mut state, Some(&inner), metrics) {
+                if !state.write_now(Some(&inner), metrics) {
                     closing.push(Rc::as_ptr(session) as usize);
                 }
             }
@@ -286,64 +279,29 @@ impl FeedInner {
         let from = (self.starts[(next - self.base) as usize] - self.data_start) as usize;
         (&self.data[from..], end - next)
     }
+}
 
-    /// How many frames `follow` is owed.
-    pub(crate) fn owed_frames(&self, follow: &Follow) -> u64 {
-        self.end().saturating_sub(follow.next)
-    }
-
-    /// What `follow` is owed, as one slice.
-    pub(crate) fn owed_slice(&self, follow: &Follow) -> &[u8] {
-        self.owed(follow.next).0
+impl super::flush::Flush for Feed {
+    fn flush(&self, budget: usize, metrics: &WorkerMetrics) -> (usize, bool) {
+        self.write_batch(budget, metrics)
     }
 }
 
-/// Gives `state` the frames its feed owes it from byte `skip` of them on: copied into
-/// its connection's queue (or dropped if the connection can no longer take data).
-/// Its position is then the feed's end. Returns the frames, counted as sent messages.
-pub(crate) fn give_owed(state: &mut State, feed: &FeedInner, skip: usize) -> u64 {
-    let Some(follow) = state.follow.as_mut() else {
-        return 0;
-    };
-    let (owed, frames) = feed.owed(follow.next);
-    follow.next = feed.end();
-    if frames == 0 {
-        return 0;
+impl FeedView for FeedInner {
+    fn end(&self) -> u64 {
+        FeedInner::end(self)
     }
-    if state.ended.is_some() || skip >= owed.len() {
-        return frames;
+
+    fn owed(&self, next: u64) -> (&[u8], u64) {
+        FeedInner::owed(self, next)
     }
-    if state
-        .conn
-        .send_frame(Bytes::copy_from_slice(&owed[skip..]))
-        .is_ok()
-    {
-        state.sent_messages += u32::try_from(frames).unwrap_or(u32::MAX);
-    }
-    frames
 }
 
-/// Moves the frames `state`'s feed owes it into its connection's queue, so that what is
-/// queued next goes after them. Does nothing for a session that follows no feed.
-pub(crate) fn catch_up(state: &mut State) {
-    let Some(feed) = state.follow.as_ref().map(|follow| follow.feed.clone()) else {
-        return;
-    };
-    // The feed is only borrowed mutably while it appends or trims, never while it
-    // calls out to sessions.
-    let Ok(inner) = feed.inner.try_borrow() else {
-        debug_assert!(false, "feed borrowed during catch-up");
-        return;
-    };
-    give_owed(state, &inner, 0);
-}
+impl FeedHandle for Rc<Feed> {
+    type View = FeedInner;
 
-/// Drops what the feed owes `state` without giving it (a slow consumer's backlog).
-pub(crate) fn skip_owed(state: &mut State) {
-    if let Some(follow) = state.follow.as_mut() {
-        if let Ok(inner) = follow.feed.inner.try_borrow() {
-            follow.next = inner.end();
-        }
+    fn view(&self) -> Option<std::cell::Ref<'_, FeedInner>> {
+        self.inner.try_borrow().ok()
     }
 }
 
@@ -352,10 +310,10 @@ pub(crate) fn skip_owed(state: &mut State) {
 pub fn unfollow(session: &super::Session) {
     let follow = {
         let mut state = session.state().borrow_mut();
-        catch_up(&mut state);
-        state.follow.take()
+        state.catch_up();
+        state.out.take_follow()
     };
-    let Some(Follow { feed, index, .. }) = follow.map(|follow| *follow) else {
+    let Some(Follow { feed, index, .. }) = follow else {
         return;
     };
     let mut guard = feed.inner.borrow_mut();
@@ -376,7 +334,7 @@ pub fn unfollow(session: &super::Session) {
 }
 
 fn set_index(session: &SessionInner, index: usize) {
-    if let Some(follow) = session.state.borrow_mut().follow.as_mut() {
+    if let Some(follow) = session.state.borrow_mut().out.follow_mut() {
         follow.index = index;
     }
 }

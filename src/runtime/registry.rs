@@ -64,7 +64,7 @@ impl Registry {
     pub(crate) fn wake_due(&self, now: Instant) {
         for session in self.slots.iter().flatten().filter_map(Weak::upgrade) {
             let mut state = session.state.borrow_mut();
-            if !state.timer_due && state.deadline.is_some_and(|d| d <= now) {
+            if !state.timer_due && state.deadline.is_due(now.into_std()) {
                 state.timer_due = true;
                 wake(&mut state.driver_waker);
             }
@@ -81,6 +81,37 @@ impl Registry {
     }
 }
 
+/// A session's next timer deadline as whole milliseconds since the process's timer
+/// epoch, rounded up, or none: 8 bytes where an `Option<Instant>` takes 16 (an idle
+/// session stays in its size class). The core's tick is 5 ms or more, so a
+/// millisecond is precise enough; rounding up never makes a timer early.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Deadline(u64);
+
+impl Deadline {
+    /// No deadline.
+    pub(crate) const NONE: Self = Self(0);
+
+    /// The deadline at `at` (a moment before the epoch is due at once).
+    pub(crate) fn at(at: std::time::Instant) -> Self {
+        let since = at.saturating_duration_since(epoch());
+        let millis = since.as_nanos().div_ceil(1_000_000);
+        Self(u64::try_from(millis).unwrap_or(u64::MAX).max(1))
+    }
+
+    /// Whether the deadline is set and `now` has reached it.
+    pub(crate) fn is_due(self, now: std::time::Instant) -> bool {
+        let millis = now.saturating_duration_since(epoch()).as_millis();
+        self.0 != 0 && u128::from(self.0) <= millis
+    }
+}
+
+/// The moment deadlines count from: the first time one is taken.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
 /// The housekeeping tick for `policy`: a quarter of the shortest session timeout,
 /// between 5 ms and 1 s.
 pub(crate) fn tick(policy: &TimerPolicy) -> Duration {
@@ -92,4 +123,33 @@ pub(crate) fn tick(policy: &TimerPolicy) -> Duration {
         shortest = shortest.min(idle);
     }
     (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A deadline is due from its moment on, never before (rounded up to the next
+    /// millisecond), and none is never due.
+    #[test]
+    fn a_deadline_is_due_from_its_moment_on_and_never_early() {
+        let _ = epoch();
+        let base = Instant::now();
+        for offset_us in [0u64, 1, 999, 1000, 1001, 25_000_000] {
+            let at = base + Duration::from_micros(offset_us);
+            let deadline = Deadline::at(at);
+            assert!(
+                deadline.is_due(at + Duration::from_millis(1)),
+                "{offset_us} µs"
+            );
+            assert!(
+                !deadline.is_due(at.checked_sub(Duration::from_micros(1)).unwrap_or(at))
+                    || offset_us == 0,
+                "{offset_us} µs: due early"
+            );
+        }
+        assert!(!Deadline::NONE.is_due(base + Duration::from_secs(3600)));
+        assert!(Deadline::at(base).is_due(base + Duration::from_millis(1)));
+    }
 }

@@ -9,13 +9,15 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
 
+use super::core::outbox::{Outbox, Schedule};
+use super::core::transport::Socket;
 use super::http::Response;
+use super::registry::Deadline;
 use crate::proto::handshake::Request;
 use crate::proto::{CloseCode, CloseFrame, Connection, Message, ProtocolError};
 
@@ -95,8 +97,9 @@ pub(crate) enum Decision {
     Reject(Box<Response>),
 }
 
-/// `State::fd` of a session without a live driver.
-pub(crate) const NO_SOCKET: RawFd = -1;
+/// A session's outbox: its feed is a topic's feed on this core, its transport the
+/// io_uring backend's socket.
+pub(crate) type SessionOutbox = Outbox<Rc<super::Feed>, Socket>;
 
 type TeardownHooks = Vec<Box<dyn FnOnce()>>;
 
@@ -113,27 +116,14 @@ pub(crate) struct State {
     /// Whether the driver is polling right now (it polls the handler inline, so the
     /// handler's sends need not wake it).
     pub(crate) driver_polling: bool,
-    /// Messages queued by the application since the driver last counted them.
-    /// (32 bits: it is counted at every write, and a session stays in its size class.)
-    pub(crate) sent_messages: u32,
     /// The driver's next timer deadline, checked by the core's housekeeping tick.
-    pub(crate) deadline: Option<tokio::time::Instant>,
+    pub(crate) deadline: Deadline,
     /// Set by the housekeeping tick when `deadline` has passed.
     pub(crate) timer_due: bool,
     /// Set when the server shuts down.
     pub(crate) shutdown: bool,
-    /// The socket, while the driver lives (set when it starts, cleared when it ends):
-    /// the core's flusher writes broadcast frames to it directly. [`NO_SOCKET`] when
-    /// there is none (not an `Option`: four bytes fewer keep a session in its size
-    /// class).
-    pub(crate) fd: RawFd,
-    /// Whether the driver has a write in flight (nothing else may write then).
-    pub(crate) writing: bool,
-    /// Whether the session is in the core's flush queue.
-    pub(crate) queued_for_flush: bool,
-    /// The feed this session follows (a topic's broadcasts), and its place in it.
-    /// Boxed: most sessions follow none.
-    pub(crate) follow: Option<Box<super::feed::Follow>>,
+    /// The write side: who writes, the socket, the feed followed (see `core::outbox`).
+    pub(crate) out: SessionOutbox,
     /// Run once when the session ends, on every way out (ARCHITECTURE.md rule 6): the
     /// layers above unregister the session here (e.g. its topic subscriptions).
     /// Boxed: most sessions register none.
@@ -168,14 +158,10 @@ impl Session {
                     recv_waker: None,
                     driver_waker: None,
                     driver_polling: false,
-                    sent_messages: 0,
-                    deadline: None,
+                    deadline: Deadline::NONE,
                     timer_due: false,
                     shutdown: false,
-                    fd: NO_SOCKET,
-                    writing: false,
-                    queued_for_flush: false,
-                    follow: None,
+                    out: Outbox::new(),
                     teardown: None,
                     torn_down: false,
                 }),
@@ -259,11 +245,11 @@ impl Session {
             return Err((**ended).clone());
         }
         // Broadcasts published before this go first.
-        super::feed::catch_up(&mut state);
+        state.catch_up();
         if state.conn.send(message).is_err() {
             return Err(Disconnect::ClosedByUs);
         }
-        state.sent_messages += 1;
+        state.out.count_queued(1);
         if !state.driver_polling {
             wake(&mut state.driver_waker);
         }
@@ -281,21 +267,19 @@ impl Session {
         if let Some(ended) = &state.ended {
             return Err((**ended).clone());
         }
-        super::feed::catch_up(&mut state);
+        state.catch_up();
         if state.conn.send_frame(frame).is_err() {
             return Err(Disconnect::ClosedByUs);
         }
-        state.sent_messages += 1;
-        if state.driver_polling {
-            // The driver writes when its poll ends.
-        } else if state.writing || state.fd == NO_SOCKET {
-            // The driver's write is in flight (it applies the outbound limit), or the
-            // driver has not started: it takes this with the rest.
-            wake(&mut state.driver_waker);
-        } else if !state.queued_for_flush {
-            state.queued_for_flush = true;
-            drop(state);
-            super::flush::enqueue(self.inner.clone());
+        state.out.count_queued(1);
+        let polling = state.driver_polling;
+        match state.out.schedule(polling) {
+            Schedule::Nothing => {}
+            Schedule::WakeDriver => wake(&mut state.driver_waker),
+            Schedule::Flush => {
+                drop(state);
+                super::flush::enqueue(self.inner.clone());
+            }
         }
         Ok(())
     }
@@ -324,7 +308,7 @@ impl Session {
     #[cfg(test)]
     pub(crate) fn take_queued(&self) -> Vec<u8> {
         let mut state = self.state().borrow_mut();
-        super::feed::catch_up(&mut state);
+        state.catch_up();
         let mut chunks = Vec::new();
         state.conn.drain_transmit(&mut chunks);
         chunks.concat()
@@ -387,7 +371,7 @@ impl Session {
     pub fn close(&self, code: CloseCode, reason: &str) {
         let mut state = self.state().borrow_mut();
         // Broadcasts published before the Close go out before it.
-        super::feed::catch_up(&mut state);
+        state.catch_up();
         if state.conn.close(code, reason).is_ok() && !state.driver_polling {
             wake(&mut state.driver_waker);
         }
@@ -405,6 +389,52 @@ impl fmt::Debug for Session {
             .field("peer", &self.inner.peer)
             .field("path", &self.inner.request.path())
             .finish()
+    }
+}
+
+impl State {
+    /// Moves what the feed this session follows owes it into its queue, so that what
+    /// is queued next goes after it.
+    pub(crate) fn catch_up(&mut self) {
+        let ended = self.ended.is_some();
+        self.out.catch_up(&mut self.conn, ended);
+    }
+
+    /// One write turn of the outbox (see [`Outbox::write_now`]): `feed` is the view of
+    /// the feed this session follows, if any. Wakes the driver for what is left.
+    /// Returns whether the connection can still take data.
+    pub(crate) fn write_now(
+        &mut self,
+        feed: Option<&super::feed::FeedInner>,
+        metrics: &crate::metrics::WorkerMetrics,
+    ) -> bool {
+        let ended = self.ended.is_some();
+        let outcome = self.out.write_now(&mut self.conn, ended, feed, metrics);
+        if outcome.wake_driver {
+            wake(&mut self.driver_waker);
+        }
+        outcome.open
+    }
+}
+
+/// Writes what `session` has queued with non-blocking writes, or hands it to its
+/// driver: its turn in the core's flush queue, and the driver's first write (the 101
+/// and what the handler queued behind it), made when the driver starts.
+pub(crate) fn write_queued(session: &SessionInner, metrics: &crate::metrics::WorkerMetrics) {
+    let mut state = session.state.borrow_mut();
+    state.out.take_flush_turn();
+    let feed = state.out.follow().map(|follow| follow.feed.clone());
+    // The feed is only borrowed mutably while it appends or trims.
+    let view = feed
+        .as_ref()
+        .and_then(|feed| feed.inner().try_borrow().ok());
+    state.write_now(view.as_deref(), metrics);
+}
+
+impl super::flush::Flush for SessionInner {
+    fn flush(&self, _budget: usize, metrics: &crate::metrics::WorkerMetrics) -> (usize, bool) {
+        write_queued(self, metrics);
+        (1, false)
     }
 }
 

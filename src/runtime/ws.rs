@@ -28,6 +28,7 @@ use tokio_uring::net::TcpStream;
 use super::buf::ReadBufs;
 use super::conn::{ConnGuard, ReadFuture, start_read};
 use super::core::timers::{ConnTimers, TimerAction};
+use super::registry::Deadline;
 use super::service::{LocalFuture, Polled, poll_handler};
 use super::session::{Disconnect, Session, wake};
 use crate::config::SlowConsumerPolicy;
@@ -95,7 +96,7 @@ struct Closing {
 impl Driver {
     /// The driver of an accepted session, whose queue starts with the 101 response.
     /// What the socket takes of that queue at once is written here, without an io_uring
-    /// write (see `flush::write_queued`); the driver writes the rest.
+    /// write (see `session::write_queued`); the driver writes the rest.
     pub(crate) fn new(
         guard: ConnGuard,
         session: Session,
@@ -108,10 +109,10 @@ impl Driver {
             let mut state = session.state().borrow_mut();
             state.deadline = timers
                 .poll_timeout(&guard.ctx.timers)
-                .map(Instant::from_std);
-            state.fd = guard.stream.as_raw_fd();
+                .map_or(Deadline::NONE, Deadline::at);
+            state.out.attach(guard.stream.clone());
         }
-        super::flush::write_queued(&session.inner, &guard.ctx.metrics);
+        super::session::write_queued(&session.inner, &guard.ctx.metrics);
         Self {
             guard,
             session,
@@ -183,7 +184,7 @@ impl Driver {
                     tracing::info!(peer = %self.session.peer(), limit = self.guard.ctx.config.max_outbound_bytes, "slow consumer closed with {code}");
                     {
                         let mut state = self.session.state().borrow_mut();
-                        super::feed::skip_owed(&mut state);
+                        state.out.skip_owed();
                         state.conn.discard_output();
                     }
                     self.start_close(
@@ -277,7 +278,7 @@ impl Driver {
             if let Some(write) = self.write.as_mut() {
                 match write.as_mut().poll(cx) {
                     Poll::Ready((Ok(()), mut iov)) => {
-                        self.session.state().borrow_mut().writing = false;
+                        self.session.state().borrow_mut().out.end_wait();
                         self.polls_without_io = 0;
                         iov.clear();
                         self.iov = iov;
@@ -343,16 +344,16 @@ impl Driver {
             return false;
         }
         {
-            let mut state = self.session.state().borrow_mut();
-            state.conn.drain_transmit(&mut self.iov);
-            let sent = std::mem::take(&mut state.sent_messages);
+            let mut guard = self.session.state().borrow_mut();
+            let state = &mut *guard;
+            let started = state.out.begin_wait(&mut state.conn, &mut self.iov);
+            let sent = state.out.take_sent_messages();
             if sent > 0 {
                 self.guard.ctx.metrics.messages_out(u64::from(sent));
             }
-            if self.iov.is_empty() {
+            if !started {
                 return false;
             }
-            state.writing = true;
         }
         self.in_flight = self.iov.iter().map(Bytes::len).sum();
         let iov = std::mem::take(&mut self.iov);
@@ -426,7 +427,7 @@ impl Driver {
         let closed = {
             let mut state = self.session.state().borrow_mut();
             // Broadcasts published before the Close go out before it.
-            super::feed::catch_up(&mut state);
+            state.catch_up();
             state.conn.close(code, reason).is_ok()
         };
         if closed {
@@ -491,7 +492,7 @@ impl Driver {
     /// (the next ping waits for the pong deadline armed).
     fn arm_timer(&self) {
         let deadline = self.timers.poll_timeout(&self.guard.ctx.timers);
-        self.session.state().borrow_mut().deadline = deadline.map(Instant::from_std);
+        self.session.state().borrow_mut().deadline = deadline.map_or(Deadline::NONE, Deadline::at);
     }
 
     fn end(&mut self, disconnect: Disconnect) {
@@ -543,8 +544,9 @@ impl Drop for Driver {
     /// socket and counts the connection closed. Runs on every way out, including the
     /// task being dropped at shutdown.
     fn drop(&mut self) {
-        // The socket closes after this: the flusher must not write to it any more.
-        self.session.state().borrow_mut().fd = super::session::NO_SOCKET;
+        // Nothing writes to the socket any more, and the session lets go of it (it
+        // closes with the guard's reference).
+        self.session.state().borrow_mut().out.detach();
         self.guard.ctx.sessions.borrow_mut().remove(self.slot);
         self.end(Disconnect::ConnectionLost);
         self.session.run_teardown();

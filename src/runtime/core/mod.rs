@@ -2,6 +2,11 @@
 //! it out. Each part is sans-IO in the manner of `proto::conn`: it is handed inputs and
 //! the time, and says what to do; the driver (`ws.rs`) does it.
 //!
+//! - [`outbox`]: the write side: what goes to the socket, in which order, and who
+//!   writes it (the one writer of a connection).
+//! - [`transport`]: the seam between the core and a socket (non-blocking writes).
 //! - [`timers`]: heartbeat, pong, idle and close timeouts.
 
+pub(crate) mod outbox;
 pub(crate) mod timers;
+pub(crate) mod transport;
