@@ -157,20 +157,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let server = Server::start(config, Arc::new(app)).map_err(|e| e.to_string())?;
-    let addr = server.local_addr();
-    // Not `println!`: it panics when stdout is a closed pipe.
-    let _ = writeln!(
-        std::io::stdout(),
-        "ringsocket listening on {addr}: ws://{addr}/echo, ws://{addr}/ws/{{room}}, \
-         POST http://{addr}/publish/{{topic}}, http://{addr}/metrics"
-    );
-    let signal = server.shutdown_signal();
+    // Installed before the server starts, so that a SIGTERM that comes as soon as
+    // the listening line is out (or during the start) is not the default action.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let server = Server::start(config, Arc::new(app)).map_err(|e| e.to_string())?;
+    let addr = server.local_addr();
+    let signal = server.shutdown_signal();
     let handle = signals.handle();
     std::thread::Builder::new()
         .name("ringsocket-signals".into())
@@ -182,6 +178,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    // Not `println!`: it panics when stdout is a closed pipe.
+    let _ = writeln!(
+        std::io::stdout(),
+        "ringsocket listening on {addr}: ws://{addr}/echo, ws://{addr}/ws/{{room}}, \
+         POST http://{addr}/publish/{{topic}}, http://{addr}/metrics"
+    );
     let result = server.join().map_err(|e| e.to_string());
     handle.close();
     if let Some(broker) = broker {
