@@ -76,6 +76,7 @@ use tokio::sync::mpsc;
 use crate::broker::{Broker, BrokerSink, Inbound, Kind};
 use crate::metrics::{counter, family, gauge};
 use crate::proto::conn::encode_server_frame;
+use crate::proto::frame::split_unmasked_frame;
 use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
@@ -303,8 +304,13 @@ impl Hub {
         if sent.is_ok() {
             self.metrics.published.fetch_add(1, Ordering::Relaxed);
             if let Some(broker) = self.broker.get() {
-                let (kind, payload) = split_frame(&frame);
-                broker.publish(&topic, kind, payload);
+                match broker_message(&frame) {
+                    Some((kind, payload)) => broker.publish(&topic, kind, payload),
+                    // Never: every publish is framed by `encode_message`.
+                    None => {
+                        tracing::error!(topic = %topic, "pubsub: a publish that is not one data frame was not sent to the broker");
+                    }
+                }
             }
         }
         sent
@@ -538,19 +544,14 @@ pub(crate) fn encode_message(message: &Message) -> Bytes {
     }
 }
 
-/// The kind and payload of a frame made by [`encode_message`] (no copy).
-fn split_frame(frame: &Bytes) -> (Kind, Bytes) {
-    let kind = if frame.first().is_some_and(|b| b & 0x0f == 0x1) {
-        Kind::Text
-    } else {
-        Kind::Binary
-    };
-    let header = match frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    (kind, frame.slice(header.min(frame.len())..))
+/// The kind and payload of a frame made by [`encode_message`] (no copy), as the broker
+/// carries it; `None` for anything else.
+fn broker_message(frame: &Bytes) -> Option<(Kind, Bytes)> {
+    match split_unmasked_frame(frame)? {
+        (OpCode::Text, payload) => Some((Kind::Text, payload)),
+        (OpCode::Binary, payload) => Some((Kind::Binary, payload)),
+        _ => None,
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
