@@ -37,6 +37,29 @@ pub const MAX_CONFLATION_KEYS: usize = 4096;
 /// `ringsocket_pubsub_conflation_dropped_total` and logged). Default 4,096.
 pub const MAX_HELD_KEYS: usize = 4096;
 
+/// A session's key in this core's maps and in [`Delivery::exclude`]: the id the runtime
+/// gives it, unique among the live sessions of its core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SessionId(usize);
+
+impl SessionId {
+    /// The id of `session`: the one place pubsub takes it from the runtime.
+    pub(crate) fn of(session: &Session) -> Self {
+        Self(session.id())
+    }
+
+    /// An id the runtime reported on its own ([`Feed::take_closing`]), as
+    /// [`Self::of`] would give it.
+    fn reported(id: usize) -> Self {
+        Self(id)
+    }
+
+    /// The id as bytes (for the default conflation key).
+    fn to_be_bytes(self) -> [u8; 8] {
+        (self.0 as u64).to_be_bytes()
+    }
+}
+
 thread_local! {
     static CORE: RefCell<Option<Core>> = const { RefCell::new(None) };
 }
@@ -82,11 +105,11 @@ struct Conflation {
     timer: Option<u64>,
     /// Key → (latest frame, session to skip), waiting for the window's end. At most
     /// [`MAX_CONFLATION_KEYS`] keys.
-    pending: IndexMap<Bytes, (Bytes, Option<usize>)>,
+    pending: IndexMap<Bytes, (Bytes, Option<SessionId>)>,
     /// Bytes of the keys and frames in `pending`.
     pending_bytes: usize,
     /// Subscribers whose queue was too full: the latest frame per key, kept for them.
-    lagging: HashMap<usize, Held>,
+    lagging: HashMap<SessionId, Held>,
 }
 
 impl Conflation {
@@ -109,7 +132,7 @@ struct Held {
 }
 
 struct Topic {
-    subscribers: IndexMap<usize, Session>,
+    subscribers: IndexMap<SessionId, Session>,
     conflation: Option<Conflation>,
     /// A plain (not conflated) topic's broadcasts, followed by its subscribers that
     /// are in no other topic: a publish costs them one append, whatever their number
@@ -117,7 +140,7 @@ struct Topic {
     /// keeps the order of everything it is sent.
     feed: Option<Rc<Feed>>,
     /// The plain topic's other subscribers (in several topics), sent each frame.
-    direct: IndexMap<usize, Session>,
+    direct: IndexMap<SessionId, Session>,
 }
 
 pub(super) struct Core {
@@ -125,7 +148,7 @@ pub(super) struct Core {
     hub: Arc<Hub>,
     topics: HashMap<Arc<str>, Topic>,
     /// Session id → its topics, to leave them all at teardown.
-    sessions: HashMap<usize, Vec<Arc<str>>>,
+    sessions: HashMap<SessionId, Vec<Arc<str>>>,
     /// The id of the next conflation timer.
     next_timer: u64,
     tally: Tally,
@@ -203,7 +226,7 @@ pub fn subscribe(session: &Session, topic: &str) -> Result<bool, SubscribeError>
     if !session.is_accepted() {
         return Err(SubscribeError::NotAccepted);
     }
-    let id = session.id();
+    let id = SessionId::of(session);
     let (added, first) =
         with_core(|core| core.subscribe(session, topic)).ok_or(SubscribeError::NotRunning)??;
     if first {
@@ -217,14 +240,14 @@ pub fn subscribe(session: &Session, topic: &str) -> Result<bool, SubscribeError>
 
 /// Unsubscribes `session` from `topic`. Returns whether it was subscribed.
 pub fn unsubscribe(session: &Session, topic: &str) -> bool {
-    with_core(|core| core.unsubscribe(session.id(), topic)).unwrap_or(false)
+    with_core(|core| core.unsubscribe(SessionId::of(session), topic)).unwrap_or(false)
 }
 
 /// The topics `session` is subscribed to.
 pub fn topics_of(session: &Session) -> Vec<String> {
     with_core(|core| {
         core.sessions
-            .get(&session.id())
+            .get(&SessionId::of(session))
             .map(|topics| topics.iter().map(|t| t.to_string()).collect())
             .unwrap_or_default()
     })
@@ -245,7 +268,7 @@ pub fn publish_from_session(
         return Err(PublishError::BadTopic);
     }
     let frame = encode_message(message);
-    let id = session.id();
+    let id = SessionId::of(session);
     with_core(|core| {
         let delivery = Arc::new(Delivery {
             topic: topic.into(),
@@ -261,10 +284,10 @@ pub fn publish_from_session(
 }
 
 /// The default conflation key of a connection's publishes: the connection.
-fn session_key(core: usize, id: usize) -> Bytes {
+fn session_key(core: usize, id: SessionId) -> Bytes {
     let mut key = Vec::with_capacity(16);
     key.extend_from_slice(&(core as u64).to_be_bytes());
-    key.extend_from_slice(&(id as u64).to_be_bytes());
+    key.extend_from_slice(&id.to_be_bytes());
     Bytes::from(key)
 }
 
@@ -274,7 +297,7 @@ impl Core {
         session: &Session,
         topic: &str,
     ) -> Result<(bool, bool), SubscribeError> {
-        let id = session.id();
+        let id = SessionId::of(session);
         let first = !self.sessions.contains_key(&id);
         let topics = self.sessions.entry(id).or_default();
         if topics.iter().any(|t| &**t == topic) {
@@ -340,7 +363,7 @@ impl Core {
         Ok((true, first))
     }
 
-    fn unsubscribe(&mut self, id: usize, topic: &str) -> bool {
+    fn unsubscribe(&mut self, id: SessionId, topic: &str) -> bool {
         let Some(topics) = self.sessions.get_mut(&id) else {
             return false;
         };
@@ -375,13 +398,13 @@ impl Core {
     }
 
     /// Leaves every topic of a session that ended.
-    fn remove_session(&mut self, id: usize) {
+    fn remove_session(&mut self, id: SessionId) {
         for topic in self.sessions.remove(&id).unwrap_or_default() {
             self.leave(id, &topic);
         }
     }
 
-    fn leave(&mut self, id: usize, topic: &str) {
+    fn leave(&mut self, id: SessionId, topic: &str) {
         if let Some(entry) = self.topics.get_mut(topic) {
             let session = entry.subscribers.swap_remove(&id);
             entry.direct.swap_remove(&id);
@@ -404,7 +427,7 @@ impl Core {
     /// or has ended) out of `topic` right away, rather than when their close completes
     /// (up to the close timeout later): later publishes skip them. Their teardown then
     /// finds nothing left to do here.
-    fn leave_closing(&mut self, topic: &str, closing: Vec<usize>) {
+    fn leave_closing(&mut self, topic: &str, closing: Vec<SessionId>) {
         for id in closing {
             self.unsubscribe(id, topic);
         }
@@ -423,14 +446,20 @@ impl Core {
         let mut closing = Vec::new();
         let Some(conflation) = topic.conflation.as_mut() else {
             if let Some(feed) = &topic.feed {
-                // Followers the flusher found closing leave now.
-                // (An id is an address: one reused by a new session is not closing.)
-                closing.extend(feed.take_closing().into_iter().filter(|id| {
-                    topic
-                        .subscribers
-                        .get(id)
-                        .is_some_and(|session| !session.can_send())
-                }));
+                // Followers the flusher found closing leave now. The report is checked
+                // against the subscriber under that id now, which may have changed
+                // since: only one that cannot be sent to leaves.
+                closing.extend(
+                    feed.take_closing()
+                        .into_iter()
+                        .map(SessionId::reported)
+                        .filter(|id| {
+                            topic
+                                .subscribers
+                                .get(id)
+                                .is_some_and(|session| !session.can_send())
+                        }),
+                );
                 let skip = exclude
                     .and_then(|id| topic.subscribers.get(&id))
                     .filter(|session| feed.is_followed_by(session));
@@ -623,10 +652,10 @@ impl Core {
 /// connection is closing (nothing can be sent to it any more).
 fn deliver_conflated(
     session: &Session,
-    id: usize,
+    id: SessionId,
     key: &Bytes,
     frame: &Bytes,
-    lagging: &mut HashMap<usize, Held>,
+    lagging: &mut HashMap<SessionId, Held>,
     tally: &mut Tally,
 ) -> bool {
     if session.queued_bytes() > tally.soft_limit {

@@ -80,6 +80,7 @@ use crate::proto::frame::split_unmasked_frame;
 use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
+use self::core::SessionId;
 pub use self::core::{
     MAX_CONFLATION_KEYS, MAX_HELD_KEYS, MAX_TOPICS_PER_SESSION, SubscribeError,
     publish_from_session, subscribe, topics_of, unsubscribe,
@@ -102,8 +103,8 @@ pub(crate) struct Delivery {
     pub(crate) frame: Bytes,
     /// The conflation key (see the module docs).
     pub(crate) key: Bytes,
-    /// A session to skip: `(core, session id)` of a sender that asked not to get it.
-    pub(crate) exclude: Option<(usize, usize)>,
+    /// A session to skip: `(core, session)` of a sender that asked not to get it.
+    pub(crate) exclude: Option<(usize, SessionId)>,
 }
 
 /// Why a publish did not happen.
