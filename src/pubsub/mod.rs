@@ -59,7 +59,10 @@
 //! (for a feed follower: the first publish after the flusher found it closing),
 //! without waiting for its close to complete: later publishes do not visit it.
 
+mod conflation;
 mod core;
+mod fanout;
+mod registry;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -80,11 +83,10 @@ use crate::proto::frame::split_unmasked_frame;
 use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
-use self::core::SessionId;
-pub use self::core::{
-    MAX_CONFLATION_KEYS, MAX_HELD_KEYS, MAX_TOPICS_PER_SESSION, SubscribeError,
-    publish_from_session, subscribe, topics_of, unsubscribe,
-};
+pub use self::conflation::{MAX_CONFLATION_KEYS, MAX_HELD_KEYS};
+pub use self::core::{publish_from_session, subscribe, topics_of, unsubscribe};
+use self::registry::SessionId;
+pub use self::registry::{MAX_TOPICS_PER_SESSION, SubscribeError};
 
 /// Messages a core's inbox holds before publishes to that core are dropped (counted in
 /// `ringsocket_pubsub_inbox_dropped_total` and logged). Default 65,536.
