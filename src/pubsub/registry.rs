@@ -16,9 +16,9 @@ use std::sync::Arc;
 use indexmap::IndexMap;
 
 use super::conflation::Conflation;
-use super::fanout::Fanout;
+use super::fanout::{Fanout, Route};
 use super::{Hub, MAX_TOPIC_LEN};
-use crate::runtime::{Session, unfollow};
+use crate::runtime::Session;
 
 /// Topics one session may be subscribed to at once. Default 1,024.
 pub const MAX_TOPICS_PER_SESSION: usize = 1024;
@@ -165,16 +165,17 @@ impl Registry {
                 name
             }
         };
-        if let [only] = &topics[..] {
-            // In two topics now: sent each frame of both, in the order published.
-            if let Some(Topic {
-                mode: Mode::Plain(fanout),
-                ..
-            }) = self.topics.get_mut(only)
-            {
-                if fanout.feed.is_followed_by(session) {
-                    unfollow(session);
-                    fanout.direct.insert(id, session.clone());
+        // All of a session's plain topics share its route: if joining this one
+        // changes it, the others change first.
+        let route = Route::for_topic_count(topics.len() + 1);
+        if route != Route::for_topic_count(topics.len()) {
+            for other in topics.iter() {
+                if let Some(Topic {
+                    mode: Mode::Plain(fanout),
+                    ..
+                }) = self.topics.get_mut(other)
+                {
+                    fanout.reroute(id, session, route);
                 }
             }
         }
@@ -183,11 +184,7 @@ impl Registry {
         };
         entry.subscribers.insert(id, session.clone());
         if let Mode::Plain(fanout) = &mut entry.mode {
-            if topics.is_empty() {
-                fanout.feed.follow(session);
-            } else {
-                fanout.direct.insert(id, session.clone());
-            }
+            fanout.join(id, session, route);
         }
         topics.push(name.clone());
         self.hub.directory_add(self.core, &name);
@@ -203,24 +200,23 @@ impl Registry {
             return false;
         };
         topics.swap_remove(at);
-        let remaining = match &topics[..] {
-            [only] => Some(only.clone()),
-            _ => None,
-        };
-        self.leave(id, topic);
-        if let Some(only) = remaining {
-            // In one topic again: back to following its feed. Everything published
-            // before is in the session's queue already.
-            if let Some(Topic {
-                mode: Mode::Plain(fanout),
-                ..
-            }) = self.topics.get_mut(&only)
-            {
-                if let Some(session) = fanout.direct.swap_remove(&id) {
-                    fanout.feed.follow(&session);
+        // If leaving changes the session's route, its other plain topics change
+        // (before it leaves this one: nothing is published in between).
+        let route = Route::for_topic_count(topics.len());
+        if route != Route::for_topic_count(topics.len() + 1) {
+            for other in topics.iter() {
+                if let Some(Topic {
+                    mode: Mode::Plain(fanout),
+                    subscribers,
+                }) = self.topics.get_mut(other)
+                {
+                    if let Some(session) = subscribers.get(&id) {
+                        fanout.reroute(id, session, route);
+                    }
                 }
             }
         }
+        self.leave(id, topic);
         true
     }
 
@@ -245,14 +241,7 @@ impl Registry {
         if let Some(entry) = self.topics.get_mut(topic) {
             let session = entry.subscribers.swap_remove(&id);
             match &mut entry.mode {
-                Mode::Plain(fanout) => {
-                    fanout.direct.swap_remove(&id);
-                    if let Some(session) = session {
-                        if fanout.feed.is_followed_by(&session) {
-                            unfollow(&session);
-                        }
-                    }
-                }
+                Mode::Plain(fanout) => fanout.leave(id, session.as_ref()),
                 Mode::Conflated(conflation) => conflation.forget(id),
             }
             if entry.subscribers.is_empty() {
@@ -266,7 +255,7 @@ impl Registry {
     #[cfg(test)]
     pub(super) fn follows_feed(&self, session: &Session, topic: &str) -> bool {
         match self.topics.get(topic).map(|topic| &topic.mode) {
-            Some(Mode::Plain(fanout)) => fanout.feed.is_followed_by(session),
+            Some(Mode::Plain(fanout)) => fanout.is_followed_by(session),
             _ => false,
         }
     }

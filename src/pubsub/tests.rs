@@ -392,3 +392,33 @@ fn a_publish_without_the_sender_skips_only_the_sender_on_a_feed() {
         assert_eq!(hub.topics(), 0);
     });
 }
+
+/// The route counts every topic of a session, conflated ones too, and changes only
+/// between one topic and more: in three topics and back to two, a session stays on
+/// direct copies; in one, it follows the feed again; the order is kept throughout.
+#[test]
+fn the_route_follows_the_number_of_topics() {
+    on_a_core(1 << 20, Duration::from_secs(1), async |hub| {
+        let (member, sender) = (session(), session());
+        let follows = |topic: &str| with_core(|core| core.follows_feed(&member, topic)).unwrap();
+        subscribe(&member, "a").unwrap();
+        assert!(follows("a"));
+        // A conflated topic is sent as direct copies: "a" leaves its feed.
+        subscribe(&member, "c").unwrap();
+        assert!(!follows("a"));
+        subscribe(&member, "b").unwrap();
+        assert!(!follows("a") && !follows("b"));
+        publish(&sender, "a", "a1", false);
+        publish_keyed(&sender, "k", "c1");
+        publish(&sender, "b", "b1", false);
+        assert!(unsubscribe(&member, "b"));
+        assert!(!follows("a"), "still in two topics");
+        publish(&sender, "a", "a2", false);
+        assert!(unsubscribe(&member, "c"));
+        assert!(follows("a"));
+        publish(&sender, "a", "a3", false);
+        assert_eq!(take_texts(&member), ["a1", "c1", "b1", "a2", "a3"]);
+        member.run_teardown();
+        assert_eq!(hub.topics(), 0);
+    });
+}
