@@ -58,6 +58,29 @@
 //! other close) leaves its topics at the first publish that cannot be queued to it
 //! (for a feed follower: the first publish after the flusher found it closing),
 //! without waiting for its close to complete: later publishes do not visit it.
+//!
+//! # Parts
+//!
+//! This module is the process-wide side: [`Hub`] (the cores' inboxes, the subscriber
+//! counts, the conflation settings, the broker) and [`Publisher`]. Each core's side is
+//! in three parts, one concept each:
+//!
+//! - `registry`: which sessions are in which topics, both ways (`topic → subscribers`,
+//!   `session → topics`, sessions keyed by their id); subscribe, unsubscribe, leaving
+//!   every topic at teardown, and the counts in the hub;
+//! - `fanout`: one publish of a plain topic to the core's subscribers: appended once to
+//!   the feed that subscribers of that topic alone follow, a reference-counted copy to
+//!   each subscriber of several, closing subscribers handed back to leave. Which of the
+//!   two a subscriber gets (its route) is decided there, in one place, from its number
+//!   of topics, because the runtime lets a session follow one feed at most;
+//! - `conflation`: windows, keys, early flushes, the values held for lagging
+//!   subscribers, and the timers that end the windows.
+//!
+//! What is left, `core`, is glue: the core's thread-local state, its inbox task, the
+//! entry points a handler calls ([`subscribe`], [`publish_from_session`], ...) and the
+//! dispatch of each publish to the fan-out or to conflation. Frame boundaries come from
+//! `proto`: a publish goes to the broker as the kind and payload that
+//! [`split_unmasked_frame`] finds in its frame.
 
 mod conflation;
 mod core;
