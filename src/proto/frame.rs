@@ -15,7 +15,7 @@
 //! +-------------------------------+-------------------------------+
 //! ```
 
-use bytes::BufMut;
+use bytes::{BufMut, Bytes};
 
 use super::error::ProtocolError;
 
@@ -191,6 +191,32 @@ impl FrameHeader {
     }
 }
 
+/// Splits one whole, unmasked, unfragmented frame, such as
+/// [`encode_server_frame`](super::conn::encode_server_frame) makes, into its opcode and
+/// its payload, which shares `frame`'s memory (no copy).
+///
+/// `None` unless `frame` is exactly one such frame: a header that [`FrameHeader::parse`]
+/// accepts, with FIN set, not a continuation, no RSV bit (no extension transformed the
+/// payload) and no mask, followed by exactly the payload length it states. A truncated
+/// frame, trailing bytes, a masked (client) frame and a fragment are all `None`: nothing
+/// is assumed about input that is not such a frame. Control opcodes are returned as
+/// they are: which ones to accept is the caller's business.
+pub fn split_unmasked_frame(frame: &Bytes) -> Option<(OpCode, Bytes)> {
+    let (header, header_len) = FrameHeader::parse(frame).ok()??;
+    if !header.fin
+        || header.opcode == OpCode::Continuation
+        || header.rsv != 0
+        || header.mask.is_some()
+    {
+        return None;
+    }
+    let payload_len = usize::try_from(header.payload_len).ok()?;
+    if frame.len().checked_sub(header_len)? != payload_len {
+        return None;
+    }
+    Some((header.opcode, frame.slice(header_len..)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,5 +309,124 @@ mod tests {
         assert_eq!(h.rsv, 0b111);
         let (h, _) = FrameHeader::parse(&[0xC1, 0x00]).unwrap().unwrap();
         assert_eq!(h.rsv, 0b100);
+    }
+
+    fn frame(b0: u8, len_field: &[u8], payload: &[u8]) -> Bytes {
+        let mut buf = vec![b0];
+        buf.extend_from_slice(len_field);
+        buf.extend_from_slice(payload);
+        Bytes::from(buf)
+    }
+
+    /// A text and a binary frame split into their opcode and payload, and the payload
+    /// is a slice of the frame, not a copy.
+    #[test]
+    fn split_unmasked_frame_returns_opcode_and_payload() {
+        let text = frame(0x81, &[5], b"Hello");
+        let (opcode, payload) = split_unmasked_frame(&text).unwrap();
+        assert_eq!((opcode, &payload[..]), (OpCode::Text, &b"Hello"[..]));
+        assert_eq!(payload.as_ptr(), text[2..].as_ptr(), "no copy");
+        let binary = frame(0x82, &[3], &[0, 0xff, 7]);
+        assert_eq!(
+            split_unmasked_frame(&binary),
+            Some((OpCode::Binary, Bytes::from_static(&[0, 0xff, 7])))
+        );
+        assert_eq!(
+            split_unmasked_frame(&frame(0x82, &[0], b"")),
+            Some((OpCode::Binary, Bytes::new()))
+        );
+        // Control opcodes are not the splitter's business to refuse.
+        assert_eq!(
+            split_unmasked_frame(&frame(0x89, &[2], b"hi")),
+            Some((OpCode::Ping, Bytes::from_static(b"hi")))
+        );
+    }
+
+    /// 7-bit, 16-bit and 64-bit lengths, as `encode_server_frame` writes them, on both
+    /// sides of each boundary.
+    #[test]
+    fn split_unmasked_frame_reads_every_length_form() {
+        use crate::proto::conn::encode_server_frame;
+        for (len, header_len) in [
+            (0usize, 2),
+            (1, 2),
+            (125, 2),
+            (126, 4),
+            (65_535, 4),
+            (65_536, 10),
+            (70_000, 10),
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let encoded = encode_server_frame(OpCode::Binary, &payload);
+            assert_eq!(encoded.len(), header_len + len);
+            let (opcode, split) = split_unmasked_frame(&encoded).unwrap();
+            assert_eq!(opcode, OpCode::Binary);
+            assert_eq!(split, payload, "len {len}");
+        }
+        let encoded = encode_server_frame(OpCode::Text, "héllo".as_bytes());
+        assert_eq!(
+            split_unmasked_frame(&encoded),
+            Some((OpCode::Text, Bytes::from("héllo")))
+        );
+        // The 64-bit form by hand: 0x1_0000 bytes.
+        let mut len = vec![127];
+        len.extend_from_slice(&0x1_0000u64.to_be_bytes());
+        let big = frame(0x82, &len, &vec![9u8; 0x1_0000]);
+        assert_eq!(
+            split_unmasked_frame(&big).map(|(_, p)| p.len()),
+            Some(0x1_0000)
+        );
+    }
+
+    /// Every strict prefix of a frame is truncated, and a byte more is not one frame.
+    #[test]
+    fn split_unmasked_frame_rejects_truncated_and_trailing_bytes() {
+        use crate::proto::conn::encode_server_frame;
+        for len in [0usize, 5, 125, 126, 300, 65_536] {
+            let encoded = encode_server_frame(OpCode::Text, &vec![b'a'; len]);
+            for cut in 0..encoded.len() {
+                assert_eq!(
+                    split_unmasked_frame(&encoded.slice(..cut)),
+                    None,
+                    "len {len} cut {cut}"
+                );
+            }
+            let mut longer = encoded.to_vec();
+            longer.push(b'a');
+            assert_eq!(
+                split_unmasked_frame(&Bytes::from(longer)),
+                None,
+                "len {len}"
+            );
+        }
+        // A length field that promises more than is there, in each form.
+        assert_eq!(
+            split_unmasked_frame(&frame(0x81, &[126, 0x01, 0x00], b"x")),
+            None
+        );
+        let mut len = vec![127];
+        len.extend_from_slice(&(u64::MAX >> 1).to_be_bytes());
+        assert_eq!(split_unmasked_frame(&frame(0x82, &len, b"x")), None);
+    }
+
+    /// A masked (client) frame, a fragment, RSV bits, a reserved opcode and a 64-bit
+    /// length with its top bit set are not frames to split.
+    #[test]
+    fn split_unmasked_frame_rejects_what_is_not_one_plain_frame() {
+        // RFC 6455 §5.7: a masked "Hello".
+        let masked = Bytes::from_static(&[
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ]);
+        assert_eq!(split_unmasked_frame(&masked), None);
+        // The first fragment of a text message, and its last one.
+        assert_eq!(split_unmasked_frame(&frame(0x01, &[3], b"Hel")), None);
+        assert_eq!(split_unmasked_frame(&frame(0x80, &[2], b"lo")), None);
+        // RSV1 (e.g. permessage-deflate).
+        assert_eq!(split_unmasked_frame(&frame(0xC1, &[1], b"x")), None);
+        assert_eq!(split_unmasked_frame(&frame(0x83, &[1], b"x")), None);
+        let mut len = vec![127];
+        len.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        assert_eq!(split_unmasked_frame(&frame(0x82, &len, b"")), None);
+        assert_eq!(split_unmasked_frame(&Bytes::new()), None);
     }
 }

@@ -58,8 +58,34 @@
 //! other close) leaves its topics at the first publish that cannot be queued to it
 //! (for a feed follower: the first publish after the flusher found it closing),
 //! without waiting for its close to complete: later publishes do not visit it.
+//!
+//! # Parts
+//!
+//! This module is the process-wide side: [`Hub`] (the cores' inboxes, the subscriber
+//! counts, the conflation settings, the broker) and [`Publisher`]. Each core's side is
+//! in three parts, one concept each:
+//!
+//! - `registry`: which sessions are in which topics, both ways (`topic → subscribers`,
+//!   `session → topics`, sessions keyed by their id); subscribe, unsubscribe, leaving
+//!   every topic at teardown, and the counts in the hub;
+//! - `fanout`: one publish of a plain topic to the core's subscribers: appended once to
+//!   the feed that subscribers of that topic alone follow, a reference-counted copy to
+//!   each subscriber of several, closing subscribers handed back to leave. Which of the
+//!   two a subscriber gets (its route) is decided there, in one place, from its number
+//!   of topics, because the runtime lets a session follow one feed at most;
+//! - `conflation`: windows, keys, early flushes, the values held for lagging
+//!   subscribers, and the timers that end the windows.
+//!
+//! What is left, `core`, is glue: the core's thread-local state, its inbox task, the
+//! entry points a handler calls ([`subscribe`], [`publish_from_session`], ...) and the
+//! dispatch of each publish to the fan-out or to conflation. Frame boundaries come from
+//! `proto`: a publish goes to the broker as the kind and payload that
+//! [`split_unmasked_frame`] finds in its frame.
 
+mod conflation;
 mod core;
+mod fanout;
+mod registry;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -76,13 +102,14 @@ use tokio::sync::mpsc;
 use crate::broker::{Broker, BrokerSink, Inbound, Kind};
 use crate::metrics::{counter, family, gauge};
 use crate::proto::conn::encode_server_frame;
+use crate::proto::frame::split_unmasked_frame;
 use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
-pub use self::core::{
-    MAX_CONFLATION_KEYS, MAX_HELD_KEYS, MAX_TOPICS_PER_SESSION, SubscribeError,
-    publish_from_session, subscribe, topics_of, unsubscribe,
-};
+pub use self::conflation::{MAX_CONFLATION_KEYS, MAX_HELD_KEYS};
+pub use self::core::{publish_from_session, subscribe, topics_of, unsubscribe};
+use self::registry::SessionId;
+pub use self::registry::{MAX_TOPICS_PER_SESSION, SubscribeError};
 
 /// Messages a core's inbox holds before publishes to that core are dropped (counted in
 /// `ringsocket_pubsub_inbox_dropped_total` and logged). Default 65,536.
@@ -101,8 +128,8 @@ pub(crate) struct Delivery {
     pub(crate) frame: Bytes,
     /// The conflation key (see the module docs).
     pub(crate) key: Bytes,
-    /// A session to skip: `(core, session id)` of a sender that asked not to get it.
-    pub(crate) exclude: Option<(usize, usize)>,
+    /// A session to skip: `(core, session)` of a sender that asked not to get it.
+    pub(crate) exclude: Option<(usize, SessionId)>,
 }
 
 /// Why a publish did not happen.
@@ -303,8 +330,13 @@ impl Hub {
         if sent.is_ok() {
             self.metrics.published.fetch_add(1, Ordering::Relaxed);
             if let Some(broker) = self.broker.get() {
-                let (kind, payload) = split_frame(&frame);
-                broker.publish(&topic, kind, payload);
+                match broker_message(&frame) {
+                    Some((kind, payload)) => broker.publish(&topic, kind, payload),
+                    // Never: every publish is framed by `encode_message`.
+                    None => {
+                        tracing::error!(topic = %topic, "pubsub: a publish that is not one data frame was not sent to the broker");
+                    }
+                }
             }
         }
         sent
@@ -538,19 +570,14 @@ pub(crate) fn encode_message(message: &Message) -> Bytes {
     }
 }
 
-/// The kind and payload of a frame made by [`encode_message`] (no copy).
-fn split_frame(frame: &Bytes) -> (Kind, Bytes) {
-    let kind = if frame.first().is_some_and(|b| b & 0x0f == 0x1) {
-        Kind::Text
-    } else {
-        Kind::Binary
-    };
-    let header = match frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    (kind, frame.slice(header.min(frame.len())..))
+/// The kind and payload of a frame made by [`encode_message`] (no copy), as the broker
+/// carries it; `None` for anything else.
+fn broker_message(frame: &Bytes) -> Option<(Kind, Bytes)> {
+    match split_unmasked_frame(frame)? {
+        (OpCode::Text, payload) => Some((Kind::Text, payload)),
+        (OpCode::Binary, payload) => Some((Kind::Binary, payload)),
+        _ => None,
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -18,15 +18,21 @@ fn conflation_patterns_match_exact_names_and_prefixes() {
     assert_eq!(hub.conflation_window("chat"), None);
 }
 
+/// What goes to the broker is the message's kind and payload (the frame's length forms
+/// are tested in `proto::frame`); a frame that is not one data message goes nowhere.
 #[test]
-fn frames_split_back_into_kind_and_payload_for_the_broker() {
-    for len in [0usize, 1, 125, 126, 65_535, 65_536, 70_000] {
-        let payload = vec![0xa5u8; len];
-        let frame = encode_message(&Message::Binary(Bytes::from(payload.clone())));
-        assert_eq!(split_frame(&frame), (Kind::Binary, Bytes::from(payload)));
-    }
+fn published_frames_reach_the_broker_as_kind_and_payload() {
+    let payload = Bytes::from(vec![0xa5u8; 70_000]);
+    let frame = encode_message(&Message::Binary(payload.clone()));
+    assert_eq!(broker_message(&frame), Some((Kind::Binary, payload)));
     let frame = encode_message(&Message::Text("héllo".into()));
-    assert_eq!(split_frame(&frame), (Kind::Text, Bytes::from("héllo")));
+    assert_eq!(
+        broker_message(&frame),
+        Some((Kind::Text, Bytes::from("héllo")))
+    );
+    let ping = encode_server_frame(OpCode::Ping, b"");
+    assert_eq!(broker_message(&ping), None);
+    assert_eq!(broker_message(&frame.slice(..3)), None);
 }
 
 #[test]
@@ -383,6 +389,36 @@ fn a_publish_without_the_sender_skips_only_the_sender_on_a_feed() {
         assert_eq!(hub.metrics.delivered.load(Ordering::Relaxed), 6);
         other.run_teardown();
         sender.run_teardown();
+        assert_eq!(hub.topics(), 0);
+    });
+}
+
+/// The route counts every topic of a session, conflated ones too, and changes only
+/// between one topic and more: in three topics and back to two, a session stays on
+/// direct copies; in one, it follows the feed again; the order is kept throughout.
+#[test]
+fn the_route_follows_the_number_of_topics() {
+    on_a_core(1 << 20, Duration::from_secs(1), async |hub| {
+        let (member, sender) = (session(), session());
+        let follows = |topic: &str| with_core(|core| core.follows_feed(&member, topic)).unwrap();
+        subscribe(&member, "a").unwrap();
+        assert!(follows("a"));
+        // A conflated topic is sent as direct copies: "a" leaves its feed.
+        subscribe(&member, "c").unwrap();
+        assert!(!follows("a"));
+        subscribe(&member, "b").unwrap();
+        assert!(!follows("a") && !follows("b"));
+        publish(&sender, "a", "a1", false);
+        publish_keyed(&sender, "k", "c1");
+        publish(&sender, "b", "b1", false);
+        assert!(unsubscribe(&member, "b"));
+        assert!(!follows("a"), "still in two topics");
+        publish(&sender, "a", "a2", false);
+        assert!(unsubscribe(&member, "c"));
+        assert!(follows("a"));
+        publish(&sender, "a", "a3", false);
+        assert_eq!(take_texts(&member), ["a1", "c1", "b1", "a2", "a3"]);
+        member.run_teardown();
         assert_eq!(hub.topics(), 0);
     });
 }
