@@ -124,6 +124,9 @@ pub(crate) struct State {
     pub(crate) shutdown: bool,
     /// The write side: who writes, the socket, the feed followed (see `core::outbox`).
     pub(crate) out: SessionOutbox,
+    /// Messages queued since they were last counted as sent (at the next write).
+    /// (32 bits: it is counted at every write, and a session stays in its size class.)
+    pub(crate) sent_messages: u32,
     /// Run once when the session ends, on every way out (ARCHITECTURE.md rule 6): the
     /// layers above unregister the session here (e.g. its topic subscriptions).
     /// Boxed: most sessions register none.
@@ -162,6 +165,7 @@ impl Session {
                     timer_due: false,
                     shutdown: false,
                     out: Outbox::new(),
+                    sent_messages: 0,
                     teardown: None,
                     torn_down: false,
                 }),
@@ -249,7 +253,7 @@ impl Session {
         if state.conn.send(message).is_err() {
             return Err(Disconnect::ClosedByUs);
         }
-        state.out.count_queued(1);
+        state.count_queued(1);
         if !state.driver_polling {
             wake(&mut state.driver_waker);
         }
@@ -271,7 +275,7 @@ impl Session {
         if state.conn.send_frame(frame).is_err() {
             return Err(Disconnect::ClosedByUs);
         }
-        state.out.count_queued(1);
+        state.count_queued(1);
         let polling = state.driver_polling;
         match state.out.schedule(polling) {
             Schedule::Nothing => {}
@@ -397,7 +401,14 @@ impl State {
     /// is queued next goes after it.
     pub(crate) fn catch_up(&mut self) {
         let ended = self.ended.is_some();
-        self.out.catch_up(&mut self.conn, ended);
+        let queued = self.out.catch_up(&mut self.conn, ended);
+        self.count_queued(queued);
+    }
+
+    /// Counts `n` messages queued (counted as sent when written).
+    pub(crate) fn count_queued(&mut self, n: u64) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        self.sent_messages = self.sent_messages.saturating_add(n);
     }
 
     /// One write turn of the outbox (see [`Outbox::write_now`]): `feed` is the view of
@@ -410,6 +421,13 @@ impl State {
     ) -> bool {
         let ended = self.ended.is_some();
         let outcome = self.out.write_now(&mut self.conn, ended, feed, metrics);
+        self.count_queued(outcome.queued);
+        if outcome.wrote {
+            let messages = std::mem::take(&mut self.sent_messages);
+            if messages > 0 {
+                metrics.messages_out(u64::from(messages));
+            }
+        }
         if outcome.wake_driver {
             wake(&mut self.driver_waker);
         }

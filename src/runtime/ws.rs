@@ -347,7 +347,7 @@ impl Driver {
             let mut guard = self.session.state().borrow_mut();
             let state = &mut *guard;
             let started = state.out.begin_wait(&mut state.conn, &mut self.iov);
-            let sent = state.out.take_sent_messages();
+            let sent = std::mem::take(&mut state.sent_messages);
             if sent > 0 {
                 self.guard.ctx.metrics.messages_out(u64::from(sent));
             }

@@ -35,6 +35,7 @@
 
 use std::cell::Ref;
 use std::io::{self, IoSlice};
+use std::os::fd::RawFd;
 
 use bytes::Bytes;
 
@@ -101,22 +102,31 @@ pub(crate) enum Schedule {
     Flush,
 }
 
-/// What a [`Outbox::write_now`] turn leaves to do.
+/// What a [`Outbox::write_now`] turn did and leaves to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WriteNow {
     /// The connection can still take data (not closing, not ended).
     pub(crate) open: bool,
     /// Output is left in the queue for the driver: wake it.
     pub(crate) wake_driver: bool,
+    /// Something was written: the messages counted as queued are now sent.
+    pub(crate) wrote: bool,
+    /// Feed frames moved into the queue, as messages to count.
+    pub(crate) queued: u64,
 }
 
 /// A connection's write side (see the module docs).
+///
+/// The message count that goes with it (messages queued, counted as sent when
+/// written) is the caller's: [`WriteNow::queued`] and the counts returned say how many
+/// messages the outbox queued. (Kept outside, the outbox takes 24 bytes and a session
+/// stays in its size class.)
 pub(crate) struct Outbox<F, T> {
     phase: WritePhase,
     in_flush_queue: bool,
-    /// Messages queued since they were last counted (32 bits: a session stays in its
-    /// size class).
-    sent_messages: u32,
+    /// `socket`'s [`Transport::key`] while it is attached (-1 otherwise): set and
+    /// cleared together with `socket`, by `attach` and `detach` only.
+    key: RawFd,
     /// The socket, while a driver runs.
     socket: Option<T>,
     /// The feed this session follows, if any. Boxed: most sessions follow none.
@@ -129,7 +139,7 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
         Self {
             phase: WritePhase::Detached,
             in_flush_queue: false,
-            sent_messages: 0,
+            key: -1,
             socket: None,
             follow: None,
         }
@@ -143,6 +153,7 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
 
     /// The driver started: writes go to `socket` from now on.
     pub(crate) fn attach(&mut self, socket: T) {
+        self.key = socket.key();
         self.socket = Some(socket);
         self.phase = WritePhase::Idle;
     }
@@ -151,17 +162,8 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
     /// it closes with the driver's last reference).
     pub(crate) fn detach(&mut self) {
         self.socket = None;
+        self.key = -1;
         self.phase = WritePhase::Detached;
-    }
-
-    /// Counts `n` messages queued (they are counted as sent when written).
-    pub(crate) fn count_queued(&mut self, n: u32) {
-        self.sent_messages = self.sent_messages.saturating_add(n);
-    }
-
-    /// Takes the messages counted since the last call.
-    pub(crate) fn take_sent_messages(&mut self) -> u32 {
-        std::mem::take(&mut self.sent_messages)
     }
 
     /// What to do after a frame was queued for many sessions at once (a broadcast):
@@ -238,43 +240,42 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
 
     /// Moves the frames the feed owes into the queue of `conn` (dropped when `ended`),
     /// from byte `skip` of them on; the position is then the feed's end. Returns how
-    /// many frames that was.
+    /// many frames the feed owed, and how many of them were queued (as messages to
+    /// count).
     pub(crate) fn give_owed(
         &mut self,
         conn: &mut Connection,
         ended: bool,
         feed: &F::View,
         skip: usize,
-    ) -> u64 {
+    ) -> Given {
         let Some(follow) = self.follow.as_mut() else {
-            return 0;
+            return Given::default();
         };
         let (owed, frames) = feed.owed(follow.next);
         follow.next = feed.end();
-        if frames == 0 {
-            return 0;
+        if frames == 0 || ended || skip >= owed.len() {
+            return Given { frames, queued: 0 };
         }
-        if ended || skip >= owed.len() {
-            return frames;
-        }
-        if conn
+        let queued = conn
             .send_frame(Bytes::copy_from_slice(&owed[skip..]))
-            .is_ok()
-        {
-            self.count_queued(u32::try_from(frames).unwrap_or(u32::MAX));
+            .is_ok();
+        Given {
+            frames,
+            queued: if queued { frames } else { 0 },
         }
-        frames
     }
 
     /// Moves what the feed owes into the queue, so that what is queued next goes
-    /// after it. Nothing for a session that follows no feed.
-    pub(crate) fn catch_up(&mut self, conn: &mut Connection, ended: bool) {
+    /// after it. Nothing for a session that follows no feed. Returns the messages
+    /// queued.
+    pub(crate) fn catch_up(&mut self, conn: &mut Connection, ended: bool) -> u64 {
         let Some(follow) = self.follow.as_mut() else {
-            return;
+            return 0;
         };
         let Some(view) = follow.feed.view() else {
             debug_assert!(false, "feed borrowed during catch-up");
-            return;
+            return 0;
         };
         let (owed, frames) = view.owed(follow.next);
         let copied =
@@ -282,11 +283,8 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
         let end = view.end();
         drop(view);
         follow.next = end;
-        if let Some(bytes) = copied {
-            if conn.send_frame(bytes).is_ok() {
-                self.count_queued(u32::try_from(frames).unwrap_or(u32::MAX));
-            }
-        }
+        let queued = copied.is_some_and(|bytes| conn.send_frame(bytes).is_ok());
+        if queued { frames } else { 0 }
     }
 
     /// Drops what the feed owes without giving it (a slow consumer's backlog).
@@ -315,27 +313,34 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
         metrics: &WorkerMetrics,
     ) -> WriteNow {
         let open = conn.close_state() == CloseState::Open && !ended;
-        let socket = match (&self.socket, self.phase) {
-            (Some(socket), WritePhase::Idle) => socket,
-            _ => {
-                // No driver yet, or it has ended (the frames are dropped), or its write
-                // goes first and takes what is queued when it completes.
-                let given = feed.map_or(0, |feed| self.give_owed(conn, ended, feed, 0));
-                return WriteNow {
-                    open,
-                    // The driver applies the outbound limit to what was queued.
-                    wake_driver: given > 0,
-                };
-            }
+        let mut done = WriteNow {
+            open,
+            wake_driver: false,
+            wrote: false,
+            queued: 0,
         };
+        let Some(socket) = self
+            .socket
+            .as_ref()
+            .filter(|_| self.phase == WritePhase::Idle)
+        else {
+            // No driver yet, or it has ended (the frames are dropped), or its write
+            // goes first and takes what is queued when it completes.
+            if let Some(feed) = feed {
+                let given = self.give_owed(conn, ended, feed, 0);
+                done.queued = given.queued;
+                // The driver applies the outbound limit to what was queued.
+                done.wake_driver = given.frames > 0;
+            }
+            return done;
+        };
+        let key = self.key;
         // Feed frames go out only while the connection can take data; otherwise the
         // last `give_owed` below drops them.
         let writable = feed.filter(|_| open);
-        let follow_next = |follow: &Option<Box<Follow<F>>>| follow.as_ref().map(|f| f.next);
-        let mut sent = false;
-        let mut given_after_write = None;
+        let next = self.follow.as_ref().map(|follow| follow.next);
+        let mut fed = None;
         loop {
-            let next = follow_next(&self.follow);
             let owed = match (writable, next) {
                 (Some(feed), Some(next)) => feed.end().saturating_sub(next),
                 _ => 0,
@@ -345,20 +350,20 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
             }
             // Most writes carry a few chunks: a small array then, not 16 KiB of slices.
             let (written, want) = if conn.transmit_chunks() < FEW_SLICES {
-                write_queued::<FEW_SLICES, _>(conn, writable, next, socket)
+                write_queued::<FEW_SLICES, _, _>(conn, writable, next, socket, key)
             } else {
-                write_queued::<MAX_SLICES, _>(conn, writable, next, socket)
+                write_queued::<MAX_SLICES, _, _>(conn, writable, next, socket, key)
             };
             match written {
                 Ok(written) => {
                     let from_queue = written.min(want.queued);
                     conn.advance_transmit(from_queue);
                     metrics.bytes_out(written);
-                    sent = true;
+                    done.wrote = true;
                     if want.owed > 0 {
-                        // All of it was written, or the rest goes to the connection's
-                        // queue (and is counted when that is written).
-                        given_after_write = Some((written - from_queue, want.owed));
+                        // The feed frames were in this write: all of them went out,
+                        // or the rest goes to the queue (`give_owed` below).
+                        fed = Some((written - from_queue, want.owed));
                         break;
                     }
                     if written < want.queued {
@@ -372,27 +377,28 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
                 Err(_) => break,
             }
         }
-        if let (Some(feed), Some((skip, owed))) = (writable, given_after_write) {
-            let frames = self.give_owed(conn, ended, feed, skip);
+        if let (Some(feed), Some((skip, owed))) = (writable, fed) {
+            let given = self.give_owed(conn, ended, feed, skip);
+            done.queued += given.queued;
             if skip >= owed {
-                metrics.messages_out(frames);
+                // All of them were written: count them now.
+                metrics.messages_out(given.frames);
             }
         }
         if let Some(feed) = feed {
             // Whatever was not written goes to the driver.
-            self.give_owed(conn, ended, feed, 0);
+            done.queued += self.give_owed(conn, ended, feed, 0).queued;
         }
-        if sent {
-            let messages = self.take_sent_messages();
-            if messages > 0 {
-                metrics.messages_out(u64::from(messages));
-            }
-        }
-        WriteNow {
-            open,
-            wake_driver: conn.pending_output() > 0,
-        }
+        done.wake_driver = conn.pending_output() > 0;
+        done
     }
+}
+
+/// How many frames a feed owed and how many of them were queued.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Given {
+    pub(crate) frames: u64,
+    pub(crate) queued: u64,
 }
 
 /// What one write was asked to take.
@@ -406,11 +412,12 @@ struct Want {
 /// One non-blocking write of up to `N` - 1 queued chunks, followed by the feed frames
 /// owed from frame `next` on when every queued chunk fits; returns its result and what
 /// it was asked to write.
-fn write_queued<const N: usize, V: FeedView>(
+fn write_queued<const N: usize, V: FeedView, T: Transport>(
     conn: &Connection,
     feed: Option<&V>,
     next: Option<u64>,
-    socket: &impl Transport,
+    socket: &T,
+    key: RawFd,
 ) -> (io::Result<usize>, Want) {
     let mut slices = [IoSlice::new(&[]); N];
     let mut n = conn.transmit_slices(&mut slices[..N - 1]);
@@ -423,7 +430,10 @@ fn write_queued<const N: usize, V: FeedView>(
         }
     }
     let owed = slices[..n].iter().map(|s| s.len()).sum::<usize>() - queued;
-    (socket.try_write(&slices[..n]), Want { queued, owed })
+    // SAFETY: `key` is `socket`'s own key: the outbox sets and clears its `key` and
+    // `socket` fields together (`attach`, `detach`), and hands both to this function.
+    let written = unsafe { socket.try_write(key, &slices[..n]) };
+    (written, Want { queued, owed })
 }
 
 #[cfg(test)]
@@ -516,7 +526,9 @@ mod tests {
             done,
             WriteNow {
                 open: true,
-                wake_driver: true
+                wake_driver: true,
+                wrote: false,
+                queued: 2,
             }
         );
         assert_eq!(queued(&mut conn), [text("a"), text("b")].concat());
@@ -530,14 +542,15 @@ mod tests {
         let socket = wire(1 << 20);
         outbox.attach(socket.clone());
         conn.send_text("own").unwrap();
-        outbox.count_queued(1);
         let metrics = WorkerMetrics::default();
         let done = outbox.write_now(&mut conn, false, Some(&feed.borrow()), &metrics);
         assert_eq!(
             done,
             WriteNow {
                 open: true,
-                wake_driver: false
+                wake_driver: false,
+                wrote: true,
+                queued: 0,
             }
         );
         assert_eq!(
@@ -546,7 +559,6 @@ mod tests {
         );
         assert_eq!(socket.writes.get(), 1);
         assert_eq!(conn.pending_output(), 0);
-        assert_eq!(outbox.take_sent_messages(), 0, "counted when written");
     }
 
     /// What a full socket does not take stays in order: the rest of the feed frames
@@ -564,7 +576,9 @@ mod tests {
             done,
             WriteNow {
                 open: true,
-                wake_driver: true
+                wake_driver: true,
+                wrote: true,
+                queued: 2,
             }
         );
         let room = own.len() + 3;
@@ -642,7 +656,9 @@ mod tests {
             done,
             WriteNow {
                 open: false,
-                wake_driver: false
+                wake_driver: false,
+                wrote: true,
+                queued: 0,
             }
         );
         let mut twin = Connection::server(Limits::default());
@@ -657,12 +673,11 @@ mod tests {
     #[test]
     fn catch_up_keeps_the_order_of_feed_frames_and_sends() {
         let (mut outbox, feed, mut conn) = setup(&["f1"]);
-        outbox.catch_up(&mut conn, false);
+        assert_eq!(outbox.catch_up(&mut conn, false), 1);
         conn.send_text("after").unwrap();
         assert_eq!(queued(&mut conn), [text("f1"), text("after")].concat());
-        assert_eq!(outbox.take_sent_messages(), 1);
         feed.borrow_mut().push(&text("f2"));
-        outbox.catch_up(&mut conn, true);
+        assert_eq!(outbox.catch_up(&mut conn, true), 0);
         assert_eq!(
             conn.pending_output(),
             0,

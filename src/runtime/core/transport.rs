@@ -12,17 +12,27 @@
 //! outbox is in [`WritePhase::Waiting`](super::outbox::WritePhase::Waiting).
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 
 use socket2::SockRef;
 
 /// A socket the outbox can write to without waiting.
 pub(crate) trait Transport {
+    /// What a write needs of this socket (its descriptor), copied out once: the outbox
+    /// keeps it inline, so that a broadcast pass over 10,000 connections follows no
+    /// pointer per connection to find its socket (measured: the pointer chase cost
+    /// about a fifth of the loss-free broadcast rate at 10,000 subscribers).
+    fn key(&self) -> RawFd;
+
     /// Writes as much of `slices`, in order, as the socket takes now, without waiting
     /// (`EWOULDBLOCK` when it takes nothing) and without raising `SIGPIPE`. Returns the
     /// bytes written.
-    fn try_write(&self, slices: &[IoSlice<'_>]) -> io::Result<usize>;
+    ///
+    /// # Safety
+    ///
+    /// `key` must be what [`Transport::key`] returned for this transport.
+    unsafe fn try_write(&self, key: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize>;
 }
 
 /// The io_uring backend's socket, shared by the connection's driver (its reads and
@@ -30,11 +40,16 @@ pub(crate) trait Transport {
 pub(crate) type Socket = Rc<tokio_uring::net::TcpStream>;
 
 impl Transport for Socket {
-    fn try_write(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-        // SAFETY: the descriptor belongs to the stream `self` points to, which this
-        // `Rc` keeps alive for the whole call (tokio-uring closes it only when the
-        // stream is dropped), and the borrow does not outlive this function.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) };
+    fn key(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+
+    unsafe fn try_write(&self, key: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        debug_assert_eq!(key, self.as_raw_fd());
+        // SAFETY: `key` is the descriptor of the stream `self` points to (the caller's
+        // contract), which this `Rc` keeps alive for the whole call (tokio-uring closes
+        // it only when the stream is dropped); the borrow does not outlive this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(key) };
         let socket = SockRef::from(&fd);
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
         match slices {
@@ -65,7 +80,15 @@ pub(crate) mod testing {
     }
 
     impl Transport for Rc<Wire> {
-        fn try_write(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        fn key(&self) -> std::os::fd::RawFd {
+            -1
+        }
+
+        unsafe fn try_write(
+            &self,
+            _key: std::os::fd::RawFd,
+            slices: &[IoSlice<'_>],
+        ) -> io::Result<usize> {
             let room = self.room.get();
             if room == 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
