@@ -19,7 +19,7 @@
 //!
 //! Order: a session follows one feed at most, and everything else sent to it (the
 //! handler's `send`, a Close) first moves the feed frames before its position into
-//! its queue ([`catch_up`]), so each follower gets everything in the order it was
+//! its queue (`State::catch_up`), so each follower gets everything in the order it was
 //! queued. Control frames the runtime adds (pings, pongs) may go ahead of feed frames,
 //! which RFC 6455 allows.
 

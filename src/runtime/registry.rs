@@ -81,10 +81,10 @@ impl Registry {
     }
 }
 
-/// A session's next timer deadline as whole milliseconds since the process's timer
-/// epoch, rounded up, or none: 8 bytes where an `Option<Instant>` takes 16 (an idle
-/// session stays in its size class). The core's tick is 5 ms or more, so a
-/// millisecond is precise enough; rounding up never makes a timer early.
+/// A session's next timer deadline as nanoseconds since the process's timer epoch,
+/// or none: 8 bytes where an `Option<Instant>` takes 16 (an idle session stays in its
+/// size class), with the same comparison (`deadline <= now`) to the nanosecond for
+/// about 584 years after the epoch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Deadline(u64);
 
@@ -92,18 +92,21 @@ impl Deadline {
     /// No deadline.
     pub(crate) const NONE: Self = Self(0);
 
-    /// The deadline at `at` (a moment before the epoch is due at once).
+    /// The deadline at `at`. (0 means none, so a deadline at the epoch itself is kept
+    /// one nanosecond later.)
     pub(crate) fn at(at: std::time::Instant) -> Self {
-        let since = at.saturating_duration_since(epoch());
-        let millis = since.as_nanos().div_ceil(1_000_000);
-        Self(u64::try_from(millis).unwrap_or(u64::MAX).max(1))
+        Self(nanos_since_epoch(at).max(1))
     }
 
     /// Whether the deadline is set and `now` has reached it.
     pub(crate) fn is_due(self, now: std::time::Instant) -> bool {
-        let millis = now.saturating_duration_since(epoch()).as_millis();
-        self.0 != 0 && u128::from(self.0) <= millis
+        self.0 != 0 && self.0 <= nanos_since_epoch(now)
     }
+}
+
+fn nanos_since_epoch(at: std::time::Instant) -> u64 {
+    let since = at.saturating_duration_since(epoch());
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The moment deadlines count from: the first time one is taken.
@@ -130,26 +133,21 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    /// A deadline is due from its moment on, never before (rounded up to the next
-    /// millisecond), and none is never due.
+    /// A deadline is due from its moment on and never before, as `deadline <= now`
+    /// on `Instant`s was; none is never due.
     #[test]
     fn a_deadline_is_due_from_its_moment_on_and_never_early() {
         let _ = epoch();
-        let base = Instant::now();
-        for offset_us in [0u64, 1, 999, 1000, 1001, 25_000_000] {
-            let at = base + Duration::from_micros(offset_us);
+        let base = Instant::now() + Duration::from_micros(1);
+        for offset_ns in [0u64, 1, 999, 1_000_000, 1_000_001, 25_000_000_000] {
+            let at = base + Duration::from_nanos(offset_ns);
             let deadline = Deadline::at(at);
+            assert!(deadline.is_due(at), "{offset_ns} ns: due at its moment");
             assert!(
-                deadline.is_due(at + Duration::from_millis(1)),
-                "{offset_us} µs"
-            );
-            assert!(
-                !deadline.is_due(at.checked_sub(Duration::from_micros(1)).unwrap_or(at))
-                    || offset_us == 0,
-                "{offset_us} µs: due early"
+                !deadline.is_due(at - Duration::from_nanos(1)),
+                "{offset_ns} ns: early"
             );
         }
         assert!(!Deadline::NONE.is_due(base + Duration::from_secs(3600)));
-        assert!(Deadline::at(base).is_due(base + Duration::from_millis(1)));
     }
 }

@@ -105,15 +105,10 @@ impl Driver {
     ) -> Self {
         let slot = guard.ctx.sessions.borrow_mut().insert(&session.inner);
         let timers = ConnTimers::new(Instant::now().into_std());
-        {
-            let mut state = session.state().borrow_mut();
-            state.deadline = timers
-                .poll_timeout(&guard.ctx.timers)
-                .map_or(Deadline::NONE, Deadline::at);
-            state.out.attach(guard.stream.clone());
-        }
-        super::session::write_queued(&session.inner, &guard.ctx.metrics);
-        Self {
+        session.state().borrow_mut().deadline = timers
+            .poll_timeout(&guard.ctx.timers)
+            .map_or(Deadline::NONE, Deadline::at);
+        let driver = Self {
             guard,
             session,
             slot,
@@ -127,7 +122,17 @@ impl Driver {
             in_flight: 0,
             timers,
             closing: None,
-        }
+        };
+        // Attached once the driver exists: its `Drop` (which detaches) then runs on
+        // every way out, a panic in the first write included.
+        driver
+            .session
+            .state()
+            .borrow_mut()
+            .out
+            .attach(driver.guard.stream.clone());
+        super::session::write_queued(&driver.session.inner, &driver.guard.ctx.metrics);
+        driver
     }
 
     /// Acts on what woke the driver; `Some` when the connection is over.

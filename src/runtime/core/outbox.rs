@@ -341,8 +341,11 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
         let next = self.follow.as_ref().map(|follow| follow.next);
         let mut fed = None;
         loop {
+            // In bytes, not frames: frames a follower behind the feed's start is owed
+            // are not there to write (`FeedView::owed` gives none), and a zero-length
+            // write would loop.
             let owed = match (writable, next) {
-                (Some(feed), Some(next)) => feed.end().saturating_sub(next),
+                (Some(feed), Some(next)) => feed.owed(next).0.len(),
                 _ => 0,
             };
             if conn.pending_output() == 0 && owed == 0 {
@@ -451,6 +454,8 @@ mod tests {
     struct Frames {
         data: Vec<u8>,
         starts: Vec<usize>,
+        /// Frames dropped from the front (numbered before the first one held).
+        base: u64,
     }
 
     impl Frames {
@@ -462,11 +467,14 @@ mod tests {
 
     impl FeedView for Frames {
         fn end(&self) -> u64 {
-            self.starts.len() as u64
+            self.base + self.starts.len() as u64
         }
 
         fn owed(&self, next: u64) -> (&[u8], u64) {
-            match self.starts.get(next as usize) {
+            let Some(index) = next.checked_sub(self.base) else {
+                return (&[], 0);
+            };
+            match self.starts.get(index as usize) {
                 Some(&at) => (&self.data[at..], self.end() - next),
                 None => (&[], 0),
             }
@@ -666,6 +674,25 @@ mod tests {
         assert_eq!(*socket.written.borrow(), queued(&mut twin));
         assert_eq!(conn.pending_output(), 0);
         assert_eq!(outbox.follow().map(|f| f.next), Some(1));
+    }
+
+    /// A follower behind the feed's start (frames it is owed are no longer held) gets
+    /// nothing and is moved to the end; the write turn ends (it once looped on
+    /// zero-length writes).
+    #[test]
+    fn a_follower_behind_the_feed_ends_its_turn_with_nothing_to_write() {
+        let (mut outbox, feed, mut conn) = setup(&["kept"]);
+        feed.borrow_mut().base = 2;
+        let socket = wire(1 << 20);
+        outbox.attach(socket.clone());
+        let metrics = WorkerMetrics::default();
+        let done = outbox.write_now(&mut conn, false, Some(&feed.borrow()), &metrics);
+        assert_eq!(
+            (done.wrote, done.queued, done.wake_driver),
+            (false, 0, false)
+        );
+        assert_eq!(socket.writes.get(), 0);
+        assert_eq!(outbox.follow().map(|f| f.next), Some(3));
     }
 
     /// `catch_up` moves what the feed owes into the queue, so a message sent next
