@@ -220,13 +220,9 @@ impl Config {
     /// Reads TOML text over the defaults, each key through [`Config::set`]. Unknown
     /// keys are an error.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let mut config = Self::default();
-        for (field, value) in toml_settings(text)? {
-            config
-                .set(&field, &value)
-                .map_err(|e| ConfigError(format!("{field}: {e}")))?;
-        }
-        Ok(config)
+        let mut loader = Loader::new();
+        loader.toml(text, None)?;
+        Ok(loader.config)
     }
 
     /// Applies `RINGSOCKET_<FIELD>` variables from `vars` over this configuration.
@@ -234,15 +230,13 @@ impl Config {
         &mut self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), ConfigError> {
-        for (key, value) in vars {
-            let Some(field) = key.strip_prefix("RINGSOCKET_") else {
-                continue;
-            };
-            let field = field.to_ascii_lowercase();
-            self.set(&field, &value)
-                .map_err(|e| ConfigError(format!("{key}={value:?}: {e}")))?;
-        }
-        Ok(())
+        let mut loader = Loader {
+            config: std::mem::take(self),
+            sources: Sources::default(),
+        };
+        let result = loader.env(vars);
+        *self = loader.config;
+        result
     }
 
     /// Sets one field from its text form, by its name in the file: the one parser
@@ -524,16 +518,27 @@ impl Loader {
     pub fn file(&mut self, path: &Path) -> Result<(), ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        let settings =
-            toml_settings(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        self.toml(&text, Some(path))
+    }
+
+    /// Applies TOML text, from the file at `path` if it came from one (for messages
+    /// and sources).
+    fn toml(&mut self, text: &str, path: Option<&Path>) -> Result<(), ConfigError> {
+        let place = |e: String| match path {
+            Some(path) => ConfigError(format!("{}: {e}", path.display())),
+            None => ConfigError(e),
+        };
+        let settings = toml_settings(text).map_err(|e| place(e.0))?;
         for (field, value) in settings {
             let name = self
                 .config
                 .set(&field, &value)
-                .map_err(|e| ConfigError(format!("{}: {field}: {e}", path.display())))?;
-            self.sources
-                .0
-                .insert(name, Source::File(path.display().to_string()));
+                .map_err(|e| place(format!("{field}: {e}")))?;
+            if let Some(path) = path {
+                self.sources
+                    .0
+                    .insert(name, Source::File(path.display().to_string()));
+            }
         }
         Ok(())
     }
