@@ -193,7 +193,7 @@ impl Feed {
                 }
                 let mut state = session.state.borrow_mut();
                 if !state.write_now(Some(&inner), metrics) {
-                    closing.push(Rc::as_ptr(session) as usize);
+                    closing.push(session.id());
                 }
             }
             drop(inner);

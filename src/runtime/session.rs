@@ -97,6 +97,12 @@ pub(crate) enum Decision {
     Reject(Box<Response>),
 }
 
+thread_local! {
+    /// Times a handler on this core called `recv` before `accept` (for the log's
+    /// throttle).
+    static NOT_ACCEPTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// A session's outbox: its feed is a topic's feed on this core, its transport the
 /// io_uring backend's socket.
 pub(crate) type SessionOutbox = Outbox<Rc<super::Feed>, Socket>;
@@ -216,11 +222,20 @@ impl Session {
         poll_fn(|cx| {
             let mut state = self.state().borrow_mut();
             if matches!(state.decision, Decision::Pending) {
-                tracing::warn!(
-                    peer = %self.inner.peer,
-                    path = self.inner.request.path(),
-                    "WebSocket handler called recv() before accept(): call accept() (or reject()) first"
-                );
+                // Logged at the 1st, 2nd, 4th, 8th, ... time on this core: a handler
+                // that calls it in a loop does not flood the log.
+                let times = NOT_ACCEPTED.with(|n| {
+                    n.set(n.get().saturating_add(1));
+                    n.get()
+                });
+                if times.is_power_of_two() {
+                    tracing::warn!(
+                        peer = %self.inner.peer,
+                        path = self.inner.request.path(),
+                        times,
+                        "WebSocket handler called recv() before accept(): call accept() (or reject()) first"
+                    );
+                }
                 return Poll::Ready(Err(Disconnect::NotAccepted));
             }
             if let Some(message) = state.inbound.pop_front() {
@@ -332,7 +347,7 @@ impl Session {
 
     /// A number that identifies this session among the live sessions of its core.
     pub fn id(&self) -> usize {
-        Rc::as_ptr(&self.inner) as usize
+        self.inner.id()
     }
 
     /// Registers `hook` to run once when the session ends, however it ends. Runs at
@@ -447,6 +462,14 @@ pub(crate) fn write_queued(session: &SessionInner, metrics: &crate::metrics::Wor
         .as_ref()
         .and_then(|feed| feed.inner().try_borrow().ok());
     state.write_now(view.as_deref(), metrics);
+}
+
+impl SessionInner {
+    /// [`Session::id`]: the one place a session's id is derived (the feed reports
+    /// closing followers by it too).
+    pub(crate) fn id(self: &Rc<Self>) -> usize {
+        Rc::as_ptr(self) as usize
+    }
 }
 
 impl super::flush::Flush for SessionInner {

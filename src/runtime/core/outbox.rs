@@ -249,20 +249,9 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
         feed: &F::View,
         skip: usize,
     ) -> Given {
-        let Some(follow) = self.follow.as_mut() else {
-            return Given::default();
-        };
-        let (owed, frames) = feed.owed(follow.next);
-        follow.next = feed.end();
-        if frames == 0 || ended || skip >= owed.len() {
-            return Given { frames, queued: 0 };
-        }
-        let queued = conn
-            .send_frame(Bytes::copy_from_slice(&owed[skip..]))
-            .is_ok();
-        Given {
-            frames,
-            queued: if queued { frames } else { 0 },
+        match self.follow.as_mut() {
+            Some(follow) => give(&mut follow.next, conn, ended, feed, skip),
+            None => Given::default(),
         }
     }
 
@@ -270,21 +259,15 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
     /// after it. Nothing for a session that follows no feed. Returns the messages
     /// queued.
     pub(crate) fn catch_up(&mut self, conn: &mut Connection, ended: bool) -> u64 {
-        let Some(follow) = self.follow.as_mut() else {
+        let Some(follow) = self.follow.as_deref_mut() else {
             return 0;
         };
-        let Some(view) = follow.feed.view() else {
+        let Follow { feed, next, .. } = follow;
+        let Some(view) = feed.view() else {
             debug_assert!(false, "feed borrowed during catch-up");
             return 0;
         };
-        let (owed, frames) = view.owed(follow.next);
-        let copied =
-            (frames > 0 && !ended && !owed.is_empty()).then(|| Bytes::copy_from_slice(owed));
-        let end = view.end();
-        drop(view);
-        follow.next = end;
-        let queued = copied.is_some_and(|bytes| conn.send_frame(bytes).is_ok());
-        if queued { frames } else { 0 }
+        give(next, conn, ended, &*view, 0).queued
     }
 
     /// Drops what the feed owes without giving it (a slow consumer's backlog).
@@ -394,6 +377,31 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
         }
         done.wake_driver = conn.pending_output() > 0;
         done
+    }
+}
+
+/// Moves the frames `feed` owes from frame `next` on into the queue of `conn`
+/// (dropped when `ended`), from byte `skip` of them on, and sets `next` to the feed's
+/// end: [`Outbox::give_owed`] and [`Outbox::catch_up`], which borrow the feed
+/// differently.
+fn give<V: FeedView>(
+    next: &mut u64,
+    conn: &mut Connection,
+    ended: bool,
+    feed: &V,
+    skip: usize,
+) -> Given {
+    let (owed, frames) = feed.owed(*next);
+    *next = feed.end();
+    if frames == 0 || ended || skip >= owed.len() {
+        return Given { frames, queued: 0 };
+    }
+    let queued = conn
+        .send_frame(Bytes::copy_from_slice(&owed[skip..]))
+        .is_ok();
+    Given {
+        frames,
+        queued: if queued { frames } else { 0 },
     }
 }
 
