@@ -238,7 +238,12 @@ def headline_of(scenario, r):
                 "msg/s": r["messages_per_sec"], "server cpu %": r["cpu"]["server_percent"],
                 "client cpu %": r["cpu"]["client_percent"], "errors": r["errors"] + r["mismatches"]}
     mem = r.get("memory") or {}
-    return {"handshakes/s": r["handshakes_per_sec"], "B/conn": mem.get("bytes_per_conn"),
+    per_handshake = None
+    if r["handshakes_per_sec"]:
+        # The server's CPU over the run, per handshake completed in it.
+        per_handshake = r["cpu"]["server_percent"] / 100.0 * 1e6 / r["handshakes_per_sec"]
+    return {"handshakes/s": r["handshakes_per_sec"], "server µs/handshake": per_handshake,
+            "B/conn": mem.get("bytes_per_conn"),
             "B/conn held": mem.get("bytes_per_conn_held"), "server cpu %": r["cpu"]["server_percent"],
             "client cpu %": r["cpu"]["client_percent"], "errors": r["failed"] + r["dropped"]}
 
@@ -252,6 +257,9 @@ def main():
     p.add_argument("--server", default=None,
                    help="the ringsocket binary that serves (default: --bench)")
     p.add_argument("--only", nargs="*", help="servers to run (default: all)")
+    p.add_argument("--baseline", default=None,
+                   help="an older ringsocket binary, served as `baseline` beside `ringsocket` "
+                        "(a before/after table of a change, in the same run)")
     p.add_argument("--scenarios", nargs="*", default=DEFAULT_SCENARIOS, choices=list(SCENARIOS))
     p.add_argument("--port", type=int, default=9301)
     p.add_argument("--no-quiet-wait", action="store_true",
@@ -269,12 +277,18 @@ def main():
     outdir.mkdir(parents=True, exist_ok=True)
     echo_table = servers(a.server or a.bench)
     room_table = room_servers(a.server or a.bench)
+    if a.baseline:
+        echo_table["baseline"] = servers(a.baseline)["ringsocket"]
+        room_table["baseline"] = room_servers(a.baseline)["ringsocket"]
     results = {}
     port = a.port
     for rep in range(1, a.reps + 1):
         for scenario in a.scenarios:
             table = room_table if is_broadcast(scenario) else echo_table
-            for name in [n for n in table if not a.only or n in a.only]:
+            names = [n for n in table if not a.only or n in a.only]
+            # Forward in odd repetitions, reversed in even ones: neither server always
+            # runs right after the other.
+            for name in names if rep % 2 else names[::-1]:
                 argv_for, path = table[name]
                 port += 1  # a fresh port: no TIME_WAIT from the previous server
                 for attempt in range(1, 4):

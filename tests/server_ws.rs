@@ -532,10 +532,9 @@ async fn slow_consumer_is_closed_without_stalling_other_clients() {
 /// its coop budget) must not hold back I/O: what it sent before is written at once,
 /// and another connection on the same core (one worker) is still echoed promptly.
 ///
-/// tokio-uring 0.5 submits queued operations to the kernel only in tokio's
-/// `on_thread_park` hook, and tokio's current-thread scheduler skips that hook
-/// (`park_yield`) while a task has deferred its wake-up, so without the driver's yield
-/// budget no `io_uring_enter` would happen on the core until the handler stops yielding.
+/// The core's ring submits every turn of the core (its driver task runs behind the
+/// tasks that queued operations), not only when the thread parks, which a core with
+/// a yielding task never does.
 #[tokio::test]
 async fn handler_that_keeps_yielding_does_not_stall_io() {
     let app = App::echo().websocket("/busy", |ws| async move {

@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
+use super::uring::net::TcpStream;
 use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
-use tokio_uring::net::TcpStream;
 
 use super::buf::{BufPool, HEAD_READ, ReadBufs};
 use super::core::timers::TimerPolicy;
@@ -153,7 +153,7 @@ pub(crate) async fn drive(
                 session.close(CloseCode::Normal, "");
             }
             // The session gets its own task, sized to its state alone.
-            tokio_uring::spawn(Driver::new(guard, session, handler, bufs));
+            tokio::task::spawn_local(Driver::new(guard, session, handler, bufs));
         }
         Err(reason) => {
             // Refused after the handler may have registered hooks (e.g. it accepted,
@@ -164,10 +164,10 @@ pub(crate) async fn drive(
     }
 }
 
-/// The descriptor of `stream`, for system calls made beside tokio-uring's operations.
+/// The descriptor of `stream`, for system calls made beside its io_uring operations.
 fn socket_of(stream: &TcpStream) -> BorrowedFd<'_> {
     // SAFETY: the descriptor is owned by `stream`, which the returned borrow cannot
-    // outlive; tokio-uring closes it only when the stream is dropped.
+    // outlive; it is closed only once the stream and its operations are gone.
     unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }
 }
 

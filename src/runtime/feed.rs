@@ -369,7 +369,7 @@ mod tests {
 
         use crate::runtime::flush::{self, FLUSH_BATCH};
 
-        tokio_uring::start(async {
+        crate::runtime::uring::run_local(async {
             let feed = Feed::new();
             let sessions: Vec<Session> = (0..FLUSH_BATCH * 8)
                 .map(|_| Session::driverless())
@@ -378,19 +378,19 @@ mod tests {
                 feed.follow(session);
             }
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
-            let ours = tokio_uring::net::UnixStream::from_std(ours);
+            let ours = crate::runtime::uring::net::TcpStream::from_fd(ours.into());
             let seen = Rc::new(Cell::new(None));
             let reader = {
                 let (seen, feed) = (seen.clone(), feed.clone());
-                tokio_uring::spawn(async move {
-                    let (read, _) = ours.read(vec![0u8; 16]).await;
+                tokio::task::spawn_local(async move {
+                    let (read, _) = ours.read(bytes::BytesMut::with_capacity(16)).await;
                     assert_eq!(read.expect("read"), 1);
                     seen.set(feed.inner().borrow().pass.map(|pass| pass.at));
                 })
             };
-            // The runtime parks, which hands the read to the kernel.
+            // The read reaches the kernel before the pass starts.
             tokio::time::sleep(Duration::from_millis(5)).await;
-            tokio_uring::spawn(flush::run(Arc::new(WorkerMetrics::default())));
+            tokio::task::spawn_local(flush::run(Arc::new(WorkerMetrics::default())));
             (&theirs).write_all(b"x").expect("write");
             feed.push(b"frame");
             reader.await.expect("reader");

@@ -19,8 +19,8 @@
 //!
 //! The flusher yields to the core after every [`FLUSH_BATCH`] sessions, so reads
 //! (the publisher's next messages), timers and other connections keep running, and
-//! submits the io_uring operations queued meanwhile (see `ring`). A read that
-//! completes during a batch is handled right after it.
+//! first submits the io_uring operations queued meanwhile and takes the completions
+//! (`uring::tick`). A read that completes during a batch is handled right after it.
 //!
 //! What it leaves to the connection's driver (woken for it): a socket that did not
 //! take everything (the rest goes out through an io_uring write that waits for room,
@@ -107,13 +107,10 @@ pub(crate) async fn run(metrics: Arc<WorkerMetrics>) {
                 enqueue(entry);
             }
         }
-        // The core does not park while the flusher has work, so what other tasks
-        // queued (e.g. the publisher's next read) is handed to the kernel here.
-        super::ring::submit_pending();
-        // Twice: the first yield lets the runtime take the io_uring completions, which
-        // wakes their tasks (a publisher's read) behind this one; the second lets them
-        // run before the next batch, instead of after it.
-        tokio::task::yield_now().await;
+        // What other tasks queued on the ring (e.g. the publisher's next read) goes to
+        // the kernel, and the tasks whose operations completed during the batch are
+        // scheduled; the yield lets them run before the next batch.
+        super::uring::tick();
         tokio::task::yield_now().await;
     }
 }

@@ -17,10 +17,10 @@ mod flush;
 pub mod http;
 pub mod listener;
 mod registry;
-mod ring;
 pub mod service;
 mod session;
 pub mod shutdown;
+mod uring;
 mod worker;
 mod ws;
 
@@ -77,8 +77,6 @@ impl std::error::Error for ServeError {}
 
 /// Checks that this process can create an io_uring instance, and explains why not.
 pub fn probe_io_uring() -> Result<(), ServeError> {
-    // Not while a worker tells its own ring apart.
-    let _creating = ring::creation_lock();
     match io_uring::IoUring::new(8) {
         Ok(_) => Ok(()),
         Err(e) => Err(ServeError::IoUring(explain_io_uring_error(&e))),

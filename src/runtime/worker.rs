@@ -1,5 +1,6 @@
-//! A worker: an OS thread pinned to a core, running its own `tokio-uring` runtime, its
-//! own listener and accept loop, and every connection it accepted, for their whole life.
+//! A worker: an OS thread pinned to a core, running its own tokio current-thread
+//! runtime and io_uring (`uring`), its own listener and accept loop, and every
+//! connection it accepted, for their whole life.
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::AsRawFd;
@@ -17,6 +18,7 @@ use super::core::timers::TimerPolicy;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
+use super::uring::{self, Ring, net::TcpListener};
 use crate::config::Config;
 use crate::metrics::WorkerMetrics;
 use crate::proto::{HandshakeLimits, Limits};
@@ -36,7 +38,7 @@ pub(crate) struct WorkerSpec {
     pub(crate) ring_entries: u32,
 }
 
-/// The submission queue size of each worker's ring (tokio-uring's default).
+/// The submission queue size of each worker's ring.
 pub(crate) const RING_ENTRIES: u32 = 256;
 
 /// Runs a worker to the end of its shutdown. A per-worker resource that cannot be
@@ -72,29 +74,22 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         max_head_bytes: config.max_head_bytes,
         ..HandshakeLimits::default()
     };
-    // This worker's ring is the io_uring descriptor the process gains while it holds
-    // the lock (see `ring`).
-    let creating = super::ring::creation_lock();
-    let rings_before = super::ring::io_uring_fds();
-    let mut ring = tokio_uring::uring_builder();
-    if coop_taskrun_supported() {
-        // Completions run as task work when the thread next enters the kernel, instead
-        // of interrupting it (IORING_SETUP_COOP_TASKRUN, Linux 5.19).
-        ring.setup_coop_taskrun();
-    }
-    let mut builder = tokio_uring::builder();
-    builder.entries(spec.ring_entries).uring_builder(&ring);
-    let runtime = tokio_uring::Runtime::new(&builder).map_err(|e| {
+    let ring = Ring::new(spec.ring_entries).map_err(|e| {
         format!(
-            "worker {} cannot set up its io_uring runtime ({} entries): {}",
+            "worker {} cannot set up its io_uring ({} entries): {}",
             spec.index,
             spec.ring_entries,
             super::explain_io_uring_error(&e)
         )
     })?;
-    runtime.block_on(async move {
-        super::ring::adopt(&rings_before, &super::ring::io_uring_fds());
-        drop(creating);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("worker {} cannot start its runtime: {e}", spec.index))?;
+    let local = tokio::task::LocalSet::new();
+    let served = local.block_on(&runtime, async move {
+        ring.start()
+            .map_err(|e| format!("worker {} cannot poll its io_uring: {e}", spec.index))?;
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
             service: spec.service,
@@ -115,14 +110,14 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         let core_task = ctx
             .service
             .worker_started(spec.index, &ctx.cx)
-            .map(tokio_uring::spawn);
+            .map(tokio::task::spawn_local);
         // Writes the frames broadcast to this core's connections.
-        tokio_uring::spawn(super::flush::run(ctx.metrics.clone()));
-        let listener = Rc::new(tokio_uring::net::TcpListener::from_std(spec.listener));
+        tokio::task::spawn_local(super::flush::run(ctx.metrics.clone()));
+        let listener = Rc::new(TcpListener::from_std(spec.listener));
         // One timer for the whole core: wakes the sessions whose deadline has passed.
         let tick = registry::tick(&ctx.timers);
         let housekeeping = ctx.clone();
-        tokio_uring::spawn(async move {
+        tokio::task::spawn_local(async move {
             let mut interval = tokio::time::interval(tick);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -132,7 +127,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         });
         tracing::debug!(worker = spec.index, "worker accepting");
         for _ in 0..ACCEPTS_IN_FLIGHT {
-            tokio_uring::spawn(accept_loop(
+            tokio::task::spawn_local(accept_loop(
                 listener.clone(),
                 ctx.clone(),
                 spec.signal.clone(),
@@ -171,8 +166,14 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             task.abort();
         }
         tracing::debug!(worker = spec.index, "worker stopped");
+        Ok(())
     });
-    Ok(())
+    // The tasks left (connections past the shutdown timeout) go first, then the ring,
+    // once the kernel is done with their buffers.
+    let _context = runtime.enter();
+    drop(local);
+    uring::teardown();
+    served
 }
 
 /// Accepts in flight on each worker's listener. When connections come in faster than
@@ -184,7 +185,7 @@ const ACCEPTS_IN_FLIGHT: usize = 4;
 
 /// Accepts connections until the shutdown signal, each served by a task of its own.
 async fn accept_loop(
-    listener: Rc<tokio_uring::net::TcpListener>,
+    listener: Rc<TcpListener>,
     ctx: Rc<WorkerCtx>,
     signal: Arc<ShutdownSignal>,
     worker: usize,
@@ -195,7 +196,7 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let open = ctx.open_global.fetch_add(1, Ordering::Relaxed);
                     let over_limit = open >= ctx.config.max_connections;
-                    tokio_uring::spawn(drive(stream, peer, ctx.clone(), over_limit));
+                    tokio::task::spawn_local(drive(stream, peer, ctx.clone(), over_limit));
                 }
                 Err(e) => {
                     if signal.is_set() {
@@ -209,14 +210,6 @@ async fn accept_loop(
             () = signal.wait() => break,
         }
     }
-}
-
-/// Whether the kernel accepts `IORING_SETUP_COOP_TASKRUN` (Linux 5.19 and later).
-fn coop_taskrun_supported() -> bool {
-    tokio_uring::uring_builder()
-        .setup_coop_taskrun()
-        .build(8)
-        .is_ok()
 }
 
 #[cfg(test)]
@@ -266,7 +259,7 @@ mod tests {
             .expect("the worker thread does not panic")
             .unwrap_err();
         assert!(
-            err.starts_with("worker 3 cannot set up its io_uring runtime (1048576 entries): "),
+            err.starts_with("worker 3 cannot set up its io_uring (1048576 entries): "),
             "{err}"
         );
         assert!(signal.is_set(), "the other workers are told to stop");

@@ -17,13 +17,10 @@ use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::time::{Instant, Sleep, sleep};
-use tokio_uring::net::TcpStream;
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
 
 use super::buf::ReadBufs;
 use super::conn::{ConnGuard, ReadFuture, start_read};
@@ -38,15 +35,6 @@ use crate::proto::{CloseCode, CloseState, Event, Message, ProtocolError};
 /// Bytes read and not yet parsed before reading pauses (the handler is not taking
 /// messages); TCP flow control then slows the peer down.
 const MAX_UNPARSED_INPUT: usize = 256 * 1024;
-
-/// Driver polls in a row in which the handler stayed pending and no read or write
-/// completed, after which the handler is paused for [`YIELD_PAUSE`]. tokio-uring 0.5
-/// hands queued reads and writes to the kernel only when the core's thread parks, and a
-/// handler that keeps yielding (`yield_now` in a loop) keeps it from parking, stalling
-/// every connection's I/O on the core; the pause lets the thread park.
-const YIELD_BUDGET: u16 = 64;
-/// How long a handler over [`YIELD_BUDGET`] is left unpolled.
-const YIELD_PAUSE: Duration = Duration::from_millis(1);
 
 type WriteFuture = Pin<Box<dyn Future<Output = (io::Result<()>, Vec<Bytes>)>>>;
 
@@ -70,10 +58,6 @@ pub(crate) struct Driver {
     bufs: ReadBufs,
     read: Option<ReadFuture>,
     write: Option<WriteFuture>,
-    /// Polls in a row without I/O progress while the handler stayed pending.
-    polls_without_io: u16,
-    /// Set while the handler is paused after [`YIELD_BUDGET`] such polls.
-    yield_pause: Option<Pin<Box<Sleep>>>,
     /// Chunks for the next write; the vector is reused between writes.
     iov: Vec<Bytes>,
     in_flight: usize,
@@ -116,8 +100,6 @@ impl Driver {
             bufs,
             read: None,
             write: None,
-            polls_without_io: 0,
-            yield_pause: None,
             iov: Vec::new(),
             in_flight: 0,
             timers,
@@ -144,7 +126,6 @@ impl Driver {
                     return Some(self.finish_on_eof());
                 }
                 Step::Read(Ok(n), buf) => {
-                    self.polls_without_io = 0;
                     self.timers.handle_bytes_received(Instant::now().into_std());
                     self.session
                         .state()
@@ -227,18 +208,7 @@ impl Driver {
         // before anything parsed after that message (such as a protocol error's Close).
         // Everything queued in this pass goes out in one write below.
         let mut delivered = false;
-        let paused = self
-            .yield_pause
-            .as_mut()
-            .is_some_and(|pause| pause.as_mut().poll(cx).is_pending());
-        if !paused {
-            self.yield_pause = None;
-        }
-        // A paused handler is not polled, and no new message is handed to it.
         loop {
-            if paused {
-                break;
-            }
             if let Some(handler) = self.handler.as_mut() {
                 match poll_handler(handler, cx) {
                     Polled::Pending => {}
@@ -284,7 +254,6 @@ impl Driver {
                 match write.as_mut().poll(cx) {
                     Poll::Ready((Ok(()), mut iov)) => {
                         self.session.state().borrow_mut().out.end_wait();
-                        self.polls_without_io = 0;
                         iov.clear();
                         self.iov = iov;
                         self.guard.ctx.metrics.bytes_out(self.in_flight);
@@ -328,17 +297,6 @@ impl Driver {
         if !self.timers.shutdown_seen() && (state.shutdown || self.guard.ctx.shutting_down.get()) {
             return Poll::Ready(Step::Shutdown);
         }
-        drop(state);
-        if !paused && self.handler.is_some() {
-            self.polls_without_io += 1;
-            if self.polls_without_io >= YIELD_BUDGET {
-                self.polls_without_io = 0;
-                let mut pause = Box::pin(sleep(YIELD_PAUSE));
-                // Registers the wake-up; a 1 ms sleep is not due yet.
-                let _ = pause.as_mut().poll(cx);
-                self.yield_pause = Some(pause);
-            }
-        }
         Poll::Pending
     }
 
@@ -363,7 +321,7 @@ impl Driver {
         self.in_flight = self.iov.iter().map(Bytes::len).sum();
         let iov = std::mem::take(&mut self.iov);
         let stream = self.guard.stream.clone();
-        self.write = Some(Box::pin(write_all_vectored(stream, iov)));
+        self.write = Some(Box::pin(async move { stream.writev(iov).await }));
         true
     }
 
@@ -560,38 +518,4 @@ impl Drop for Driver {
 
 fn log_protocol_error(peer: std::net::SocketAddr, error: ProtocolError) {
     tracing::info!(%peer, %error, "closing connection: protocol error");
-}
-
-/// Writes every chunk, continuing after partial writes, at most `IOV_MAX` chunks per
-/// system call. Gives back the emptied vector for reuse.
-async fn write_all_vectored(
-    stream: Rc<TcpStream>,
-    mut iov: Vec<Bytes>,
-) -> (io::Result<()>, Vec<Bytes>) {
-    const IOV_MAX: usize = 1024;
-    while !iov.is_empty() {
-        let tail = if iov.len() > IOV_MAX {
-            iov.split_off(IOV_MAX)
-        } else {
-            Vec::new()
-        };
-        let (result, mut head) = stream.writev(iov).await;
-        let mut written = match result {
-            Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), head),
-            Ok(n) => n,
-            Err(e) => return (Err(e), head),
-        };
-        let mut done = 0;
-        while done < head.len() && written >= head[done].len() {
-            written -= head[done].len();
-            done += 1;
-        }
-        if done < head.len() {
-            head[done].advance(written);
-        }
-        head.drain(..done);
-        head.extend(tail);
-        iov = head;
-    }
-    (Ok(()), iov)
 }

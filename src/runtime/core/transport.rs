@@ -37,7 +37,7 @@ pub(crate) trait Transport {
 
 /// The io_uring backend's socket, shared by the connection's driver (its reads and
 /// waiting writes) and its outbox (non-blocking writes).
-pub(crate) type Socket = Rc<tokio_uring::net::TcpStream>;
+pub(crate) type Socket = Rc<crate::runtime::uring::net::TcpStream>;
 
 impl Transport for Socket {
     fn key(&self) -> RawFd {
@@ -47,8 +47,8 @@ impl Transport for Socket {
     unsafe fn try_write(&self, key: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
         debug_assert_eq!(key, self.as_raw_fd());
         // SAFETY: `key` is the descriptor of the stream `self` points to (the caller's
-        // contract), which this `Rc` keeps alive for the whole call (tokio-uring closes
-        // it only when the stream is dropped); the borrow does not outlive this call.
+        // contract), which this `Rc` keeps alive for the whole call (it is closed
+        // only once the stream and its io_uring operations are gone); the borrow does not outlive this call.
         let fd = unsafe { BorrowedFd::borrow_raw(key) };
         let socket = SockRef::from(&fd);
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
