@@ -1,4 +1,11 @@
 //! The executor: dedicated OS threads fed by a bounded `crossbeam-channel`.
+//!
+//! A thread with no async job in flight blocks in the channel's `recv`. A thread with
+//! async jobs in flight runs them on its tokio runtime until it is woken, with no
+//! timer: each thread has a [`Notify`] in [`Shared`], and every send into the channel
+//! (a job, a stop message) and the shutdown's `abandon` flag are followed by a
+//! `notify_one` on every thread's `Notify`; the thread's own last async job, when it
+//! ends, notifies it too. See [`run`] for why no wake-up is lost.
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -14,11 +21,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use tokio::sync::Notify;
 
 use super::metrics::TaskMetrics;
-
-/// How often an executor thread with async jobs in flight looks for new jobs.
-const ASYNC_TICK: Duration = Duration::from_millis(1);
 
 /// Why a job was not queued. Either way it is counted in
 /// `ringsocket_tasks_rejected_total` and logged with its name.
@@ -78,15 +83,7 @@ impl Executor {
         let capacity = capacity.max(1);
         // Room for the stop messages beside a full queue.
         let (tx, rx) = crossbeam_channel::bounded(capacity + threads);
-        let shared = Arc::new(Shared {
-            capacity,
-            slots: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
-            abandon: AtomicBool::new(false),
-            last_warning: AtomicU64::new(0),
-            epoch: Instant::now(),
-            metrics: TaskMetrics::default(),
-        });
+        let shared = Arc::new(Shared::new(capacity, threads));
         let mut handles = Vec::with_capacity(threads);
         for index in 0..threads {
             let rx = rx.clone();
@@ -131,6 +128,7 @@ impl Executor {
             {
                 break;
             }
+            shared.wake_threads();
         }
         while !self.threads.iter().all(JoinHandle::is_finished) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
@@ -143,6 +141,7 @@ impl Executor {
         } else {
             // Busy threads see this before each job and skip the rest of the queue.
             shared.abandon.store(true, Ordering::SeqCst);
+            shared.wake_threads();
             abandoned += metrics.running();
         }
         // Jobs queued behind the stop messages (a race with `closed`) or not reached in time.
@@ -158,6 +157,7 @@ impl Executor {
         for _ in self.threads.iter().filter(|t| !t.is_finished()) {
             let _ = self.handle.tx.try_send(Message::Stop);
         }
+        shared.wake_threads();
         metrics.abandoned(abandoned);
         let report = DrainReport {
             finished: metrics.completed().saturating_sub(completed_before),
@@ -189,6 +189,7 @@ impl Drop for Executor {
         for _ in 0..self.threads.len() {
             let _ = self.handle.tx.try_send(Message::Stop);
         }
+        self.handle.shared.wake_threads();
     }
 }
 
@@ -274,13 +275,14 @@ impl TaskHandle {
         self.shared.slots.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Sends a job whose place was reserved. Never blocks.
+    /// Sends a job whose place was reserved, then wakes the executor threads that wait
+    /// on async jobs (a thread blocked in `recv` is woken by the channel). Never blocks.
     pub(crate) fn send_reserved(&self, mut job: Job) {
         let metrics = &self.shared.metrics;
         metrics.enqueued();
         job.queued_at = Instant::now();
         match self.tx.try_send(Message::Job(job)) {
-            Ok(()) => {}
+            Ok(()) => self.shared.wake_threads(),
             // The reservation makes room in the channel; only the stop messages can
             // take it, when shutdown has begun.
             Err(TrySendError::Full(Message::Job(job)))
@@ -372,10 +374,53 @@ struct Shared {
     last_warning: AtomicU64,
     epoch: Instant,
     metrics: TaskMetrics,
+    /// One per executor thread, by index: what the thread waits on while it has async
+    /// jobs in flight. Notified after every send into the channel and after `abandon`
+    /// is set ([`Shared::wake_threads`]), and by the thread's own last async job when it
+    /// ends.
+    wake: Box<[Notify]>,
 }
 
-/// One executor thread: runs jobs in queue order until it receives `Stop` and its async
-/// jobs are done.
+impl Shared {
+    fn new(capacity: usize, threads: usize) -> Self {
+        Self {
+            capacity,
+            slots: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
+            last_warning: AtomicU64::new(0),
+            epoch: Instant::now(),
+            metrics: TaskMetrics::default(),
+            wake: (0..threads).map(|_| Notify::new()).collect(),
+        }
+    }
+
+    /// Wakes every executor thread that waits on its async jobs, or, for one that does
+    /// not wait now, stores a permit that ends its next wait at once (at worst one
+    /// extra look at an empty channel). Called after the send or the store it announces.
+    /// Every thread, not one: a `notify_one` on a shared `Notify` could go to a thread
+    /// that is about to run a long sync job while another sits idle.
+    fn wake_threads(&self) {
+        for wake in &self.wake {
+            wake.notify_one();
+        }
+    }
+}
+
+/// One executor thread: runs jobs in queue order until it receives `Stop` (or every
+/// sender is gone) and its async jobs are done.
+///
+/// With no async job in flight it blocks in `rx.recv()`. With some in flight it takes
+/// what the channel has with `try_recv`, and when that finds it empty it runs the
+/// async jobs until its `Notify` (`shared.wake[index]`) fires: a sender sends, then
+/// notifies; the loop looks at the channel, then waits. `notify_one` stores a permit
+/// when the thread is not yet waiting, so a send that comes after the empty
+/// `try_recv` always ends the wait that follows it. Whenever the loop looks at
+/// `abandon` the same holds (the store, then the notify). The wrapper of each async
+/// job notifies the thread when the last one in flight ends, so that it goes back to
+/// `recv`, or stops. When every sender is gone (`Disconnected`) the thread is
+/// stopping: it runs the jobs in flight until the last one ends, and is woken only
+/// then (or for `abandon`), never by a timer.
 fn run(index: usize, rx: Receiver<Message>, shared: Arc<Shared>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -392,6 +437,7 @@ fn run(index: usize, rx: Receiver<Message>, shared: Arc<Shared>) {
     let _context = runtime.enter();
     let local = tokio::task::LocalSet::new();
     let in_flight = Rc::new(Cell::new(0usize));
+    let wake = &shared.wake[index];
     let mut stopping = false;
     loop {
         let message = if in_flight.get() == 0 {
@@ -408,13 +454,11 @@ fn run(index: usize, rx: Receiver<Message>, shared: Arc<Shared>) {
             }
             match rx.try_recv() {
                 Ok(message) => message,
-                Err(TryRecvError::Empty) => {
-                    runtime.block_on(local.run_until(tokio::time::sleep(ASYNC_TICK)));
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => {
-                    stopping = true;
-                    runtime.block_on(local.run_until(tokio::time::sleep(ASYNC_TICK)));
+                Err(empty_or_gone) => {
+                    // Gone: no job or stop message can come; the jobs in flight end
+                    // the wait when the last one does.
+                    stopping |= empty_or_gone == TryRecvError::Disconnected;
+                    runtime.block_on(local.run_until(wake.notified()));
                     continue;
                 }
             }
@@ -451,6 +495,9 @@ fn run(index: usize, rx: Receiver<Message>, shared: Arc<Shared>) {
                         tracing::error!(thread = index, job = %name, panic = %message, "background job panicked");
                     }
                     in_flight.set(in_flight.get() - 1);
+                    if in_flight.get() == 0 {
+                        shared.wake[index].notify_one();
+                    }
                 });
             }
         }
@@ -500,4 +547,278 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crossbeam_channel::{bounded, unbounded};
+    use tokio::sync::oneshot;
+
+    /// The longest any single wait may take before the test fails.
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    /// How long a test leaves an executor thread waiting on an async job before it
+    /// counts the thread's wake-ups. A thread polling with a 1 ms sleep wakes some 90
+    /// to 100 times over it (tokio's timer rounds the sleep up to about 2 ms), fewer
+    /// only on a machine too loaded to run it.
+    const HOLD: Duration = Duration::from_millis(200);
+
+    /// The most wake-ups (voluntary context switches) a waiting thread may have over
+    /// `HOLD`. Woken only by sends, it has none; a few are allowed for what the
+    /// kernel or the allocator may do.
+    const MOST_WAKE_UPS: u64 = 20;
+
+    /// An async job in flight, waiting on a job queued after it: the thread takes the
+    /// second job while the first waits, and both end.
+    #[test]
+    fn a_job_queued_while_an_async_job_waits_is_taken() {
+        let executor = Executor::start(1, 16).unwrap();
+        let tasks = executor.handle();
+        let (done_tx, done) = unbounded();
+        let (release, wait) = oneshot::channel::<()>();
+        let (started_tx, started) = bounded(1);
+        let first_done = done_tx.clone();
+        tasks
+            .spawn_async("waits", async move {
+                started_tx.send(()).unwrap();
+                let _ = wait.await;
+                first_done.send("first").unwrap();
+            })
+            .unwrap();
+        started.recv_timeout(PATIENCE).unwrap();
+        let second_done = done_tx.clone();
+        tasks
+            .spawn_async("releases", async move {
+                release.send(()).unwrap();
+                second_done.send("second").unwrap();
+            })
+            .unwrap();
+        tasks
+            .spawn("sync", move || done_tx.send("sync").unwrap())
+            .unwrap();
+        let mut ended: Vec<_> = (0..3)
+            .map(|_| done.recv_timeout(PATIENCE).unwrap())
+            .collect();
+        ended.sort_unstable();
+        assert_eq!(ended, ["first", "second", "sync"]);
+        let report = executor.shutdown(PATIENCE);
+        assert_eq!(report.abandoned, 0, "{report:?}");
+        assert_eq!(tasks.metrics().done(), 3);
+        assert_eq!(tasks.metrics().running(), 0);
+    }
+
+    /// A thread whose only job is an async one waiting on a channel sleeps until the
+    /// channel delivers: it does not wake up to look at its queue (a polling loop
+    /// would, about once per millisecond), and it takes no CPU.
+    #[test]
+    fn a_thread_waiting_on_an_async_job_sleeps_until_woken() {
+        let executor = Executor::start(1, 16).unwrap();
+        let tasks = executor.handle();
+        let tid = executor_tid(&tasks);
+        let (release, wait) = oneshot::channel::<()>();
+        let (started_tx, started) = bounded(1);
+        let (done_tx, done) = bounded(1);
+        tasks
+            .spawn_async("waits", async move {
+                started_tx.send(()).unwrap();
+                let _ = wait.await;
+                done_tx.send(()).unwrap();
+            })
+            .unwrap();
+        started.recv_timeout(PATIENCE).unwrap();
+        let (wake_ups, cpu) = idle_for(tid, HOLD);
+        release.send(()).unwrap();
+        done.recv_timeout(PATIENCE).unwrap();
+        assert!(wake_ups <= MOST_WAKE_UPS, "{wake_ups} wake-ups in {HOLD:?}");
+        assert!(cpu < HOLD / 2, "{cpu:?} of CPU in {HOLD:?}");
+        // And a job queued now is still taken at once.
+        let (ran_tx, ran) = bounded(1);
+        tasks
+            .spawn("after", move || ran_tx.send(()).unwrap())
+            .unwrap();
+        ran.recv_timeout(PATIENCE).unwrap();
+        let report = executor.shutdown(PATIENCE);
+        assert_eq!(report.abandoned, 0, "{report:?}");
+    }
+
+    /// Every sender gone while an async job waits: the thread neither spins nor
+    /// polls while the job waits, and ends when the job does (no stop message).
+    #[test]
+    fn with_every_sender_gone_the_thread_ends_with_its_last_async_job() {
+        let shared = Arc::new(Shared::new(4, 1));
+        let (tx, rx) = bounded(5);
+        let tasks = TaskHandle {
+            tx,
+            shared: shared.clone(),
+        };
+        let (ended_tx, ended) = bounded(1);
+        let thread_shared = shared.clone();
+        let thread = std::thread::spawn(move || {
+            run(0, rx, thread_shared);
+            ended_tx.send(()).unwrap();
+        });
+        let tid = executor_tid(&tasks);
+        let (release, wait) = oneshot::channel::<()>();
+        let (started_tx, started) = bounded(1);
+        let (done_tx, done) = bounded(1);
+        tasks
+            .spawn_async("waits", async move {
+                started_tx.send(()).unwrap();
+                let _ = wait.await;
+                done_tx.send(()).unwrap();
+            })
+            .unwrap();
+        started.recv_timeout(PATIENCE).unwrap();
+        drop(tasks);
+        // Woken once with no sender left, the thread sees `Disconnected`.
+        shared.wake_threads();
+        let (wake_ups, cpu) = idle_for(tid, HOLD);
+        assert_eq!(ended.try_recv(), Err(TryRecvError::Empty));
+        release.send(()).unwrap();
+        done.recv_timeout(PATIENCE).unwrap();
+        ended.recv_timeout(PATIENCE).unwrap();
+        thread.join().unwrap();
+        assert!(wake_ups <= MOST_WAKE_UPS, "{wake_ups} wake-ups in {HOLD:?}");
+        assert!(cpu < HOLD / 2, "{cpu:?} of CPU in {HOLD:?}");
+        assert_eq!(shared.metrics.done(), 2);
+    }
+
+    /// Shutdown while an async job waits on a channel: the stop message wakes the
+    /// thread, which keeps running the job, and the thread ends as soon as the job
+    /// does (long before the deadline).
+    #[test]
+    fn shutdown_drains_an_async_job_waiting_on_a_channel() {
+        let executor = Executor::start(1, 16).unwrap();
+        let tasks = executor.handle();
+        let (release, wait) = oneshot::channel::<()>();
+        let (started_tx, started) = bounded(1);
+        let (done_tx, done) = bounded(1);
+        tasks
+            .spawn_async("waits", async move {
+                started_tx.send(()).unwrap();
+                let _ = wait.await;
+                done_tx.send(()).unwrap();
+            })
+            .unwrap();
+        started.recv_timeout(PATIENCE).unwrap();
+        let rx = executor.rx.clone();
+        let timeout = 4 * PATIENCE;
+        let shutdown = std::thread::spawn(move || executor.shutdown(timeout));
+        let deadline = Instant::now() + PATIENCE;
+        while tasks.spawn("probe", || {}) != Err(SpawnError::ShuttingDown) {
+            assert!(Instant::now() < deadline, "shutdown never started");
+            std::thread::yield_now();
+        }
+        // The stop message follows at once; give the thread time to take it, so that
+        // the job ends on a stopping thread. (Were it slower than that, the job would
+        // end first and the thread would take the stop message from `recv`: the test
+        // would still pass, on the other path.)
+        let deadline = Instant::now() + PATIENCE;
+        while !rx.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the stop message was never taken"
+            );
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let released = Instant::now();
+        release.send(()).unwrap();
+        done.recv_timeout(PATIENCE).unwrap();
+        let report = shutdown.join().unwrap();
+        let took = released.elapsed();
+        assert_eq!(report.abandoned, 0, "{report:?}");
+        // The job, and any probe queued before the shutdown began.
+        assert!(report.finished >= 1, "{report:?}");
+        // Generous: a thread that missed the end of its job would hold shutdown to
+        // its deadline, four times this.
+        assert!(
+            took < PATIENCE,
+            "shutdown took {took:?} after the job ended"
+        );
+    }
+
+    /// An async job still waiting at the shutdown deadline is abandoned: `abandon`
+    /// wakes its thread, which stops and drops the job (here its sender, which the
+    /// test sees disconnect) instead of waiting for it.
+    #[test]
+    fn shutdown_abandons_an_async_job_still_waiting_at_the_deadline() {
+        let executor = Executor::start(1, 16).unwrap();
+        let tasks = executor.handle();
+        let (_release, wait) = oneshot::channel::<()>();
+        let (started_tx, started) = bounded(1);
+        let (done_tx, done) = bounded::<()>(1);
+        tasks
+            .spawn_async("waits-forever", async move {
+                started_tx.send(()).unwrap();
+                let _ = wait.await;
+                done_tx.send(()).unwrap();
+            })
+            .unwrap();
+        started.recv_timeout(PATIENCE).unwrap();
+        let report = executor.shutdown(Duration::from_millis(100));
+        assert_eq!(
+            report,
+            DrainReport {
+                finished: 0,
+                abandoned: 1
+            }
+        );
+        assert_eq!(
+            done.recv_timeout(PATIENCE),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+        );
+    }
+
+    /// The kernel's id of the executor thread behind `tasks` (the only one).
+    fn executor_tid(tasks: &TaskHandle) -> u32 {
+        let (tx, rx) = bounded(1);
+        tasks
+            .spawn("tid", move || {
+                let link = std::fs::read_link("/proc/thread-self").unwrap();
+                let tid = link.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                tx.send(tid).unwrap();
+            })
+            .unwrap();
+        rx.recv_timeout(PATIENCE).unwrap()
+    }
+
+    /// Sleeps for `hold` and returns how many times thread `tid` went to sleep and
+    /// woke up meanwhile (its voluntary context switches) and the CPU it used.
+    fn idle_for(tid: u32, hold: Duration) -> (u64, Duration) {
+        let (switches, ticks) = thread_stats(tid);
+        std::thread::sleep(hold);
+        let (switches_after, ticks_after) = thread_stats(tid);
+        // SAFETY: sysconf(3) reads only its integer argument.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let hz = u64::try_from(hz).unwrap().max(1);
+        let cpu = Duration::from_millis((ticks_after - ticks) * 1000 / hz);
+        (switches_after - switches, cpu)
+    }
+
+    /// Thread `tid`'s voluntary context switches and its user plus system time in
+    /// clock ticks, from `/proc`.
+    fn thread_stats(tid: u32) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        let switches = status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // After the command name in parentheses: field 3 (state) onwards; utime and
+        // stime are fields 14 and 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        (switches, ticks)
+    }
 }

@@ -25,8 +25,9 @@
 //!   abandoned.
 //!
 //! Async jobs run on a current-thread tokio runtime owned by each executor thread. While
-//! one is waiting, the thread checks the queue for new jobs every millisecond; a sync
-//! job runs to completion before the thread polls async jobs again.
+//! one is waiting, the thread sleeps until a job (or the shutdown) is sent to the queue
+//! or its last async job ends, with no polling timer; a sync job runs to completion
+//! before the thread polls async jobs again.
 
 mod background;
 mod executor;
