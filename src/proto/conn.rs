@@ -46,6 +46,16 @@ use super::limits::Limits;
 use super::mask::apply_mask;
 use super::utf8::{Utf8Bytes, Utf8Validator};
 
+/// The largest data frame this end sends: longer messages go out in fragments (RFC
+/// 6455 §5.4), so that the rest of a frame in flight always fits the output queue's
+/// bookkeeping.
+pub const MAX_OUT_FRAME: usize = 1 << 30;
+
+/// `n`, or `u32::MAX` if it is larger (never for frames of at most [`MAX_OUT_FRAME`]).
+fn clamp_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// Which end of the connection this is. It decides masking (RFC 6455 §5.1, §5.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -182,6 +192,13 @@ pub struct Connection {
     out_tail: BytesMut,
     /// Bytes in `output` and `out_tail`.
     output_len: usize,
+    /// Bytes at the front of the queue that finish what the transport took in part (a
+    /// frame, or raw bytes queued first such as the 101): nothing goes before them.
+    /// (u32: data frames are at most [`MAX_OUT_FRAME`] bytes.)
+    front_rest: u32,
+    /// Pings and Pongs queued ahead of the data, one chunk each, in `output` right
+    /// after the `front_rest` bytes.
+    controls: u16,
     /// Masking keys for the client role (RFC 6455 §5.3: unpredictable per frame).
     /// Boxed: a server connection does not pay for the generator's state.
     mask_rng: Option<Box<ChaCha8Rng>>,
@@ -246,6 +263,8 @@ impl Connection {
             output: VecDeque::new(),
             out_tail: BytesMut::new(),
             output_len: 0,
+            front_rest: 0,
+            controls: 0,
             mask_rng,
         }
     }
@@ -692,7 +711,7 @@ impl Connection {
                     let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
                     let payload = &mut payload[..end - start];
                     payload.copy_from_slice(&self.input[start..end]);
-                    self.queue_frame(OpCode::Pong, true, payload);
+                    self.queue_control(OpCode::Pong, payload);
                 }
                 Ok(Some(Decoded::InInput {
                     kind: Kind::Ping,
@@ -780,15 +799,37 @@ impl Connection {
     /// writes as the frames behind them.
     pub fn send_raw_first(&mut self, bytes: Bytes) {
         self.output_len += bytes.len();
+        // Ahead of Pings and Pongs too: they follow once these bytes are out.
+        self.add_front_rest(bytes.len());
         self.output.push_front(bytes);
     }
 
-    /// Queues a Ping with `payload` (at most 125 bytes).
+    /// Queues `bytes`, the rest of frames encoded elsewhere (as [`send_frame`]'s) of
+    /// which the transport took the first part: their first `frame_rest` bytes finish
+    /// a frame already partly written, whole frames follow. Nothing may be queued
+    /// ahead of them (the part written was the last thing taken); a Ping or Pong
+    /// queued later goes after the `frame_rest` bytes.
+    ///
+    /// [`send_frame`]: Connection::send_frame
+    pub fn send_frame_rest(&mut self, bytes: Bytes, frame_rest: usize) {
+        debug_assert_eq!(self.output_len, 0, "the rest of a frame goes first");
+        debug_assert_eq!(self.role, Role::Server, "a shared frame is unmasked");
+        if !self.out_tail.is_empty() {
+            self.output.push_back(self.out_tail.split().freeze());
+        }
+        self.add_front_rest(frame_rest.min(bytes.len()));
+        self.output_len += bytes.len();
+        self.output.push_back(bytes);
+    }
+
+    /// Queues a Ping with `payload` (at most 125 bytes), ahead of the data frames
+    /// queued and not yet begun (see [`Connection::poll_transmit`]).
     pub fn ping(&mut self, payload: &[u8]) -> Result<(), SendError> {
         self.send_control(OpCode::Ping, payload)
     }
 
-    /// Queues an unsolicited Pong with `payload` (RFC 6455 §5.5.3: a heartbeat).
+    /// Queues an unsolicited Pong with `payload` (RFC 6455 §5.5.3: a heartbeat), ahead
+    /// of the data frames queued and not yet begun.
     pub fn pong(&mut self, payload: &[u8]) -> Result<(), SendError> {
         self.send_control(OpCode::Pong, payload)
     }
@@ -809,11 +850,22 @@ impl Connection {
 
     /// The next bytes to write to the transport, in order; `None` when all is written.
     /// Small frames queued back to back come out as one buffer.
+    ///
+    /// The order: first the rest of whatever the transport took in part (a frame is
+    /// never interleaved), then Pings and Pongs (a heartbeat or a Pong is not stuck
+    /// behind megabytes of data; RFC 6455 §5.4 lets control frames go between the
+    /// frames of a message), then data frames and Close frames in the order they were
+    /// queued (a Close never overtakes the data queued before it, §5.5.1).
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        let len = match self.output.front() {
+            Some(chunk) => chunk.len(),
+            None if !self.out_tail.is_empty() => self.out_tail.len(),
+            None => return None,
+        };
+        self.note_taken(len);
         let chunk = match self.output.pop_front() {
             Some(chunk) => chunk,
-            None if !self.out_tail.is_empty() => self.out_tail.split().freeze(),
-            None => return None,
+            None => self.out_tail.split().freeze(),
         };
         self.output_len -= chunk.len();
         Some(chunk)
@@ -826,6 +878,8 @@ impl Connection {
             out.push(self.out_tail.split().freeze());
         }
         self.output_len = 0;
+        self.front_rest = 0;
+        self.controls = 0;
     }
 
     /// The queued output as slices, in order, for a vectored write made by the caller
@@ -853,6 +907,7 @@ impl Connection {
     /// rest at the front.
     pub fn advance_transmit(&mut self, mut written: usize) {
         written = written.min(self.output_len);
+        self.note_taken(written);
         self.output_len -= written;
         while written > 0 {
             let Some(front) = self.output.front_mut() else {
@@ -873,20 +928,158 @@ impl Connection {
         self.output_len
     }
 
-    /// Drops every frame queued and not yet taken by `poll_transmit`/`drain_transmit`,
-    /// e.g. the backlog of a slow consumer before closing it. Whole frames only: what was
-    /// taken already is not affected.
+    /// Drops every frame queued and not yet begun, e.g. the backlog of a slow consumer
+    /// before closing it. Whole frames only: the rest of a frame the transport took in
+    /// part, and the Pings and Pongs queued, stay.
     pub fn discard_output(&mut self) {
-        self.output.clear();
+        let keep = self.control_slot();
+        self.output.truncate(keep);
         self.out_tail.clear();
-        self.output_len = 0;
+        self.output_len = self.output.iter().map(Bytes::len).sum();
+    }
+
+    /// The chunk at `index` of the queue (`out_tail` after the last of `output`).
+    fn queued_chunk(&self, index: usize) -> &[u8] {
+        self.output
+            .get(index)
+            .map_or(&self.out_tail[..], |chunk| &chunk[..])
+    }
+
+    /// Accounts for the first `taken` bytes of the queue leaving it (called before
+    /// they are dropped): what they finish of `front_rest`, the Pings and Pongs among
+    /// them, and, when they end inside a frame, that frame's rest as the new
+    /// `front_rest` (its length read from its header, which the queue still holds).
+    fn note_taken(&mut self, taken: usize) {
+        if taken >= self.output_len {
+            self.front_rest = 0;
+            self.controls = 0;
+            return;
+        }
+        let step = taken.min(self.front_rest as usize);
+        self.front_rest -= step as u32;
+        if self.front_rest > 0 {
+            return;
+        }
+        let mut left = taken - step;
+        // Where the queue's front is, as (chunk, offset), `step` bytes in.
+        let (mut index, mut offset) = (0, step);
+        while offset > 0 && offset >= self.queued_chunk(index).len() {
+            offset -= self.queued_chunk(index).len();
+            index += 1;
+        }
+        // Pings and Pongs: whole chunks, right here (`control_slot` split the chunk
+        // where they were inserted).
+        while self.controls > 0 && left > 0 {
+            let len = self.queued_chunk(index).len();
+            self.controls -= 1;
+            if left < len {
+                self.front_rest = clamp_u32(len - left);
+                return;
+            }
+            left -= len;
+            index += 1;
+        }
+        // Data frames, from a frame boundary: each header says how far its frame goes.
+        while left > 0 {
+            let header = FrameHeader::parse(&self.queued_chunk(index)[offset..]);
+            let Ok(Some((header, header_len))) = header else {
+                // Not a frame we queued (cannot happen): keep everything left in order.
+                self.front_rest = clamp_u32(self.output_len - taken);
+                return;
+            };
+            let frame = usize::try_from(header.payload_len)
+                .ok()
+                .and_then(|payload| payload.checked_add(header_len))
+                .unwrap_or(usize::MAX);
+            if left < frame {
+                self.front_rest = clamp_u32(frame - left);
+                return;
+            }
+            left -= frame;
+            let mut skip = frame;
+            while skip > 0 {
+                let rest_of_chunk = self.queued_chunk(index).len() - offset;
+                if skip < rest_of_chunk {
+                    offset += skip;
+                    break;
+                }
+                skip -= rest_of_chunk;
+                index += 1;
+                offset = 0;
+            }
+        }
+    }
+
+    /// The index in `output` where the next Ping or Pong goes: after the `front_rest`
+    /// bytes and the Pings and Pongs already queued. Where that place falls inside a
+    /// chunk, the chunk is split there (or `out_tail` moved into `output` first).
+    fn control_slot(&mut self) -> usize {
+        let mut rest = self.front_rest as usize;
+        let mut index = 0;
+        while rest > 0 {
+            if index == self.output.len() {
+                if self.out_tail.is_empty() {
+                    break;
+                }
+                self.output.push_back(self.out_tail.split().freeze());
+            }
+            let len = self.output[index].len();
+            if rest < len {
+                let head = self.output[index].split_to(rest);
+                self.output.insert(index, head);
+                index += 1;
+                break;
+            }
+            rest -= len;
+            index += 1;
+        }
+        (index + self.controls as usize).min(self.output.len())
+    }
+
+    /// Queues a Ping or Pong ahead of the data not yet begun.
+    fn queue_control(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mask = self
+            .mask_rng
+            .as_mut()
+            .map(|rng| rng.next_u32().to_ne_bytes());
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode,
+            mask,
+            payload_len: payload.len() as u64,
+        };
+        let mut frame = BytesMut::with_capacity(header.len() + payload.len());
+        header.encode(&mut frame);
+        let start = frame.len();
+        frame.extend_from_slice(payload);
+        if let Some(key) = mask {
+            apply_mask(&mut frame[start..], key, 0);
+        }
+        if self.controls == u16::MAX {
+            // 65,535 Pings and Pongs waiting already: this one waits its turn.
+            self.queue_frame(opcode, true, payload);
+            return;
+        }
+        let at = self.control_slot();
+        self.output_len += frame.len();
+        self.output.insert(at, frame.freeze());
+        self.controls += 1;
+    }
+
+    fn add_front_rest(&mut self, bytes: usize) {
+        self.front_rest = clamp_u32(self.front_rest as usize + bytes);
     }
 
     fn send_data(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
         if self.state != CloseState::Open {
             return Err(SendError::Closed);
         }
-        let fragment = self.limits.fragment_size.unwrap_or(usize::MAX).max(1);
+        let fragment = self
+            .limits
+            .fragment_size
+            .unwrap_or(usize::MAX)
+            .clamp(1, MAX_OUT_FRAME);
         if payload.len() <= fragment {
             self.queue_data_frame(opcode, true, payload);
             return Ok(());
@@ -909,7 +1102,7 @@ impl Connection {
         if self.state != CloseState::Open {
             return Err(SendError::Closed);
         }
-        self.queue_frame(opcode, true, payload);
+        self.queue_control(opcode, payload);
         Ok(())
     }
 

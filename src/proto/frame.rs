@@ -217,6 +217,20 @@ pub fn split_unmasked_frame(frame: &Bytes) -> Option<(OpCode, Bytes)> {
     Some((header.opcode, frame.slice(header_len..)))
 }
 
+/// How many bytes of the frame that byte `offset` of `frames` falls in come from
+/// `offset` on (0 when `offset` is where a frame starts), for `frames` that start
+/// with a frame header and hold whole frames back to back (a broadcast feed's frames).
+/// `None` when a header on the way does not parse.
+pub fn frame_rest(frames: &[u8], offset: usize) -> Option<usize> {
+    let mut at = 0usize;
+    while at < offset {
+        let (header, header_len) = FrameHeader::parse(frames.get(at..)?).ok()??;
+        let payload = usize::try_from(header.payload_len).ok()?;
+        at = at.checked_add(header_len)?.checked_add(payload)?;
+    }
+    Some(at - offset)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,5 +442,31 @@ mod tests {
         len.extend_from_slice(&(1u64 << 63).to_be_bytes());
         assert_eq!(split_unmasked_frame(&frame(0x82, &len, b"")), None);
         assert_eq!(split_unmasked_frame(&Bytes::new()), None);
+    }
+
+    /// `frame_rest` walks the headers: 0 at each frame's start, the bytes left of the
+    /// frame anywhere inside it, across 7-bit and 16-bit lengths.
+    #[test]
+    fn frame_rest_finds_the_end_of_the_frame_an_offset_is_in() {
+        let mut frames = Vec::new();
+        let mut starts = Vec::new();
+        for len in [3usize, 0, 200, 1] {
+            starts.push(frames.len());
+            header(OpCode::Binary, len as u64, None).encode(&mut frames);
+            frames.extend(std::iter::repeat_n(7u8, len));
+        }
+        starts.push(frames.len());
+        for pair in starts.windows(2) {
+            let (start, end) = (pair[0], pair[1]);
+            assert_eq!(frame_rest(&frames, start), Some(0));
+            for offset in start + 1..end {
+                assert_eq!(
+                    frame_rest(&frames, offset),
+                    Some(end - offset),
+                    "at {offset}"
+                );
+            }
+        }
+        assert_eq!(frame_rest(&[0x82, 0x7e], 1), None, "a cut header");
     }
 }

@@ -2,6 +2,7 @@
 //! RFC 6455 that it enforces.
 
 use super::*;
+use crate::proto::frame::frame_rest;
 
 const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
@@ -781,6 +782,199 @@ fn discarded_output_leaves_only_later_frames() {
     assert_eq!(frames.len(), 1);
     assert_eq!(frames[0].0, OpCode::Close);
     assert_eq!(&frames[0].2[..2], &1013u16.to_be_bytes());
+}
+
+// ---- control frames first -------------------------------------------------------------
+
+/// Writes `take` bytes of what is queued, as a caller writing the slices would.
+fn write_part(conn: &mut Connection, take: usize) -> Vec<u8> {
+    let mut slices = [IoSlice::new(&[]); 16];
+    let n = conn.transmit_slices(&mut slices);
+    let flat: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+    let take = take.min(flat.len());
+    conn.advance_transmit(take);
+    flat[..take].to_vec()
+}
+
+fn opcodes(bytes: &[u8]) -> Vec<OpCode> {
+    server_frames(bytes).into_iter().map(|f| f.0).collect()
+}
+
+/// A Ping or Pong goes ahead of the data frames queued and not yet begun: a heartbeat
+/// is not stuck behind a backlog (RFC 6455 §5.4 lets control frames in anywhere
+/// between frames). Among themselves they keep their order.
+#[test]
+fn pings_and_pongs_go_ahead_of_data_not_yet_begun() {
+    let mut conn = server();
+    conn.send_text("a").unwrap();
+    conn.send_binary(Bytes::from(vec![5u8; 4096])).unwrap();
+    conn.send_text("b").unwrap();
+    conn.ping(b"1").unwrap();
+    conn.pong(b"2").unwrap();
+    let frames = server_frames(&output(&mut conn));
+    assert_eq!(frames[0], (OpCode::Ping, true, b"1".to_vec()));
+    assert_eq!(frames[1], (OpCode::Pong, true, b"2".to_vec()));
+    assert_eq!(
+        frames[2..].iter().map(|f| f.0).collect::<Vec<_>>(),
+        [OpCode::Text, OpCode::Binary, OpCode::Text]
+    );
+}
+
+/// The Pong that answers a Ping (RFC 6455 §5.5.2) is queued ahead of the data too.
+#[test]
+fn the_pong_answering_a_ping_overtakes_queued_data() {
+    let mut conn = server();
+    conn.send_binary(Bytes::from(vec![1u8; 100_000])).unwrap();
+    conn.handle_bytes(&client(0x9, b"hb"));
+    assert!(matches!(events(&mut conn)[..], [Ok(Event::Ping(_))]));
+    let frames = server_frames(&output(&mut conn));
+    assert_eq!(frames[0], (OpCode::Pong, true, b"hb".to_vec()));
+    assert_eq!(frames[1].0, OpCode::Binary);
+}
+
+/// A frame the transport took in part is finished first: a Ping never lands inside
+/// it, wherever the write stopped (in the header, in the payload, at the chunk
+/// boundary between a large frame's header and payload, inside the coalesced tail).
+#[test]
+fn a_ping_waits_for_the_frame_written_in_part() {
+    let queue = || {
+        let mut conn = server();
+        conn.send_text("a").unwrap();
+        conn.send_binary(Bytes::from(vec![5u8; 4096])).unwrap();
+        conn.send_frame(encode_server_frame(OpCode::Text, b"shared"))
+            .unwrap();
+        conn.send_text("tail one").unwrap();
+        conn.send_text("tail two").unwrap();
+        conn
+    };
+    let total = queue().pending_output();
+    for cut in 1..total {
+        let mut conn = queue();
+        let mut wire = write_part(&mut conn, cut);
+        conn.ping(b"p").unwrap();
+        wire.extend(output(&mut conn));
+        let ops = opcodes(&wire);
+        assert_eq!(ops.len(), 6, "cut at {cut}");
+        let ping = ops.iter().position(|&op| op == OpCode::Ping).unwrap();
+        let data: Vec<_> = ops.iter().filter(|&&op| op != OpCode::Ping).collect();
+        assert_eq!(data.len(), 5, "cut at {cut}");
+        // Right after the frame the cut fell in (or at once, at a frame boundary).
+        let begun = frame_rest(&wire, cut).unwrap();
+        let frames_before = server_frames(&wire[..cut + begun]).len();
+        assert_eq!(ping, frames_before, "cut at {cut}");
+    }
+}
+
+/// A Close keeps its place behind the data queued before it (RFC 6455 §5.5.1: no data
+/// after a Close), and a Ping queued before it still goes first.
+#[test]
+fn a_close_stays_behind_the_data_queued_before_it() {
+    let mut conn = server();
+    conn.send_text("last words").unwrap();
+    conn.ping(b"").unwrap();
+    conn.close(CloseCode::Normal, "bye").unwrap();
+    assert_eq!(
+        opcodes(&output(&mut conn)),
+        [OpCode::Ping, OpCode::Text, OpCode::Close]
+    );
+}
+
+/// Raw bytes queued first (the 101) stay first, ahead of a Ping queued before them.
+#[test]
+fn a_ping_never_goes_ahead_of_the_101() {
+    let head: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+    let mut conn = server();
+    conn.send_text("early").unwrap();
+    conn.ping(b"x").unwrap();
+    conn.send_raw_first(Bytes::from_static(head));
+    conn.ping(b"y").unwrap();
+    let out = output(&mut conn);
+    assert!(out.starts_with(head));
+    let frames = server_frames(&out[head.len()..]);
+    assert_eq!(frames[0], (OpCode::Ping, true, b"x".to_vec()));
+    assert_eq!(frames[1], (OpCode::Ping, true, b"y".to_vec()));
+    assert_eq!(frames[2].0, OpCode::Text);
+}
+
+/// The rest of a shared frame the socket took in part goes first; a Pong queued after
+/// it goes right behind that frame, ahead of the whole frames after it.
+#[test]
+fn the_rest_of_a_frame_goes_ahead_of_a_later_pong() {
+    let mut frames = encode_server_frame(OpCode::Text, b"first frame").to_vec();
+    frames.extend_from_slice(&encode_server_frame(OpCode::Text, b"second"));
+    let skip = 5;
+    let mut conn = server();
+    conn.send_frame_rest(
+        Bytes::copy_from_slice(&frames[skip..]),
+        frame_rest(&frames, skip).unwrap(),
+    );
+    conn.pong(b"p").unwrap();
+    let mut wire = frames[..skip].to_vec();
+    wire.extend(output(&mut conn));
+    let got = server_frames(&wire);
+    assert_eq!(got[0].2, b"first frame");
+    assert_eq!(got[1], (OpCode::Pong, true, b"p".to_vec()));
+    assert_eq!(got[2].2, b"second");
+}
+
+/// Dropping a slow consumer's backlog keeps the rest of a frame written in part and
+/// the Pings queued: the stream stays whole.
+#[test]
+fn discarding_the_backlog_keeps_the_frame_written_in_part() {
+    let mut conn = server();
+    conn.send_binary(Bytes::from(vec![1u8; 5000])).unwrap();
+    conn.send_text("queued").unwrap();
+    let mut wire = write_part(&mut conn, 1000);
+    conn.ping(b"p").unwrap();
+    conn.discard_output();
+    conn.close(CloseCode::Again, "slow consumer").unwrap();
+    wire.extend(output(&mut conn));
+    assert_eq!(
+        opcodes(&wire),
+        [OpCode::Binary, OpCode::Ping, OpCode::Close]
+    );
+}
+
+proptest::proptest! {
+    /// Whatever mix of data, shared frames, Pings, partial writes and chunk-by-chunk
+    /// takes: the bytes out are whole frames (a Ping never lands inside one), the data
+    /// frames in the order queued and the Pings in theirs.
+    #[test]
+    fn any_mix_of_writes_and_pings_keeps_the_stream_whole(
+        ops in proptest::collection::vec((0u8..6, 0usize..6000), 1..40)
+    ) {
+        let mut conn = server();
+        let mut wire = Vec::new();
+        let (mut data, mut pings) = (0u32, 0u32);
+        for (op, n) in ops {
+            match op {
+                0 => { conn.send_text(data.to_string()).unwrap(); data += 1; }
+                1 => {
+                    let mut payload = data.to_string().into_bytes();
+                    payload.resize(n.max(8), b' ');
+                    conn.send_binary(Bytes::from(payload)).unwrap();
+                    data += 1;
+                }
+                2 => {
+                    conn.send_frame(encode_server_frame(OpCode::Text, data.to_string().as_bytes())).unwrap();
+                    data += 1;
+                }
+                3 => { conn.ping(pings.to_string().as_bytes()).unwrap(); pings += 1; }
+                4 => wire.extend(write_part(&mut conn, n)),
+                _ => if let Some(chunk) = conn.poll_transmit() { wire.extend_from_slice(&chunk) },
+            }
+        }
+        wire.extend(output(&mut conn));
+        let frames = server_frames(&wire);
+        let texts = |op: OpCode| -> Vec<u32> {
+            frames.iter().filter(|f| (f.0 == op) || (op == OpCode::Text && f.0 == OpCode::Binary))
+                .map(|f| String::from_utf8_lossy(&f.2).trim_end().parse().unwrap())
+                .collect()
+        };
+        proptest::prop_assert_eq!(texts(OpCode::Text), (0..data).collect::<Vec<_>>());
+        proptest::prop_assert_eq!(texts(OpCode::Ping), (0..pings).collect::<Vec<_>>());
+        proptest::prop_assert_eq!(conn.pending_output(), 0);
+    }
 }
 
 /// An idle server connection is small: the client role's generator is boxed.

@@ -41,6 +41,7 @@ use bytes::Bytes;
 
 use super::transport::Transport;
 use crate::metrics::WorkerMetrics;
+use crate::proto::frame::frame_rest;
 use crate::proto::{CloseState, Connection};
 
 /// Slices per write: Linux's `IOV_MAX`. A session with more queued chunks gets a
@@ -396,9 +397,16 @@ fn give<V: FeedView>(
     if frames == 0 || ended || skip >= owed.len() {
         return Given { frames, queued: 0 };
     }
-    let queued = conn
-        .send_frame(Bytes::copy_from_slice(&owed[skip..]))
-        .is_ok();
+    let rest = Bytes::copy_from_slice(&owed[skip..]);
+    let queued = if skip == 0 {
+        conn.send_frame(rest).is_ok()
+    } else {
+        // The socket took the first `skip` bytes: the rest of that frame goes first,
+        // whatever is queued later (a Pong) goes after it.
+        let frame_rest = frame_rest(owed, skip).unwrap_or(owed.len() - skip);
+        conn.send_frame_rest(rest, frame_rest);
+        true
+    };
     Given {
         frames,
         queued: if queued { frames } else { 0 },
