@@ -44,13 +44,7 @@ impl FromStr for SlowConsumerPolicy {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let normalized: String = s
-            .trim()
-            .chars()
-            .filter(|c| !matches!(c, '-' | '_'))
-            .collect::<String>()
-            .to_ascii_lowercase();
-        match normalized.as_str() {
+        match spelling(s).as_str() {
             "close1013" | "1013" => Ok(Self::Close1013),
             "close1008" | "1008" => Ok(Self::Close1008),
             _ => Err(format!("expected close-1013 or close-1008, got {s:?}")),
@@ -64,6 +58,60 @@ impl fmt::Display for SlowConsumerPolicy {
     }
 }
 
+/// `s` as a setting's keyword is compared: trimmed, lower case, without `-` and `_`.
+fn spelling(s: &str) -> String {
+    s.trim()
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_'))
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// Which I/O backend the workers run on.
+///
+/// Written `auto`, `io_uring` (also `io-uring`, `iouring`, `uring`) or `epoll`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IoBackend {
+    /// io_uring when this process can set up a ring, epoll otherwise (with one WARN
+    /// naming the cause and how to allow io_uring). The default.
+    Auto,
+    /// io_uring, or a clear error and exit 1 when it is not available.
+    IoUring,
+    /// epoll, through tokio's reactor: for hosts and containers that deny io_uring.
+    Epoll,
+}
+
+impl IoBackend {
+    /// The canonical spelling, as `ringsocket config` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::IoUring => "io_uring",
+            Self::Epoll => "epoll",
+        }
+    }
+}
+
+impl FromStr for IoBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match spelling(s).as_str() {
+            "auto" => Ok(Self::Auto),
+            "iouring" | "uring" => Ok(Self::IoUring),
+            "epoll" => Ok(Self::Epoll),
+            _ => Err(format!("expected auto, io_uring or epoll, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The server's settings. Durations are in seconds in the file and the environment.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -72,6 +120,9 @@ pub struct Config {
     pub bind: SocketAddr,
     /// Worker threads, one per core, each pinned. Default 0: one per available core.
     pub workers: usize,
+    /// The I/O backend: `auto` (default: io_uring when it can be set up, else epoll),
+    /// `io_uring` or `epoll`.
+    pub io_backend: IoBackend,
     /// Open connections allowed in the process (WebSocket and HTTP). Beyond it new
     /// requests get 503 before any upgrade. Default 100,000.
     pub max_connections: usize,
@@ -149,6 +200,7 @@ impl Default for Config {
             max_frame_size: 1 << 20,
             max_outbound_bytes: 4 << 20,
             slow_consumer_policy: SlowConsumerPolicy::Close1013,
+            io_backend: IoBackend::Auto,
             max_body_bytes: 1 << 20,
             max_head_bytes: 8 << 10,
             shutdown_timeout_secs: 5.0,
@@ -176,9 +228,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 22] = [
+pub const FIELDS: [&str; 23] = [
     "bind",
     "workers",
+    "io_backend",
     "max_connections",
     "handshake_timeout_secs",
     "defer_accept_secs",
@@ -256,6 +309,7 @@ impl Config {
                 })?
             }
             "workers" => self.workers = whole(value)?,
+            "io_backend" => self.io_backend = value.parse()?,
             "max_connections" => self.max_connections = whole(value)?,
             "handshake_timeout_secs" => self.handshake_timeout_secs = seconds(value)?,
             "defer_accept_secs" => self.defer_accept_secs = whole(value)?,
@@ -299,6 +353,7 @@ impl Config {
             "max_frame_size" => int(self.max_frame_size),
             "max_outbound_bytes" => int(self.max_outbound_bytes),
             "slow_consumer_policy" => Value::String(self.slow_consumer_policy.to_string()),
+            "io_backend" => Value::String(self.io_backend.to_string()),
             "max_body_bytes" => int(self.max_body_bytes),
             "max_head_bytes" => int(self.max_head_bytes),
             "shutdown_timeout_secs" => Value::Float(self.shutdown_timeout_secs),
@@ -764,6 +819,35 @@ mod tests {
                 .0
                 .contains("pong_timeout_secs")
         );
+    }
+
+    /// `io_backend` (issue: epoll backend): `auto` by default, the same spellings in
+    /// the file and the environment, printed canonically, and a clear error.
+    #[test]
+    fn io_backend_reads_the_same_everywhere() {
+        assert_eq!(Config::default().io_backend, IoBackend::Auto);
+        for (spelling, backend) in [
+            ("io_uring", IoBackend::IoUring),
+            ("io-uring", IoBackend::IoUring),
+            ("IOURING", IoBackend::IoUring),
+            ("epoll", IoBackend::Epoll),
+            ("Auto", IoBackend::Auto),
+        ] {
+            let file = Config::from_toml(&format!("io_backend = \"{spelling}\"")).unwrap();
+            assert_eq!(file.io_backend, backend);
+            let mut env = Config::default();
+            env.apply_env([("RINGSOCKET_IO_BACKEND".into(), spelling.into())])
+                .unwrap();
+            assert_eq!(env.io_backend, backend);
+        }
+        let config = Config::from_toml("io_backend = \"io-uring\"").unwrap();
+        assert_eq!(
+            config.value_of("io_backend").as_deref(),
+            Some("\"io_uring\"")
+        );
+        let err = Config::from_toml("io_backend = \"kqueue\"").unwrap_err();
+        assert!(err.0.contains("expected auto, io_uring or epoll"), "{err}");
+        assert!(err.0.contains("io_backend"), "names the setting: {err}");
     }
 
     #[test]

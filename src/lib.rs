@@ -13,8 +13,9 @@
 //!   per-core feeds, cross-core inboxes, conflation, [`pubsub::Publisher`].
 //! - [`broker`]: what carries publishes between processes: in-process by default,
 //!   Redis Pub/Sub with `--redis`.
-//! - [`runtime`]: thread-per-core `tokio-uring` workers, each pinned to a core with its
-//!   own `SO_REUSEPORT` listener; the connection driver (HTTP, then WebSocket),
+//! - [`runtime`]: thread-per-core workers, each pinned to a core with its own io_uring
+//!   (driven by the runtime itself, under a tokio current-thread runtime) and its own
+//!   `SO_REUSEPORT` listener; the connection driver (HTTP, then WebSocket),
 //!   batched writes, heartbeats, timeouts, limits and graceful shutdown.
 //! - [`tasks`]: background jobs on dedicated executor threads, fed by a bounded queue;
 //!   HTTP handlers' jobs start after the response is written.

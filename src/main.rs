@@ -46,6 +46,10 @@ struct ServeArgs {
     /// Worker threads, one per core [default: one per available core; env RINGSOCKET_WORKERS].
     #[arg(long)]
     workers: Option<usize>,
+    /// I/O backend: auto (io_uring when it can be set up, else epoll), io_uring or epoll
+    /// [default: auto; env RINGSOCKET_IO_BACKEND].
+    #[arg(long, value_name = "BACKEND")]
+    io_backend: Option<String>,
     /// Background executor threads [default: 1; env RINGSOCKET_TASK_THREADS].
     #[arg(long)]
     task_threads: Option<usize>,
@@ -110,6 +114,7 @@ fn load_config(args: &ServeArgs) -> Result<(Config, Sources), String> {
         ("--bind", "bind", args.bind.clone()),
         ("--workers", "workers", args.workers.map(|w| w.to_string())),
         ("--redis", "redis_url", args.redis.clone()),
+        ("--io-backend", "io_backend", args.io_backend.clone()),
         (
             "--task-threads",
             "task_threads",
@@ -166,6 +171,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let server = Server::start(config, Arc::new(app)).map_err(|e| e.to_string())?;
     let addr = server.local_addr();
+    let backend = server.backend().name();
     let signal = server.shutdown_signal();
     let handle = signals.handle();
     std::thread::Builder::new()
@@ -182,7 +188,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let _ = writeln!(
         std::io::stdout(),
         "ringsocket listening on {addr}: ws://{addr}/echo, ws://{addr}/ws/{{room}}, \
-         POST http://{addr}/publish/{{topic}}, http://{addr}/metrics"
+         POST http://{addr}/publish/{{topic}}, http://{addr}/metrics ({backend} backend)"
     );
     let result = server.join().map_err(|e| e.to_string());
     handle.close();

@@ -330,8 +330,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Counters for `n` workers that do their I/O with `io_backend` (`"io_uring"`),
-    /// the `io_backend` label of `ringsocket_build_info`.
+    /// Counters for `n` workers that do their I/O with `io_backend` (`"io_uring"` or
+    /// `"epoll"`), the `io_backend` label of `ringsocket_info` and
+    /// `ringsocket_build_info`.
     pub fn new(n: usize, io_backend: &'static str) -> Self {
         Self {
             workers: (0..n.max(1)).map(|_| Arc::default()).collect(),
@@ -403,6 +404,14 @@ impl Collector for Metrics {
             MetricType::Gauge,
         )?
         .encode_family(&build)?
+        .encode_gauge(&1u64)?;
+        e.encode_descriptor(
+            "info",
+            "The I/O backend the workers run on (io_uring or epoll); always 1.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_family(&[("io_backend", self.io_backend)])?
         .encode_gauge(&1u64)?;
         gauge(
             e,
@@ -666,6 +675,8 @@ mod tests {
                 env!("CARGO_PKG_VERSION")
             ),
             "# TYPE ringsocket_build_info gauge",
+            "ringsocket_info{io_backend=\"io_uring\"} 1",
+            "# TYPE ringsocket_info gauge",
             "ringsocket_connections_open 1",
             "# TYPE ringsocket_connections_open gauge",
             "ringsocket_connections_accepted_total 4",

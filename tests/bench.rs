@@ -24,6 +24,9 @@ use tungstenite::Message;
 
 fn start(configure: impl FnOnce(&mut Config)) -> RunningServer {
     let mut config = Config::default();
+    if let Ok(backend) = std::env::var("RINGSOCKET_IO_BACKEND") {
+        config.io_backend = backend.parse().expect("RINGSOCKET_IO_BACKEND");
+    }
     config.bind = "127.0.0.1:0".parse().unwrap();
     config.workers = 1;
     configure(&mut config);

@@ -33,6 +33,9 @@ fn start() -> RunningServer {
         })
         .websocket("/echo", ringsocket::app::echo);
     let mut config = Config::default();
+    if let Ok(backend) = std::env::var("RINGSOCKET_IO_BACKEND") {
+        config.io_backend = backend.parse().expect("RINGSOCKET_IO_BACKEND");
+    }
     config.bind = "127.0.0.1:0".parse().unwrap();
     config.workers = 1;
     Server::start(config, Arc::new(app)).unwrap()

@@ -46,7 +46,12 @@ impl Serve {
                     .parse()
                     .ok()
             })
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+            .unwrap_or_else(|| {
+                // Not left running (holding the test harness's pipes) after the panic.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("unexpected first line {line:?}")
+            });
         Self { child, addr }
     }
 

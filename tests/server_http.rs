@@ -339,15 +339,17 @@ fn metrics_route_exposes_the_counters() {
         "{text}"
     );
     // Every family of the page: the workers', the executor's, the hub's, the process's.
+    let backend = server.backend().name();
     for line in [
         "# TYPE ringsocket_connections_accepted counter",
         "ringsocket_tasks_queued 0",
         "ringsocket_pubsub_topics 0",
         "ringsocket_handler_panics_total{kind=\"http\"} 0",
         &format!(
-            "ringsocket_build_info{{version=\"{}\",io_backend=\"io_uring\"}} 1",
+            "ringsocket_build_info{{version=\"{}\",io_backend=\"{backend}\"}} 1",
             env!("CARGO_PKG_VERSION")
         ),
+        &format!("ringsocket_info{{io_backend=\"{backend}\"}} 1"),
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }

@@ -24,7 +24,7 @@ use std::cell::RefCell;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 
 /// The buffer a connection that was never busy waits on, in bytes.
 pub const SMALL_READ: usize = 128;
@@ -66,6 +66,20 @@ impl BufPool {
             free.push(buf);
         }
     }
+}
+
+/// Drops the first `written` bytes of `chunks` after a vectored write of them: the
+/// chunks written whole go, the one written in part keeps its rest at the front.
+pub(crate) fn consume_written(chunks: &mut Vec<Bytes>, mut written: usize) {
+    let mut done = 0;
+    while done < chunks.len() && written >= chunks[done].len() {
+        written -= chunks[done].len();
+        done += 1;
+    }
+    if done < chunks.len() {
+        chunks[done].advance(written);
+    }
+    chunks.drain(..done);
 }
 
 /// Chooses each read's buffer (see the module docs): the connection's own small or

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
-use super::uring::net::TcpStream;
+use super::core::transport::Stream;
 use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
 use tokio::sync::Notify;
@@ -71,13 +71,13 @@ pub(crate) struct WorkerCtx {
 /// driver.
 pub(crate) struct ConnGuard {
     pub(crate) ctx: Rc<WorkerCtx>,
-    pub(crate) stream: Rc<TcpStream>,
+    pub(crate) stream: Rc<Stream>,
     pub(crate) peer: SocketAddr,
     pub(crate) reason: CloseReason,
 }
 
 impl ConnGuard {
-    fn new(ctx: Rc<WorkerCtx>, stream: Rc<TcpStream>, peer: SocketAddr) -> Self {
+    fn new(ctx: Rc<WorkerCtx>, stream: Rc<Stream>, peer: SocketAddr) -> Self {
         ctx.metrics.accepted();
         ctx.open_local.set(ctx.open_local.get() + 1);
         Self {
@@ -107,12 +107,7 @@ impl Drop for ConnGuard {
 
 /// Serves one accepted connection. `over_limit`: the process was already at
 /// `max_connections` when it was accepted, so it gets 503.
-pub(crate) async fn drive(
-    stream: TcpStream,
-    peer: SocketAddr,
-    ctx: Rc<WorkerCtx>,
-    over_limit: bool,
-) {
+pub(crate) async fn drive(stream: Stream, peer: SocketAddr, ctx: Rc<WorkerCtx>, over_limit: bool) {
     // TCP_NODELAY comes from the listener (see `listener::bind_reuseport`).
     let stream = Rc::new(stream);
     let mut guard = ConnGuard::new(ctx.clone(), stream.clone(), peer);
@@ -165,7 +160,7 @@ pub(crate) async fn drive(
 }
 
 /// The descriptor of `stream`, for system calls made beside its io_uring operations.
-fn socket_of(stream: &TcpStream) -> BorrowedFd<'_> {
+fn socket_of(stream: &Stream) -> BorrowedFd<'_> {
     // SAFETY: the descriptor is owned by `stream`, which the returned borrow cannot
     // outlive; it is closed only once the stream and its operations are gone.
     unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }
@@ -173,7 +168,7 @@ fn socket_of(stream: &TcpStream) -> BorrowedFd<'_> {
 
 /// A read that does not wait (`MSG_DONTWAIT`): what the socket holds now, or `None`
 /// when it holds nothing yet (the caller's io_uring read waits for it).
-fn read_ready(stream: &TcpStream, bufs: &mut ReadBufs) -> Option<ReadOutcome> {
+fn read_ready(stream: &Stream, bufs: &mut ReadBufs) -> Option<ReadOutcome> {
     let mut buf = bufs.next();
     let socket = socket_of(stream);
     let outcome = match SockRef::from(&socket)
@@ -202,7 +197,7 @@ fn read_ready(stream: &TcpStream, bufs: &mut ReadBufs) -> Option<ReadOutcome> {
 
 pub(crate) type ReadFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, BytesMut)>>>;
 
-pub(crate) fn start_read(stream: &Rc<TcpStream>, bufs: &mut ReadBufs) -> ReadFuture {
+pub(crate) fn start_read(stream: &Rc<Stream>, bufs: &mut ReadBufs) -> ReadFuture {
     let stream = stream.clone();
     let buf = bufs.next();
     Box::pin(async move { stream.read(buf).await })
@@ -218,7 +213,7 @@ enum ReadOutcome {
 
 /// One read, bounded by `deadline`, cut short by shutdown when `idle`.
 async fn read_once(
-    stream: &Rc<TcpStream>,
+    stream: &Rc<Stream>,
     bufs: &mut ReadBufs,
     deadline: Instant,
     ctx: &WorkerCtx,
@@ -240,19 +235,15 @@ async fn read_once(
     }
 }
 
-async fn write_bytes(
-    stream: &TcpStream,
-    bytes: BytesMut,
-    metrics: &WorkerMetrics,
-) -> io::Result<()> {
+async fn write_bytes(stream: &Stream, bytes: BytesMut, metrics: &WorkerMetrics) -> io::Result<()> {
     let len = bytes.len();
-    let (result, _) = stream.write_all(bytes.freeze()).await;
+    let result = stream.write_all(bytes.freeze()).await;
     metrics.bytes_out(len);
     result
 }
 
 pub(crate) async fn respond(
-    stream: &TcpStream,
+    stream: &Stream,
     ctx: &WorkerCtx,
     response: &Response,
     close: bool,
@@ -275,7 +266,7 @@ struct Upgrade {
 
 /// Serves HTTP requests until the connection ends (`Ok`) or upgrades (`Err`).
 async fn serve(
-    stream: &Rc<TcpStream>,
+    stream: &Rc<Stream>,
     peer: SocketAddr,
     ctx: &WorkerCtx,
     over_limit: bool,
@@ -453,7 +444,7 @@ async fn serve(
 
 /// Reads a `Content-Length` body, starting with the bytes that followed the head.
 async fn read_body(
-    stream: &Rc<TcpStream>,
+    stream: &Rc<Stream>,
     bufs: &mut ReadBufs,
     rest: Bytes,
     framing: BodyFraming,
@@ -491,7 +482,7 @@ async fn read_body(
 /// Polls the handler until it accepts or rejects, within the handshake deadline.
 /// Returns the 101 response to send, or how the connection ended.
 async fn decide(
-    stream: &Rc<TcpStream>,
+    stream: &Rc<Stream>,
     session: &Session,
     handler: &mut Option<LocalFuture<()>>,
     accept: &AcceptKey,

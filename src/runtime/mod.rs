@@ -1,8 +1,10 @@
-//! The runtime: thread-per-core `tokio-uring` workers, `SO_REUSEPORT` listeners, the
-//! connection driver, timers and graceful shutdown.
+//! The runtime: thread-per-core workers (a tokio current-thread runtime and an io_uring
+//! of their own each), `SO_REUSEPORT` listeners, the connection driver, timers and
+//! graceful shutdown.
 //!
-//! Everything that touches `tokio-uring` stays in this module, behind [`Service`] and
-//! [`Session`], so that the I/O driver can change without touching `proto` or `app`.
+//! Everything that touches io_uring stays in this module (its driver is `uring`),
+//! behind [`Service`] and [`Session`], so that the I/O driver can change without
+//! touching `proto` or `app`.
 //!
 //! Threading model: N workers, each an OS thread pinned to a core with its own runtime
 //! and listener. A connection lives on the core that accepted it; nothing is locked per
@@ -12,6 +14,7 @@
 mod buf;
 mod conn;
 mod core;
+mod epoll;
 mod feed;
 mod flush;
 pub mod http;
@@ -40,13 +43,52 @@ pub use service::{
 pub use session::{Disconnect, Session};
 pub use shutdown::ShutdownSignal;
 
-use crate::config::Config;
+use crate::config::{Config, IoBackend};
 use crate::metrics::Metrics;
 use crate::tasks::{Executor, TaskHandle};
 
-/// The I/O backend the workers use, as `/metrics` names it
-/// (`ringsocket_build_info{io_backend=…}`). A fallback backend sets its own.
-pub const IO_BACKEND: &str = "io_uring";
+/// The I/O backend the workers run on, once chosen (see [`choose_backend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    /// io_uring, through the runtime's own driver (`uring`).
+    IoUring,
+    /// epoll, through tokio's reactor.
+    Epoll,
+}
+
+impl Backend {
+    /// Its name, as the startup line and `/metrics` (`ringsocket_info{io_backend=…}`)
+    /// give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::IoUring => "io_uring",
+            Self::Epoll => "epoll",
+        }
+    }
+}
+
+/// The backend the `io_backend` setting asks for: `auto` is io_uring when this process
+/// can set up a ring and epoll otherwise, with one WARN naming the cause and how to
+/// allow io_uring; `io_uring` is an error when it is not available.
+pub fn choose_backend(setting: IoBackend) -> Result<Backend, ServeError> {
+    match setting {
+        IoBackend::Epoll => Ok(Backend::Epoll),
+        IoBackend::IoUring => probe_io_uring().map(|()| Backend::IoUring),
+        IoBackend::Auto => match probe_io_uring() {
+            Ok(()) => Ok(Backend::IoUring),
+            Err(ServeError::IoUring(why)) => {
+                tracing::warn!(
+                    "io_uring is not available ({why}); running on the epoll backend \
+                     (io_backend = \"epoll\" says so without this warning, \
+                     io_backend = \"io_uring\" refuses to start without io_uring)"
+                );
+                Ok(Backend::Epoll)
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
 
 /// Why the server could not start or run.
 #[derive(Debug)]
@@ -111,13 +153,13 @@ impl Server {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
-        probe_io_uring()?;
+        let backend = choose_backend(config.io_backend)?;
         let n = config.worker_count();
         let (listeners, addr) = listener::bind_all(config.bind, n, config.defer_accept_secs)
             .map_err(|e| ServeError::Bind(config.bind, e))?;
         service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
-        let metrics = Metrics::new(n, IO_BACKEND);
+        let metrics = Metrics::new(n, backend.name());
         let executor = Executor::start_with_nice(
             config.task_threads,
             config.task_queue_capacity,
@@ -144,6 +186,7 @@ impl Server {
                 metrics: metrics.worker(index),
                 open_global: open_global.clone(),
                 signal: signal.clone(),
+                backend,
                 ring_entries: worker::RING_ENTRIES,
             };
             let thread = std::thread::Builder::new()
@@ -152,9 +195,10 @@ impl Server {
                 .map_err(|e| ServeError::Worker(e.to_string()))?;
             threads.push(thread);
         }
-        tracing::info!(%addr, workers = n, task_threads = config.task_threads, "listening");
+        tracing::info!(%addr, workers = n, io_backend = backend.name(), task_threads = config.task_threads, "listening");
         Ok(RunningServer {
             addr,
+            backend,
             signal,
             threads,
             metrics,
@@ -169,6 +213,7 @@ impl Server {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    backend: Backend,
     signal: Arc<ShutdownSignal>,
     threads: Vec<JoinHandle<Result<(), String>>>,
     metrics: Metrics,
@@ -181,6 +226,11 @@ impl RunningServer {
     /// The address the server listens on (with the port chosen when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The I/O backend the workers run on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Every worker's counters.

@@ -1,5 +1,6 @@
 //! A worker: an OS thread pinned to a core, running its own tokio current-thread
-//! runtime and io_uring (`uring`), its own listener and accept loop, and every
+//! runtime and, on the io_uring backend, its own ring (`uring`; on the epoll backend
+//! tokio's reactor moves the bytes), its own listener and accept loop, and every
 //! connection it accepted, for their whole life.
 
 use std::cell::{Cell, RefCell};
@@ -15,10 +16,12 @@ use tokio::time::{Instant, timeout_at};
 use super::buf::BufPool;
 use super::conn::{WorkerCtx, drive};
 use super::core::timers::TimerPolicy;
+use super::core::transport::Listener;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
-use super::uring::{self, Ring, net::TcpListener};
+use super::uring::{self, Ring};
+use super::{Backend, epoll};
 use crate::config::Config;
 use crate::metrics::WorkerMetrics;
 use crate::proto::{HandshakeLimits, Limits};
@@ -34,7 +37,9 @@ pub(crate) struct WorkerSpec {
     pub(crate) metrics: Arc<WorkerMetrics>,
     pub(crate) open_global: Arc<AtomicUsize>,
     pub(crate) signal: Arc<ShutdownSignal>,
-    /// Submission queue entries of the worker's ring.
+    /// The I/O backend to run on.
+    pub(crate) backend: super::Backend,
+    /// Submission queue entries of the worker's ring (io_uring backend).
     pub(crate) ring_entries: u32,
 }
 
@@ -74,22 +79,37 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         max_head_bytes: config.max_head_bytes,
         ..HandshakeLimits::default()
     };
-    let ring = Ring::new(spec.ring_entries).map_err(|e| {
-        format!(
-            "worker {} cannot set up its io_uring ({} entries): {}",
-            spec.index,
-            spec.ring_entries,
-            super::explain_io_uring_error(&e)
-        )
-    })?;
+    let ring = match spec.backend {
+        Backend::IoUring => Some(Ring::new(spec.ring_entries).map_err(|e| {
+            format!(
+                "worker {} cannot set up its io_uring ({} entries): {}",
+                spec.index,
+                spec.ring_entries,
+                super::explain_io_uring_error(&e)
+            )
+        })?),
+        Backend::Epoll => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("worker {} cannot start its runtime: {e}", spec.index))?;
     let local = tokio::task::LocalSet::new();
     let served = local.block_on(&runtime, async move {
-        ring.start()
-            .map_err(|e| format!("worker {} cannot poll its io_uring: {e}", spec.index))?;
+        let listener = match ring {
+            Some(ring) => {
+                ring.start()
+                    .map_err(|e| format!("worker {} cannot poll its io_uring: {e}", spec.index))?;
+                Listener::Uring(uring::net::TcpListener::from_std(spec.listener))
+            }
+            None => Listener::Epoll(epoll::TcpListener::from_std(spec.listener).map_err(|e| {
+                format!(
+                    "worker {} cannot register its listener with epoll: {e}",
+                    spec.index
+                )
+            })?),
+        };
+        let listener = Rc::new(listener);
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
             service: spec.service,
@@ -113,7 +133,6 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             .map(tokio::task::spawn_local);
         // Writes the frames broadcast to this core's connections.
         tokio::task::spawn_local(super::flush::run(ctx.metrics.clone()));
-        let listener = Rc::new(TcpListener::from_std(spec.listener));
         // One timer for the whole core: wakes the sessions whose deadline has passed.
         let tick = registry::tick(&ctx.timers);
         let housekeeping = ctx.clone();
@@ -185,7 +204,7 @@ const ACCEPTS_IN_FLIGHT: usize = 4;
 
 /// Accepts connections until the shutdown signal, each served by a task of its own.
 async fn accept_loop(
-    listener: Rc<TcpListener>,
+    listener: Rc<Listener>,
     ctx: Rc<WorkerCtx>,
     signal: Arc<ShutdownSignal>,
     worker: usize,
@@ -235,7 +254,7 @@ mod tests {
     fn a_worker_whose_ring_fails_reports_it_and_stops_the_others() {
         let config = Arc::new(Config::default());
         let executor = Executor::start(1, 16).unwrap();
-        let metrics = Metrics::new(1, crate::runtime::IO_BACKEND);
+        let metrics = Metrics::new(1, Backend::IoUring.name());
         let signal = Arc::new(ShutdownSignal::default());
         let spec = WorkerSpec {
             index: 3,
@@ -251,6 +270,7 @@ mod tests {
             metrics: metrics.worker(0),
             open_global: Arc::default(),
             signal: signal.clone(),
+            backend: Backend::IoUring,
             // IORING_MAX_ENTRIES is 32,768: io_uring_setup refuses this with EINVAL.
             ring_entries: 1 << 20,
         };

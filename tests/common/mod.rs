@@ -6,17 +6,35 @@ pub mod redis;
 use std::sync::Arc;
 
 use ringsocket::app::App;
-use ringsocket::config::Config;
-use ringsocket::runtime::{RunningServer, Server};
+use ringsocket::config::{Config, IoBackend};
+use ringsocket::runtime::{Backend, RunningServer, Server};
+
+/// The default configuration, on the I/O backend `RINGSOCKET_IO_BACKEND` names if set
+/// (`.ci/run` runs the suite once per backend).
+pub fn config() -> Config {
+    let mut config = Config::default();
+    if let Ok(backend) = std::env::var("RINGSOCKET_IO_BACKEND") {
+        config.io_backend = backend.parse().expect("RINGSOCKET_IO_BACKEND");
+    }
+    config
+}
 
 /// A server on an ephemeral loopback port with two workers, after `tweak`.
 pub fn start(app: App, tweak: impl FnOnce(&mut Config)) -> RunningServer {
-    let mut config = Config::default();
+    let mut config = config();
     config.bind = "127.0.0.1:0".parse().unwrap();
     config.workers = 2;
     config.shutdown_timeout_secs = 2.0;
     tweak(&mut config);
-    Server::start(config, Arc::new(app)).unwrap()
+    let asked = config.io_backend;
+    let server = Server::start(config, Arc::new(app)).unwrap();
+    // The suite really runs on the backend it was asked for.
+    match asked {
+        IoBackend::Epoll => assert_eq!(server.backend(), Backend::Epoll),
+        IoBackend::IoUring => assert_eq!(server.backend(), Backend::IoUring),
+        _ => {}
+    }
+    server
 }
 
 /// The longest one await on a server may take in the shared helpers below.

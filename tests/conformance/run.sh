@@ -36,7 +36,7 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 [ -n "$url" ] || { cat "$work/server.log"; echo "server did not start"; exit 1; }
-echo "kosoku against $url"
+echo "kosoku against $url $(grep -o '([a-z_]* backend)' "$work/server.log" | head -n 1)"
 
 "$VENV/bin/kosoku" "$url" -p 4 -x '12.*' -x '13.*' -o "$work/reports" >"$work/kosoku.log" 2>&1 || true
 tail -n 1 "$work/kosoku.log"

@@ -1,21 +1,31 @@
-//! The transport seam, write half: what the connection core needs from a socket to
-//! write without waiting. The outbox (`core::outbox`) writes only through it.
+//! The transport seam: what the connection core needs from a socket, on either I/O
+//! backend. The outbox (`core::outbox`) writes only through [`Transport::try_write`];
+//! the drivers (`conn.rs`, `ws.rs`) read and wait through [`Stream`].
 //!
 //! ```text
-//!   proto::Connection ── frames ──▶ Outbox ── IoSlices ──▶ Transport::try_write ──▶ socket
-//!   (queue, codec)                 (order,        (one non-blocking write:
-//!                                   phase)         io_uring backend: send/sendmsg)
+//!   proto::Connection ── frames ──▶ Outbox ── IoSlices ──▶ Transport::try_write ──┐
+//!   (queue, codec)                 (order, phase)     (one non-blocking send)     │
+//!                                                                                 ▼
+//!   driver ── Stream::read(buf) ─────────────────── bytes in ◀──────────────── socket
+//!          ── Stream::writev(rest) (waits for room, WritePhase::Waiting) ──▶      ▲
+//!          ── Stream::shutdown ───────────────────────────────────────────────────┘
+//!
+//!   Stream::Uring: io_uring operations on the core's ring (`uring::net`)
+//!   Stream::Epoll: readiness on the core's tokio reactor, then the system call (`epoll`)
 //! ```
 //!
-//! Writing what the socket does not take at once (waiting for room) is the backend's
-//! part: the io_uring backend hands the rest to an io_uring write (`ws.rs`), while the
-//! outbox is in [`WritePhase::Waiting`](super::outbox::WritePhase::Waiting).
+//! A TLS layer goes here too: bytes in from `read` are decrypted before the core sees
+//! them, and what the core writes is encrypted before `try_write`/`writev`.
 
 use std::io::{self, IoSlice};
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 
+use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
+
+use crate::runtime::{epoll, uring};
 
 /// A socket the outbox can write to without waiting.
 pub(crate) trait Transport {
@@ -35,9 +45,89 @@ pub(crate) trait Transport {
     unsafe fn try_write(&self, key: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize>;
 }
 
-/// The io_uring backend's socket, shared by the connection's driver (its reads and
-/// waiting writes) and its outbox (non-blocking writes).
-pub(crate) type Socket = Rc<crate::runtime::uring::net::TcpStream>;
+/// A connection's socket, on the backend its worker runs.
+pub(crate) enum Stream {
+    /// Operations on the core's io_uring.
+    Uring(uring::net::TcpStream),
+    /// Readiness from the core's epoll (tokio's reactor). Boxed: the io_uring
+    /// backend's connections do not pay for its size.
+    Epoll(Box<epoll::TcpStream>),
+}
+
+impl Stream {
+    /// Reads into the spare capacity of `buf` (after its length), waiting until the
+    /// socket has something. Returns the bytes read (0: the peer closed) and the buffer.
+    pub(crate) async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        match self {
+            Self::Uring(stream) => stream.read(buf).await,
+            Self::Epoll(stream) => stream.read(buf).await,
+        }
+    }
+
+    /// Writes all of `chunks`, in order, waiting for room. Gives back the emptied
+    /// vector for reuse.
+    pub(crate) async fn writev(&self, chunks: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
+        match self {
+            Self::Uring(stream) => stream.writev(chunks).await,
+            Self::Epoll(stream) => stream.writev(chunks).await,
+        }
+    }
+
+    /// Writes all of `bytes`, waiting for room.
+    pub(crate) async fn write_all(&self, bytes: Bytes) -> io::Result<()> {
+        self.writev(vec![bytes]).await.0
+    }
+
+    pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Self::Uring(stream) => stream.shutdown(how),
+            Self::Epoll(stream) => stream.shutdown(how),
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Uring(stream) => stream.as_raw_fd(),
+            Self::Epoll(stream) => stream.as_raw_fd(),
+        }
+    }
+}
+
+/// A worker's listening socket, on the backend the worker runs.
+pub(crate) enum Listener {
+    Uring(uring::net::TcpListener),
+    Epoll(epoll::TcpListener),
+}
+
+impl Listener {
+    /// Accepts one connection.
+    pub(crate) async fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
+        match self {
+            Self::Uring(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok((Stream::Uring(stream), peer))
+            }
+            Self::Epoll(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok((Stream::Epoll(Box::new(stream)), peer))
+            }
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Uring(listener) => listener.as_raw_fd(),
+            Self::Epoll(listener) => listener.as_raw_fd(),
+        }
+    }
+}
+
+/// A connection's socket as the driver and the outbox share it.
+pub(crate) type Socket = Rc<Stream>;
 
 impl Transport for Socket {
     fn key(&self) -> RawFd {
@@ -48,7 +138,8 @@ impl Transport for Socket {
         debug_assert_eq!(key, self.as_raw_fd());
         // SAFETY: `key` is the descriptor of the stream `self` points to (the caller's
         // contract), which this `Rc` keeps alive for the whole call (it is closed
-        // only once the stream and its io_uring operations are gone); the borrow does not outlive this call.
+        // only once the stream and its io_uring operations are gone); the borrow does
+        // not outlive this call.
         let fd = unsafe { BorrowedFd::borrow_raw(key) };
         let socket = SockRef::from(&fd);
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;

@@ -10,11 +10,12 @@ use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use io_uring::{opcode, types::Fd};
 use socket2::{SockAddr, SockRef};
 
 use super::{Op, result};
+use crate::runtime::buf::consume_written;
 
 /// A listening socket accepting through io_uring.
 pub(crate) struct TcpListener {
@@ -113,12 +114,6 @@ impl TcpStream {
         (read, buf)
     }
 
-    /// Writes all of `bytes`, continuing after partial writes.
-    pub(crate) async fn write_all(&self, bytes: Bytes) -> (io::Result<()>, Bytes) {
-        let (result, mut left) = self.writev(vec![bytes]).await;
-        (result, left.pop().unwrap_or_default())
-    }
-
     /// Writes all of `chunks`, in order, continuing after partial writes, at most
     /// `IOV_MAX` chunks per operation. Gives back the emptied vector for reuse.
     pub(crate) async fn writev(&self, mut chunks: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
@@ -130,20 +125,12 @@ impl TcpStream {
                 Vec::new()
             };
             let (res, mut head) = self.send_vectored(chunks).await;
-            let mut written = match res {
+            let written = match res {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), head),
                 Ok(n) => n,
                 Err(e) => return (Err(e), head),
             };
-            let mut done = 0;
-            while done < head.len() && written >= head[done].len() {
-                written -= head[done].len();
-                done += 1;
-            }
-            if done < head.len() {
-                head[done].advance(written);
-            }
-            head.drain(..done);
+            consume_written(&mut head, written);
             head.extend(tail);
             chunks = head;
         }

@@ -24,7 +24,7 @@ fn pair() -> (TcpStream, UnixStream) {
 fn reads_and_writes_go_through_the_ring() {
     run_local(async {
         let (ours, mut theirs) = pair();
-        let (written, _) = ours.write_all(Bytes::from_static(b"hello")).await;
+        let (written, _) = ours.writev(vec![Bytes::from_static(b"hello")]).await;
         written.expect("write");
         let mut got = [0u8; 5];
         theirs.read_exact(&mut got).expect("read");
