@@ -37,6 +37,11 @@ def servers(ringsocket_server):
             lambda port: [ringsocket_server, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
             "/echo",
         ),
+        "ringsocket-epoll": (
+            lambda port: [ringsocket_server, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+                          "--io-backend", "epoll"],
+            "/echo",
+        ),
         "tt-echo": (lambda port: [str(PEERS / "target/release/tt-echo"), str(port)], "/"),
         "fws-echo": (lambda port: [str(PEERS / "target/release/fws-echo"), str(port)], "/"),
         "bun": (
@@ -51,6 +56,11 @@ def room_servers(ringsocket_server):
     return {
         "ringsocket": (
             lambda port: [ringsocket_server, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+            "/broadcast",
+        ),
+        "ringsocket-epoll": (
+            lambda port: [ringsocket_server, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+                          "--io-backend", "epoll"],
             "/broadcast",
         ),
         "tt-broadcast": (lambda port: [str(PEERS / "target/release/tt-broadcast"), str(port)], "/room"),

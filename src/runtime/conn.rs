@@ -7,103 +7,28 @@
 //! so an idle WebSocket costs only that. Every way out of a connection, in either
 //! phase, ends with its [`ConnGuard`] being dropped.
 
-use std::cell::{Cell, RefCell};
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
 use super::core::transport::Stream;
+use super::ctx::{ConnGuard, WorkerCtx, start_read};
 use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
-use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 
-use super::buf::{BufPool, HEAD_READ, ReadBufs};
-use super::core::timers::TimerPolicy;
+use super::buf::{HEAD_READ, ReadBufs};
 use super::http::{BodyFraming, Response, body_framing, keep_alive};
-use super::registry::Registry;
-use super::service::{
-    Context, HttpRequest, LocalFuture, Polled, Route, Service, WebSocketHandler, poll_handler,
-};
+use super::service::{HttpRequest, LocalFuture, Polled, Route, WebSocketHandler, poll_handler};
 use super::session::{Decision, Session};
 use super::ws::Driver;
-use crate::config::Config;
 use crate::metrics::{CloseReason, HandlerKind, Limit, WorkerMetrics};
 use crate::proto::handshake::{self, AcceptKey, HeadReader, Request};
-use crate::proto::{CloseCode, Connection, HandshakeLimits, Limits};
+use crate::proto::{CloseCode, Connection};
 use crate::tasks::BackgroundTasks;
-
-/// Everything a core's connections share. Owned by the worker, `!Send`.
-pub(crate) struct WorkerCtx {
-    pub(crate) config: Arc<Config>,
-    pub(crate) service: Arc<dyn Service>,
-    pub(crate) cx: Context,
-    pub(crate) metrics: Arc<WorkerMetrics>,
-    /// Open connections in the whole process, for `max_connections`.
-    pub(crate) open_global: Arc<AtomicUsize>,
-    /// Open connections on this core.
-    pub(crate) open_local: Cell<usize>,
-    pub(crate) shutting_down: Cell<bool>,
-    /// Wakes connections in the HTTP phase when shutdown starts (WebSocket sessions are
-    /// reached through `sessions`).
-    pub(crate) shutdown: Notify,
-    /// This core's WebSocket sessions.
-    pub(crate) sessions: RefCell<Registry>,
-    /// Signalled when the last connection of this core ends.
-    pub(crate) drained: Notify,
-    pub(crate) pool: BufPool,
-    pub(crate) limits: Limits,
-    pub(crate) head_limits: HandshakeLimits,
-    /// The WebSocket timeouts, for every session's `ConnTimers` (kept here, not per
-    /// connection).
-    pub(crate) timers: TimerPolicy,
-}
-
-/// The single way out of a connection: counts it closed, releases its place in the
-/// connection limits and closes the socket, on every path, including a panicking
-/// handler (it runs on unwind too). Owned by the HTTP task, then by the session's
-/// driver.
-pub(crate) struct ConnGuard {
-    pub(crate) ctx: Rc<WorkerCtx>,
-    pub(crate) stream: Rc<Stream>,
-    pub(crate) peer: SocketAddr,
-    pub(crate) reason: CloseReason,
-}
-
-impl ConnGuard {
-    fn new(ctx: Rc<WorkerCtx>, stream: Rc<Stream>, peer: SocketAddr) -> Self {
-        ctx.metrics.accepted();
-        ctx.open_local.set(ctx.open_local.get() + 1);
-        Self {
-            ctx,
-            stream,
-            peer,
-            reason: CloseReason::IoError,
-        }
-    }
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        let ctx = &self.ctx;
-        tracing::debug!(peer = %self.peer, reason = self.reason.label(), "connection ended");
-        // Wakes a read still in flight (it completes with 0), so the socket closes now.
-        let _ = self.stream.shutdown(Shutdown::Both);
-        ctx.metrics.closed(self.reason);
-        ctx.open_global.fetch_sub(1, Ordering::Relaxed);
-        let left = ctx.open_local.get().saturating_sub(1);
-        ctx.open_local.set(left);
-        if left == 0 {
-            ctx.drained.notify_waiters();
-        }
-    }
-}
 
 /// Serves one accepted connection. `over_limit`: the process was already at
 /// `max_connections` when it was accepted, so it gets 503.
@@ -193,14 +118,6 @@ fn read_ready(stream: &Stream, bufs: &mut ReadBufs) -> Option<ReadOutcome> {
     };
     bufs.unused(buf);
     outcome
-}
-
-pub(crate) type ReadFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, BytesMut)>>>;
-
-pub(crate) fn start_read(stream: &Rc<Stream>, bufs: &mut ReadBufs) -> ReadFuture {
-    let stream = stream.clone();
-    let buf = bufs.next();
-    Box::pin(async move { stream.read(buf).await })
 }
 
 enum ReadOutcome {

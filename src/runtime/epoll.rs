@@ -14,6 +14,11 @@ use socket2::SockRef;
 
 use super::buf::consume_written;
 
+/// The largest read buffer [`TcpStream::read_lazily`] lets go of while it waits (the
+/// small and medium tiers of `buf`); larger ones come from the core's pool and are
+/// only used when bytes are known to be waiting.
+pub(crate) const LAZY_READ_MAX: usize = super::buf::MEDIUM_MAX;
+
 /// A listening socket on the worker's tokio reactor.
 pub(crate) struct TcpListener {
     io: tokio::net::TcpListener,
@@ -53,6 +58,30 @@ impl TcpStream {
             if let Err(e) = self.io.readable().await {
                 return (Err(e), buf);
             }
+            match self.io.try_read_buf(&mut buf) {
+                Ok(n) => return (Ok(n), buf),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (Err(e), buf),
+            }
+        }
+    }
+
+    /// [`read`](Self::read), without holding `buf` while it waits when it is an empty
+    /// buffer of at most [`LAZY_READ_MAX`] bytes: readiness needs no buffer (unlike an
+    /// io_uring read), so an idle connection holds none, and one of the same capacity
+    /// is allocated once the socket is readable.
+    pub(crate) async fn read_lazily(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        if !buf.is_empty() || buf.capacity() > LAZY_READ_MAX {
+            return self.read(buf).await;
+        }
+        let capacity = buf.capacity();
+        drop(buf);
+        loop {
+            if let Err(e) = self.io.readable().await {
+                return (Err(e), BytesMut::new());
+            }
+            let mut buf = BytesMut::with_capacity(capacity);
             match self.io.try_read_buf(&mut buf) {
                 Ok(n) => return (Ok(n), buf),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

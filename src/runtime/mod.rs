@@ -14,6 +14,7 @@
 mod buf;
 mod conn;
 mod core;
+mod ctx;
 mod epoll;
 mod feed;
 mod flush;

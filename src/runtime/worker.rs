@@ -14,9 +14,10 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, timeout_at};
 
 use super::buf::BufPool;
-use super::conn::{WorkerCtx, drive};
+use super::conn::drive;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Listener;
+use super::ctx::WorkerCtx;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;

@@ -23,8 +23,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::buf::ReadBufs;
-use super::conn::{ConnGuard, ReadFuture, start_read};
 use super::core::timers::{ConnTimers, TimerAction};
+use super::ctx::{ConnGuard, ReadFuture, start_read};
 use super::registry::Deadline;
 use super::service::{LocalFuture, Polled, poll_handler};
 use super::session::{Disconnect, Session, wake};

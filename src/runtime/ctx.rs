@@ -1,0 +1,94 @@
+//! What a core's connections share ([`WorkerCtx`]), the single way out of a
+//! connection ([`ConnGuard`]) and the start of a read: used by both phases of a
+//! connection, the HTTP one (`conn`) and the WebSocket one (`ws`), which import this
+//! and not each other's internals.
+
+use std::cell::{Cell, RefCell};
+use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
+
+use super::buf::{BufPool, ReadBufs};
+use super::core::timers::TimerPolicy;
+use super::core::transport::Stream;
+use super::registry::Registry;
+use super::service::{Context, Service};
+use crate::config::Config;
+use crate::metrics::{CloseReason, WorkerMetrics};
+use crate::proto::{HandshakeLimits, Limits};
+
+/// Everything a core's connections share. Owned by the worker, `!Send`.
+pub(crate) struct WorkerCtx {
+    pub(crate) config: Arc<Config>,
+    pub(crate) service: Arc<dyn Service>,
+    pub(crate) cx: Context,
+    pub(crate) metrics: Arc<WorkerMetrics>,
+    /// Open connections in the whole process, for `max_connections`.
+    pub(crate) open_global: Arc<AtomicUsize>,
+    /// Open connections on this core.
+    pub(crate) open_local: Cell<usize>,
+    pub(crate) shutting_down: Cell<bool>,
+    /// Wakes connections in the HTTP phase when shutdown starts (WebSocket sessions are
+    /// reached through `sessions`).
+    pub(crate) shutdown: Notify,
+    /// This core's WebSocket sessions.
+    pub(crate) sessions: RefCell<Registry>,
+    /// Signalled when the last connection of this core ends.
+    pub(crate) drained: Notify,
+    pub(crate) pool: BufPool,
+    pub(crate) limits: Limits,
+    pub(crate) head_limits: HandshakeLimits,
+    /// The WebSocket timeouts, for every session's `ConnTimers` (kept here, not per
+    /// connection).
+    pub(crate) timers: TimerPolicy,
+}
+
+/// The single way out of a connection: counts it closed, releases its place in the
+/// connection limits and closes the socket, on every path, including a panicking
+/// handler (it runs on unwind too). Owned by the HTTP task, then by the session's
+/// driver.
+pub(crate) struct ConnGuard {
+    pub(crate) ctx: Rc<WorkerCtx>,
+    pub(crate) stream: Rc<Stream>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) reason: CloseReason,
+}
+
+impl ConnGuard {
+    pub(crate) fn new(ctx: Rc<WorkerCtx>, stream: Rc<Stream>, peer: SocketAddr) -> Self {
+        ctx.metrics.accepted();
+        ctx.open_local.set(ctx.open_local.get() + 1);
+        Self {
+            ctx,
+            stream,
+            peer,
+            reason: CloseReason::IoError,
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let ctx = &self.ctx;
+        tracing::debug!(peer = %self.peer, reason = self.reason.label(), "connection ended");
+        // Wakes a read still in flight (it completes with 0), so the socket closes now.
+        let _ = self.stream.shutdown(Shutdown::Both);
+        ctx.metrics.closed(self.reason);
+        ctx.open_global.fetch_sub(1, Ordering::Relaxed);
+        let left = ctx.open_local.get().saturating_sub(1);
+        ctx.open_local.set(left);
+        if left == 0 {
+            ctx.drained.notify_waiters();
+        }
+    }
+}
+
+pub(crate) use super::core::transport::ReadFuture;
+
+/// Starts a read of `stream` into the buffer `bufs` picks.
+pub(crate) fn start_read(stream: &Rc<Stream>, bufs: &mut ReadBufs) -> ReadFuture {
+    stream.read_boxed(bufs.next())
+}
