@@ -42,6 +42,16 @@ use tokio::io::unix::AsyncFd;
 /// completions carry nothing to deliver.
 const CANCEL: u64 = u64::MAX;
 
+/// Completion queue entries of a worker's ring: a core has a read in flight per
+/// connection, and a burst (a heartbeat round over 10,000 connections, answered at
+/// once) completes many together; what does not fit waits in the kernel (see
+/// [`Ring::reap`]). 16 bytes each.
+const CQ_ENTRIES: u32 = 16_384;
+
+/// Rounds of overflowed completions one [`Ring::reap`] takes before it lets the core
+/// go on (the rest come at the next reap).
+const MAX_OVERFLOW_FLUSHES: usize = 16;
+
 /// How long [`teardown`] waits for cancelled operations to complete.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -77,9 +87,21 @@ impl Ring {
     /// when the thread next enters the kernel instead of interrupting it
     /// (`IORING_SETUP_COOP_TASKRUN`, Linux 5.19) where the kernel has it.
     pub(crate) fn new(entries: u32) -> io::Result<Self> {
-        let uring = match IoUring::builder().setup_coop_taskrun().build(entries) {
+        Self::with_completions(entries, CQ_ENTRIES.max(entries.saturating_mul(2)))
+    }
+
+    /// A ring with `entries` submission and `completions` completion queue entries.
+    pub(crate) fn with_completions(entries: u32, completions: u32) -> io::Result<Self> {
+        let uring = match IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_cqsize(completions)
+            .build(entries)
+        {
             Ok(uring) => uring,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries)?,
+            // A kernel before 5.19 has no COOP_TASKRUN.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
+                .setup_cqsize(completions)
+                .build(entries)?,
             Err(e) => return Err(e),
         };
         Ok(Self {
@@ -131,8 +153,33 @@ impl Ring {
         self.unsubmitted = false;
     }
 
-    /// Takes every completion the kernel posted and wakes the tasks waiting for them.
+    /// Takes every completion the kernel posted and wakes the tasks waiting for them,
+    /// those it kept aside when the completion queue was full included.
     fn reap(&mut self) {
+        for _ in 0..MAX_OVERFLOW_FLUSHES {
+            self.reap_queue();
+            // The completion queue overflowed: the kernel holds the rest and hands them
+            // over only on an io_uring_enter with GETEVENTS, which the crate's submit
+            // adds when it sees the overflow flag (it submits what is queued too). With
+            // nothing queued no other enter would come, and the operations whose
+            // completions were kept aside would wait for good.
+            if !self.uring.submission().cq_overflow() {
+                return;
+            }
+            match self.uring.submit() {
+                Ok(_) => self.unsubmitted = false,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring enter to flush completions failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes what the completion queue holds now.
+    fn reap_queue(&mut self) {
         let mut completions = self.uring.completion();
         completions.sync();
         for cqe in &mut completions {
@@ -403,16 +450,19 @@ pub(crate) fn result(res: i32) -> io::Result<usize> {
 /// a `LocalSet` and a ring), for the runtime's unit tests.
 #[cfg(test)]
 pub(crate) fn run_local<F: Future>(future: F) -> F::Output {
+    run_local_on(Ring::new(64).expect("an io_uring"), future)
+}
+
+/// [`run_local`] on `ring`.
+#[cfg(test)]
+pub(crate) fn run_local_on<F: Future>(ring: Ring, future: F) -> F::Output {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
     let local = tokio::task::LocalSet::new();
     let output = local.block_on(&runtime, async {
-        Ring::new(64)
-            .expect("an io_uring")
-            .start()
-            .expect("the ring's driver");
+        ring.start().expect("the ring's driver");
         future.await
     });
     let _context = runtime.enter();
