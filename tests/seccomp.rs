@@ -7,6 +7,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod common;
+
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -118,7 +120,11 @@ async fn serve_falls_back_to_epoll_where_io_uring_is_denied() {
     assert_eq!(echoed, Message::text("through epoll"));
     ws.close(None).await.expect("close");
 
-    let metrics = http_get(&addr, "/metrics").await;
+    let metrics = common::http_exchange(
+        addr.parse().expect("a socket address"),
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(
         metrics.contains("ringsocket_info{io_backend=\"epoll\"} 1"),
         "{metrics}"
@@ -158,22 +164,4 @@ fn io_uring_required_where_it_is_denied_exits_1_with_the_cause() {
         stderr.contains("io_uring is not available") && stderr.contains("Operation not permitted"),
         "{stderr}"
     );
-}
-
-/// A plain HTTP/1.1 GET over a socket of its own, the body as text.
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("request");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("response in time")
-        .expect("response");
-    String::from_utf8_lossy(&response).into_owned()
 }

@@ -68,6 +68,9 @@ impl BufPool {
     }
 }
 
+/// Slices one vectored write takes at most: Linux's `IOV_MAX`.
+pub(crate) const IOV_MAX: usize = 1024;
+
 /// Drops the first `written` bytes of `chunks` after a vectored write of them: the
 /// chunks written whole go, the one written in part keeps its rest at the front.
 pub(crate) fn consume_written(chunks: &mut Vec<Bytes>, mut written: usize) {

@@ -12,9 +12,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
 
-use super::buf::consume_written;
+use super::buf::{IOV_MAX, consume_written};
 
-/// The largest read buffer [`TcpStream::read_lazily`] lets go of while it waits (the
+/// The largest read buffer [`TcpStream::read`] lets go of while it waits (the
 /// small and medium tiers of `buf`); larger ones come from the core's pool and are
 /// only used when bytes are known to be waiting.
 pub(crate) const LAZY_READ_MAX: usize = super::buf::MEDIUM_MAX;
@@ -53,39 +53,30 @@ pub(crate) struct TcpStream {
 impl TcpStream {
     /// Reads into the spare capacity of `buf` (after its length), waiting until the
     /// socket has something. Returns the bytes read (0: the peer closed) and the buffer.
-    pub(crate) async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
-        loop {
-            if let Err(e) = self.io.readable().await {
-                return (Err(e), buf);
-            }
-            match self.io.try_read_buf(&mut buf) {
-                Ok(n) => return (Ok(n), buf),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return (Err(e), buf),
-            }
-        }
-    }
-
-    /// [`read`](Self::read), without holding `buf` while it waits when it is an empty
-    /// buffer of at most [`LAZY_READ_MAX`] bytes: readiness needs no buffer (unlike an
-    /// io_uring read), so an idle connection holds none, and one of the same capacity
-    /// is allocated once the socket is readable.
-    pub(crate) async fn read_lazily(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
-        if !buf.is_empty() || buf.capacity() > LAZY_READ_MAX {
-            return self.read(buf).await;
-        }
+    /// An empty buffer of at most [`LAZY_READ_MAX`] bytes is not held while it waits:
+    /// readiness needs no buffer (unlike an io_uring read), so an idle connection holds
+    /// none, and one of the same capacity is allocated once the socket is readable.
+    pub(crate) async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        let lazy = buf.is_empty() && buf.capacity() <= LAZY_READ_MAX;
         let capacity = buf.capacity();
-        drop(buf);
+        let mut held = (!lazy).then_some(buf);
         loop {
             if let Err(e) = self.io.readable().await {
-                return (Err(e), BytesMut::new());
+                return (Err(e), held.unwrap_or_default());
             }
-            let mut buf = BytesMut::with_capacity(capacity);
+            let mut buf = held
+                .take()
+                .unwrap_or_else(|| BytesMut::with_capacity(capacity));
             match self.io.try_read_buf(&mut buf) {
                 Ok(n) => return (Ok(n), buf),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    held = (!lazy).then_some(buf);
+                }
                 Err(e) => return (Err(e), buf),
             }
         }
@@ -94,7 +85,6 @@ impl TcpStream {
     /// Writes all of `chunks`, in order, waiting for room. Gives back the emptied
     /// vector for reuse.
     pub(crate) async fn writev(&self, mut chunks: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
-        const IOV_MAX: usize = 1024;
         while !chunks.is_empty() {
             if let Err(e) = self.io.writable().await {
                 return (Err(e), chunks);

@@ -617,17 +617,7 @@ mod tests {
         let executor = Executor::start(1, 16).unwrap();
         let tasks = executor.handle();
         let tid = executor_tid(&tasks);
-        let (release, wait) = oneshot::channel::<()>();
-        let (started_tx, started) = bounded(1);
-        let (done_tx, done) = bounded(1);
-        tasks
-            .spawn_async("waits", async move {
-                started_tx.send(()).unwrap();
-                let _ = wait.await;
-                done_tx.send(()).unwrap();
-            })
-            .unwrap();
-        started.recv_timeout(PATIENCE).unwrap();
+        let (release, done) = waiting_job(&tasks, "waits");
         let (wake_ups, cpu) = idle_for(tid, HOLD);
         release.send(()).unwrap();
         done.recv_timeout(PATIENCE).unwrap();
@@ -660,17 +650,7 @@ mod tests {
             ended_tx.send(()).unwrap();
         });
         let tid = executor_tid(&tasks);
-        let (release, wait) = oneshot::channel::<()>();
-        let (started_tx, started) = bounded(1);
-        let (done_tx, done) = bounded(1);
-        tasks
-            .spawn_async("waits", async move {
-                started_tx.send(()).unwrap();
-                let _ = wait.await;
-                done_tx.send(()).unwrap();
-            })
-            .unwrap();
-        started.recv_timeout(PATIENCE).unwrap();
+        let (release, done) = waiting_job(&tasks, "waits");
         drop(tasks);
         // Woken once with no sender left, the thread sees `Disconnected`.
         shared.wake_threads();
@@ -692,17 +672,7 @@ mod tests {
     fn shutdown_drains_an_async_job_waiting_on_a_channel() {
         let executor = Executor::start(1, 16).unwrap();
         let tasks = executor.handle();
-        let (release, wait) = oneshot::channel::<()>();
-        let (started_tx, started) = bounded(1);
-        let (done_tx, done) = bounded(1);
-        tasks
-            .spawn_async("waits", async move {
-                started_tx.send(()).unwrap();
-                let _ = wait.await;
-                done_tx.send(()).unwrap();
-            })
-            .unwrap();
-        started.recv_timeout(PATIENCE).unwrap();
+        let (release, done) = waiting_job(&tasks, "waits");
         let rx = executor.rx.clone();
         let timeout = 4 * PATIENCE;
         let shutdown = std::thread::spawn(move || executor.shutdown(timeout));
@@ -747,17 +717,7 @@ mod tests {
     fn shutdown_abandons_an_async_job_still_waiting_at_the_deadline() {
         let executor = Executor::start(1, 16).unwrap();
         let tasks = executor.handle();
-        let (_release, wait) = oneshot::channel::<()>();
-        let (started_tx, started) = bounded(1);
-        let (done_tx, done) = bounded::<()>(1);
-        tasks
-            .spawn_async("waits-forever", async move {
-                started_tx.send(()).unwrap();
-                let _ = wait.await;
-                done_tx.send(()).unwrap();
-            })
-            .unwrap();
-        started.recv_timeout(PATIENCE).unwrap();
+        let (_release, done) = waiting_job(&tasks, "waits-forever");
         let report = executor.shutdown(Duration::from_millis(100));
         assert_eq!(
             report,
@@ -787,6 +747,26 @@ mod tests {
 
     /// Sleeps for `hold` and returns how many times thread `tid` went to sleep and
     /// woke up meanwhile (its voluntary context switches) and the CPU it used.
+    /// Queues an async job that waits until the returned sender sends (or is dropped),
+    /// then reports on the returned receiver; returns once the job has started.
+    fn waiting_job(
+        tasks: &TaskHandle,
+        name: &'static str,
+    ) -> (oneshot::Sender<()>, crossbeam_channel::Receiver<()>) {
+        let (release, wait) = oneshot::channel::<()>();
+        let (started_tx, started) = bounded(1);
+        let (done_tx, done) = bounded(1);
+        tasks
+            .spawn_async(name, async move {
+                started_tx.send(()).unwrap();
+                let _ = wait.await;
+                let _ = done_tx.send(());
+            })
+            .unwrap();
+        started.recv_timeout(PATIENCE).unwrap();
+        (release, done)
+    }
+
     fn idle_for(tid: u32, hold: Duration) -> (u64, Duration) {
         let (switches, ticks) = thread_stats(tid);
         std::thread::sleep(hold);

@@ -49,7 +49,7 @@ use crate::proto::{CloseState, Connection};
 /// time a pass takes, and a smaller cap would turn one write per pass into several,
 /// each costing the kernel's whole per-write price (64 held a 1,000-subscriber room at
 /// 4 M deliveries/s, where whole batches reach more than twice that).
-const MAX_SLICES: usize = 1024;
+const MAX_SLICES: usize = crate::runtime::buf::IOV_MAX;
 
 /// Slices of the small array most writes use.
 const FEW_SLICES: usize = 16;

@@ -65,7 +65,7 @@ impl Stream {
     /// the buffer. Boxed, as the future of this stream's backend alone: a connection's
     /// waiting read (what an idle connection holds) costs its own backend's future,
     /// not the larger of the two (measured: 64 B per idle connection on io_uring). The
-    /// epoll backend holds no buffer while it waits (`epoll::TcpStream::read_lazily`).
+    /// epoll backend holds no buffer while it waits (`epoll::TcpStream::read`).
     pub(crate) fn read_boxed(self: &Rc<Self>, buf: BytesMut) -> ReadFuture {
         let stream = self.clone();
         match &**self {
@@ -78,7 +78,7 @@ impl Stream {
             }),
             Self::Epoll(_) => Box::pin(async move {
                 match &*stream {
-                    Self::Epoll(stream) => stream.read_lazily(buf).await,
+                    Self::Epoll(stream) => stream.read(buf).await,
                     Self::Uring(_) => (Err(io::Error::other("backend mismatch")), buf),
                 }
             }),

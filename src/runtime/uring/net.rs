@@ -15,7 +15,7 @@ use io_uring::{opcode, types::Fd};
 use socket2::{SockAddr, SockRef};
 
 use super::{Op, result};
-use crate::runtime::buf::consume_written;
+use crate::runtime::buf::{IOV_MAX, consume_written};
 
 /// A listening socket accepting through io_uring.
 pub(crate) struct TcpListener {
@@ -117,7 +117,6 @@ impl TcpStream {
     /// Writes all of `chunks`, in order, continuing after partial writes, at most
     /// `IOV_MAX` chunks per operation. Gives back the emptied vector for reuse.
     pub(crate) async fn writev(&self, mut chunks: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
-        const IOV_MAX: usize = 1024;
         while !chunks.is_empty() {
             let tail = if chunks.len() > IOV_MAX {
                 chunks.split_off(IOV_MAX)
