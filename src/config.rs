@@ -183,6 +183,15 @@ pub struct Config {
     /// an executor thread and an I/O core share a CPU and both are busy, the scheduler
     /// shares it by these weights; raise it to favour the I/O cores. Default 0.
     pub task_nice: i32,
+    /// TLS certificate chain, PEM (the certificate first). With `tls_key` set too,
+    /// every listener on `bind` speaks TLS 1.2 and 1.3 (`wss://`, `https://`). Read at
+    /// start and again on SIGHUP. Default empty: no TLS.
+    pub tls_cert: String,
+    /// TLS private key, PEM: PKCS#8, RSA (PKCS#1) or EC (SEC1). Default empty.
+    pub tls_key: String,
+    /// A second, plain (no TLS) listener beside the TLS one, e.g. for health checks
+    /// inside a cluster: `IP:PORT`. Default empty: none. Needs `tls_cert`.
+    pub plain_bind: String,
 }
 
 impl Default for Config {
@@ -211,6 +220,9 @@ impl Default for Config {
             task_threads: 1,
             task_queue_capacity: 10_000,
             task_nice: 0,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            plain_bind: String::new(),
         }
     }
 }
@@ -228,7 +240,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 23] = [
+pub const FIELDS: [&str; 26] = [
     "bind",
     "workers",
     "io_backend",
@@ -252,6 +264,9 @@ pub const FIELDS: [&str; 23] = [
     "task_threads",
     "task_queue_capacity",
     "task_nice",
+    "tls_cert",
+    "tls_key",
+    "plain_bind",
 ];
 
 /// The largest `workers` accepted.
@@ -330,6 +345,17 @@ impl Config {
             "task_threads" => self.task_threads = whole(value)?,
             "task_queue_capacity" => self.task_queue_capacity = whole(value)?,
             "task_nice" => self.task_nice = whole(value)?,
+            "tls_cert" => self.tls_cert = value.trim().to_owned(),
+            "tls_key" => self.tls_key = value.trim().to_owned(),
+            "plain_bind" => {
+                let value = value.trim();
+                if !value.is_empty() {
+                    value.parse::<SocketAddr>().map_err(|_| {
+                        format!("not an address: {value:?} (expected IP:PORT, e.g. 10.0.0.5:9002)")
+                    })?;
+                }
+                self.plain_bind = value.to_owned();
+            }
             _ => return Err(format!("unknown setting {field:?}")),
         }
         Ok(name)
@@ -372,6 +398,9 @@ impl Config {
             "task_threads" => int(self.task_threads),
             "task_queue_capacity" => int(self.task_queue_capacity),
             "task_nice" => Value::Integer(i64::from(self.task_nice)),
+            "tls_cert" => Value::String(self.tls_cert.clone()),
+            "tls_key" => Value::String(self.tls_key.clone()),
+            "plain_bind" => Value::String(self.plain_bind.clone()),
             _ => return None,
         };
         Some(value.to_string())
@@ -423,7 +452,55 @@ impl Config {
         if !self.redis_url.is_empty() {
             check_redis_url(&self.redis_url).map_err(|e| ConfigError(format!("redis_url: {e}")))?;
         }
+        match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
+            (false, true) => {
+                return Err(ConfigError(
+                    "tls_cert is set but tls_key is not: TLS needs both".into(),
+                ));
+            }
+            (true, false) => {
+                return Err(ConfigError(
+                    "tls_key is set but tls_cert is not: TLS needs both".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(plain) = self.plain_bind_addr()? {
+            if self.tls_cert.is_empty() {
+                return Err(ConfigError(
+                    "plain_bind is set without TLS: it is the plain listener beside a TLS \
+                     one (set tls_cert and tls_key, or leave plain_bind empty)"
+                        .into(),
+                ));
+            }
+            if plain == self.bind && plain.port() != 0 {
+                return Err(ConfigError(format!(
+                    "plain_bind = {plain} is the same address as bind"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The certificate and key files, when TLS is configured.
+    pub fn tls_files(&self) -> Option<CertFiles> {
+        (!self.tls_cert.is_empty() && !self.tls_key.is_empty()).then(|| CertFiles {
+            cert: self.tls_cert.clone().into(),
+            key: self.tls_key.clone().into(),
+        })
+    }
+
+    /// [`Config::plain_bind`] as an address, `None` when empty.
+    pub fn plain_bind_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let value = self.plain_bind.trim();
+        if value.is_empty() {
+            return Ok(None);
+        }
+        value.parse().map(Some).map_err(|_| {
+            ConfigError(format!(
+                "plain_bind: not an address: {value:?} (expected IP:PORT)"
+            ))
+        })
     }
 
     /// Values that are accepted but are probably not what was meant, each saying what
@@ -517,6 +594,16 @@ impl Config {
         }
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
+}
+
+/// The files of a TLS certificate and its key ([`Config::tls_cert`],
+/// [`Config::tls_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM: the certificate, then its chain.
+    pub cert: std::path::PathBuf,
+    /// PEM: a PKCS#8, RSA (PKCS#1) or EC (SEC1) private key.
+    pub key: std::path::PathBuf,
 }
 
 /// Where a setting's value came from.

@@ -57,6 +57,17 @@ struct ServeArgs {
     /// redis://127.0.0.1:6379 [default: none, the embedded broker; env RINGSOCKET_REDIS_URL].
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// TLS certificate chain, PEM; with --tls-key, every listener speaks TLS (wss://,
+    /// https://); reloaded on SIGHUP [default: none; env RINGSOCKET_TLS_CERT].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// TLS private key, PEM: PKCS#8, RSA or EC [default: none; env RINGSOCKET_TLS_KEY].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<String>,
+    /// A plain (no TLS) listener beside the TLS one, e.g. for health checks inside a
+    /// cluster [default: none; env RINGSOCKET_PLAIN_BIND].
+    #[arg(long, value_name = "IP:PORT")]
+    plain_bind: Option<String>,
     /// Configuration file [default: ./ringsocket.toml if it exists].
     #[arg(long)]
     config: Option<PathBuf>,
@@ -115,6 +126,9 @@ fn load_config(args: &ServeArgs) -> Result<(Config, Sources), String> {
         ("--workers", "workers", args.workers.map(|w| w.to_string())),
         ("--redis", "redis_url", args.redis.clone()),
         ("--io-backend", "io_backend", args.io_backend.clone()),
+        ("--tls-cert", "tls_cert", args.tls_cert.clone()),
+        ("--tls-key", "tls_key", args.tls_key.clone()),
+        ("--plain-bind", "plain_bind", args.plain_bind.clone()),
         (
             "--task-threads",
             "task_threads",
@@ -137,6 +151,23 @@ fn load_config(args: &ServeArgs) -> Result<(Config, Sources), String> {
             .map_err(|e| e.to_string())?;
     }
     loader.finish().map_err(|e| e.to_string())
+}
+
+/// SIGHUP: reads the TLS certificate and key again; a file that does not load keeps
+/// the certificate served now.
+fn reload_tls(tls: Option<&ringsocket::runtime::tls::TlsAcceptor>) {
+    match tls {
+        None => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+        Some(tls) => match tls.reload() {
+            Ok(()) => tracing::info!(
+                cert = %tls.files().cert.display(),
+                "SIGHUP: TLS certificate reloaded; new handshakes use it"
+            ),
+            Err(e) => {
+                tracing::error!("SIGHUP: TLS certificate not reloaded, keeping the old one: {e}")
+            }
+        },
+    }
 }
 
 fn print_config(args: &ServeArgs) -> Result<(), String> {
@@ -167,28 +198,45 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let server = Server::start(config, Arc::new(app)).map_err(|e| e.to_string())?;
     let addr = server.local_addr();
     let backend = server.backend().name();
     let signal = server.shutdown_signal();
+    let tls = server.tls();
     let handle = signals.handle();
     std::thread::Builder::new()
         .name("ringsocket-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    reload_tls(tls.as_deref());
+                    continue;
+                }
                 // The shutdown first: it must never depend on a log line being written.
                 signal.trigger();
                 tracing::info!(signal = sig, "shutting down: closing connections with 1001");
+                break;
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    let (ws, http) = if server.tls().is_some() {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
+    let plain = match server.plain_addr() {
+        Some(plain) => format!(", without TLS on http://{plain}"),
+        None => String::new(),
+    };
     // Not `println!`: it panics when stdout is a closed pipe.
     let _ = writeln!(
         std::io::stdout(),
-        "ringsocket listening on {addr}: ws://{addr}/echo, ws://{addr}/ws/{{room}}, \
-         POST http://{addr}/publish/{{topic}}, http://{addr}/metrics ({backend} backend)"
+        "ringsocket listening on {addr}: {ws}://{addr}/echo, {ws}://{addr}/ws/{{room}}, \
+         POST {http}://{addr}/publish/{{topic}}, {http}://{addr}/metrics{plain} \
+         ({backend} backend)"
     );
     let result = server.join().map_err(|e| e.to_string());
     handle.close();

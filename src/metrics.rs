@@ -100,6 +100,66 @@ impl CloseReason {
     }
 }
 
+/// Why a TLS handshake failed, as counted in
+/// `ringsocket_tls_handshake_failures_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The first bytes were not a TLS handshake record (plain HTTP on the TLS port, or
+    /// garbage).
+    NotTls,
+    /// A malformed or unexpected TLS message.
+    Protocol,
+    /// No TLS version, cipher suite, group or signature scheme both sides support.
+    Incompatible,
+    /// The client offered ALPN protocols, none of them `http/1.1`.
+    Alpn,
+    /// The client sent an alert (it rejected our certificate, say).
+    AlertReceived,
+    /// The handshake did not finish within the handshake timeout.
+    Timeout,
+    /// The peer closed the connection in the middle of the handshake.
+    Eof,
+    /// Reading or writing the socket failed.
+    Io,
+    /// Anything else rustls refused.
+    Other,
+}
+
+impl TlsFailure {
+    /// Every reason, for the metric's labels.
+    pub const ALL: [TlsFailure; 9] = [
+        Self::NotTls,
+        Self::Protocol,
+        Self::Incompatible,
+        Self::Alpn,
+        Self::AlertReceived,
+        Self::Timeout,
+        Self::Eof,
+        Self::Io,
+        Self::Other,
+    ];
+
+    /// The metric's label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotTls => "not_tls",
+            Self::Protocol => "protocol",
+            Self::Incompatible => "incompatible",
+            Self::Alpn => "alpn",
+            Self::AlertReceived => "alert_received",
+            Self::Timeout => "timeout",
+            Self::Eof => "eof",
+            Self::Io => "io",
+            Self::Other => "other",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
 /// A limit that was reached (ARCHITECTURE.md rule 5: every limit has a metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -236,6 +296,8 @@ pub struct WorkerMetrics {
     /// Broadcast passes per bucket of [`PASS_BUCKETS`] (not cumulative), then `+Inf`.
     passes: [AtomicU64; PASS_BUCKETS.len() + 1],
     pass_nanos: AtomicU64,
+    tls_handshakes: AtomicU64,
+    tls_failures: [AtomicU64; TlsFailure::ALL.len()],
 }
 
 impl WorkerMetrics {
@@ -287,6 +349,16 @@ impl WorkerMetrics {
     /// A limit was reached.
     pub fn limit_hit(&self, limit: Limit) {
         self.limits[limit.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A TLS handshake completed.
+    pub fn tls_handshake(&self) {
+        self.tls_handshakes.fetch_add(1, Relaxed);
+    }
+
+    /// A TLS handshake failed (the connection was closed after an alert).
+    pub fn tls_handshake_failed(&self, reason: TlsFailure) {
+        self.tls_failures[reason.index()].fetch_add(1, Relaxed);
     }
 
     /// A heartbeat ping was sent.
@@ -524,6 +596,26 @@ impl Collector for Metrics {
             HandlerKind::ALL
                 .iter()
                 .map(|k| (k.label(), sum(&|w| &w.handler_panics[k.index()]))),
+        )?;
+        counter(
+            e,
+            "tls_handshakes",
+            "TLS handshakes completed.",
+            sum(&|w| &w.tls_handshakes),
+        )?;
+        family(
+            e,
+            "tls_handshake_failures",
+            "TLS handshakes that failed (the connection was closed, after an alert where \
+             TLS allows one), by reason: not_tls (plain HTTP or garbage on the TLS port), \
+             protocol, incompatible (no common version, suite or group), alpn, \
+             alert_received (the client refused us, e.g. an unknown CA), timeout, eof, io, \
+             other.",
+            MetricType::Counter,
+            "reason",
+            TlsFailure::ALL
+                .iter()
+                .map(|r| (r.label(), sum(&|w| &w.tls_failures[r.index()]))),
         )?;
         let mut buckets: Vec<(f64, u64)> = PASS_BUCKETS
             .iter()

@@ -221,7 +221,9 @@ async fn serve(
             // Accepts are deferred until the client's first bytes are in (see
             // `listener`), so the first read finds them: take them now, without an
             // io_uring read and the turn of the core it costs.
-            let ready = if first && idle {
+            // Not on TLS: its read answers the handshake on the way (and takes what
+            // is there without waiting while the handshake runs).
+            let ready = if first && idle && stream.tls().is_none() {
                 read_ready(stream, &mut bufs)
             } else {
                 None
@@ -238,6 +240,13 @@ async fn serve(
                 ReadOutcome::Eof if idle && !first => return Ok(CloseReason::HttpDone),
                 ReadOutcome::Eof => return Ok(CloseReason::PeerGone),
                 ReadOutcome::Timeout if idle && !first => return Ok(CloseReason::HttpDone),
+                ReadOutcome::Timeout if stream.tls().is_some_and(|tls| tls.is_handshaking()) => {
+                    if let Some(tls) = stream.tls() {
+                        tls.handshake_timed_out();
+                    }
+                    tracing::debug!(%peer, "TLS handshake not complete within the handshake timeout");
+                    return Ok(CloseReason::HandshakeTimeout);
+                }
                 ReadOutcome::Timeout => {
                     tracing::debug!(%peer, "request head not complete within the handshake timeout");
                     let response = Response::error(408, "request head not received in time");

@@ -24,6 +24,7 @@ mod registry;
 pub mod service;
 mod session;
 pub mod shutdown;
+pub mod tls;
 mod uring;
 mod worker;
 mod ws;
@@ -103,6 +104,9 @@ pub enum ServeError {
     Config(String),
     /// A worker thread could not be started or died.
     Worker(String),
+    /// The TLS certificate or key could not be loaded; the text names the file and
+    /// the cause.
+    Tls(String),
 }
 
 impl fmt::Display for ServeError {
@@ -112,6 +116,7 @@ impl fmt::Display for ServeError {
             Self::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
             Self::Config(why) => write!(f, "invalid configuration: {why}"),
             Self::Worker(why) => write!(f, "worker failed: {why}"),
+            Self::Tls(why) => write!(f, "TLS: {why}"),
         }
     }
 }
@@ -154,10 +159,27 @@ impl Server {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
+        let tls = match config.tls_files() {
+            Some(files) => Some(Arc::new(
+                tls::TlsAcceptor::new(files).map_err(ServeError::Tls)?,
+            )),
+            None => None,
+        };
         let backend = choose_backend(config.io_backend)?;
         let n = config.worker_count();
         let (listeners, addr) = listener::bind_all(config.bind, n, config.defer_accept_secs)
             .map_err(|e| ServeError::Bind(config.bind, e))?;
+        let plain_bind = config
+            .plain_bind_addr()
+            .map_err(|e| ServeError::Config(e.0))?;
+        let (plain_listeners, plain_addr) = match plain_bind {
+            Some(plain) => {
+                let (listeners, bound) = listener::bind_all(plain, n, config.defer_accept_secs)
+                    .map_err(|e| ServeError::Bind(plain, e))?;
+                (listeners.into_iter().map(Some).collect(), Some(bound))
+            }
+            None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
+        };
         service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
         let metrics = Metrics::new(n, backend.name());
@@ -176,11 +198,15 @@ impl Server {
         let open_global = Arc::new(AtomicUsize::new(0));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = Vec::with_capacity(n);
-        for (index, listener) in listeners.into_iter().enumerate() {
+        for (index, (listener, plain_listener)) in
+            listeners.into_iter().zip(plain_listeners).enumerate()
+        {
             let spec = worker::WorkerSpec {
                 index,
                 core: (!cores.is_empty()).then(|| cores[index % cores.len()]),
                 listener,
+                plain_listener,
+                tls: tls.clone(),
                 config: config.clone(),
                 service: service.clone(),
                 cx: cx.clone(),
@@ -196,9 +222,14 @@ impl Server {
                 .map_err(|e| ServeError::Worker(e.to_string()))?;
             threads.push(thread);
         }
-        tracing::info!(%addr, workers = n, io_backend = backend.name(), task_threads = config.task_threads, "listening");
+        tracing::info!(%addr, tls = tls.is_some(), workers = n, io_backend = backend.name(), task_threads = config.task_threads, "listening");
+        if let Some(plain) = plain_addr {
+            tracing::info!(%plain, "listening without TLS too (plain_bind)");
+        }
         Ok(RunningServer {
             addr,
+            plain_addr,
+            tls,
             backend,
             signal,
             threads,
@@ -214,6 +245,8 @@ impl Server {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    plain_addr: Option<SocketAddr>,
+    tls: Option<Arc<tls::TlsAcceptor>>,
     backend: Backend,
     signal: Arc<ShutdownSignal>,
     threads: Vec<JoinHandle<Result<(), String>>>,
@@ -227,6 +260,28 @@ impl RunningServer {
     /// The address the server listens on (with the port chosen when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the plain listener beside the TLS one (`plain_bind`), if any.
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_addr
+    }
+
+    /// The TLS configuration of the listeners on [`RunningServer::local_addr`], when
+    /// they speak TLS; [`tls::TlsAcceptor::reload`] reads the certificate again.
+    pub fn tls(&self) -> Option<Arc<tls::TlsAcceptor>> {
+        self.tls.clone()
+    }
+
+    /// Reads the TLS certificate and key again (what SIGHUP does in `serve`): new
+    /// handshakes use the new certificate, open connections keep theirs, and a file
+    /// that does not load keeps the old one (the error says why). An error too when
+    /// the server has no TLS.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Err("no TLS configured (tls_cert, tls_key)".into()),
+        }
     }
 
     /// The I/O backend the workers run on.

@@ -17,10 +17,12 @@ use super::buf::BufPool;
 use super::conn::drive;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Listener;
+use super::core::transport::Stream;
 use super::ctx::WorkerCtx;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
+use super::tls::{TlsAcceptor, TlsStream};
 use super::uring::{self, Ring};
 use super::{Backend, epoll};
 use crate::config::Config;
@@ -32,6 +34,10 @@ pub(crate) struct WorkerSpec {
     pub(crate) index: usize,
     pub(crate) core: Option<core_affinity::CoreId>,
     pub(crate) listener: std::net::TcpListener,
+    /// The plain listener beside a TLS one (`plain_bind`).
+    pub(crate) plain_listener: Option<std::net::TcpListener>,
+    /// The TLS configuration of `listener`, when it speaks TLS.
+    pub(crate) tls: Option<Arc<TlsAcceptor>>,
     pub(crate) config: Arc<Config>,
     pub(crate) service: Arc<dyn Service>,
     pub(crate) cx: Context,
@@ -97,20 +103,26 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         .map_err(|e| format!("worker {} cannot start its runtime: {e}", spec.index))?;
     let local = tokio::task::LocalSet::new();
     let served = local.block_on(&runtime, async move {
-        let listener = match ring {
-            Some(ring) => {
-                ring.start()
-                    .map_err(|e| format!("worker {} cannot poll its io_uring: {e}", spec.index))?;
-                Listener::Uring(uring::net::TcpListener::from_std(spec.listener))
-            }
-            None => Listener::Epoll(epoll::TcpListener::from_std(spec.listener).map_err(|e| {
-                format!(
-                    "worker {} cannot register its listener with epoll: {e}",
-                    spec.index
-                )
-            })?),
+        if let Some(ring) = ring {
+            ring.start()
+                .map_err(|e| format!("worker {} cannot poll its io_uring: {e}", spec.index))?;
+        }
+        let open = |listener: std::net::TcpListener| match spec.backend {
+            Backend::IoUring => Ok(Listener::Uring(uring::net::TcpListener::from_std(listener))),
+            Backend::Epoll => epoll::TcpListener::from_std(listener)
+                .map(Listener::Epoll)
+                .map_err(|e| {
+                    format!(
+                        "worker {} cannot register its listener with epoll: {e}",
+                        spec.index
+                    )
+                }),
         };
-        let listener = Rc::new(listener);
+        // The main listener (TLS when configured), then the plain one beside it.
+        let mut listeners = vec![(Rc::new(open(spec.listener)?), spec.tls.clone())];
+        if let Some(plain) = spec.plain_listener {
+            listeners.push((Rc::new(open(plain)?), None));
+        }
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
             service: spec.service,
@@ -146,23 +158,27 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             }
         });
         tracing::debug!(worker = spec.index, "worker accepting");
-        for _ in 0..ACCEPTS_IN_FLIGHT {
-            tokio::task::spawn_local(accept_loop(
-                listener.clone(),
-                ctx.clone(),
-                spec.signal.clone(),
-                spec.index,
-            ));
+        for (listener, tls) in &listeners {
+            for _ in 0..ACCEPTS_IN_FLIGHT {
+                tokio::task::spawn_local(accept_loop(
+                    listener.clone(),
+                    tls.clone(),
+                    ctx.clone(),
+                    spec.signal.clone(),
+                    spec.index,
+                ));
+            }
         }
         spec.signal.wait().await;
-        // Stop accepting: wake the accepts still in flight; the socket closes once the
-        // accept loops, which see the signal too, have let go of it.
-        // SAFETY: the descriptor belongs to `listener`, which is alive here; shutdown(2)
-        // on it has no memory effects.
-        unsafe {
-            libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
+        // Stop accepting: wake the accepts still in flight; the sockets close once the
+        // accept loops, which see the signal too, have let go of them.
+        for (listener, _) in listeners {
+            // SAFETY: the descriptor belongs to `listener`, which is alive here;
+            // shutdown(2) on it has no memory effects.
+            unsafe {
+                libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
+            }
         }
-        drop(listener);
         ctx.shutting_down.set(true);
         ctx.shutdown.notify_waiters();
         ctx.sessions.borrow().shut_down_all();
@@ -206,6 +222,7 @@ const ACCEPTS_IN_FLIGHT: usize = 4;
 /// Accepts connections until the shutdown signal, each served by a task of its own.
 async fn accept_loop(
     listener: Rc<Listener>,
+    tls: Option<Arc<TlsAcceptor>>,
     ctx: Rc<WorkerCtx>,
     signal: Arc<ShutdownSignal>,
     worker: usize,
@@ -214,6 +231,20 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let stream = match &tls {
+                        None => stream,
+                        Some(tls) => match tls.session() {
+                            Ok(session) => Stream::Tls(Box::new(TlsStream::new(
+                                stream,
+                                session,
+                                ctx.metrics.clone(),
+                            ))),
+                            Err(e) => {
+                                tracing::warn!(worker, %peer, error = %e, "cannot start a TLS session");
+                                continue;
+                            }
+                        },
+                    };
                     let open = ctx.open_global.fetch_add(1, Ordering::Relaxed);
                     let over_limit = open >= ctx.config.max_connections;
                     tokio::task::spawn_local(drive(stream, peer, ctx.clone(), over_limit));
@@ -261,6 +292,8 @@ mod tests {
             index: 3,
             core: None,
             listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            plain_listener: None,
+            tls: None,
             config: config.clone(),
             service: Arc::new(NotFound),
             cx: Context {

@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod redis;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -6,7 +6,10 @@
 //!   writes it (the one writer of a connection).
 //! - [`transport`]: the seam between the core and a socket (non-blocking writes).
 //! - [`timers`]: heartbeat, pong, idle and close timeouts.
+//! - [`tls`]: a TLS session (rustls, unbuffered): ciphertext in, plaintext and
+//!   ciphertext out.
 
 pub(crate) mod outbox;
 pub(crate) mod timers;
+pub(crate) mod tls;
 pub(crate) mod transport;

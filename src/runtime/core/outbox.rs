@@ -203,7 +203,9 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
             return false;
         }
         conn.drain_transmit(iov);
-        if iov.is_empty() {
+        // TLS ciphertext the socket did not take goes out with this write, first.
+        let backlog = self.socket.as_ref().map_or(0, Transport::backlog);
+        if iov.is_empty() && backlog == 0 {
             return false;
         }
         self.phase = WritePhase::Waiting;
@@ -376,7 +378,8 @@ impl<F: FeedHandle, T: Transport> Outbox<F, T> {
             // Whatever was not written goes to the driver.
             done.queued += self.give_owed(conn, ended, feed, 0).queued;
         }
-        done.wake_driver = conn.pending_output() > 0;
+        let backlog = self.socket.as_ref().map_or(0, Transport::backlog);
+        done.wake_driver = conn.pending_output() > 0 || backlog > 0;
         done
     }
 }

@@ -14,8 +14,11 @@
 //!   Stream::Epoll: readiness on the core's tokio reactor, then the system call (`epoll`)
 //! ```
 //!
-//! A TLS layer goes here too: bytes in from `read` are decrypted before the core sees
-//! them, and what the core writes is encrypted before `try_write`/`writev`.
+//! TLS sits here too (`Stream::Tls`, in front of a socket of either backend): what
+//! `read_boxed` returns is decrypted, and what the core hands `try_write` or `writev`
+//! is encrypted first (`runtime::tls`). Ciphertext the socket did not take waits in
+//! the TLS session, goes out before anything else, and shows as
+//! [`Transport::backlog`], so the outbox has the driver write it.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -27,7 +30,7 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
 
-use crate::runtime::{epoll, uring};
+use crate::runtime::{epoll, tls, uring};
 
 /// A socket the outbox can write to without waiting.
 pub(crate) trait Transport {
@@ -45,6 +48,12 @@ pub(crate) trait Transport {
     ///
     /// `key` must be what [`Transport::key`] returned for this transport.
     unsafe fn try_write(&self, key: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize>;
+
+    /// Bytes this transport still has to send of what it was given (TLS ciphertext the
+    /// socket did not take): the driver's write that waits for room sends them.
+    fn backlog(&self) -> usize {
+        0
+    }
 }
 
 /// A read in flight: the bytes read (0: the peer closed) and the buffer.
@@ -57,6 +66,8 @@ pub(crate) enum Stream {
     /// Readiness from the core's epoll (tokio's reactor). Boxed: the io_uring
     /// backend's connections do not pay for its size.
     Epoll(Box<epoll::TcpStream>),
+    /// TLS over a socket of either backend (never over another `Tls`).
+    Tls(Box<tls::TlsStream>),
 }
 
 impl Stream {
@@ -73,15 +84,47 @@ impl Stream {
                 match &*stream {
                     Self::Uring(stream) => stream.read(buf).await,
                     // A stream's backend is fixed when it is created.
-                    Self::Epoll(_) => (Err(io::Error::other("backend mismatch")), buf),
+                    _ => (Err(io::Error::other("backend mismatch")), buf),
                 }
             }),
             Self::Epoll(_) => Box::pin(async move {
                 match &*stream {
                     Self::Epoll(stream) => stream.read(buf).await,
-                    Self::Uring(_) => (Err(io::Error::other("backend mismatch")), buf),
+                    _ => (Err(io::Error::other("backend mismatch")), buf),
                 }
             }),
+            Self::Tls(_) => Box::pin(async move {
+                match &*stream {
+                    Self::Tls(stream) => stream.read(buf).await,
+                    _ => (Err(io::Error::other("backend mismatch")), buf),
+                }
+            }),
+        }
+    }
+
+    /// A read of the socket itself, below TLS (for `TlsStream`).
+    pub(crate) async fn read_plain(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        match self {
+            Self::Uring(stream) => stream.read(buf).await,
+            Self::Epoll(stream) => stream.read(buf).await,
+            Self::Tls(_) => (Err(io::Error::other("TLS over TLS")), buf),
+        }
+    }
+
+    /// A write to the socket itself, below TLS (for `TlsStream`).
+    pub(crate) async fn write_plain(&self, chunks: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
+        match self {
+            Self::Uring(stream) => stream.writev(chunks).await,
+            Self::Epoll(stream) => stream.writev(chunks).await,
+            Self::Tls(_) => (Err(io::Error::other("TLS over TLS")), chunks),
+        }
+    }
+
+    /// The TLS layer, on a TLS connection.
+    pub(crate) fn tls(&self) -> Option<&tls::TlsStream> {
+        match self {
+            Self::Tls(stream) => Some(stream),
+            _ => None,
         }
     }
 
@@ -91,6 +134,7 @@ impl Stream {
         match self {
             Self::Uring(stream) => stream.writev(chunks).await,
             Self::Epoll(stream) => stream.writev(chunks).await,
+            Self::Tls(stream) => stream.writev(chunks).await,
         }
     }
 
@@ -103,6 +147,7 @@ impl Stream {
         match self {
             Self::Uring(stream) => stream.shutdown(how),
             Self::Epoll(stream) => stream.shutdown(how),
+            Self::Tls(stream) => stream.shutdown(how),
         }
     }
 }
@@ -112,6 +157,7 @@ impl AsRawFd for Stream {
         match self {
             Self::Uring(stream) => stream.as_raw_fd(),
             Self::Epoll(stream) => stream.as_raw_fd(),
+            Self::Tls(stream) => stream.as_raw_fd(),
         }
     }
 }
@@ -157,6 +203,9 @@ impl Transport for Socket {
 
     unsafe fn try_write(&self, key: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
         debug_assert_eq!(key, self.as_raw_fd());
+        if let Stream::Tls(tls) = &**self {
+            return tls.try_write(slices);
+        }
         // SAFETY: `key` is the descriptor of the stream `self` points to (the caller's
         // contract), which this `Rc` keeps alive for the whole call (it is closed
         // only once the stream and its io_uring operations are gone); the borrow does
@@ -169,6 +218,13 @@ impl Transport for Socket {
             // copying and checking a message header and an iovec array.
             [one] => socket.send_with_flags(one, flags),
             many => socket.send_vectored_with_flags(many, flags),
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        match &**self {
+            Stream::Tls(tls) => tls.backlog(),
+            _ => 0,
         }
     }
 }
