@@ -6,6 +6,13 @@
 #
 #   bash tests/conformance/run.sh            # check
 #   UPDATE_EXPECTED=1 bash tests/conformance/run.sh   # rewrite expected.txt
+#   CONFORMANCE_TLS=1 bash tests/conformance/run.sh   # the same over TLS
+#
+# kosoku has no wss:// (it refuses the scheme). Over TLS, the server gets a throwaway
+# certificate (examples/test_cert.rs, made by rcgen at run time) and kosoku talks to
+# socat, which opens a TLS connection (OpenSSL, verifying the test CA) to the server
+# for each of kosoku's connections: every byte the server reads and writes then goes
+# through its TLS layer.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -20,22 +27,42 @@ fi
 cargo build --release --quiet --bin ringsocket
 
 work=$(mktemp -d)
+tls_flags=()
+if [ "${CONFORMANCE_TLS:-0}" = 1 ]; then
+    command -v socat >/dev/null || {
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat
+    }
+    cargo run --quiet --release --example test_cert -- "$work/certs" >/dev/null
+    tls_flags=(--tls-cert "$work/certs/cert.pem" --tls-key "$work/certs/key.pem")
+fi
 # Sections 9.x send messages up to 16 MiB: the conformance server raises the message
 # limit (default 1 MiB) and the outbound queue limit (default 4 MiB) for them.
 ./target/release/ringsocket serve --bind 127.0.0.1:0 --workers 2 \
     --set max_message_size=67108864 --set max_frame_size=67108864 \
-    --set max_outbound_bytes=268435456 >"$work/server.log" 2>&1 &
+    --set max_outbound_bytes=268435456 "${tls_flags[@]}" >"$work/server.log" 2>&1 &
 server=$!
-trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+bridge=""
+trap 'kill "$server" $bridge 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 url=""
 for _ in $(seq 1 100); do
-    url=$(grep -o 'ws://[^ ]*/echo' "$work/server.log" | head -n 1 || true)
+    url=$(grep -o 'wss\?://[^ ]*/echo' "$work/server.log" | head -n 1 || true)
     [ -n "$url" ] && break
     kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; echo "server exited"; exit 1; }
     sleep 0.1
 done
 [ -n "$url" ] || { cat "$work/server.log"; echo "server did not start"; exit 1; }
+if [ "${CONFORMANCE_TLS:-0}" = 1 ]; then
+    port=${url#wss://127.0.0.1:}
+    port=${port%%/*}
+    bridge_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    socat "TCP-LISTEN:$bridge_port,bind=127.0.0.1,fork,reuseaddr" \
+        "OPENSSL:localhost:$port,cafile=$work/certs/ca.pem" 2>"$work/socat.log" &
+    bridge=$!
+    sleep 0.3
+    echo "over TLS: kosoku -> socat (127.0.0.1:$bridge_port) -> $url"
+    url="ws://127.0.0.1:$bridge_port/echo"
+fi
 echo "kosoku against $url $(grep -o '([a-z_]* backend)' "$work/server.log" | head -n 1)"
 
 "$VENV/bin/kosoku" "$url" -p 4 -x '12.*' -x '13.*' -o "$work/reports" >"$work/kosoku.log" 2>&1 || true
