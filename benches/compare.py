@@ -11,6 +11,14 @@ output folder; the table holds medians and the ratios ringsocket / peer.
     python3 benches/compare.py --reps 3 --out target/bench-results
     python3 benches/compare.py --reps 3 --scenarios e_1k_100 f_1k_ramp e_10k_100 f_10k_ramp \
         --out target/bench-results-broadcast
+    cargo run --release --example test_cert -- target/certs
+    python3 benches/compare.py --reps 3 --tls target/certs --only ringsocket ringsocket-epoll bun \
+        --out target/bench-results-tls
+
+With --tls DIR (cert.pem, key.pem, ca.pem as examples/test_cert.rs writes them) the
+servers that can serve TLS are given the certificate (ringsocket: --tls-cert/--tls-key;
+Bun: TLS_CERT/TLS_KEY, its `tls` option) and the load generator connects with wss://
+and --ca; each handshake is a full one (the bench does not resume sessions).
 """
 
 import argparse
@@ -170,16 +178,28 @@ def wait_quiet(limit=1800.0):
         time.sleep(10.0)
 
 
-def run_one(bench, name, argv_for, path, scenario, port, outdir, rep, quiet=True):
+TLS_SERVERS = ("ringsocket", "ringsocket-epoll", "baseline", "bun")
+
+
+def run_one(bench, name, argv_for, path, scenario, port, outdir, rep, quiet=True, tls=None):
     waited = wait_quiet() if quiet else 0.0
-    server = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv_for(port)],
+    argv, env, scheme, tls_args = argv_for(port), dict(os.environ), "ws", []
+    if tls:
+        if name not in TLS_SERVERS:
+            raise RuntimeError(f"{name} does not serve TLS")
+        if name == "bun":
+            env["TLS_CERT"], env["TLS_KEY"] = f"{tls}/cert.pem", f"{tls}/key.pem"
+        else:
+            argv += ["--tls-cert", f"{tls}/cert.pem", "--tls-key", f"{tls}/key.pem"]
+        scheme, tls_args = "wss", ["--ca", f"{tls}/ca.pem"]
+    server = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, server)
         time.sleep(0.5)  # let the server settle before reading its RSS
         args = SCENARIOS[scenario]
-        cmd = ["taskset", "-c", CLIENT_CPU, bench, "bench", args[0], f"ws://127.0.0.1:{port}{path}",
-               *args[1:], "--server-pid", str(server.pid), "--json"]
+        cmd = ["taskset", "-c", CLIENT_CPU, bench, "bench", args[0], f"{scheme}://127.0.0.1:{port}{path}",
+               *args[1:], *tls_args, "--server-pid", str(server.pid), "--json"]
         before = cpu_times()
         t0, machine0 = time.time(), busy_secs()
         server0 = process_cpu_secs(server.pid)
@@ -272,6 +292,8 @@ def main():
                         "(a before/after table of a change, in the same run)")
     p.add_argument("--scenarios", nargs="*", default=DEFAULT_SCENARIOS, choices=list(SCENARIOS))
     p.add_argument("--port", type=int, default=9301)
+    p.add_argument("--tls", default=None, metavar="DIR",
+                   help="serve and connect over TLS with DIR/cert.pem, key.pem, ca.pem")
     p.add_argument("--no-quiet-wait", action="store_true",
                    help="do not wait for a quiet machine, nor repeat runs disturbed by other processes "
                         "(to try the script out; the numbers are then not to be quoted)")
@@ -303,7 +325,7 @@ def main():
                 port += 1  # a fresh port: no TIME_WAIT from the previous server
                 for attempt in range(1, 4):
                     r = run_one(a.bench, name, argv_for, path, scenario, port, outdir, rep,
-                                quiet=not a.no_quiet_wait)
+                                quiet=not a.no_quiet_wait, tls=a.tls)
                     if a.no_quiet_wait or r["_other_processes_cpu_percent"] < 10.0:
                         break
                     print(f"  other processes used {r['_other_processes_cpu_percent']} % of a core "

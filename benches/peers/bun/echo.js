@@ -4,9 +4,16 @@
 // with `ringsocket serve --workers 1` on one pinned core.
 const port = Number(process.argv[2] ?? 9004);
 
+// With TLS_CERT and TLS_KEY (PEM files) set, Bun serves wss:// (its `tls` option),
+// for the TLS table of benches/README.md.
+const tls = process.env.TLS_CERT
+  ? { cert: Bun.file(process.env.TLS_CERT), key: Bun.file(process.env.TLS_KEY) }
+  : undefined;
+
 const server = Bun.serve({
   hostname: "127.0.0.1",
   port,
+  tls,
   fetch(req, server) {
     if (server.upgrade(req)) {
       return; // Bun answered the handshake with 101.
@@ -21,4 +28,4 @@ const server = Bun.serve({
   },
 });
 
-console.log(`bun-echo listening on ws://${server.hostname}:${server.port}/`);
+console.log(`bun-echo listening on ${tls ? "wss" : "ws"}://${server.hostname}:${server.port}/`);
