@@ -47,6 +47,9 @@ use crate::metrics::{TlsFailure, WorkerMetrics};
 /// this much more than the outbox counts.
 const TRY_WRITE_PLAINTEXT: usize = 4 * MAX_RECORD_PLAINTEXT;
 
+/// Room for a read while the handshake runs.
+const HANDSHAKE_READ: usize = 4096;
+
 /// Plaintext one waiting write encrypts before it sends.
 const WAIT_WRITE_PLAINTEXT: usize = 4 * MAX_RECORD_PLAINTEXT;
 
@@ -272,8 +275,14 @@ impl TlsStream {
             if self.session.borrow().peer_closed() {
                 return (Ok(0), buf);
             }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(4096);
+            // The handshake's flights are a few KiB (more with post-quantum key
+            // shares): room for them in one read. Afterwards the buffer is the one the
+            // caller's tiers chose (small while idle: what a waiting io_uring read
+            // holds), grown only when it has no room at all.
+            if handshaking && buf.capacity() - buf.len() < HANDSHAKE_READ {
+                buf.reserve(HANDSHAKE_READ);
+            } else if buf.capacity() == buf.len() {
+                buf.reserve(super::buf::SMALL_READ);
             }
             // While the handshake runs the client's flight is usually there already
             // (deferred accepts; the answer to our flight): take it without waiting.
