@@ -381,3 +381,124 @@ async fn plain_bind_serves_without_tls_beside_the_tls_listener() {
     .await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
+
+/// `ringsocket bench` over wss://: `bench connect` opens 200 connections, each with a
+/// full TLS handshake (no resumption), and `bench echo` runs briefly, trusting the test
+/// CA (`--ca`) and then any certificate (`--insecure`, to 127.0.0.1), with no failure
+/// of any kind. A CA that did not sign the server's certificate makes every connection
+/// fail as a TLS handshake failure; with neither option, and for `bench broadcast`, the
+/// command refuses to start and says why.
+#[test]
+fn bench_connect_and_echo_over_wss() {
+    let ca = TestCa::new("bench");
+    let server = tls_server(&ca, |_| {});
+    let port = server.local_addr().port();
+    let ca_file = ca.ca_file();
+    let ca_file = ca_file.to_str().unwrap();
+    let bench = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringsocket"))
+            .arg("bench")
+            .args(args)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let handshakes = || {
+        let text = server.metrics().render();
+        counter(&text, "ringsocket_tls_handshakes_total")
+    };
+
+    let trusts: [(&str, &[&str]); 2] = [
+        ("localhost", &["--ca", ca_file]),
+        ("127.0.0.1", &["--insecure"]),
+    ];
+    for (host, trust) in trusts {
+        let url = format!("wss://{host}:{port}/echo");
+        let before = handshakes();
+        let mut args = vec!["connect", url.as_str(), "--conns", "200", "--hold", "0.2"];
+        args.extend(["--concurrency", "32", "--json"]);
+        args.extend(trust);
+        let report = json(&bench(&args));
+        assert_eq!(report["tls"], true, "{report}");
+        assert_eq!(report["opened"], 200, "{report}");
+        assert_eq!(report["failed"], 0, "{report}");
+        assert_eq!(report["dropped"], 0, "{report}");
+        assert_eq!(report["close_failures"], 0, "{report}");
+        assert!(handshakes() >= before + 200, "{}", handshakes() - before);
+
+        let mut args = vec!["echo", url.as_str(), "--conns", "4", "--inflight", "4"];
+        args.extend(["--duration", "0.3", "--warmup", "0.1", "--binary", "--json"]);
+        args.extend(trust);
+        let report = json(&bench(&args));
+        assert_eq!(report["tls"], true, "{report}");
+        assert!(report["messages"].as_u64().unwrap() > 0, "{report}");
+        for field in ["errors", "mismatches", "unanswered", "close_failures"] {
+            assert_eq!(report[field], 0, "{field}: {report}");
+        }
+    }
+
+    // `--tls` on a ws:// URL speaks TLS too.
+    let url = format!("ws://localhost:{port}/echo");
+    let out = bench(&["connect", &url, "--conns", "4", "--hold", "0", "--tls"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pass --ca FILE") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    let report = json(&bench(&[
+        "connect", &url, "--conns", "4", "--hold", "0", "--tls", "--ca", ca_file, "--json",
+    ]));
+    assert_eq!(report["opened"], 4, "{report}");
+
+    // Neither --ca nor --insecure: refused before any connection, for both modes.
+    let url = format!("wss://localhost:{port}/echo");
+    for mode in ["connect", "echo"] {
+        let out = bench(&[mode, &url]);
+        assert!(!out.status.success(), "{mode}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("pass --ca FILE") && stderr.contains("--insecure"),
+            "{mode}: {stderr}"
+        );
+    }
+
+    // Another CA: the certificate is really checked, and the failure is named.
+    let other = TestCa::new("bench-other");
+    let other_file = other.ca_file();
+    let out = bench(&[
+        "connect",
+        &url,
+        "--conns",
+        "3",
+        "--hold",
+        "0",
+        "--ca",
+        other_file.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("3 of 3 connections") && stderr.contains("TLS handshake failed"),
+        "{stderr}"
+    );
+
+    // Broadcast keeps to plain TCP, and says so rather than failing later.
+    let room = format!("wss://localhost:{port}/ws/news");
+    let out = bench(&["broadcast", &room, "--insecure"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bench broadcast does not speak TLS yet"),
+        "{stderr}"
+    );
+}

@@ -1,16 +1,20 @@
-//! One client connection: TCP from tokio, the opening handshake and the frames from the
-//! client role of [`crate::proto`] ([`ClientRequest`], [`Connection::client`]).
+//! One client connection: TCP from tokio (with TLS from tokio-rustls over it for
+//! `wss://`), the opening handshake and the frames from the client role of
+//! [`crate::proto`] ([`ClientRequest`], [`Connection::client`]).
 
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::target::Target;
+use super::tls::Tls;
 use crate::proto::{
     ClientHandshakeError, ClientRequest, CloseCode, Connection, Event, HandshakeLimits, Limits,
 };
@@ -18,8 +22,99 @@ use crate::proto::{
 /// An open WebSocket connection in the client role.
 #[derive(Debug)]
 pub(crate) struct Client {
-    pub stream: TcpStream,
+    pub stream: BenchStream,
     pub conn: Connection,
+}
+
+/// A client's byte stream: plain TCP, or TLS over TCP. Both read and write through
+/// tokio's traits, so the scenarios need not know which; `bench broadcast`, which
+/// takes the socket out of tokio, needs [`BenchStream::into_plain`].
+#[derive(Debug)]
+pub(crate) enum BenchStream {
+    Plain(TcpStream),
+    /// Boxed: a TLS session holds its state and buffers, a `TcpStream` a few words.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl BenchStream {
+    /// The TCP stream of a plain connection; an error for a TLS one, whose bytes on
+    /// the socket are records that only the TLS session can read.
+    pub fn into_plain(self) -> io::Result<TcpStream> {
+        match self {
+            Self::Plain(stream) => Ok(stream),
+            Self::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TLS connection has no plain TCP stream to hand over",
+            )),
+        }
+    }
+}
+
+impl AsyncRead for BenchStream {
+    /// Reads plaintext. A TLS peer that closes TCP without a close_notify alert ends
+    /// the stream (a read of 0), as a plain one would, rather than failing the read:
+    /// servers commonly do so right after the WebSocket Close, and the scenarios tell
+    /// a close without a Close frame (1006) from a failed read.
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tls(stream) => match Pin::new(&mut **stream).poll_read(cx, buf) {
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for BenchStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::Tls(stream) => Pin::new(&mut **stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Self::Tls(stream) => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(stream) => stream.is_write_vectored(),
+            Self::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tls(stream) => Pin::new(&mut **stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Tls(stream) => Pin::new(&mut **stream).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Why a connection could not be opened, worded as a cause to count.
@@ -27,6 +122,9 @@ pub(crate) struct Client {
 pub(crate) enum OpenError {
     /// `socket`, `bind` or `connect` failed.
     Connect(SocketAddr, io::Error),
+    /// The TLS handshake failed: the certificate was refused, no common version or
+    /// suite, or the connection broke during it.
+    Tls(io::Error),
     /// The server refused or botched the handshake.
     Handshake(ClientHandshakeError),
     /// The server closed the connection before its handshake response was complete.
@@ -54,6 +152,7 @@ impl fmt::Display for OpenError {
                     _ => Ok(()),
                 }
             }
+            Self::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             Self::Handshake(ClientHandshakeError::Status(status, reason)) => {
                 write!(f, "handshake refused: HTTP {status} {reason}")
             }
@@ -72,21 +171,26 @@ impl fmt::Display for OpenError {
     }
 }
 
-/// Connects to `target` (from `source` if given), performs the opening handshake with
-/// a random key and returns the connection, with any frames that followed the
-/// response already handed to it.
+/// Connects to `target` (from `source` if given), performs the TLS handshake when `tls`
+/// is given, then the opening handshake with a random key, and returns the
+/// connection, with any frames that followed the response already handed to it.
 pub(crate) async fn open(
     target: &Target,
+    tls: Option<&Tls>,
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<Client, OpenError> {
-    match tokio::time::timeout(timeout, open_inner(target, source)).await {
+    match tokio::time::timeout(timeout, open_inner(target, tls, source)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Timeout(timeout)),
     }
 }
 
-async fn open_inner(target: &Target, source: Option<IpAddr>) -> Result<Client, OpenError> {
+async fn open_inner(
+    target: &Target,
+    tls: Option<&Tls>,
+    source: Option<IpAddr>,
+) -> Result<Client, OpenError> {
     let addr = target.addr;
     let connect_err = |e| OpenError::Connect(addr, e);
     let socket = if addr.is_ipv4() {
@@ -98,8 +202,19 @@ async fn open_inner(target: &Target, source: Option<IpAddr>) -> Result<Client, O
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0)).map_err(connect_err)?;
     }
-    let mut stream = socket.connect(addr).await.map_err(connect_err)?;
-    stream.set_nodelay(true).map_err(connect_err)?;
+    let tcp = socket.connect(addr).await.map_err(connect_err)?;
+    tcp.set_nodelay(true).map_err(connect_err)?;
+    let mut stream = match tls {
+        None => BenchStream::Plain(tcp),
+        Some(tls) => {
+            let session = tls
+                .connector
+                .connect(tls.server_name.clone(), tcp)
+                .await
+                .map_err(OpenError::Tls)?;
+            BenchStream::Tls(Box::new(session))
+        }
+    };
 
     let mut key = [0u8; 16];
     let mut mask_seed = [0u8; 32];
@@ -114,6 +229,7 @@ async fn open_inner(target: &Target, source: Option<IpAddr>) -> Result<Client, O
     }
     .encode(key, &mut out);
     stream.write_all(&out).await.map_err(OpenError::Io)?;
+    stream.flush().await.map_err(OpenError::Io)?;
 
     let limits = HandshakeLimits::default();
     let mut buf = BytesMut::with_capacity(512);
@@ -133,12 +249,13 @@ async fn open_inner(target: &Target, source: Option<IpAddr>) -> Result<Client, O
 }
 
 impl Client {
-    /// Writes everything the connection has queued.
+    /// Writes everything the connection has queued, and pushes it onto the socket:
+    /// TLS may keep records back until flushed (for plain TCP the flush does nothing).
     pub async fn flush(&mut self) -> io::Result<()> {
         while let Some(chunk) = self.conn.poll_transmit() {
             self.stream.write_all(&chunk).await?;
         }
-        Ok(())
+        self.stream.flush().await
     }
 
     /// Starts the closing handshake with 1000 and waits up to `timeout` for the

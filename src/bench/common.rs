@@ -1,6 +1,6 @@
 //! The options every scenario shares: load generator threads, source addresses,
-//! timeouts and the server's pid (flattened into each mode's options), and the output
-//! options (`--json`, `--compare`, `--plot`).
+//! timeouts, the server's pid and TLS (flattened into each mode's options), and the
+//! output options (`--json`, `--compare`, `--plot`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +27,21 @@ pub struct CommonOptions {
     /// in connect, its resident memory (VmRSS) per connection.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Speak TLS even to a ws:// URL (a wss:// URL always does; connect and echo only,
+    /// not broadcast yet). Session resumption is off, so every TLS handshake is a full
+    /// one: `bench connect` measures the server's cost of a new client, not of a
+    /// returning one. Needs --ca or --insecure.
+    #[arg(long)]
+    pub tls: bool,
+    /// With TLS: a PEM file of the CA certificate(s) to trust; the server's certificate
+    /// must chain to one of them and name the URL's host.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// With TLS: accept any server certificate (self-signed, expired, another name).
+    /// The handshake's signatures are still checked, so the key exchange is real; only
+    /// who the server is goes unchecked.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl Default for CommonOptions {
@@ -36,6 +51,9 @@ impl Default for CommonOptions {
             source_addrs: 50,
             timeout: 10.0,
             server_pid: None,
+            tls: false,
+            ca: None,
+            insecure: false,
         }
     }
 }
@@ -47,6 +65,11 @@ impl CommonOptions {
             return Err(BenchError::Options("--threads must be at least 1".into()));
         }
         seconds("--timeout", self.timeout)?;
+        if self.ca.is_some() && self.insecure {
+            return Err(BenchError::Options(
+                "--ca and --insecure exclude each other: trust a CA or trust anything".into(),
+            ));
+        }
         Ok(())
     }
 

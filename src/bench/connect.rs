@@ -21,13 +21,15 @@ use super::common::{CommonOptions, seconds};
 use super::compare::{Figure, Summary};
 use super::stats::{self, CpuSample, CpuUsage, LatencySummary, Percentile, thousands};
 use super::target::Target;
+use super::tls::Tls;
 use super::{BenchError, Progress, join_worker, new_runtime};
 use crate::proto::Event;
 
 /// Options of `bench connect`; the defaults are those of the command line.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct ConnectOptions {
-    /// WebSocket URL to connect to, e.g. ws://127.0.0.1:9001/echo.
+    /// WebSocket URL to connect to, e.g. ws://127.0.0.1:9001/echo or
+    /// wss://localhost:9443/echo.
     pub url: String,
     /// Connections to open and hold.
     #[arg(long, default_value_t = 1000)]
@@ -71,6 +73,8 @@ impl ConnectOptions {
 pub struct ConnectReport {
     /// The endpoint.
     pub url: String,
+    /// Whether the connections spoke TLS (a wss:// URL, or --tls).
+    pub tls: bool,
     /// Connections attempted.
     pub conns: usize,
     /// The cap on concurrent handshakes.
@@ -167,7 +171,8 @@ impl Summary for ConnectReport {
 
 impl fmt::Display for ConnectReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "bench connect {}", self.url)?;
+        let tls = if self.tls { " (TLS)" } else { "" };
+        writeln!(f, "bench connect {}{tls}", self.url)?;
         writeln!(
             f,
             "  {} connections, at most {} handshakes at a time, {} thread(s); held {} s",
@@ -208,6 +213,7 @@ impl fmt::Display for ConnectReport {
 pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectReport, BenchError> {
     options.validate()?;
     let target = Arc::new(Target::resolve(&options.url)?);
+    let tls = Tls::for_run(&target, &options.common)?;
     let rss = |pid: u32| {
         stats::rss_kib(pid).ok_or_else(|| {
             BenchError::Options(format!(
@@ -230,6 +236,7 @@ pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectR
             cap: per_thread_cap,
             options: options.clone(),
             target: target.clone(),
+            tls: tls.clone(),
             attempted: attempted.clone(),
         };
         let start_line = start_line.clone();
@@ -318,6 +325,7 @@ pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectR
     };
     Ok(ConnectReport {
         url: options.url.clone(),
+        tls: tls.is_some(),
         conns: options.conns,
         concurrency: options.concurrency,
         threads,
@@ -389,6 +397,8 @@ struct Job {
     cap: usize,
     options: ConnectOptions,
     target: Arc<Target>,
+    /// The run's TLS settings, shared by every thread; `None` for plain TCP.
+    tls: Option<Arc<Tls>>,
     attempted: Arc<AtomicU64>,
 }
 
@@ -440,6 +450,7 @@ impl Job {
             .indices()
             .map(|index| {
                 let target = self.target.clone();
+                let tls = self.tls.clone();
                 let source = target.source_for(index, self.options.common.source_addrs);
                 let permits = permits.clone();
                 let open_stats = open_stats.clone();
@@ -451,7 +462,7 @@ impl Job {
                 tokio::task::spawn_local(async move {
                     let permit = permits.acquire().await;
                     let began = Instant::now();
-                    let result = client::open(&target, source, timeout).await;
+                    let result = client::open(&target, tls.as_deref(), source, timeout).await;
                     let ended = Instant::now();
                     drop(permit);
                     {

@@ -28,6 +28,7 @@ use super::common::{CommonOptions, window};
 use super::compare::{Figure, Summary};
 use super::stats::{self, CpuPerItem, CpuSample, CpuUsage, LatencySummary, Percentile, thousands};
 use super::target::Target;
+use super::tls::Tls;
 use super::{BenchError, Progress, join_worker, new_runtime};
 use crate::proto::Event;
 
@@ -38,7 +39,7 @@ pub const SEQ_BYTES: usize = 8;
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct EchoOptions {
     /// WebSocket URL of an endpoint that echoes every message, e.g.
-    /// ws://127.0.0.1:9001/echo.
+    /// ws://127.0.0.1:9001/echo or wss://localhost:9443/echo.
     pub url: String,
     /// Connections.
     #[arg(long, default_value_t = 100)]
@@ -98,6 +99,8 @@ impl EchoOptions {
 pub struct EchoReport {
     /// The endpoint.
     pub url: String,
+    /// Whether the connections spoke TLS (a wss:// URL, or --tls).
+    pub tls: bool,
     /// Connections.
     pub conns: usize,
     /// Messages in flight per connection.
@@ -186,7 +189,8 @@ impl Summary for EchoReport {
 
 impl fmt::Display for EchoReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "bench echo {}", self.url)?;
+        let tls = if self.tls { " (TLS)" } else { "" };
+        writeln!(f, "bench echo {}{tls}", self.url)?;
         writeln!(
             f,
             "  {} connections × {} in flight, {} B {} messages, {} thread(s); {} s warm-up, {} s measured",
@@ -227,6 +231,7 @@ impl fmt::Display for EchoReport {
 pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, BenchError> {
     options.validate()?;
     let target = Arc::new(Target::resolve(&options.url)?);
+    let tls = Tls::for_run(&target, &options.common)?;
     let received = Arc::new(AtomicU64::new(0));
     let (ready_tx, ready_rx) = mpsc::channel::<Setup>();
     let mut plans = Vec::with_capacity(options.common.threads);
@@ -239,6 +244,7 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
             thread,
             options: options.clone(),
             target: target.clone(),
+            tls: tls.clone(),
             received: received.clone(),
         };
         let ready = ready_tx.clone();
@@ -308,6 +314,7 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
     let secs = options.duration;
     Ok(EchoReport {
         url: options.url.clone(),
+        tls: tls.is_some(),
         conns: options.conns,
         inflight: options.inflight,
         size: options.size,
@@ -395,6 +402,8 @@ struct Job {
     thread: usize,
     options: EchoOptions,
     target: Arc<Target>,
+    /// The run's TLS settings, shared by every thread; `None` for plain TCP.
+    tls: Option<Arc<Tls>>,
     received: Arc<AtomicU64>,
 }
 
@@ -435,11 +444,12 @@ impl Job {
             .step_by(self.options.common.threads)
             .map(|index| {
                 let target = self.target.clone();
+                let tls = self.tls.clone();
                 let permits = permits.clone();
                 let source = target.source_for(index, self.options.common.source_addrs);
                 tokio::task::spawn_local(async move {
                     let _permit = permits.acquire().await;
-                    client::open(&target, source, timeout)
+                    client::open(&target, tls.as_deref(), source, timeout)
                         .await
                         .map_err(|e| e.to_string())
                 })

@@ -2,7 +2,10 @@
 //!
 //! It speaks WebSocket through the client role of the sans-IO core
 //! ([`crate::proto::ClientRequest`], [`crate::proto::Connection::client`]) over plain
-//! tokio TCP, so the frames it sends are those the conformance tests check.
+//! tokio TCP, so the frames it sends are those the conformance tests check. `bench
+//! connect` and `bench echo` also speak TLS (a `wss://` URL, or `--tls`), through
+//! tokio-rustls, trusting the CA of `--ca FILE` or, with `--insecure`, any
+//! certificate; session resumption is off, so every handshake is a full one.
 //!
 //! Scenarios:
 //!
@@ -40,6 +43,7 @@ mod echo;
 mod plot;
 mod stats;
 mod target;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::fmt;

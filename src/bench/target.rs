@@ -1,18 +1,25 @@
-//! The server under test: a `ws://` URL, resolved once, and the source addresses that
-//! spread many connections over loopback.
+//! The server under test: a `ws://` or `wss://` URL, resolved once, and the source
+//! addresses that spread many connections over loopback.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 use super::BenchError;
 
-/// A WebSocket endpoint to load, parsed from a `ws://host[:port][/path][?query]` URL.
+/// A WebSocket endpoint to load, parsed from a `ws://host[:port][/path][?query]` or
+/// `wss://…` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// The URL as given.
     pub url: String,
+    /// Whether the URL says `wss://`: TLS over TCP (`--tls` asks for it on a `ws://`
+    /// URL too).
+    pub tls: bool,
     /// The `Host` header: the URL's authority, `host[:port]`.
     pub host: String,
+    /// The host alone, without port or IPv6 brackets: the TLS server name (sent as SNI
+    /// and the name the certificate must carry; an IP address is allowed).
+    pub server_name: String,
     /// The request target: path and query, at least `/`.
     pub path: String,
     /// The address connected to (the first the host resolves to, IPv4 preferred).
@@ -20,18 +27,16 @@ pub struct Target {
 }
 
 impl Target {
-    /// Parses `url` and resolves its host. `wss://` is refused: the bench speaks plain
-    /// TCP, so that it measures the WebSocket server and not a TLS library.
+    /// Parses `url` and resolves its host. `ws://` defaults to port 80, `wss://` to
+    /// port 443.
     pub fn resolve(url: &str) -> Result<Self, BenchError> {
-        let rest = if let Some(rest) = url.strip_prefix("ws://") {
-            rest
-        } else if url.starts_with("wss://") {
-            return Err(BenchError::Url(format!(
-                "{url}: wss:// is not supported; point the bench at the plain ws:// listener"
-            )));
+        let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("ws://") {
+            (rest, false, 80)
+        } else if let Some(rest) = url.strip_prefix("wss://") {
+            (rest, true, 443)
         } else {
             return Err(BenchError::Url(format!(
-                "{url}: expected ws://host[:port][/path]"
+                "{url}: expected ws://host[:port][/path] or wss://host[:port][/path]"
             )));
         };
         let split = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -44,7 +49,7 @@ impl Target {
             p if p.starts_with('?') => format!("/{p}"),
             p => p.to_owned(),
         };
-        let (host, port) = split_host_port(authority)
+        let (host, port) = split_host_port(authority, default_port)
             .ok_or_else(|| BenchError::Url(format!("{url}: bad host or port {authority:?}")))?;
         let addrs: Vec<SocketAddr> = (host, port)
             .to_socket_addrs()
@@ -58,7 +63,9 @@ impl Target {
             .ok_or_else(|| BenchError::Url(format!("{url}: {host} has no address")))?;
         Ok(Self {
             url: url.to_owned(),
+            tls,
             host: authority.to_owned(),
+            server_name: host.to_owned(),
             path,
             addr,
         })
@@ -89,12 +96,12 @@ impl fmt::Display for Target {
     }
 }
 
-/// Splits `host:port`, `[v6]:port` or `host` (port 80).
-fn split_host_port(authority: &str) -> Option<(&str, u16)> {
+/// Splits `host:port`, `[v6]:port` or `host` (`default_port`).
+fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)> {
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
         let port = match after {
-            "" => 80,
+            "" => default_port,
             p => p.strip_prefix(':')?.parse().ok()?,
         };
         return Some((host, port));
@@ -102,7 +109,7 @@ fn split_host_port(authority: &str) -> Option<(&str, u16)> {
     match authority.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() => Some((host, port.parse().ok()?)),
         Some(_) => None,
-        None => Some((authority, 80)),
+        None => Some((authority, default_port)),
     }
 }
 
@@ -124,13 +131,39 @@ mod tests {
         assert_eq!(t.addr, "[::1]:9001".parse().unwrap());
         let t = Target::resolve("ws://127.0.0.1/").unwrap();
         assert_eq!(t.addr.port(), 80);
+        assert!(!t.tls);
+        assert_eq!(t.server_name, "127.0.0.1");
+    }
+
+    #[test]
+    fn parses_wss_with_its_default_port_and_server_name() {
+        let t = Target::resolve("wss://127.0.0.1/echo").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.addr, "127.0.0.1:443".parse().unwrap());
+        assert_eq!(t.host, "127.0.0.1");
+        assert_eq!(t.server_name, "127.0.0.1");
+        assert_eq!(t.path, "/echo");
+        let t = Target::resolve("wss://localhost:9443?x").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.addr.port(), 9443);
+        assert_eq!(t.host, "localhost:9443");
+        assert_eq!(t.server_name, "localhost");
+        assert_eq!(t.path, "/?x");
+        let t = Target::resolve("wss://[::1]:9443/").unwrap();
+        assert_eq!(t.server_name, "::1");
+        assert_eq!(t.addr, "[::1]:9443".parse().unwrap());
+        let t = Target::resolve("wss://[::1]/").unwrap();
+        assert_eq!(t.addr.port(), 443);
     }
 
     #[test]
     fn refuses_other_schemes_and_bad_ports() {
         for url in [
-            "wss://127.0.0.1/",
+            "https://127.0.0.1/",
             "http://127.0.0.1/",
+            "wss://",
+            "wss://127.0.0.1:x/",
+            "wss://:443/",
             "ws://",
             "ws://127.0.0.1:x/",
             "ws://:80/",

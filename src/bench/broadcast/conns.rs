@@ -255,7 +255,7 @@ impl Job {
                 let source = target.source_for(index, self.options.common.source_addrs);
                 let task = tokio::task::spawn_local(async move {
                     let _permit = permits.acquire().await;
-                    client::open(&target, source, timeout)
+                    client::open(&target, None, source, timeout)
                         .await
                         .map_err(|e| e.to_string())
                 });
@@ -391,7 +391,15 @@ async fn publish(
     shared: Arc<Shared>,
     phase: watch::Receiver<Phase>,
 ) {
-    let Client { mut stream, conn } = client;
+    let Client { stream, conn } = client;
+    // `broadcast` refuses TLS before opening anything, so a publisher is plain TCP.
+    let mut stream = match stream.into_plain() {
+        Ok(stream) => stream,
+        Err(e) => {
+            state.borrow_mut().fail(format!("publisher: {e}"));
+            return;
+        }
+    };
     let conn = RefCell::new(conn);
     let wake = Notify::new();
     let stopping = Cell::new(false);

@@ -489,6 +489,14 @@ pub fn broadcast(
 ) -> Result<BroadcastReport, BenchError> {
     options.validate()?;
     let target = Arc::new(Target::resolve(&options.url)?);
+    // The subscribers' sockets leave tokio for a raw epoll set (`subs`), where TLS
+    // records could not be read; refuse before opening anything.
+    if target.tls || options.common.tls {
+        return Err(BenchError::Options(format!(
+            "{target}: bench broadcast does not speak TLS yet: point it at a plain \
+             listener (plain_bind)"
+        )));
+    }
     let conns = options.subs + options.pubs;
     let threads = options.common.threads.min(conns);
     let shared = Arc::new(Shared::new(options.pubs));

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use super::Phase;
 use super::Shared;
 use super::conns::{ThreadState, receive};
-use crate::bench::client::Client;
+use crate::bench::client::{BenchStream, Client};
 use crate::proto::Connection;
 
 /// Ready sockets taken per `epoll_wait`; the task yields to the thread's timers after
@@ -123,7 +123,8 @@ fn register(clients: Vec<(usize, Client)>) -> io::Result<(AsyncFd<OwnedFd>, Vec<
     let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut subs = Vec::with_capacity(clients.len());
     for (slot, (index, client)) in clients.into_iter().enumerate() {
-        let stream = client.stream.into_std()?;
+        // `broadcast` refuses TLS before opening anything, so a subscriber is plain TCP.
+        let stream = client.stream.into_plain()?.into_std()?;
         stream.set_nonblocking(true)?;
         let mut event = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
@@ -236,7 +237,7 @@ async fn close_all(subs: Vec<Sub>, state: &Rc<RefCell<ThreadState>>) {
         match tokio::net::TcpStream::from_std(sub.stream) {
             Ok(stream) => {
                 let mut client = Client {
-                    stream,
+                    stream: BenchStream::Plain(stream),
                     conn: sub.conn,
                 };
                 closing.push(tokio::task::spawn_local(async move {
