@@ -1,6 +1,6 @@
 //! TLS on the server's listeners: the certificate (loaded, checked, reloaded without a
 //! restart), the rustls configuration every handshake uses ([`TlsAcceptor`]), and the
-//! socket of a TLS connection ([`TlsStream`]), which the transport seam
+//! socket of a TLS connection (`TlsStream`), which the transport seam
 //! (`core::transport::Stream::Tls`) puts in front of a plain socket of either backend.
 //!
 //! ```text
