@@ -502,3 +502,113 @@ fn bench_connect_and_echo_over_wss() {
         "{stderr}"
     );
 }
+
+/// `ringsocket serve --tls-cert … --tls-key …` as a user runs it: it serves wss:// and
+/// https://, and SIGHUP reloads the certificate (new handshakes get the new one; a
+/// broken key keeps it and logs why), then SIGTERM stops it.
+#[test]
+fn sighup_reloads_the_certificate_of_the_binary() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let ca = TestCa::new("sighup");
+    let first = ca.server_cert("server", "first");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ringsocket"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("RINGSOCKET_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
+        .current_dir(&ca.dir)
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--tls-cert",
+        ])
+        .arg(&first.cert)
+        .arg("--tls-key")
+        .arg(&first.key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("wss://127.0.0.1:") && line.contains("https://"),
+        "{line}"
+    );
+    let port: u16 = line
+        .split("wss://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|port| port.parse().ok())
+        .expect("a port in the listening line");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            match line {
+                Ok(line) => lines.push(line),
+                Err(_) => break,
+            }
+        }
+        lines
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let presented = |addr| {
+        runtime.block_on(async {
+            let stream = tls_connect(addr, ca.client_config()).await.unwrap();
+            stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+        })
+    };
+    let hup = || {
+        // SAFETY: kill(2) on our own child's pid, with a valid signal number.
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
+        assert_eq!(sent, 0);
+    };
+    assert_eq!(presented(addr), first.der);
+
+    let second = ca.server_cert("server", "second");
+    hup();
+    let deadline = Instant::now() + PATIENCE;
+    while presented(addr) != second.der {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the certificate"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&second.key, "broken").unwrap();
+    hup();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        presented(addr),
+        second.der,
+        "a broken key replaced the certificate"
+    );
+
+    // SAFETY: kill(2) on our own child's pid, with a valid signal number.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let lines = log.join().unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("TLS certificate reloaded")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("TLS certificate not reloaded") && l.contains("server.key")),
+        "{lines:#?}"
+    );
+}
