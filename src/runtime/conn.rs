@@ -10,14 +10,13 @@
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::task::Poll;
 
 use super::core::transport::Stream;
 use super::ctx::{ConnGuard, WorkerCtx, start_read};
 use bytes::{Bytes, BytesMut};
-use socket2::SockRef;
 use tokio::time::{Instant, sleep_until};
 
 use super::buf::{HEAD_READ, ReadBufs};
@@ -84,40 +83,17 @@ pub(crate) async fn drive(stream: Stream, peer: SocketAddr, ctx: Rc<WorkerCtx>, 
     }
 }
 
-/// The descriptor of `stream`, for system calls made beside its io_uring operations.
-fn socket_of(stream: &Stream) -> BorrowedFd<'_> {
-    // SAFETY: the descriptor is owned by `stream`, which the returned borrow cannot
-    // outlive; it is closed only once the stream and its operations are gone.
-    unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }
-}
-
 /// A read that does not wait (`MSG_DONTWAIT`): what the socket holds now, or `None`
 /// when it holds nothing yet (the caller's io_uring read waits for it).
 fn read_ready(stream: &Stream, bufs: &mut ReadBufs) -> Option<ReadOutcome> {
     let mut buf = bufs.next();
-    let socket = socket_of(stream);
-    let outcome = match SockRef::from(&socket)
-        .recv_with_flags(buf.spare_capacity_mut(), libc::MSG_DONTWAIT)
-    {
-        Ok(0) => Some(ReadOutcome::Eof),
-        Ok(n) => {
-            // SAFETY: recv(2) initialized the first `n` bytes of the spare capacity it
-            // was given, and `n` is at most that capacity.
-            unsafe { buf.set_len(n) };
-            return Some(ReadOutcome::Data(buf));
-        }
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) =>
-        {
-            None
-        }
-        Err(e) => Some(ReadOutcome::Error(e)),
+    let outcome = match stream.recv_now(&mut buf)? {
+        Ok(0) => ReadOutcome::Eof,
+        Ok(_) => return Some(ReadOutcome::Data(buf)),
+        Err(e) => ReadOutcome::Error(e),
     };
     bufs.unused(buf);
-    outcome
+    Some(outcome)
 }
 
 enum ReadOutcome {

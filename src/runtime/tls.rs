@@ -286,7 +286,7 @@ impl TlsStream {
             }
             // While the handshake runs the client's flight is usually there already
             // (deferred accepts; the answer to our flight): take it without waiting.
-            let (read, back) = match handshaking.then(|| recv_now(&self.inner, &mut buf)) {
+            let (read, back) = match handshaking.then(|| self.inner.recv_now(&mut buf)) {
                 Some(Some(read)) => (read, buf),
                 _ => self.inner.read_plain(buf).await,
             };
@@ -518,29 +518,5 @@ fn send_now(stream: &Stream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
     match slices {
         [one] => socket.send_with_flags(one, flags),
         many => socket.send_vectored_with_flags(many, flags),
-    }
-}
-
-/// A read that does not wait: `None` when the socket holds nothing yet.
-fn recv_now(stream: &Stream, buf: &mut BytesMut) -> Option<io::Result<usize>> {
-    // SAFETY: the descriptor is `stream`'s, which is borrowed for this whole call and
-    // closes only once dropped; the borrowed descriptor does not outlive the call.
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    match SockRef::from(&fd).recv_with_flags(buf.spare_capacity_mut(), libc::MSG_DONTWAIT) {
-        Ok(n) => {
-            // SAFETY: recv(2) initialized the first `n` bytes of the spare capacity it
-            // was given, and `n` is at most that capacity.
-            unsafe { buf.set_len(buf.len() + n) };
-            Some(Ok(n))
-        }
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) =>
-        {
-            None
-        }
-        Err(e) => Some(Err(e)),
     }
 }

@@ -120,6 +120,32 @@ impl Stream {
         }
     }
 
+    /// A read that does not wait (`MSG_DONTWAIT`), of the socket itself (below TLS),
+    /// into the spare capacity of `buf` after its length: `None` when the socket holds
+    /// nothing yet, else the bytes read (0: the peer closed) or the error.
+    pub(crate) fn recv_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+        // SAFETY: the descriptor is this stream's, which is borrowed for the whole call
+        // and closed only once dropped; the borrowed descriptor does not outlive it.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) };
+        match SockRef::from(&fd).recv_with_flags(buf.spare_capacity_mut(), libc::MSG_DONTWAIT) {
+            Ok(n) => {
+                // SAFETY: recv(2) initialized the first `n` bytes of the spare capacity
+                // it was given, and `n` is at most that capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                Some(Ok(n))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     /// The TLS layer, on a TLS connection.
     pub(crate) fn tls(&self) -> Option<&tls::TlsStream> {
         match self {
