@@ -58,6 +58,45 @@ impl fmt::Display for SlowConsumerPolicy {
     }
 }
 
+/// What a connection that sends more than `max_messages_per_sec` (beyond its burst)
+/// gets. Written `close` or `drop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RateLimitPolicy {
+    /// Close with 1008 "rate limit" (the default).
+    Close,
+    /// Drop the message, count it, and keep the connection.
+    Drop,
+}
+
+impl RateLimitPolicy {
+    /// The canonical spelling, as `ringsocket config` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Close => "close",
+            Self::Drop => "drop",
+        }
+    }
+}
+
+impl FromStr for RateLimitPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match spelling(s).as_str() {
+            "close" | "close1008" | "1008" => Ok(Self::Close),
+            "drop" => Ok(Self::Drop),
+            _ => Err(format!("expected close or drop, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for RateLimitPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `s` as a setting's keyword is compared: trimmed, lower case, without `-` and `_`.
 fn spelling(s: &str) -> String {
     s.trim()
@@ -192,6 +231,84 @@ pub struct Config {
     /// A second, plain (no TLS) listener beside the TLS one, e.g. for health checks
     /// inside a cluster: `IP:PORT`. Default empty: none. Needs `tls_cert`.
     pub plain_bind: String,
+    /// Origins a WebSocket handshake may come from (the `Origin` header): exact origins
+    /// (`https://app.example.com`) or patterns of subdomains (`https://*.example.com`,
+    /// `*.example.com` for any scheme). Any other origin gets 403 before the upgrade.
+    /// A handshake without `Origin` (not a browser) is allowed. Default empty: any
+    /// origin (with a WARN at start when `bind` is not loopback).
+    pub allowed_origins: Vec<String>,
+    /// Bearer tokens that may call `POST /publish/{topic}` (comma-separated in the
+    /// environment and `--set`). Default none: the publish API is open only when the
+    /// server is bound to loopback, and answers 403 otherwise.
+    pub publish_token: Vec<String>,
+    /// A file with more publish tokens, one per line (`#` starts a comment). Read at
+    /// start. Default empty.
+    pub publish_token_file: String,
+    /// The HS256 secret that signs subscribers' JWTs. Setting it (or
+    /// `jwt_public_key`) makes every WebSocket handshake need a valid token. Default
+    /// empty.
+    pub jwt_secret: String,
+    /// The RS256 or ES256 public key (a PEM file's path, or the PEM itself) that
+    /// verifies subscribers' JWTs. Default empty.
+    pub jwt_public_key: String,
+    /// The cookie a subscriber's JWT may come in (besides `?token=` and
+    /// `Authorization: Bearer`). Default empty: no cookie.
+    pub jwt_cookie: String,
+    /// The team's HTTP endpoint that admits WebSocket handshakes (`http://` or
+    /// `https://`): it gets the upgrade request's headers; 200 with
+    /// `{"sub":…,"topics":[…],"publish":[…]}` admits, any other status rejects with
+    /// that status. Default empty: none.
+    pub auth_url: String,
+    /// How long `auth_url` may take to answer, in seconds; then the handshake gets
+    /// 503. Default 2.
+    pub auth_timeout_secs: f64,
+    /// Open connections allowed from one client address. Beyond it the handshake gets
+    /// 429. Default 1,000; 0: no limit. Addresses in `ip_limits_exempt` are not
+    /// counted.
+    pub max_connections_per_ip: usize,
+    /// New requests (handshakes and HTTP requests on new connections) allowed per
+    /// second from one client address, with a burst of the same size. Beyond it: 429.
+    /// Default 100; 0: no limit.
+    pub max_handshakes_per_ip_per_sec: u32,
+    /// Client addresses (CIDRs) the per-IP limits do not apply to. Default
+    /// `127.0.0.0/8, ::1/128`: local tools, load generators and sidecars.
+    pub ip_limits_exempt: Vec<String>,
+    /// Data messages one connection may send per second (a token bucket of
+    /// `max_messages_burst`). Default 0: no limit.
+    pub max_messages_per_sec: u32,
+    /// The burst of `max_messages_per_sec`: messages a quiet connection may send at
+    /// once. Default 0: twice the rate.
+    pub max_messages_burst: u32,
+    /// What a connection over `max_messages_per_sec` gets: `close` (1008 "rate
+    /// limit", the default) or `drop` (the message is dropped and counted).
+    pub rate_limit_policy: RateLimitPolicy,
+    /// Ping, pong and close frames one connection may send per second (and at once).
+    /// Beyond it: close 1008 "too many control frames". Default 50; 0: no limit.
+    pub max_control_frames_per_sec: u32,
+    /// Topics one connection may be subscribed to at once. Default 1,024.
+    pub max_topics_per_connection: usize,
+    /// Longest topic name, in bytes. Default 255 (at most 256).
+    pub max_topic_length: usize,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` or `Forwarded` header names the real
+    /// client. Default none: the peer address is the client.
+    pub trusted_proxies: Vec<String>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2, HAProxy, AWS
+    /// NLB) naming the real client; a connection without one is closed. Default false.
+    pub proxy_protocol: bool,
+    /// Bearer token `GET /metrics` needs. Default empty: `/metrics` is open (with a
+    /// WARN at start when `bind` is not loopback and `metrics_bind` is not set).
+    pub metrics_token: String,
+    /// A separate plain listener that serves `/metrics` and `/healthz` only (e.g.
+    /// `127.0.0.1:9090`); the main listener then answers `/metrics` with 404. Default
+    /// empty: none.
+    pub metrics_bind: String,
+    /// Topics shown with their own label in `/metrics` (the ones with the most
+    /// subscribers); the rest are summed under `topic="_other"`. Default 20.
+    pub metrics_topics: usize,
+    /// Bytes of partly received messages all connections together may hold. Beyond it
+    /// a connection whose partial message grows past 64 KiB is closed with 1013.
+    /// Default 256 MiB.
+    pub max_inbound_memory: usize,
 }
 
 impl Default for Config {
@@ -223,6 +340,29 @@ impl Default for Config {
             tls_cert: String::new(),
             tls_key: String::new(),
             plain_bind: String::new(),
+            allowed_origins: Vec::new(),
+            publish_token: Vec::new(),
+            publish_token_file: String::new(),
+            jwt_secret: String::new(),
+            jwt_public_key: String::new(),
+            jwt_cookie: String::new(),
+            auth_url: String::new(),
+            auth_timeout_secs: 2.0,
+            max_connections_per_ip: 1_000,
+            max_handshakes_per_ip_per_sec: 100,
+            ip_limits_exempt: vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()],
+            max_messages_per_sec: 0,
+            max_messages_burst: 0,
+            rate_limit_policy: RateLimitPolicy::Close,
+            max_control_frames_per_sec: 50,
+            max_topics_per_connection: 1_024,
+            max_topic_length: 255,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            metrics_token: String::new(),
+            metrics_bind: String::new(),
+            metrics_topics: 20,
+            max_inbound_memory: 256 << 20,
         }
     }
 }
@@ -240,7 +380,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 26] = [
+pub const FIELDS: [&str; 49] = [
     "bind",
     "workers",
     "io_backend",
@@ -267,6 +407,29 @@ pub const FIELDS: [&str; 26] = [
     "tls_cert",
     "tls_key",
     "plain_bind",
+    "allowed_origins",
+    "publish_token",
+    "publish_token_file",
+    "jwt_secret",
+    "jwt_public_key",
+    "jwt_cookie",
+    "auth_url",
+    "auth_timeout_secs",
+    "max_connections_per_ip",
+    "max_handshakes_per_ip_per_sec",
+    "ip_limits_exempt",
+    "max_messages_per_sec",
+    "max_messages_burst",
+    "rate_limit_policy",
+    "max_control_frames_per_sec",
+    "max_topics_per_connection",
+    "max_topic_length",
+    "trusted_proxies",
+    "proxy_protocol",
+    "metrics_token",
+    "metrics_bind",
+    "metrics_topics",
+    "max_inbound_memory",
 ];
 
 /// The largest `workers` accepted.
@@ -274,6 +437,8 @@ pub const MAX_WORKERS: usize = 1024;
 /// The range of `max_head_bytes`: room for a real handshake, up to the 16-bit offsets
 /// a parsed request stores its parts in.
 pub const MAX_HEAD_BYTES_RANGE: (usize, usize) = (512, u16::MAX as usize);
+/// The largest `max_topic_length` accepted (the pubsub layer's own bound).
+pub const MAX_TOPIC_LENGTH: usize = 256;
 /// The largest `max_message_size` and `max_frame_size` accepted: 1 GiB.
 pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
 
@@ -356,6 +521,43 @@ impl Config {
                 }
                 self.plain_bind = value.to_owned();
             }
+            "allowed_origins" => {
+                let origins = string_list(value)?;
+                for origin in &origins {
+                    check_origin_pattern(origin)?;
+                }
+                self.allowed_origins = origins;
+            }
+            "publish_token" => self.publish_token = string_list(value)?,
+            "publish_token_file" => self.publish_token_file = value.trim().to_owned(),
+            "jwt_secret" => self.jwt_secret = value.to_owned(),
+            "jwt_public_key" => self.jwt_public_key = value.trim().to_owned(),
+            "jwt_cookie" => self.jwt_cookie = value.trim().to_owned(),
+            "auth_url" => self.auth_url = value.trim().to_owned(),
+            "auth_timeout_secs" => self.auth_timeout_secs = seconds(value)?,
+            "max_connections_per_ip" => self.max_connections_per_ip = whole(value)?,
+            "max_handshakes_per_ip_per_sec" => self.max_handshakes_per_ip_per_sec = whole(value)?,
+            "ip_limits_exempt" => self.ip_limits_exempt = cidr_list(value)?,
+            "max_messages_per_sec" => self.max_messages_per_sec = whole(value)?,
+            "max_messages_burst" => self.max_messages_burst = whole(value)?,
+            "rate_limit_policy" => self.rate_limit_policy = value.parse()?,
+            "max_control_frames_per_sec" => self.max_control_frames_per_sec = whole(value)?,
+            "max_topics_per_connection" => self.max_topics_per_connection = whole(value)?,
+            "max_topic_length" => self.max_topic_length = whole(value)?,
+            "trusted_proxies" => self.trusted_proxies = cidr_list(value)?,
+            "proxy_protocol" => self.proxy_protocol = boolean(value)?,
+            "metrics_token" => self.metrics_token = value.trim().to_owned(),
+            "metrics_bind" => {
+                let value = value.trim();
+                if !value.is_empty() {
+                    value.parse::<SocketAddr>().map_err(|_| {
+                        format!("not an address: {value:?} (expected IP:PORT, e.g. 127.0.0.1:9090)")
+                    })?;
+                }
+                self.metrics_bind = value.to_owned();
+            }
+            "metrics_topics" => self.metrics_topics = whole(value)?,
+            "max_inbound_memory" => self.max_inbound_memory = whole(value)?,
             _ => return Err(format!("unknown setting {field:?}")),
         }
         Ok(name)
@@ -366,6 +568,15 @@ impl Config {
     pub fn value_of(&self, field: &str) -> Option<String> {
         use toml::Value;
         let int = |n: usize| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        let strings =
+            |items: &[String]| Value::Array(items.iter().cloned().map(Value::String).collect());
+        let masked = |secret: &str| {
+            if secret.is_empty() {
+                String::new()
+            } else {
+                MASK.to_owned()
+            }
+        };
         let value = match field {
             "bind" => Value::String(self.bind.to_string()),
             "workers" => int(self.workers),
@@ -401,6 +612,38 @@ impl Config {
             "tls_cert" => Value::String(self.tls_cert.clone()),
             "tls_key" => Value::String(self.tls_key.clone()),
             "plain_bind" => Value::String(self.plain_bind.clone()),
+            "allowed_origins" => strings(&self.allowed_origins),
+            "publish_token" => Value::Array(
+                self.publish_token
+                    .iter()
+                    .map(|_| Value::String(MASK.into()))
+                    .collect(),
+            ),
+            "publish_token_file" => Value::String(self.publish_token_file.clone()),
+            "jwt_secret" => Value::String(masked(&self.jwt_secret)),
+            "jwt_public_key" => Value::String(self.jwt_public_key.clone()),
+            "jwt_cookie" => Value::String(self.jwt_cookie.clone()),
+            "auth_url" => Value::String(mask_url_password(&self.auth_url)),
+            "auth_timeout_secs" => Value::Float(self.auth_timeout_secs),
+            "max_connections_per_ip" => int(self.max_connections_per_ip),
+            "max_handshakes_per_ip_per_sec" => {
+                Value::Integer(i64::from(self.max_handshakes_per_ip_per_sec))
+            }
+            "ip_limits_exempt" => strings(&self.ip_limits_exempt),
+            "max_messages_per_sec" => Value::Integer(i64::from(self.max_messages_per_sec)),
+            "max_messages_burst" => Value::Integer(i64::from(self.max_messages_burst)),
+            "rate_limit_policy" => Value::String(self.rate_limit_policy.to_string()),
+            "max_control_frames_per_sec" => {
+                Value::Integer(i64::from(self.max_control_frames_per_sec))
+            }
+            "max_topics_per_connection" => int(self.max_topics_per_connection),
+            "max_topic_length" => int(self.max_topic_length),
+            "trusted_proxies" => strings(&self.trusted_proxies),
+            "proxy_protocol" => Value::Boolean(self.proxy_protocol),
+            "metrics_token" => Value::String(masked(&self.metrics_token)),
+            "metrics_bind" => Value::String(self.metrics_bind.clone()),
+            "metrics_topics" => int(self.metrics_topics),
+            "max_inbound_memory" => int(self.max_inbound_memory),
             _ => return None,
         };
         Some(value.to_string())
@@ -465,6 +708,71 @@ impl Config {
             }
             _ => {}
         }
+        if !(self.auth_timeout_secs.is_finite()
+            && self.auth_timeout_secs > 0.0
+            && self.auth_timeout_secs <= 3600.0)
+        {
+            return Err(ConfigError(format!(
+                "auth_timeout_secs must be a number of seconds, above 0 up to 3600, got {}",
+                self.auth_timeout_secs
+            )));
+        }
+        range(
+            "max_topic_length",
+            self.max_topic_length,
+            1,
+            MAX_TOPIC_LENGTH,
+        )?;
+        range(
+            "max_topics_per_connection",
+            self.max_topics_per_connection,
+            1,
+            usize::MAX,
+        )?;
+        range(
+            "max_inbound_memory",
+            self.max_inbound_memory,
+            64 << 10,
+            usize::MAX,
+        )?;
+        if !self.jwt_secret.is_empty() && !self.jwt_public_key.is_empty() {
+            return Err(ConfigError(
+                "jwt_secret and jwt_public_key are both set: tokens are verified with one \
+                 key (HS256 with jwt_secret, or RS256/ES256 with jwt_public_key)"
+                    .into(),
+            ));
+        }
+        let scheme_ok = ["http://", "https://"]
+            .iter()
+            .any(|scheme| self.auth_url.starts_with(scheme));
+        if !self.auth_url.is_empty() && !scheme_ok {
+            return Err(ConfigError(format!(
+                "auth_url must start with http:// or https://, got {:?}",
+                mask_url_password(&self.auth_url)
+            )));
+        }
+        if let Some(token) = self.publish_token.iter().find(|t| t.len() < 16) {
+            let _ = token;
+            return Err(ConfigError(
+                "publish_token: every token must be at least 16 characters (a guessable \
+                 token is no protection); generate one with `openssl rand -hex 32`"
+                    .into(),
+            ));
+        }
+        if !self.metrics_token.is_empty() && self.metrics_token.len() < 16 {
+            return Err(ConfigError(
+                "metrics_token must be at least 16 characters (generate one with `openssl \
+                 rand -hex 32`)"
+                    .into(),
+            ));
+        }
+        if let Some(metrics) = self.metrics_bind_addr()? {
+            if metrics == self.bind && metrics.port() != 0 {
+                return Err(ConfigError(format!(
+                    "metrics_bind = {metrics} is the same address as bind"
+                )));
+            }
+        }
         if let Some(plain) = self.plain_bind_addr()? {
             if self.tls_cert.is_empty() {
                 return Err(ConfigError(
@@ -503,6 +811,34 @@ impl Config {
         })
     }
 
+    /// [`Config::metrics_bind`] as an address, `None` when empty.
+    pub fn metrics_bind_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let value = self.metrics_bind.trim();
+        if value.is_empty() {
+            return Ok(None);
+        }
+        value.parse().map(Some).map_err(|_| {
+            ConfigError(format!(
+                "metrics_bind: not an address: {value:?} (expected IP:PORT)"
+            ))
+        })
+    }
+
+    /// How long `auth_url` may take.
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.auth_timeout_secs)
+    }
+
+    /// The burst of `max_messages_per_sec`: `max_messages_burst`, or twice the rate
+    /// when that is 0.
+    pub fn messages_burst(&self) -> u32 {
+        if self.max_messages_burst == 0 {
+            self.max_messages_per_sec.saturating_mul(2)
+        } else {
+            self.max_messages_burst
+        }
+    }
+
     /// Values that are accepted but are probably not what was meant, each saying what
     /// is used instead. `serve` logs each at WARN; `ringsocket config` prints them.
     pub fn warnings(&self) -> Vec<String> {
@@ -521,6 +857,23 @@ impl Config {
                  larger than a message, so frames are limited to {} bytes",
                 self.max_frame_size, self.max_message_size, self.max_message_size
             ));
+        }
+        if !self.bind.ip().is_loopback() {
+            if self.allowed_origins.is_empty() {
+                warnings.push(format!(
+                    "allowed_origins is empty and bind = {} is not loopback: WebSocket \
+                     handshakes from any web page's origin are accepted (cross-site \
+                     WebSocket hijacking); list your sites' origins",
+                    self.bind
+                ));
+            }
+            if self.metrics_token.is_empty() && self.metrics_bind.is_empty() {
+                warnings.push(format!(
+                    "/metrics is open to anyone who reaches bind = {} (set metrics_token, \
+                     or metrics_bind to a private address)",
+                    self.bind
+                ));
+            }
         }
         if self.idle_timeout_secs > 0.0 && self.idle_timeout_secs < self.ping_interval_secs {
             warnings.push(format!(
@@ -817,6 +1170,100 @@ fn check_topic_pattern(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What secrets are shown as.
+const MASK: &str = "***";
+
+/// A list of strings: `a, b` or TOML's `["a", "b"]`; empty items are left out.
+fn string_list(value: &str) -> Result<Vec<String>, String> {
+    let trimmed = value.trim();
+    if trimmed.starts_with('[') {
+        let table: toml::Table = format!("v = {trimmed}")
+            .parse()
+            .map_err(|_| "not a list (write a,b or [\"a\", \"b\"])".to_owned())?;
+        let Some(toml::Value::Array(items)) = table.get("v") else {
+            return Err("not a list".into());
+        };
+        items
+            .iter()
+            .map(|item| match item {
+                toml::Value::String(s) => Ok(s.trim().to_owned()),
+                _ => Err("expected a list of strings".to_owned()),
+            })
+            .filter(|item| item.as_ref().map_or(true, |s| !s.is_empty()))
+            .collect()
+    } else {
+        Ok(trimmed
+            .split(',')
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect())
+    }
+}
+
+/// A list of CIDRs (`10.0.0.0/8`, `::1/128`; a bare address is a /32 or /128).
+fn cidr_list(value: &str) -> Result<Vec<String>, String> {
+    let items = string_list(value)?;
+    for item in &items {
+        parse_cidr(item)?;
+    }
+    Ok(items)
+}
+
+/// A CIDR: an address and the length of its prefix (a bare address: all of it).
+pub fn parse_cidr(text: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, len) = match text.split_once('/') {
+        Some((addr, len)) => (addr, Some(len)),
+        None => (text, None),
+    };
+    let addr: std::net::IpAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a CIDR: {text:?} (expected e.g. 10.0.0.0/8 or ::1/128)"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(len) => len
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("not a CIDR: {text:?} (the prefix length is 0 to {max})"))?,
+    };
+    Ok((addr, len))
+}
+
+/// `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`).
+fn boolean(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("expected true or false, got {value:?}")),
+    }
+}
+
+/// An entry of `allowed_origins`: `scheme://host[:port]`, with `*.` allowed at the
+/// start of the host, or `*.host` for any scheme.
+fn check_origin_pattern(origin: &str) -> Result<(), String> {
+    let host = match origin.split_once("://") {
+        Some((scheme, rest)) if !scheme.is_empty() => rest,
+        Some(_) => return Err(format!("allowed_origins: {origin:?} has no scheme")),
+        None if origin.starts_with("*.") => origin,
+        None => {
+            return Err(format!(
+                "allowed_origins: {origin:?} is not an origin (write https://app.example.com, \
+                 https://*.example.com or *.example.com)"
+            ));
+        }
+    };
+    if host.is_empty() || host.contains('/') || host.chars().skip(1).any(|c| c == '*') {
+        return Err(format!(
+            "allowed_origins: {origin:?} is not an origin (no path; '*' only as the first \
+             label, as in https://*.example.com)"
+        ));
+    }
+    Ok(())
+}
+
 fn range<T: PartialOrd + fmt::Display>(
     name: &str,
     value: T,
@@ -863,6 +1310,97 @@ pub fn mask_url_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The access and abuse settings read the same from the file and `--set`, check
+    /// their values, and never print a secret.
+    #[test]
+    fn access_settings_are_parsed_checked_and_masked() {
+        let config = Config::from_toml(
+            "allowed_origins = [\"https://app.example.com\", \"https://*.example.com\"]\n\
+             publish_token = \"0123456789abcdef0123, fedcba9876543210fedc\"\n\
+             jwt_secret = \"s3cr3t-s3cr3t-s3cr3t\"\n\
+             metrics_token = \"m3tr1cs-m3tr1cs-m3\"\n\
+             trusted_proxies = \"10.0.0.0/8, ::1\"\n\
+             proxy_protocol = true\n\
+             rate_limit_policy = \"drop\"\n\
+             max_messages_per_sec = 10\n",
+        )
+        .unwrap();
+        assert_eq!(config.allowed_origins.len(), 2);
+        assert_eq!(config.publish_token.len(), 2);
+        assert_eq!(config.trusted_proxies, ["10.0.0.0/8", "::1"]);
+        assert!(config.proxy_protocol);
+        assert_eq!(config.rate_limit_policy, RateLimitPolicy::Drop);
+        assert_eq!(config.messages_burst(), 20);
+        config.validate().unwrap();
+        for (field, secret) in [
+            ("publish_token", "0123456789abcdef0123"),
+            ("jwt_secret", "s3cr3t"),
+            ("metrics_token", "m3tr1cs"),
+        ] {
+            let shown = config.value_of(field).unwrap();
+            assert!(!shown.contains(secret), "{field}: {shown}");
+            assert!(shown.contains("***"), "{field}: {shown}");
+        }
+        let mut config = Config::default();
+        for (field, value, says) in [
+            ("allowed_origins", "example.com", "is not an origin"),
+            (
+                "allowed_origins",
+                "https://a.*.example.com",
+                "'*' only as the first",
+            ),
+            ("trusted_proxies", "10.0.0.0/33", "prefix length"),
+            ("trusted_proxies", "proxy.local", "not a CIDR"),
+            ("proxy_protocol", "maybe", "true or false"),
+            ("rate_limit_policy", "ban", "close or drop"),
+            ("metrics_bind", "localhost", "not an address"),
+        ] {
+            let err = config.set(field, value).unwrap_err();
+            assert!(err.contains(says), "{field}={value}: {err}");
+        }
+        for (field, value, says) in [
+            ("publish_token", "short", "at least 16"),
+            ("metrics_token", "short", "at least 16"),
+            (
+                "max_topic_length",
+                "300",
+                "max_topic_length must be between 1 and 256",
+            ),
+            ("auth_url", "ftp://x", "http:// or https://"),
+        ] {
+            let mut config = Config::default();
+            config.set(field, value).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{field}={value}: {err}");
+        }
+        let mut both = Config::default();
+        both.set("jwt_secret", "x").unwrap();
+        both.set("jwt_public_key", "key.pem").unwrap();
+        assert!(
+            both.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("both set")
+        );
+    }
+
+    /// On a public address, an open origin policy and a public `/metrics` are warned
+    /// about; on loopback they are not.
+    #[test]
+    fn public_bind_without_access_rules_is_warned_about() {
+        let mut config = Config::default();
+        assert!(config.warnings().is_empty());
+        config.set("bind", "0.0.0.0:9001").unwrap();
+        let warnings = config.warnings().join("\n");
+        assert!(warnings.contains("allowed_origins is empty"), "{warnings}");
+        assert!(warnings.contains("/metrics is open"), "{warnings}");
+        config
+            .set("allowed_origins", "https://app.example.com")
+            .unwrap();
+        config.set("metrics_bind", "127.0.0.1:9090").unwrap();
+        assert!(config.warnings().is_empty());
+    }
 
     #[test]
     fn file_then_env_override_defaults() {

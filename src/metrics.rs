@@ -160,6 +160,114 @@ impl TlsFailure {
     }
 }
 
+/// Why a client was refused by an access rule or an abuse limit, as counted in
+/// `ringsocket_rejections_total{reason}`: the handshake or request got an HTTP error
+/// before any upgrade, or the WebSocket was closed (the code is named per reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The handshake's `Origin` is not in `allowed_origins`: 403.
+    Origin,
+    /// A JWT is needed and is missing, malformed, badly signed, expired or not yet
+    /// valid: 401.
+    Unauthorized,
+    /// The token (or the `authorize` hook) does not allow the topic: 403.
+    Topic,
+    /// `POST /publish` without the right bearer token: 401 or 403.
+    PublishToken,
+    /// A client published to a topic its token does not allow: close 1008.
+    PublishNotAllowed,
+    /// The connection's token expired: close 1008 "token expired".
+    TokenExpired,
+    /// `auth_url` or the `authorize` hook refused (or did not answer in time).
+    AuthHook,
+    /// `max_connections_per_ip`: 429.
+    ConnectionsPerIp,
+    /// `max_handshakes_per_ip_per_sec`: 429.
+    HandshakesPerIp,
+    /// `max_messages_per_sec`: close 1008 "rate limit", or the message dropped.
+    RateLimit,
+    /// `max_control_frames_per_sec`: close 1008.
+    ControlFrames,
+    /// `max_topics_per_connection`: the subscription is refused.
+    TopicsPerConnection,
+    /// A topic name too long or with a character outside the allowed set: 400.
+    TopicName,
+    /// `max_inbound_memory`: close 1013.
+    InboundMemory,
+    /// A connection without a valid PROXY protocol header (`proxy_protocol`).
+    ProxyProtocol,
+    /// `GET /metrics` without the right `metrics_token`: 401 or 403.
+    MetricsToken,
+}
+
+impl Rejection {
+    /// Every reason, for the metric's labels.
+    pub const ALL: [Rejection; 16] = [
+        Self::Origin,
+        Self::Unauthorized,
+        Self::Topic,
+        Self::PublishToken,
+        Self::PublishNotAllowed,
+        Self::TokenExpired,
+        Self::AuthHook,
+        Self::ConnectionsPerIp,
+        Self::HandshakesPerIp,
+        Self::RateLimit,
+        Self::ControlFrames,
+        Self::TopicsPerConnection,
+        Self::TopicName,
+        Self::InboundMemory,
+        Self::ProxyProtocol,
+        Self::MetricsToken,
+    ];
+
+    /// The metric's label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Origin => "origin",
+            Self::Unauthorized => "unauthorized",
+            Self::Topic => "topic",
+            Self::PublishToken => "publish_token",
+            Self::PublishNotAllowed => "publish_not_allowed",
+            Self::TokenExpired => "token_expired",
+            Self::AuthHook => "auth_hook",
+            Self::ConnectionsPerIp => "connections_per_ip",
+            Self::HandshakesPerIp => "handshakes_per_ip",
+            Self::RateLimit => "rate_limit",
+            Self::ControlFrames => "control_frames",
+            Self::TopicsPerConnection => "topics_per_connection",
+            Self::TopicName => "topic_name",
+            Self::InboundMemory => "inbound_memory",
+            Self::ProxyProtocol => "proxy_protocol",
+            Self::MetricsToken => "metrics_token",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Rejections, shared by every thread that refuses clients (the workers, the app's
+/// access rules). Unlike the per-worker counters these are written from any core:
+/// a rejection is rare next to a message, and the cost of a shared cache line is
+/// paid only by refused clients.
+#[derive(Debug, Default)]
+pub struct Rejections([AtomicU64; Rejection::ALL.len()]);
+
+impl Rejections {
+    /// Counts one rejection for `reason`.
+    pub fn add(&self, reason: Rejection) {
+        self.0[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Rejections so far for `reason`.
+    pub fn get(&self, reason: Rejection) -> u64 {
+        self.0[reason.index()].load(Relaxed)
+    }
+}
+
 /// A limit that was reached (ARCHITECTURE.md rule 5: every limit has a metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -399,6 +507,7 @@ impl WorkerMetrics {
 pub struct Metrics {
     workers: Vec<Arc<WorkerMetrics>>,
     io_backend: &'static str,
+    rejections: Arc<Rejections>,
 }
 
 impl Metrics {
@@ -409,7 +518,18 @@ impl Metrics {
         Self {
             workers: (0..n.max(1)).map(|_| Arc::default()).collect(),
             io_backend,
+            rejections: Arc::default(),
         }
+    }
+
+    /// A client was refused for `reason` (`ringsocket_rejections_total{reason}`).
+    pub fn rejected(&self, reason: Rejection) {
+        self.rejections.add(reason);
+    }
+
+    /// The rejection counters, to count from another thread.
+    pub fn rejections(&self) -> &Arc<Rejections> {
+        &self.rejections
     }
 
     /// Worker `i`'s counters.
@@ -586,6 +706,16 @@ impl Collector for Metrics {
             Limit::ALL
                 .iter()
                 .map(|l| (l.label(), sum(&|w| &w.limits[l.index()]))),
+        )?;
+        family(
+            e,
+            "rejections",
+            "Clients refused by an access rule or an abuse limit, by reason.",
+            MetricType::Counter,
+            "reason",
+            Rejection::ALL
+                .iter()
+                .map(|r| (r.label(), self.rejections.get(*r))),
         )?;
         family(
             e,
