@@ -21,29 +21,37 @@
 //!     });
 //! ```
 
+pub mod access;
 pub mod rooms;
 mod router;
 mod websocket;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
+pub use access::{AuthRequest, Grant, TopicRules};
 pub use router::{PARAM_TYPES, ParamError, RouteError};
 pub use websocket::WebSocket;
 
-use crate::metrics;
+use crate::config::Config;
+use crate::metrics::{self, Metrics, Rejection};
+use crate::proto::CloseCode;
 use crate::proto::handshake::Request as Head;
 use crate::pubsub::{Hub, Publisher};
 use crate::runtime::{Context, HttpRequest, LocalFuture, Response, Route, Service, Session};
 use crate::tasks::{BackgroundTasks, QueueFullPolicy};
+use access::Access;
 use router::{Match, Pattern};
 
 type WsFn = Arc<dyn Fn(WebSocket) -> LocalFuture<()> + Send + Sync>;
 type HttpFn = Arc<dyn Fn(Request) -> LocalFuture<Response> + Send + Sync>;
+type AuthFn = Arc<dyn Fn(AuthRequest) -> LocalFuture<Result<Grant, Response>> + Send + Sync>;
 
 /// An HTTP request as a handler sees it.
 #[derive(Debug)]
@@ -119,6 +127,12 @@ pub struct App {
     /// Patterns that did not compile; [`App::check`] and the server's start report
     /// them.
     errors: Vec<RouteError>,
+    /// The app's own connect hook ([`App::authorize`]).
+    authorize: Option<AuthFn>,
+    /// The access rules, from the configuration of the server that runs the app.
+    access: Arc<OnceLock<Arc<Access>>>,
+    /// Whether the app serves the publish API (the default app), for the startup log.
+    publish_api: bool,
 }
 
 impl std::fmt::Debug for App {
@@ -237,6 +251,41 @@ impl App {
         self
     }
 
+    /// A connect hook, for teams whose users log in with cookie sessions: every
+    /// WebSocket handshake that passed the origin and JWT checks waits for it (on its
+    /// own core, within the handshake timeout, without holding the core) before the
+    /// handler runs. `Ok(grant)` admits, with what the client may subscribe and
+    /// publish to (every topic must be allowed by the JWT's grant too, when JWTs are
+    /// configured); `Err(response)` refuses, with that response. `ringsocket serve`
+    /// has the same with `auth_url`.
+    ///
+    /// ```no_run
+    /// use ringsocket::app::{App, Grant};
+    /// use ringsocket::runtime::Response;
+    ///
+    /// let app = App::standard().authorize(|req| async move {
+    ///     match req.request().header_str("cookie") {
+    ///         Some(c) if c.contains("session=") => Ok(Grant::new("user-1").topics(["lobby"])),
+    ///         _ => Err(Response::error(401, "log in first")),
+    ///     }
+    /// });
+    /// ```
+    pub fn authorize<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(AuthRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Grant, Response>> + 'static,
+    {
+        self.authorize = Some(Arc::new(move |req| Box::pin(hook(req))));
+        self
+    }
+
+    /// The access rules in force (the defaults until a server configures the app).
+    fn access(&self) -> Arc<Access> {
+        self.access
+            .get_or_init(|| Arc::new(Access::default()))
+            .clone()
+    }
+
     /// An app with `/echo`, which sends every message back.
     pub fn echo() -> Self {
         Self::new().websocket("/echo", echo)
@@ -292,7 +341,129 @@ impl App {
     }
 }
 
+impl App {
+    /// A handshake for a WebSocket route: the origin and the JWT now, then the
+    /// connect hooks and the handler in the connection's task.
+    fn websocket_route(
+        &self,
+        head: &Head,
+        peer: SocketAddr,
+        cx: &Context,
+        handler: WsFn,
+        params: Vec<(String, String)>,
+    ) -> Route {
+        let access = self.access();
+        if let Err(refused) = access.check_origin(head, peer) {
+            return Route::Respond(refused);
+        }
+        let jwt = match access.check_jwt(head, peer) {
+            Ok(jwt) => jwt,
+            Err(refused) => return Route::Respond(refused),
+        };
+        let tasks = cx.tasks.clone();
+        let authorize = self.authorize.clone();
+        // No rule that needs the connection's task: the handler runs as it always did.
+        if jwt.is_none() && authorize.is_none() && access.hook().is_none() {
+            return Route::WebSocket(Box::new(move |session: Session| {
+                let tasks = BackgroundTasks::immediate(tasks);
+                handler(WebSocket::new(session, params, tasks, access, None))
+            }));
+        }
+        Route::WebSocket(Box::new(move |session: Session| {
+            Box::pin(async move {
+                let tasks = BackgroundTasks::immediate(tasks);
+                let grants = match admit(&access, authorize, &session, jwt).await {
+                    Ok(grants) => grants,
+                    Err(refused) => {
+                        access.rejected(Rejection::AuthHook);
+                        session.reject(refused);
+                        return;
+                    }
+                };
+                let expires = grants.iter().filter_map(|g| g.expires_at).min();
+                if let Some(sub) = grants.iter().find_map(|g| g.sub.as_deref()) {
+                    tracing::debug!(peer = %session.peer(), sub, path = session.request().path(), "client admitted");
+                }
+                let ws = WebSocket::new(
+                    session.clone(),
+                    params,
+                    tasks,
+                    access.clone(),
+                    Some(grants.into()),
+                );
+                match expires {
+                    None => handler(ws).await,
+                    Some(at) => run_until_expiry(handler(ws), &session, at, &access).await,
+                }
+            })
+        }))
+    }
+}
+
+/// Runs the connect hooks (`auth_url`, then the app's), collecting the grants every
+/// topic must be allowed by.
+async fn admit(
+    access: &Access,
+    authorize: Option<AuthFn>,
+    session: &Session,
+    jwt: Option<Grant>,
+) -> Result<Vec<Grant>, Response> {
+    let mut grants = Vec::with_capacity(2);
+    if let Some(client) = access.hook() {
+        grants.push(client.ask(session.request(), session.peer()).await?);
+    }
+    if let Some(hook) = authorize {
+        let grant = hook(AuthRequest::new(session.clone(), jwt.clone())).await?;
+        grants.push(grant);
+    }
+    grants.extend(jwt);
+    Ok(grants)
+}
+
+/// Runs the handler; when `at` passes, closes the connection with 1008 "token
+/// expired" (the handler then sees the close as for any other).
+async fn run_until_expiry(
+    handler: LocalFuture<()>,
+    session: &Session,
+    at: SystemTime,
+    access: &Access,
+) {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    let mut expiry = pin!(tokio::time::sleep(left));
+    let mut handler = handler;
+    let mut expired = false;
+    std::future::poll_fn(|cx| {
+        if !expired && expiry.as_mut().poll(cx).is_ready() {
+            expired = true;
+            if session.is_accepted() {
+                access.rejected(Rejection::TokenExpired);
+                tracing::debug!(peer = %session.peer(), "token expired: close 1008");
+                session.close(CloseCode::Policy, "token expired");
+            }
+        }
+        handler.as_mut().poll(cx)
+    })
+    .await;
+}
+
 impl Service for App {
+    fn configure(&self, config: &Config, metrics: &Metrics) -> Result<(), String> {
+        let access = Access::from_config(config, metrics.rejections().clone())?;
+        if let Some(algorithm) = access.jwt_algorithm() {
+            tracing::info!("WebSocket handshakes need a JWT signed with {algorithm:?}");
+        }
+        if self.publish_api {
+            if access.publish_closed() {
+                tracing::warn!("{}", access.publish_summary());
+            } else {
+                tracing::info!("{}", access.publish_summary());
+            }
+        }
+        self.access
+            .set(Arc::new(access))
+            .map_err(|_| "this app is already configured by another server".to_owned())
+    }
+
     fn bind_workers(&self, workers: usize) -> Result<(), String> {
         self.check().map_err(|e| e.to_string())?;
         self.hub.bind(workers)
@@ -302,12 +473,17 @@ impl Service for App {
         self.hub.core_task(worker, cx.config.max_outbound_bytes)
     }
 
-    fn route(&self, head: &Head, _peer: SocketAddr, cx: &Context) -> Route {
+    fn route(&self, head: &Head, peer: SocketAddr, cx: &Context) -> Route {
         let path = head.path();
         if self.builtins && head.method() == "GET" {
             match path {
                 "/healthz" => return Route::Respond(Response::text(200, "ok\n")),
-                "/metrics" => return Route::Respond(self.scrape(cx)),
+                "/metrics" => {
+                    if let Err(refused) = self.access().check_metrics(head, peer) {
+                        return Route::Respond(refused);
+                    }
+                    return Route::Respond(self.scrape(cx));
+                }
                 _ => {}
             }
         }
@@ -320,12 +496,7 @@ impl Service for App {
             for (pattern, handler) in &self.websockets {
                 match pattern.matches(path) {
                     Match::Yes(params) => {
-                        let handler = handler.clone();
-                        let tasks = cx.tasks.clone();
-                        return Route::WebSocket(Box::new(move |session: Session| {
-                            let tasks = BackgroundTasks::immediate(tasks);
-                            handler(WebSocket::new(session, params, tasks))
-                        }));
+                        return self.websocket_route(head, peer, cx, handler.clone(), params);
                     }
                     Match::BadParam(e) => {
                         return Route::Respond(Response::error(400, &e.to_string()));

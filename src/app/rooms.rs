@@ -4,9 +4,11 @@
 
 use bytes::Bytes;
 
+use super::access::Access;
 use super::{App, Request, WebSocket};
+use crate::metrics::Rejection;
 use crate::proto::{CloseCode, Message, Utf8Bytes};
-use crate::pubsub::{PublishError, Publisher};
+use crate::pubsub::{PublishError, Publisher, SubscribeError};
 use crate::runtime::Response;
 
 /// The room `/broadcast` relays to: the one the load generators use.
@@ -27,15 +29,32 @@ impl App {
             })
             .websocket("/broadcast", |ws| relay(ws, BROADCAST_ROOM));
         let publisher = app.publisher();
-        app.post("/publish/{topic}", move |req| {
+        let access = app.access.clone();
+        let mut app = app.post("/publish/{topic}", move |req| {
             let publisher = publisher.clone();
-            async move { publish(&publisher, &req) }
-        })
+            let access = access.get().cloned().unwrap_or_default();
+            async move {
+                match access.check_publish(req.head(), req.peer()) {
+                    Ok(()) => publish(&publisher, &access, &req),
+                    Err(refused) => refused,
+                }
+            }
+        });
+        app.publish_api = true;
+        app
     }
 }
 
-/// Joins `room` and sends every message received to everyone else in it.
+/// Joins `room` and sends every message received to everyone else in it. A room the
+/// client may not join is refused before the upgrade: 400 for a bad name, 403 for a
+/// topic its grants do not allow. A message it may not publish there closes it with
+/// 1008 "not allowed to publish".
 pub async fn relay(ws: WebSocket, room: &str) {
+    match ws.may_subscribe(room) {
+        Ok(()) => {}
+        Err(e @ SubscribeError::BadTopic) => return ws.reject(400, &e.to_string()),
+        Err(e) => return ws.reject(403, &e.to_string()),
+    }
     ws.accept();
     if let Err(e) = ws.subscribe(room) {
         tracing::info!(peer = %ws.peer(), room, error = %e, "cannot join room");
@@ -44,6 +63,10 @@ pub async fn relay(ws: WebSocket, room: &str) {
     }
     while let Ok(message) = ws.recv().await {
         if let Err(e) = ws.publish_to_others(room, message) {
+            if e == PublishError::NotAllowed {
+                ws.close(CloseCode::Policy, "not allowed to publish");
+                break;
+            }
             tracing::warn!(room, error = %e, "publish failed");
             ws.close(CloseCode::Again, &e.to_string());
             break;
@@ -52,10 +75,14 @@ pub async fn relay(ws: WebSocket, room: &str) {
 }
 
 /// `POST /publish/{topic}`.
-fn publish(publisher: &Publisher, req: &Request) -> Response {
+fn publish(publisher: &Publisher, access: &Access, req: &Request) -> Response {
     let Some(topic) = req.param::<String>("topic") else {
         return Response::error(400, "missing topic");
     };
+    if let Err(why) = access.check_topic_name(&topic) {
+        access.rejected(Rejection::TopicName);
+        return Response::error(400, &why);
+    }
     let binary = req
         .head()
         .header_str("content-type")

@@ -2,9 +2,14 @@
 //! `accept`, `recv`, `send`, `close`, and a [`Disconnect`] that says how it ended.
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use bytes::Bytes;
+
+use super::access::{Access, Grant};
+use crate::metrics::Rejection;
 
 use crate::proto::handshake::Request;
 use crate::proto::{CloseCode, Message, Utf8Bytes};
@@ -18,6 +23,11 @@ pub struct WebSocket {
     session: Session,
     params: Vec<(String, String)>,
     tasks: BackgroundTasks,
+    /// The server's topic rules.
+    access: Arc<Access>,
+    /// What the client was granted (its JWT, the connect hooks); `None` when no such
+    /// rule is configured: every topic is open.
+    grants: Option<Rc<[Grant]>>,
 }
 
 impl WebSocket {
@@ -25,12 +35,60 @@ impl WebSocket {
         session: Session,
         params: Vec<(String, String)>,
         tasks: BackgroundTasks,
+        access: Arc<Access>,
+        grants: Option<Rc<[Grant]>>,
     ) -> Self {
         Self {
             session,
             params,
             tasks,
+            access,
+            grants,
         }
+    }
+
+    /// The client's id: the `sub` of its JWT or of the connect hook's grant.
+    pub fn sub(&self) -> Option<&str> {
+        self.grants
+            .as_deref()?
+            .iter()
+            .find_map(|g| g.sub.as_deref())
+    }
+
+    /// What the client was granted, when JWTs or connect hooks are configured.
+    pub fn grants(&self) -> &[Grant] {
+        self.grants.as_deref().unwrap_or_default()
+    }
+
+    /// Whether this connection may subscribe to `topic`: a valid name, allowed by its
+    /// grants. Call it before [`accept`](Self::accept) to refuse the handshake (400
+    /// for a bad name, 403 for a topic not allowed), as the default app's rooms do.
+    pub fn may_subscribe(&self, topic: &str) -> Result<(), SubscribeError> {
+        if let Err(why) = self.access.check_topic_name(topic) {
+            self.access.rejected(Rejection::TopicName);
+            tracing::debug!(peer = %self.peer(), why, "bad topic name");
+            return Err(SubscribeError::BadTopic);
+        }
+        if !self.grants().iter().all(|g| g.topics.allows(topic)) {
+            self.access.rejected(Rejection::Topic);
+            tracing::debug!(peer = %self.peer(), sub = self.sub().unwrap_or_default(), topic, "topic not allowed");
+            return Err(SubscribeError::NotAllowed);
+        }
+        Ok(())
+    }
+
+    /// Whether this connection may publish to `topic` from its socket.
+    pub fn may_publish(&self, topic: &str) -> Result<(), PublishError> {
+        if self.access.check_topic_name(topic).is_err() {
+            self.access.rejected(Rejection::TopicName);
+            return Err(PublishError::BadTopic);
+        }
+        if !self.grants().iter().all(|g| g.publish.allows(topic)) {
+            self.access.rejected(Rejection::PublishNotAllowed);
+            tracing::debug!(peer = %self.peer(), sub = self.sub().unwrap_or_default(), topic, "not allowed to publish");
+            return Err(PublishError::NotAllowed);
+        }
+        Ok(())
     }
 
     /// Background jobs for this connection; they start at once on the executor.
@@ -113,7 +171,21 @@ impl WebSocket {
     /// Joins `topic`: from now on this connection receives what is published to it,
     /// from any core or process, in publish order. Only after `accept`. Returns
     /// whether it was not subscribed already. Topics are left when the connection ends.
+    ///
+    /// Refused with [`SubscribeError::BadTopic`] for a name outside the server's rules
+    /// (`max_topic_length`, letters, digits and `_-.:@/=+~,!$`),
+    /// [`SubscribeError::NotAllowed`] when the client's grants do not allow it and
+    /// [`SubscribeError::TooManyTopics`] beyond `max_topics_per_connection`; each is
+    /// counted in `ringsocket_rejections_total`.
     pub fn subscribe(&self, topic: &str) -> Result<bool, SubscribeError> {
+        self.may_subscribe(topic)?;
+        if pubsub::topic_count(&self.session) >= self.access.max_topics()
+            && !pubsub::topics_of(&self.session).iter().any(|t| t == topic)
+        {
+            self.access.rejected(Rejection::TopicsPerConnection);
+            tracing::debug!(peer = %self.peer(), limit = self.access.max_topics(), "max_topics_per_connection reached");
+            return Err(SubscribeError::TooManyTopics);
+        }
         pubsub::subscribe(&self.session, topic)
     }
 
@@ -129,12 +201,16 @@ impl WebSocket {
 
     /// Publishes `message` to every subscriber of `topic` in every process, this
     /// connection included if it is one. The frame is encoded once for all of them.
+    /// Refused with [`PublishError::NotAllowed`] when the client's grants do not allow
+    /// the topic.
     pub fn publish(&self, topic: &str, message: Message) -> Result<(), PublishError> {
+        self.may_publish(topic)?;
         pubsub::publish_from_session(&self.session, topic, &message, None, true)
     }
 
     /// Publishes to every subscriber of `topic` but this connection.
     pub fn publish_to_others(&self, topic: &str, message: Message) -> Result<(), PublishError> {
+        self.may_publish(topic)?;
         pubsub::publish_from_session(&self.session, topic, &message, None, false)
     }
 
@@ -148,6 +224,7 @@ impl WebSocket {
         message: Message,
         include_self: bool,
     ) -> Result<(), PublishError> {
+        self.may_publish(topic)?;
         pubsub::publish_from_session(
             &self.session,
             topic,

@@ -125,6 +125,11 @@ pub fn unsubscribe(session: &Session, topic: &str) -> bool {
     with_core(|core| core.registry.unsubscribe(SessionId::of(session), topic)).unwrap_or(false)
 }
 
+/// How many topics `session` is subscribed to.
+pub fn topic_count(session: &Session) -> usize {
+    with_core(|core| core.registry.topic_count(SessionId::of(session))).unwrap_or_default()
+}
+
 /// The topics `session` is subscribed to.
 pub fn topics_of(session: &Session) -> Vec<String> {
     with_core(|core| core.registry.topics_of(SessionId::of(session))).unwrap_or_default()

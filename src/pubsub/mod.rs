@@ -107,7 +107,7 @@ use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
 pub use self::conflation::{MAX_CONFLATION_KEYS, MAX_HELD_KEYS};
-pub use self::core::{publish_from_session, subscribe, topics_of, unsubscribe};
+pub use self::core::{publish_from_session, subscribe, topic_count, topics_of, unsubscribe};
 use self::registry::SessionId;
 pub use self::registry::{MAX_TOPICS_PER_SESSION, SubscribeError};
 
@@ -138,8 +138,12 @@ pub(crate) struct Delivery {
 pub enum PublishError {
     /// The server is not running (not started yet, or stopped).
     NotRunning,
-    /// The topic name is empty or longer than [`MAX_TOPIC_LEN`].
+    /// The topic name is empty or longer than [`MAX_TOPIC_LEN`] (or, from a
+    /// connection, outside the server's topic rules).
     BadTopic,
+    /// The connection's grant (its JWT, or the `authorize` hook) does not allow
+    /// publishing to this topic.
+    NotAllowed,
 }
 
 impl fmt::Display for PublishError {
@@ -147,6 +151,7 @@ impl fmt::Display for PublishError {
         match self {
             Self::NotRunning => f.write_str("the server is not running"),
             Self::BadTopic => write!(f, "topic names are 1 to {MAX_TOPIC_LEN} bytes"),
+            Self::NotAllowed => f.write_str("not allowed to publish"),
         }
     }
 }

@@ -35,6 +35,9 @@ pub enum SubscribeError {
     TooManyTopics,
     /// Not on a worker of a running server whose app has rooms.
     NotRunning,
+    /// The connection's grant (its JWT, or the `authorize` hook) does not allow this
+    /// topic.
+    NotAllowed,
 }
 
 impl fmt::Display for SubscribeError {
@@ -49,6 +52,7 @@ impl fmt::Display for SubscribeError {
                 )
             }
             Self::NotRunning => f.write_str("not on a worker of a running server"),
+            Self::NotAllowed => f.write_str("topic not allowed"),
         }
     }
 }
@@ -120,6 +124,10 @@ impl Registry {
     }
 
     /// The topics of session `id`.
+    pub(super) fn topic_count(&self, id: SessionId) -> usize {
+        self.sessions.get(&id).map_or(0, |topics| topics.len())
+    }
+
     pub(super) fn topics_of(&self, id: SessionId) -> Vec<String> {
         self.sessions
             .get(&id)

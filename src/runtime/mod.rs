@@ -167,6 +167,10 @@ impl Server {
         };
         let backend = choose_backend(config.io_backend)?;
         let n = config.worker_count();
+        let metrics = Metrics::new(n, backend.name());
+        service
+            .configure(&config, &metrics)
+            .map_err(ServeError::Config)?;
         let (listeners, addr) = listener::bind_all(config.bind, n, config.defer_accept_secs)
             .map_err(|e| ServeError::Bind(config.bind, e))?;
         let plain_bind = config
@@ -182,7 +186,6 @@ impl Server {
         };
         service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
-        let metrics = Metrics::new(n, backend.name());
         let executor = Executor::start_with_nice(
             config.task_threads,
             config.task_queue_capacity,
