@@ -683,14 +683,28 @@ impl Collector for Metrics {
             "status",
             responses,
         )?;
-        family(
-            e,
-            "rejections",
-            "Handshakes and requests refused (responses with a 4xx or 5xx status), by status.",
-            MetricType::Counter,
-            "status",
-            self.statuses(400..=599),
-        )?;
+        {
+            // One family, two views: every response with a 4xx or 5xx status by
+            // `status`, and every client refused by an access rule or abuse limit by
+            // `reason` (a refused handshake is in both: sum one label, not both).
+            let mut metric = e.encode_descriptor(
+                "rejections",
+                "Refusals: responses with a 4xx or 5xx status, by status; clients refused \
+                 by an access rule or an abuse limit (an HTTP refusal or a close), by reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (status, n) in self.statuses(400..=599) {
+                metric
+                    .encode_family(&[("status", status)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+            for reason in Rejection::ALL {
+                metric
+                    .encode_family(&[("reason", reason.label())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&self.rejections.get(reason), None)?;
+            }
+        }
         counter(
             e,
             "pings_sent",
@@ -706,16 +720,6 @@ impl Collector for Metrics {
             Limit::ALL
                 .iter()
                 .map(|l| (l.label(), sum(&|w| &w.limits[l.index()]))),
-        )?;
-        family(
-            e,
-            "rejections",
-            "Clients refused by an access rule or an abuse limit, by reason.",
-            MetricType::Counter,
-            "reason",
-            Rejection::ALL
-                .iter()
-                .map(|r| (r.label(), self.rejections.get(*r))),
         )?;
         family(
             e,

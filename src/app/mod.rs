@@ -450,13 +450,13 @@ impl Service for App {
     fn configure(&self, config: &Config, metrics: &Metrics) -> Result<(), String> {
         let access = Access::from_config(config, metrics.rejections().clone())?;
         if let Some(algorithm) = access.jwt_algorithm() {
-            tracing::info!("WebSocket handshakes need a JWT signed with {algorithm:?}");
+            tracing::debug!("WebSocket handshakes need a JWT signed with {algorithm:?}");
         }
         if self.publish_api {
             if access.publish_closed() {
                 tracing::warn!("{}", access.publish_summary());
             } else {
-                tracing::info!("{}", access.publish_summary());
+                tracing::debug!("{}", access.publish_summary());
             }
         }
         self.access

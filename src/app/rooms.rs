@@ -52,7 +52,10 @@ impl App {
 pub async fn relay(ws: WebSocket, room: &str) {
     match ws.may_subscribe(room) {
         Ok(()) => {}
-        Err(e @ SubscribeError::BadTopic) => return ws.reject(400, &e.to_string()),
+        Err(e @ SubscribeError::BadTopic) => {
+            let why = ws.topic_name_error(room).unwrap_or_else(|| e.to_string());
+            return ws.reject(400, &why);
+        }
         Err(e) => return ws.reject(403, &e.to_string()),
     }
     ws.accept();

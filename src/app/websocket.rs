@@ -77,6 +77,12 @@ impl WebSocket {
         Ok(())
     }
 
+    /// What is wrong with `topic` as a name, if anything (the server's length limit
+    /// and character set).
+    pub fn topic_name_error(&self, topic: &str) -> Option<String> {
+        self.access.check_topic_name(topic).err()
+    }
+
     /// Whether this connection may publish to `topic` from its socket.
     pub fn may_publish(&self, topic: &str) -> Result<(), PublishError> {
         if self.access.check_topic_name(topic).is_err() {
