@@ -285,7 +285,8 @@ pub struct Config {
     /// Ping, pong and close frames one connection may send per second (and at once).
     /// Beyond it: close 1008 "too many control frames". Default 50; 0: no limit.
     pub max_control_frames_per_sec: u32,
-    /// Topics one connection may be subscribed to at once. Default 1,024.
+    /// Topics one connection may be subscribed to at once. Default 1,024 (also the
+    /// most).
     pub max_topics_per_connection: usize,
     /// Longest topic name, in bytes. Default 255 (at most 256).
     pub max_topic_length: usize,
@@ -437,6 +438,8 @@ pub const MAX_WORKERS: usize = 1024;
 /// The range of `max_head_bytes`: room for a real handshake, up to the 16-bit offsets
 /// a parsed request stores its parts in.
 pub const MAX_HEAD_BYTES_RANGE: (usize, usize) = (512, u16::MAX as usize);
+/// The largest `max_topics_per_connection` accepted (the pubsub registry's own bound).
+pub const MAX_TOPICS_PER_CONNECTION: usize = 1024;
 /// The largest `max_topic_length` accepted (the pubsub layer's own bound).
 pub const MAX_TOPIC_LENGTH: usize = 256;
 /// The largest `max_message_size` and `max_frame_size` accepted: 1 GiB.
@@ -727,7 +730,7 @@ impl Config {
             "max_topics_per_connection",
             self.max_topics_per_connection,
             1,
-            usize::MAX,
+            MAX_TOPICS_PER_CONNECTION,
         )?;
         range(
             "max_inbound_memory",

@@ -397,6 +397,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_configured_bounds_are_the_pubsub_layers() {
+        assert_eq!(
+            crate::config::MAX_TOPICS_PER_CONNECTION,
+            crate::pubsub::MAX_TOPICS_PER_SESSION
+        );
+        assert_eq!(
+            crate::config::MAX_TOPIC_LENGTH,
+            crate::pubsub::MAX_TOPIC_LEN
+        );
+    }
+
+    #[test]
     fn topic_rules_match_names_and_prefixes() {
         let rules = TopicRules::Only(vec!["lobby".into(), "chat:*".into()]);
         assert!(rules.allows("lobby"));
