@@ -461,7 +461,10 @@ impl Service for App {
         }
         self.access
             .set(Arc::new(access))
-            .map_err(|_| "this app is already configured by another server".to_owned())
+            .map_err(|_| {
+                "this App is already configured by a server; build a new App for another server"
+                    .to_owned()
+            })
     }
 
     fn bind_workers(&self, workers: usize) -> Result<(), String> {

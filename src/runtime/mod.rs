@@ -168,9 +168,6 @@ impl Server {
         let backend = choose_backend(config.io_backend)?;
         let n = config.worker_count();
         let metrics = Metrics::new(n, backend.name());
-        service
-            .configure(&config, &metrics)
-            .map_err(ServeError::Config)?;
         let (listeners, addr) = listener::bind_all(config.bind, n, config.defer_accept_secs)
             .map_err(|e| ServeError::Bind(config.bind, e))?;
         let plain_bind = config
@@ -184,6 +181,9 @@ impl Server {
             }
             None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
         };
+        service
+            .configure(&config, &metrics)
+            .map_err(ServeError::Config)?;
         service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
         let executor = Executor::start_with_nice(

@@ -80,9 +80,9 @@ pub trait Service: Send + Sync + 'static {
     /// Decides what to do with `head`, received from `peer`.
     fn route(&self, head: &Request, peer: SocketAddr, cx: &Context) -> Route;
 
-    /// Called once by the server with its validated configuration and counters, before
-    /// it binds or starts anything: the service reads the settings it enforces (keys,
-    /// token files) here. An error (a key file that cannot be read, say) stops the
+    /// Called once by the server with its validated configuration and counters, once
+    /// its listeners are bound and before any worker starts: the service reads the
+    /// settings it enforces (keys, token files) here. An error (a key file that cannot be read, say) stops the
     /// start with that message.
     fn configure(&self, config: &Config, metrics: &Metrics) -> Result<(), String> {
         let _ = (config, metrics);
