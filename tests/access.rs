@@ -570,3 +570,18 @@ async fn the_authorize_hook_decides_with_the_request_in_hand() {
     assert_eq!(rejections(&server, "auth_hook"), 2);
     assert_echoes(&mut ok, "still in").await;
 }
+
+#[tokio::test]
+async fn a_token_that_expires_while_the_hook_decides_is_refused() {
+    let app = App::standard().authorize(|_req| async move {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        Ok(Grant::default())
+    });
+    let server = start(app, |c| c.jwt_secret = SECRET.into());
+    let addr = server.local_addr();
+    // Whole seconds: 1.0 to 2.0 s from now, so before the hook's 2.5 s are over.
+    let token = hs256(json!({"sub": "late", "exp": now() + 1}));
+    let (status, body) = refused(addr, &format!("/echo?token={token}"), &[]).await;
+    assert_eq!((status, body.as_str()), (401, "invalid token: expired\n"));
+    assert_eq!(rejections(&server, "token_expired"), 1);
+}

@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -428,17 +429,30 @@ async fn run_until_expiry(
     at: SystemTime,
     access: &Access,
 ) {
-    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    // Already past (it expired while a hook decided): refused before the handler runs.
+    let (left, past) = match at.duration_since(SystemTime::now()) {
+        Ok(left) => (left, false),
+        Err(_) => (std::time::Duration::ZERO, true),
+    };
     let mut expiry = pin!(tokio::time::sleep(left));
     let mut handler = handler;
     let mut expired = false;
     std::future::poll_fn(|cx| {
-        if !expired && expiry.as_mut().poll(cx).is_ready() {
+        if !expired && (past || expiry.as_mut().poll(cx).is_ready()) {
             expired = true;
+            access.rejected(Rejection::TokenExpired);
             if session.is_accepted() {
-                access.rejected(Rejection::TokenExpired);
                 tracing::debug!(peer = %session.peer(), "token expired: close 1008");
                 session.close(CloseCode::Policy, "token expired");
+            } else {
+                // It expired while the handler had not decided yet.
+                tracing::debug!(peer = %session.peer(), "token expired before the upgrade: 401");
+                session.reject(
+                    Response::error(401, "invalid token: expired")
+                        .with_header("WWW-Authenticate", "Bearer"),
+                );
+                // The handler never runs: the refusal is the answer.
+                return Poll::Ready(());
             }
         }
         handler.as_mut().poll(cx)
@@ -459,12 +473,10 @@ impl Service for App {
                 tracing::debug!("{}", access.publish_summary());
             }
         }
-        self.access
-            .set(Arc::new(access))
-            .map_err(|_| {
-                "this App is already configured by a server; build a new App for another server"
-                    .to_owned()
-            })
+        self.access.set(Arc::new(access)).map_err(|_| {
+            "this App is already configured by a server; build a new App for another server"
+                .to_owned()
+        })
     }
 
     fn bind_workers(&self, workers: usize) -> Result<(), String> {
