@@ -1,6 +1,6 @@
 //! Who may connect, subscribe and publish (`docs/security.md` has the threat model).
 //!
-//! [`Access`] is built once from the configuration when the server starts and shared by
+//! The rules are built once from the configuration when the server starts and shared by
 //! every worker. A WebSocket handshake goes through, in this order, each refusal
 //! answered before the upgrade, logged at debug with the cause (never a token) and
 //! counted in `ringsocket_rejections_total{reason}`:
