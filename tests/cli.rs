@@ -141,3 +141,41 @@ fn an_out_of_range_value_is_refused_naming_the_range() {
         "{stderr}"
     );
 }
+
+/// A second `serve` on the port of a running one exits 1 with one line naming the
+/// address, instead of silently taking half of its connections (`SO_REUSEPORT`).
+#[test]
+fn a_second_serve_on_a_taken_port_exits_1_naming_it() {
+    // A port that is free now: the first server binds it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut first = ringsocket()
+        .args(["serve", "--bind", &bind, "--workers", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(first.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    assert!(line.contains(&format!("listening on {bind}")), "{line:?}");
+    let second = ringsocket()
+        .args(["serve", "--bind", &bind, "--workers", "2"])
+        .output()
+        .expect("the binary runs");
+    let _ = first.kill();
+    let _ = first.wait();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on {bind}: another process is already listening on it"
+        )),
+        "{stderr}"
+    );
+    assert!(second.stdout.is_empty(), "the second server never listened");
+}

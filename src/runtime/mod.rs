@@ -100,6 +100,9 @@ pub enum ServeError {
     IoUring(String),
     /// The address could not be bound.
     Bind(SocketAddr, io::Error),
+    /// Another process (or another socket of this one) already listens on the address:
+    /// the server does not share it (`SO_REUSEPORT` would split the connections).
+    AddrInUse(SocketAddr),
     /// The configuration is invalid.
     Config(String),
     /// A worker thread could not be started or died.
@@ -114,6 +117,11 @@ impl fmt::Display for ServeError {
         match self {
             Self::IoUring(why) => write!(f, "io_uring is not available: {why}"),
             Self::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            Self::AddrInUse(addr) => write!(
+                f,
+                "cannot listen on {addr}: another process is already listening on it \
+                 (stop it or choose another address)"
+            ),
             Self::Config(why) => write!(f, "invalid configuration: {why}"),
             Self::Worker(why) => write!(f, "worker failed: {why}"),
             Self::Tls(why) => write!(f, "TLS: {why}"),
@@ -122,6 +130,17 @@ impl fmt::Display for ServeError {
 }
 
 impl std::error::Error for ServeError {}
+
+impl ServeError {
+    /// The error of binding `addr`: [`ServeError::AddrInUse`] when it is taken.
+    fn bind(addr: SocketAddr, e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            Self::AddrInUse(addr)
+        } else {
+            Self::Bind(addr, e)
+        }
+    }
+}
 
 /// Checks that this process can create an io_uring instance, and explains why not.
 pub fn probe_io_uring() -> Result<(), ServeError> {
@@ -168,14 +187,14 @@ impl Server {
         let backend = choose_backend(config.io_backend)?;
         let n = config.worker_count();
         let (listeners, addr) = listener::bind_all(config.bind, n, config.defer_accept_secs)
-            .map_err(|e| ServeError::Bind(config.bind, e))?;
+            .map_err(|e| ServeError::bind(config.bind, e))?;
         let plain_bind = config
             .plain_bind_addr()
             .map_err(|e| ServeError::Config(e.0))?;
         let (plain_listeners, plain_addr) = match plain_bind {
             Some(plain) => {
                 let (listeners, bound) = listener::bind_all(plain, n, config.defer_accept_secs)
-                    .map_err(|e| ServeError::Bind(plain, e))?;
+                    .map_err(|e| ServeError::bind(plain, e))?;
                 (listeners.into_iter().map(Some).collect(), Some(bound))
             }
             None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
