@@ -8,12 +8,117 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{config, start};
+use common::{config, http_exchange, start, ws_connect};
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::{SinkExt, StreamExt};
 use ringsocket::app::App;
 use ringsocket::runtime::{ServeError, Server};
+use tokio_tungstenite::tungstenite::Message;
+
+/// `GET path` with `Connection: close`: the whole response.
+async fn get(addr: SocketAddr, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    http_exchange(addr, request.as_bytes()).await
+}
+
+/// The status code of a raw response.
+fn status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"))
+}
+
+/// The value of one series in a `/metrics` page.
+fn series(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A control client's echo still works.
+async fn echo_works(control: &mut common::Client, text: &str) {
+    control.send(Message::text(text)).await.unwrap();
+    let reply = tokio::time::timeout(common::PATIENCE, control.next())
+        .await
+        .expect("the control client's echo timed out")
+        .expect("the control connection is open")
+        .unwrap();
+    assert_eq!(reply, Message::text(text));
+}
+
+// ---- metrics_bind ---------------------------------------------------------------------
+
+/// The metrics listener serves `GET /metrics` and `GET /healthz` in plain HTTP and 404
+/// for anything else (an upgrade included); the main listener then answers
+/// `GET /metrics` with 404 and keeps `/healthz` and the WebSockets.
+#[tokio::test]
+async fn metrics_bind_serves_only_the_metrics_and_the_main_listener_not_them() {
+    let server = start(App::standard(), |c| c.metrics_bind = "127.0.0.1:0".into());
+    let main = server.local_addr();
+    let metrics = server.metrics_addr().expect("metrics_bind is set");
+    assert_ne!(metrics, main);
+    let mut control = ws_connect(main, "/echo").await;
+    echo_works(&mut control, "before").await;
+
+    let page = get(metrics, "/metrics").await;
+    assert_eq!(status(&page), 200, "{page}");
+    assert!(
+        series(&page, "ringsocket_websocket_upgrades_total").is_some_and(|n| n >= 1.0),
+        "{page}"
+    );
+    let health = get(metrics, "/healthz").await;
+    assert_eq!(status(&health), 200, "{health}");
+    assert!(health.ends_with("ok\n"), "{health}");
+    for request in [
+        "GET /echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        "POST /publish/room HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    ] {
+        let refused = http_exchange(metrics, request.as_bytes()).await;
+        assert_eq!(status(&refused), 404, "{request}: {refused}");
+        assert!(
+            refused.contains("the metrics listener serves only GET /metrics and GET /healthz"),
+            "{refused}"
+        );
+    }
+
+    let elsewhere = get(main, "/metrics").await;
+    assert_eq!(status(&elsewhere), 404, "{elsewhere}");
+    assert!(
+        elsewhere.ends_with("metrics are served on the metrics listener\n"),
+        "{elsewhere}"
+    );
+    assert_eq!(status(&get(main, "/healthz").await), 200);
+    echo_works(&mut control, "after").await;
+}
+
+/// Without `metrics_bind` there is no metrics listener and `/metrics` stays on `bind`.
+#[tokio::test]
+async fn without_metrics_bind_the_metrics_stay_on_the_main_listener() {
+    let server = start(App::standard(), |_| {});
+    assert_eq!(server.metrics_addr(), None);
+    assert_eq!(status(&get(server.local_addr(), "/metrics").await), 200);
+}
+
+/// A metrics port another process listens on is refused like `bind`'s.
+#[test]
+fn a_taken_metrics_port_is_refused_naming_it() {
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = other.local_addr().unwrap();
+    let mut taken = config();
+    taken.bind = "127.0.0.1:0".parse().unwrap();
+    taken.metrics_bind = addr.to_string();
+    let err = Server::start(taken, Arc::new(App::echo())).unwrap_err();
+    assert!(
+        matches!(err, ServeError::AddrInUse(a) if a == addr),
+        "{err:?}"
+    );
+}
 
 /// A port another process listens on (here: a plain std listener) is refused with one
 /// line naming the address, instead of being shared through `SO_REUSEPORT`.

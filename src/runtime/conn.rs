@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::task::Poll;
 
 use super::core::transport::Stream;
-use super::ctx::{ConnGuard, WorkerCtx, start_read};
+use super::ctx::{ConnGuard, Door, WorkerCtx, start_read};
 use bytes::{Bytes, BytesMut};
 use tokio::time::{Instant, sleep_until};
 
@@ -29,13 +29,19 @@ use crate::proto::handshake::{self, AcceptKey, HeadReader, Request};
 use crate::proto::{CloseCode, Connection};
 use crate::tasks::BackgroundTasks;
 
-/// Serves one accepted connection. `over_limit`: the process was already at
-/// `max_connections` when it was accepted, so it gets 503.
-pub(crate) async fn drive(stream: Stream, peer: SocketAddr, ctx: Rc<WorkerCtx>, over_limit: bool) {
+/// Serves one accepted connection, which came in on `door`. `over_limit`: the process
+/// was already at `max_connections` when it was accepted, so it gets 503.
+pub(crate) async fn drive(
+    stream: Stream,
+    peer: SocketAddr,
+    ctx: Rc<WorkerCtx>,
+    over_limit: bool,
+    door: Door,
+) {
     // TCP_NODELAY comes from the listener (see `listener::bind_reuseport`).
     let stream = Rc::new(stream);
     let mut guard = ConnGuard::new(ctx.clone(), stream.clone(), peer);
-    let upgrade = match serve(&stream, peer, &ctx, over_limit).await {
+    let upgrade = match serve(&stream, peer, &ctx, over_limit, door).await {
         Ok(reason) => {
             guard.reason = reason;
             return;
@@ -163,6 +169,7 @@ async fn serve(
     peer: SocketAddr,
     ctx: &WorkerCtx,
     over_limit: bool,
+    door: Door,
 ) -> Result<CloseReason, Box<Upgrade>> {
     let config = &ctx.config;
     let mut bufs = ReadBufs::with_first(ctx.pool.clone(), HEAD_READ);
@@ -250,8 +257,16 @@ async fn serve(
             let _ = respond(stream, ctx, &response, true).await;
             return Ok(CloseReason::Shutdown);
         }
-        let keep = keep_alive(&request);
-        match ctx.service.route(&request, peer, &ctx.cx) {
+        let mut keep = keep_alive(&request);
+        let route = match door_answer(door, &request, peer, ctx) {
+            Some(response) => {
+                // The metrics listener has nothing more to say to such a client.
+                keep &= door == Door::Main;
+                Route::Respond(response)
+            }
+            None => ctx.service.route(&request, peer, &ctx.cx),
+        };
+        match route {
             Route::Respond(response) => {
                 // A body we did not read would be taken for the next request: close.
                 let close = !keep || body_framing(&request, 0) != Ok(BodyFraming::None);
@@ -341,6 +356,47 @@ async fn serve(
                 }));
             }
         }
+    }
+}
+
+/// `GET /metrics` or `GET /healthz`, not an upgrade: what the metrics listener serves.
+fn is_probe(request: &Request) -> bool {
+    request.method() == "GET"
+        && matches!(request.path(), "/metrics" | "/healthz")
+        && !request.is_upgrade()
+}
+
+/// What a listener answers itself, before the service sees the request: the metrics
+/// listener (`metrics_bind`) serves only `GET /metrics` and `GET /healthz` (404 and
+/// close for anything else, upgrades included); when it is set, the main listeners answer
+/// `GET /metrics` with 404 (their `/healthz` stays, for load balancers).
+fn door_answer(
+    door: Door,
+    request: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+) -> Option<Response> {
+    match door {
+        Door::Metrics if is_probe(request) => None,
+        Door::Metrics => {
+            tracing::debug!(%peer, method = request.method(), path = request.path(), "not served on the metrics listener: 404");
+            Some(Response::error(
+                404,
+                "the metrics listener serves only GET /metrics and GET /healthz",
+            ))
+        }
+        Door::Main
+            if ctx.metrics_elsewhere
+                && request.method() == "GET"
+                && request.path() == "/metrics" =>
+        {
+            tracing::debug!(%peer, "GET /metrics on a main listener while metrics_bind is set: 404");
+            Some(Response::error(
+                404,
+                "metrics are served on the metrics listener",
+            ))
+        }
+        Door::Main => None,
     }
 }
 

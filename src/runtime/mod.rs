@@ -199,6 +199,18 @@ impl Server {
             }
             None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
         };
+        // One metrics listener is enough for scrapes and health checks: worker 0's.
+        let metrics_bind = config
+            .metrics_bind_addr()
+            .map_err(|e| ServeError::Config(e.0))?;
+        let (mut metrics_listener, metrics_addr) = match metrics_bind {
+            Some(at) => {
+                let (mut listeners, bound) = listener::bind_all(at, 1, config.defer_accept_secs)
+                    .map_err(|e| ServeError::bind(at, e))?;
+                (listeners.pop(), Some(bound))
+            }
+            None => (None, None),
+        };
         service.bind_workers(n).map_err(ServeError::Config)?;
         let config = Arc::new(config);
         let metrics = Metrics::new(n, backend.name());
@@ -225,6 +237,7 @@ impl Server {
                 core: (!cores.is_empty()).then(|| cores[index % cores.len()]),
                 listener,
                 plain_listener,
+                metrics_listener: metrics_listener.take(),
                 tls: tls.clone(),
                 config: config.clone(),
                 service: service.clone(),
@@ -245,9 +258,13 @@ impl Server {
         if let Some(plain) = plain_addr {
             tracing::info!(%plain, "listening without TLS too (plain_bind)");
         }
+        if let Some(metrics) = metrics_addr {
+            tracing::info!(%metrics, "serving /metrics and /healthz on the metrics listener (metrics_bind)");
+        }
         Ok(RunningServer {
             addr,
             plain_addr,
+            metrics_addr,
             tls,
             backend,
             signal,
@@ -265,6 +282,7 @@ impl Server {
 pub struct RunningServer {
     addr: SocketAddr,
     plain_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     tls: Option<Arc<tls::TlsAcceptor>>,
     backend: Backend,
     signal: Arc<ShutdownSignal>,
@@ -284,6 +302,12 @@ impl RunningServer {
     /// The address of the plain listener beside the TLS one (`plain_bind`), if any.
     pub fn plain_addr(&self) -> Option<SocketAddr> {
         self.plain_addr
+    }
+
+    /// The address of the metrics listener (`metrics_bind`), if any: plain HTTP,
+    /// `GET /metrics` and `GET /healthz` only.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The TLS configuration of the listeners on [`RunningServer::local_addr`], when
