@@ -147,3 +147,53 @@ fn a_port_already_taken_is_refused_naming_it() {
     let server = start(App::echo(), |c| c.bind = addr);
     assert_eq!(server.local_addr(), addr);
 }
+
+// ---- max_connections ------------------------------------------------------------------
+
+/// At `max_connections`, `GET /healthz` and `GET /metrics` still get their answer
+/// (then the connection closes), while anything else, a WebSocket included, gets 503.
+#[tokio::test]
+async fn healthz_and_metrics_answer_at_max_connections() {
+    let server = start(App::standard(), |c| c.max_connections = 2);
+    let addr = server.local_addr();
+    let mut control = ws_connect(addr, "/echo").await;
+    let _second = ws_connect(addr, "/echo").await;
+    echo_works(&mut control, "full").await;
+
+    let health = get(addr, "/healthz").await;
+    assert_eq!(status(&health), 200, "{health}");
+    assert!(
+        health.to_ascii_lowercase().contains("connection: close"),
+        "{health}"
+    );
+    // Asked without `Connection: close`: answered all the same, then closed (the
+    // exchange reads to the end).
+    let page = http_exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert_eq!(status(&page), 200, "{page}");
+    assert!(
+        series(&page, "ringsocket_websocket_upgrades_total") == Some(2.0),
+        "{page}"
+    );
+
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/echo"))
+        .await
+        .expect_err("a third WebSocket is refused");
+    match refused {
+        tokio_tungstenite::tungstenite::Error::Http(response) => {
+            assert_eq!(response.status(), 503);
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    let other = get(addr, "/").await;
+    assert_eq!(status(&other), 503, "{other}");
+    echo_works(&mut control, "still").await;
+    let page = get(addr, "/metrics").await;
+    assert_eq!(
+        series(
+            &page,
+            "ringsocket_limit_hits_total{limit=\"max_connections\"}"
+        ),
+        Some(2.0),
+        "{page}"
+    );
+}

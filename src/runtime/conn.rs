@@ -30,7 +30,9 @@ use crate::proto::{CloseCode, Connection};
 use crate::tasks::BackgroundTasks;
 
 /// Serves one accepted connection, which came in on `door`. `over_limit`: the process
-/// was already at `max_connections` when it was accepted, so it gets 503.
+/// was already at `max_connections` when it was accepted, so it gets 503, unless it
+/// asks for `GET /healthz` or `GET /metrics` (answered as usual, then closed: a full
+/// server still tells its monitoring so).
 pub(crate) async fn drive(
     stream: Stream,
     peer: SocketAddr,
@@ -244,7 +246,7 @@ async fn serve(
             }
         };
         first = false;
-        if over_limit {
+        if over_limit && !is_probe(&request) {
             ctx.metrics.limit_hit(Limit::MaxConnections);
             tracing::warn!(%peer, limit = config.max_connections, "max_connections reached: 503");
             let response =
@@ -257,7 +259,8 @@ async fn serve(
             let _ = respond(stream, ctx, &response, true).await;
             return Ok(CloseReason::Shutdown);
         }
-        let mut keep = keep_alive(&request);
+        // A probe over the limit is answered, then closed.
+        let mut keep = keep_alive(&request) && !over_limit;
         let route = match door_answer(door, &request, peer, ctx) {
             Some(response) => {
                 // The metrics listener has nothing more to say to such a client.
