@@ -197,3 +197,117 @@ async fn healthz_and_metrics_answer_at_max_connections() {
         "{page}"
     );
 }
+
+// ---- metrics_topics -------------------------------------------------------------------
+
+/// 8,000 topics with a subscriber each: `/metrics` shows the `metrics_topics` topics
+/// with the most subscribers and one `_other` sample with the rest, so the page stays
+/// small; `metrics_topics = 0` leaves only `_other`.
+#[tokio::test]
+async fn per_topic_metrics_are_bounded_by_metrics_topics() {
+    const CONNECTIONS: usize = 8;
+    const TOPICS_EACH: usize = 1_000;
+    let app = App::standard().websocket("/many/{n}", |ws| async move {
+        ws.accept();
+        let n = ws.param::<usize>("n").unwrap_or_default();
+        for i in 0..TOPICS_EACH {
+            if ws.subscribe(&format!("t{n:02}-{i:04}")).is_err() {
+                ws.close(ringsocket::proto::CloseCode::Policy, "subscribe failed");
+                return;
+            }
+        }
+        let _ = ws.send_text("ready");
+        while let Ok(message) = ws.recv().await {
+            if ws.send(message).is_err() {
+                break;
+            }
+        }
+    });
+    let hub = app.hub().clone();
+    let server = start(app, |c| c.metrics_topics = 5);
+    let addr = server.local_addr();
+    let mut control = ws_connect(addr, "/echo").await;
+    let mut many = Vec::new();
+    for n in 0..CONNECTIONS {
+        let mut client = ws_connect(addr, &format!("/many/{n}")).await;
+        let ready = tokio::time::timeout(common::PATIENCE, client.next())
+            .await
+            .expect("subscribed in time")
+            .expect("open")
+            .unwrap();
+        assert_eq!(ready, Message::text("ready"));
+        many.push(client);
+    }
+    // Two topics with more subscribers than the rest: shown first.
+    let _hot = [
+        ws_connect(addr, "/ws/hot").await,
+        ws_connect(addr, "/ws/hot").await,
+        ws_connect(addr, "/ws/hot").await,
+    ];
+    let _warm = [
+        ws_connect(addr, "/ws/warm").await,
+        ws_connect(addr, "/ws/warm").await,
+    ];
+    let total = CONNECTIONS * TOPICS_EACH;
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while hub.topics() < total + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} topics",
+            hub.topics()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let page = get(addr, "/metrics").await;
+    assert_eq!(status(&page), 200);
+    let samples: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("ringsocket_pubsub_subscribers{"))
+        .collect();
+    assert_eq!(
+        samples,
+        [
+            "ringsocket_pubsub_subscribers{topic=\"hot\"} 3",
+            "ringsocket_pubsub_subscribers{topic=\"warm\"} 2",
+            "ringsocket_pubsub_subscribers{topic=\"t00-0000\"} 1",
+            "ringsocket_pubsub_subscribers{topic=\"t00-0001\"} 1",
+            "ringsocket_pubsub_subscribers{topic=\"t00-0002\"} 1",
+            &format!(
+                "ringsocket_pubsub_subscribers{{topic=\"_other\"}} {}",
+                total - 3
+            ),
+        ]
+    );
+    assert_eq!(
+        series(&page, "ringsocket_pubsub_topics"),
+        Some((total + 2) as f64)
+    );
+    let bounded = page.len();
+    echo_works(&mut control, "scraped").await;
+
+    // The same page with every topic shown, as before the bound.
+    hub.set_metrics_topics(usize::MAX);
+    let unbounded = get(addr, "/metrics").await.len();
+    hub.set_metrics_topics(0);
+    let none = get(addr, "/metrics").await;
+    let samples: Vec<&str> = none
+        .lines()
+        .filter(|l| l.starts_with("ringsocket_pubsub_subscribers{"))
+        .collect();
+    assert_eq!(
+        samples,
+        [format!(
+            "ringsocket_pubsub_subscribers{{topic=\"_other\"}} {}",
+            total + 5
+        )]
+    );
+    eprintln!(
+        "/metrics with {} topics: {bounded} bytes with metrics_topics = 5, \
+         {unbounded} bytes with every topic shown",
+        total + 2
+    );
+    assert!(bounded < 64 * 1024, "{bounded} bytes");
+    assert!(unbounded > 10 * bounded, "{unbounded} vs {bounded} bytes");
+    echo_works(&mut control, "still").await;
+}
