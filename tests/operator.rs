@@ -311,3 +311,159 @@ async fn per_topic_metrics_are_bounded_by_metrics_topics() {
     assert!(unbounded > 10 * bounded, "{unbounded} vs {bounded} bytes");
     echo_works(&mut control, "still").await;
 }
+
+// ---- lingering close ------------------------------------------------------------------
+
+/// Writes all of `request` (the server refuses it part-way), then reads to the end:
+/// the response the server sent, or the error the client got.
+async fn send_then_read(addr: SocketAddr, request: Vec<u8>) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(common::PATIENCE, stream.write_all(&request))
+        .await
+        .expect("the write timed out")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    tokio::time::timeout(common::PATIENCE, stream.read_to_end(&mut out))
+        .await
+        .expect("the read timed out")
+        .map_err(|e| format!("read: {e} after {} bytes", out.len()))?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// What the client sends past the point where the server refuses: more than the
+/// loopback socket buffers absorb (about 3 MiB here: a client that wrote 4 MiB got
+/// `EPIPE` from a server closing with unread input, one that wrote 3 MiB did not), and
+/// less than a lingering close discards (8 MiB) plus those buffers.
+const HEADER_LINE: usize = 6 << 20;
+
+/// A client that sends a 6 MiB header line (it keeps writing far past the 8 KiB
+/// limit), then reads, gets the 431 and its reason: the server shut its side down
+/// after the answer and read on, instead of closing with unread input (a reset: the
+/// client's write fails with `EPIPE`, and some stacks drop the answer).
+#[tokio::test]
+async fn a_431_reaches_a_client_that_keeps_sending_its_head() {
+    let server = start(App::standard(), |_| {});
+    let addr = server.local_addr();
+    let mut control = ws_connect(addr, "/echo").await;
+    for round in 0..3 {
+        let mut request = b"GET / HTTP/1.1\r\nHost: t\r\nX-Long: ".to_vec();
+        request.resize(request.len() + HEADER_LINE, b'a');
+        let response = send_then_read(addr, request).await.unwrap();
+        assert_eq!(status(&response), 431, "round {round}: {response}");
+        assert!(response.contains("\r\n\r\n"), "{response}");
+        echo_works(&mut control, "still").await;
+    }
+    let page = get(addr, "/metrics").await;
+    assert_eq!(
+        series(
+            &page,
+            "ringsocket_limit_hits_total{limit=\"max_head_bytes\"}"
+        ),
+        Some(3.0),
+        "{page}"
+    );
+}
+
+/// A body over `max_body_bytes` (6 MiB against 1 MiB), sent in full behind its head,
+/// still lets the client read the 413.
+#[tokio::test]
+async fn a_413_reaches_a_client_that_sends_its_whole_body() {
+    let server = start(App::standard(), |_| {});
+    let addr = server.local_addr();
+    let mut control = ws_connect(addr, "/echo").await;
+    let len = HEADER_LINE;
+    for round in 0..3 {
+        let mut request =
+            format!("POST /publish/room HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n")
+                .into_bytes();
+        request.resize(request.len() + len, b'b');
+        let response = send_then_read(addr, request).await.unwrap();
+        assert_eq!(status(&response), 413, "round {round}: {response}");
+        assert!(
+            response.ends_with("request body over the 1048576-byte limit\n"),
+            "{response}"
+        );
+        echo_works(&mut control, "still").await;
+    }
+    let page = get(addr, "/metrics").await;
+    assert_eq!(
+        series(
+            &page,
+            "ringsocket_limit_hits_total{limit=\"max_body_bytes\"}"
+        ),
+        Some(3.0),
+        "{page}"
+    );
+}
+
+/// The same over TLS: the answer is encrypted and on the socket before the write side
+/// is shut down, and the discarded input is read through the TLS session.
+#[tokio::test]
+async fn a_431_reaches_a_tls_client_that_keeps_sending_its_head() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = common::tls::TestCa::new("linger");
+    let cert = ca.server_cert("server", "linger");
+    let server = start(App::standard(), |c| {
+        c.tls_cert = cert.cert.display().to_string();
+        c.tls_key = cert.key.display().to_string();
+    });
+    let addr = server.local_addr();
+    let mut control = common::tls::wss_connect(addr, "/echo", ca.client_config()).await;
+    let mut stream = common::tls::tls_connect(addr, ca.client_config())
+        .await
+        .unwrap();
+    let mut request = b"GET / HTTP/1.1\r\nHost: t\r\nX-Long: ".to_vec();
+    request.resize(request.len() + HEADER_LINE, b'a');
+    tokio::time::timeout(common::PATIENCE, stream.write_all(&request))
+        .await
+        .expect("the write timed out")
+        .expect("the whole request is written");
+    let mut out = Vec::new();
+    // No close_notify from the server: the read ends with an error after the answer.
+    let _ = tokio::time::timeout(common::PATIENCE, stream.read_to_end(&mut out))
+        .await
+        .expect("the read timed out");
+    let response = String::from_utf8_lossy(&out);
+    assert_eq!(status(&response), 431, "{response}");
+    echo_works(&mut control, "still").await;
+}
+
+/// A refused client that neither reads nor closes is let go after the lingering time
+/// (2 s), not held: its connection no longer counts as open.
+#[tokio::test]
+async fn a_lingering_close_ends_within_its_time_bound() {
+    use tokio::io::AsyncWriteExt;
+    let server = start(App::standard(), |_| {});
+    let addr = server.local_addr();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n")
+        .await
+        .unwrap();
+    let open = |server: &ringsocket::runtime::RunningServer| {
+        server
+            .metrics()
+            .render()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("ringsocket_connections_open ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap()
+    };
+    let started = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(open(&server), 1, "still lingering half a second later");
+    while open(&server) > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(4),
+            "still open after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1_500));
+    drop(stream);
+}

@@ -9,10 +9,11 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::task::Poll;
+use std::time::Duration;
 
 use super::core::transport::Stream;
 use super::ctx::{ConnGuard, Door, WorkerCtx, start_read};
@@ -45,6 +46,9 @@ pub(crate) async fn drive(
     let mut guard = ConnGuard::new(ctx.clone(), stream.clone(), peer);
     let upgrade = match serve(&stream, peer, &ctx, over_limit, door).await {
         Ok(reason) => {
+            if reason == CloseReason::Rejected {
+                linger(&stream, &ctx).await;
+            }
             guard.reason = reason;
             return;
         }
@@ -86,7 +90,46 @@ pub(crate) async fn drive(
             // Refused after the handler may have registered hooks (e.g. it accepted,
             // subscribed, then panicked): unregister it here, as the driver would.
             session.run_teardown();
+            if reason == CloseReason::Rejected {
+                linger(&stream, &ctx).await;
+            }
             guard.reason = reason;
+        }
+    }
+}
+
+/// How long a lingering close reads on, at most (see [`linger`]).
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// How many bytes a lingering close reads and discards, at most (see [`linger`]).
+pub(crate) const LINGER_BYTES: usize = 8 << 20;
+
+/// A lingering close, as nginx's `lingering_close`, after an error answer (431, 413,
+/// 400, 503 …) to a client that may still be sending: closing a socket with unread
+/// input makes the kernel send a reset, and a client still writing then gets
+/// `EPIPE`/`ECONNRESET` and may never read the answer (some stacks drop it).
+/// So: the answer is already written (with TLS: encrypted and handed to the socket,
+/// since the write waits for all of it), the write side is shut down (FIN after the
+/// answer), and the input is read and discarded until the client closes, for at most
+/// [`LINGER_TIME`] and [`LINGER_BYTES`], or until the server shuts down. Only then does
+/// the connection's guard close the socket. The client's bytes are never parsed.
+async fn linger(stream: &Rc<Stream>, ctx: &WorkerCtx) {
+    if stream.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut bufs = ReadBufs::with_first(ctx.pool.clone(), HEAD_READ);
+    let mut discarded = 0usize;
+    while discarded < LINGER_BYTES {
+        match read_once(stream, &mut bufs, deadline, ctx, true).await {
+            ReadOutcome::Data(buf) => {
+                discarded = discarded.saturating_add(buf.len());
+                bufs.recycle(buf, stream.as_raw_fd());
+            }
+            ReadOutcome::Eof
+            | ReadOutcome::Timeout
+            | ReadOutcome::Shutdown
+            | ReadOutcome::Error(_) => break,
         }
     }
 }
@@ -235,7 +278,9 @@ async fn serve(
                 ReadOutcome::Timeout => {
                     tracing::debug!(%peer, "request head not complete within the handshake timeout");
                     let response = Response::error(408, "request head not received in time");
-                    let _ = respond(stream, ctx, &response, true).await;
+                    if respond(stream, ctx, &response, true).await.is_ok() {
+                        linger(stream, ctx).await;
+                    }
                     return Ok(CloseReason::HandshakeTimeout);
                 }
                 ReadOutcome::Shutdown => return Ok(CloseReason::Shutdown),
@@ -423,13 +468,10 @@ async fn read_body(
                 bufs.recycle(buf, stream.as_raw_fd());
             }
             ReadOutcome::Timeout => {
-                let _ = respond(
-                    stream,
-                    ctx,
-                    &Response::error(408, "request body not received in time"),
-                    true,
-                )
-                .await;
+                let response = Response::error(408, "request body not received in time");
+                if respond(stream, ctx, &response, true).await.is_ok() {
+                    linger(stream, ctx).await;
+                }
                 return Err(CloseReason::HandshakeTimeout);
             }
             ReadOutcome::Eof | ReadOutcome::Shutdown => return Err(CloseReason::PeerGone),
