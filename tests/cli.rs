@@ -179,3 +179,51 @@ fn a_second_serve_on_a_taken_port_exits_1_naming_it() {
     );
     assert!(second.stdout.is_empty(), "the second server never listened");
 }
+
+/// With `metrics_bind`, `serve` prints the metrics listener's URL on its startup line,
+/// and that URL answers with the metrics (a plain HTTP GET, as a scraper does).
+#[test]
+fn serve_prints_the_metrics_url_of_metrics_bind() {
+    use std::io::{Read, Write};
+    let mut child = ringsocket()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--set",
+            "metrics_bind=127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    // "…, http://127.0.0.1:PORT/metrics (metrics_bind) (io_uring backend)"
+    let addr = line
+        .split_once("/metrics (metrics_bind)")
+        .and_then(|(before, _)| before.rsplit_once("http://"))
+        .map(|(_, addr)| addr.to_owned())
+        .unwrap_or_else(|| panic!("no metrics URL in {line:?}"));
+    assert!(!line.starts_with(&format!("ringsocket listening on {addr}:")));
+    let mut stream = std::net::TcpStream::connect(&addr).expect("the metrics listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("a timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("the request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("the response");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(
+        response.contains("ringsocket_connections_open"),
+        "{response}"
+    );
+}

@@ -555,3 +555,37 @@ async fn decide(
     let _ = respond(stream, ctx, &response, true).await;
     Err(CloseReason::Rejected)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::HandshakeLimits;
+    use crate::proto::handshake::parse_request;
+
+    fn head(text: &str) -> Request {
+        parse_request(text.as_bytes(), &HandshakeLimits::default())
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    /// What the metrics listener serves and a full server still answers: the two
+    /// built-in GETs, not their upgrades, other methods or other paths.
+    #[test]
+    fn probes_are_the_gets_of_metrics_and_healthz() {
+        assert!(is_probe(&head("GET /metrics HTTP/1.1\r\nHost: h\r\n\r\n")));
+        assert!(is_probe(&head(
+            "GET /healthz?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+        )));
+        assert!(!is_probe(&head(
+            "POST /metrics HTTP/1.1\r\nHost: h\r\n\r\n"
+        )));
+        assert!(!is_probe(&head(
+            "GET /metricsx HTTP/1.1\r\nHost: h\r\n\r\n"
+        )));
+        assert!(!is_probe(&head("GET / HTTP/1.1\r\nHost: h\r\n\r\n")));
+        assert!(!is_probe(&head(
+            "GET /healthz HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )));
+    }
+}
