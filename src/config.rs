@@ -789,6 +789,11 @@ impl Config {
                     "plain_bind = {plain} is the same address as bind"
                 )));
             }
+            if self.metrics_bind_addr()? == Some(plain) && plain.port() != 0 {
+                return Err(ConfigError(format!(
+                    "metrics_bind = {plain} is the same address as plain_bind"
+                )));
+            }
         }
         Ok(())
     }
@@ -1403,6 +1408,25 @@ mod tests {
             .unwrap();
         config.set("metrics_bind", "127.0.0.1:9090").unwrap();
         assert!(config.warnings().is_empty());
+    }
+
+    /// The metrics listener cannot be the plain one beside TLS either.
+    #[test]
+    fn metrics_bind_and_plain_bind_must_differ() {
+        let mut config = Config {
+            tls_cert: "cert.pem".into(),
+            tls_key: "key.pem".into(),
+            ..Config::default()
+        };
+        config.set("plain_bind", "127.0.0.1:8080").unwrap();
+        config.set("metrics_bind", "127.0.0.1:8080").unwrap();
+        let err = config.validate().unwrap_err().0;
+        assert_eq!(
+            err,
+            "metrics_bind = 127.0.0.1:8080 is the same address as plain_bind"
+        );
+        config.set("metrics_bind", "127.0.0.1:9090").unwrap();
+        assert!(config.validate().is_ok());
     }
 
     #[test]

@@ -231,11 +231,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         Some(plain) => format!(", without TLS on http://{plain}"),
         None => String::new(),
     };
+    // With `metrics_bind`, the metrics are there (plain HTTP) and not on `bind`.
+    let metrics = match server.metrics_addr() {
+        Some(metrics) => format!("http://{metrics}/metrics (metrics_bind)"),
+        None => format!("{http}://{addr}/metrics"),
+    };
     // Not `println!`: it panics when stdout is a closed pipe.
     let _ = writeln!(
         std::io::stdout(),
         "ringsocket listening on {addr}: {ws}://{addr}/echo, {ws}://{addr}/ws/{{room}}, \
-         POST {http}://{addr}/publish/{{topic}}, {http}://{addr}/metrics{plain} \
+         POST {http}://{addr}/publish/{{topic}}, {metrics}{plain} \
          ({backend} backend)"
     );
     let result = server.join().map_err(|e| e.to_string());

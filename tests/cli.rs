@@ -141,3 +141,89 @@ fn an_out_of_range_value_is_refused_naming_the_range() {
         "{stderr}"
     );
 }
+
+/// A second `serve` on the port of a running one exits 1 with one line naming the
+/// address, instead of silently taking half of its connections (`SO_REUSEPORT`).
+#[test]
+fn a_second_serve_on_a_taken_port_exits_1_naming_it() {
+    // A port that is free now: the first server binds it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut first = ringsocket()
+        .args(["serve", "--bind", &bind, "--workers", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(first.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    assert!(line.contains(&format!("listening on {bind}")), "{line:?}");
+    let second = ringsocket()
+        .args(["serve", "--bind", &bind, "--workers", "2"])
+        .output()
+        .expect("the binary runs");
+    let _ = first.kill();
+    let _ = first.wait();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on {bind}: another process is already listening on it"
+        )),
+        "{stderr}"
+    );
+    assert!(second.stdout.is_empty(), "the second server never listened");
+}
+
+/// With `metrics_bind`, `serve` prints the metrics listener's URL on its startup line,
+/// and that URL answers with the metrics (a plain HTTP GET, as a scraper does).
+#[test]
+fn serve_prints_the_metrics_url_of_metrics_bind() {
+    use std::io::{Read, Write};
+    let mut child = ringsocket()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--set",
+            "metrics_bind=127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    // "…, http://127.0.0.1:PORT/metrics (metrics_bind) (io_uring backend)"
+    let addr = line
+        .split_once("/metrics (metrics_bind)")
+        .and_then(|(before, _)| before.rsplit_once("http://"))
+        .map(|(_, addr)| addr.to_owned())
+        .unwrap_or_else(|| panic!("no metrics URL in {line:?}"));
+    assert!(!line.starts_with(&format!("ringsocket listening on {addr}:")));
+    let mut stream = std::net::TcpStream::connect(&addr).expect("the metrics listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("a timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("the request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("the response");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(
+        response.contains("ringsocket_connections_open"),
+        "{response}"
+    );
+}

@@ -485,6 +485,7 @@ impl Service for App {
     }
 
     fn worker_started(&self, worker: usize, cx: &Context) -> Option<LocalFuture<()>> {
+        self.hub.set_metrics_topics(cx.config.metrics_topics);
         self.hub.core_task(worker, cx.config.max_outbound_bytes)
     }
 

@@ -89,7 +89,7 @@ mod registry;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -114,6 +114,42 @@ pub use self::registry::{MAX_TOPICS_PER_SESSION, SubscribeError};
 /// Messages a core's inbox holds before publishes to that core are dropped (counted in
 /// `ringsocket_pubsub_inbox_dropped_total` and logged). Default 65,536.
 pub const DEFAULT_INBOX_CAPACITY: usize = 65_536;
+
+/// Topics with a label of their own in `/metrics` when no server said otherwise (the
+/// `metrics_topics` setting's default).
+pub const DEFAULT_METRICS_TOPICS: usize = 20;
+
+/// The label of the sample that sums the topics not shown on their own.
+pub const OTHER_TOPICS: &str = "_other";
+
+/// The per-topic samples of `/metrics`, bounded: the `shown` topics with the most
+/// subscribers (ties broken by name, so the page is stable between scrapes), by
+/// subscribers then name, then one [`OTHER_TOPICS`] sample with the sum of the rest
+/// (always there, 0 when nothing is left out). A topic that is itself named `_other`
+/// is counted in that sample, so no label appears twice. The cost is one sort of the
+/// topics per scrape; the page's size no longer grows with them.
+pub(crate) fn bounded_topics(mut rows: Vec<(String, u64)>, shown: usize) -> Vec<(String, u64)> {
+    let mut other = 0u64;
+    rows.retain(|(topic, n)| {
+        let keep = topic != OTHER_TOPICS;
+        if !keep {
+            other = other.saturating_add(*n);
+        }
+        keep
+    });
+    let by_rank = |a: &(String, u64), b: &(String, u64)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
+    if rows.len() > shown {
+        if shown > 0 {
+            rows.select_nth_unstable_by(shown - 1, by_rank);
+        }
+        for (_, n) in rows.drain(shown..) {
+            other = other.saturating_add(n);
+        }
+    }
+    rows.sort_unstable_by(by_rank);
+    rows.push((OTHER_TOPICS.to_owned(), other));
+    rows
+}
 
 /// The default conflation window: about one frame of a 60 Hz display.
 pub const DEFAULT_CONFLATION_WINDOW: Duration = Duration::from_millis(16);
@@ -189,6 +225,8 @@ pub struct Hub {
     /// Conflated topics: exact names, or prefixes ending in `*`, with their window.
     conflation: Mutex<Vec<(String, Duration)>>,
     broker: OnceLock<Arc<dyn Broker>>,
+    /// Topics with a label of their own in `/metrics` (`metrics_topics`).
+    metrics_topics: AtomicUsize,
     pub(crate) metrics: PubsubMetrics,
 }
 
@@ -218,6 +256,7 @@ impl Hub {
             directory: Mutex::new(HashMap::new()),
             conflation: Mutex::new(Vec::new()),
             broker: OnceLock::new(),
+            metrics_topics: AtomicUsize::new(DEFAULT_METRICS_TOPICS),
             metrics: PubsubMetrics::default(),
         }
     }
@@ -249,6 +288,19 @@ impl Hub {
         self.broker
             .set(broker)
             .map_err(|_| "this app already has a broker".to_owned())
+    }
+
+    /// Shows only the `n` topics with the most subscribers under their own label in
+    /// `/metrics`, the rest summed under `topic="_other"` (0: only `_other`). The app
+    /// sets it from `metrics_topics` when a server starts; a hub without a server keeps
+    /// [`DEFAULT_METRICS_TOPICS`].
+    pub fn set_metrics_topics(&self, n: usize) {
+        self.metrics_topics.store(n, Ordering::Relaxed);
+    }
+
+    /// Topics shown under their own label in `/metrics`.
+    pub fn metrics_topics(&self) -> usize {
+        self.metrics_topics.load(Ordering::Relaxed)
     }
 
     /// The broker, if one is connected.
@@ -451,11 +503,10 @@ impl Collector for Hub {
         ] {
             counter(e, name, help, load(value))?;
         }
-        let mut rows: Vec<(String, u64)> = lock(&self.directory)
+        let rows: Vec<(String, u64)> = lock(&self.directory)
             .iter()
             .map(|(topic, n)| (topic.to_string(), *n as u64))
             .collect();
-        rows.sort();
         gauge(
             e,
             "pubsub_topics",
@@ -465,10 +516,10 @@ impl Collector for Hub {
         family(
             e,
             "pubsub_subscribers",
-            "Subscribers per topic in this process.",
+            "Subscribers per topic in this process (the metrics_topics topics with the most, the rest summed under topic _other).",
             MetricType::Gauge,
             "topic",
-            rows,
+            bounded_topics(rows, self.metrics_topics()),
         )?;
         if let Some(broker) = self.broker.get() {
             broker.metrics().encode(e)?;

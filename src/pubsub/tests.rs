@@ -422,3 +422,49 @@ fn the_route_follows_the_number_of_topics() {
         assert_eq!(hub.topics(), 0);
     });
 }
+
+fn rows(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+    list.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect()
+}
+
+/// The most subscribed topics are shown, ties by name, the rest summed in `_other`.
+#[test]
+fn metrics_show_the_top_topics_and_sum_the_rest() {
+    let all = rows(&[("b", 5), ("a", 5), ("c", 9), ("d", 1), ("e", 2)]);
+    assert_eq!(
+        bounded_topics(all.clone(), 3),
+        rows(&[("c", 9), ("a", 5), ("b", 5), ("_other", 3)])
+    );
+    // Stable whatever the order the directory gives them in.
+    let mut reversed = all.clone();
+    reversed.reverse();
+    assert_eq!(bounded_topics(reversed, 3), bounded_topics(all.clone(), 3));
+    assert_eq!(bounded_topics(all.clone(), 0), rows(&[("_other", 22)]));
+    assert_eq!(
+        bounded_topics(all.clone(), 10),
+        rows(&[
+            ("c", 9),
+            ("a", 5),
+            ("b", 5),
+            ("e", 2),
+            ("d", 1),
+            ("_other", 0)
+        ])
+    );
+    assert_eq!(bounded_topics(Vec::new(), 20), rows(&[("_other", 0)]));
+}
+
+/// A topic named `_other` is summed into the `_other` sample, never a second label.
+#[test]
+fn a_topic_named_other_does_not_repeat_the_label() {
+    let all = rows(&[("_other", 7), ("x", 1)]);
+    assert_eq!(bounded_topics(all, 5), rows(&[("x", 1), ("_other", 7)]));
+}
+
+#[test]
+fn a_hub_without_a_server_shows_the_default_number_of_topics() {
+    let hub = Hub::default();
+    assert_eq!(hub.metrics_topics(), DEFAULT_METRICS_TOPICS);
+    hub.set_metrics_topics(3);
+    assert_eq!(hub.metrics_topics(), 3);
+}

@@ -9,13 +9,14 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::task::Poll;
+use std::time::Duration;
 
 use super::core::transport::Stream;
-use super::ctx::{ConnGuard, WorkerCtx, start_read};
+use super::ctx::{ConnGuard, Door, WorkerCtx, start_read};
 use bytes::{Bytes, BytesMut};
 use tokio::time::{Instant, sleep_until};
 
@@ -29,14 +30,25 @@ use crate::proto::handshake::{self, AcceptKey, HeadReader, Request};
 use crate::proto::{CloseCode, Connection};
 use crate::tasks::BackgroundTasks;
 
-/// Serves one accepted connection. `over_limit`: the process was already at
-/// `max_connections` when it was accepted, so it gets 503.
-pub(crate) async fn drive(stream: Stream, peer: SocketAddr, ctx: Rc<WorkerCtx>, over_limit: bool) {
+/// Serves one accepted connection, which came in on `door`. `over_limit`: the process
+/// was already at `max_connections` when it was accepted, so it gets 503, unless it
+/// asks for `GET /healthz` or `GET /metrics` (answered as usual, then closed: a full
+/// server still tells its monitoring so).
+pub(crate) async fn drive(
+    stream: Stream,
+    peer: SocketAddr,
+    ctx: Rc<WorkerCtx>,
+    over_limit: bool,
+    door: Door,
+) {
     // TCP_NODELAY comes from the listener (see `listener::bind_reuseport`).
     let stream = Rc::new(stream);
     let mut guard = ConnGuard::new(ctx.clone(), stream.clone(), peer);
-    let upgrade = match serve(&stream, peer, &ctx, over_limit).await {
+    let upgrade = match serve(&stream, peer, &ctx, over_limit, door).await {
         Ok(reason) => {
+            if reason == CloseReason::Rejected {
+                linger(&stream, &ctx).await;
+            }
             guard.reason = reason;
             return;
         }
@@ -78,7 +90,46 @@ pub(crate) async fn drive(stream: Stream, peer: SocketAddr, ctx: Rc<WorkerCtx>, 
             // Refused after the handler may have registered hooks (e.g. it accepted,
             // subscribed, then panicked): unregister it here, as the driver would.
             session.run_teardown();
+            if reason == CloseReason::Rejected {
+                linger(&stream, &ctx).await;
+            }
             guard.reason = reason;
+        }
+    }
+}
+
+/// How long a lingering close reads on, at most (see [`linger`]).
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// How many bytes a lingering close reads and discards, at most (see [`linger`]).
+pub(crate) const LINGER_BYTES: usize = 8 << 20;
+
+/// A lingering close, as nginx's `lingering_close`, after an error answer (431, 413,
+/// 400, 503 …) to a client that may still be sending: closing a socket with unread
+/// input makes the kernel send a reset, and a client still writing then gets
+/// `EPIPE`/`ECONNRESET` and may never read the answer (some stacks drop it).
+/// So: the answer is already written (with TLS: encrypted and handed to the socket,
+/// since the write waits for all of it), the write side is shut down (FIN after the
+/// answer), and the input is read and discarded until the client closes, for at most
+/// [`LINGER_TIME`] and [`LINGER_BYTES`], or until the server shuts down. Only then does
+/// the connection's guard close the socket. The client's bytes are never parsed.
+async fn linger(stream: &Rc<Stream>, ctx: &WorkerCtx) {
+    if stream.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut bufs = ReadBufs::with_first(ctx.pool.clone(), HEAD_READ);
+    let mut discarded = 0usize;
+    while discarded < LINGER_BYTES {
+        match read_once(stream, &mut bufs, deadline, ctx, true).await {
+            ReadOutcome::Data(buf) => {
+                discarded = discarded.saturating_add(buf.len());
+                bufs.recycle(buf, stream.as_raw_fd());
+            }
+            ReadOutcome::Eof
+            | ReadOutcome::Timeout
+            | ReadOutcome::Shutdown
+            | ReadOutcome::Error(_) => break,
         }
     }
 }
@@ -163,6 +214,7 @@ async fn serve(
     peer: SocketAddr,
     ctx: &WorkerCtx,
     over_limit: bool,
+    door: Door,
 ) -> Result<CloseReason, Box<Upgrade>> {
     let config = &ctx.config;
     let mut bufs = ReadBufs::with_first(ctx.pool.clone(), HEAD_READ);
@@ -226,7 +278,9 @@ async fn serve(
                 ReadOutcome::Timeout => {
                     tracing::debug!(%peer, "request head not complete within the handshake timeout");
                     let response = Response::error(408, "request head not received in time");
-                    let _ = respond(stream, ctx, &response, true).await;
+                    if respond(stream, ctx, &response, true).await.is_ok() {
+                        linger(stream, ctx).await;
+                    }
                     return Ok(CloseReason::HandshakeTimeout);
                 }
                 ReadOutcome::Shutdown => return Ok(CloseReason::Shutdown),
@@ -237,7 +291,7 @@ async fn serve(
             }
         };
         first = false;
-        if over_limit {
+        if over_limit && !is_probe(&request) {
             ctx.metrics.limit_hit(Limit::MaxConnections);
             tracing::warn!(%peer, limit = config.max_connections, "max_connections reached: 503");
             let response =
@@ -250,8 +304,17 @@ async fn serve(
             let _ = respond(stream, ctx, &response, true).await;
             return Ok(CloseReason::Shutdown);
         }
-        let keep = keep_alive(&request);
-        match ctx.service.route(&request, peer, &ctx.cx) {
+        // A probe over the limit is answered, then closed.
+        let mut keep = keep_alive(&request) && !over_limit;
+        let route = match door_answer(door, &request, peer, ctx) {
+            Some(response) => {
+                // The metrics listener has nothing more to say to such a client.
+                keep &= door == Door::Main;
+                Route::Respond(response)
+            }
+            None => ctx.service.route(&request, peer, &ctx.cx),
+        };
+        match route {
             Route::Respond(response) => {
                 // A body we did not read would be taken for the next request: close.
                 let close = !keep || body_framing(&request, 0) != Ok(BodyFraming::None);
@@ -344,6 +407,47 @@ async fn serve(
     }
 }
 
+/// `GET /metrics` or `GET /healthz`, not an upgrade: what the metrics listener serves.
+fn is_probe(request: &Request) -> bool {
+    request.method() == "GET"
+        && matches!(request.path(), "/metrics" | "/healthz")
+        && !request.is_upgrade()
+}
+
+/// What a listener answers itself, before the service sees the request: the metrics
+/// listener (`metrics_bind`) serves only `GET /metrics` and `GET /healthz` (404 and
+/// close for anything else, upgrades included); when it is set, the main listeners answer
+/// `GET /metrics` with 404 (their `/healthz` stays, for load balancers).
+fn door_answer(
+    door: Door,
+    request: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+) -> Option<Response> {
+    match door {
+        Door::Metrics if is_probe(request) => None,
+        Door::Metrics => {
+            tracing::debug!(%peer, method = request.method(), path = request.path(), "not served on the metrics listener: 404");
+            Some(Response::error(
+                404,
+                "the metrics listener serves only GET /metrics and GET /healthz",
+            ))
+        }
+        Door::Main
+            if ctx.metrics_elsewhere
+                && request.method() == "GET"
+                && request.path() == "/metrics" =>
+        {
+            tracing::debug!(%peer, "GET /metrics on a main listener while metrics_bind is set: 404");
+            Some(Response::error(
+                404,
+                "metrics are served on the metrics listener",
+            ))
+        }
+        Door::Main => None,
+    }
+}
+
 /// Reads a `Content-Length` body, starting with the bytes that followed the head.
 async fn read_body(
     stream: &Rc<Stream>,
@@ -364,13 +468,10 @@ async fn read_body(
                 bufs.recycle(buf, stream.as_raw_fd());
             }
             ReadOutcome::Timeout => {
-                let _ = respond(
-                    stream,
-                    ctx,
-                    &Response::error(408, "request body not received in time"),
-                    true,
-                )
-                .await;
+                let response = Response::error(408, "request body not received in time");
+                if respond(stream, ctx, &response, true).await.is_ok() {
+                    linger(stream, ctx).await;
+                }
                 return Err(CloseReason::HandshakeTimeout);
             }
             ReadOutcome::Eof | ReadOutcome::Shutdown => return Err(CloseReason::PeerGone),
@@ -453,4 +554,38 @@ async fn decide(
     };
     let _ = respond(stream, ctx, &response, true).await;
     Err(CloseReason::Rejected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::HandshakeLimits;
+    use crate::proto::handshake::parse_request;
+
+    fn head(text: &str) -> Request {
+        parse_request(text.as_bytes(), &HandshakeLimits::default())
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    /// What the metrics listener serves and a full server still answers: the two
+    /// built-in GETs, not their upgrades, other methods or other paths.
+    #[test]
+    fn probes_are_the_gets_of_metrics_and_healthz() {
+        assert!(is_probe(&head("GET /metrics HTTP/1.1\r\nHost: h\r\n\r\n")));
+        assert!(is_probe(&head(
+            "GET /healthz?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+        )));
+        assert!(!is_probe(&head(
+            "POST /metrics HTTP/1.1\r\nHost: h\r\n\r\n"
+        )));
+        assert!(!is_probe(&head(
+            "GET /metricsx HTTP/1.1\r\nHost: h\r\n\r\n"
+        )));
+        assert!(!is_probe(&head("GET / HTTP/1.1\r\nHost: h\r\n\r\n")));
+        assert!(!is_probe(&head(
+            "GET /healthz HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )));
+    }
 }

@@ -20,12 +20,23 @@ use crate::config::Config;
 use crate::metrics::{CloseReason, WorkerMetrics};
 use crate::proto::{HandshakeLimits, Limits};
 
+/// The listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Door {
+    /// `bind` (TLS when configured) or `plain_bind`: everything the service routes.
+    Main,
+    /// `metrics_bind`: `GET /metrics` and `GET /healthz` only, never TLS.
+    Metrics,
+}
+
 /// Everything a core's connections share. Owned by the worker, `!Send`.
 pub(crate) struct WorkerCtx {
     pub(crate) config: Arc<Config>,
     pub(crate) service: Arc<dyn Service>,
     pub(crate) cx: Context,
     pub(crate) metrics: Arc<WorkerMetrics>,
+    /// `metrics_bind` is set: the main listeners answer `GET /metrics` with 404.
+    pub(crate) metrics_elsewhere: bool,
     /// Open connections in the whole process, for `max_connections`.
     pub(crate) open_global: Arc<AtomicUsize>,
     /// Open connections on this core.

@@ -57,13 +57,43 @@ fn set_defer_accept(socket: &Socket, secs: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Binds `n` listeners on `addr`. When `addr` has port 0 the first listener picks the
-/// port and the others join it.
+/// Fails with [`io::ErrorKind::AddrInUse`] when a socket of any process already listens
+/// on `addr` (or on the same port of a wildcard address that covers it).
+///
+/// Our listeners use `SO_REUSEPORT`, so binding them next to another process's
+/// `SO_REUSEPORT` listener (a second `ringsocket serve` of the same user) would succeed
+/// and the kernel would split the new connections between both processes. A probe
+/// socket without `SO_REUSEPORT` is refused by the kernel in that case: it is bound and
+/// closed before ours are. `SO_REUSEADDR` on the probe keeps the connections of an
+/// earlier run still in `TIME_WAIT` from counting as a listener. Port 0 is never taken.
+///
+/// A process that binds the port between the probe and our listeners is not detected
+/// (the window is one system call wide).
+pub fn check_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another process is already listening on it",
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// Binds `n` listeners on `addr`, after checking that no other process listens there
+/// ([`check_free`]). When `addr` has port 0 the first listener picks the port and the
+/// others join it.
 pub fn bind_all(
     addr: SocketAddr,
     n: usize,
     defer_accept_secs: u32,
 ) -> io::Result<(Vec<TcpListener>, SocketAddr)> {
+    check_free(addr)?;
     let first = bind_reuseport(addr, defer_accept_secs)?;
     let bound = first.local_addr()?;
     let mut listeners = vec![first];
@@ -85,6 +115,25 @@ mod tests {
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// A port another socket listens on is refused before ours share it, whether that
+    /// socket has `SO_REUSEPORT` (another ringsocket) or not; a free one is not.
+    #[test]
+    fn a_taken_port_is_refused_before_sharing_it() {
+        let other = bind_reuseport("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+        let addr = other.local_addr().unwrap();
+        let err = bind_all(addr, 2, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        assert_eq!(
+            bind_all(addr, 1, 0).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        drop(plain);
+        let (ours, bound) = bind_all(addr, 2, 0).unwrap();
+        assert_eq!((ours.len(), bound), (2, addr));
     }
 
     /// The kernel has the deferral, and hands a connection over only once its first

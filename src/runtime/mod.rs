@@ -100,6 +100,9 @@ pub enum ServeError {
     IoUring(String),
     /// The address could not be bound.
     Bind(SocketAddr, io::Error),
+    /// Another process (or another socket of this one) already listens on the address:
+    /// the server does not share it (`SO_REUSEPORT` would split the connections).
+    AddrInUse(SocketAddr),
     /// The configuration is invalid.
     Config(String),
     /// A worker thread could not be started or died.
@@ -114,6 +117,11 @@ impl fmt::Display for ServeError {
         match self {
             Self::IoUring(why) => write!(f, "io_uring is not available: {why}"),
             Self::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            Self::AddrInUse(addr) => write!(
+                f,
+                "cannot listen on {addr}: another process is already listening on it \
+                 (stop it or choose another address)"
+            ),
             Self::Config(why) => write!(f, "invalid configuration: {why}"),
             Self::Worker(why) => write!(f, "worker failed: {why}"),
             Self::Tls(why) => write!(f, "TLS: {why}"),
@@ -122,6 +130,17 @@ impl fmt::Display for ServeError {
 }
 
 impl std::error::Error for ServeError {}
+
+impl ServeError {
+    /// The error of binding `addr`: [`ServeError::AddrInUse`] when it is taken.
+    fn bind(addr: SocketAddr, e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            Self::AddrInUse(addr)
+        } else {
+            Self::Bind(addr, e)
+        }
+    }
+}
 
 /// Checks that this process can create an io_uring instance, and explains why not.
 pub fn probe_io_uring() -> Result<(), ServeError> {
@@ -169,17 +188,29 @@ impl Server {
         let n = config.worker_count();
         let metrics = Metrics::new(n, backend.name());
         let (listeners, addr) = listener::bind_all(config.bind, n, config.defer_accept_secs)
-            .map_err(|e| ServeError::Bind(config.bind, e))?;
+            .map_err(|e| ServeError::bind(config.bind, e))?;
         let plain_bind = config
             .plain_bind_addr()
             .map_err(|e| ServeError::Config(e.0))?;
         let (plain_listeners, plain_addr) = match plain_bind {
             Some(plain) => {
                 let (listeners, bound) = listener::bind_all(plain, n, config.defer_accept_secs)
-                    .map_err(|e| ServeError::Bind(plain, e))?;
+                    .map_err(|e| ServeError::bind(plain, e))?;
                 (listeners.into_iter().map(Some).collect(), Some(bound))
             }
             None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
+        };
+        // One metrics listener is enough for scrapes and health checks: worker 0's.
+        let metrics_bind = config
+            .metrics_bind_addr()
+            .map_err(|e| ServeError::Config(e.0))?;
+        let (mut metrics_listener, metrics_addr) = match metrics_bind {
+            Some(at) => {
+                let (mut listeners, bound) = listener::bind_all(at, 1, config.defer_accept_secs)
+                    .map_err(|e| ServeError::bind(at, e))?;
+                (listeners.pop(), Some(bound))
+            }
+            None => (None, None),
         };
         service
             .configure(&config, &metrics)
@@ -209,6 +240,7 @@ impl Server {
                 core: (!cores.is_empty()).then(|| cores[index % cores.len()]),
                 listener,
                 plain_listener,
+                metrics_listener: metrics_listener.take(),
                 tls: tls.clone(),
                 config: config.clone(),
                 service: service.clone(),
@@ -229,9 +261,13 @@ impl Server {
         if let Some(plain) = plain_addr {
             tracing::info!(%plain, "listening without TLS too (plain_bind)");
         }
+        if let Some(metrics) = metrics_addr {
+            tracing::info!(%metrics, "serving /metrics and /healthz on the metrics listener (metrics_bind)");
+        }
         Ok(RunningServer {
             addr,
             plain_addr,
+            metrics_addr,
             tls,
             backend,
             signal,
@@ -249,6 +285,7 @@ impl Server {
 pub struct RunningServer {
     addr: SocketAddr,
     plain_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     tls: Option<Arc<tls::TlsAcceptor>>,
     backend: Backend,
     signal: Arc<ShutdownSignal>,
@@ -268,6 +305,12 @@ impl RunningServer {
     /// The address of the plain listener beside the TLS one (`plain_bind`), if any.
     pub fn plain_addr(&self) -> Option<SocketAddr> {
         self.plain_addr
+    }
+
+    /// The address of the metrics listener (`metrics_bind`), if any: plain HTTP,
+    /// `GET /metrics` and `GET /healthz` only.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The TLS configuration of the listeners on [`RunningServer::local_addr`], when

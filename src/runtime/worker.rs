@@ -18,7 +18,7 @@ use super::conn::drive;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Listener;
 use super::core::transport::Stream;
-use super::ctx::WorkerCtx;
+use super::ctx::{Door, WorkerCtx};
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
@@ -36,6 +36,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) listener: std::net::TcpListener,
     /// The plain listener beside a TLS one (`plain_bind`).
     pub(crate) plain_listener: Option<std::net::TcpListener>,
+    /// The metrics listener (`metrics_bind`), on one worker only.
+    pub(crate) metrics_listener: Option<std::net::TcpListener>,
     /// The TLS configuration of `listener`, when it speaks TLS.
     pub(crate) tls: Option<Arc<TlsAcceptor>>,
     pub(crate) config: Arc<Config>,
@@ -119,15 +121,21 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
                 }),
         };
         // The main listener (TLS when configured), then the plain one beside it.
-        let mut listeners = vec![(Rc::new(open(spec.listener)?), spec.tls.clone())];
+        let mut listeners = vec![(Rc::new(open(spec.listener)?), spec.tls.clone(), Door::Main)];
         if let Some(plain) = spec.plain_listener {
-            listeners.push((Rc::new(open(plain)?), None));
+            listeners.push((Rc::new(open(plain)?), None, Door::Main));
+        }
+        // The metrics listener, never TLS.
+        let metrics_elsewhere = !config.metrics_bind.trim().is_empty();
+        if let Some(metrics) = spec.metrics_listener {
+            listeners.push((Rc::new(open(metrics)?), None, Door::Metrics));
         }
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
             service: spec.service,
             cx: spec.cx,
             metrics: spec.metrics,
+            metrics_elsewhere,
             open_global: spec.open_global,
             open_local: Cell::new(0),
             shutting_down: Cell::new(false),
@@ -158,11 +166,12 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             }
         });
         tracing::debug!(worker = spec.index, "worker accepting");
-        for (listener, tls) in &listeners {
+        for (listener, tls, door) in &listeners {
             for _ in 0..ACCEPTS_IN_FLIGHT {
                 tokio::task::spawn_local(accept_loop(
                     listener.clone(),
                     tls.clone(),
+                    *door,
                     ctx.clone(),
                     spec.signal.clone(),
                     spec.index,
@@ -172,7 +181,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         spec.signal.wait().await;
         // Stop accepting: wake the accepts still in flight; the sockets close once the
         // accept loops, which see the signal too, have let go of them.
-        for (listener, _) in listeners {
+        for (listener, _, _) in listeners {
             // SAFETY: the descriptor belongs to `listener`, which is alive here;
             // shutdown(2) on it has no memory effects.
             unsafe {
@@ -223,6 +232,7 @@ const ACCEPTS_IN_FLIGHT: usize = 4;
 async fn accept_loop(
     listener: Rc<Listener>,
     tls: Option<Arc<TlsAcceptor>>,
+    door: Door,
     ctx: Rc<WorkerCtx>,
     signal: Arc<ShutdownSignal>,
     worker: usize,
@@ -247,7 +257,7 @@ async fn accept_loop(
                     };
                     let open = ctx.open_global.fetch_add(1, Ordering::Relaxed);
                     let over_limit = open >= ctx.config.max_connections;
-                    tokio::task::spawn_local(drive(stream, peer, ctx.clone(), over_limit));
+                    tokio::task::spawn_local(drive(stream, peer, ctx.clone(), over_limit, door));
                 }
                 Err(e) => {
                     if signal.is_set() {
@@ -293,6 +303,7 @@ mod tests {
             core: None,
             listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
             plain_listener: None,
+            metrics_listener: None,
             tls: None,
             config: config.clone(),
             service: Arc::new(NotFound),
