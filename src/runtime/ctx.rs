@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 use super::buf::{BufPool, ReadBufs};
+use super::client_addr::Cidrs;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Stream;
+use super::ip_limits::{IpLimits, IpSlot};
 use super::registry::Registry;
 use super::service::{Context, Service};
 use crate::config::Config;
@@ -44,6 +46,10 @@ pub(crate) struct WorkerCtx {
     /// The WebSocket timeouts, for every session's `ConnTimers` (kept here, not per
     /// connection).
     pub(crate) timers: TimerPolicy,
+    /// `trusted_proxies`, parsed.
+    pub(crate) trusted_proxies: Cidrs,
+    /// The per-IP limits, shared by every worker.
+    pub(crate) ip_limits: Arc<IpLimits>,
 }
 
 /// The single way out of a connection: counts it closed, releases its place in the
@@ -53,8 +59,12 @@ pub(crate) struct WorkerCtx {
 pub(crate) struct ConnGuard {
     pub(crate) ctx: Rc<WorkerCtx>,
     pub(crate) stream: Rc<Stream>,
+    /// The client's address (see `client_addr`), once known; the TCP peer before.
     pub(crate) peer: SocketAddr,
     pub(crate) reason: CloseReason,
+    /// The connection's place in its address's count (`max_connections_per_ip`),
+    /// released with the guard.
+    pub(crate) ip_slot: Option<IpSlot>,
 }
 
 impl ConnGuard {
@@ -66,6 +76,7 @@ impl ConnGuard {
             stream,
             peer,
             reason: CloseReason::IoError,
+            ip_slot: None,
         }
     }
 }

@@ -14,15 +14,16 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, timeout_at};
 
 use super::buf::BufPool;
+use super::client_addr::{Cidrs, canonical};
 use super::conn::drive;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Listener;
-use super::core::transport::Stream;
 use super::ctx::WorkerCtx;
+use super::ip_limits::IpLimits;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
-use super::tls::{TlsAcceptor, TlsStream};
+use super::tls::TlsAcceptor;
 use super::uring::{self, Ring};
 use super::{Backend, epoll};
 use crate::config::Config;
@@ -48,6 +49,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) backend: super::Backend,
     /// Submission queue entries of the worker's ring (io_uring backend).
     pub(crate) ring_entries: u32,
+    /// The per-IP limits, shared by every worker.
+    pub(crate) ip_limits: Arc<IpLimits>,
 }
 
 /// The submission queue size of each worker's ring.
@@ -138,6 +141,8 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             limits,
             head_limits,
             timers: TimerPolicy::from_config(&config),
+            trusted_proxies: Cidrs::parse(&config.trusted_proxies),
+            ip_limits: spec.ip_limits,
         });
         // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
         let core_task = ctx
@@ -231,23 +236,11 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let stream = match &tls {
-                        None => stream,
-                        Some(tls) => match tls.session() {
-                            Ok(session) => Stream::Tls(Box::new(TlsStream::new(
-                                stream,
-                                session,
-                                ctx.metrics.clone(),
-                            ))),
-                            Err(e) => {
-                                tracing::warn!(worker, %peer, error = %e, "cannot start a TLS session");
-                                continue;
-                            }
-                        },
-                    };
                     let open = ctx.open_global.fetch_add(1, Ordering::Relaxed);
                     let over_limit = open >= ctx.config.max_connections;
-                    tokio::task::spawn_local(drive(stream, peer, ctx.clone(), over_limit));
+                    // The PROXY header (if any) and the TLS session start in the
+                    // connection's task.
+                    tokio::task::spawn_local(drive(stream, canonical(peer), tls.clone(), ctx.clone(), over_limit));
                 }
                 Err(e) => {
                     if signal.is_set() {
@@ -307,6 +300,7 @@ mod tests {
             backend: Backend::IoUring,
             // IORING_MAX_ENTRIES is 32,768: io_uring_setup refuses this with EINVAL.
             ring_entries: 1 << 20,
+            ip_limits: Arc::new(IpLimits::new(&Config::default())),
         };
         let err = std::thread::spawn(move || run(spec))
             .join()
