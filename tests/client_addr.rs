@@ -207,7 +207,8 @@ async fn missing_or_invalid_proxy_header_closes_and_counts() {
 }
 
 /// The header comes before the TLS ClientHello; the TLS session and the WebSocket
-/// behind it see the header's address.
+/// behind it see the header's address. The `plain_bind` listener beside it (inside
+/// the cluster, not behind the load balancer) takes connections without a header.
 #[tokio::test]
 async fn proxy_header_before_tls() {
     use common::tls::TestCa;
@@ -217,6 +218,7 @@ async fn proxy_header_before_tls() {
         c.proxy_protocol = true;
         c.tls_cert = cert.cert.to_string_lossy().into_owned();
         c.tls_key = cert.key.to_string_lossy().into_owned();
+        c.plain_bind = "127.0.0.1:0".into();
     });
     let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
     let header = proxy::encode_v2(Some(&addrs("198.51.100.23:6000", "192.0.2.1:443")), &[]);
@@ -238,6 +240,10 @@ async fn proxy_header_before_tls() {
         Some(Ok(Message::Text(text))) => assert_eq!(text.as_str(), "198.51.100.23:6000"),
         other => panic!("{other:?}"),
     }
+    let plain = server.plain_addr().expect("a plain listener");
+    let response = exchange(TcpStream::connect(plain).await.unwrap(), GET_PEER).await;
+    assert!(body(&response).starts_with("127.0.0.1:"), "{response}");
+    assert_eq!(rejections(&server, "proxy_protocol"), 0);
 }
 
 // ---- trusted_proxies ---------------------------------------------------------------------

@@ -14,13 +14,12 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::task::Poll;
 
-use std::sync::Arc;
-
 use super::client_addr::{canonical, forwarded_client};
 use super::core::transport::Stream;
 use super::ctx::{ConnGuard, WorkerCtx, start_read};
 use super::ip_limits::Refusal;
-use super::tls::{TlsAcceptor, TlsStream};
+use super::tls::TlsStream;
+use super::worker::Front;
 use bytes::{Bytes, BytesMut};
 use tokio::time::{Instant, sleep_until};
 
@@ -36,17 +35,18 @@ use crate::proto::{CloseCode, Connection};
 use crate::tasks::BackgroundTasks;
 
 /// Serves one accepted connection, from `peer` (the TCP peer): its PROXY protocol
-/// header first (`proxy_protocol`), then its TLS session (`tls`), then HTTP.
+/// header first (`front.proxy_protocol`), then its TLS session (`front.tls`), then
+/// HTTP.
 /// `over_limit`: the process was already at `max_connections` when it was accepted,
 /// so it gets 503.
 pub(crate) async fn drive(
     stream: Stream,
     mut peer: SocketAddr,
-    tls: Option<Arc<TlsAcceptor>>,
+    front: Front,
     ctx: Rc<WorkerCtx>,
     over_limit: bool,
 ) {
-    if ctx.config.proxy_protocol {
+    if front.proxy_protocol {
         let deadline = Instant::now() + ctx.config.handshake_timeout();
         let failure = match read_proxy_header(&stream, deadline).await {
             Ok(header) => {
@@ -74,7 +74,7 @@ pub(crate) async fn drive(
             return;
         }
     }
-    let stream = match tls {
+    let stream = match front.tls {
         None => stream,
         Some(tls) => match tls.session() {
             Ok(session) => Stream::Tls(Box::new(TlsStream::new(

@@ -122,9 +122,14 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
                 }),
         };
         // The main listener (TLS when configured), then the plain one beside it.
-        let mut listeners = vec![(Rc::new(open(spec.listener)?), spec.tls.clone())];
+        // `proxy_protocol` is for the main one (behind the load balancer) only.
+        let front = Front {
+            tls: spec.tls.clone(),
+            proxy_protocol: config.proxy_protocol,
+        };
+        let mut listeners = vec![(Rc::new(open(spec.listener)?), front)];
         if let Some(plain) = spec.plain_listener {
-            listeners.push((Rc::new(open(plain)?), None));
+            listeners.push((Rc::new(open(plain)?), Front::default()));
         }
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
@@ -163,11 +168,11 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             }
         });
         tracing::debug!(worker = spec.index, "worker accepting");
-        for (listener, tls) in &listeners {
+        for (listener, front) in &listeners {
             for _ in 0..ACCEPTS_IN_FLIGHT {
                 tokio::task::spawn_local(accept_loop(
                     listener.clone(),
-                    tls.clone(),
+                    front.clone(),
                     ctx.clone(),
                     spec.signal.clone(),
                     spec.index,
@@ -217,6 +222,14 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
     served
 }
 
+/// What a listener's connections start with before HTTP: a PROXY protocol header, a
+/// TLS session.
+#[derive(Clone, Default)]
+pub(crate) struct Front {
+    pub(crate) tls: Option<Arc<TlsAcceptor>>,
+    pub(crate) proxy_protocol: bool,
+}
+
 /// Accepts in flight on each worker's listener. When connections come in faster than
 /// the core goes round, several accepts complete in one batch of completions and are
 /// submitted again together, instead of one connection per turn of the core. Measured
@@ -227,7 +240,7 @@ const ACCEPTS_IN_FLIGHT: usize = 4;
 /// Accepts connections until the shutdown signal, each served by a task of its own.
 async fn accept_loop(
     listener: Rc<Listener>,
-    tls: Option<Arc<TlsAcceptor>>,
+    front: Front,
     ctx: Rc<WorkerCtx>,
     signal: Arc<ShutdownSignal>,
     worker: usize,
@@ -240,7 +253,7 @@ async fn accept_loop(
                     let over_limit = open >= ctx.config.max_connections;
                     // The PROXY header (if any) and the TLS session start in the
                     // connection's task.
-                    tokio::task::spawn_local(drive(stream, canonical(peer), tls.clone(), ctx.clone(), over_limit));
+                    tokio::task::spawn_local(drive(stream, canonical(peer), front.clone(), ctx.clone(), over_limit));
                 }
                 Err(e) => {
                     if signal.is_set() {
