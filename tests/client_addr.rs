@@ -206,6 +206,27 @@ async fn missing_or_invalid_proxy_header_closes_and_counts() {
     assert_echoes(&mut control, "after the timeout").await;
 }
 
+/// One handshake timeout bounds the PROXY header and the request head together: a
+/// request head still incomplete a second after the connect gets 408 then.
+#[tokio::test]
+async fn the_handshake_timeout_bounds_the_proxy_header_and_the_head_together() {
+    let server = start(app(), |c| {
+        c.proxy_protocol = true;
+        c.handshake_timeout_secs = 1.0;
+    });
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    stream.write_all(&proxy::encode_v1(None)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let response = exchange(stream, b"GET /peer HTTP/1.1\r\nHost").await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+}
+
 /// The header comes before the TLS ClientHello; the TLS session and the WebSocket
 /// behind it see the header's address. The `plain_bind` listener beside it (inside
 /// the cluster, not behind the load balancer) takes connections without a header.

@@ -46,8 +46,11 @@ pub(crate) async fn drive(
     ctx: Rc<WorkerCtx>,
     over_limit: bool,
 ) {
+    // The handshake timeout bounds the PROXY header, the TLS handshake and the first
+    // request head together.
+    let first_deadline = Instant::now() + ctx.config.handshake_timeout();
     if front.proxy_protocol {
-        let deadline = Instant::now() + ctx.config.handshake_timeout();
+        let deadline = first_deadline;
         let failure = match read_proxy_header(&stream, deadline).await {
             Ok(header) => {
                 // LOCAL, UNKNOWN: the proxy's own connection; the peer stands.
@@ -93,7 +96,7 @@ pub(crate) async fn drive(
     // TCP_NODELAY comes from the listener (see `listener::bind_reuseport`).
     let stream = Rc::new(stream);
     let mut guard = ConnGuard::new(ctx.clone(), stream.clone(), peer);
-    let upgrade = match serve(&stream, &mut guard, &ctx, over_limit).await {
+    let upgrade = match serve(&stream, &mut guard, &ctx, over_limit, first_deadline).await {
         Ok(reason) => {
             guard.reason = reason;
             return;
@@ -305,12 +308,15 @@ struct Upgrade {
     handler: WebSocketHandler,
 }
 
-/// Serves HTTP requests until the connection ends (`Ok`) or upgrades (`Err`).
+/// Serves HTTP requests until the connection ends (`Ok`) or upgrades (`Err`); the
+/// first request head is due by `first_deadline`, each later one within the handshake
+/// timeout of the previous answer.
 async fn serve(
     stream: &Rc<Stream>,
     guard: &mut ConnGuard,
     ctx: &WorkerCtx,
     over_limit: bool,
+    first_deadline: Instant,
 ) -> Result<CloseReason, Box<Upgrade>> {
     let config = &ctx.config;
     // The connection's peer (after its PROXY header); each request's client may be
@@ -322,7 +328,11 @@ async fn serve(
     let mut first = true;
     loop {
         // ---- the request head, within the handshake deadline
-        let deadline = Instant::now() + config.handshake_timeout();
+        let deadline = if first {
+            first_deadline
+        } else {
+            Instant::now() + config.handshake_timeout()
+        };
         let mut reader = HeadReader::new(ctx.head_limits);
         let mut parsed = if leftover.is_empty() {
             Ok(None)
