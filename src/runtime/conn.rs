@@ -36,8 +36,7 @@ use crate::tasks::BackgroundTasks;
 
 /// Serves one accepted connection, from `peer` (the TCP peer): its PROXY protocol
 /// header first (`front.proxy_protocol`), then its TLS session (`front.tls`), then
-/// HTTP.
-/// `over_limit`: the process was already at `max_connections` when it was accepted,
+/// HTTP. `over_limit`: the process was already at `max_connections` when it was accepted,
 /// so it gets 503.
 pub(crate) async fn drive(
     stream: Stream,
@@ -50,8 +49,7 @@ pub(crate) async fn drive(
     // request head together.
     let first_deadline = Instant::now() + ctx.config.handshake_timeout();
     if front.proxy_protocol {
-        let deadline = first_deadline;
-        let failure = match read_proxy_header(&stream, deadline).await {
+        let failure = match read_proxy_header(&stream, first_deadline).await {
             Ok(header) => {
                 // LOCAL, UNKNOWN: the proxy's own connection; the peer stands.
                 if let Some(addresses) = header.addresses {
