@@ -216,6 +216,28 @@ ROUNDTRIP = {
     "close-reason-long": roundtrip([(CLOSE, 3000, b"r" * 130)]),
 }
 
+V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v2(command=0x21, family=0x11, payload=b""):
+    """A PROXY protocol v2 header: signature, version/command, family, length, payload."""
+    return V2_SIG + bytes([command, family]) + struct.pack(">H", len(payload)) + payload
+
+
+PROXY_PROTOCOL = {
+    "v1-tcp4": b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\nGET / HTTP/1.1\r\n\r\n",
+    "v1-tcp6": b"PROXY TCP6 2001:db8::1 2001:db8::2 4711 80\r\n",
+    "v1-unknown": b"PROXY UNKNOWN\r\n",
+    "v1-bad-port": b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 1\r\n",
+    "v2-tcp4": proxy_v2(payload=bytes([192, 0, 2, 1, 198, 51, 100, 2]) + struct.pack(">HH", 56324, 443)),
+    "v2-tcp6-tlv": proxy_v2(
+        family=0x21,
+        payload=bytes(15) + b"\x01" + bytes(15) + b"\x02" + struct.pack(">HH", 4711, 443) + b"\x04\x00\x03abc",
+    ),
+    "v2-local": proxy_v2(command=0x20, family=0x00),
+    "v2-unix": proxy_v2(family=0x31, payload=bytes(216)),
+}
+
 
 def main():
     for target, seeds in [
@@ -223,6 +245,7 @@ def main():
         ("frame_header", FRAME_HEADER),
         ("server_conn", SERVER_CONN),
         ("roundtrip", ROUNDTRIP),
+        ("proxy_protocol", PROXY_PROTOCOL),
     ]:
         folder = CORPUS / target
         shutil.rmtree(folder, ignore_errors=True)

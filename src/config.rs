@@ -293,8 +293,9 @@ pub struct Config {
     /// Proxies (CIDRs) whose `X-Forwarded-For` or `Forwarded` header names the real
     /// client. Default none: the peer address is the client.
     pub trusted_proxies: Vec<String>,
-    /// Every connection starts with a PROXY protocol header (v1 or v2, HAProxy, AWS
-    /// NLB) naming the real client; a connection without one is closed. Default false.
+    /// Every connection on `bind` (not `plain_bind`) starts with a PROXY protocol
+    /// header (v1 or v2, HAProxy, AWS NLB) naming the real client, before TLS; a
+    /// connection without one is closed. Default false.
     pub proxy_protocol: bool,
     /// Bearer token `GET /metrics` needs. Default empty: `/metrics` is open (with a
     /// WARN at start when `bind` is not loopback and `metrics_bind` is not set).

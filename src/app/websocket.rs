@@ -126,7 +126,9 @@ impl WebSocket {
         self.session.request().query()
     }
 
-    /// The peer's address.
+    /// The client's address: the TCP peer, or the source of its PROXY protocol header
+    /// (`proxy_protocol`), or what a trusted proxy's `Forwarded` / `X-Forwarded-For`
+    /// names (`trusted_proxies`; port 0 when the header gives none).
     pub fn peer(&self) -> SocketAddr {
         self.session.peer()
     }

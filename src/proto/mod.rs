@@ -1,5 +1,5 @@
 //! The sans-IO protocol core: RFC 6455 handshake, frames, masking, UTF-8, close codes
-//! and the connection state machine, for both roles.
+//! and the connection state machine, for both roles; the PROXY protocol header.
 //!
 //! Nothing here touches a socket, a runtime, a clock or an entropy source: bytes go in,
 //! events and bytes to write come out, and randomness (handshake keys, masking seeds) is
@@ -13,6 +13,7 @@ pub mod frame;
 pub mod handshake;
 pub mod limits;
 pub mod mask;
+pub mod proxy;
 pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame};
@@ -24,4 +25,5 @@ pub use handshake::{
     HeadReader, Request,
 };
 pub use limits::{HandshakeLimits, Limits};
+pub use proxy::{ProxyAddresses, ProxyError, ProxyHeader, ProxyVersion};
 pub use utf8::Utf8Bytes;

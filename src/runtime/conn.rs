@@ -15,8 +15,12 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
+use super::client_addr::{canonical, forwarded_client};
 use super::core::transport::Stream;
 use super::ctx::{ConnGuard, Door, WorkerCtx, start_read};
+use super::ip_limits::Refusal;
+use super::tls::TlsStream;
+use super::worker::Front;
 use bytes::{Bytes, BytesMut};
 use tokio::time::{Instant, sleep_until};
 
@@ -25,26 +29,84 @@ use super::http::{BodyFraming, Response, body_framing, keep_alive};
 use super::service::{HttpRequest, LocalFuture, Polled, Route, WebSocketHandler, poll_handler};
 use super::session::{Decision, Session};
 use super::ws::Driver;
-use crate::metrics::{CloseReason, HandlerKind, Limit, WorkerMetrics};
+use crate::metrics::{CloseReason, HandlerKind, Limit, Rejection, WorkerMetrics};
 use crate::proto::handshake::{self, AcceptKey, HeadReader, Request};
+use crate::proto::proxy::{self, ProxyError, ProxyHeader};
 use crate::proto::{CloseCode, Connection};
 use crate::tasks::BackgroundTasks;
 
-/// Serves one accepted connection, which came in on `door`. `over_limit`: the process
-/// was already at `max_connections` when it was accepted, so it gets 503, unless it
-/// asks for `GET /healthz` or `GET /metrics` (answered as usual, then closed: a full
-/// server still tells its monitoring so).
+/// Serves one accepted connection, from `peer` (the TCP peer), which came in on
+/// `front.door`: its PROXY protocol header first (`front.proxy_protocol`), then its
+/// TLS session (`front.tls`), then HTTP. `over_limit`: the process was already at
+/// `max_connections` when it was accepted, so it gets 503, unless it asks for
+/// `GET /healthz` or `GET /metrics` (answered as usual, then closed: a full server
+/// still tells its monitoring so).
 pub(crate) async fn drive(
     stream: Stream,
-    peer: SocketAddr,
+    mut peer: SocketAddr,
+    front: Front,
     ctx: Rc<WorkerCtx>,
     over_limit: bool,
-    door: Door,
 ) {
+    // The handshake timeout bounds the PROXY header, the TLS handshake and the first
+    // request head together.
+    let first_deadline = Instant::now() + ctx.config.handshake_timeout();
+    if front.proxy_protocol {
+        let failure = match read_proxy_header(&stream, first_deadline).await {
+            Ok(header) => {
+                // LOCAL, UNKNOWN: the proxy's own connection; the peer stands.
+                if let Some(addresses) = header.addresses {
+                    peer = canonical(addresses.source);
+                }
+                None
+            }
+            Err(HeaderFailure::Gone) => Some(CloseReason::PeerGone),
+            Err(HeaderFailure::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "read failed before the PROXY header");
+                Some(CloseReason::IoError)
+            }
+            Err(cause) => {
+                tracing::debug!(%peer, cause = %cause, "PROXY protocol header refused: closing");
+                ctx.cx.metrics.rejected(Rejection::ProxyProtocol);
+                Some(CloseReason::Rejected)
+            }
+        };
+        if let Some(reason) = failure {
+            // No answer: what protocol would follow is unknown.
+            let mut guard = ConnGuard::new(ctx.clone(), Rc::new(stream), peer);
+            guard.reason = reason;
+            return;
+        }
+    }
+    let stream = match front.tls {
+        None => stream,
+        Some(tls) => match tls.session() {
+            Ok(session) => Stream::Tls(Box::new(TlsStream::new(
+                stream,
+                session,
+                ctx.metrics.clone(),
+            ))),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot start a TLS session");
+                let mut guard = ConnGuard::new(ctx.clone(), Rc::new(stream), peer);
+                guard.reason = CloseReason::IoError;
+                return;
+            }
+        },
+    };
     // TCP_NODELAY comes from the listener (see `listener::bind_reuseport`).
     let stream = Rc::new(stream);
     let mut guard = ConnGuard::new(ctx.clone(), stream.clone(), peer);
-    let upgrade = match serve(&stream, peer, &ctx, over_limit, door).await {
+    let upgrade = match serve(
+        &stream,
+        &mut guard,
+        &ctx,
+        over_limit,
+        first_deadline,
+        front.door,
+    )
+    .await
+    {
         Ok(reason) => {
             if reason == CloseReason::Rejected {
                 linger(&stream, &ctx).await;
@@ -64,7 +126,7 @@ pub(crate) async fn drive(
     // The request head's size says nothing about the frames to come: an idle
     // WebSocket waits on a small buffer.
     bufs.reset();
-    let session = Session::new(request, peer, Connection::server(ctx.limits));
+    let session = Session::new(request, guard.peer, Connection::server(ctx.limits));
     let mut handler = Some(handler(session.clone()));
     match decide(&stream, &session, &mut handler, &accept, &ctx).await {
         Ok(head) => {
@@ -132,6 +194,96 @@ async fn linger(stream: &Rc<Stream>, ctx: &WorkerCtx) {
             | ReadOutcome::Error(_) => break,
         }
     }
+}
+
+/// Why no PROXY header came.
+#[derive(Debug)]
+enum HeaderFailure {
+    /// The peer closed before sending a byte (e.g. a TCP health check).
+    Gone,
+    /// The peer closed within the header.
+    Truncated,
+    /// Not complete within the handshake timeout.
+    Timeout,
+    Invalid(ProxyError),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for HeaderFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gone => f.write_str("closed before a PROXY header"),
+            Self::Truncated => f.write_str("closed within the PROXY header"),
+            Self::Timeout => f.write_str("no complete PROXY header within the handshake timeout"),
+            Self::Invalid(e) => e.fmt(f),
+            Self::Io(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Reads the PROXY protocol header at the start of `stream` (below TLS) and no byte
+/// beyond it: what follows stays in the socket for TLS or HTTP. The socket's bytes
+/// are peeked (`MSG_PEEK`) and exactly the header's are then taken; a header that
+/// arrives in pieces is read a bounded piece at a time (`proxy::needed`).
+async fn read_proxy_header(
+    stream: &Stream,
+    deadline: Instant,
+) -> Result<ProxyHeader, HeaderFailure> {
+    let mut header = Vec::new();
+    // Accepts are deferred until the first bytes are in: usually the whole header.
+    let mut peeked = BytesMut::with_capacity(proxy::MAX_HEADER_LEN);
+    match stream.peek_now(&mut peeked) {
+        Some(Ok(0)) => return Err(HeaderFailure::Gone),
+        Some(Ok(_)) => {
+            let take = match proxy::parse(&peeked).map_err(HeaderFailure::Invalid)? {
+                Some((_, used)) => used,
+                // All of it is header.
+                None => peeked.len(),
+            };
+            let mut taken = BytesMut::with_capacity(take);
+            match stream.recv_now(&mut taken) {
+                Some(Ok(n)) if n == take => header.extend_from_slice(&taken),
+                // The kernel gives back what it just showed; anything else is odd
+                // enough to close on.
+                Some(Ok(_)) | None => {
+                    return Err(HeaderFailure::Io(io::Error::other(
+                        "the socket gave back fewer bytes than it showed",
+                    )));
+                }
+                Some(Err(e)) => return Err(HeaderFailure::Io(e)),
+            }
+        }
+        Some(Err(e)) => return Err(HeaderFailure::Io(e)),
+        None => {}
+    }
+    loop {
+        match proxy::parse(&header).map_err(HeaderFailure::Invalid)? {
+            Some((parsed, used)) if used == header.len() => return Ok(parsed),
+            Some(_) => {
+                return Err(HeaderFailure::Io(io::Error::other(
+                    "read past the PROXY header",
+                )));
+            }
+            None => {}
+        }
+        let buf = BytesMut::with_capacity(proxy::needed(&header));
+        let (read, buf) = match tokio::time::timeout_at(deadline, stream.read_plain(buf)).await {
+            Ok(read) => read,
+            Err(_) => return Err(HeaderFailure::Timeout),
+        };
+        match read {
+            Ok(0) if header.is_empty() => return Err(HeaderFailure::Gone),
+            Ok(0) => return Err(HeaderFailure::Truncated),
+            Ok(_) => header.extend_from_slice(&buf),
+            Err(e) => return Err(HeaderFailure::Io(e)),
+        }
+    }
+}
+
+/// The client `request` comes from: what a trusted proxy's headers name, else the
+/// connection's peer (after its PROXY header).
+fn client_of(conn_peer: SocketAddr, request: &Request, ctx: &WorkerCtx) -> SocketAddr {
+    forwarded_client(conn_peer.ip(), request, &ctx.trusted_proxies).unwrap_or(conn_peer)
 }
 
 /// A read that does not wait (`MSG_DONTWAIT`): what the socket holds now, or `None`
@@ -208,21 +360,32 @@ struct Upgrade {
     handler: WebSocketHandler,
 }
 
-/// Serves HTTP requests until the connection ends (`Ok`) or upgrades (`Err`).
+/// Serves HTTP requests until the connection ends (`Ok`) or upgrades (`Err`); the
+/// first request head is due by `first_deadline`, each later one within the handshake
+/// timeout of the previous answer.
 async fn serve(
     stream: &Rc<Stream>,
-    peer: SocketAddr,
+    guard: &mut ConnGuard,
     ctx: &WorkerCtx,
     over_limit: bool,
+    first_deadline: Instant,
     door: Door,
 ) -> Result<CloseReason, Box<Upgrade>> {
     let config = &ctx.config;
+    // The connection's peer (after its PROXY header); each request's client may be
+    // another when a trusted proxy forwards it.
+    let conn_peer = guard.peer;
+    let mut peer = conn_peer;
     let mut bufs = ReadBufs::with_first(ctx.pool.clone(), HEAD_READ);
     let mut leftover = Bytes::new();
     let mut first = true;
     loop {
         // ---- the request head, within the handshake deadline
-        let deadline = Instant::now() + config.handshake_timeout();
+        let deadline = if first {
+            first_deadline
+        } else {
+            Instant::now() + config.handshake_timeout()
+        };
         let mut reader = HeadReader::new(ctx.head_limits);
         let mut parsed = if leftover.is_empty() {
             Ok(None)
@@ -290,7 +453,10 @@ async fn serve(
                 }
             }
         };
+        let first_request = first;
         first = false;
+        peer = client_of(conn_peer, &request, ctx);
+        guard.peer = peer;
         if over_limit && !is_probe(&request) {
             ctx.metrics.limit_hit(Limit::MaxConnections);
             tracing::warn!(%peer, limit = config.max_connections, "max_connections reached: 503");
@@ -303,6 +469,34 @@ async fn serve(
             let response = Response::error(503, "server shutting down");
             let _ = respond(stream, ctx, &response, true).await;
             return Ok(CloseReason::Shutdown);
+        }
+        // The per-IP limits, once per connection, on its first request's client.
+        if first_request {
+            match ctx.ip_limits.admit(peer.ip(), std::time::Instant::now()) {
+                Ok(slot) => guard.ip_slot = slot,
+                Err(refusal) => {
+                    let (reason, message) = match refusal {
+                        Refusal::Connections(limit) => {
+                            tracing::info!(%peer, limit, "max_connections_per_ip reached: 429");
+                            (
+                                Rejection::ConnectionsPerIp,
+                                "too many connections from this address",
+                            )
+                        }
+                        Refusal::Handshakes(limit) => {
+                            tracing::debug!(%peer, limit, "max_handshakes_per_ip_per_sec reached: 429");
+                            (
+                                Rejection::HandshakesPerIp,
+                                "too many new connections from this address",
+                            )
+                        }
+                    };
+                    ctx.cx.metrics.rejected(reason);
+                    let response = Response::error(429, message).with_header("Retry-After", "1");
+                    let _ = respond(stream, ctx, &response, true).await;
+                    return Ok(CloseReason::Rejected);
+                }
+            }
         }
         // A probe over the limit is answered, then closed.
         let mut keep = keep_alive(&request) && !over_limit;

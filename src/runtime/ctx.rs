@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 use super::buf::{BufPool, ReadBufs};
+use super::client_addr::Cidrs;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Stream;
+use super::ip_limits::{IpLimits, IpSlot};
 use super::registry::Registry;
 use super::service::{Context, Service};
 use crate::config::Config;
@@ -21,9 +23,10 @@ use crate::metrics::{CloseReason, WorkerMetrics};
 use crate::proto::{HandshakeLimits, Limits};
 
 /// The listener a connection came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Door {
     /// `bind` (TLS when configured) or `plain_bind`: everything the service routes.
+    #[default]
     Main,
     /// `metrics_bind`: `GET /metrics` and `GET /healthz` only, never TLS.
     Metrics,
@@ -55,6 +58,10 @@ pub(crate) struct WorkerCtx {
     /// The WebSocket timeouts, for every session's `ConnTimers` (kept here, not per
     /// connection).
     pub(crate) timers: TimerPolicy,
+    /// `trusted_proxies`, parsed.
+    pub(crate) trusted_proxies: Cidrs,
+    /// The per-IP limits, shared by every worker.
+    pub(crate) ip_limits: Arc<IpLimits>,
 }
 
 /// The single way out of a connection: counts it closed, releases its place in the
@@ -64,8 +71,12 @@ pub(crate) struct WorkerCtx {
 pub(crate) struct ConnGuard {
     pub(crate) ctx: Rc<WorkerCtx>,
     pub(crate) stream: Rc<Stream>,
+    /// The client's address (see `client_addr`), once known; the TCP peer before.
     pub(crate) peer: SocketAddr,
     pub(crate) reason: CloseReason,
+    /// The connection's place in its address's count (`max_connections_per_ip`),
+    /// released with the guard.
+    pub(crate) ip_slot: Option<IpSlot>,
 }
 
 impl ConnGuard {
@@ -77,6 +88,7 @@ impl ConnGuard {
             stream,
             peer,
             reason: CloseReason::IoError,
+            ip_slot: None,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! written by one worker) and the shutdown signal.
 
 mod buf;
+mod client_addr;
 mod conn;
 mod core;
 mod ctx;
@@ -19,6 +20,7 @@ mod epoll;
 mod feed;
 mod flush;
 pub mod http;
+mod ip_limits;
 pub mod listener;
 mod registry;
 pub mod service;
@@ -232,6 +234,7 @@ impl Server {
         let open_global = Arc::new(AtomicUsize::new(0));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = Vec::with_capacity(n);
+        let ip_limits = Arc::new(ip_limits::IpLimits::new(&config));
         for (index, (listener, plain_listener)) in
             listeners.into_iter().zip(plain_listeners).enumerate()
         {
@@ -250,6 +253,7 @@ impl Server {
                 signal: signal.clone(),
                 backend,
                 ring_entries: worker::RING_ENTRIES,
+                ip_limits: ip_limits.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("ringsocket-w{index}"))

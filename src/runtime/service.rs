@@ -57,7 +57,9 @@ pub struct HttpRequest {
     pub head: Request,
     /// The body (`Content-Length` bytes).
     pub body: Bytes,
-    /// The peer's address.
+    /// The client's address: the TCP peer, or the source of its PROXY protocol header
+    /// (`proxy_protocol`), or what a trusted proxy's `Forwarded` / `X-Forwarded-For`
+    /// names (`trusted_proxies`; port 0 when the header gives none).
     pub peer: SocketAddr,
     /// The request's background jobs, handed to the executor after the response.
     pub tasks: BackgroundTasks,
@@ -77,7 +79,8 @@ pub struct Context {
 /// Routes request heads. One instance serves every worker; the handlers it returns run
 /// on the worker that owns the connection.
 pub trait Service: Send + Sync + 'static {
-    /// Decides what to do with `head`, received from `peer`.
+    /// Decides what to do with `head`, received from `peer` (the client's address, as
+    /// [`Session::peer`] gives it).
     fn route(&self, head: &Request, peer: SocketAddr, cx: &Context) -> Route;
 
     /// Called once by the server with its validated configuration and counters, once

@@ -190,7 +190,9 @@ impl Session {
         &self.inner.request
     }
 
-    /// The peer's address.
+    /// The client's address: the TCP peer, or the source of its PROXY protocol header
+    /// (`proxy_protocol`), or what a trusted proxy's `Forwarded` / `X-Forwarded-For`
+    /// names (`trusted_proxies`; port 0 when the header gives none).
     pub fn peer(&self) -> SocketAddr {
         self.inner.peer
     }

@@ -14,15 +14,16 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, timeout_at};
 
 use super::buf::BufPool;
+use super::client_addr::{Cidrs, canonical};
 use super::conn::drive;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Listener;
-use super::core::transport::Stream;
 use super::ctx::{Door, WorkerCtx};
+use super::ip_limits::IpLimits;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
-use super::tls::{TlsAcceptor, TlsStream};
+use super::tls::TlsAcceptor;
 use super::uring::{self, Ring};
 use super::{Backend, epoll};
 use crate::config::Config;
@@ -50,6 +51,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) backend: super::Backend,
     /// Submission queue entries of the worker's ring (io_uring backend).
     pub(crate) ring_entries: u32,
+    /// The per-IP limits, shared by every worker.
+    pub(crate) ip_limits: Arc<IpLimits>,
 }
 
 /// The submission queue size of each worker's ring.
@@ -121,14 +124,24 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
                 }),
         };
         // The main listener (TLS when configured), then the plain one beside it.
-        let mut listeners = vec![(Rc::new(open(spec.listener)?), spec.tls.clone(), Door::Main)];
+        // `proxy_protocol` is for the main one (behind the load balancer) only.
+        let front = Front {
+            tls: spec.tls.clone(),
+            proxy_protocol: config.proxy_protocol,
+            door: Door::Main,
+        };
+        let mut listeners = vec![(Rc::new(open(spec.listener)?), front)];
         if let Some(plain) = spec.plain_listener {
-            listeners.push((Rc::new(open(plain)?), None, Door::Main));
+            listeners.push((Rc::new(open(plain)?), Front::default()));
         }
         // The metrics listener, never TLS.
         let metrics_elsewhere = !config.metrics_bind.trim().is_empty();
         if let Some(metrics) = spec.metrics_listener {
-            listeners.push((Rc::new(open(metrics)?), None, Door::Metrics));
+            let front = Front {
+                door: Door::Metrics,
+                ..Front::default()
+            };
+            listeners.push((Rc::new(open(metrics)?), front));
         }
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
@@ -146,6 +159,8 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             limits,
             head_limits,
             timers: TimerPolicy::from_config(&config),
+            trusted_proxies: Cidrs::parse(&config.trusted_proxies),
+            ip_limits: spec.ip_limits,
         });
         // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
         let core_task = ctx
@@ -166,12 +181,11 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             }
         });
         tracing::debug!(worker = spec.index, "worker accepting");
-        for (listener, tls, door) in &listeners {
+        for (listener, front) in &listeners {
             for _ in 0..ACCEPTS_IN_FLIGHT {
                 tokio::task::spawn_local(accept_loop(
                     listener.clone(),
-                    tls.clone(),
-                    *door,
+                    front.clone(),
                     ctx.clone(),
                     spec.signal.clone(),
                     spec.index,
@@ -181,7 +195,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         spec.signal.wait().await;
         // Stop accepting: wake the accepts still in flight; the sockets close once the
         // accept loops, which see the signal too, have let go of them.
-        for (listener, _, _) in listeners {
+        for (listener, _) in listeners {
             // SAFETY: the descriptor belongs to `listener`, which is alive here;
             // shutdown(2) on it has no memory effects.
             unsafe {
@@ -221,6 +235,16 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
     served
 }
 
+/// What a listener's connections start with before HTTP: a PROXY protocol header, a
+/// TLS session.
+#[derive(Clone, Default)]
+pub(crate) struct Front {
+    pub(crate) tls: Option<Arc<TlsAcceptor>>,
+    pub(crate) proxy_protocol: bool,
+    /// Which listener: the main ones route everything, the metrics one only probes.
+    pub(crate) door: Door,
+}
+
 /// Accepts in flight on each worker's listener. When connections come in faster than
 /// the core goes round, several accepts complete in one batch of completions and are
 /// submitted again together, instead of one connection per turn of the core. Measured
@@ -231,8 +255,7 @@ const ACCEPTS_IN_FLIGHT: usize = 4;
 /// Accepts connections until the shutdown signal, each served by a task of its own.
 async fn accept_loop(
     listener: Rc<Listener>,
-    tls: Option<Arc<TlsAcceptor>>,
-    door: Door,
+    front: Front,
     ctx: Rc<WorkerCtx>,
     signal: Arc<ShutdownSignal>,
     worker: usize,
@@ -241,23 +264,11 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let stream = match &tls {
-                        None => stream,
-                        Some(tls) => match tls.session() {
-                            Ok(session) => Stream::Tls(Box::new(TlsStream::new(
-                                stream,
-                                session,
-                                ctx.metrics.clone(),
-                            ))),
-                            Err(e) => {
-                                tracing::warn!(worker, %peer, error = %e, "cannot start a TLS session");
-                                continue;
-                            }
-                        },
-                    };
                     let open = ctx.open_global.fetch_add(1, Ordering::Relaxed);
                     let over_limit = open >= ctx.config.max_connections;
-                    tokio::task::spawn_local(drive(stream, peer, ctx.clone(), over_limit, door));
+                    // The PROXY header (if any) and the TLS session start in the
+                    // connection's task.
+                    tokio::task::spawn_local(drive(stream, canonical(peer), front.clone(), ctx.clone(), over_limit));
                 }
                 Err(e) => {
                     if signal.is_set() {
@@ -318,6 +329,7 @@ mod tests {
             backend: Backend::IoUring,
             // IORING_MAX_ENTRIES is 32,768: io_uring_setup refuses this with EINVAL.
             ring_entries: 1 << 20,
+            ip_limits: Arc::new(IpLimits::new(&Config::default())),
         };
         let err = std::thread::spawn(move || run(spec))
             .join()

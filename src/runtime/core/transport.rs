@@ -146,6 +146,34 @@ impl Stream {
         }
     }
 
+    /// Like [`recv_now`](Self::recv_now), but leaves the bytes in the socket
+    /// (`MSG_PEEK`): what the socket holds now, up to the spare capacity of `buf`.
+    pub(crate) fn peek_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+        // SAFETY: as in `recv_now`: the descriptor is this stream's, borrowed for the
+        // call only.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) };
+        match SockRef::from(&fd).recv_with_flags(
+            buf.spare_capacity_mut(),
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        ) {
+            Ok(n) => {
+                // SAFETY: recv(2) initialized the first `n` bytes of the spare capacity
+                // it was given, and `n` is at most that capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                Some(Ok(n))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     /// The TLS layer, on a TLS connection.
     pub(crate) fn tls(&self) -> Option<&tls::TlsStream> {
         match self {
