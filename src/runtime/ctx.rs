@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 use super::buf::{BufPool, ReadBufs};
+use super::core::limits::LimitPolicy;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Stream;
 use super::registry::Registry;
@@ -44,6 +45,9 @@ pub(crate) struct WorkerCtx {
     /// The WebSocket timeouts, for every session's `ConnTimers` (kept here, not per
     /// connection).
     pub(crate) timers: TimerPolicy,
+    /// The rate limits of every session's `ConnLimits` (messages, control frames) and
+    /// the epoch their stamps count from.
+    pub(crate) conn_limits: LimitPolicy,
 }
 
 /// The single way out of a connection: counts it closed, releases its place in the

@@ -15,6 +15,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::buf::BufPool;
 use super::conn::drive;
+use super::core::limits::LimitPolicy;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Listener;
 use super::core::transport::Stream;
@@ -138,6 +139,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             limits,
             head_limits,
             timers: TimerPolicy::from_config(&config),
+            conn_limits: LimitPolicy::from_config(&config, Instant::now().into_std()),
         });
         // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
         let core_task = ctx
