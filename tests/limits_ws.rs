@@ -147,6 +147,90 @@ async fn ten_pings_in_a_row_are_within_the_default_limit() {
     assert_eq!(rejections(&server, "control_frames"), 0);
 }
 
+// ---- max_inbound_memory -----------------------------------------------------------------
+
+/// With a 1 MiB budget, raw clients each announce a 512 KiB frame, send 300 KiB of it
+/// and stall. Three fit; each one past that is closed with 1013 "server busy: inbound
+/// memory", counted as a rejection and a limit hit, while a control client's small
+/// messages keep flowing. Once the stalled clients are gone the gauge is back to 0.
+#[tokio::test]
+async fn inbound_memory_budget_closes_large_partial_messages_with_1013() {
+    const SENT: u64 = 300 * 1024;
+    let server = start(App::echo(), |c| c.max_inbound_memory = 1 << 20);
+    let mut control = connect(&server).await;
+    echo_round_trip(&mut control, "before").await;
+    let mut stalled = Vec::new();
+    for i in 0..5u64 {
+        let mut client = open_websocket(server.local_addr()).await;
+        let frame = masked_frame_header(0x82, 512 * 1024);
+        let body = vec![0x5a; SENT as usize];
+        // The server may close it (and reset the connection) while it writes.
+        let _ = client.write_all(&frame).await;
+        let _ = client.write_all(&body).await;
+        if i < 3 {
+            wait_until(&server, "the partial message to be charged", |s| {
+                gauge(s) == (i + 1) * SENT
+            })
+            .await;
+            stalled.push(client);
+        } else {
+            let (events, _) = read_to_end(client).await;
+            let close = events.iter().find_map(|e| match e {
+                Event::Close(frame) => frame.clone(),
+                _ => None,
+            });
+            let close = close.expect("a Close with a code");
+            assert_eq!(u16::from(close.code), 1013);
+            assert_eq!(close.reason.as_str(), "server busy: inbound memory");
+            wait_until(
+                &server,
+                "the closed client's charge to be given back",
+                |s| gauge(s) == 3 * SENT,
+            )
+            .await;
+            echo_round_trip(&mut control, &format!("while over budget {i}")).await;
+        }
+    }
+    assert_eq!(rejections(&server, "inbound_memory"), 2);
+    assert_eq!(
+        metric(
+            &server,
+            "ringsocket_limit_hits_total{limit=\"max_inbound_memory\"}"
+        ),
+        2
+    );
+    drop(stalled);
+    wait_until(&server, "the budget to be free", |s| {
+        gauge(s) == 0 && s.metrics().open_connections() == 1
+    })
+    .await;
+    echo_round_trip(&mut control, "after").await;
+}
+
+/// Small fragmented messages are charged while they arrive and given back when they
+/// complete: the gauge ends at 0 on a connection that stays open.
+#[tokio::test]
+async fn fragmented_messages_give_their_charge_back_when_complete() {
+    let server = start(App::echo(), |c| c.max_inbound_memory = 1 << 20);
+    let mut client = open_websocket(server.local_addr()).await;
+    client
+        .write_all(&masked_frame(0x01, &[b'a'; 1000]))
+        .await
+        .unwrap();
+    wait_until(&server, "the first fragment to be charged", |s| {
+        gauge(s) == 1000
+    })
+    .await;
+    client
+        .write_all(&masked_frame(0x80, &[b'b'; 1000]))
+        .await
+        .unwrap();
+    let mut conn = Connection::client(Limits::default(), [3; 32]);
+    let event = within(PATIENCE, next_event(&mut client, &mut conn)).await;
+    assert!(matches!(event, Some(Event::Text(ref t)) if t.len() == 2000));
+    assert_eq!(gauge(&server), 0);
+}
+
 // ---- helpers ----------------------------------------------------------------------------
 
 async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> T {
@@ -215,6 +299,10 @@ fn rejections(server: &RunningServer, reason: &str) -> u64 {
         server,
         &format!("ringsocket_rejections_total{{reason=\"{reason}\"}}"),
     )
+}
+
+fn gauge(server: &RunningServer) -> u64 {
+    metric(server, "ringsocket_inbound_buffered_bytes")
 }
 
 const KEY: [u8; 4] = [0x12, 0x34, 0x56, 0x78];

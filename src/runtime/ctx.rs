@@ -15,6 +15,7 @@ use super::buf::{BufPool, ReadBufs};
 use super::core::limits::LimitPolicy;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Stream;
+use super::inbound::InboundBudget;
 use super::registry::Registry;
 use super::service::{Context, Service};
 use crate::config::Config;
@@ -48,6 +49,8 @@ pub(crate) struct WorkerCtx {
     /// The rate limits of every session's `ConnLimits` (messages, control frames) and
     /// the epoch their stamps count from.
     pub(crate) conn_limits: LimitPolicy,
+    /// The process's budget for partly received messages (`max_inbound_memory`).
+    pub(crate) inbound: InboundBudget,
 }
 
 /// The single way out of a connection: counts it closed, releases its place in the

@@ -19,6 +19,7 @@ mod epoll;
 mod feed;
 mod flush;
 pub mod http;
+mod inbound;
 pub mod listener;
 mod registry;
 pub mod service;

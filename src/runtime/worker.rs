@@ -20,6 +20,7 @@ use super::core::timers::TimerPolicy;
 use super::core::transport::Listener;
 use super::core::transport::Stream;
 use super::ctx::WorkerCtx;
+use super::inbound::InboundBudget;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
 use super::shutdown::ShutdownSignal;
@@ -124,6 +125,10 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
         if let Some(plain) = spec.plain_listener {
             listeners.push((Rc::new(open(plain)?), None));
         }
+        let inbound = InboundBudget::new(
+            config.max_inbound_memory,
+            spec.cx.metrics.inbound_buffered().clone(),
+        );
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
             service: spec.service,
@@ -140,6 +145,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             head_limits,
             timers: TimerPolicy::from_config(&config),
             conn_limits: LimitPolicy::from_config(&config, Instant::now().into_std()),
+            inbound,
         });
         // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
         let core_task = ctx

@@ -26,6 +26,7 @@ use super::buf::ReadBufs;
 use super::core::limits::{ConnLimits, Verdict};
 use super::core::timers::{ConnTimers, TimerAction};
 use super::ctx::{ConnGuard, ReadFuture, start_read};
+use super::inbound;
 use super::registry::Deadline;
 use super::service::{LocalFuture, Polled, poll_handler};
 use super::session::{Disconnect, Session, wake};
@@ -46,6 +47,8 @@ enum LimitClose {
     Messages,
     /// `max_control_frames_per_sec`: 1008 "too many control frames".
     Controls,
+    /// `max_inbound_memory`: 1013 "server busy: inbound memory".
+    InboundMemory,
 }
 
 /// What woke the WebSocket loop.
@@ -77,6 +80,8 @@ pub(crate) struct Driver {
     /// The message and control frame rate limits (the rates are the core's
     /// `WorkerCtx::conn_limits`).
     limits: ConnLimits,
+    /// Bytes of a partial message charged to the process's `WorkerCtx::inbound` budget.
+    inbound_charged: u32,
     /// Set once we sent our Close (handler, idle, slow consumer, shutdown); when, and
     /// how long the peer has to answer, is in `timers`.
     /// Boxed: only a closing connection has it.
@@ -119,6 +124,7 @@ impl Driver {
             in_flight: 0,
             timers,
             limits,
+            inbound_charged: 0,
             closing: None,
         };
         // Attached once the driver exists: its `Drop` (which detaches) then runs on
@@ -259,6 +265,7 @@ impl Driver {
             // One clock read for all the messages of this pass, not one per message.
             self.timers.handle_message(Instant::now().into_std());
         }
+        self.charge_inbound();
         // A Close the handler sent: the peer has the close timeout to answer.
         if self.closing.is_none()
             && self.session.state().borrow().conn.close_state() == CloseState::CloseSent
@@ -440,7 +447,7 @@ impl Driver {
 
     /// Closes the connection for a limit on what the peer sends: counts and logs it,
     /// then a Close handshake (the message rate) or a Close and no more reading (a
-    /// control frame flood: `proto::Connection::abort`).
+    /// control frame flood, the memory budget: `proto::Connection::abort`).
     fn close_for_limit(&mut self, limit: LimitClose) {
         let ctx = &self.guard.ctx;
         let peer = self.session.peer();
@@ -459,8 +466,16 @@ impl Driver {
                 ctx.cx.metrics.rejected(Rejection::ControlFrames);
                 tracing::info!(%peer, limit = ctx.conn_limits.controls.per_sec, "over max_control_frames_per_sec: closing with 1008");
             }
+            LimitClose::InboundMemory => {
+                ctx.cx.metrics.rejected(Rejection::InboundMemory);
+                ctx.metrics.limit_hit(Limit::InboundMemory);
+                tracing::info!(%peer, partial_message = self.inbound_charged, limit = ctx.config.max_inbound_memory, "max_inbound_memory is used up: closing a large partial message with 1013");
+            }
         }
-        let (code, reason) = (CloseCode::Policy, "too many control frames");
+        let (code, reason) = match limit {
+            LimitClose::InboundMemory => (CloseCode::Again, "server busy: inbound memory"),
+            _ => (CloseCode::Policy, "too many control frames"),
+        };
         let aborted = {
             let mut state = self.session.state().borrow_mut();
             // Broadcasts published before the Close go out before it.
@@ -470,6 +485,36 @@ impl Driver {
         if aborted && self.closing.is_none() {
             self.note_close_started(Disconnect::ClosedByUs, CloseReason::Rejected);
         }
+    }
+
+    /// Charges what the connection now holds of a partial message to the process's
+    /// budget; over budget, a connection holding more than `inbound::CLOSE_ABOVE` is
+    /// closed (which gives its charge back).
+    fn charge_inbound(&mut self) {
+        let held = self.session.state().borrow().conn.buffered_message_bytes();
+        let held = u32::try_from(held).unwrap_or(u32::MAX);
+        if held == self.inbound_charged {
+            return;
+        }
+        let over = self
+            .guard
+            .ctx
+            .inbound
+            .recharge(&mut self.inbound_charged, held);
+        if over && held as usize > inbound::CLOSE_ABOVE {
+            self.close_for_limit(LimitClose::InboundMemory);
+            self.release_inbound();
+        }
+    }
+
+    /// Gives back the connection's charge to the budget.
+    fn release_inbound(&mut self) {
+        let held = self.session.state().borrow().conn.buffered_message_bytes();
+        let held = u32::try_from(held).unwrap_or(u32::MAX);
+        self.guard
+            .ctx
+            .inbound
+            .recharge(&mut self.inbound_charged, held);
     }
 
     /// Sends our Close; the first reason to close is the one reported.
@@ -604,6 +649,13 @@ impl Drop for Driver {
         // closes with the guard's reference).
         self.session.state().borrow_mut().out.detach();
         self.guard.ctx.sessions.borrow_mut().remove(self.slot);
+        // Whatever part of a message it holds is no longer the connection's.
+        if self.inbound_charged > 0 {
+            self.guard
+                .ctx
+                .inbound
+                .recharge(&mut self.inbound_charged, 0);
+        }
         self.end(Disconnect::ConnectionLost);
         self.session.run_teardown();
     }
