@@ -12,6 +12,11 @@
 //! ([`ConnTimers`]); the driver tells it what was read, delivered and sent, reads the
 //! clock for it, takes the actions it returns and records its `poll_timeout` as the
 //! session's deadline for the core's tick.
+//!
+//! The limits on what the peer sends are applied where its input is parsed: the message
+//! and control frame rates in `core::limits` ([`ConnLimits`], asked by
+//! `process_input`), the process's budget for partial messages in `inbound` (charged by
+//! `charge_inbound` after each parse pass, given back in `Drop`).
 
 use std::future::Future;
 use std::io;
