@@ -16,6 +16,7 @@ use common::start;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -98,6 +99,47 @@ async fn drop_policy_drops_messages_past_the_burst_and_keeps_the_connection() {
     assert_eq!(rejections(&server, "rate_limit"), 7);
     echo_round_trip(&mut control, "after").await;
     assert_eq!(server.metrics().open_connections(), 2);
+}
+
+/// A flood over the message rate is logged once per connection, at info, naming the
+/// peer and the limit: not once per message.
+#[tokio::test]
+async fn a_rate_limited_flood_is_logged_once_per_connection() {
+    let logs = Captured::default();
+    tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+    let server = start(App::echo(), |c| {
+        c.max_messages_per_sec = 1;
+        c.max_messages_burst = 1;
+        c.rate_limit_policy = RateLimitPolicy::Drop;
+    });
+    let mut client = connect(&server).await;
+    let port = match client.get_ref() {
+        MaybeTlsStream::Plain(stream) => stream.local_addr().unwrap().port(),
+        _ => unreachable!("a plain connection"),
+    };
+    send_batch(&mut client, 20).await;
+    assert_eq!(next(&mut client).await, WsMessage::text("m0"));
+    wait_until(&server, "19 dropped messages counted", |s| {
+        rejections(s, "rate_limit") == 19
+    })
+    .await;
+    let text = logs.text();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("over max_messages_per_sec"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains(" INFO "), "{}", lines[0]);
+    assert!(
+        lines[0].contains(&format!("peer=127.0.0.1:{port}")),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("limit=1"), "{}", lines[0]);
 }
 
 // ---- max_control_frames_per_sec ---------------------------------------------------------
@@ -232,6 +274,35 @@ async fn fragmented_messages_give_their_charge_back_when_complete() {
 }
 
 // ---- helpers ----------------------------------------------------------------------------
+
+/// Log lines, shared with the subscriber's writer.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
 
 async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(limit, future)
