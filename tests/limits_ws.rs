@@ -65,6 +65,10 @@ async fn messages_over_the_rate_limit_close_with_1008() {
     // The close handshake completes (tungstenite answers the Close).
     within(PATIENCE, async { while flooder.next().await.is_some() {} }).await;
     assert_eq!(rejections(&server, "rate_limit"), 1);
+    wait_until(&server, "the connection to end as rejected", |s| {
+        closed_as(s, "rejected") == 1
+    })
+    .await;
     echo_round_trip(&mut control, "after").await;
 }
 
@@ -169,6 +173,10 @@ async fn control_frame_flood_closes_with_1008() {
     assert_eq!(u16::from(close.code), 1008);
     assert_eq!(close.reason.as_str(), "too many control frames");
     assert_eq!(rejections(&server, "control_frames"), 1);
+    wait_until(&server, "the connection to end as rejected", |s| {
+        closed_as(s, "rejected") == 1
+    })
+    .await;
     echo_round_trip(&mut control, "after").await;
 }
 
@@ -363,6 +371,13 @@ fn metric(server: &RunningServer, series: &str) -> u64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+fn closed_as(server: &RunningServer, reason: &str) -> u64 {
+    metric(
+        server,
+        &format!("ringsocket_connections_closed_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 fn rejections(server: &RunningServer, reason: &str) -> u64 {
