@@ -11,7 +11,7 @@ pub mod process;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -59,7 +59,9 @@ pub enum CloseReason {
     PeerGone,
     /// A socket error.
     IoError,
-    /// The handshake or request was refused with an HTTP error status.
+    /// The handshake or request was refused with an HTTP error status, or a WebSocket
+    /// was closed by an abuse limit (`max_messages_per_sec`,
+    /// `max_control_frames_per_sec`, `max_inbound_memory`; see `rejections_total`).
     Rejected,
 }
 
@@ -282,15 +284,19 @@ pub enum Limit {
     BodySize,
     /// Request head size or header count: 431.
     HeadSize,
+    /// `max_inbound_memory`, the process's budget for partly received messages:
+    /// close 1013.
+    InboundMemory,
 }
 
 impl Limit {
-    const ALL: [Limit; 5] = [
+    const ALL: [Limit; 6] = [
         Self::MaxConnections,
         Self::MessageSize,
         Self::OutboundBytes,
         Self::BodySize,
         Self::HeadSize,
+        Self::InboundMemory,
     ];
 
     fn label(self) -> &'static str {
@@ -300,6 +306,7 @@ impl Limit {
             Self::OutboundBytes => "max_outbound_bytes",
             Self::BodySize => "max_body_bytes",
             Self::HeadSize => "max_head_bytes",
+            Self::InboundMemory => "max_inbound_memory",
         }
     }
 
@@ -508,6 +515,9 @@ pub struct Metrics {
     workers: Vec<Arc<WorkerMetrics>>,
     io_backend: &'static str,
     rejections: Arc<Rejections>,
+    /// Bytes of partly received messages held by all connections, the part of
+    /// `max_inbound_memory` in use (the runtime's budget adds and subtracts here).
+    inbound_buffered: Arc<AtomicUsize>,
 }
 
 impl Metrics {
@@ -519,7 +529,14 @@ impl Metrics {
             workers: (0..n.max(1)).map(|_| Arc::default()).collect(),
             io_backend,
             rejections: Arc::default(),
+            inbound_buffered: Arc::default(),
         }
+    }
+
+    /// Bytes of partly received messages held by all connections now
+    /// (`ringsocket_inbound_buffered_bytes`), shared with the runtime's budget.
+    pub fn inbound_buffered(&self) -> &Arc<AtomicUsize> {
+        &self.inbound_buffered
     }
 
     /// A client was refused for `reason` (`ringsocket_rejections_total{reason}`).
@@ -610,6 +627,13 @@ impl Collector for Metrics {
             "connections_open",
             "Connections open now.",
             self.open_connections(),
+        )?;
+        gauge(
+            e,
+            "inbound_buffered_bytes",
+            "Bytes of partly received WebSocket messages held by all connections now (the \
+             part of max_inbound_memory in use).",
+            self.inbound_buffered.load(Relaxed) as u64,
         )?;
         counter(
             e,
@@ -894,6 +918,7 @@ mod tests {
         a.message_in(10);
         b.message_in(5);
         b.limit_hit(Limit::BodySize);
+        metrics.inbound_buffered().fetch_add(70_000, Relaxed);
         let text = render_collector(metrics);
         for line in [
             &format!(
@@ -914,6 +939,9 @@ mod tests {
             "ringsocket_bytes_in_total 15",
             "ringsocket_limit_hits_total{limit=\"max_body_bytes\"} 1",
             "ringsocket_limit_hits_total{limit=\"max_connections\"} 0",
+            "ringsocket_limit_hits_total{limit=\"max_inbound_memory\"} 0",
+            "ringsocket_inbound_buffered_bytes 70000",
+            "# TYPE ringsocket_inbound_buffered_bytes gauge",
         ] {
             has_line(&text, line);
         }

@@ -326,6 +326,17 @@ impl Connection {
         self.input.len() - self.lent
     }
 
+    /// Payload bytes of the data message being received and not complete yet: the
+    /// fragments so far and what has arrived of a frame still coming in (its buffer may
+    /// reserve up to 64 KiB more). 0 between messages, and for a message that arrives
+    /// whole in one read (it is handed out where it lies in the input). A server that
+    /// budgets the memory its peers make it hold across connections asks this after
+    /// each [`Connection::poll_event`] pass; it drops back to 0 when the message is
+    /// handed out, when the connection fails and after [`Connection::abort`].
+    pub fn buffered_message_bytes(&self) -> usize {
+        self.message.as_ref().map_or(0, |m| m.payload.len())
+    }
+
     /// Drops the input buffer's memory when it holds nothing, so an idle connection
     /// keeps no read buffer. Received payloads that share it stay valid.
     pub fn release_input_buffer(&mut self) {
@@ -845,6 +856,24 @@ impl Connection {
         }
         self.queue_close(code, reason);
         self.state = CloseState::CloseSent;
+        Ok(())
+    }
+
+    /// Fails the connection for a reason of this end's own, such as a limit it applies
+    /// (not a protocol error: [`Connection::error`] stays `None`): queues a Close with
+    /// `code` and `reason` unless one was sent already, reads nothing more and drops
+    /// whatever was received of a message. The state is then [`CloseState::Closed`]:
+    /// write what [`Connection::poll_transmit`] still returns, then close the transport
+    /// without waiting for the peer's Close (RFC 6455 §7.1.7).
+    pub fn abort(&mut self, code: CloseCode, reason: &str) -> Result<(), SendError> {
+        if !code.is_sendable() {
+            return Err(SendError::UnsendableCloseCode(code.into()));
+        }
+        if self.state == CloseState::Open {
+            self.queue_close(code, reason);
+        }
+        self.state = CloseState::Closed;
+        self.discard_input();
         Ok(())
     }
 

@@ -13,8 +13,10 @@ use tokio::sync::Notify;
 
 use super::buf::{BufPool, ReadBufs};
 use super::client_addr::Cidrs;
+use super::core::limits::LimitPolicy;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Stream;
+use super::inbound::InboundBudget;
 use super::ip_limits::{IpLimits, IpSlot};
 use super::registry::Registry;
 use super::service::{Context, Service};
@@ -62,6 +64,11 @@ pub(crate) struct WorkerCtx {
     pub(crate) trusted_proxies: Cidrs,
     /// The per-IP limits, shared by every worker.
     pub(crate) ip_limits: Arc<IpLimits>,
+    /// The rate limits of every session's `ConnLimits` (messages, control frames) and
+    /// the epoch their stamps count from.
+    pub(crate) conn_limits: LimitPolicy,
+    /// The process's budget for partly received messages (`max_inbound_memory`).
+    pub(crate) inbound: InboundBudget,
 }
 
 /// The single way out of a connection: counts it closed, releases its place in the
@@ -101,6 +108,9 @@ impl Drop for ConnGuard {
         let _ = self.stream.shutdown(Shutdown::Both);
         ctx.metrics.closed(self.reason);
         ctx.open_global.fetch_sub(1, Ordering::Relaxed);
+        if let Some(slot) = self.ip_slot.take() {
+            ctx.ip_limits.release(slot);
+        }
         let left = ctx.open_local.get().saturating_sub(1);
         ctx.open_local.set(left);
         if left == 0 {

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -69,19 +70,21 @@ pub(crate) const MAX_ENTRIES: usize = 1 << 18;
 const SHARDS: usize = 64;
 const PER_SHARD: usize = MAX_ENTRIES / SHARDS;
 
-/// An IPv4 address, or the /64 of an IPv6 one.
+/// An IPv4 address, or the /64 of an IPv6 one, packed into a non-zero `u64` so that
+/// a connection's place costs 8 bytes (it lives in every connection's guard): an IPv6
+/// /64 as it is (the `::/64` of `::1`, which would be 0, as all ones), an IPv4 address
+/// under `ffff:ffff::/32`. Both borrowed patterns are multicast space (and the IPv4
+/// broadcast address), never a TCP peer, so no two real peers share a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum IpKey {
-    V4(u32),
-    V6(u64),
-}
+pub(crate) struct IpKey(NonZeroU64);
 
 impl IpKey {
     pub(crate) fn of(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(ip) => Self::V4(u32::from(ip)),
-            IpAddr::V6(ip) => Self::V6((u128::from(ip) >> 64) as u64),
-        }
+        let packed = match ip.to_canonical() {
+            IpAddr::V4(ip) => 0xffff_ffff_0000_0000 | u64::from(u32::from(ip)),
+            IpAddr::V6(ip) => (u128::from(ip) >> 64) as u64,
+        };
+        Self(NonZeroU64::new(packed).unwrap_or(NonZeroU64::MAX))
     }
 }
 
@@ -116,10 +119,10 @@ pub(crate) struct IpLimits {
     warned_full: AtomicBool,
 }
 
-/// A connection's place in its address's count, released when dropped (it lives in
-/// the connection's `ConnGuard`).
+/// A connection's place in its address's count. It lives in the connection's
+/// `ConnGuard`, which gives it back with [`IpLimits::release`] on every way out.
+#[derive(Debug)]
 pub(crate) struct IpSlot {
-    limits: Arc<IpLimits>,
     key: IpKey,
 }
 
@@ -191,13 +194,15 @@ impl IpLimits {
             return Err(Refusal::Connections(self.max_connections));
         }
         entry.open += 1;
-        Ok(Some(IpSlot {
-            limits: self.clone(),
-            key,
-        }))
+        Ok(Some(IpSlot { key }))
     }
 
-    fn release(&self, key: IpKey, now: Instant) {
+    /// Gives a connection's place back.
+    pub(crate) fn release(&self, slot: IpSlot) {
+        self.release_key(slot.key, Instant::now());
+    }
+
+    fn release_key(&self, key: IpKey, now: Instant) {
         let mut shard = self
             .shard(key)
             .lock()
@@ -217,12 +222,6 @@ impl IpLimits {
             .iter()
             .map(|s| s.lock().map(|s| s.map.len()).unwrap_or(0))
             .sum()
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        self.limits.release(self.key, Instant::now());
     }
 }
 
@@ -269,7 +268,7 @@ mod tests {
         // Another address is not affected.
         let other = limits.admit(ip("192.0.2.2"), now).unwrap();
         assert!(other.is_some());
-        drop(a);
+        limits.release(a);
         assert!(limits.admit(ip("192.0.2.1"), now).unwrap().is_some());
     }
 
@@ -285,7 +284,9 @@ mod tests {
             Some(Refusal::Handshakes(2))
         );
         assert!(limits.admit(ip("198.51.100.2"), t0).is_ok());
-        drop(slots);
+        for slot in slots.into_iter().flatten() {
+            limits.release(slot);
+        }
         assert!(
             limits
                 .admit(ip("198.51.100.1"), t0 + Duration::from_millis(500))
@@ -322,14 +323,18 @@ mod tests {
         let limits = Arc::new(IpLimits::with(5, 1000, Cidrs::default()));
         let t0 = Instant::now();
         // Closed before its bucket refilled: the entry stays until swept.
-        drop(limits.admit(ip("192.0.2.1"), t0).unwrap());
+        if let Some(slot) = limits.admit(ip("192.0.2.1"), t0).unwrap() {
+            limits.release(slot);
+        }
         assert_eq!(limits.len(), 1);
         // Many addresses, each idle with a full bucket a second later: swept as the
         // shards grow, so the table stays far below what was seen.
         for i in 0..20_000u32 {
             let addr = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
             let now = t0 + Duration::from_secs(u64::from(i) + 1);
-            drop(limits.admit(addr, now).unwrap());
+            if let Some(slot) = limits.admit(addr, now).unwrap() {
+                limits.release(slot);
+            }
         }
         assert!(limits.len() < 20_000 / 4, "{}", limits.len());
         // Addresses with connections open are kept, up to the cap; beyond it new ones

@@ -20,6 +20,7 @@ mod epoll;
 mod feed;
 mod flush;
 pub mod http;
+mod inbound;
 mod ip_limits;
 pub mod listener;
 mod registry;

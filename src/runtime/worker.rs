@@ -16,9 +16,11 @@ use tokio::time::{Instant, timeout_at};
 use super::buf::BufPool;
 use super::client_addr::{Cidrs, canonical};
 use super::conn::drive;
+use super::core::limits::LimitPolicy;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Listener;
 use super::ctx::{Door, WorkerCtx};
+use super::inbound::InboundBudget;
 use super::ip_limits::IpLimits;
 use super::registry::{self, Registry};
 use super::service::{Context, Service};
@@ -143,6 +145,10 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             };
             listeners.push((Rc::new(open(metrics)?), front));
         }
+        let inbound = InboundBudget::new(
+            config.max_inbound_memory,
+            spec.cx.metrics.inbound_buffered().clone(),
+        );
         let ctx = Rc::new(WorkerCtx {
             config: config.clone(),
             service: spec.service,
@@ -161,6 +167,8 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             timers: TimerPolicy::from_config(&config),
             trusted_proxies: Cidrs::parse(&config.trusted_proxies),
             ip_limits: spec.ip_limits,
+            conn_limits: LimitPolicy::from_config(&config, Instant::now().into_std()),
+            inbound,
         });
         // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
         let core_task = ctx

@@ -12,6 +12,11 @@
 //! ([`ConnTimers`]); the driver tells it what was read, delivered and sent, reads the
 //! clock for it, takes the actions it returns and records its `poll_timeout` as the
 //! session's deadline for the core's tick.
+//!
+//! The limits on what the peer sends are applied where its input is parsed: the message
+//! and control frame rates in `core::limits` ([`ConnLimits`], asked by
+//! `process_input`), the process's budget for partial messages in `inbound` (charged by
+//! `charge_inbound` after each parse pass, given back in `Drop`).
 
 use std::future::Future;
 use std::io;
@@ -23,13 +28,15 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::buf::ReadBufs;
+use super::core::limits::{ConnLimits, Verdict};
 use super::core::timers::{ConnTimers, TimerAction};
 use super::ctx::{ConnGuard, ReadFuture, start_read};
+use super::inbound;
 use super::registry::Deadline;
 use super::service::{LocalFuture, Polled, poll_handler};
 use super::session::{Disconnect, Session, wake};
-use crate::config::SlowConsumerPolicy;
-use crate::metrics::{CloseReason, HandlerKind, Limit};
+use crate::config::{RateLimitPolicy, SlowConsumerPolicy};
+use crate::metrics::{CloseReason, HandlerKind, Limit, Rejection};
 use crate::proto::{CloseCode, CloseState, Event, Message, ProtocolError};
 
 /// Bytes read and not yet parsed before reading pauses (the handler is not taking
@@ -37,6 +44,17 @@ use crate::proto::{CloseCode, CloseState, Event, Message, ProtocolError};
 const MAX_UNPARSED_INPUT: usize = 256 * 1024;
 
 type WriteFuture = Pin<Box<dyn Future<Output = (io::Result<()>, Vec<Bytes>)>>>;
+
+/// A limit on what the peer sends that closes the connection.
+#[derive(Debug, Clone, Copy)]
+enum LimitClose {
+    /// `max_messages_per_sec` with `rate_limit_policy = close`: 1008 "rate limit".
+    Messages,
+    /// `max_control_frames_per_sec`: 1008 "too many control frames".
+    Controls,
+    /// `max_inbound_memory`: 1013 "server busy: inbound memory".
+    InboundMemory,
+}
 
 /// What woke the WebSocket loop.
 enum Step {
@@ -64,6 +82,11 @@ pub(crate) struct Driver {
     /// Heartbeat, pong, idle and close timeouts (the durations are the core's
     /// `WorkerCtx::timers`).
     timers: ConnTimers,
+    /// The message and control frame rate limits (the rates are the core's
+    /// `WorkerCtx::conn_limits`).
+    limits: ConnLimits,
+    /// Bytes of a partial message charged to the process's `WorkerCtx::inbound` budget.
+    inbound_charged: u32,
     /// Set once we sent our Close (handler, idle, slow consumer, shutdown); when, and
     /// how long the peer has to answer, is in `timers`.
     /// Boxed: only a closing connection has it.
@@ -88,7 +111,9 @@ impl Driver {
         bufs: ReadBufs,
     ) -> Self {
         let slot = guard.ctx.sessions.borrow_mut().insert(&session.inner);
-        let timers = ConnTimers::new(Instant::now().into_std());
+        let now = Instant::now().into_std();
+        let timers = ConnTimers::new(now);
+        let limits = ConnLimits::new(now, &guard.ctx.conn_limits);
         session.state().borrow_mut().deadline = timers
             .poll_timeout(&guard.ctx.timers)
             .map_or(Deadline::NONE, Deadline::at);
@@ -103,6 +128,8 @@ impl Driver {
             iov: Vec::new(),
             in_flight: 0,
             timers,
+            limits,
+            inbound_charged: 0,
             closing: None,
         };
         // Attached once the driver exists: its `Drop` (which detaches) then runs on
@@ -243,6 +270,7 @@ impl Driver {
             // One clock read for all the messages of this pass, not one per message.
             self.timers.handle_message(Instant::now().into_std());
         }
+        self.charge_inbound();
         // A Close the handler sent: the peer has the close timeout to answer.
         if self.closing.is_none()
             && self.session.state().borrow().conn.close_state() == CloseState::CloseSent
@@ -330,22 +358,35 @@ impl Driver {
         self.session.state().borrow().conn.pending_input() < MAX_UNPARSED_INPUT
     }
 
-    /// Parses input up to the next message, close or error and hands it to the session.
-    /// Returns whether something was delivered.
+    /// Parses input up to the next message, close or error and hands it to the session;
+    /// messages over the rate limit are dropped or close the connection, as are control
+    /// frames over theirs. Returns whether something was delivered or a limit closed
+    /// the connection (either way: call again while input is pending).
     fn process_input(&mut self) -> bool {
         let mut guard = self.session.state().borrow_mut();
         let state = &mut *guard;
+        let ctx = &self.guard.ctx;
+        let policy = &ctx.conn_limits;
+        // One clock read per pass, and only when a limit needs it.
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(|| Instant::now().into_std());
+        let mut over = None;
         let delivered = loop {
-            match state.conn.poll_event() {
+            let message = match state.conn.poll_event() {
                 Ok(Some(Event::Text(text))) => {
-                    self.guard.ctx.metrics.message_in(text.len());
-                    state.inbound.push_back(Message::Text(text));
-                    break true;
+                    ctx.metrics.message_in(text.len());
+                    Message::Text(text)
                 }
                 Ok(Some(Event::Binary(bytes))) => {
-                    self.guard.ctx.metrics.message_in(bytes.len());
-                    state.inbound.push_back(Message::Binary(bytes));
-                    break true;
+                    ctx.metrics.message_in(bytes.len());
+                    Message::Binary(bytes)
+                }
+                Ok(Some(Event::Ping(_) | Event::Pong(_))) => {
+                    if policy.controls.per_sec > 0 && !self.limits.handle_control(now(), policy) {
+                        over = Some(LimitClose::Controls);
+                        break false;
+                    }
+                    continue;
                 }
                 Ok(Some(Event::Close(frame))) => {
                     state.ended = Some(Box::new(match &self.closing {
@@ -354,7 +395,6 @@ impl Driver {
                     }));
                     break true;
                 }
-                Ok(Some(_)) => {}
                 Ok(None) => break false,
                 Err(e) => {
                     log_protocol_error(self.session.peer(), e);
@@ -367,7 +407,29 @@ impl Driver {
                     state.ended = Some(Box::new(Disconnect::Protocol(e)));
                     break true;
                 }
+            };
+            if policy.messages.per_sec > 0 {
+                if let Verdict::OverLimit { first } = self.limits.handle_message(now(), policy) {
+                    // After our Close, what is over the limit is dropped (and not counted
+                    // again): the connection is ending.
+                    if self.closing.is_some() {
+                        continue;
+                    }
+                    ctx.cx.metrics.rejected(Rejection::RateLimit);
+                    if first {
+                        tracing::info!(peer = %self.session.peer(), limit = policy.messages.per_sec, burst = policy.messages.burst, policy = %policy.on_messages, "over max_messages_per_sec");
+                    }
+                    match policy.on_messages {
+                        RateLimitPolicy::Drop => continue,
+                        _ => {
+                            over = Some(LimitClose::Messages);
+                            break false;
+                        }
+                    }
+                }
             }
+            state.inbound.push_back(message);
+            break true;
         };
         if delivered {
             // The handler is polled right after this, inline; only a session held by
@@ -376,7 +438,88 @@ impl Driver {
                 wake(&mut state.recv_waker);
             }
         }
-        delivered
+        drop(guard);
+        match over {
+            Some(limit) => {
+                self.close_for_limit(limit);
+                // Look again: the input after it (such as the peer's Close) is parsed
+                // in this pass, not after the next read.
+                true
+            }
+            None => delivered,
+        }
+    }
+
+    /// Closes the connection for a limit on what the peer sends: counts and logs it,
+    /// then a Close handshake (the message rate) or a Close and no more reading (a
+    /// control frame flood, the memory budget: `proto::Connection::abort`).
+    fn close_for_limit(&mut self, limit: LimitClose) {
+        let ctx = &self.guard.ctx;
+        let peer = self.session.peer();
+        match limit {
+            LimitClose::Messages => {
+                // Counted and logged where it was found.
+                self.start_close(
+                    CloseCode::Policy,
+                    "rate limit",
+                    Disconnect::ClosedByUs,
+                    CloseReason::Rejected,
+                );
+                return;
+            }
+            LimitClose::Controls => {
+                ctx.cx.metrics.rejected(Rejection::ControlFrames);
+                tracing::info!(%peer, limit = ctx.conn_limits.controls.per_sec, "over max_control_frames_per_sec: closing with 1008");
+            }
+            LimitClose::InboundMemory => {
+                ctx.cx.metrics.rejected(Rejection::InboundMemory);
+                ctx.metrics.limit_hit(Limit::InboundMemory);
+                tracing::info!(%peer, partial_message = self.inbound_charged, limit = ctx.config.max_inbound_memory, "max_inbound_memory is used up: closing a large partial message with 1013");
+            }
+        }
+        let (code, reason) = match limit {
+            LimitClose::InboundMemory => (CloseCode::Again, "server busy: inbound memory"),
+            _ => (CloseCode::Policy, "too many control frames"),
+        };
+        let aborted = {
+            let mut state = self.session.state().borrow_mut();
+            // Broadcasts published before the Close go out before it.
+            state.catch_up();
+            state.conn.abort(code, reason).is_ok()
+        };
+        if aborted && self.closing.is_none() {
+            self.note_close_started(Disconnect::ClosedByUs, CloseReason::Rejected);
+        }
+    }
+
+    /// Charges what the connection now holds of a partial message to the process's
+    /// budget; over budget, a connection holding more than `inbound::CLOSE_ABOVE` is
+    /// closed (which gives its charge back).
+    fn charge_inbound(&mut self) {
+        let held = self.session.state().borrow().conn.buffered_message_bytes();
+        let held = u32::try_from(held).unwrap_or(u32::MAX);
+        if held == self.inbound_charged {
+            return;
+        }
+        let over = self
+            .guard
+            .ctx
+            .inbound
+            .recharge(&mut self.inbound_charged, held);
+        if over && held as usize > inbound::CLOSE_ABOVE {
+            self.close_for_limit(LimitClose::InboundMemory);
+            self.release_inbound();
+        }
+    }
+
+    /// Gives back the connection's charge to the budget.
+    fn release_inbound(&mut self) {
+        let held = self.session.state().borrow().conn.buffered_message_bytes();
+        let held = u32::try_from(held).unwrap_or(u32::MAX);
+        self.guard
+            .ctx
+            .inbound
+            .recharge(&mut self.inbound_charged, held);
     }
 
     /// Sends our Close; the first reason to close is the one reported.
@@ -511,6 +654,13 @@ impl Drop for Driver {
         // closes with the guard's reference).
         self.session.state().borrow_mut().out.detach();
         self.guard.ctx.sessions.borrow_mut().remove(self.slot);
+        // Whatever part of a message it holds is no longer the connection's.
+        if self.inbound_charged > 0 {
+            self.guard
+                .ctx
+                .inbound
+                .recharge(&mut self.inbound_charged, 0);
+        }
         self.end(Disconnect::ConnectionLost);
         self.session.run_teardown();
     }

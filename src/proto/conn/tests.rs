@@ -1200,3 +1200,67 @@ fn announced_length_reserves_a_bounded_step() {
         message.payload.capacity()
     );
 }
+
+#[test]
+fn buffered_message_bytes_counts_a_message_in_pieces_until_it_is_handed_out() {
+    let mut conn = server();
+    // A whole frame is handed out where it lies: nothing buffered.
+    conn.handle_bytes(&client(0x2, b"whole"));
+    assert_eq!(events(&mut conn).len(), 1);
+    assert_eq!(conn.buffered_message_bytes(), 0);
+    // A first fragment, then half of the second.
+    conn.handle_bytes(&raw(0x02, true, &[7; 300]));
+    assert!(events(&mut conn).is_empty());
+    assert_eq!(conn.buffered_message_bytes(), 300);
+    let last = raw(0x80, true, &[9; 200]);
+    conn.handle_bytes(&last[..100]);
+    assert!(events(&mut conn).is_empty());
+    // 100 bytes of the second frame: its 8-byte header and 92 of payload.
+    assert_eq!(conn.buffered_message_bytes(), 392);
+    conn.handle_bytes(&last[100..]);
+    assert!(matches!(events(&mut conn)[..], [Ok(Event::Binary(ref b))] if b.len() == 500));
+    assert_eq!(conn.buffered_message_bytes(), 0);
+}
+
+#[test]
+fn buffered_message_bytes_drops_to_zero_when_the_connection_fails() {
+    let mut conn = server();
+    conn.handle_bytes(&raw(0x02, true, &[7; 300]));
+    assert!(events(&mut conn).is_empty());
+    assert_eq!(conn.buffered_message_bytes(), 300);
+    // A new data frame inside the fragmented message: 1002.
+    conn.handle_bytes(&client(0x2, b"x"));
+    assert!(matches!(events(&mut conn)[..], [Err(_)]));
+    assert_eq!(conn.buffered_message_bytes(), 0);
+}
+
+#[test]
+fn abort_queues_the_close_drops_the_message_and_reads_nothing_more() {
+    let mut conn = server();
+    conn.handle_bytes(&raw(0x01, true, b"partial"));
+    assert!(events(&mut conn).is_empty());
+    assert_eq!(conn.buffered_message_bytes(), 7);
+    conn.abort(CloseCode::Again, "busy").unwrap();
+    assert!(conn.is_closed());
+    assert_eq!(conn.error(), None);
+    assert_eq!(conn.buffered_message_bytes(), 0);
+    let frames = server_frames(&output(&mut conn));
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0, OpCode::Close);
+    assert_eq!(frames[0].2, b"\x03\xf5busy");
+    conn.handle_bytes(&client(0x9, b"ping"));
+    assert!(events(&mut conn).is_empty());
+    assert!(output(&mut conn).is_empty());
+}
+
+#[test]
+fn abort_after_our_close_sends_no_second_close() {
+    let mut conn = server();
+    conn.close(CloseCode::Policy, "rate limit").unwrap();
+    conn.abort(CloseCode::Again, "busy").unwrap();
+    assert!(conn.is_closed());
+    let frames = server_frames(&output(&mut conn));
+    assert_eq!(frames.len(), 1);
+    assert_eq!(&frames[0].2[..2], &1008u16.to_be_bytes());
+    assert!(conn.abort(CloseCode::Status, "").is_err());
+}

@@ -5,10 +5,12 @@
 //! - [`outbox`]: the write side: what goes to the socket, in which order, and who
 //!   writes it (the one writer of a connection).
 //! - [`transport`]: the seam between the core and a socket (non-blocking writes).
+//! - [`limits`]: the rate limits on what a peer sends (messages, control frames).
 //! - [`timers`]: heartbeat, pong, idle and close timeouts.
 //! - [`tls`]: a TLS session (rustls, unbuffered): ciphertext in, plaintext and
 //!   ciphertext out.
 
+pub(crate) mod limits;
 pub(crate) mod outbox;
 pub(crate) mod timers;
 pub(crate) mod tls;
