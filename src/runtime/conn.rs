@@ -52,7 +52,9 @@ pub(crate) async fn drive(
     // request head together.
     let first_deadline = Instant::now() + ctx.config.handshake_timeout();
     if front.proxy_protocol {
-        let failure = match read_proxy_header(&stream, first_deadline).await {
+        // Boxed, here and for `linger`: paths most connections never take keep their
+        // state out of every connection's task.
+        let failure = match Box::pin(read_proxy_header(&stream, first_deadline)).await {
             Ok(header) => {
                 // LOCAL, UNKNOWN: the proxy's own connection; the peer stands.
                 if let Some(addresses) = header.addresses {
@@ -109,7 +111,7 @@ pub(crate) async fn drive(
     {
         Ok(reason) => {
             if reason == CloseReason::Rejected {
-                linger(&stream, &ctx).await;
+                Box::pin(linger(&stream, &ctx)).await;
             }
             guard.reason = reason;
             return;
@@ -153,7 +155,7 @@ pub(crate) async fn drive(
             // subscribed, then panicked): unregister it here, as the driver would.
             session.run_teardown();
             if reason == CloseReason::Rejected {
-                linger(&stream, &ctx).await;
+                Box::pin(linger(&stream, &ctx)).await;
             }
             guard.reason = reason;
         }
@@ -442,7 +444,7 @@ async fn serve(
                     tracing::debug!(%peer, "request head not complete within the handshake timeout");
                     let response = Response::error(408, "request head not received in time");
                     if respond(stream, ctx, &response, true).await.is_ok() {
-                        linger(stream, ctx).await;
+                        Box::pin(linger(stream, ctx)).await;
                     }
                     return Ok(CloseReason::HandshakeTimeout);
                 }
@@ -664,7 +666,7 @@ async fn read_body(
             ReadOutcome::Timeout => {
                 let response = Response::error(408, "request body not received in time");
                 if respond(stream, ctx, &response, true).await.is_ok() {
-                    linger(stream, ctx).await;
+                    Box::pin(linger(stream, ctx)).await;
                 }
                 return Err(CloseReason::HandshakeTimeout);
             }

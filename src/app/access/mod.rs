@@ -267,6 +267,9 @@ impl Access {
 
     /// Step 1: the handshake's `Origin`.
     pub(crate) fn check_origin(&self, head: &Request, peer: SocketAddr) -> Result<(), Response> {
+        if self.origins.any() {
+            return Ok(());
+        }
         let origin = head.header_str("origin");
         if self.origins.allows(origin) {
             return Ok(());
