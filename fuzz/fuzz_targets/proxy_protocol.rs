@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
     let (header, consumed) = match proxy::parse(data) {
         Ok(Some(parsed)) => parsed,
         Ok(None) => {
-            assert!(data.len() < MAX_HEADER_LEN, "partial with {} bytes", data.len());
+            assert!(
+                data.len() < MAX_HEADER_LEN,
+                "partial with {} bytes",
+                data.len()
+            );
             let needed = proxy::needed(data);
             assert!(needed >= 1 && data.len() + needed <= MAX_HEADER_LEN);
             return;
@@ -22,7 +26,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(consumed <= data.len() && consumed <= MAX_HEADER_LEN);
     for cut in 0..consumed {
         assert_eq!(proxy::parse(&data[..cut]), Ok(None), "prefix {cut}");
-        assert!(cut + proxy::needed(&data[..cut]) <= consumed, "needed at {cut}");
+        assert!(
+            cut + proxy::needed(&data[..cut]) <= consumed,
+            "needed at {cut}"
+        );
     }
     if let Some(addresses) = header.addresses {
         let encoded = match header.version {
