@@ -40,6 +40,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use super::close::{CloseCode, CloseFrame, truncate_utf8};
+use super::deflate::{InflateError, PerMessageDeflate, RSV1};
 use super::error::ProtocolError;
 use super::frame::{FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode};
 use super::limits::Limits;
@@ -202,6 +203,8 @@ pub struct Connection {
     /// Masking keys for the client role (RFC 6455 §5.3: unpredictable per frame).
     /// Boxed: a server connection does not pay for the generator's state.
     mask_rng: Option<Box<ChaCha8Rng>>,
+    /// permessage-deflate, when negotiated (RFC 7692). Boxed: most connections have none.
+    deflate: Option<Box<PerMessageDeflate>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -217,8 +220,42 @@ struct InFrame {
 #[derive(Debug)]
 struct InMessage {
     text: bool,
+    /// The payload so far; for a compressed message (RSV1 on its first frame), the
+    /// compressed bytes, inflated into `inflated` when the last frame is in.
     payload: BytesMut,
     utf8: Utf8Validator,
+    compressed: bool,
+    inflated: Vec<u8>,
+}
+
+impl InMessage {
+    fn new(text: bool, compressed: bool) -> Box<Self> {
+        Box::new(Self {
+            text,
+            payload: BytesMut::new(),
+            utf8: Utf8Validator::default(),
+            compressed,
+            inflated: Vec::new(),
+        })
+    }
+
+    /// The complete message's payload.
+    fn bytes(&self) -> &[u8] {
+        if self.compressed {
+            &self.inflated
+        } else {
+            &self.payload
+        }
+    }
+
+    /// The complete message's payload, owned.
+    fn into_bytes(self) -> Bytes {
+        if self.compressed {
+            Bytes::from(self.inflated)
+        } else {
+            self.payload.freeze()
+        }
+    }
 }
 
 /// Payloads up to this size are copied next to their header into one buffer; larger
@@ -266,7 +303,20 @@ impl Connection {
             front_rest: 0,
             controls: 0,
             mask_rng,
+            deflate: None,
         }
+    }
+
+    /// Turns on permessage-deflate as negotiated in the handshake (RFC 7692), before any
+    /// frame is handed in or queued: RSV1 is then accepted on the first frame of a data
+    /// message, which is inflated, and messages sent are compressed when that pays.
+    pub fn set_deflate(&mut self, deflate: PerMessageDeflate) {
+        self.deflate = Some(Box::new(deflate));
+    }
+
+    /// permessage-deflate's state, when negotiated.
+    pub fn deflate(&self) -> Option<&PerMessageDeflate> {
+        self.deflate.as_deref()
     }
 
     /// This end's role.
@@ -383,8 +433,9 @@ impl Connection {
                 let Some(message) = self.message.take() else {
                     return Ok(None); // unreachable: `decode` left the message there
                 };
-                let payload = message.payload.freeze();
-                if message.text {
+                let text = message.text;
+                let payload = message.into_bytes();
+                if text {
                     // SAFETY: `decode` checked the whole message as UTF-8.
                     Event::Text(unsafe { Utf8Bytes::from_bytes_unchecked(payload) })
                 } else {
@@ -451,9 +502,9 @@ impl Connection {
                 };
                 if message.text {
                     // SAFETY: `decode` checked the whole message as UTF-8.
-                    EventRef::Text(unsafe { std::str::from_utf8_unchecked(&message.payload) })
+                    EventRef::Text(unsafe { std::str::from_utf8_unchecked(message.bytes()) })
                 } else {
-                    EventRef::Binary(&message.payload)
+                    EventRef::Binary(message.bytes())
                 }
             }
             Some(Decoded::Close(frame)) => EventRef::Close(frame),
@@ -579,7 +630,11 @@ impl Connection {
             }
             // The fast path: a whole single-frame message already in the input, unmasked
             // and validated where it lies.
-            if header.fin && header.opcode != OpCode::Continuation && self.input.len() >= end {
+            if header.fin
+                && header.rsv == 0
+                && header.opcode != OpCode::Continuation
+                && self.input.len() >= end
+            {
                 let payload = &mut self.input[header_len..end];
                 if let Some(key) = header.mask {
                     apply_mask(payload, key, 0);
@@ -601,11 +656,10 @@ impl Connection {
             // The general path: stream the payload into the message as it arrives.
             self.input.advance(header_len);
             if header.opcode != OpCode::Continuation {
-                self.message = Some(Box::new(InMessage {
-                    text: header.opcode == OpCode::Text,
-                    payload: BytesMut::new(),
-                    utf8: Utf8Validator::default(),
-                }));
+                self.message = Some(InMessage::new(
+                    header.opcode == OpCode::Text,
+                    header.rsv & RSV1 != 0,
+                ));
             }
             self.frame = Some(InFrame {
                 fin: header.fin,
@@ -618,8 +672,14 @@ impl Connection {
 
     /// Applies every rule that the header shows, before any payload is buffered.
     fn check_header(&self, header: &FrameHeader) -> Result<(), ProtocolError> {
-        // RFC 6455 §5.2: no extension is negotiated, so every RSV bit must be 0.
-        if header.rsv != 0 {
+        // RFC 6455 §5.2: RSV bits are 0 unless an extension defines them. RFC 7692 §6:
+        // with permessage-deflate, RSV1 marks the first frame of a compressed message;
+        // it is never set on a continuation or a control frame (§6.1).
+        let allowed = match header.opcode {
+            OpCode::Text | OpCode::Binary if self.deflate.is_some() => RSV1,
+            _ => 0,
+        };
+        if header.rsv & !allowed != 0 {
             return Err(ProtocolError::ReservedBits(header.rsv));
         }
         // RFC 6455 §5.1: clients mask, servers do not.
@@ -683,7 +743,7 @@ impl Connection {
         if let Some(key) = frame.mask {
             apply_mask(&mut message.payload[start..], key, frame.offset);
         }
-        if message.text && message.utf8.feed(&message.payload).is_err() {
+        if message.text && !message.compressed && message.utf8.feed(&message.payload).is_err() {
             return Err(ProtocolError::InvalidUtf8);
         }
         frame.remaining -= take as u64;
@@ -695,6 +755,28 @@ impl Connection {
         self.frame = None;
         if !frame.fin {
             return Ok(Progress::Continue);
+        }
+        if message.compressed {
+            // RFC 7692 §7.2.2: the frames' payloads, joined, are one compressed message.
+            // `max_message_size` bounds what it inflates to, not only what it is.
+            let Some(deflate) = self.deflate.as_mut() else {
+                return Err(ProtocolError::ReservedBits(RSV1)); // unreachable: checked
+            };
+            let limit = self.limits.max_message_size;
+            message.inflated = deflate
+                .inflate(&message.payload, limit)
+                .map_err(|e| match e {
+                    InflateError::TooLarge { limit } => ProtocolError::MessageTooLarge {
+                        len: limit as u64 + 1,
+                        limit,
+                    },
+                    InflateError::Corrupt => ProtocolError::BadCompressedData,
+                })?;
+            message.payload = BytesMut::new();
+            if message.text && simdutf8::basic::from_utf8(&message.inflated).is_err() {
+                return Err(ProtocolError::InvalidUtf8);
+            }
+            return Ok(Progress::Complete);
         }
         // The validator accepted every byte; the message must also end on a character
         // boundary to be valid UTF-8 as a whole. It stays in `self.message` for the
@@ -1100,9 +1182,18 @@ impl Connection {
         self.front_rest = clamp_u32(self.front_rest as usize + bytes);
     }
 
-    fn send_data(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+    fn send_data(&mut self, opcode: OpCode, mut payload: Bytes) -> Result<(), SendError> {
         if self.state != CloseState::Open {
             return Err(SendError::Closed);
+        }
+        // RFC 7692 §6: RSV1 on the first frame of a compressed message.
+        let mut rsv = 0;
+        if let Some(deflate) = self.deflate.as_deref() {
+            let mut compressed = Vec::new();
+            if deflate.compress(&payload, &mut compressed) {
+                payload = Bytes::from(compressed);
+                rsv = RSV1;
+            }
         }
         let fragment = self
             .limits
@@ -1110,15 +1201,19 @@ impl Connection {
             .unwrap_or(usize::MAX)
             .clamp(1, MAX_OUT_FRAME);
         if payload.len() <= fragment {
-            self.queue_data_frame(opcode, true, payload);
+            self.queue_data_frame(opcode, rsv, true, payload);
             return Ok(());
         }
         let mut rest = payload;
         let mut first = true;
         while !rest.is_empty() {
             let piece = rest.split_to(fragment.min(rest.len()));
-            let op = if first { opcode } else { OpCode::Continuation };
-            self.queue_data_frame(op, rest.is_empty(), piece);
+            let (op, rsv) = if first {
+                (opcode, rsv)
+            } else {
+                (OpCode::Continuation, 0)
+            };
+            self.queue_data_frame(op, rsv, rest.is_empty(), piece);
             first = false;
         }
         Ok(())
@@ -1144,14 +1239,14 @@ impl Connection {
     }
 
     /// Queues a data frame, without copying a large payload in the server role.
-    fn queue_data_frame(&mut self, opcode: OpCode, fin: bool, payload: Bytes) {
+    fn queue_data_frame(&mut self, opcode: OpCode, rsv: u8, fin: bool, payload: Bytes) {
         if self.role == Role::Client || payload.len() <= COPY_THRESHOLD {
-            self.queue_frame(opcode, fin, &payload);
+            self.queue_frame_rsv(opcode, rsv, fin, &payload);
             return;
         }
         let header = FrameHeader {
             fin,
-            rsv: 0,
+            rsv,
             opcode,
             mask: None,
             payload_len: payload.len() as u64,
@@ -1165,13 +1260,18 @@ impl Connection {
 
     /// Writes header and payload (masked in the client role) into the output tail.
     fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) {
+        self.queue_frame_rsv(opcode, 0, fin, payload);
+    }
+
+    /// [`Connection::queue_frame`] with RSV bits.
+    fn queue_frame_rsv(&mut self, opcode: OpCode, rsv: u8, fin: bool, payload: &[u8]) {
         let mask = self
             .mask_rng
             .as_mut()
             .map(|rng| rng.next_u32().to_ne_bytes());
         let header = FrameHeader {
             fin,
-            rsv: 0,
+            rsv,
             opcode,
             mask,
             payload_len: payload.len() as u64,

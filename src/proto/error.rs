@@ -40,13 +40,17 @@ pub enum ProtocolError {
     InvalidCloseCode(u16),
     /// A close reason that is not valid UTF-8 (§5.5.1).
     InvalidCloseReason,
+    /// A permessage-deflate message that does not inflate (RFC 7692 §7.2.2).
+    BadCompressedData,
 }
 
 impl ProtocolError {
     /// The close code that fails the connection for this error.
     pub fn close_code(self) -> CloseCode {
         match self {
-            Self::InvalidUtf8 | Self::InvalidCloseReason => CloseCode::Invalid,
+            Self::InvalidUtf8 | Self::InvalidCloseReason | Self::BadCompressedData => {
+                CloseCode::Invalid
+            }
             Self::FrameTooLarge { .. } | Self::MessageTooLarge { .. } => CloseCode::Size,
             _ => CloseCode::Protocol,
         }
@@ -70,6 +74,7 @@ impl ProtocolError {
             Self::CloseLengthOne => "close frame payload of 1 byte",
             Self::InvalidCloseCode(_) => "invalid close code",
             Self::InvalidCloseReason => "invalid UTF-8 in close reason",
+            Self::BadCompressedData => "compressed message does not inflate",
         }
     }
 }

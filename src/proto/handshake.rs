@@ -611,9 +611,18 @@ impl ClientRequest<'_> {
             put_header(out, name, value);
         }
         out.put_slice(b"\r\n");
+        // permessage-deflate is offered by a `Sec-WebSocket-Extensions` header among
+        // `headers` (e.g. `deflate::client_offer()`): the response may then accept it.
+        let deflate_offered = self.headers.iter().any(|(name, value)| {
+            name.eq_ignore_ascii_case("sec-websocket-extensions")
+                && list_items(value.as_bytes())
+                    .filter_map(ExtensionOffer::parse)
+                    .any(|o| o.name.eq_ignore_ascii_case(super::deflate::EXTENSION))
+        });
         ClientHandshake {
             accept: AcceptKey::from_key(&key_b64),
             protocols: self.protocols.iter().map(|p| (*p).to_owned()).collect(),
+            deflate_offered,
         }
     }
 }
@@ -623,6 +632,7 @@ impl ClientRequest<'_> {
 pub struct ClientHandshake {
     accept: AcceptKey,
     protocols: Vec<String>,
+    deflate_offered: bool,
 }
 
 /// A server's handshake response that the client accepted (101, key and tokens
@@ -632,6 +642,8 @@ pub struct ClientHandshake {
 pub struct Accepted {
     /// The subprotocol the server chose, one of those offered.
     pub protocol: Option<String>,
+    /// permessage-deflate as the server accepted it, if offered and accepted.
+    pub deflate: Option<super::deflate::DeflateParams>,
     /// Every header of the response, as (name, value) with lossy UTF-8.
     pub headers: Vec<(String, String)>,
 }
@@ -733,14 +745,21 @@ impl ClientHandshake {
             (Some(v), None) if trim(v) == self.accept.0.as_slice() => {}
             _ => return Err(ClientHandshakeError::AcceptKey),
         }
-        // RFC 6455 §4.1: extensions we did not offer fail the connection; we offer none.
-        if let Some(ext) = values("sec-websocket-extensions")
-            .flat_map(list_items)
-            .next()
-        {
-            return Err(ClientHandshakeError::Extension(
-                String::from_utf8_lossy(ext).into_owned(),
-            ));
+        // RFC 6455 §4.1: extensions we did not offer fail the connection. The one we
+        // may offer is permessage-deflate, accepted once, with valid parameters (RFC
+        // 7692 §5.2, §7.1).
+        let mut deflate = None;
+        for ext in values("sec-websocket-extensions").flat_map(list_items) {
+            let refused =
+                || ClientHandshakeError::Extension(String::from_utf8_lossy(ext).into_owned());
+            let offer = ExtensionOffer::parse(ext).ok_or_else(refused)?;
+            if !self.deflate_offered
+                || deflate.is_some()
+                || !offer.name.eq_ignore_ascii_case(super::deflate::EXTENSION)
+            {
+                return Err(refused());
+            }
+            deflate = Some(super::deflate::accept_response(&offer).map_err(|_| refused())?);
         }
         let mut chosen = values("sec-websocket-protocol").flat_map(list_items);
         let protocol = match (chosen.next(), chosen.next()) {
@@ -766,7 +785,14 @@ impl ClientHandshake {
                 )
             })
             .collect();
-        Ok(Some((Accepted { protocol, headers }, head_len)))
+        Ok(Some((
+            Accepted {
+                protocol,
+                deflate,
+                headers,
+            },
+            head_len,
+        )))
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod close;
 pub mod conn;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;
@@ -18,6 +19,7 @@ pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame};
 pub use conn::{CloseState, Connection, Event, EventRef, Message, Role, SendError};
+pub use deflate::{DeflateParams, PerMessageDeflate};
 pub use error::ProtocolError;
 pub use frame::{FrameHeader, OpCode};
 pub use handshake::{
