@@ -97,6 +97,36 @@ impl fmt::Display for RateLimitPolicy {
     }
 }
 
+/// `compression`: whether permessage-deflate (RFC 7692) is negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Never: the 101 carries no extension.
+    Off,
+    /// When the client offers it (the default; every browser does).
+    On,
+}
+
+impl FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match spelling(s).as_str() {
+            "on" | "true" | "yes" | "1" | "deflate" | "permessagedeflate" => Ok(Self::On),
+            "off" | "false" | "no" | "0" => Ok(Self::Off),
+            _ => Err(format!("expected on or off, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::On => "on",
+        })
+    }
+}
+
 /// `s` as a setting's keyword is compared: trimmed, lower case, without `-` and `_`.
 fn spelling(s: &str) -> String {
     s.trim()
@@ -311,6 +341,21 @@ pub struct Config {
     /// a connection whose partial message grows past 64 KiB is closed with 1013.
     /// Default 256 MiB.
     pub max_inbound_memory: usize,
+    /// permessage-deflate (RFC 7692): `on` (the default: negotiated when the client
+    /// offers it) or `off`.
+    pub compression: Compression,
+    /// Messages shorter than this, in bytes, go out uncompressed, and so do those that
+    /// compression does not make smaller. Default 256. 0: every message is
+    /// compressed, whatever it gives (what conformance suites expect).
+    pub compression_min_bytes: usize,
+    /// zlib's compression level, 0 (store) to 9 (smallest). Default 1 (fastest; see
+    /// benches/README.md for what the others cost and save).
+    pub compression_level: u32,
+    /// Bytes all connections together may hold as their clients' compression windows
+    /// (a client that keeps its context between messages makes the server keep its
+    /// last 32 KiB). Beyond it, new connections negotiate `client_no_context_takeover`
+    /// and hold no window. Default 64 MiB.
+    pub compression_memory_limit: usize,
 }
 
 impl Default for Config {
@@ -365,6 +410,10 @@ impl Default for Config {
             metrics_bind: String::new(),
             metrics_topics: 20,
             max_inbound_memory: 256 << 20,
+            compression: Compression::On,
+            compression_min_bytes: 256,
+            compression_level: 1,
+            compression_memory_limit: 64 << 20,
         }
     }
 }
@@ -382,7 +431,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 49] = [
+pub const FIELDS: [&str; 53] = [
     "bind",
     "workers",
     "io_backend",
@@ -432,6 +481,10 @@ pub const FIELDS: [&str; 49] = [
     "metrics_bind",
     "metrics_topics",
     "max_inbound_memory",
+    "compression",
+    "compression_min_bytes",
+    "compression_level",
+    "compression_memory_limit",
 ];
 
 /// The largest `workers` accepted.
@@ -562,6 +615,10 @@ impl Config {
             }
             "metrics_topics" => self.metrics_topics = whole(value)?,
             "max_inbound_memory" => self.max_inbound_memory = whole(value)?,
+            "compression" => self.compression = value.parse()?,
+            "compression_min_bytes" => self.compression_min_bytes = whole(value)?,
+            "compression_level" => self.compression_level = whole(value)?,
+            "compression_memory_limit" => self.compression_memory_limit = whole(value)?,
             _ => return Err(format!("unknown setting {field:?}")),
         }
         Ok(name)
@@ -648,6 +705,10 @@ impl Config {
             "metrics_bind" => Value::String(self.metrics_bind.clone()),
             "metrics_topics" => int(self.metrics_topics),
             "max_inbound_memory" => int(self.max_inbound_memory),
+            "compression" => Value::String(self.compression.to_string()),
+            "compression_min_bytes" => int(self.compression_min_bytes),
+            "compression_level" => Value::Integer(i64::from(self.compression_level)),
+            "compression_memory_limit" => int(self.compression_memory_limit),
             _ => return None,
         };
         Some(value.to_string())
@@ -685,6 +746,7 @@ impl Config {
         range("max_head_bytes", self.max_head_bytes, low, high)?;
         range("conflate_window_ms", self.conflate_window_ms, 1, 60_000)?;
         range("defer_accept_secs", self.defer_accept_secs, 0, 3600)?;
+        range("compression_level", self.compression_level, 0, 9)?;
         range("task_threads", self.task_threads, 1, 1024)?;
         range(
             "task_queue_capacity",

@@ -518,6 +518,12 @@ pub struct Metrics {
     /// Bytes of partly received messages held by all connections, the part of
     /// `max_inbound_memory` in use (the runtime's budget adds and subtracts here).
     inbound_buffered: Arc<AtomicUsize>,
+    /// Bytes reserved for clients' compression windows, the part of
+    /// `compression_memory_limit` in use (the runtime's budget adds and subtracts here).
+    compression_memory: Arc<AtomicUsize>,
+    /// Connections that negotiated permessage-deflate: [with the client keeping its
+    /// context, without].
+    deflate_negotiated: Arc<[AtomicU64; 2]>,
 }
 
 impl Metrics {
@@ -530,7 +536,21 @@ impl Metrics {
             io_backend,
             rejections: Arc::default(),
             inbound_buffered: Arc::default(),
+            compression_memory: Arc::default(),
+            deflate_negotiated: Arc::default(),
         }
+    }
+
+    /// Bytes reserved for clients' compression windows now
+    /// (`ringsocket_compression_memory_bytes`), shared with the runtime's budget.
+    pub fn compression_memory(&self) -> &Arc<AtomicUsize> {
+        &self.compression_memory
+    }
+
+    /// A connection negotiated permessage-deflate, the client keeping its context or
+    /// not (`ringsocket_deflate_connections_total{client_context_takeover}`).
+    pub fn deflate_negotiated(&self, client_takeover: bool) {
+        self.deflate_negotiated[usize::from(!client_takeover)].fetch_add(1, Relaxed);
     }
 
     /// Bytes of partly received messages held by all connections now
@@ -634,6 +654,24 @@ impl Collector for Metrics {
             "Bytes of partly received WebSocket messages held by all connections now (the \
              part of max_inbound_memory in use).",
             self.inbound_buffered.load(Relaxed) as u64,
+        )?;
+        gauge(
+            e,
+            "compression_memory_bytes",
+            "Bytes reserved for the compression windows of clients that keep their context \
+             between messages (the part of compression_memory_limit in use).",
+            self.compression_memory.load(Relaxed) as u64,
+        )?;
+        family(
+            e,
+            "deflate_connections",
+            "WebSocket connections that negotiated permessage-deflate, by whether the \
+             client keeps its compression context (then the server keeps its window).",
+            MetricType::Counter,
+            "client_context_takeover",
+            ["true", "false"]
+                .into_iter()
+                .zip(self.deflate_negotiated.iter().map(|n| n.load(Relaxed))),
         )?;
         counter(
             e,

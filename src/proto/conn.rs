@@ -200,11 +200,18 @@ pub struct Connection {
     /// Pings and Pongs queued ahead of the data, one chunk each, in `output` right
     /// after the `front_rest` bytes.
     controls: u16,
+    /// What only some connections have: the client role's masking keys, the
+    /// permessage-deflate codec. Boxed together: a plain server connection pays one
+    /// pointer for both.
+    rare: Option<Box<Rare>>,
+}
+
+#[derive(Clone, Default)]
+struct Rare {
     /// Masking keys for the client role (RFC 6455 §5.3: unpredictable per frame).
-    /// Boxed: a server connection does not pay for the generator's state.
-    mask_rng: Option<Box<ChaCha8Rng>>,
-    /// permessage-deflate, when negotiated (RFC 7692). Boxed: most connections have none.
-    deflate: Option<Box<PerMessageDeflate>>,
+    mask_rng: Option<ChaCha8Rng>,
+    /// permessage-deflate, when negotiated (RFC 7692).
+    deflate: Option<PerMessageDeflate>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -275,6 +282,15 @@ impl Connection {
         Self::new(Role::Server, limits, None)
     }
 
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    fn mask_key(&mut self) -> Option<[u8; 4]> {
+        let rng = self.rare.as_mut()?.mask_rng.as_mut()?;
+        Some(rng.next_u32().to_ne_bytes())
+    }
+
     /// A client-side connection, after a successful handshake. `mask_seed` seeds the
     /// generator of the per-frame masking keys; take it from the OS's random source
     /// (RFC 6455 §10.3: keys must not be predictable by the application).
@@ -282,11 +298,14 @@ impl Connection {
         Self::new(
             Role::Client,
             limits,
-            Some(Box::new(ChaCha8Rng::from_seed(mask_seed))),
+            Some(Box::new(Rare {
+                mask_rng: Some(ChaCha8Rng::from_seed(mask_seed)),
+                deflate: None,
+            })),
         )
     }
 
-    fn new(role: Role, limits: Limits, mask_rng: Option<Box<ChaCha8Rng>>) -> Self {
+    fn new(role: Role, limits: Limits, rare: Option<Box<Rare>>) -> Self {
         Self {
             role,
             limits,
@@ -302,8 +321,7 @@ impl Connection {
             output_len: 0,
             front_rest: 0,
             controls: 0,
-            mask_rng,
-            deflate: None,
+            rare,
         }
     }
 
@@ -311,12 +329,12 @@ impl Connection {
     /// frame is handed in or queued: RSV1 is then accepted on the first frame of a data
     /// message, which is inflated, and messages sent are compressed when that pays.
     pub fn set_deflate(&mut self, deflate: PerMessageDeflate) {
-        self.deflate = Some(Box::new(deflate));
+        self.rare().deflate = Some(deflate);
     }
 
     /// permessage-deflate's state, when negotiated.
     pub fn deflate(&self) -> Option<&PerMessageDeflate> {
-        self.deflate.as_deref()
+        self.rare.as_ref()?.deflate.as_ref()
     }
 
     /// This end's role.
@@ -676,7 +694,7 @@ impl Connection {
         // with permessage-deflate, RSV1 marks the first frame of a compressed message;
         // it is never set on a continuation or a control frame (§6.1).
         let allowed = match header.opcode {
-            OpCode::Text | OpCode::Binary if self.deflate.is_some() => RSV1,
+            OpCode::Text | OpCode::Binary if self.deflate().is_some() => RSV1,
             _ => 0,
         };
         if header.rsv & !allowed != 0 {
@@ -759,7 +777,7 @@ impl Connection {
         if message.compressed {
             // RFC 7692 §7.2.2: the frames' payloads, joined, are one compressed message.
             // `max_message_size` bounds what it inflates to, not only what it is.
-            let Some(deflate) = self.deflate.as_mut() else {
+            let Some(deflate) = self.rare.as_mut().and_then(|r| r.deflate.as_mut()) else {
                 return Err(ProtocolError::ReservedBits(RSV1)); // unreachable: checked
             };
             let limit = self.limits.max_message_size;
@@ -1149,10 +1167,7 @@ impl Connection {
 
     /// Queues a Ping or Pong ahead of the data not yet begun.
     fn queue_control(&mut self, opcode: OpCode, payload: &[u8]) {
-        let mask = self
-            .mask_rng
-            .as_mut()
-            .map(|rng| rng.next_u32().to_ne_bytes());
+        let mask = self.mask_key();
         let header = FrameHeader {
             fin: true,
             rsv: 0,
@@ -1188,7 +1203,7 @@ impl Connection {
         }
         // RFC 7692 §6: RSV1 on the first frame of a compressed message.
         let mut rsv = 0;
-        if let Some(deflate) = self.deflate.as_deref() {
+        if let Some(deflate) = self.deflate() {
             let mut compressed = Vec::new();
             if deflate.compress(&payload, &mut compressed) {
                 payload = Bytes::from(compressed);
@@ -1265,10 +1280,7 @@ impl Connection {
 
     /// [`Connection::queue_frame`] with RSV bits.
     fn queue_frame_rsv(&mut self, opcode: OpCode, rsv: u8, fin: bool, payload: &[u8]) {
-        let mask = self
-            .mask_rng
-            .as_mut()
-            .map(|rng| rng.next_u32().to_ne_bytes());
+        let mask = self.mask_key();
         let header = FrameHeader {
             fin,
             rsv,

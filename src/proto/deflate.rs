@@ -31,7 +31,8 @@
 //!
 //! Outgoing: a message of at least `min_bytes` is compressed with a sync flush and the
 //! final `00 00 ff ff` removed (§7.2.1); if that is not shorter, it goes out plain (RSV1
-//! is per message, so a sender may always do so). Incoming: the payloads of a message's
+//! is per message, so a sender may always do so), unless `min_bytes` is 0, which means
+//! every message is compressed. Incoming: the payloads of a message's
 //! frames, with `00 00 ff ff` appended, are inflated into at most the message limit
 //! (§7.2.2); past it, inflating stops.
 
@@ -312,6 +313,11 @@ impl PerMessageDeflate {
         self.own_window_bits == MAX_WINDOW_BITS
     }
 
+    /// Whether the peer keeps its context between messages (this end keeps its window).
+    pub fn peer_keeps_context(&self) -> bool {
+        self.peer_takeover
+    }
+
     /// Messages shorter than this go out uncompressed.
     pub fn min_bytes(&self) -> usize {
         self.min_bytes as usize
@@ -329,14 +335,16 @@ impl PerMessageDeflate {
 
     /// `payload` compressed into `out` (cleared first) as one message's data with the
     /// final `00 00 ff ff` removed; `false` when it should go out plain: shorter than
-    /// `min_bytes`, not made smaller, or a window of 8 bits that zlib cannot honour.
+    /// `min_bytes`, not made smaller (unless `min_bytes` is 0: then every message is
+    /// compressed), or a window of 8 bits that zlib cannot honour.
     pub fn compress(&self, payload: &[u8], out: &mut Vec<u8>) -> bool {
         if payload.len() < self.min_bytes as usize
             || self.own_window_bits < MIN_COMPRESS_WINDOW_BITS
         {
             return false;
         }
-        deflate_message(self.level, self.own_window_bits, payload, out) && out.len() < payload.len()
+        deflate_message(self.level, self.own_window_bits, payload, out)
+            && worth_it(payload.len(), out.len(), self.min_bytes as usize)
     }
 
     /// Inflates one message, whose frames' payloads are `compressed` (joined), into at
@@ -465,10 +473,17 @@ fn inflate_message(
     })
 }
 
+/// Whether a message of `plain` bytes goes out as its `compressed` bytes: when that is
+/// smaller, or always with `min_bytes` 0 ("compress every message", which conformance
+/// suites expect).
+fn worth_it(plain: usize, compressed: usize, min_bytes: usize) -> bool {
+    min_bytes == 0 || compressed < plain
+}
+
 /// Encodes one unmasked, unfragmented, compressed server frame (RSV1 set) for every
 /// subscriber that [`PerMessageDeflate::takes_shared_frames`]: compressed once per
 /// publish (window 15, no context), or `None` when the message should go out plain
-/// (shorter than `min_bytes`, or not made smaller).
+/// (shorter than `min_bytes`, or not made smaller unless `min_bytes` is 0).
 pub fn encode_deflated_frame(
     opcode: OpCode,
     payload: &[u8],
@@ -484,7 +499,7 @@ pub fn encode_deflated_frame(
         MAX_WINDOW_BITS,
         payload,
         &mut compressed,
-    ) || compressed.len() >= payload.len()
+    ) || !worth_it(payload.len(), compressed.len(), min_bytes)
     {
         return None;
     }

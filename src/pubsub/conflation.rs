@@ -18,6 +18,7 @@ use indexmap::IndexMap;
 use tokio::time::Instant;
 
 use super::core::Tally;
+use super::fanout::Frames;
 use super::registry::SessionId;
 use super::{Delivery, PubsubMetrics};
 use crate::runtime::Session;
@@ -101,13 +102,14 @@ impl Conflation {
         if window_open && self.timer.is_none() && self.lagging.is_empty() {
             // The first message after a quiet window goes out at once.
             self.last_flush = Some(now);
+            let mut frames = Frames::new(&delivery.frame);
             for (id, session) in subscribers {
                 if Some(*id) != exclude
                     && !deliver_conflated(
                         session,
                         *id,
                         &delivery.key,
-                        &delivery.frame,
+                        &mut frames,
                         &mut self.lagging,
                         cx.tally,
                     )
@@ -182,6 +184,8 @@ impl Conflation {
         self.last_flush = Some(Instant::now());
         self.pending_bytes = 0;
         let pending = std::mem::take(&mut self.pending);
+        // Each value compressed at most once, for every subscriber that takes it so.
+        let mut frames: Vec<Frames<'_>> = pending.values().map(|(f, _)| Frames::new(f)).collect();
         for (id, session) in subscribers {
             // Values held back for this subscriber go first, if it has drained.
             if let Some(mut held) = self.lagging.remove(id) {
@@ -203,9 +207,9 @@ impl Conflation {
                 }
                 continue;
             }
-            for (key, (frame, skip)) in &pending {
+            for ((key, (_, skip)), frames) in pending.iter().zip(frames.iter_mut()) {
                 if *skip != Some(*id)
-                    && !deliver_conflated(session, *id, key, frame, &mut self.lagging, cx.tally)
+                    && !deliver_conflated(session, *id, key, frames, &mut self.lagging, cx.tally)
                 {
                     closing.push(*id);
                     break;
@@ -229,17 +233,19 @@ impl Conflation {
     }
 }
 
-/// Queues a conflated message to one subscriber, or holds it back (latest per key)
-/// while the subscriber's queue is above the soft limit. False when the subscriber's
-/// connection is closing (nothing can be sent to it any more).
+/// Queues a conflated message to one subscriber (its frame from `frames`: plain or
+/// compressed), or holds it back (latest per key) while the subscriber's queue is
+/// above the soft limit. False when the subscriber's connection is closing (nothing can
+/// be sent to it any more).
 fn deliver_conflated(
     session: &Session,
     id: SessionId,
     key: &Bytes,
-    frame: &Bytes,
+    frames: &mut Frames<'_>,
     lagging: &mut HashMap<SessionId, Held>,
     tally: &mut Tally,
 ) -> bool {
+    let frame = frames.for_session(session);
     if session.queued_bytes() > tally.soft_limit {
         lagging.entry(id).or_default().hold(key, frame, tally);
         return true;

@@ -7,6 +7,12 @@
 //! `runtime::feed`); a subscriber of several gets a reference-counted copy of each frame
 //! in its own queue. Followers the flusher found closing, and direct subscribers that
 //! can no longer be sent to, are handed back to leave the topic.
+//!
+//! With permessage-deflate, a publish is compressed at most once per core
+//! ([`Frames`]): subscribers that negotiated it (with the full window) follow the
+//! topic's second feed, of compressed frames, or are sent the compressed frame as their
+//! direct copy; the others get the plain frame. A message under `compression_min_bytes`
+//! (or that does not shrink) goes to both as the plain frame.
 
 use std::rc::Rc;
 
@@ -14,7 +20,48 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 
 use super::registry::SessionId;
+use crate::proto::deflate::encode_deflated_frame;
+use crate::proto::frame::split_unmasked_frame;
 use crate::runtime::{Feed, Session, unfollow};
+
+/// One publish's frame on one core: the plain frame, and the compressed one, made the
+/// first time a subscriber that takes it asks (then shared by all of them).
+pub(super) struct Frames<'a> {
+    plain: &'a Bytes,
+    /// `None` until asked; `Some(None)` when it goes out plain (too small, or does not
+    /// shrink).
+    deflated: Option<Option<Bytes>>,
+}
+
+impl<'a> Frames<'a> {
+    pub(super) fn new(plain: &'a Bytes) -> Self {
+        Self {
+            plain,
+            deflated: None,
+        }
+    }
+
+    /// The frame for subscribers with permessage-deflate at `level`, compressing
+    /// messages of `min_bytes` and more.
+    pub(super) fn deflated(&mut self, (level, min_bytes): (u32, usize)) -> &Bytes {
+        let plain = self.plain;
+        self.deflated
+            .get_or_insert_with(|| {
+                let (opcode, payload) = split_unmasked_frame(plain)?;
+                encode_deflated_frame(opcode, &payload, level, min_bytes)
+            })
+            .as_ref()
+            .unwrap_or(plain)
+    }
+
+    /// The frame for `session`.
+    pub(super) fn for_session(&mut self, session: &Session) -> &Bytes {
+        match session.shared_deflate() {
+            Some(settings) => self.deflated(settings),
+            None => self.plain,
+        }
+    }
+}
 
 /// How a subscriber of a plain topic is sent the topic's publishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +100,9 @@ impl Route {
 pub(super) struct Fanout {
     /// The topic's broadcasts, followed by its subscribers on [`Route::Feed`].
     feed: Rc<Feed>,
+    /// The same, compressed, followed by those of them that take compressed frames,
+    /// with their compression settings; made when the first one joins.
+    deflate_feed: Option<(Rc<Feed>, (u32, usize))>,
     /// Its subscribers on [`Route::Direct`], sent each frame.
     direct: IndexMap<SessionId, Session>,
 }
@@ -61,14 +111,37 @@ impl Fanout {
     pub(super) fn new() -> Self {
         Self {
             feed: Feed::new(),
+            deflate_feed: None,
             direct: IndexMap::new(),
         }
+    }
+
+    /// The feed `session` follows when on [`Route::Feed`].
+    fn feed_for(&mut self, session: &Session) -> &Rc<Feed> {
+        match session.shared_deflate() {
+            Some(settings) => {
+                &self
+                    .deflate_feed
+                    .get_or_insert_with(|| (Feed::new(), settings))
+                    .0
+            }
+            None => &self.feed,
+        }
+    }
+
+    /// Whether `session` follows one of the topic's feeds.
+    fn follows(&self, session: &Session) -> bool {
+        self.feed.is_followed_by(session)
+            || self
+                .deflate_feed
+                .as_ref()
+                .is_some_and(|(feed, _)| feed.is_followed_by(session))
     }
 
     /// Adds subscriber `id` (`session`) on `route`.
     pub(super) fn join(&mut self, id: SessionId, session: &Session, route: Route) {
         match route {
-            Route::Feed => self.feed.follow(session),
+            Route::Feed => self.feed_for(session).follow(session),
             Route::Direct => {
                 self.direct.insert(id, session.clone());
             }
@@ -82,14 +155,14 @@ impl Fanout {
     pub(super) fn reroute(&mut self, id: SessionId, session: &Session, route: Route) {
         match route {
             Route::Direct => {
-                if self.feed.is_followed_by(session) {
+                if self.follows(session) {
                     unfollow(session);
                     self.direct.insert(id, session.clone());
                 }
             }
             Route::Feed => {
                 if let Some(session) = self.direct.swap_remove(&id) {
-                    self.feed.follow(&session);
+                    self.feed_for(&session).follow(&session);
                 }
             }
         }
@@ -98,7 +171,7 @@ impl Fanout {
     /// Removes subscriber `id` (`session`, if it is still known), whatever its route.
     pub(super) fn leave(&mut self, id: SessionId, session: Option<&Session>) {
         self.direct.swap_remove(&id);
-        if let Some(session) = session.filter(|s| self.feed.is_followed_by(s)) {
+        if let Some(session) = session.filter(|s| self.follows(s)) {
             unfollow(session);
         }
     }
@@ -106,7 +179,7 @@ impl Fanout {
     /// Whether `session` follows the feed (tests).
     #[cfg(test)]
     pub(super) fn is_followed_by(&self, session: &Session) -> bool {
-        self.feed.is_followed_by(session)
+        self.follows(session)
     }
 
     /// Queues `frame` to every subscriber of the topic (`subscribers`, all of them) but
@@ -121,33 +194,47 @@ impl Fanout {
         delivered: &mut u64,
         closing: &mut Vec<SessionId>,
     ) {
-        let feed = &self.feed;
-        // Followers the flusher found closing leave now. The report is checked against
-        // the subscriber under that id now, which may have changed since: only one that
-        // cannot be sent to leaves.
-        closing.extend(
-            feed.take_closing()
-                .into_iter()
-                .map(SessionId::reported)
-                .filter(|id| {
-                    subscribers
-                        .get(id)
-                        .is_some_and(|session| !session.can_send())
-                }),
-        );
-        let skip = exclude
-            .and_then(|id| subscribers.get(&id))
-            .filter(|session| feed.is_followed_by(session));
-        match skip {
-            Some(session) => feed.push_except(frame, session),
-            None => feed.push(frame),
+        let mut frames = Frames::new(frame);
+        let feeds = std::iter::once((&self.feed, None))
+            .chain(self.deflate_feed.as_ref().map(|(f, s)| (f, Some(*s))));
+        for (feed, deflate) in feeds {
+            // Followers the flusher found closing leave now. The report is checked
+            // against the subscriber under that id now, which may have changed since:
+            // only one that cannot be sent to leaves.
+            closing.extend(
+                feed.take_closing()
+                    .into_iter()
+                    .map(SessionId::reported)
+                    .filter(|id| {
+                        subscribers
+                            .get(id)
+                            .is_some_and(|session| !session.can_send())
+                    }),
+            );
+            if feed.followers() == 0 {
+                continue;
+            }
+            let frame = match deflate {
+                Some(settings) => frames.deflated(settings),
+                None => frame,
+            };
+            let skip = exclude
+                .and_then(|id| subscribers.get(&id))
+                .filter(|session| feed.is_followed_by(session));
+            match skip {
+                Some(session) => feed.push_except(frame, session),
+                None => feed.push(frame),
+            }
+            *delivered += (feed.followers() - usize::from(skip.is_some())) as u64;
         }
-        *delivered += (feed.followers() - usize::from(skip.is_some())) as u64;
         for (id, session) in &self.direct {
             if Some(*id) == exclude {
                 continue;
             }
-            if session.send_frame(frame.clone()).is_ok() {
+            if session
+                .send_frame(frames.for_session(session).clone())
+                .is_ok()
+            {
                 *delivered += 1;
             } else {
                 closing.push(*id);

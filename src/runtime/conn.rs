@@ -128,9 +128,30 @@ pub(crate) async fn drive(
     // The request head's size says nothing about the frames to come: an idle
     // WebSocket waits on a small buffer.
     bufs.reset();
-    let session = Session::new(request, guard.peer, Connection::server(ctx.limits));
+    let mut conn = Connection::server(ctx.limits);
+    // permessage-deflate, if offered and on; the window reserved for the client is
+    // given back with the guard, however the connection ends.
+    let extension = ctx.compression.negotiate(&request).map(|agreed| {
+        // At most 2^15 bytes: a u32 keeps the guard within its size class.
+        guard.compression_window = u32::try_from(agreed.reserved).unwrap_or(u32::MAX);
+        ctx.cx
+            .metrics
+            .deflate_negotiated(agreed.codec.peer_keeps_context());
+        conn.set_deflate(agreed.codec);
+        agreed.response
+    });
+    let session = Session::new(request, guard.peer, conn);
     let mut handler = Some(handler(session.clone()));
-    match decide(&stream, &session, &mut handler, &accept, &ctx).await {
+    match decide(
+        &stream,
+        &session,
+        &mut handler,
+        &accept,
+        extension.as_deref(),
+        &ctx,
+    )
+    .await
+    {
         Ok(head) => {
             {
                 let mut state = session.state().borrow_mut();
@@ -685,6 +706,7 @@ async fn decide(
     session: &Session,
     handler: &mut Option<LocalFuture<()>>,
     accept: &AcceptKey,
+    extension: Option<&str>,
     ctx: &WorkerCtx,
 ) -> Result<Bytes, CloseReason> {
     let deadline = Instant::now() + ctx.config.handshake_timeout();
@@ -732,11 +754,12 @@ async fn decide(
     let response = match decided {
         Ok(Ok(protocol)) => {
             let mut head = BytesMut::new();
+            let extensions = extension.map(|value| ("Sec-WebSocket-Extensions", value));
             handshake::write_accept(
                 &mut head,
                 accept,
                 protocol.as_deref().map(String::as_str),
-                &[],
+                extensions.as_slice(),
             );
             ctx.metrics.upgraded();
             ctx.metrics.http_response(101);

@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 
 use super::buf::{BufPool, ReadBufs};
 use super::client_addr::Cidrs;
+use super::compression::CompressionPolicy;
 use super::core::limits::LimitPolicy;
 use super::core::timers::TimerPolicy;
 use super::core::transport::Stream;
@@ -69,6 +70,8 @@ pub(crate) struct WorkerCtx {
     pub(crate) conn_limits: LimitPolicy,
     /// The process's budget for partly received messages (`max_inbound_memory`).
     pub(crate) inbound: InboundBudget,
+    /// permessage-deflate: the settings and the budget for clients' windows.
+    pub(crate) compression: CompressionPolicy,
 }
 
 /// The single way out of a connection: counts it closed, releases its place in the
@@ -84,6 +87,9 @@ pub(crate) struct ConnGuard {
     /// The connection's place in its address's count (`max_connections_per_ip`),
     /// released with the guard.
     pub(crate) ip_slot: Option<IpSlot>,
+    /// Bytes of `compression_memory_limit` reserved for the client's window, given
+    /// back with the guard.
+    pub(crate) compression_window: u32,
 }
 
 impl ConnGuard {
@@ -96,6 +102,7 @@ impl ConnGuard {
             peer,
             reason: CloseReason::IoError,
             ip_slot: None,
+            compression_window: 0,
         }
     }
 }
@@ -111,6 +118,7 @@ impl Drop for ConnGuard {
         if let Some(slot) = self.ip_slot.take() {
             ctx.ip_limits.release(slot);
         }
+        ctx.compression.release(self.compression_window as usize);
         let left = ctx.open_local.get().saturating_sub(1);
         ctx.open_local.set(left);
         if left == 0 {

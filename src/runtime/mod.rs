@@ -13,6 +13,7 @@
 
 mod buf;
 mod client_addr;
+mod compression;
 mod conn;
 mod core;
 mod ctx;

@@ -337,6 +337,17 @@ impl Session {
 
     /// Whether messages can still be sent: the session has not ended and no Close has
     /// been sent.
+    /// The level and minimum size of permessage-deflate when this connection takes the
+    /// compressed frames shared by a broadcast (negotiated, with the full window);
+    /// `None` when it is sent plain frames.
+    pub(crate) fn shared_deflate(&self) -> Option<(u32, usize)> {
+        let state = self.state().borrow();
+        let deflate = state.conn.deflate()?;
+        deflate
+            .takes_shared_frames()
+            .then(|| (deflate.level(), deflate.min_bytes()))
+    }
+
     pub(crate) fn can_send(&self) -> bool {
         let state = self.state().borrow();
         state.ended.is_none() && state.conn.close_state() == crate::proto::CloseState::Open

@@ -15,6 +15,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::buf::BufPool;
 use super::client_addr::{Cidrs, canonical};
+use super::compression::CompressionPolicy;
 use super::conn::drive;
 use super::core::limits::LimitPolicy;
 use super::core::timers::TimerPolicy;
@@ -145,6 +146,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             };
             listeners.push((Rc::new(open(metrics)?), front));
         }
+        let compression = CompressionPolicy::from_config(&config, &spec.cx.metrics);
         let inbound = InboundBudget::new(
             config.max_inbound_memory,
             spec.cx.metrics.inbound_buffered().clone(),
@@ -169,6 +171,7 @@ fn run_worker(spec: WorkerSpec) -> Result<(), String> {
             ip_limits: spec.ip_limits,
             conn_limits: LimitPolicy::from_config(&config, Instant::now().into_std()),
             inbound,
+            compression,
         });
         // The service's task for this core (e.g. its pubsub inbox), for the worker's life.
         let core_task = ctx

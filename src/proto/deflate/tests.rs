@@ -270,6 +270,12 @@ fn small_or_incompressible_messages_stay_plain() {
         })
         .collect();
     assert!(!codec.compress(&noise, &mut out));
+    // With `min_bytes` 0 every message is compressed, even when it grows.
+    let always = PerMessageDeflate::new(&DeflateParams::default(), Role::Server, 6, 0);
+    assert!(always.compress(&noise, &mut out));
+    assert!(out.len() >= noise.len());
+    assert!(always.compress(b"", &mut out));
+    assert_eq!(always.clone().inflate(&out, 10).unwrap(), b"");
 }
 
 /// A peer that keeps its context (§7.2.3.2) points back into earlier messages: inflating
