@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use ringsocket::app::App;
 use ringsocket::bench::{
-    self, BenchError, BroadcastOptions, ConnectOptions, EchoOptions, Progress, Summary, Verdict,
+    self, BenchError, BroadcastOptions, ConnectOptions, EchoOptions, Payload, Progress, Summary,
+    Verdict,
 };
 use ringsocket::config::Config;
 use ringsocket::runtime::{RunningServer, Server};
@@ -82,6 +83,66 @@ fn echo_counts_and_checks_every_message() {
         assert_eq!(json["latency_us"]["samples"], report.messages);
     }
     wait_for_no_connections(&server);
+}
+
+/// `--payload json`: JSON text (or binary) of the exact size, every echo checked; the
+/// wire bytes cover the payload plus the frame headers (no compression without
+/// --deflate).
+#[test]
+fn echo_checks_json_payloads() {
+    let server = start(|_| {});
+    for binary in [false, true] {
+        let mut options = EchoOptions::new(echo_url(&server));
+        options.conns = 4;
+        options.inflight = 4;
+        options.size = 300;
+        options.binary = binary;
+        options.payload = Payload::Json;
+        options.warmup = 0.1;
+        options.duration = 0.3;
+        let report = bench::echo(&options, &Progress::hidden()).unwrap();
+        assert!(report.messages > 0, "{report}");
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(report.payload, Payload::Json);
+        assert!(!report.deflate);
+        assert_eq!(report.payload_bytes, report.messages * 300, "{report}");
+        // Each echo read is its 300 B plus a 4-byte header; reads and echoes are
+        // counted at the same instants.
+        assert!(report.wire_bytes_read >= report.payload_bytes, "{report}");
+        assert!(report.wire_bytes_written > 0, "{report}");
+        assert!(report.to_string().contains("(json payload)"), "{report}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["payload"], "json");
+        assert_eq!(json["deflate"], false);
+    }
+    wait_for_no_connections(&server);
+}
+
+/// `--deflate` against a server without permessage-deflate (tokio-tungstenite 0.27
+/// ignores the offer): every connection fails, and the error names the URL.
+#[test]
+fn deflate_refused_by_the_server_fails_the_run() {
+    let url = format!("ws://{}/", tt_echo());
+    let mut echo = EchoOptions::new(&url);
+    echo.conns = 2;
+    echo.common.deflate = true;
+    let err = bench::echo(&echo, &Progress::hidden()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("2 of 2 connections"), "{text}");
+    assert!(
+        text.contains(&format!("{url}: server did not accept permessage-deflate")),
+        "{text}"
+    );
+    let mut connect = ConnectOptions::new(&url);
+    connect.conns = 2;
+    connect.hold = 0.0;
+    connect.common.deflate = true;
+    let err = bench::connect(&connect, &Progress::hidden()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("server did not accept permessage-deflate"),
+        "{err}"
+    );
 }
 
 /// Connections open, live through a hold in which the server pings them every 100 ms
@@ -354,6 +415,24 @@ fn broadcast_through_ringsocket_rooms() {
     wait_for_no_connections(&server);
 }
 
+/// `--payload json`: text messages with the header as hex digits, through ringsocket's
+/// `/broadcast`, every one accounted for as with binary ones.
+#[test]
+fn broadcast_checks_json_payloads() {
+    let server = start(|_| {});
+    let mut options = small_broadcast(format!("ws://{}/broadcast", server.local_addr()));
+    options.payload = Payload::Json;
+    options.size = 256;
+    let report = bench::broadcast(&options, &Progress::hidden()).unwrap();
+    assert_clean_broadcast(&report);
+    assert_eq!(report.payload, Payload::Json);
+    assert!(
+        report.to_string().contains("256 B JSON text messages"),
+        "{report}"
+    );
+    wait_for_no_connections(&server);
+}
+
 /// An independent server: a naive tokio-tungstenite room.
 #[test]
 fn broadcast_through_a_tokio_tungstenite_room() {
@@ -534,6 +613,48 @@ fn compare_json_and_plot_from_the_command_line() {
     assert_eq!(json["runs"][1]["report"]["steps"][0]["lost"], 0);
     assert_eq!(json["figures"][0]["name"], "deliveries/s");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--payload json` from the command line, against `ringsocket serve`'s `/echo`, with
+/// the report in JSON.
+#[test]
+fn json_payload_from_the_command_line() {
+    let server = start(|_| {});
+    let url = echo_url(&server);
+    let out = ringsocket_bench(&[
+        "echo",
+        &url,
+        "--conns",
+        "2",
+        "--inflight",
+        "2",
+        "--size",
+        "500",
+        "--payload",
+        "json",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["payload"], "json");
+    assert_eq!(json["deflate"], false);
+    assert_eq!(json["mismatches"], 0);
+    assert!(json["messages"].as_u64().unwrap() > 0);
+    assert!(json["wire_bytes_read"].as_u64().unwrap() >= json["payload_bytes"].as_u64().unwrap());
+
+    let out = ringsocket_bench(&["echo", &url, "--payload", "json", "--size", "22"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--size must be at least 23"), "{stderr}");
+    wait_for_no_connections(&server);
 }
 
 /// A lossy room makes the command exit non-zero, after printing the report.

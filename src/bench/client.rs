@@ -1,6 +1,7 @@
 //! One client connection: TCP from tokio (with TLS from tokio-rustls over it for
 //! `wss://`), the opening handshake and the frames from the client role of
-//! [`crate::proto`] ([`ClientRequest`], [`Connection::client`]).
+//! [`crate::proto`] ([`ClientRequest`], [`Connection::client`]), with permessage-deflate
+//! when `--deflate` offers it ([`deflate::client_offer`], [`PerMessageDeflate`]).
 
 use std::fmt;
 use std::io;
@@ -15,9 +16,19 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::target::Target;
 use super::tls::Tls;
+use crate::proto::deflate;
 use crate::proto::{
-    ClientHandshakeError, ClientRequest, CloseCode, Connection, Event, HandshakeLimits, Limits,
+    Accepted, ClientHandshake, ClientHandshakeError, ClientRequest, CloseCode, Connection, Event,
+    HandshakeLimits, Limits, PerMessageDeflate, Role,
 };
+
+/// The zlib level the load generator compresses with (`--deflate`): the fastest, so
+/// that its CPU goes to the load and the server's compression is what is measured.
+pub(crate) const DEFLATE_LEVEL: u32 = 1;
+
+/// With `--deflate`, messages shorter than this go out uncompressed: 0, every message
+/// is tried, as browsers do; one that does not shrink goes out plain.
+pub(crate) const DEFLATE_MIN_BYTES: usize = 0;
 
 /// An open WebSocket connection in the client role.
 #[derive(Debug)]
@@ -135,6 +146,9 @@ pub(crate) enum OpenError {
     Timeout(Duration),
     /// The OS random source failed.
     Random(getrandom::Error),
+    /// `--deflate` offered permessage-deflate and the server at this URL answered
+    /// without it.
+    DeflateRefused(String),
 }
 
 impl fmt::Display for OpenError {
@@ -167,28 +181,77 @@ impl fmt::Display for OpenError {
                 t.as_secs_f64()
             ),
             Self::Random(e) => write!(f, "the OS random source failed: {e}"),
+            Self::DeflateRefused(url) => write!(
+                f,
+                "{url}: server did not accept permessage-deflate (offered by --deflate; its \
+                 101 response has no Sec-WebSocket-Extensions for it)"
+            ),
         }
     }
 }
 
 /// Connects to `target` (from `source` if given), performs the TLS handshake when `tls`
-/// is given, then the opening handshake with a random key, and returns the
-/// connection, with any frames that followed the response already handed to it.
+/// is given, then the opening handshake with a random key (offering permessage-deflate
+/// when `deflate`, which the server must then accept), and returns the connection, with
+/// any frames that followed the response already handed to it.
 pub(crate) async fn open(
     target: &Target,
     tls: Option<&Tls>,
+    deflate: bool,
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<Client, OpenError> {
-    match tokio::time::timeout(timeout, open_inner(target, tls, source)).await {
+    match tokio::time::timeout(timeout, open_inner(target, tls, deflate, source)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Timeout(timeout)),
     }
 }
 
+/// Writes the opening handshake's request for `target` into `out`; with `deflate`, it
+/// offers permessage-deflate.
+pub(crate) fn request(
+    target: &Target,
+    deflate: bool,
+    key: [u8; 16],
+    out: &mut BytesMut,
+) -> ClientHandshake {
+    let offer = [("Sec-WebSocket-Extensions", deflate::client_offer())];
+    ClientRequest {
+        host: &target.host,
+        target: &target.path,
+        protocols: &[],
+        headers: if deflate { &offer } else { &[] },
+    }
+    .encode(key, out)
+}
+
+/// The connection that a response the client accepted opens: with permessage-deflate
+/// when the server accepted it; an error when `deflate` asked for it and the server
+/// did not.
+pub(crate) fn connection(
+    target: &Target,
+    response: &Accepted,
+    deflate: bool,
+    mask_seed: [u8; 32],
+) -> Result<Connection, OpenError> {
+    let mut conn = Connection::client(Limits::default(), mask_seed);
+    match (&response.deflate, deflate) {
+        (Some(params), _) => conn.set_deflate(PerMessageDeflate::new(
+            params,
+            Role::Client,
+            DEFLATE_LEVEL,
+            DEFLATE_MIN_BYTES,
+        )),
+        (None, true) => return Err(OpenError::DeflateRefused(target.url.clone())),
+        (None, false) => {}
+    }
+    Ok(conn)
+}
+
 async fn open_inner(
     target: &Target,
     tls: Option<&Tls>,
+    deflate: bool,
     source: Option<IpAddr>,
 ) -> Result<Client, OpenError> {
     let addr = target.addr;
@@ -221,13 +284,7 @@ async fn open_inner(
     getrandom::fill(&mut key).map_err(OpenError::Random)?;
     getrandom::fill(&mut mask_seed).map_err(OpenError::Random)?;
     let mut out = BytesMut::new();
-    let handshake = ClientRequest {
-        host: &target.host,
-        target: &target.path,
-        protocols: &[],
-        headers: &[],
-    }
-    .encode(key, &mut out);
+    let handshake = request(target, deflate, key, &mut out);
     stream.write_all(&out).await.map_err(OpenError::Io)?;
     stream.flush().await.map_err(OpenError::Io)?;
 
@@ -237,11 +294,11 @@ async fn open_inner(
         if stream.read_buf(&mut buf).await.map_err(OpenError::Io)? == 0 {
             return Err(OpenError::ClosedInHandshake);
         }
-        if let Some((_response, head_len)) = handshake
+        if let Some((response, head_len)) = handshake
             .parse_response(&buf, &limits)
             .map_err(OpenError::Handshake)?
         {
-            let mut conn = Connection::client(Limits::default(), mask_seed);
+            let mut conn = connection(target, &response, deflate, mask_seed)?;
             conn.handle_bytes(&buf[head_len..]);
             return Ok(Client { stream, conn });
         }
@@ -251,11 +308,15 @@ async fn open_inner(
 impl Client {
     /// Writes everything the connection has queued, and pushes it onto the socket:
     /// TLS may keep records back until flushed (for plain TCP the flush does nothing).
-    pub async fn flush(&mut self) -> io::Result<()> {
+    /// Returns the bytes written (WebSocket frames, before TLS).
+    pub async fn flush(&mut self) -> io::Result<u64> {
+        let mut written = 0;
         while let Some(chunk) = self.conn.poll_transmit() {
             self.stream.write_all(&chunk).await?;
+            written += chunk.len() as u64;
         }
-        self.stream.flush().await
+        self.stream.flush().await?;
+        Ok(written)
     }
 
     /// Starts the closing handshake with 1000 and waits up to `timeout` for the
@@ -287,5 +348,130 @@ impl Client {
             tokio::time::timeout(timeout, exchange).await,
             Ok(Ok::<bool, io::Error>(true))
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+
+    use super::*;
+    use crate::proto::{AcceptKey, DeflateParams};
+
+    const KEY: [u8; 16] = [7; 16];
+
+    fn target() -> Target {
+        Target::resolve("ws://127.0.0.1:9/echo").unwrap()
+    }
+
+    /// A 101 for `KEY`, with `extensions` if given.
+    fn response(extensions: Option<&str>) -> Vec<u8> {
+        let key = base64::engine::general_purpose::STANDARD.encode(KEY);
+        let accept = AcceptKey::from_key(key.as_bytes());
+        let mut out = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n",
+            accept.as_str()
+        );
+        if let Some(value) = extensions {
+            out.push_str(&format!("Sec-WebSocket-Extensions: {value}\r\n"));
+        }
+        out.push_str("\r\n");
+        out.into_bytes()
+    }
+
+    /// The request, and the response parsed by its handshake.
+    fn exchange(deflate: bool, extensions: Option<&str>) -> (String, Accepted) {
+        let mut out = BytesMut::new();
+        let handshake = request(&target(), deflate, KEY, &mut out);
+        let (accepted, _) = handshake
+            .parse_response(&response(extensions), &HandshakeLimits::default())
+            .unwrap()
+            .unwrap();
+        (String::from_utf8(out.to_vec()).unwrap(), accepted)
+    }
+
+    #[test]
+    fn deflate_is_offered_only_when_asked() {
+        let (with, _) = exchange(true, None);
+        assert!(
+            with.contains(
+                "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            ),
+            "{with}"
+        );
+        let (without, _) = exchange(false, None);
+        assert!(!without.contains("Sec-WebSocket-Extensions"), "{without}");
+    }
+
+    #[test]
+    fn a_server_that_does_not_accept_deflate_fails_the_connection_by_name() {
+        let (_, accepted) = exchange(true, None);
+        let err = connection(&target(), &accepted, true, [0; 32]).unwrap_err();
+        assert!(matches!(err, OpenError::DeflateRefused(_)), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("ws://127.0.0.1:9/echo: server did not accept permessage-deflate"),
+            "{text}"
+        );
+        // Without --deflate, the same response opens a plain connection.
+        let conn = connection(&target(), &accepted, false, [0; 32]).unwrap();
+        assert!(conn.deflate().is_none());
+    }
+
+    /// The server accepts: the client compresses what it sends (RSV1, fewer bytes) and
+    /// inflates what the server compresses, through the client role of `proto` against
+    /// its server role.
+    #[test]
+    fn an_accepted_offer_compresses_both_ways() {
+        let answer = "permessage-deflate; server_no_context_takeover; client_max_window_bits=12";
+        let (_, accepted) = exchange(true, Some(answer));
+        let params = accepted.deflate.unwrap();
+        assert_eq!(
+            params,
+            DeflateParams {
+                server_no_context_takeover: true,
+                client_max_window_bits: 12,
+                ..DeflateParams::default()
+            }
+        );
+        let mut client = connection(&target(), &accepted, true, [3; 32]).unwrap();
+        let codec = client.deflate().unwrap();
+        assert_eq!(
+            (codec.level(), codec.min_bytes()),
+            (DEFLATE_LEVEL, DEFLATE_MIN_BYTES)
+        );
+        let mut server = Connection::server(Limits::default());
+        server.set_deflate(PerMessageDeflate::new(&params, Role::Server, 6, 0));
+
+        let text = "{\"sym\":\"BTC-USD\",\"side\":\"buy\"},".repeat(40);
+        client.send_text(text.clone()).unwrap();
+        let mut wire = Vec::new();
+        while let Some(chunk) = client.poll_transmit() {
+            wire.extend_from_slice(&chunk);
+        }
+        assert_eq!(wire[0] & 0x40, 0x40, "RSV1: a compressed message");
+        assert!(
+            wire.len() * 4 < text.len(),
+            "{} bytes on the wire",
+            wire.len()
+        );
+        server.handle_bytes(&wire);
+        match server.poll_event() {
+            Ok(Some(Event::Text(got))) => assert_eq!(got.as_str(), text),
+            other => panic!("{other:?}"),
+        }
+
+        server.send_text(text.clone()).unwrap();
+        let mut wire = Vec::new();
+        while let Some(chunk) = server.poll_transmit() {
+            wire.extend_from_slice(&chunk);
+        }
+        assert_eq!(wire[0] & 0x40, 0x40);
+        client.handle_bytes(&wire);
+        match client.poll_event() {
+            Ok(Some(Event::Text(got))) => assert_eq!(got.as_str(), text),
+            other => panic!("{other:?}"),
+        }
     }
 }

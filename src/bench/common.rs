@@ -1,6 +1,6 @@
 //! The options every scenario shares: load generator threads, source addresses,
-//! timeouts, the server's pid and TLS (flattened into each mode's options), and the
-//! output options (`--json`, `--compare`, `--plot`).
+//! timeouts, the server's pid, TLS and permessage-deflate (flattened into each mode's
+//! options), and the output options (`--json`, `--compare`, `--plot`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,6 +42,12 @@ pub struct CommonOptions {
     /// who the server is goes unchecked.
     #[arg(long)]
     pub insecure: bool,
+    /// Offer permessage-deflate (RFC 7692) as browsers do ("permessage-deflate;
+    /// client_max_window_bits") and fail the run if the server does not accept it.
+    /// Every message sent is then compressed (zlib level 1; one that does not shrink
+    /// goes out plain) and every compressed message received is inflated.
+    #[arg(long)]
+    pub deflate: bool,
 }
 
 impl Default for CommonOptions {
@@ -54,6 +60,7 @@ impl Default for CommonOptions {
             tls: false,
             ca: None,
             insecure: false,
+            deflate: false,
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct ConnectReport {
     pub url: String,
     /// Whether the connections spoke TLS (a wss:// URL, or --tls).
     pub tls: bool,
+    /// Whether permessage-deflate was offered and the connections that opened
+    /// negotiated it (--deflate; a connection whose server refused it failed).
+    pub deflate: bool,
     /// Connections attempted.
     pub conns: usize,
     /// The cap on concurrent handshakes.
@@ -171,8 +174,12 @@ impl Summary for ConnectReport {
 
 impl fmt::Display for ConnectReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tls = if self.tls { " (TLS)" } else { "" };
-        writeln!(f, "bench connect {}{tls}", self.url)?;
+        writeln!(
+            f,
+            "bench connect {}{}",
+            self.url,
+            stats::transport(self.tls, self.deflate)
+        )?;
         writeln!(
             f,
             "  {} connections, at most {} handshakes at a time, {} thread(s); held {} s",
@@ -326,6 +333,7 @@ pub fn connect(options: &ConnectOptions, progress: &Progress) -> Result<ConnectR
     Ok(ConnectReport {
         url: options.url.clone(),
         tls: tls.is_some(),
+        deflate: options.common.deflate,
         conns: options.conns,
         concurrency: options.concurrency,
         threads,
@@ -459,10 +467,12 @@ impl Job {
                 let all_attempted = all_attempted.clone();
                 let attempted = self.attempted.clone();
                 let mut release = release.clone();
+                let deflate = self.options.common.deflate;
                 tokio::task::spawn_local(async move {
                     let permit = permits.acquire().await;
                     let began = Instant::now();
-                    let result = client::open(&target, tls.as_deref(), source, timeout).await;
+                    let result =
+                        client::open(&target, tls.as_deref(), deflate, source, timeout).await;
                     let ended = Instant::now();
                     drop(permit);
                     {

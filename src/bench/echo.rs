@@ -4,9 +4,12 @@
 //! Each connection writes its window of messages in one write, then, each time a read
 //! brings echoes back, checks them and writes as many new ones, again in one write:
 //! a pipeline that keeps `inflight` messages outstanding. A message carries its
-//! sequence number in its first 8 bytes (hex) and a pattern derived from it after
-//! that, so reordering, loss and corruption are each seen. Only the measured window
-//! counts: echoes received after the warm-up and before the end.
+//! sequence number (the low 32 bits, 8 hex digits) and a body derived from it: with
+//! `--payload pattern` the digits are its first 8 bytes and `a..z` follows; with
+//! `--payload json` it is `{"h":"<digits>","d":[…]}` (see [`super::payload`]). So
+//! reordering, loss and corruption are each seen. Only the measured window counts:
+//! echoes received after the warm-up and before the end, and the bytes read and
+//! written then (`wire_bytes_*`, which with `--deflate` show the compression).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -26,14 +29,22 @@ use tokio::task::LocalSet;
 use super::client::{self, Client};
 use super::common::{CommonOptions, window};
 use super::compare::{Figure, Summary};
+use super::payload::{JSON_OPEN, JsonArrays, Payload, hex, json_min_size, unhex};
 use super::stats::{self, CpuPerItem, CpuSample, CpuUsage, LatencySummary, Percentile, thousands};
 use super::target::Target;
 use super::tls::Tls;
 use super::{BenchError, Progress, join_worker, new_runtime};
 use crate::proto::Event;
 
-/// Bytes at the start of every message that carry its sequence number.
+/// Bytes at the start of every message that carry its sequence number (with
+/// `--payload pattern`; a JSON message carries them at [`JSON_SEQ_AT`]).
 pub const SEQ_BYTES: usize = 8;
+
+/// Where a JSON message's sequence number starts: after `{"h":"`.
+pub(crate) const JSON_SEQ_AT: usize = JSON_OPEN.len();
+
+/// The smallest `--size` of a JSON message: `{"h":"<8 digits>","d":[]}`.
+pub(crate) const JSON_MIN_SIZE: usize = json_min_size(SEQ_BYTES);
 
 /// Options of `bench echo`; the defaults are those of the command line.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -47,12 +58,18 @@ pub struct EchoOptions {
     /// Messages each connection keeps in flight (its pipeline depth).
     #[arg(long, default_value_t = 16)]
     pub inflight: usize,
-    /// Payload bytes per message (at least 8: the sequence number).
+    /// Payload bytes per message (at least 8: the sequence number; with --payload
+    /// json at least 23).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Send binary messages instead of text.
     #[arg(long)]
     pub binary: bool,
+    /// What the messages carry besides their sequence number. A json message is
+    /// {"h":"<the sequence number in 8 hex digits>","d":[…]}, the array cut to --size;
+    /// try it with --deflate.
+    #[arg(long, value_enum, default_value_t = Payload::Pattern)]
+    pub payload: Payload,
     /// Measured time, in seconds, after the warm-up.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
@@ -73,6 +90,7 @@ impl EchoOptions {
             inflight: 16,
             size: 64,
             binary: false,
+            payload: Payload::Pattern,
             duration: 10.0,
             warmup: 2.0,
             common: CommonOptions::default(),
@@ -90,6 +108,12 @@ impl EchoOptions {
                 "--size must be at least {SEQ_BYTES}: every message carries its sequence number"
             ));
         }
+        if self.payload == Payload::Json && self.size < JSON_MIN_SIZE {
+            return bad(format!(
+                "--size must be at least {JSON_MIN_SIZE} with --payload json: \
+                 {{\"h\":\"<8 hex digits>\",\"d\":[]}}"
+            ));
+        }
         window(self.warmup, self.duration)
     }
 }
@@ -101,6 +125,9 @@ pub struct EchoReport {
     pub url: String,
     /// Whether the connections spoke TLS (a wss:// URL, or --tls).
     pub tls: bool,
+    /// Whether every connection negotiated permessage-deflate (--deflate; without it
+    /// the run fails).
+    pub deflate: bool,
     /// Connections.
     pub conns: usize,
     /// Messages in flight per connection.
@@ -109,6 +136,8 @@ pub struct EchoReport {
     pub size: usize,
     /// Binary (true) or text messages.
     pub binary: bool,
+    /// What the messages carried (--payload).
+    pub payload: Payload,
     /// Load generator threads.
     pub threads: usize,
     /// Warm-up, in seconds.
@@ -121,6 +150,15 @@ pub struct EchoReport {
     pub messages_per_sec: f64,
     /// Payload bytes per second, each way.
     pub bytes_per_sec: f64,
+    /// Payload bytes echoed in the measured window (`messages × size`), each way.
+    pub payload_bytes: u64,
+    /// WebSocket bytes read from the server in the measured window: frame headers and
+    /// payloads (compressed with --deflate), control frames included; after TLS
+    /// decryption, so without TLS records.
+    pub wire_bytes_read: u64,
+    /// WebSocket bytes written to the server in the measured window, counted the same
+    /// way (the writes that followed the window's reads).
+    pub wire_bytes_written: u64,
     /// Round trips of the echoes received in the measured window.
     pub latency_us: LatencySummary,
     /// Their distribution, for plots.
@@ -189,15 +227,20 @@ impl Summary for EchoReport {
 
 impl fmt::Display for EchoReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tls = if self.tls { " (TLS)" } else { "" };
-        writeln!(f, "bench echo {}{tls}", self.url)?;
         writeln!(
             f,
-            "  {} connections × {} in flight, {} B {} messages, {} thread(s); {} s warm-up, {} s measured",
+            "bench echo {}{}",
+            self.url,
+            stats::transport(self.tls, self.deflate)
+        )?;
+        writeln!(
+            f,
+            "  {} connections × {} in flight, {} B {} messages ({} payload), {} thread(s); {} s warm-up, {} s measured",
             self.conns,
             self.inflight,
             self.size,
             if self.binary { "binary" } else { "text" },
+            self.payload.name(),
             self.threads,
             self.warmup_secs,
             self.duration_secs
@@ -208,6 +251,18 @@ impl fmt::Display for EchoReport {
             thousands(self.messages),
             thousands(self.messages_per_sec.round() as u64),
             stats::rate_bytes(self.bytes_per_sec)
+        )?;
+        writeln!(
+            f,
+            "  wire        {} read, {} written for {} of payload each way{}",
+            stats::bytes(self.wire_bytes_read),
+            stats::bytes(self.wire_bytes_written),
+            stats::bytes(self.payload_bytes),
+            wire_ratios(
+                self.wire_bytes_read,
+                self.wire_bytes_written,
+                self.payload_bytes
+            )
         )?;
         writeln!(f, "  round trip  {}", self.latency_us)?;
         writeln!(f, "  cpu         {}", self.cpu)?;
@@ -315,16 +370,21 @@ pub fn echo(options: &EchoOptions, progress: &Progress) -> Result<EchoReport, Be
     Ok(EchoReport {
         url: options.url.clone(),
         tls: tls.is_some(),
+        deflate: options.common.deflate,
         conns: options.conns,
         inflight: options.inflight,
         size: options.size,
         binary: options.binary,
+        payload: options.payload,
         threads: options.common.threads,
         warmup_secs: options.warmup,
         duration_secs: secs,
         messages: total.messages,
         messages_per_sec: total.messages as f64 / secs,
         bytes_per_sec: (total.messages * options.size as u64) as f64 / secs,
+        payload_bytes: total.messages * options.size as u64,
+        wire_bytes_read: total.wire_read,
+        wire_bytes_written: total.wire_written,
         latency_us: LatencySummary::from_histogram(&total.latency),
         latency_curve: stats::percentile_curve(&total.latency),
         mismatches: total.mismatches,
@@ -358,6 +418,9 @@ struct Setup {
 pub(crate) struct ThreadStats {
     latency: Histogram<u64>,
     messages: u64,
+    /// Bytes read and written in the measured window.
+    wire_read: u64,
+    wire_written: u64,
     mismatches: u64,
     first_mismatch: Option<String>,
     errors: BTreeMap<String, u64>,
@@ -370,6 +433,8 @@ impl ThreadStats {
         Self {
             latency: stats::new_histogram(),
             messages: 0,
+            wire_read: 0,
+            wire_written: 0,
             mismatches: 0,
             first_mismatch: None,
             errors: BTreeMap::new(),
@@ -382,6 +447,8 @@ impl ThreadStats {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
         self.messages += other.messages;
+        self.wire_read += other.wire_read;
+        self.wire_written += other.wire_written;
         self.mismatches += other.mismatches;
         if self.first_mismatch.is_none() {
             self.first_mismatch = other.first_mismatch;
@@ -447,9 +514,10 @@ impl Job {
                 let tls = self.tls.clone();
                 let permits = permits.clone();
                 let source = target.source_for(index, self.options.common.source_addrs);
+                let deflate = self.options.common.deflate;
                 tokio::task::spawn_local(async move {
                     let _permit = permits.acquire().await;
-                    client::open(&target, tls.as_deref(), source, timeout)
+                    client::open(&target, tls.as_deref(), deflate, source, timeout)
                         .await
                         .map_err(|e| e.to_string())
                 })
@@ -467,7 +535,11 @@ impl Job {
     }
 
     async fn run_all(&self, clients: Vec<Client>, plan: Plan, stats: Rc<RefCell<ThreadStats>>) {
-        let messages = Rc::new(Messages::new(self.options.size, self.options.binary));
+        let messages = Rc::new(Messages::new(
+            self.options.size,
+            self.options.binary,
+            self.options.payload,
+        ));
         let handles: Vec<_> = clients
             .into_iter()
             .map(|client| {
@@ -499,32 +571,55 @@ impl Job {
 struct Messages {
     size: usize,
     binary: bool,
+    body: Body,
+}
+
+/// What follows (or, in JSON, surrounds) a message's sequence number.
+#[derive(Debug)]
+enum Body {
     /// `a..z` repeated: the body of message `seq` is `pattern[seq % 26 + 8..][..size - 8]`.
-    pattern: Vec<u8>,
+    Pattern(Vec<u8>),
+    /// The JSON arrays, `size - 21` bytes each.
+    Json(JsonArrays),
 }
 
 impl Messages {
-    fn new(size: usize, binary: bool) -> Self {
-        let pattern = (0..size + 26).map(|i| b'a' + (i % 26) as u8).collect();
-        Self {
-            size,
-            binary,
-            pattern,
+    fn new(size: usize, binary: bool, payload: Payload) -> Self {
+        let body = match payload {
+            Payload::Pattern => {
+                Body::Pattern((0..size + 26).map(|i| b'a' + (i % 26) as u8).collect())
+            }
+            Payload::Json => Body::Json(JsonArrays::new(size.saturating_sub(JSON_MIN_SIZE - 2))),
+        };
+        Self { size, binary, body }
+    }
+
+    /// Where the sequence number's digits are.
+    fn seq_at(&self) -> usize {
+        match self.body {
+            Body::Pattern(_) => 0,
+            Body::Json(_) => JSON_SEQ_AT,
         }
     }
 
-    fn body(&self, seq: u64) -> &[u8] {
+    /// The part of `pattern` that follows message `seq`'s sequence number.
+    fn pattern_body<'a>(&self, pattern: &'a [u8], seq: u64) -> &'a [u8] {
         let start = (seq % 26) as usize + SEQ_BYTES;
-        &self.pattern[start..start + self.size - SEQ_BYTES]
+        &pattern[start..start + self.size - SEQ_BYTES]
     }
 
     /// Message `seq`: its sequence number as 8 hex digits (the low 32 bits), then the
-    /// pattern. All ASCII, so that it is valid text too.
+    /// pattern, or a JSON message around them. All ASCII, so that it is valid text too.
     fn make(&self, seq: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.size);
-        out.extend_from_slice(&hex8(seq));
-        out.extend_from_slice(self.body(seq));
-        out
+        match &self.body {
+            Body::Pattern(pattern) => {
+                let mut out = Vec::with_capacity(self.size);
+                out.extend_from_slice(&hex::<SEQ_BYTES>(seq));
+                out.extend_from_slice(self.pattern_body(pattern, seq));
+                out
+            }
+            Body::Json(arrays) => arrays.message(&hex::<SEQ_BYTES>(seq), seq),
+        }
     }
 
     /// Checks that `payload` is message `seq`.
@@ -544,35 +639,39 @@ impl Messages {
                 self.size
             ));
         }
-        let (head, body) = payload.split_at(SEQ_BYTES);
-        if head != hex8(seq) {
-            return Err(
-                match std::str::from_utf8(head)
-                    .ok()
-                    .and_then(|h| u32::from_str_radix(h, 16).ok())
-                {
-                    Some(got) => format!(
-                        "expected message {} (mod 2^32), got message {got}: out of order or lost",
-                        seq as u32
-                    ),
-                    None => format!("message {seq}: corrupt sequence number {head:?}"),
-                },
-            );
+        let at = self.seq_at();
+        let head = &payload[at..at + SEQ_BYTES];
+        if head != hex::<SEQ_BYTES>(seq) {
+            return Err(match unhex(head) {
+                Some(got) => format!(
+                    "expected message {} (mod 2^32), got message {got}: out of order or lost",
+                    seq as u32
+                ),
+                None => format!("message {seq}: corrupt sequence number {head:?}"),
+            });
         }
-        if body != self.body(seq) {
+        let intact = match &self.body {
+            Body::Pattern(pattern) => payload[SEQ_BYTES..] == *self.pattern_body(pattern, seq),
+            Body::Json(arrays) => arrays.matches(payload, SEQ_BYTES, seq),
+        };
+        if !intact {
             return Err(format!("message {seq}: payload differs from what was sent"));
         }
         Ok(())
     }
 }
 
-fn hex8(seq: u64) -> [u8; SEQ_BYTES] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; SEQ_BYTES];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = HEX[((seq >> (28 - 4 * i)) & 0xf) as usize];
+/// ` (wire/payload 0.31 read, 0.33 written)`, when there was payload.
+fn wire_ratios(read: u64, written: u64, payload: u64) -> String {
+    if payload == 0 {
+        return String::new();
     }
-    out
+    let ratio = |wire: u64| wire as f64 / payload as f64;
+    format!(
+        " (wire/payload {:.3} read, {:.3} written)",
+        ratio(read),
+        ratio(written)
+    )
 }
 
 /// One connection's run.
@@ -647,6 +746,9 @@ impl Run {
             let now = Instant::now();
             let measuring = now >= plan.warm_end && now < plan.end;
             let sending = now < plan.end;
+            if measuring {
+                self.stats.borrow_mut().wire_read += n as u64;
+            }
             self.client.conn.handle_bytes(&buf[..n]);
             let (mut echoed, mut queued) = (0u64, 0usize);
             let mut failed = None;
@@ -711,8 +813,10 @@ impl Run {
             if let Some(why) = failed {
                 return End::Failed(why);
             }
-            if let Err(e) = flushed {
-                return End::Failed(format!("write failed: {e}"));
+            match flushed {
+                Ok(written) if measuring => self.stats.borrow_mut().wire_written += written,
+                Ok(_) => {}
+                Err(e) => return End::Failed(format!("write failed: {e}")),
             }
         }
         End::Done
@@ -747,7 +851,7 @@ mod tests {
     #[test]
     fn messages_round_trip_their_check() {
         for binary in [false, true] {
-            let m = Messages::new(64, binary);
+            let m = Messages::new(64, binary, Payload::Pattern);
             for seq in [0u64, 1, 25, 26, 1 << 33] {
                 let payload = m.make(seq);
                 assert_eq!(payload.len(), 64);
@@ -759,7 +863,7 @@ mod tests {
 
     #[test]
     fn mismatches_are_named() {
-        let m = Messages::new(16, true);
+        let m = Messages::new(16, true, Payload::Pattern);
         let p = m.make(7);
         assert!(m.check(6, true, &p).unwrap_err().contains("got message 7"));
         assert!(m.check(7, false, &p).unwrap_err().contains("binary"));
@@ -773,11 +877,76 @@ mod tests {
     }
 
     #[test]
+    fn json_messages_are_valid_text_of_the_exact_size() {
+        for size in [JSON_MIN_SIZE, 24, 64, 100, 1000, 16 * 1024] {
+            let m = Messages::new(size, false, Payload::Json);
+            for seq in [0u64, 1, 7, 8, 1 << 33] {
+                let payload = m.make(seq);
+                assert_eq!(payload.len(), size);
+                let text = std::str::from_utf8(&payload).unwrap();
+                let value: serde_json::Value = serde_json::from_str(text).unwrap();
+                assert_eq!(value["h"], format!("{:08x}", seq as u32), "{text}");
+                assert!(value["d"].is_array(), "{text}");
+                assert_eq!(m.check(seq, false, &payload), Ok(()));
+            }
+        }
+        // Big enough for records: the market-data objects are there.
+        let m = Messages::new(1000, false, Payload::Json);
+        let value: serde_json::Value = serde_json::from_slice(&m.make(3)).unwrap();
+        assert_eq!(
+            value["d"][0]["side"]
+                .as_str()
+                .map(|s| s == "buy" || s == "sell"),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn corrupt_json_messages_are_refused() {
+        let m = Messages::new(200, false, Payload::Json);
+        let p = m.make(9);
+        assert!(m.check(8, false, &p).unwrap_err().contains("got message 9"));
+        assert!(m.check(9, true, &p).unwrap_err().contains("text"));
+        assert!(
+            m.check(9, false, &p[..199])
+                .unwrap_err()
+                .contains("199 bytes")
+        );
+        // A byte of a record, the frame around the array, the closing brace.
+        for at in [100, 2, JSON_SEQ_AT + SEQ_BYTES + 1, 199] {
+            let mut q = p.clone();
+            q[at] ^= 1;
+            assert!(
+                m.check(9, false, &q).unwrap_err().contains("differs"),
+                "byte {at}"
+            );
+        }
+        let mut q = p.clone();
+        q[JSON_SEQ_AT] = b'z';
+        assert!(m.check(9, false, &q).unwrap_err().contains("corrupt"));
+        // Another message's array (the next variant) under this one's header.
+        let other = m.make(10);
+        let mut q = p;
+        q[JSON_SEQ_AT + SEQ_BYTES..].copy_from_slice(&other[JSON_SEQ_AT + SEQ_BYTES..]);
+        assert!(m.check(9, false, &q).unwrap_err().contains("differs"));
+    }
+
+    #[test]
     fn options_are_checked() {
         let mut o = EchoOptions::new("ws://127.0.0.1:1/");
         assert!(o.validate().is_ok());
         o.size = 7;
         assert!(o.validate().is_err());
+        o.size = JSON_MIN_SIZE;
+        o.payload = Payload::Json;
+        assert!(o.validate().is_ok());
+        o.size = JSON_MIN_SIZE - 1;
+        assert!(
+            o.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--payload json")
+        );
         o = EchoOptions::new("ws://127.0.0.1:1/");
         o.duration = 0.0;
         assert!(o.validate().is_err());

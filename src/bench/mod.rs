@@ -6,6 +6,10 @@
 //! connect` and `bench echo` also speak TLS (a `wss://` URL, or `--tls`), through
 //! tokio-rustls, trusting the CA of `--ca FILE` or, with `--insecure`, any
 //! certificate; session resumption is off, so every handshake is a full one.
+//! `--deflate` offers permessage-deflate (RFC 7692) in every mode and fails the run if
+//! the server does not accept it; then the client compresses what it sends and inflates
+//! what it gets ([`crate::proto::PerMessageDeflate`]). `--payload json` (echo,
+//! broadcast) sends compressible JSON text instead of the default filler.
 //!
 //! Scenarios:
 //!
@@ -40,6 +44,7 @@ mod common;
 mod compare;
 mod connect;
 mod echo;
+mod payload;
 mod plot;
 mod stats;
 mod target;
@@ -60,6 +65,7 @@ pub use common::{CommonOptions, OutputOptions};
 pub use compare::{ComparedFigure, Comparison, Figure, Run, Summary};
 pub use connect::{ConnectOptions, ConnectReport, Memory, connect};
 pub use echo::{EchoOptions, EchoReport, SEQ_BYTES, echo};
+pub use payload::Payload;
 pub use plot::{Curve, svg};
 pub use stats::{CpuPerItem, CpuUsage, LatencySummary, Percentile, rss_kib};
 pub use target::Target;

@@ -357,6 +357,28 @@ pub(crate) fn rate_bytes(bps: f64) -> String {
     }
 }
 
+/// A byte count: `812 B`, `3.4 kB`, `12.1 MB`, `1.25 GB`.
+pub(crate) fn bytes(n: u64) -> String {
+    let b = n as f64;
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} GB", b / 1e9),
+        n if n >= 1_000_000 => format!("{:.1} MB", b / 1e6),
+        n if n >= 1_000 => format!("{:.1} kB", b / 1e3),
+        n => format!("{n} B"),
+    }
+}
+
+/// What a report's first line adds after the URL: ` (TLS, permessage-deflate)`, or
+/// nothing over plain TCP without compression.
+pub(crate) fn transport(tls: bool, deflate: bool) -> &'static str {
+    match (tls, deflate) {
+        (false, false) => "",
+        (true, false) => " (TLS)",
+        (false, true) => " (permessage-deflate)",
+        (true, true) => " (TLS, permessage-deflate)",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::LocalSet;
 
-use super::message::{Arrival, Header, Track};
+use super::message::{Arrival, Format, Header, Track};
 use super::{BroadcastOptions, Collected, Phase, Plan, Shared, StepStats, ThreadEnd};
 use crate::bench::client::{self, Client};
 use crate::bench::new_runtime;
@@ -24,7 +24,7 @@ use crate::proto::{CloseCode, Event};
 #[derive(Debug)]
 pub(super) struct ThreadState {
     pubs: usize,
-    size: usize,
+    format: Rc<Format>,
     /// `tracks[sub * pubs + publisher]`.
     tracks: Vec<Track>,
     /// Per subscriber: publishers heard during the probe.
@@ -39,10 +39,10 @@ pub(super) struct ThreadState {
 }
 
 impl ThreadState {
-    fn new(subs: usize, pubs: usize, size: usize) -> Self {
+    fn new(subs: usize, pubs: usize, format: Rc<Format>) -> Self {
         Self {
             pubs,
-            size,
+            format,
             tracks: vec![Track::default(); subs * pubs],
             heard: vec![vec![false; pubs]; subs],
             stats_step: 0,
@@ -82,12 +82,12 @@ impl ThreadState {
             Phase::Collect { plan, .. } => plan.step,
             _ => 0,
         };
-        let Some(header) = Header::decode(payload) else {
-            self.malformed(
-                current,
-                format!("a {} B message, shorter than the header", payload.len()),
-            );
-            return false;
+        let header = match self.format.decode(payload) {
+            Ok(header) => header,
+            Err(why) => {
+                self.malformed(current, why);
+                return false;
+            }
         };
         let publisher = header.publisher as usize;
         if publisher >= self.pubs {
@@ -97,10 +97,14 @@ impl ThreadState {
             );
             return false;
         }
-        if payload.len() != self.size {
+        if payload.len() != self.format.size {
             self.malformed(
                 current,
-                format!("a {} B message instead of {}", payload.len(), self.size),
+                format!(
+                    "a {} B message instead of {}",
+                    payload.len(),
+                    self.format.size
+                ),
             );
             return false;
         }
@@ -253,9 +257,10 @@ impl Job {
                 let target = self.target.clone();
                 let permits = permits.clone();
                 let source = target.source_for(index, self.options.common.source_addrs);
+                let deflate = self.options.common.deflate;
                 let task = tokio::task::spawn_local(async move {
                     let _permit = permits.acquire().await;
-                    client::open(&target, None, source, timeout)
+                    client::open(&target, None, deflate, source, timeout)
                         .await
                         .map_err(|e| e.to_string())
                 });
@@ -281,10 +286,11 @@ impl Job {
             .iter()
             .filter(|(role, _)| matches!(role, Role::Subscriber(_)))
             .count();
+        let format = Rc::new(Format::new(self.options.size, self.options.payload));
         let state = Rc::new(RefCell::new(ThreadState::new(
             subs,
             self.options.pubs,
-            self.options.size,
+            format.clone(),
         )));
         let mut subscribers = Vec::with_capacity(subs);
         let mut handles = Vec::with_capacity(self.options.pubs + 1);
@@ -294,7 +300,7 @@ impl Job {
                 Role::Publisher(id) => handles.push(tokio::task::spawn_local(publish(
                     client,
                     id,
-                    self.options.size,
+                    format.clone(),
                     state.clone(),
                     self.shared.clone(),
                     self.phase.clone(),
@@ -386,7 +392,7 @@ fn closed_by_server(frame: Option<crate::proto::CloseFrame>) -> String {
 async fn publish(
     client: Client,
     id: u32,
-    size: usize,
+    format: Rc<Format>,
     state: Rc<RefCell<ThreadState>>,
     shared: Arc<Shared>,
     phase: watch::Receiver<Phase>,
@@ -459,7 +465,7 @@ async fn publish(
                         sent_ns: shared.nanos_since_base(Instant::now()),
                     };
                     probe_seq += 1;
-                    if let Err(e) = conn.borrow_mut().send_binary(header.encode(size)) {
+                    if let Err(e) = format.send(&mut conn.borrow_mut(), &header) {
                         return Some(format!("cannot send: {e}"));
                     }
                     next_wake = Some(Instant::now() + Duration::from_millis(20));
@@ -479,7 +485,7 @@ async fn publish(
                                 seq,
                                 sent_ns: shared.nanos_since_base(plan.due_at(seq)),
                             };
-                            if let Err(e) = conn.send_binary(header.encode(size)) {
+                            if let Err(e) = format.send(&mut conn, &header) {
                                 return Some(format!("cannot send: {e}"));
                             }
                         }

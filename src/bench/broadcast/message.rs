@@ -1,12 +1,68 @@
 //! The bench's messages and what a subscriber makes of them: the header every message
-//! starts with, and per publisher the next sequence number expected and the gaps below
-//! it (see the parent module for the rules).
+//! starts with (in binary, or as hex digits in a JSON message), and per publisher the
+//! next sequence number expected and the gaps below it (see the parent module for the
+//! rules).
 
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 
 use super::HEADER_BYTES;
+use crate::bench::payload::{JsonArrays, Payload, hex, json_min_size, unhex};
+use crate::proto::{Connection, SendError};
+
+/// The hex digits of a JSON message's header: publisher, step, sequence number and due
+/// time, 8 + 8 + 16 + 16 of them.
+pub(super) const JSON_HEADER_HEX: usize = 48;
+
+/// The smallest `--size` of a JSON message: `{"h":"<48 digits>","d":[]}`.
+pub(super) const JSON_MIN_SIZE: usize = json_min_size(JSON_HEADER_HEX);
+
+/// How a run's messages are made and read: `--size` bytes, the header in binary with
+/// zeros after it (`--payload pattern`), or a JSON text message (`--payload json`).
+#[derive(Debug)]
+pub(super) struct Format {
+    pub(super) size: usize,
+    /// The arrays of JSON messages, when `--payload json`.
+    json: Option<JsonArrays>,
+}
+
+impl Format {
+    pub(super) fn new(size: usize, payload: Payload) -> Self {
+        let json = (payload == Payload::Json)
+            .then(|| JsonArrays::new(size.saturating_sub(JSON_MIN_SIZE - 2)));
+        Self { size, json }
+    }
+
+    /// Queues the message with `header` on `conn`: binary, or text for JSON.
+    pub(super) fn send(&self, conn: &mut Connection, header: &Header) -> Result<(), SendError> {
+        match &self.json {
+            None => conn.send_binary(header.encode(self.size)),
+            Some(arrays) => {
+                let message = arrays.message(&header.hex(), header.seq);
+                // A JSON message is ASCII; the fallback is never taken.
+                conn.send_text(String::from_utf8(message).unwrap_or_default())
+            }
+        }
+    }
+
+    /// The header of a received message, or why it is not one of the bench's.
+    pub(super) fn decode(&self, payload: &[u8]) -> Result<Header, String> {
+        match &self.json {
+            None => Header::decode(payload).ok_or_else(|| {
+                format!("a {} B message, shorter than the header", payload.len())
+            }),
+            Some(_) => JsonArrays::header(payload, JSON_HEADER_HEX)
+                .and_then(Header::decode_hex)
+                .ok_or_else(|| {
+                    format!(
+                        "a {} B message without the bench's JSON header ({{\"h\":\"<{JSON_HEADER_HEX} hex digits>\",\"d\":…}})",
+                        payload.len()
+                    )
+                }),
+        }
+    }
+}
 
 /// One message's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +81,30 @@ impl Header {
         out[8..16].copy_from_slice(&self.seq.to_le_bytes());
         out[16..24].copy_from_slice(&self.sent_ns.to_le_bytes());
         out.freeze()
+    }
+
+    /// The header as the hex digits of a JSON message.
+    pub(super) fn hex(&self) -> [u8; JSON_HEADER_HEX] {
+        let mut out = [0u8; JSON_HEADER_HEX];
+        out[0..8].copy_from_slice(&hex::<8>(self.publisher.into()));
+        out[8..16].copy_from_slice(&hex::<8>(self.step.into()));
+        out[16..32].copy_from_slice(&hex::<16>(self.seq));
+        out[32..48].copy_from_slice(&hex::<16>(self.sent_ns));
+        out
+    }
+
+    /// Reads [`Self::hex`]'s digits back.
+    pub(super) fn decode_hex(digits: &[u8]) -> Option<Self> {
+        let field = |range: Range<usize>| digits.get(range).and_then(unhex);
+        if digits.len() != JSON_HEADER_HEX {
+            return None;
+        }
+        Some(Self {
+            publisher: u32::try_from(field(0..8)?).ok()?,
+            step: u32::try_from(field(8..16)?).ok()?,
+            seq: field(16..32)?,
+            sent_ns: field(32..48)?,
+        })
     }
 
     pub(super) fn decode(payload: &[u8]) -> Option<Self> {
@@ -125,6 +205,41 @@ mod tests {
         assert!(bytes[HEADER_BYTES..].iter().all(|b| *b == 0));
         assert_eq!(Header::decode(&bytes), Some(h));
         assert_eq!(Header::decode(&bytes[..HEADER_BYTES - 1]), None);
+    }
+
+    #[test]
+    fn json_messages_carry_the_header_in_exactly_size_bytes() {
+        let h = Header {
+            publisher: 3,
+            step: 7,
+            seq: 1 << 40,
+            sent_ns: u64::MAX - 1,
+        };
+        assert_eq!(Header::decode_hex(&h.hex()), Some(h));
+        for size in [JSON_MIN_SIZE, 64, 100, 1000] {
+            let format = Format::new(size, Payload::Json);
+            let mut conn = Connection::client(crate::proto::Limits::default(), [7; 32]);
+            format.send(&mut conn, &h).unwrap();
+            let mut server = Connection::server(crate::proto::Limits::default());
+            while let Some(chunk) = conn.poll_transmit() {
+                server.handle_bytes(&chunk);
+            }
+            let Ok(Some(crate::proto::Event::Text(text))) = server.poll_event() else {
+                panic!("not a text message");
+            };
+            assert_eq!(text.len(), size);
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert!(value["d"].is_array(), "{text}");
+            assert_eq!(format.decode(text.as_bytes()), Ok(h));
+            let mut bad = text.as_bytes().to_vec();
+            bad[10] = b'x';
+            assert!(format.decode(&bad).unwrap_err().contains("JSON header"));
+            assert!(format.decode(&text.as_bytes()[..size - 1]).is_err());
+        }
+        // The binary format is as before.
+        let binary = Format::new(64, Payload::Pattern);
+        assert_eq!(binary.decode(&h.encode(64)), Ok(h));
+        assert!(binary.decode(&[0; 10]).unwrap_err().contains("shorter"));
     }
 
     #[test]

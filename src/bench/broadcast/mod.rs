@@ -10,7 +10,9 @@
 //! little-endian: publisher id (u32), step (u32, 0 for the readiness probe), sequence
 //! number (u64, from 0 in each step) and the time it was due to be sent (u64, in
 //! nanoseconds since the bench started, on this process's monotonic clock); zeros pad
-//! it to `--size`. Publisher `p` of `P` sends message `k` of a step at
+//! it to `--size`. With `--payload json` it is text instead, `--size` bytes of
+//! `{"h":"<header>","d":[…]}`: the same four fields as 8, 8, 16 and 16 hex digits, then
+//! market-data records (see [`super::payload`]). Publisher `p` of `P` sends message `k` of a step at
 //! `start + k × P / rate`, in one write with every other message due by then; the
 //! timestamp is the due time, not the write time, so a publisher held up by a server
 //! that stopped reading counts that wait in the latency (no coordinated omission).
@@ -51,12 +53,14 @@ use tokio::sync::watch;
 
 use super::common::{CommonOptions, seconds, window};
 use super::compare::{Figure, Summary};
+use super::payload::Payload;
 use super::stats::{
     self, CpuPerItem, CpuSample, CpuUsage, LatencySummary, Percentile, micros, thousands,
 };
 use super::target::Target;
 use super::{BenchError, Progress, join_worker};
 use conns::Job;
+use message::JSON_MIN_SIZE;
 
 /// Bytes at the start of every message: publisher id, step, sequence number, due time.
 pub const HEADER_BYTES: usize = 24;
@@ -74,10 +78,15 @@ pub struct BroadcastOptions {
     /// receivers.
     #[arg(long, default_value_t = 1)]
     pub pubs: usize,
-    /// Bytes per (binary) message, at least 24: publisher, step, sequence number and
-    /// send time.
+    /// Bytes per message, at least 24: publisher, step, sequence number and send time
+    /// (with --payload json at least 63).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// What the messages carry besides their header. With pattern they are binary; with
+    /// json they are text, {"h":"<the header in 48 hex digits>","d":[…]}, the array cut
+    /// to --size; try it with --deflate.
+    #[arg(long, value_enum, default_value_t = Payload::Pattern)]
+    pub payload: Payload,
     /// Messages per second over all publishers; with --ramp, the first step's rate.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
@@ -118,6 +127,7 @@ impl BroadcastOptions {
             subs: 100,
             pubs: 1,
             size: 64,
+            payload: Payload::Pattern,
             rate: 100.0,
             ramp: false,
             duration: 10.0,
@@ -144,6 +154,12 @@ impl BroadcastOptions {
                  step, sequence number and send time"
             ));
         }
+        if self.payload == Payload::Json && self.size < JSON_MIN_SIZE {
+            return bad(format!(
+                "--size must be at least {JSON_MIN_SIZE} with --payload json: \
+                 {{\"h\":\"<48 hex digits>\",\"d\":[]}}"
+            ));
+        }
         if !(self.rate.is_finite() && self.rate > 0.0) {
             return bad("--rate must be a number of messages per second above 0".into());
         }
@@ -160,12 +176,17 @@ impl BroadcastOptions {
 pub struct BroadcastReport {
     /// The room.
     pub url: String,
+    /// Whether every connection negotiated permessage-deflate (--deflate; without it
+    /// the run fails).
+    pub deflate: bool,
     /// Subscriber connections.
     pub subs: usize,
     /// Publisher connections.
     pub pubs: usize,
     /// Bytes per message.
     pub size: usize,
+    /// What the messages carried (--payload): binary with the pattern, or JSON text.
+    pub payload: Payload,
     /// Load generator threads.
     pub threads: usize,
     /// Whether the rate was ramped.
@@ -375,13 +396,22 @@ impl Summary for BroadcastReport {
 
 impl fmt::Display for BroadcastReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "bench broadcast {}", self.url)?;
         writeln!(
             f,
-            "  {} subscribers, {} publisher(s), {} B binary messages, {} thread(s); {}{} s warm-up, {} s measured, {} s grace",
+            "bench broadcast {}{}",
+            self.url,
+            stats::transport(false, self.deflate)
+        )?;
+        writeln!(
+            f,
+            "  {} subscribers, {} publisher(s), {} B {} messages, {} thread(s); {}{} s warm-up, {} s measured, {} s grace",
             thousands(self.subs as u64),
             self.pubs,
             self.size,
+            match self.payload {
+                Payload::Pattern => "binary",
+                Payload::Json => "JSON text",
+            },
             self.threads,
             if self.ramp { "steps of " } else { "" },
             self.warmup_secs,
@@ -614,9 +644,11 @@ pub fn broadcast(
     progress.finish();
     Ok(BroadcastReport {
         url: options.url.clone(),
+        deflate: options.common.deflate,
         subs: options.subs,
         pubs: options.pubs,
         size: options.size,
+        payload: options.payload,
         threads,
         ramp: options.ramp,
         rate: options.rate,
@@ -958,6 +990,16 @@ mod tests {
         assert!(o.validate().is_ok());
         o.size = HEADER_BYTES - 1;
         assert!(o.validate().is_err());
+        o.size = 64;
+        o.payload = Payload::Json;
+        assert!(o.validate().is_ok());
+        o.size = JSON_MIN_SIZE - 1;
+        assert!(
+            o.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--payload json")
+        );
         o = BroadcastOptions::new("ws://127.0.0.1:1/broadcast");
         o.rate = 0.0;
         assert!(o.validate().is_err());
