@@ -103,6 +103,13 @@ SCENARIOS = {
     "f_10k_ramp": ["broadcast", "--subs", "10000", "--rate", "10", "--size", "64", "--ramp",
                    "--duration", "3", "--warmup", "1", "--grace", "5", "--timeout", "30",
                    "--threads", "1"],
+    # Compression (issue #19's table; run with --deflate): 1 KiB JSON to 10,000
+    # subscribers ramped, and 16 KiB JSON echoes.
+    "g_10k_ramp_json": ["broadcast", "--subs", "10000", "--rate", "10", "--size", "1024",
+                        "--payload", "json", "--ramp", "--duration", "3", "--warmup", "1",
+                        "--grace", "5", "--timeout", "30", "--threads", "1"],
+    "h_echo_16k_json": ["echo", "--conns", "10", "--inflight", "4", "--size", "16384",
+                        "--payload", "json", "--duration", "10", "--warmup", "2", "--threads", "1"],
 }
 DEFAULT_SCENARIOS = ["a_throughput", "b_latency", "c_connect"]
 
@@ -181,9 +188,14 @@ def wait_quiet(limit=1800.0):
 TLS_SERVERS = ("ringsocket", "ringsocket-epoll", "baseline", "bun")
 
 
-def run_one(bench, name, argv_for, path, scenario, port, outdir, rep, quiet=True, tls=None):
+def run_one(bench, name, argv_for, path, scenario, port, outdir, rep, quiet=True, tls=None,
+            deflate=False):
     waited = wait_quiet() if quiet else 0.0
     argv, env, scheme, tls_args = argv_for(port), dict(os.environ), "ws", []
+    if deflate:
+        # ringsocket negotiates it by default; Bun's scripts turn it on with DEFLATE=1.
+        env["DEFLATE"] = "1"
+        tls_args.append("--deflate")
     if tls:
         if name not in TLS_SERVERS:
             raise RuntimeError(f"{name} does not serve TLS")
@@ -191,7 +203,8 @@ def run_one(bench, name, argv_for, path, scenario, port, outdir, rep, quiet=True
             env["TLS_CERT"], env["TLS_KEY"] = f"{tls}/cert.pem", f"{tls}/key.pem"
         else:
             argv += ["--tls-cert", f"{tls}/cert.pem", "--tls-key", f"{tls}/key.pem"]
-        scheme, tls_args = "wss", ["--ca", f"{tls}/ca.pem"]
+        scheme = "wss"
+        tls_args += ["--ca", f"{tls}/ca.pem"]
     server = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -294,6 +307,8 @@ def main():
     p.add_argument("--port", type=int, default=9301)
     p.add_argument("--tls", default=None, metavar="DIR",
                    help="serve and connect over TLS with DIR/cert.pem, key.pem, ca.pem")
+    p.add_argument("--deflate", action="store_true",
+                   help="offer permessage-deflate (`bench --deflate`); Bun is started with DEFLATE=1")
     p.add_argument("--no-quiet-wait", action="store_true",
                    help="do not wait for a quiet machine, nor repeat runs disturbed by other processes "
                         "(to try the script out; the numbers are then not to be quoted)")
@@ -325,7 +340,7 @@ def main():
                 port += 1  # a fresh port: no TIME_WAIT from the previous server
                 for attempt in range(1, 4):
                     r = run_one(a.bench, name, argv_for, path, scenario, port, outdir, rep,
-                                quiet=not a.no_quiet_wait, tls=a.tls)
+                                quiet=not a.no_quiet_wait, tls=a.tls, deflate=a.deflate)
                     if a.no_quiet_wait or r["_other_processes_cpu_percent"] < 10.0:
                         break
                     print(f"  other processes used {r['_other_processes_cpu_percent']} % of a core "

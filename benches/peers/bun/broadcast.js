@@ -16,6 +16,9 @@ const server = Bun.serve({
     return new Response("WebSocket only\n", { status: 426 });
   },
   websocket: {
+    // DEFLATE=1: permessage-deflate as Bun documents it (`perMessageDeflate: true`, its
+    // shared compressor), for the compression table of benches/README.md.
+    perMessageDeflate: process.env.DEFLATE === "1",
     // Bun's defaults are kept: 16 MiB payload limit, 120 s idle timeout, 16 MiB
     // backpressure limit per connection.
     open(ws) {
