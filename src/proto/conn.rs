@@ -209,7 +209,8 @@ pub struct Connection {
 #[derive(Clone, Default)]
 struct Rare {
     /// Masking keys for the client role (RFC 6455 §5.3: unpredictable per frame).
-    mask_rng: Option<ChaCha8Rng>,
+    /// Boxed again: a server connection with deflate does not pay for its ~330 bytes.
+    mask_rng: Option<Box<ChaCha8Rng>>,
     /// permessage-deflate, when negotiated (RFC 7692).
     deflate: Option<PerMessageDeflate>,
 }
@@ -287,6 +288,7 @@ impl Connection {
     }
 
     fn mask_key(&mut self) -> Option<[u8; 4]> {
+        // The generator is boxed on its own: see `Rare::mask_rng`.
         let rng = self.rare.as_mut()?.mask_rng.as_mut()?;
         Some(rng.next_u32().to_ne_bytes())
     }
@@ -299,7 +301,7 @@ impl Connection {
             Role::Client,
             limits,
             Some(Box::new(Rare {
-                mask_rng: Some(ChaCha8Rng::from_seed(mask_seed)),
+                mask_rng: Some(Box::new(ChaCha8Rng::from_seed(mask_seed))),
                 deflate: None,
             })),
         )

@@ -985,6 +985,13 @@ fn server_connection_is_small() {
         "{}",
         std::mem::size_of::<Connection>()
     );
+    // What a server connection with permessage-deflate allocates besides: the codec's
+    // few fields, not the client role's generator.
+    assert!(
+        std::mem::size_of::<super::Rare>() <= 64,
+        "{}",
+        std::mem::size_of::<super::Rare>()
+    );
 }
 
 /// A frame encoded once for many connections is queued as is, in order with the
