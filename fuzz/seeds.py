@@ -8,9 +8,11 @@ The corpora are checked in; rerun this after changing a target's input layout:
 
 import base64
 import hashlib
+import json
 import pathlib
 import shutil
 import struct
+import zlib
 
 CORPUS = pathlib.Path(__file__).resolve().parent / "corpus"
 KEY = (0x37, 0xFA, 0x21, 0x3D)  # RFC 6455 §5.7's masking key
@@ -216,6 +218,76 @@ ROUNDTRIP = {
     "close-reason-long": roundtrip([(CLOSE, 3000, b"r" * 130)]),
 }
 
+# ---- inflate: config, seed, direct limit (u16 LE), then (flags len16le payload)* -----
+# config: bit 0 client takeover, bits 1-3 client_max_window_bits - 8, bits 4-6 the
+# message limit (4 KiB << n). flags: bit 0 text, 1 plain, 2 deflated by the target's
+# client compressor, 3 Ping between fragments, 4-6 fragments - 1, 7 corrupt a byte.
+
+F_TEXT, F_PLAIN, F_DEFLATE, F_PING, F_CORRUPT = 1, 2, 4, 8, 0x80
+
+
+def deflated(data, level=6, wbits=15, zdict=None):
+    """RFC 7692 §7.2.1: raw deflate, sync flush, the final 00 00 ff ff removed."""
+    c = zlib.compressobj(level, zlib.DEFLATED, -wbits, **({"zdict": zdict} if zdict else {}))
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def inflate_config(takeover=False, bits=15, limit_kib=64):
+    return (1 if takeover else 0) | (bits - 8) << 1 | (limit_kib // 4).bit_length() - 1 << 4
+
+
+def inflate_seed(messages, takeover=False, bits=15, limit_kib=64, seed=7, direct_limit=4096):
+    out = bytearray([inflate_config(takeover, bits, limit_kib), seed])
+    out += struct.pack("<H", direct_limit)
+    for flags, payload, fragments in messages:
+        out += bytes([flags | (fragments - 1) << 4]) + struct.pack("<H", len(payload)) + payload
+    return bytes(out)
+
+
+def chat(n):
+    """A chat room's JSON messages, repetitive as real ones are."""
+    return json.dumps(
+        [{"type": "message", "room": "general", "user": f"user{i % 7}", "text": f"hello {i}", "ts": 1700000000 + i}
+         for i in range(n)],
+        separators=(",", ":"),
+    ).encode()
+
+
+def takeover_pair(bits=15):
+    """Two messages from one compressor that keeps its context: the second points back."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -bits)
+    first = c.compress(chat(8)) + c.flush(zlib.Z_SYNC_FLUSH)
+    second = c.compress(chat(8)) + c.flush(zlib.Z_SYNC_FLUSH)
+    return first[:-4], second[:-4]
+
+
+FIRST, SECOND = takeover_pair()
+BOMB = deflated(bytes(1 << 20), level=9)  # 1 MiB of zeros in about 1 KiB
+INFLATE = {
+    "text-compressed": inflate_seed([(F_TEXT, deflated(chat(10)), 1)]),
+    "binary-compressed-fragments-ping": inflate_seed([(F_PING, deflated(chat(30)), 4)]),
+    "takeover-two-messages": inflate_seed([(F_TEXT, FIRST, 1), (F_TEXT, SECOND, 2)], takeover=True),
+    "takeover-second-without-context": inflate_seed([(F_TEXT, SECOND, 1)], takeover=True),
+    "no-takeover-refers-back": inflate_seed([(F_TEXT, FIRST, 1), (F_TEXT, SECOND, 1)]),
+    "window-9-takeover-client": inflate_seed(
+        [(F_TEXT | F_DEFLATE, chat(12), 3), (F_TEXT | F_DEFLATE, chat(12), 1)], takeover=True, bits=9
+    ),
+    "window-8-takeover-client": inflate_seed(
+        [(F_DEFLATE, chat(6), 2), (F_DEFLATE, chat(6), 1)], takeover=True, bits=8, limit_kib=4
+    ),
+    "client-compressed-corrupt": inflate_seed([(F_TEXT | F_DEFLATE | F_CORRUPT, chat(10), 2)], seed=99),
+    "bomb-over-4k": inflate_seed([(0, BOMB, 1)], limit_kib=4, direct_limit=65535),
+    "bomb-client-over-4k": inflate_seed([(F_DEFLATE, bytes(5000), 5)], limit_kib=4),
+    "plain-then-compressed": inflate_seed([(F_TEXT | F_PLAIN, b"plain", 1), (F_TEXT, deflated(chat(3)), 1)]),
+    "stored-block-final": inflate_seed([(0, b"\x01\x05\x00\xfa\xffhello", 1)]),
+    "invalid-utf8-inflated": inflate_seed([(F_TEXT, deflated(b"\xff" * 300), 1)]),
+    "empty-compressed": inflate_seed([(F_TEXT, b"", 1), (0, b"\x00", 1)]),
+    "garbage": inflate_seed([(0, b"\xff" * 20, 1)]),
+    "dictionary-direct": inflate_seed([(F_TEXT, deflated(chat(4), zdict=chat(4)), 1)]),
+}
+
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
@@ -246,6 +318,7 @@ def main():
         ("server_conn", SERVER_CONN),
         ("roundtrip", ROUNDTRIP),
         ("proxy_protocol", PROXY_PROTOCOL),
+        ("inflate", INFLATE),
     ]:
         folder = CORPUS / target
         shutil.rmtree(folder, ignore_errors=True)
