@@ -108,6 +108,9 @@ SCENARIOS = {
     "g_10k_ramp_json": ["broadcast", "--subs", "10000", "--rate", "10", "--size", "1024",
                         "--payload", "json", "--ramp", "--duration", "3", "--warmup", "1",
                         "--grace", "5", "--timeout", "30", "--threads", "1"],
+    "e_10k_40_json": ["broadcast", "--subs", "10000", "--rate", "40", "--size", "1024",
+                      "--payload", "json", "--duration", "10", "--warmup", "2", "--grace", "5",
+                      "--timeout", "30", "--threads", "1"],
     "h_echo_16k_json": ["echo", "--conns", "10", "--inflight", "4", "--size", "16384",
                         "--payload", "json", "--duration", "10", "--warmup", "2", "--threads", "1"],
 }
@@ -273,8 +276,10 @@ def headline_of(scenario, r):
                 "client µs/delivery": s["cpu_per_delivery"]["client_us"],
                 "server µs/delivery": s["cpu_per_delivery"]["server_us"],
                 "errors": sum(r["error_causes"].values())}
-    if scenario == "a_throughput":
-        return {"msg/s": r["messages_per_sec"], "server cpu %": r["cpu"]["server_percent"],
+    if scenario == "a_throughput" or scenario.startswith("h_echo"):
+        return {"msg/s": r["messages_per_sec"], "MB/s": r.get("bytes_per_sec", 0) / 1e6,
+                "server µs/msg": r["cpu"]["server_percent"] / 100.0 * 1e6 / max(1, r["messages_per_sec"]),
+                "wire/payload": (r.get("wire_bytes_read") or 0) / max(1, r.get("payload_bytes") or 1), "server cpu %": r["cpu"]["server_percent"],
                 "client cpu %": r["cpu"]["client_percent"], "errors": r["errors"] + r["mismatches"]}
     if "latency" in scenario:
         return {"p50 µs": r["latency_us"]["p50"], "p99 µs": r["latency_us"]["p99"],

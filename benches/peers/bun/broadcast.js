@@ -5,6 +5,8 @@
 // compares with `ringsocket serve --workers 1` on one pinned core.
 const port = Number(process.argv[2] ?? 9006);
 
+const compress = process.env.DEFLATE === "1";
+
 const server = Bun.serve({
   hostname: "127.0.0.1",
   port,
@@ -18,14 +20,15 @@ const server = Bun.serve({
   websocket: {
     // DEFLATE=1: permessage-deflate as Bun documents it (`perMessageDeflate: true`, its
     // shared compressor), for the compression table of benches/README.md.
-    perMessageDeflate: process.env.DEFLATE === "1",
+    perMessageDeflate: compress,
     // Bun's defaults are kept: 16 MiB payload limit, 120 s idle timeout, 16 MiB
     // backpressure limit per connection.
     open(ws) {
       ws.subscribe(ws.data.room);
     },
     message(ws, message) {
-      ws.publish(ws.data.room, message);
+      // Bun compresses a message only when asked to (its third argument).
+      ws.publish(ws.data.room, message, compress);
     },
   },
 });

@@ -10,6 +10,8 @@ const tls = process.env.TLS_CERT
   ? { cert: Bun.file(process.env.TLS_CERT), key: Bun.file(process.env.TLS_KEY) }
   : undefined;
 
+const compress = process.env.DEFLATE === "1";
+
 const server = Bun.serve({
   hostname: "127.0.0.1",
   port,
@@ -23,10 +25,11 @@ const server = Bun.serve({
   websocket: {
     // DEFLATE=1: permessage-deflate as Bun documents it (`perMessageDeflate: true`, its
     // shared compressor), for the compression table of benches/README.md.
-    perMessageDeflate: process.env.DEFLATE === "1",
+    perMessageDeflate: compress,
     // Bun's defaults are kept: 16 MiB payload limit, 120 s idle timeout, backpressure.
     message(ws, message) {
-      ws.send(message);
+      // Bun compresses a message only when asked to (its second argument).
+      ws.send(message, compress);
     },
   },
 });
