@@ -37,7 +37,7 @@ use super::{BenchError, Progress, join_worker, new_runtime};
 use crate::proto::Event;
 
 /// Bytes at the start of every message that carry its sequence number (with
-/// `--payload pattern`; a JSON message carries them at [`JSON_SEQ_AT`]).
+/// `--payload pattern`; a JSON message carries them right after its opening `{"h":"`).
 pub const SEQ_BYTES: usize = 8;
 
 /// Where a JSON message's sequence number starts: after `{"h":"`.
