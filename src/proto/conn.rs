@@ -1370,9 +1370,15 @@ pub fn parse_close_payload(payload: &[u8]) -> Result<Option<CloseFrame>, Protoco
 /// Encodes one unmasked, unfragmented server frame: the bytes to share among every
 /// subscriber of a broadcast (encode once, send to many).
 pub fn encode_server_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    encode_unmasked_frame(opcode, 0, payload)
+}
+
+/// One unmasked, unfragmented frame with `rsv` bits (e.g. RSV1 for a compressed
+/// message, `deflate::deflated_frame`).
+pub(crate) fn encode_unmasked_frame(opcode: OpCode, rsv: u8, payload: &[u8]) -> Bytes {
     let header = FrameHeader {
         fin: true,
-        rsv: 0,
+        rsv,
         opcode,
         mask: None,
         payload_len: payload.len() as u64,

@@ -39,11 +39,11 @@
 use std::cell::RefCell;
 use std::fmt;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::conn::Role;
-use super::frame::{FrameHeader, OpCode};
+use super::frame::OpCode;
 use super::handshake::ExtensionOffer;
 
 /// The extension's token in `Sec-WebSocket-Extensions`.
@@ -508,20 +508,10 @@ pub fn encode_deflated_frame(
 
 /// The unmasked frame of an already compressed message: RSV1 set, FIN set.
 pub fn deflated_frame(opcode: OpCode, compressed: &[u8]) -> Bytes {
-    let header = FrameHeader {
-        fin: true,
-        rsv: RSV1,
-        opcode,
-        mask: None,
-        payload_len: compressed.len() as u64,
-    };
-    let mut out = BytesMut::with_capacity(header.len() + compressed.len());
-    header.encode(&mut out);
-    out.extend_from_slice(compressed);
-    out.freeze()
+    super::conn::encode_unmasked_frame(opcode, RSV1, compressed)
 }
 
-/// The RSV1 bit in [`FrameHeader::rsv`]: "Per-Message Compressed" (§6).
+/// The RSV1 bit in [`FrameHeader::rsv`](super::frame::FrameHeader::rsv): "Per-Message Compressed" (§6).
 pub const RSV1: u8 = 0b100;
 
 #[cfg(test)]
