@@ -62,8 +62,8 @@ if [ "${CONFORMANCE_TLS:-0}" = 1 ]; then
     port=${url#wss://127.0.0.1:}
     port=${port%%/*}
     bridge_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    socat "TCP-LISTEN:$bridge_port,bind=127.0.0.1,fork,reuseaddr" \
-        "OPENSSL:localhost:$port,cafile=$work/certs/ca.pem" 2>"$work/socat.log" &
+    socat "TCP-LISTEN:$bridge_port,bind=127.0.0.1,fork,reuseaddr,nodelay" \
+        "OPENSSL:localhost:$port,cafile=$work/certs/ca.pem,nodelay" 2>"$work/socat.log" &
     bridge=$!
     sleep 0.3
     echo "over TLS: kosoku -> socat (127.0.0.1:$bridge_port) -> $url"
