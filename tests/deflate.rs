@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{PATIENCE, http_exchange, start};
+use common::{PATIENCE, http_exchange, masked_frame, start};
 use ringsocket::app::App;
 use ringsocket::config::Compression;
 use ringsocket::proto::deflate::{DeflateParams, PerMessageDeflate, client_offer};
@@ -282,22 +282,7 @@ async fn past_the_window_budget_clients_negotiate_no_context_takeover() {
 
 /// A masked client frame with RSV1 set (a compressed text message).
 fn compressed_frame(payload: &[u8]) -> Vec<u8> {
-    let key = [7, 1, 3, 5];
-    let mut frame = vec![0xC1];
-    match payload.len() {
-        n if n < 126 => frame.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&key);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    frame
+    masked_frame(0xC1, payload)
 }
 
 /// A 16 MiB bomb in a few KiB: inflating stops at max_message_size and the connection

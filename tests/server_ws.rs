@@ -11,7 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::start;
+use common::{masked_frame, start};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -776,27 +776,6 @@ fn metric(server: &RunningServer, series: &str) -> u64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
-
-/// A client frame written by hand: `first_byte` (FIN, RSV, opcode), the mask bit and
-/// length, a fixed masking key and the masked payload (RFC 6455 §5.2, §5.3).
-fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-    let key = [0x12, 0x34, 0x56, 0x78];
-    let mut out = vec![first_byte];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&key);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    out
 }
 
 /// The cheapest WebSocket client: one write of a handshake, one read of the 101.
