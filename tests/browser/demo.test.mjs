@@ -1,0 +1,356 @@
+// The demo page (clients/demo/index.html, served at /) in headless Chromium against a real
+// `ringsocket serve`: two pages reach "open", chat both ways, see each other's cursors, and
+// page B recovers the messages it missed while its connection was cut.
+//
+// Page A talks to the server directly, page B through a TCP proxy (`TcpProxy`) that the
+// test closes and reopens on the same port: the server keeps running, so its in-memory
+// history is still there when B resubscribes. `checkRecovery` takes the outage as an
+// argument (`proxyOutage` here); a scenario that restarts the server itself with
+// Redis-backed history would pass an outage that stops and starts the server.
+//
+// Run it with tests/browser/run.sh, which installs chromium and playwright-core. Env:
+//   RINGSOCKET_BIN  the server binary (default: target/release/ringsocket at the repo root)
+//   SHOTS_DIR       where screenshots and server.log go (default: target/browser)
+//   CHROMIUM        the browser (default: /usr/bin/chromium)
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createWriteStream, existsSync, mkdirSync } from "node:fs";
+import net from "node:net";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const BIN = process.env.RINGSOCKET_BIN || path.join(ROOT, "target/release/ringsocket");
+const SHOTS = process.env.SHOTS_DIR || path.join(ROOT, "target/browser");
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+// Every wait is for a condition (the DOM, an HTTP answer), with this generous bound.
+const WAIT = 20_000;
+// A reconnect waits for the client's backoff first.
+const RECONNECT_WAIT = 45_000;
+
+// ---- the server ------------------------------------------------------------------------
+
+async function freePort() {
+  const srv = net.createServer();
+  await new Promise((ok, fail) => srv.once("error", fail).listen(0, "127.0.0.1", ok));
+  const { port } = srv.address();
+  await new Promise((ok) => srv.close(ok));
+  return port;
+}
+
+/** `ringsocket serve --bind 127.0.0.1:PORT --set k=v ...`, ready once /healthz answers. */
+async function startServer(port, settings) {
+  assert.ok(existsSync(BIN), `no server binary at ${BIN} (set RINGSOCKET_BIN)`);
+  const args = ["serve", "--bind", `127.0.0.1:${port}`];
+  for (const [key, value] of Object.entries(settings)) args.push("--set", `${key}=${value}`);
+  const log = createWriteStream(path.join(SHOTS, "server.log"), { flags: "a" });
+  log.write(`\n$ ${BIN} ${args.join(" ")}\n`);
+  const proc = spawn(BIN, args, { stdio: ["ignore", "pipe", "pipe"] });
+  proc.stdout.pipe(log, { end: false });
+  proc.stderr.pipe(log, { end: false });
+  let exited = null;
+  const exit = new Promise((ok) => {
+    proc.once("error", (error) => ok((exited = `could not start: ${error.message}`)));
+    proc.once("exit", (code, signal) => ok((exited = `exited with ${signal ?? code}`)));
+  });
+  const url = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    if (exited) throw new Error(`ringsocket serve ${exited}; see ${SHOTS}/server.log`);
+    const up = await fetch(`${url}/healthz`).then((r) => r.ok, () => false);
+    if (up) break;
+    if (Date.now() > deadline) throw new Error(`ringsocket serve: no /healthz within ${WAIT} ms`);
+    await new Promise((ok) => setTimeout(ok, 100)); // the poll's interval
+  }
+  return {
+    port,
+    url,
+    async stop() {
+      if (!exited) {
+        proc.kill("SIGTERM");
+        const kill = setTimeout(() => proc.kill("SIGKILL"), 10_000);
+        await exit;
+        clearTimeout(kill);
+      }
+      log.end();
+    },
+  };
+}
+
+async function publishOverHttp(server, topic, data) {
+  const r = await fetch(`${server.url}/publish/${topic}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(data),
+  });
+  assert.ok(r.ok, `POST /publish/${topic}: ${r.status} ${await r.text()}`);
+}
+
+// ---- the cut: a TCP proxy in front of the server -----------------------------------------
+
+/** 127.0.0.1:port -> 127.0.0.1:target. cut() stops listening and drops every connection
+ *  through it; restore() listens again on the same port. */
+class TcpProxy {
+  constructor(target) {
+    this.target = target;
+    this.port = 0;
+    this.server = null;
+    this.sockets = new Set();
+  }
+
+  async listen() {
+    this.server = net.createServer((client) => {
+      const upstream = net.connect(this.target, "127.0.0.1");
+      const drop = () => {
+        client.destroy();
+        upstream.destroy();
+      };
+      for (const socket of [client, upstream]) {
+        this.sockets.add(socket);
+        socket.once("close", () => this.sockets.delete(socket));
+        socket.on("error", drop);
+      }
+      client.pipe(upstream);
+      upstream.pipe(client);
+    });
+    await new Promise((ok, fail) =>
+      this.server.once("error", fail).listen(this.port, "127.0.0.1", ok),
+    );
+    this.port = this.server.address().port;
+  }
+
+  async cut() {
+    if (!this.server) return;
+    const closed = new Promise((ok) => this.server.close(ok));
+    for (const socket of this.sockets) socket.destroy();
+    await closed;
+    this.server = null;
+  }
+
+  restore() {
+    return this.listen();
+  }
+}
+
+/** The outage of the in-memory scenario: page B's connection is cut at the proxy (new
+ *  connections refused) while the server, and so its history, stays up. */
+function proxyOutage(proxy) {
+  return { cut: () => proxy.cut(), restore: () => proxy.restore() };
+}
+
+// ---- the pages -------------------------------------------------------------------------
+
+let server, proxy, browser, a, b;
+const pageErrors = [];
+
+async function openPage(label, url, viewport) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  page.setDefaultTimeout(WAIT);
+  page.on("pageerror", (error) => pageErrors.push(`page ${label}: ${error.message}`));
+  page.on("console", (msg) => {
+    if (msg.type() === "error") console.log(`# page ${label} console: ${msg.text()}`);
+  });
+  await page.goto(url);
+  return page;
+}
+
+async function screenshots(step) {
+  for (const [label, page] of [["a", a], ["b", b]]) {
+    if (page) await page.screenshot({ path: path.join(SHOTS, `${step}-${label}.png`), fullPage: true });
+  }
+}
+
+const stateOf = (page) => page.locator("#state").getAttribute("data-state");
+
+async function waitForState(page, wanted, timeout = WAIT) {
+  await page.waitForFunction(
+    (s) => document.getElementById("state").dataset.state === s,
+    wanted,
+    { timeout },
+  );
+  assert.equal(await page.locator("#state").textContent(), wanted);
+}
+
+async function setName(page, name) {
+  await page.fill("#name", name);
+  await page.locator("#name").dispatchEvent("change");
+}
+
+/** Types a message and sends it with Enter; the page empties the field on the server's ack. */
+async function say(page, text) {
+  await page.fill("#text", text);
+  await page.press("#text", "Enter");
+  await page.waitForFunction(() => document.getElementById("text").value === "");
+}
+
+const messageTexts = (page) =>
+  page.locator("#messages li").evaluateAll((lis) => lis.map((li) => li.textContent));
+
+async function waitForMessage(page, name, text, timeout = WAIT) {
+  const li = page.locator("#messages li").filter({ hasText: text });
+  await li.first().waitFor({ timeout });
+  assert.equal(await li.count(), 1, `"${text}" shown once`);
+  assert.equal(await li.locator(".name").textContent(), name);
+}
+
+/** The cursor of `name` on `page`, once its position is within 0.01 of (x, y). */
+async function waitForCursorAt(page, name, x, y) {
+  await page.waitForFunction(
+    ([name, x, y]) => {
+      const el = [...document.querySelectorAll("#cursors .cursor")].find(
+        (c) => c.dataset.name === name,
+      );
+      return el && Math.abs(el.dataset.x - x) < 0.01 && Math.abs(el.dataset.y - y) < 0.01;
+    },
+    [name, x, y],
+  );
+  return page.locator(`#cursors .cursor[data-name="${name}"]`);
+}
+
+/** Moves the mouse to the fractions (x, y) of the page's cursor area. */
+async function pointAt(page, x, y) {
+  const box = await page.locator("#cursors").boundingBox();
+  await page.mouse.move(box.x + x * box.width, box.y + y * box.height, { steps: 4 });
+}
+
+// ---- the steps -------------------------------------------------------------------------
+
+// The steps build on each other: after a failure the rest are skipped, with screenshots
+// of the failing step.
+let failed = false;
+function step(name, shot, fn) {
+  test(name, async (t) => {
+    if (failed) return t.skip("an earlier step failed");
+    try {
+      await fn(t);
+    } catch (error) {
+      failed = true;
+      await screenshots(`${shot}-FAILED`).catch(() => {});
+      throw error;
+    } finally {
+      if (!failed) await screenshots(shot);
+    }
+  });
+}
+
+before(async () => {
+  mkdirSync(SHOTS, { recursive: true });
+  server = await startServer(await freePort(), { conflate_topics: "cursors:*" });
+  proxy = new TcpProxy(server.port);
+  await proxy.listen();
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  await proxy?.cut();
+  await server?.stop();
+});
+
+step("both pages load the demo and reach open", "01-open", async () => {
+  a = await openPage("a", `${server.url}/`, { width: 1100, height: 760 });
+  // B is narrow (a phone): the layout becomes one column.
+  b = await openPage("b", `http://127.0.0.1:${proxy.port}/`, { width: 400, height: 900 });
+  for (const page of [a, b]) {
+    await waitForState(page, "open");
+    assert.equal(await page.title(), "ringsocket demo");
+    assert.equal(await page.locator("#recovered").textContent(), "", "no reconnect yet");
+  }
+  const [chat, cursors] = await Promise.all(
+    ["#messages", "#cursors"].map((sel) => b.locator(sel).boundingBox()),
+  );
+  assert.ok(cursors.y >= chat.y + chat.height, "narrow window: the cursor area under the chat");
+  await setName(a, "alice");
+  await setName(b, "bob");
+});
+
+step("chat: A's message shows on B, and B's on A", "02-chat", async () => {
+  await say(a, "hello from alice");
+  await waitForMessage(b, "alice", "hello from alice");
+  await waitForMessage(a, "alice", "hello from alice");
+  await say(b, "hi alice, bob here");
+  await waitForMessage(a, "bob", "hi alice, bob here");
+  await waitForMessage(b, "bob", "hi alice, bob here");
+});
+
+step("cursors: A's pointer shows on B, with A's name, where it is", "03-cursor", async () => {
+  await pointAt(a, 0.3, 0.5);
+  await waitForCursorAt(b, "alice", 0.3, 0.5);
+  await pointAt(a, 0.25, 0.6);
+  const cursor = await waitForCursorAt(b, "alice", 0.25, 0.6);
+  assert.equal(await cursor.textContent(), "alice");
+  // Drawn where it is: the cursor's anchor at (0.25, 0.6) of B's area, give or take 2 %.
+  const area = await b.locator("#cursors").boundingBox();
+  const at = await cursor.boundingBox();
+  assert.ok(Math.abs((at.x - area.x) / area.width - 0.25) < 0.02, `x: ${JSON.stringify({ at, area })}`);
+  assert.ok(Math.abs((at.y - area.y) / area.height - 0.6) < 0.02, `y: ${JSON.stringify({ at, area })}`);
+  // Nobody draws their own cursor; B's pointer shows on A.
+  assert.equal(await a.locator('#cursors .cursor[data-name="alice"]').count(), 0);
+  await pointAt(b, 0.8, 0.2);
+  await waitForCursorAt(a, "bob", 0.8, 0.2);
+});
+
+step("cursors: B drops A's cursor after about 10 s without news", "04-cursor-gone", async () => {
+  // Out of the area (one move event, outside it), so A publishes no more.
+  await a.mouse.move(1, 1);
+  const since = Date.now();
+  await b.locator('#cursors .cursor[data-name="alice"]').waitFor({ state: "detached", timeout: 30_000 });
+  assert.ok(Date.now() - since > 9_000, `dropped after ${Date.now() - since} ms, not ~10 s`);
+});
+
+/** B's connection goes away (`outage.cut()`), `sendWhileCut()` publishes messages that B
+ *  cannot see and returns their texts, the connection comes back (`outage.restore()`), and
+ *  B shows exactly those messages, in order, and says how many it recovered. */
+async function checkRecovery({ outage, sendWhileCut }) {
+  const before = await messageTexts(b);
+  await outage.cut();
+  await b.waitForFunction(() => document.getElementById("state").dataset.state !== "open");
+  await screenshots("05-cut");
+  const texts = await sendWhileCut();
+  assert.deepEqual(await messageTexts(b), before, "B, cut off, shows nothing new");
+  await outage.restore();
+  await waitForState(b, "open", RECONNECT_WAIT);
+  await b.waitForFunction(() => document.getElementById("recovered").textContent !== "");
+  const recovered = b.locator("#recovered");
+  assert.equal(
+    await recovered.textContent(),
+    `${texts.length} messages recovered after the last reconnect`,
+  );
+  assert.equal(await recovered.getAttribute("data-recovered"), "true");
+  assert.equal(await recovered.getAttribute("data-missed"), String(texts.length));
+  await b.waitForFunction((n) => document.querySelectorAll("#messages li").length >= n, before.length + texts.length);
+  const after = await messageTexts(b);
+  assert.deepEqual(after.slice(0, before.length), before, "what B had is still there");
+  const missed = after.slice(before.length);
+  assert.equal(missed.length, texts.length, `no duplicates: ${JSON.stringify(missed)}`);
+  texts.forEach((text, i) => assert.ok(missed[i].includes(text), `#${i}: ${missed[i]} / ${text}`));
+}
+
+step("recovery: B, cut at the proxy, shows what A and POST /publish sent", "06-recovered", async () => {
+  await checkRecovery({
+    outage: proxyOutage(proxy),
+    async sendWhileCut() {
+      await say(a, "sent while bob was away (1)");
+      await publishOverHttp(server, "lobby", { name: "bot", text: "a backend publish" });
+      await waitForMessage(a, "bot", "a backend publish");
+      await say(a, "sent while bob was away (2)");
+      return ["sent while bob was away (1)", "a backend publish", "sent while bob was away (2)"];
+    },
+  });
+  await waitForMessage(b, "bot", "a backend publish");
+  // Live again: a new message from A arrives as usual.
+  await say(a, "welcome back, bob");
+  await waitForMessage(b, "alice", "welcome back, bob");
+  assert.equal(await stateOf(a), "open", "A was never cut");
+});
+
+step("no uncaught errors on either page", "07-end", async () => {
+  assert.deepEqual(pageErrors, []);
+});
