@@ -356,6 +356,16 @@ pub struct Config {
     /// last 32 KiB). Beyond it, new connections negotiate `client_no_context_takeover`
     /// and hold no window. Default 64 MiB.
     pub compression_memory_limit: usize,
+    /// `ringsocket.v1` recovery: publications kept per topic. Default 100. 0: none
+    /// (offsets and epochs still count; a client that missed any gets
+    /// `recovered: false`).
+    pub history_size: usize,
+    /// How long a kept publication is kept, in seconds. Default 300. A topic with no
+    /// publication for this long is forgotten (its next one starts a new epoch).
+    pub history_ttl_secs: u64,
+    /// Bytes of kept publications over every topic. Beyond it the topics published
+    /// longest ago lose theirs. Default 64 MiB.
+    pub history_memory_limit: usize,
 }
 
 impl Default for Config {
@@ -414,6 +424,9 @@ impl Default for Config {
             compression_min_bytes: 256,
             compression_level: 1,
             compression_memory_limit: 64 << 20,
+            history_size: 100,
+            history_ttl_secs: 300,
+            history_memory_limit: 64 << 20,
         }
     }
 }
@@ -431,7 +444,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 53] = [
+pub const FIELDS: [&str; 56] = [
     "bind",
     "workers",
     "io_backend",
@@ -485,7 +498,13 @@ pub const FIELDS: [&str; 53] = [
     "compression_min_bytes",
     "compression_level",
     "compression_memory_limit",
+    "history_size",
+    "history_ttl_secs",
+    "history_memory_limit",
 ];
+
+/// The largest `history_size` accepted.
+pub const MAX_HISTORY_SIZE: usize = 1_000_000;
 
 /// The largest `workers` accepted.
 pub const MAX_WORKERS: usize = 1024;
@@ -619,6 +638,9 @@ impl Config {
             "compression_min_bytes" => self.compression_min_bytes = whole(value)?,
             "compression_level" => self.compression_level = whole(value)?,
             "compression_memory_limit" => self.compression_memory_limit = whole(value)?,
+            "history_size" => self.history_size = whole(value)?,
+            "history_ttl_secs" => self.history_ttl_secs = whole(value)?,
+            "history_memory_limit" => self.history_memory_limit = whole(value)?,
             _ => return Err(format!("unknown setting {field:?}")),
         }
         Ok(name)
@@ -709,6 +731,11 @@ impl Config {
             "compression_min_bytes" => int(self.compression_min_bytes),
             "compression_level" => Value::Integer(i64::from(self.compression_level)),
             "compression_memory_limit" => int(self.compression_memory_limit),
+            "history_size" => int(self.history_size),
+            "history_ttl_secs" => {
+                Value::Integer(i64::try_from(self.history_ttl_secs).unwrap_or(i64::MAX))
+            }
+            "history_memory_limit" => int(self.history_memory_limit),
             _ => return None,
         };
         Some(value.to_string())
@@ -799,6 +826,14 @@ impl Config {
             "max_inbound_memory",
             self.max_inbound_memory,
             64 << 10,
+            usize::MAX,
+        )?;
+        range("history_size", self.history_size, 0, MAX_HISTORY_SIZE)?;
+        range("history_ttl_secs", self.history_ttl_secs, 1, 7 * 86_400)?;
+        range(
+            "history_memory_limit",
+            self.history_memory_limit,
+            0,
             usize::MAX,
         )?;
         if !self.jwt_secret.is_empty() && !self.jwt_public_key.is_empty() {

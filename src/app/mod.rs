@@ -24,6 +24,7 @@
 pub mod access;
 pub mod rooms;
 mod router;
+pub mod v1;
 mod websocket;
 
 use std::future::Future;
@@ -488,6 +489,11 @@ impl Service for App {
 
     fn worker_started(&self, worker: usize, cx: &Context) -> Option<LocalFuture<()>> {
         self.hub.set_metrics_topics(cx.config.metrics_topics);
+        self.hub.set_history(crate::pubsub::HistorySettings {
+            size: cx.config.history_size,
+            ttl: std::time::Duration::from_secs(cx.config.history_ttl_secs),
+            memory_limit: cx.config.history_memory_limit,
+        });
         self.hub.core_task(worker, cx.config.max_outbound_bytes)
     }
 

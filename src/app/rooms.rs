@@ -8,7 +8,7 @@ use super::access::Access;
 use super::{App, Request, WebSocket};
 use crate::metrics::Rejection;
 use crate::proto::{CloseCode, Message, Utf8Bytes};
-use crate::pubsub::{PublishError, Publisher, SubscribeError};
+use crate::pubsub::{Hub, PublishError, Publisher, SubscribeError};
 use crate::runtime::Response;
 
 /// The room `/broadcast` relays to: the one the load generators use.
@@ -21,13 +21,37 @@ impl App {
     /// - `/broadcast`: the same, for the one room [`BROADCAST_ROOM`];
     /// - `POST /publish/{topic}`: the body goes to every subscriber of the topic, as a
     ///   text message unless `Content-Type` is `application/octet-stream`; 202.
+    /// - `/v1`: the `ringsocket.v1` protocol (docs/protocol.md), with recovery;
+    /// - `GET /history/{topic}?since=N&limit=M`: a topic's kept publications, guarded
+    ///   like the publish API;
+    /// - `GET /`: the demo page (a chat room and live cursors), and
+    ///   `GET /ringsocket.js`: the JavaScript client it uses.
     pub fn standard() -> Self {
         let app = Self::echo()
             .websocket("/ws/{room}", |ws| async move {
                 let room = ws.param::<String>("room").unwrap_or_default();
                 relay(ws, &room).await;
             })
-            .websocket("/broadcast", |ws| relay(ws, BROADCAST_ROOM));
+            .websocket("/broadcast", |ws| relay(ws, BROADCAST_ROOM))
+            .websocket("/v1", super::v1::serve)
+            .get("/", |_| async {
+                page(DEMO_PAGE, "text/html; charset=utf-8")
+            })
+            .get("/ringsocket.js", |_| async {
+                page(JS_CLIENT, "text/javascript; charset=utf-8")
+            });
+        let hub = app.hub.clone();
+        let access = app.access.clone();
+        let app = app.get("/history/{topic}", move |req| {
+            let hub = hub.clone();
+            let access = access.get().cloned().unwrap_or_default();
+            async move {
+                match access.check_publish(req.head(), req.peer()) {
+                    Ok(()) => history(&hub, &access, &req),
+                    Err(refused) => refused,
+                }
+            }
+        });
         let publisher = app.publisher();
         let access = app.access.clone();
         let mut app = app.post("/publish/{topic}", move |req| {
@@ -75,6 +99,79 @@ pub async fn relay(ws: WebSocket, room: &str) {
             break;
         }
     }
+}
+
+/// The demo page, embedded at build time.
+const DEMO_PAGE: &str = include_str!("../../clients/demo/index.html");
+
+/// The JavaScript client (clients/js), embedded at build time.
+const JS_CLIENT: &str = include_str!("../../clients/js/ringsocket.js");
+
+/// An embedded file, revalidated by its length (it changes only with the binary).
+fn page(body: &'static str, content_type: &str) -> Response {
+    let mut response = Response::text(200, body);
+    response.content_type = content_type.to_owned();
+    response
+        .with_header("Cache-Control", "no-cache")
+        .with_header("X-Content-Type-Options", "nosniff")
+}
+
+/// `GET /history/{topic}?since=N&limit=M`: 200 with the topic's position and its kept
+/// publications after `since` (docs/protocol.md).
+fn history(hub: &Hub, access: &Access, req: &Request) -> Response {
+    let Some(topic) = req.param::<String>("topic") else {
+        return Response::error(400, "missing topic");
+    };
+    if let Err(why) = access.check_topic_name(&topic) {
+        access.rejected(Rejection::TopicName);
+        return Response::error(400, &why);
+    }
+    let max = hub.history_settings().size;
+    let mut since = 0u64;
+    let mut limit = max;
+    for (name, value) in query_pairs(req.head().query().unwrap_or_default()) {
+        let bad =
+            |what: &str| Response::error(400, &format!("{name} must be {what}, got {value:?}"));
+        match name {
+            "since" => match value.parse() {
+                Ok(n) => since = n,
+                Err(_) => return bad("a whole number"),
+            },
+            "limit" => match value.parse::<usize>() {
+                Ok(n) => limit = n.min(max),
+                Err(_) => return bad("a whole number"),
+            },
+            _ => {}
+        }
+    }
+    let page = hub.history_page(&topic, since, limit);
+    let mut body =
+        String::with_capacity(96 + page.publications.iter().map(Bytes::len).sum::<usize>());
+    body.push_str(r#"{"topic":"#);
+    body.push_str(&serde_json::to_string(&topic).unwrap_or_default());
+    body.push_str(r#","epoch":"#);
+    body.push_str(&serde_json::to_string(&*page.position.epoch).unwrap_or_default());
+    body.push_str(&format!(
+        r#","offset":{},"recovered":{},"publications":["#,
+        page.position.offset, page.recovered
+    ));
+    for (i, publication) in page.publications.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        // Made here from JSON: always UTF-8.
+        body.push_str(std::str::from_utf8(publication).unwrap_or("null"));
+    }
+    body.push_str("]}\n");
+    Response::json(200, body)
+}
+
+/// `a=1&b=2` as pairs (no percent-decoding: the values read here are numbers).
+fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
 }
 
 /// `POST /publish/{topic}`.

@@ -97,6 +97,21 @@ impl WebSocket {
         Ok(())
     }
 
+    /// The session under this handle (the pubsub layer's entry points take it).
+    pub(crate) fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Counts a refusal in `ringsocket_rejections_total`.
+    pub(crate) fn rejected(&self, why: Rejection) {
+        self.access.rejected(why);
+    }
+
+    /// `max_topics_per_connection`.
+    pub(crate) fn max_topics(&self) -> usize {
+        self.access.max_topics()
+    }
+
     /// Background jobs for this connection; they start at once on the executor.
     pub fn tasks(&self) -> &BackgroundTasks {
         &self.tasks

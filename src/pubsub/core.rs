@@ -14,8 +14,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::conflation::{self, MAX_HELD_KEYS, crossed_power_of_two, session_key};
+use super::history::Since;
 use super::registry::{Mode, Registry, SessionId, SubscribeError};
-use super::{Delivery, Hub, PublishError, encode_message, valid_topic};
+use super::{Delivery, Hub, Position, PublishError, public_name, v1_name, valid_topic};
 use crate::proto::Message;
 use crate::runtime::Session;
 
@@ -132,7 +133,115 @@ pub fn topic_count(session: &Session) -> usize {
 
 /// The topics `session` is subscribed to.
 pub fn topics_of(session: &Session) -> Vec<String> {
-    with_core(|core| core.registry.topics_of(SessionId::of(session))).unwrap_or_default()
+    let mut topics =
+        with_core(|core| core.registry.topics_of(SessionId::of(session))).unwrap_or_default();
+    for topic in &mut topics {
+        if public_name(topic).len() != topic.len() {
+            *topic = public_name(topic).to_owned();
+        }
+    }
+    topics
+}
+
+/// A `ringsocket.v1` subscription, as [`subscribe_v1`] made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Subscribed {
+    /// Where the subscription starts: the last offset this connection's core delivered
+    /// of the topic, and the topic's epoch.
+    pub position: Position,
+    /// Whether every publication after `since` was queued (false without `since`).
+    pub recovered: bool,
+    /// Publications after `since` queued from the history (after the reply).
+    pub missed: usize,
+    /// Whether the topic is conflated (its offsets skip by design).
+    pub conflated: bool,
+}
+
+/// Subscribes `session` to the `ringsocket.v1` side of `topic`: queues the reply that
+/// `reply` makes from the subscription, then the publications after `since` that this
+/// core delivered already (from the history), then registers the session, all in one
+/// turn of the core: every later publication reaches it through the core's inbox, so
+/// nothing is missed or sent twice. A repeated subscription queues the reply and the
+/// recovered publications again.
+pub fn subscribe_v1(
+    session: &Session,
+    topic: &str,
+    since: Option<&Since>,
+    reply: impl FnOnce(&V1Subscribed) -> Message,
+) -> Result<V1Subscribed, SubscribeError> {
+    if !valid_topic(topic) {
+        return Err(SubscribeError::BadTopic);
+    }
+    if !session.is_accepted() {
+        return Err(SubscribeError::NotAccepted);
+    }
+    let id = SessionId::of(session);
+    let name = v1_name(topic);
+    with_core(|core| {
+        let hub = core.hub.clone();
+        let conflated = hub.conflation_window(topic).is_some();
+        let (subscribed, frames) = hub.history.with_topic(topic, |log| {
+            let position = log.position_on(core.index);
+            let recovery = since.map(|since| log.since(since, position.offset, usize::MAX));
+            let frames = recovery
+                .as_ref()
+                .map(|r| r.frames.clone())
+                .unwrap_or_default();
+            let subscribed = V1Subscribed {
+                position,
+                recovered: recovery.is_some_and(|r| r.recovered),
+                missed: frames.len(),
+                conflated,
+            };
+            (subscribed, frames)
+        });
+        if core.registry.topic_count(id) >= super::MAX_TOPICS_PER_SESSION
+            && !core.registry.topics_of(id).contains(&name)
+        {
+            return Err(SubscribeError::TooManyTopics);
+        }
+        // Nothing else runs on this core until the registration below: no delivery
+        // falls between the recovered publications and the live ones.
+        let _ = session.send(reply(&subscribed));
+        for frame in frames {
+            let _ = session.send_frame(frame);
+        }
+        let (_, first) = core.registry.subscribe(session, &name)?;
+        if first {
+            session.on_teardown(Box::new(move || {
+                with_core(|core| core.registry.remove_session(id));
+            }));
+        }
+        if since.is_some() {
+            let counter = if subscribed.recovered {
+                &hub.metrics.recovered
+            } else {
+                &hub.metrics.not_recovered
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(subscribed)
+    })
+    .ok_or(SubscribeError::NotRunning)?
+}
+
+/// Unsubscribes `session` from the `ringsocket.v1` side of `topic`. Returns whether it
+/// was subscribed.
+pub fn unsubscribe_v1(session: &Session, topic: &str) -> bool {
+    unsubscribe(session, &v1_name(topic))
+}
+
+/// Publishes `data` (one JSON value, checked by the caller) from a `ringsocket.v1`
+/// connection to every subscriber of `topic` (raw ones get `data` as a text message),
+/// the sender included if subscribed. Returns the publication's position.
+pub fn publish_v1(
+    session: &Session,
+    topic: &str,
+    data: &str,
+    key: Option<Bytes>,
+) -> Result<Position, PublishError> {
+    let message = Message::Text(data.to_owned().into());
+    publish_session(session, topic, &message, key, true, true)
 }
 
 /// Publishes from a session's handler: delivered on this core at once, sent to the
@@ -145,28 +254,68 @@ pub fn publish_from_session(
     key: Option<Bytes>,
     include_self: bool,
 ) -> Result<(), PublishError> {
+    publish_session(session, topic, message, key, include_self, false).map(|_| ())
+}
+
+fn publish_session(
+    session: &Session,
+    topic: &str,
+    message: &Message,
+    key: Option<Bytes>,
+    include_self: bool,
+    known_json: bool,
+) -> Result<Position, PublishError> {
     if !valid_topic(topic) {
         return Err(PublishError::BadTopic);
     }
-    let frame = encode_message(message);
     let id = SessionId::of(session);
     with_core(|core| {
-        let delivery = Arc::new(Delivery {
-            topic: topic.into(),
-            frame,
-            key: key.unwrap_or_else(|| session_key(core.index, id)),
-            exclude: (!include_self).then_some((core.index, id)),
-        });
-        core.deliver(&delivery);
-        core.flush_counters();
-        core.hub.publish(delivery, Some(core.index))
+        let hub = core.hub.clone();
+        let key = key.unwrap_or_else(|| session_key(core.index, id));
+        let exclude = (!include_self).then_some((core.index, id));
+        let (sent, position) = hub.record(
+            topic,
+            message,
+            known_json,
+            key,
+            exclude,
+            |delivery, recorded| {
+                // Delivered here at once when this core has delivered every earlier
+                // publication of the topic; otherwise some wait in its inbox, and this
+                // one goes behind them, to keep the offsets in order.
+                let in_order = recorded
+                    .delivered
+                    .get(core.index)
+                    .is_none_or(|d| d.load(Ordering::Acquire) + 1 == recorded.offset);
+                if in_order {
+                    core.deliver(&delivery);
+                    core.flush_counters();
+                    hub.publish(delivery, Some(core.index))
+                } else {
+                    hub.publish(delivery, None)
+                }
+            },
+        );
+        sent.map(|()| position)
     })
     .ok_or(PublishError::NotRunning)?
 }
 
 impl Core {
-    /// Queues `delivery` to this core's subscribers of its topic.
+    /// Queues `delivery` to this core's subscribers of its topic, raw and
+    /// `ringsocket.v1`, and notes its offset as delivered here.
     fn deliver(&mut self, delivery: &Delivery) {
+        self.deliver_side(delivery);
+        if let Some(v1) = &delivery.v1 {
+            if let Some(delivered) = v1.delivered.get(self.index) {
+                delivered.store(v1.offset, Ordering::Release);
+            }
+            self.deliver_side(&v1.delivery);
+        }
+    }
+
+    /// Queues one side of a publication to its subscribers on this core.
+    fn deliver_side(&mut self, delivery: &Delivery) {
         let Some(topic) = self.registry.topic_mut(&delivery.topic) else {
             return;
         };

@@ -85,6 +85,7 @@
 mod conflation;
 mod core;
 mod fanout;
+mod history;
 mod registry;
 
 use std::collections::HashMap;
@@ -107,7 +108,15 @@ use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
 pub use self::conflation::{MAX_CONFLATION_KEYS, MAX_HELD_KEYS};
-pub use self::core::{publish_from_session, subscribe, topic_count, topics_of, unsubscribe};
+pub use self::core::{
+    V1Subscribed, publish_from_session, publish_v1, subscribe, subscribe_v1, topic_count,
+    topics_of, unsubscribe, unsubscribe_v1,
+};
+pub use self::history::{
+    DEFAULT_HISTORY_MEMORY_LIMIT, DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, HistorySettings,
+    Position, Since,
+};
+use self::history::{History, Recorded};
 use self::registry::SessionId;
 pub use self::registry::{MAX_TOPICS_PER_SESSION, SubscribeError};
 
@@ -166,6 +175,43 @@ pub(crate) struct Delivery {
     pub(crate) key: Bytes,
     /// A session to skip: `(core, session)` of a sender that asked not to get it.
     pub(crate) exclude: Option<(usize, SessionId)>,
+    /// The same publication for `ringsocket.v1` subscribers (none on a delivery that
+    /// is itself that side).
+    pub(crate) v1: Option<Box<V1Side>>,
+}
+
+/// The `ringsocket.v1` side of a publication: its own delivery (registry name, frame)
+/// and its offset, which the delivering core notes (see `history`).
+pub(crate) struct V1Side {
+    pub(crate) delivery: Delivery,
+    pub(crate) offset: u64,
+    pub(crate) delivered: Arc<[AtomicU64]>,
+}
+
+/// What the registries of the cores call the `ringsocket.v1` side of `topic` (a name no
+/// client can give: topic rules do not allow a NUL).
+pub(crate) fn v1_name(topic: &str) -> String {
+    format!("{V1_PREFIX}{topic}")
+}
+
+const V1_PREFIX: &str = "\u{0}v1:";
+
+/// The topic a registry name stands for (its `ringsocket.v1` side's name included).
+pub(crate) fn public_name(name: &str) -> &str {
+    name.strip_prefix(V1_PREFIX).unwrap_or(name)
+}
+
+/// A page of a topic's history ([`Hub::history_page`]).
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// The topic's last offset and its epoch.
+    pub position: Position,
+    /// Whether the publications after `since` are all still kept (those beyond the
+    /// limit included).
+    pub recovered: bool,
+    /// The publications, oldest first: each the JSON text of a `ringsocket.v1`
+    /// publication (`{"type":"pub","topic":…,"offset":…,"epoch":…,"data":…}`).
+    pub publications: Vec<Bytes>,
 }
 
 /// Why a publish did not happen.
@@ -209,6 +255,10 @@ pub(crate) struct PubsubMetrics {
     pub(crate) conflation_early_flushes: AtomicU64,
     pub(crate) conflation_dropped: AtomicU64,
     pub(crate) from_broker: AtomicU64,
+    /// `ringsocket.v1` subscriptions with `since` that recovered everything.
+    pub(crate) recovered: AtomicU64,
+    /// `ringsocket.v1` subscriptions with `since` that could not.
+    pub(crate) not_recovered: AtomicU64,
 }
 
 /// The process-wide side of pubsub: the cores' inboxes, subscriber counts, conflation
@@ -227,6 +277,8 @@ pub struct Hub {
     broker: OnceLock<Arc<dyn Broker>>,
     /// Topics with a label of their own in `/metrics` (`metrics_topics`).
     metrics_topics: AtomicUsize,
+    /// Offsets, epochs and kept publications per topic (`ringsocket.v1`).
+    history: History,
     pub(crate) metrics: PubsubMetrics,
 }
 
@@ -257,8 +309,71 @@ impl Hub {
             conflation: Mutex::new(Vec::new()),
             broker: OnceLock::new(),
             metrics_topics: AtomicUsize::new(DEFAULT_METRICS_TOPICS),
+            history: History::default(),
             metrics: PubsubMetrics::default(),
         }
+    }
+
+    /// Sets the history's bounds (`history_size`, `history_ttl_secs`,
+    /// `history_memory_limit`); the app does it when a server starts.
+    pub fn set_history(&self, settings: HistorySettings) {
+        self.history
+            .configure(settings, self.inboxes.get().map_or(0, Vec::len));
+    }
+
+    /// The history's bounds.
+    pub fn history_settings(&self) -> HistorySettings {
+        self.history.settings()
+    }
+
+    /// Records `message` in `topic`'s history and runs `send` with its delivery (both
+    /// sides: raw and `ringsocket.v1`), the topic's lock held so that every core gets
+    /// the topic's publications in offset order. `known_json`: the text is one JSON
+    /// value already (a `ringsocket.v1` client's `data`).
+    pub(crate) fn record<R>(
+        &self,
+        topic: &str,
+        message: &Message,
+        known_json: bool,
+        key: Bytes,
+        exclude: Option<(usize, SessionId)>,
+        send: impl FnOnce(Arc<Delivery>, &Recorded) -> R,
+    ) -> (R, Position) {
+        let frame = encode_message(message);
+        self.history.record(topic, message, known_json, |recorded| {
+            let v1 = V1Side {
+                delivery: Delivery {
+                    topic: recorded.v1_name.clone(),
+                    frame: recorded.frame.clone(),
+                    key: key.clone(),
+                    exclude,
+                    v1: None,
+                },
+                offset: recorded.offset,
+                delivered: recorded.delivered.clone(),
+            };
+            let delivery = Arc::new(Delivery {
+                topic: topic.into(),
+                frame,
+                key,
+                exclude,
+                v1: Some(Box::new(v1)),
+            });
+            send(delivery, &recorded)
+        })
+    }
+
+    /// `GET /history/{topic}`: the topic's position and up to `limit` publications
+    /// after `since` (whether every one after it is still kept).
+    pub fn history_page(&self, topic: &str, since: u64, limit: usize) -> HistoryPage {
+        self.history.with_topic(topic, |log| {
+            let (position, recovered, frames) = log.page(since, limit);
+            HistoryPage {
+                position,
+                recovered,
+                publications: frames.iter().map(history::frame_json).collect(),
+            }
+        })
     }
 
     /// Makes `pattern` a conflated topic (see the module docs): an exact topic name, or
@@ -323,6 +438,7 @@ impl Hub {
                 .to_owned()
         })?;
         *receivers = rxs;
+        self.history.configure(self.history.settings(), workers);
         let _ = self
             .per_core
             .set((0..workers).map(|_| AtomicU64::new(0)).collect());
@@ -409,12 +525,16 @@ impl Hub {
 
     /// Counts a subscription on `core`; the first one in the process subscribes the
     /// broker.
-    pub(crate) fn directory_add(&self, core: usize, topic: &Arc<str>) {
+    pub(crate) fn directory_add(&self, core: usize, name: &Arc<str>) {
         if let Some(counter) = self.per_core.get().and_then(|c| c.get(core)) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+        let topic = public_name(name);
         let mut directory = lock(&self.directory);
-        let count = directory.entry(topic.clone()).or_insert(0);
+        let count = match directory.get_mut(topic) {
+            Some(count) => count,
+            None => directory.entry(Arc::from(topic)).or_insert(0),
+        };
         *count += 1;
         if *count == 1 {
             if let Some(broker) = self.broker.get() {
@@ -425,10 +545,11 @@ impl Hub {
 
     /// Counts an unsubscription on `core`; the last one in the process unsubscribes
     /// the broker.
-    pub(crate) fn directory_remove(&self, core: usize, topic: &str) {
+    pub(crate) fn directory_remove(&self, core: usize, name: &str) {
         if let Some(counter) = self.per_core.get().and_then(|c| c.get(core)) {
             counter.fetch_sub(1, Ordering::Relaxed);
         }
+        let topic = public_name(name);
         let mut directory = lock(&self.directory);
         if let Some(count) = directory.get_mut(topic) {
             *count -= 1;
@@ -503,6 +624,35 @@ impl Collector for Hub {
         ] {
             counter(e, name, help, load(value))?;
         }
+        family(
+            e,
+            "v1_recoveries",
+            "ringsocket.v1 subscriptions with since: recovered (every missed publication sent) or not (history lost or too short).",
+            MetricType::Counter,
+            "result",
+            vec![
+                ("recovered".to_owned(), load(&m.recovered)),
+                ("not_recovered".to_owned(), load(&m.not_recovered)),
+            ],
+        )?;
+        gauge(
+            e,
+            "history_bytes",
+            "Bytes of publications kept for recovery, over every topic (bounded by history_memory_limit).",
+            self.history.bytes() as u64,
+        )?;
+        gauge(
+            e,
+            "history_topics",
+            "Topics with offsets and an epoch in this process's history.",
+            self.history.topics() as u64,
+        )?;
+        counter(
+            e,
+            "history_evictions",
+            "Topics that lost their kept publications to history_memory_limit.",
+            load(&self.history.evicted),
+        )?;
         let rows: Vec<(String, u64)> = lock(&self.directory)
             .iter()
             .map(|(topic, n)| (topic.to_string(), *n as u64))
@@ -573,18 +723,26 @@ impl Publisher {
         key: Bytes,
         message: Message,
     ) -> Result<(), PublishError> {
+        self.publish_at(topic, key, &message).map(|_| ())
+    }
+
+    /// Publishes like [`Publisher::publish_keyed`] and returns the publication's
+    /// position in the topic (its offset and epoch).
+    pub fn publish_at(
+        &self,
+        topic: &str,
+        key: Bytes,
+        message: &Message,
+    ) -> Result<Position, PublishError> {
         if !valid_topic(topic) {
             return Err(PublishError::BadTopic);
         }
-        self.hub.publish(
-            Arc::new(Delivery {
-                topic: topic.into(),
-                frame: encode_message(&message),
-                key,
-                exclude: None,
-            }),
-            None,
-        )
+        let (sent, position) = self
+            .hub
+            .record(topic, message, false, key, None, |delivery, _| {
+                self.hub.publish(delivery, None)
+            });
+        sent.map(|()| position)
     }
 
     /// Subscribers to `topic` in this process.
@@ -600,19 +758,27 @@ impl Publisher {
             if !valid_topic(&inbound.topic) {
                 return;
             }
-            let opcode = match inbound.kind {
-                Kind::Text => OpCode::Text,
-                Kind::Binary => OpCode::Binary,
+            let message = match inbound.kind {
+                Kind::Text => match crate::proto::Utf8Bytes::try_from(inbound.payload) {
+                    Ok(text) => Message::Text(text),
+                    Err(_) => {
+                        // The broker checks its envelopes; never from ours.
+                        tracing::debug!(topic = %inbound.topic, "broker text message is not UTF-8: dropped");
+                        return;
+                    }
+                },
+                Kind::Binary => Message::Binary(inbound.payload),
             };
             hub.metrics.from_broker.fetch_add(1, Ordering::Relaxed);
-            let _ = hub.fan_out(
-                Arc::new(Delivery {
-                    topic: inbound.topic.as_str().into(),
-                    frame: encode_server_frame(opcode, &inbound.payload),
-                    key: Bytes::new(),
-                    exclude: None,
-                }),
+            hub.record(
+                &inbound.topic,
+                &message,
+                false,
+                Bytes::new(),
                 None,
+                |delivery, _| {
+                    let _ = hub.fan_out(delivery, None);
+                },
             );
         })
     }

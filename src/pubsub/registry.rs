@@ -159,7 +159,7 @@ impl Registry {
             Some((name, _)) => name.clone(),
             None => {
                 let name: Arc<str> = topic.into();
-                let mode = match self.hub.conflation_window(topic) {
+                let mode = match self.hub.conflation_window(super::public_name(topic)) {
                     Some(window) => Mode::Conflated(Conflation::new(window)),
                     None => Mode::Plain(Fanout::new()),
                 };

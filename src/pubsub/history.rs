@@ -1,0 +1,663 @@
+//! Per-topic offsets, epochs and the last publications, for `ringsocket.v1` clients
+//! (docs/protocol.md): what a reconnecting client recovers from.
+//!
+//! Every publish to a topic, from anywhere (a connection, `POST /publish`, another
+//! process), is recorded here once, in the process, before it is fanned out: it gets the
+//! topic's next offset, and its `ringsocket.v1` frame (the JSON envelope with `topic`,
+//! `offset`, `epoch`, `data`) is encoded once and kept for `history_size` publications
+//! and `history_ttl_secs`. The fan-out to the cores' inboxes happens while the topic's
+//! lock is held, so every core receives a topic's publications in offset order.
+//!
+//! No gap, no duplicate on recovery: each core notes the last offset it delivered of
+//! each topic (`delivered`, one atomic per core, written only by that core). A
+//! subscription made on core C is served, from the history, the publications after
+//! `since` up to that offset, and is registered before the core runs anything else:
+//! every later publication reaches it through the core's inbox, in order.
+//!
+//! Bounds: `history_size` per topic, `history_ttl_secs` per publication, and
+//! `history_memory_limit` over every topic (beyond it the topics published longest ago
+//! lose their kept publications; their offsets and epochs stay, so a client behind
+//! them is told `recovered: false`). A topic whose publications have all expired and
+//! that saw no activity for `history_ttl_secs` is forgotten: its next publication starts
+//! a new epoch at offset 1.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+
+use super::lock;
+use crate::proto::conn::encode_server_frame;
+use crate::proto::frame::split_unmasked_frame;
+use crate::proto::{Message, OpCode};
+
+/// Publications kept per topic when no server said otherwise (`history_size`).
+pub const DEFAULT_HISTORY_SIZE: usize = 100;
+/// How long a publication is kept when no server said otherwise (`history_ttl_secs`).
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(300);
+/// Bytes kept over every topic when no server said otherwise (`history_memory_limit`).
+pub const DEFAULT_HISTORY_MEMORY_LIMIT: usize = 64 << 20;
+
+/// Bookkeeping bytes counted per kept publication besides its frame.
+const ENTRY_OVERHEAD: usize = 48;
+
+/// The history's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistorySettings {
+    /// Publications kept per topic (0: none; offsets and epochs still count).
+    pub size: usize,
+    /// How long each is kept.
+    pub ttl: Duration,
+    /// Bytes kept over every topic.
+    pub memory_limit: usize,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self {
+            size: DEFAULT_HISTORY_SIZE,
+            ttl: DEFAULT_HISTORY_TTL,
+            memory_limit: DEFAULT_HISTORY_MEMORY_LIMIT,
+        }
+    }
+}
+
+/// A topic's position: the last offset (0 before the first publication) and its epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The offset of the last publication.
+    pub offset: u64,
+    /// The topic's epoch: changes whenever its offsets start again.
+    pub epoch: Arc<str>,
+}
+
+/// Where a `ringsocket.v1` client says it stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    /// The offset of the last publication it handled.
+    pub offset: u64,
+    /// The epoch of that publication.
+    pub epoch: String,
+}
+
+/// What the history could give after a [`Since`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Whether every publication after `since` is in `frames` (same epoch, still kept).
+    pub recovered: bool,
+    /// The publications after `since`, oldest first, as `ringsocket.v1` frames.
+    pub frames: Vec<Bytes>,
+}
+
+/// One kept publication.
+struct Entry {
+    offset: u64,
+    at: Instant,
+    /// The `ringsocket.v1` frame (a text frame holding the envelope).
+    frame: Bytes,
+}
+
+/// One topic's offsets and kept publications.
+pub(crate) struct TopicLog {
+    epoch: Arc<str>,
+    /// The offset of the last publication (0: none yet).
+    top: u64,
+    entries: VecDeque<Entry>,
+    /// Bytes of `entries`, as counted in the history's total.
+    bytes: usize,
+    /// The last publication or subscription.
+    active: Instant,
+    /// The last offset each core delivered (written by that core only).
+    delivered: Arc<[AtomicU64]>,
+    /// The name `ringsocket.v1` subscribers are registered under on each core.
+    v1_name: Arc<str>,
+}
+
+/// The `ringsocket.v1` side of one publication, fanned out with it.
+pub(crate) struct Recorded {
+    /// The topic's registry name for `ringsocket.v1` subscribers.
+    pub(crate) v1_name: Arc<str>,
+    /// The `ringsocket.v1` frame.
+    pub(crate) frame: Bytes,
+    /// Its offset.
+    pub(crate) offset: u64,
+    /// Each core's last delivered offset: the core delivering it writes its own.
+    pub(crate) delivered: Arc<[AtomicU64]>,
+}
+
+impl TopicLog {
+    /// The topic's position as core `core` has delivered it: what a subscription made
+    /// there now starts after.
+    pub(crate) fn position_on(&self, core: usize) -> Position {
+        let offset = self
+            .delivered
+            .get(core)
+            .map_or(self.top, |d| d.load(Ordering::Acquire));
+        Position {
+            offset,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    /// The topic's position.
+    pub(crate) fn position(&self) -> Position {
+        Position {
+            offset: self.top,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    /// The publications after `since` up to offset `upto`, at most `limit`.
+    pub(crate) fn since(&self, since: &Since, upto: u64, limit: usize) -> Recovery {
+        if *since.epoch != *self.epoch || since.offset > self.top {
+            return Recovery {
+                recovered: false,
+                frames: Vec::new(),
+            };
+        }
+        let wanted = upto.saturating_sub(since.offset);
+        let frames: Vec<Bytes> = self
+            .entries
+            .iter()
+            .filter(|e| e.offset > since.offset && e.offset <= upto)
+            .take(limit)
+            .map(|e| e.frame.clone())
+            .collect();
+        Recovery {
+            recovered: frames.len() as u64 == wanted,
+            frames,
+        }
+    }
+
+    /// `GET /history`: the position, whether every publication after `since` is still
+    /// kept, and up to `limit` of them.
+    pub(crate) fn page(&self, since: u64, limit: usize) -> (Position, bool, Vec<Bytes>) {
+        let kept = since >= self.top
+            || self
+                .entries
+                .front()
+                .is_some_and(|first| first.offset <= since + 1);
+        let frames = self
+            .entries
+            .iter()
+            .filter(|e| e.offset > since)
+            .take(limit)
+            .map(|e| e.frame.clone())
+            .collect();
+        (self.position(), kept, frames)
+    }
+
+    /// Records a publication of `data` (a JSON value; `base64` when it encodes a binary
+    /// message) at `now`, returns its `ringsocket.v1` side and the bytes the history
+    /// grew by (negative when old entries went).
+    fn record(
+        &mut self,
+        topic: &str,
+        data: &[u8],
+        base64: bool,
+        now: Instant,
+        settings: &HistorySettings,
+    ) -> (Recorded, isize) {
+        self.top += 1;
+        self.active = now;
+        let frame = envelope(topic, self.top, &self.epoch, data, base64);
+        let before = self.bytes;
+        if settings.size > 0 {
+            self.bytes += frame.len() + ENTRY_OVERHEAD;
+            self.entries.push_back(Entry {
+                offset: self.top,
+                at: now,
+                frame: frame.clone(),
+            });
+        }
+        self.prune(now, settings);
+        let grew = self.bytes as isize - before as isize;
+        (
+            Recorded {
+                v1_name: self.v1_name.clone(),
+                frame,
+                offset: self.top,
+                delivered: self.delivered.clone(),
+            },
+            grew,
+        )
+    }
+
+    /// Drops what is beyond `size` or older than `ttl`; returns the bytes freed.
+    fn prune(&mut self, now: Instant, settings: &HistorySettings) -> usize {
+        let before = self.bytes;
+        while let Some(first) = self.entries.front() {
+            let old = now.saturating_duration_since(first.at) > settings.ttl;
+            if self.entries.len() <= settings.size && !old {
+                break;
+            }
+            self.bytes -= first.frame.len() + ENTRY_OVERHEAD;
+            self.entries.pop_front();
+        }
+        before - self.bytes
+    }
+
+    /// Drops every kept publication; returns the bytes freed.
+    fn clear(&mut self) -> usize {
+        self.entries.clear();
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+/// Every topic's log, in one process.
+pub(crate) struct History {
+    topics: Mutex<HashMap<Arc<str>, Arc<Mutex<TopicLog>>>>,
+    settings: Mutex<HistorySettings>,
+    /// Bytes kept over every topic.
+    bytes: AtomicUsize,
+    /// Cores of the server (the length of each topic's `delivered`).
+    cores: AtomicUsize,
+    last_sweep: Mutex<Instant>,
+    /// Topics that lost their kept publications to `memory_limit`.
+    pub(crate) evicted: AtomicU64,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            topics: Mutex::new(HashMap::new()),
+            settings: Mutex::new(HistorySettings::default()),
+            bytes: AtomicUsize::new(0),
+            cores: AtomicUsize::new(0),
+            last_sweep: Mutex::new(Instant::now()),
+            evicted: AtomicU64::new(0),
+        }
+    }
+}
+
+impl History {
+    /// Sets the bounds (before serving) and the number of cores.
+    pub(crate) fn configure(&self, settings: HistorySettings, cores: usize) {
+        *lock(&self.settings) = settings;
+        self.cores.store(cores, Ordering::Relaxed);
+    }
+
+    pub(crate) fn settings(&self) -> HistorySettings {
+        *lock(&self.settings)
+    }
+
+    /// Bytes kept over every topic.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Topics with a log.
+    pub(crate) fn topics(&self) -> usize {
+        lock(&self.topics).len()
+    }
+
+    /// Runs `f` on the log of `topic` (made, with a new epoch, if there is none), with
+    /// the topic's lock held: what `f` fans out reaches every core in offset order.
+    pub(crate) fn with_topic<R>(&self, topic: &str, f: impl FnOnce(&mut TopicLog) -> R) -> R {
+        let now = Instant::now();
+        self.sweep(now);
+        let log = {
+            let mut topics = lock(&self.topics);
+            match topics.get(topic) {
+                Some(log) => log.clone(),
+                None => {
+                    let cores = self.cores.load(Ordering::Relaxed);
+                    let log = Arc::new(Mutex::new(TopicLog {
+                        epoch: new_epoch(),
+                        top: 0,
+                        entries: VecDeque::new(),
+                        bytes: 0,
+                        active: now,
+                        delivered: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+                        v1_name: super::v1_name(topic).into(),
+                    }));
+                    topics.insert(topic.into(), log.clone());
+                    log
+                }
+            }
+        };
+        let mut log = lock(&log);
+        log.active = now;
+        let settings = self.settings();
+        let freed = log.prune(now, &settings);
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
+        f(&mut log)
+    }
+
+    /// Records a publication of `message` to `topic` and runs `fan_out` with its
+    /// `ringsocket.v1` side, the topic's lock held. Returns what `fan_out` returned and
+    /// the publication's position.
+    pub(crate) fn record<R>(
+        &self,
+        topic: &str,
+        message: &Message,
+        known_json: bool,
+        fan_out: impl FnOnce(Recorded) -> R,
+    ) -> (R, Position) {
+        let settings = self.settings();
+        let (data, base64) = data_of(message, known_json);
+        let (out, position, grew) = self.with_topic(topic, |log| {
+            let (recorded, grew) = log.record(topic, &data, base64, Instant::now(), &settings);
+            let position = Position {
+                offset: recorded.offset,
+                epoch: log.epoch.clone(),
+            };
+            (fan_out(recorded), position, grew)
+        });
+        let total = if grew >= 0 {
+            self.bytes.fetch_add(grew as usize, Ordering::Relaxed) + grew as usize
+        } else {
+            let freed = grew.unsigned_abs();
+            self.bytes.fetch_sub(freed, Ordering::Relaxed) - freed
+        };
+        if total > settings.memory_limit {
+            self.evict(settings.memory_limit);
+        }
+        (out, position)
+    }
+
+    /// Clears the topics published longest ago until the total is under 7/8 of
+    /// `limit` (a little room, so that the next publishes do not evict again at once).
+    fn evict(&self, limit: usize) {
+        let mut by_age: Vec<(Instant, Arc<Mutex<TopicLog>>)> = lock(&self.topics)
+            .values()
+            .filter_map(|log| {
+                let at = log.try_lock().ok()?.active;
+                Some((at, log.clone()))
+            })
+            .collect();
+        by_age.sort_by_key(|(at, _)| *at);
+        let goal = limit / 8 * 7;
+        let mut cleared = 0u64;
+        for (_, log) in by_age {
+            if self.bytes() <= goal {
+                break;
+            }
+            let Ok(mut log) = log.try_lock() else {
+                continue;
+            };
+            let freed = log.clear();
+            if freed > 0 {
+                cleared += 1;
+                self.bytes.fetch_sub(freed, Ordering::Relaxed);
+            }
+        }
+        let before = self.evicted.fetch_add(cleared, Ordering::Relaxed);
+        if cleared > 0 && (before + cleared).is_power_of_two() {
+            tracing::warn!(
+                limit,
+                evicted = before + cleared,
+                "history_memory_limit reached: the topics published longest ago lost their kept publications (clients behind them get recovered: false)"
+            );
+        }
+    }
+
+    /// Forgets the topics that kept nothing and saw no activity for the ttl, at most
+    /// once every quarter of the ttl (at least a second apart).
+    fn sweep(&self, now: Instant) {
+        let ttl = self.settings().ttl;
+        {
+            let mut last = lock(&self.last_sweep);
+            if now.saturating_duration_since(*last) < (ttl / 4).max(Duration::from_secs(1)) {
+                return;
+            }
+            *last = now;
+        }
+        lock(&self.topics).retain(|_, log| match log.try_lock() {
+            Ok(log) => !log.entries.is_empty() || now.saturating_duration_since(log.active) <= ttl,
+            Err(_) => true,
+        });
+    }
+}
+
+/// The `data` of a publication of `message`: a text that is one JSON value as it is,
+/// any other text as a JSON string, a binary message as a base64 JSON string (then
+/// `true`). `known_json`: the text was checked already.
+fn data_of(message: &Message, known_json: bool) -> (Vec<u8>, bool) {
+    match message {
+        Message::Text(text) => {
+            let bytes = text.as_bytes();
+            if known_json || serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
+                (bytes.to_vec(), false)
+            } else {
+                (json_string(text.as_str()), false)
+            }
+        }
+        Message::Binary(bytes) => {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+            (json_string(&encoded), true)
+        }
+    }
+}
+
+/// `s` as a JSON string.
+fn json_string(s: &str) -> Vec<u8> {
+    // Serializing a `str` cannot fail.
+    serde_json::to_vec(s).unwrap_or_default()
+}
+
+/// The `ringsocket.v1` frame of a publication.
+fn envelope(topic: &str, offset: u64, epoch: &str, data: &[u8], base64: bool) -> Bytes {
+    let mut json = Vec::with_capacity(data.len() + topic.len() + epoch.len() + 72);
+    json.extend_from_slice(b"{\"type\":\"pub\",\"topic\":");
+    json.extend_from_slice(&json_string(topic));
+    json.extend_from_slice(b",\"offset\":");
+    json.extend_from_slice(offset.to_string().as_bytes());
+    json.extend_from_slice(b",\"epoch\":");
+    json.extend_from_slice(&json_string(epoch));
+    if base64 {
+        json.extend_from_slice(b",\"encoding\":\"base64\"");
+    }
+    json.extend_from_slice(b",\"data\":");
+    json.extend_from_slice(data);
+    json.push(b'}');
+    encode_server_frame(OpCode::Text, &json)
+}
+
+/// The JSON text of a `ringsocket.v1` frame made here.
+pub(crate) fn frame_json(frame: &Bytes) -> Bytes {
+    split_unmasked_frame(frame)
+        .map(|(_, payload)| payload)
+        .unwrap_or_default()
+}
+
+/// A new epoch: 16 random hex digits.
+fn new_epoch() -> Arc<str> {
+    let mut raw = [0u8; 8];
+    if getrandom::fill(&mut raw).is_err() {
+        // No system randomness: the clock still tells one epoch from the next.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        raw = nanos.to_be_bytes();
+    }
+    raw.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Utf8Bytes;
+
+    fn text(s: &str) -> Message {
+        Message::Text(Utf8Bytes::from(s.to_owned()))
+    }
+
+    fn settings(size: usize) -> HistorySettings {
+        HistorySettings {
+            size,
+            ..HistorySettings::default()
+        }
+    }
+
+    fn history(size: usize) -> History {
+        let h = History::default();
+        h.configure(settings(size), 1);
+        h
+    }
+
+    fn json(frame: &Bytes) -> serde_json::Value {
+        serde_json::from_slice(&frame_json(frame)).unwrap()
+    }
+
+    #[test]
+    fn offsets_count_from_one_in_an_epoch() {
+        let h = history(10);
+        let (f1, p1) = h.record("t", &text("{\"a\":1}"), false, |r| r.frame);
+        let (f2, p2) = h.record("t", &text("hello"), false, |r| r.frame);
+        assert_eq!((p1.offset, p2.offset), (1, 2));
+        assert_eq!(p1.epoch, p2.epoch);
+        assert_eq!(p1.epoch.len(), 16);
+        let (v1, v2) = (json(&f1), json(&f2));
+        assert_eq!(v1["type"], "pub");
+        assert_eq!(v1["topic"], "t");
+        assert_eq!(v1["offset"], 1);
+        assert_eq!(v1["epoch"], &*p1.epoch);
+        assert_eq!(v1["data"], serde_json::json!({"a": 1}));
+        assert_eq!(v2["data"], "hello", "text that is not JSON is a string");
+        let (_, other) = h.record("u", &text("1"), false, |_| ());
+        assert_eq!(other.offset, 1, "offsets are per topic");
+        assert_ne!(other.epoch, p1.epoch);
+    }
+
+    #[test]
+    fn binary_is_base64_and_topics_are_escaped() {
+        let h = history(10);
+        let (f, _) = h.record(
+            "a\"b",
+            &Message::Binary(Bytes::from_static(&[0, 255, 1])),
+            false,
+            |r| r.frame,
+        );
+        let v = json(&f);
+        assert_eq!(v["topic"], "a\"b");
+        assert_eq!(v["encoding"], "base64");
+        assert_eq!(v["data"], "AP8B");
+    }
+
+    #[test]
+    fn recovery_within_history_is_complete_and_ordered() {
+        let h = history(10);
+        let mut epoch = String::new();
+        for i in 1..=8 {
+            let (_, p) = h.record("t", &text(&i.to_string()), false, |_| ());
+            epoch = p.epoch.to_string();
+        }
+        let since = Since {
+            offset: 5,
+            epoch: epoch.clone(),
+        };
+        let r = h.with_topic("t", |log| log.since(&since, 8, usize::MAX));
+        assert!(r.recovered);
+        let offsets: Vec<u64> = r
+            .frames
+            .iter()
+            .map(|f| json(f)["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, [6, 7, 8]);
+        // Up to what the core delivered only: the rest comes through its inbox.
+        let r = h.with_topic("t", |log| log.since(&since, 7, usize::MAX));
+        assert!(r.recovered);
+        assert_eq!(r.frames.len(), 2);
+        // Nothing missed.
+        let r = h.with_topic("t", |log| {
+            log.since(&Since { offset: 8, epoch }, 8, usize::MAX)
+        });
+        assert!(r.recovered && r.frames.is_empty());
+    }
+
+    #[test]
+    fn recovery_fails_beyond_history_or_in_another_epoch() {
+        let h = history(3);
+        let mut epoch = String::new();
+        for i in 1..=10 {
+            let (_, p) = h.record("t", &text(&i.to_string()), false, |_| ());
+            epoch = p.epoch.to_string();
+        }
+        let r = h.with_topic("t", |log| {
+            log.since(
+                &Since {
+                    offset: 2,
+                    epoch: epoch.clone(),
+                },
+                10,
+                usize::MAX,
+            )
+        });
+        assert!(!r.recovered);
+        assert_eq!(r.frames.len(), 3, "what is still kept is sent");
+        let r = h.with_topic("t", |log| {
+            log.since(
+                &Since {
+                    offset: 9,
+                    epoch: "0000000000000000".into(),
+                },
+                10,
+                usize::MAX,
+            )
+        });
+        assert!(!r.recovered && r.frames.is_empty());
+        let r = h.with_topic("t", |log| {
+            log.since(&Since { offset: 11, epoch }, 10, usize::MAX)
+        });
+        assert!(!r.recovered, "an offset from the future is not ours");
+    }
+
+    #[test]
+    fn size_zero_keeps_offsets_but_nothing_else() {
+        let h = history(0);
+        for _ in 0..5 {
+            h.record("t", &text("x"), false, |_| ());
+        }
+        assert_eq!(h.bytes(), 0);
+        let p = h.with_topic("t", |log| log.position());
+        assert_eq!(p.offset, 5);
+    }
+
+    #[test]
+    fn the_memory_limit_evicts_the_oldest_topics_and_keeps_their_epoch() {
+        let h = History::default();
+        h.configure(
+            HistorySettings {
+                size: 1000,
+                ttl: Duration::from_secs(300),
+                memory_limit: 8 << 10,
+            },
+            1,
+        );
+        let (_, first) = h.record("old", &text(&"x".repeat(1000)), false, |_| ());
+        std::thread::sleep(Duration::from_millis(2));
+        for _ in 0..20 {
+            h.record("new", &text(&"y".repeat(500)), false, |_| ());
+        }
+        assert!(h.bytes() <= 8 << 10, "{}", h.bytes());
+        assert!(h.evicted.load(Ordering::Relaxed) >= 1);
+        let (kept, position) = h.with_topic("old", |log| (log.entries.len(), log.position()));
+        assert_eq!(kept, 0);
+        assert_eq!(position, first, "offsets and epoch survive an eviction");
+    }
+
+    #[test]
+    fn entries_expire_after_the_ttl() {
+        let h = History::default();
+        h.configure(
+            HistorySettings {
+                size: 10,
+                ttl: Duration::from_millis(1),
+                memory_limit: 1 << 20,
+            },
+            1,
+        );
+        h.record("t", &text("x"), false, |_| ());
+        std::thread::sleep(Duration::from_millis(5));
+        let kept = h.with_topic("t", |log| log.entries.len());
+        assert_eq!(kept, 0);
+        assert_eq!(h.bytes(), 0);
+    }
+}
