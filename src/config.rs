@@ -232,7 +232,7 @@ pub struct Config {
     /// Conflated topics of the default app: exact names or prefixes ending in `*`
     /// (comma-separated in the environment and `--set`). Within the window only the
     /// latest message per key reaches each subscriber (see `ringsocket::pubsub`).
-    /// Default: none.
+    /// Default `cursors:*` (the demo page's live cursors); set it empty (`""`) for none.
     pub conflate_topics: Vec<String>,
     /// The conflation window, in milliseconds. Default 16 (about 60 Hz).
     pub conflate_window_ms: u64,
@@ -387,7 +387,7 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             max_head_bytes: 8 << 10,
             shutdown_timeout_secs: 5.0,
-            conflate_topics: Vec::new(),
+            conflate_topics: vec!["cursors:*".to_owned()],
             conflate_window_ms: 16,
             redis_url: String::new(),
             redis_prefix: "ringsocket:".to_owned(),

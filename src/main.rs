@@ -239,7 +239,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     // Not `println!`: it panics when stdout is a closed pipe.
     let _ = writeln!(
         std::io::stdout(),
-        "ringsocket listening on {addr}: {ws}://{addr}/echo, {ws}://{addr}/ws/{{room}}, \
+        "ringsocket listening on {addr}: the demo page {http}://{addr}/, {ws}://{addr}/v1 \
+         (ringsocket.v1), {ws}://{addr}/echo, {ws}://{addr}/ws/{{room}}, \
          POST {http}://{addr}/publish/{{topic}}, {metrics}{plain} \
          ({backend} backend)"
     );
