@@ -147,7 +147,8 @@ pub fn topics_of(session: &Session) -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct V1Subscribed {
     /// Where the subscription starts: the last offset this connection's core delivered
-    /// of the topic, and the topic's epoch.
+    /// of the topic (or `since`, when the client had heard more), and the topic's
+    /// epoch. The recovered publications end at it; live ones follow.
     pub position: Position,
     /// Whether every publication after `since` was queued (false without `since`).
     pub recovered: bool,
@@ -187,9 +188,17 @@ pub fn subscribe_v1(
                 .as_ref()
                 .map(|r| r.frames.clone())
                 .unwrap_or_default();
+            let recovered = recovery.is_some_and(|r| r.recovered);
+            let mut position = position;
+            if let Some(since) = since.filter(|s| recovered && s.offset > position.offset) {
+                // The client heard more than this core delivered so far (it was on
+                // another core): what this core still delivers up to `since` is a
+                // duplicate, which the client drops by this offset.
+                position.offset = since.offset;
+            }
             let subscribed = V1Subscribed {
                 position,
-                recovered: recovery.is_some_and(|r| r.recovered),
+                recovered,
                 missed: frames.len(),
                 conflated,
             };
