@@ -468,3 +468,60 @@ fn a_hub_without_a_server_shows_the_default_number_of_topics() {
     hub.set_metrics_topics(3);
     assert_eq!(hub.metrics_topics(), 3);
 }
+
+/// A `ringsocket.v1` subscription on a core that has not yet delivered what is in its
+/// inbox: recovery from the history stops at what the core delivered, the rest comes
+/// through the inbox, and a client that heard more elsewhere resumes at its own offset.
+#[test]
+fn v1_recovery_stops_at_what_the_core_delivered() {
+    on_a_core(64 << 20, Duration::from_millis(16), async |hub| {
+        let publisher = Publisher::new(hub.clone());
+        for i in 1..=3 {
+            publisher.publish_text("t", i.to_string()).unwrap();
+        }
+        let epoch = hub.history_page("t", 0, 0).position.epoch.to_string();
+        // Nothing delivered on this core yet: 1..3 wait in its inbox.
+        let ahead = session();
+        let since = Since {
+            offset: 3,
+            epoch: epoch.clone(),
+        };
+        let s = subscribe_v1(&ahead, "t", Some(&since), |_| Message::Text("reply".into())).unwrap();
+        assert!(s.recovered);
+        assert_eq!(
+            (s.position.offset, s.missed),
+            (3, 0),
+            "resumes at its since"
+        );
+        let behind = session();
+        let since = Since { offset: 0, epoch };
+        let s = subscribe_v1(&behind, "t", Some(&since), |_| {
+            Message::Text("reply".into())
+        })
+        .unwrap();
+        assert!(s.recovered);
+        assert_eq!(
+            (s.position.offset, s.missed),
+            (0, 0),
+            "the inbox brings 1..3"
+        );
+        tokio::task::yield_now().await;
+        let offsets = |texts: Vec<String>| -> Vec<u64> {
+            texts
+                .iter()
+                .filter_map(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+                .filter_map(|v| v["offset"].as_u64())
+                .collect()
+        };
+        assert_eq!(offsets(take_texts(&behind)), [1, 2, 3]);
+        // Now delivered here: a late subscriber gets them from the history.
+        let late = session();
+        let since = Since {
+            offset: 1,
+            epoch: hub.history_page("t", 0, 0).position.epoch.to_string(),
+        };
+        let s = subscribe_v1(&late, "t", Some(&since), |_| Message::Text("{}".into())).unwrap();
+        assert_eq!((s.position.offset, s.missed), (3, 2));
+        assert_eq!(offsets(take_texts(&late)), [2, 3]);
+    });
+}
