@@ -52,8 +52,12 @@ export async function startServer({ settings = {}, args = [] } = {}) {
 }
 
 function spawnServer(port, extra) {
+  // The server reads every RINGSOCKET_<FIELD> variable as a setting and refuses unknown
+  // ones: RINGSOCKET_BIN is ours, not its. (Others, e.g. RINGSOCKET_IO_BACKEND, pass on.)
+  const { RINGSOCKET_BIN: _, ...env } = process.env;
   const child = spawn(BIN, ["serve", "--bind", `127.0.0.1:${port}`, ...extra], {
     stdio: ["ignore", "pipe", "pipe"],
+    env,
   });
   let stdout = "";
   let stderr = "";
