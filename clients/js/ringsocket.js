@@ -182,7 +182,7 @@ export class RingSocket {
     });
   }
 
-  /** The URL connected to (without the token). */
+  /** The URL connected to (without the `token` option's token). */
   get url() {
     return this.#url;
   }
@@ -710,7 +710,6 @@ function resolveUrl(url) {
   if (u.protocol !== "ws:" && u.protocol !== "wss:") {
     throw new SyntaxError(`not a ws:// or wss:// URL: ${u.href}`);
   }
-  u.searchParams.delete("token");
   return u.href;
 }
 
