@@ -32,11 +32,13 @@ export async function freePort() {
 }
 
 /**
- * Starts `ringsocket serve --bind 127.0.0.1:PORT --set K=V ...` and waits for its
- * listening line. Returns { port, wsUrl, httpUrl, stop(), output() }.
+ * Starts `ringsocket serve --bind 127.0.0.1:PORT --set K=V ...` (on a free port unless
+ * `port` is given) and waits for its listening line. Returns { port, wsUrl, httpUrl,
+ * stop(), output() }.
  */
-export async function startServer({ settings = {}, args = [] } = {}) {
+export async function startServer({ settings = {}, args = [], port } = {}) {
   const sets = Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`]);
+  if (port !== undefined) return spawnServer(port, [...sets, ...args]);
   let lastError;
   // The free port can be taken by someone else between the check and the bind: retry.
   for (let tries = 0; tries < 5; tries++) {

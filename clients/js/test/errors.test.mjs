@@ -82,6 +82,32 @@ describe("errors", { timeout: 60_000 }, () => {
     await within(rs.ping(), "a round trip after");
   });
 
+  test("the server's errors that answer no pending request go to the error event", async () => {
+    const wired = wiredWebSocket();
+    const rs = client(server.wsUrl, { WebSocket: wired.WebSocket });
+    const events = recordEvents(rs, ["error"]);
+    await opened(rs);
+    // An id this client never used: not_subscribed, but no request of the client waits.
+    wired.sockets[0].send(JSON.stringify({ id: 9999, type: "unsubscribe", topic: "err-never" }));
+    const err = await events.waitFor("error", (e) => e.code === "not_subscribed", "not_subscribed");
+    assert.equal(err.id, 9999);
+    // A binary frame: bad_request without id.
+    wired.sockets[0].send(Buffer.from([1, 2, 3]));
+    await events.waitFor("error", (e) => e.code === "bad_request", "bad_request for a binary frame");
+    assert.equal(rs.state, "open");
+  });
+
+  test("too_many_topics past max_topics_per_connection", async () => {
+    const limited = await startServer({ settings: { max_topics_per_connection: 2 } });
+    cleanups.push(() => limited.stop());
+    const rs = client(limited.wsUrl);
+    await within(Promise.all([rs.subscribe("tm-1", () => {}).ready, rs.subscribe("tm-2", () => {}).ready]), "two topics");
+    const third = rs.subscribe("tm-3", () => {});
+    const err = await within(rejection(third.ready, "ready of a third topic"), "the refusal");
+    assert.equal(err.code, "too_many_topics");
+    assert.equal(third.active, false);
+  });
+
   test("not_allowed by the token's topics and publish claims", async () => {
     const rs = client(authed.wsUrl, { token: token() });
     const denied = rs.subscribe("secret", () => {});

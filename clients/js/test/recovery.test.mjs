@@ -153,6 +153,69 @@ describe("recovery", { timeout: 90_000 }, () => {
     assert.equal(events.of("subscribed").length, 2, "no resubscription loop for the lost ones");
   });
 
+  test("missing exactly history_size publications is still recovered", async () => {
+    const { proxy, rs, events } = await setup(small);
+    const got = new Recorder();
+    const sub = rs.subscribe("rec-edge", (m) => got.push(m));
+    await within(sub.ready, "sub.ready");
+    await httpPublish(small, "rec-edge", "1");
+    await got.count(1, "the first");
+    await cut(proxy, events);
+    for (let n = 2; n <= 6; n++) await httpPublish(small, "rec-edge", String(n));
+    await historyReaches(small, "rec-edge", 6);
+    proxy.restore();
+    const again = await events.waitFor("subscribed", (s) => s.resubscribed, "the resubscription");
+    assert.equal(again.recovered, true, "offsets 2 to 6 are the 5 kept");
+    assert.equal(again.missed, 5);
+    await got.count(6, "all six");
+    assert.deepEqual(got.items.map((m) => m.offset), [1, 2, 3, 4, 5, 6]);
+  });
+
+  test("since with an epoch the topic does not have: recovered false, nothing replayed", async () => {
+    for (const n of [1, 2, 3]) await httpPublish(server, "rec-epoch", String(n));
+    const rs = new RingSocket(server.wsUrl, { WebSocket });
+    cleanups.push(() => rs.close());
+    const got = new Recorder();
+    const sub = rs.subscribe("rec-epoch", (m) => got.push(m), { since: { offset: 1, epoch: "not-this-epoch" } });
+    const ready = await within(sub.ready, "sub.ready");
+    assert.equal(ready.recovered, false);
+    assert.equal(ready.missed, 0);
+    assert.equal(ready.offset, 3);
+    assert.notEqual(ready.epoch, "not-this-epoch");
+    await httpPublish(server, "rec-epoch", "4");
+    await got.count(1, "the live one");
+    assert.deepEqual(got.items.map((m) => [m.offset, m.data, m.epoch]), [[4, 4, ready.epoch]]);
+  });
+
+  test("a server restart: a new epoch, recovered false, offsets start over and are delivered", async () => {
+    let restartable = await startServer();
+    cleanups.push(() => restartable.stop());
+    const rs = new RingSocket(restartable.wsUrl, { WebSocket, minReconnectDelay: 20, maxReconnectDelay: 200 });
+    cleanups.push(() => rs.close());
+    const events = recordEvents(rs);
+    const got = new Recorder();
+    const sub = rs.subscribe("rec-restart", (m) => got.push(m));
+    await within(sub.ready, "sub.ready");
+    for (const n of [1, 2, 3]) await httpPublish(restartable, "rec-restart", String(n));
+    await got.count(3, "three before the restart");
+    const oldEpoch = got.items[0].epoch;
+
+    await restartable.stop();
+    const bye = await events.waitFor("disconnect", () => true, "the disconnect");
+    assert.equal(bye.code, 1001, "the server says it is going away");
+    restartable = await startServer({ port: restartable.port });
+    const again = await events.waitFor("subscribed", (s) => s.resubscribed, "the resubscription");
+    assert.equal(again.recovered, false);
+    assert.equal(again.missed, 0);
+    assert.equal(again.offset, 0);
+    assert.notEqual(again.epoch, oldEpoch, "history lost: a new epoch");
+
+    await httpPublish(restartable, "rec-restart", '"after"');
+    await got.count(4, "offset 1 of the new epoch, though 3 was the last handled");
+    assert.deepEqual(got.items[3], { topic: "rec-restart", offset: 1, epoch: again.epoch, data: "after" });
+    assert.equal(events.of("subscribed").length, 2);
+  });
+
   test("a skipped offset on a topic that is not conflated is filled by resubscribing", async () => {
     // The WebSocket drops the publication at offset 3 once, as a lossy path would.
     let dropped = 0;
