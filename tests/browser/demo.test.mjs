@@ -16,6 +16,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { createWriteStream, existsSync, mkdirSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
@@ -48,7 +49,10 @@ async function startServer(port, settings) {
   for (const [key, value] of Object.entries(settings)) args.push("--set", `${key}=${value}`);
   const log = createWriteStream(path.join(SHOTS, "server.log"), { flags: "a" });
   log.write(`\n$ ${BIN} ${args.join(" ")}\n`);
-  const proc = spawn(BIN, args, { stdio: ["ignore", "pipe", "pipe"] });
+  // The server reads every RINGSOCKET_<SETTING> variable and refuses unknown ones: ours
+  // (RINGSOCKET_BIN) stays here; others (RINGSOCKET_IO_BACKEND, ...) go through.
+  const { RINGSOCKET_BIN, ...env } = process.env;
+  const proc = spawn(BIN, args, { env, stdio: ["ignore", "pipe", "pipe"] });
   proc.stdout.pipe(log, { end: false });
   proc.stderr.pipe(log, { end: false });
   let exited = null;
@@ -351,6 +355,43 @@ step("recovery: B, cut at the proxy, shows what A and POST /publish sent", "06-r
   assert.equal(await stateOf(a), "open", "A was never cut");
 });
 
-step("no uncaught errors on either page", "07-end", async () => {
+/** An HS256 JWT, as `jwt_secret` verifies it. */
+function jwt(secret, claims) {
+  const part = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
+step("token: ?token= on the page URL reaches the server; a refusal is shown", "07-token", async () => {
+  const secret = "browser-test-secret-of-at-least-32-characters";
+  const guarded = await startServer(await freePort(), { jwt_secret: secret });
+  try {
+    // The server refuses a /v1 upgrade without a token (401): "open" means the page's
+    // token got there. It allows lobby but not cursors:lobby.
+    const token = jwt(secret, {
+      sub: "carol",
+      topics: ["lobby"],
+      publish: ["lobby"],
+      exp: Math.floor(Date.now() / 1000) + 600,
+    });
+    const c = await openPage("c", `${guarded.url}/?token=${token}`, { width: 800, height: 700 });
+    try {
+      await waitForState(c, "open");
+      await c.locator("#error").waitFor({ state: "visible" });
+      assert.match(await c.locator("#error").textContent(), /^not_allowed: .*cursors:lobby/);
+      await setName(c, "carol");
+      await say(c, "carol has a token");
+      await waitForMessage(c, "carol", "carol has a token");
+      await c.screenshot({ path: path.join(SHOTS, "07-token-c.png"), fullPage: true });
+    } finally {
+      await c.context().close();
+    }
+  } finally {
+    await guarded.stop();
+  }
+});
+
+step("no uncaught errors, and no refusal shown, on A and B", "08-end", async () => {
   assert.deepEqual(pageErrors, []);
+  for (const page of [a, b]) assert.ok(await page.locator("#error").isHidden());
 });
