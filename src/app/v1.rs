@@ -30,10 +30,16 @@ struct Request<'a> {
     topic: Option<Cow<'a, str>>,
     #[serde(default)]
     since: Option<SinceField>,
-    #[serde(default, borrow)]
+    /// Any JSON value, `null` included (absent is `None`).
+    #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(default, borrow)]
     key: Option<Cow<'a, str>>,
+}
+
+/// A field that is there, whatever its value (`null` too).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]

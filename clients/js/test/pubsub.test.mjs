@@ -59,12 +59,9 @@ describe("pubsub", { timeout: 60_000 }, () => {
     assert.equal(sub.epoch, ready.epoch);
   });
 
-  // docs/protocol.md: `publish` has `data` (any JSON value). The server at 8e631e9 answers
-  // {"id":N,"type":"error","code":"bad_request","message":"publish needs data"} for
-  // "data":null (src/app/v1.rs reads data as Option<&RawValue>, and null becomes None).
+  // docs/protocol.md: `publish` has `data` (any JSON value), null included.
   test(
     "publish null: null is a JSON value too",
-    { todo: "the server refuses data: null with bad_request (publish needs data)" },
     async () => {
       const a = client();
       const { sub, got } = collect(a, "rt-null");
