@@ -282,6 +282,47 @@ fn starts_while_redis_is_down_and_connects_later() {
     assert_eq!(b.next(), text("room", "hello"));
 }
 
+/// The same sequence number from the same process is taken once; another process's
+/// numbers are its own; version-1 envelopes (no number) are never taken for duplicates.
+#[test]
+fn duplicates_are_recognised_by_origin_and_sequence_number() {
+    let server = RedisServer::start();
+    let b = Node::start(&server);
+    b.subscribe("room", 1);
+    let envelope = |origin: u8, seq: u64, text: &str| {
+        let mut bytes = b"rsb\x02".to_vec();
+        bytes.extend_from_slice(&[origin; 16]);
+        bytes.extend_from_slice(&seq.to_be_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(text.as_bytes());
+        bytes
+    };
+    let mut v1 = b"rsb\x01".to_vec();
+    v1.extend_from_slice(&[5; 16]);
+    v1.extend_from_slice(b"\x00v1");
+    let mut plain = server.client();
+    for payload in [
+        envelope(5, 7, "seven"),
+        envelope(5, 7, "seven again"),
+        envelope(5, 6, "six, late"),
+        envelope(6, 1, "another process"),
+        v1.clone(),
+        v1,
+        envelope(5, 8, "eight"),
+    ] {
+        redis::cmd("PUBLISH")
+            .arg("ringsocket:room")
+            .arg(payload)
+            .exec(&mut plain)
+            .unwrap();
+    }
+    for expected in ["seven", "another process", "v1", "v1", "eight"] {
+        assert_eq!(b.next(), text("room", expected));
+    }
+    assert_eq!(b.metric(|m| &m.duplicates), 2);
+    assert_eq!(b.metric(|m| &m.received), 5);
+}
+
 #[test]
 fn malformed_messages_are_counted_and_dropped() {
     let server = RedisServer::start();
@@ -459,6 +500,7 @@ async fn messages_over_max_message_size_from_redis_are_dropped_and_counted() {
     assert_eq!(next_text(&mut client).await, own);
     node.wait_for("published", |m| &m.published, 1);
 
+    // Version 1 (no sequence number), still read.
     let envelope = |payload: &[u8]| {
         let mut bytes = b"rsb\x01".to_vec();
         bytes.extend_from_slice(&[9; 16]);

@@ -83,6 +83,9 @@ pub struct BrokerMetrics {
     pub received: AtomicU64,
     /// Messages received that could not be decoded (not our envelope).
     pub malformed: AtomicU64,
+    /// Messages received a second time and dropped: a batch the other process sent
+    /// again after its connection broke, which the broker had partly passed on.
+    pub duplicates: AtomicU64,
     /// Messages received whose payload was over the size limit, dropped.
     pub oversized: AtomicU64,
     /// Topics this process is subscribed to at the broker.
@@ -130,6 +133,11 @@ impl BrokerMetrics {
                 "broker_malformed",
                 "Broker messages that were not a ringsocket envelope.",
                 &self.malformed,
+            ),
+            (
+                "broker_duplicates",
+                "Broker messages received twice (a batch resent after a lost connection) and dropped.",
+                &self.duplicates,
             ),
             (
                 "broker_oversized",

@@ -17,7 +17,9 @@
 //! Messages travel in a binary envelope (`redis/envelope.rs`) carrying a random
 //! per-process origin id, so a process drops its own messages when Redis echoes them
 //! back (it delivered them locally already): every subscriber gets each message exactly
-//! once.
+//! once. Each envelope also carries the process's sequence number of the message, and
+//! a receiver drops a number at or below the highest it has seen from that process: a
+//! batch sent again after a broken connection is not delivered twice.
 //!
 //! When Redis goes away, each thread logs one line naming the cause, counts it, and
 //! reconnects with exponential backoff and jitter ([`RedisConfig::backoff_min`] to

@@ -24,6 +24,7 @@ pub(super) fn run(shared: &Shared, queue: &Receiver<Outbound>, stop: &Receiver<(
         queue,
         stop,
         batch: Vec::new(),
+        next_seq: 1,
         pipe: redis::pipe(),
         channel: String::new(),
         envelope: Vec::new(),
@@ -56,6 +57,8 @@ struct Sender<'a> {
     queue: &'a Receiver<Outbound>,
     stop: &'a Receiver<()>,
     batch: Vec<Outbound>,
+    /// The sequence number of the next message encoded.
+    next_seq: u64,
     pipe: redis::Pipeline,
     channel: String,
     envelope: Vec<u8>,
@@ -96,10 +99,12 @@ impl Sender<'_> {
                 self.envelope.clear();
                 envelope::encode(
                     &shared.origin,
+                    self.next_seq,
                     message.kind,
                     &message.payload,
                     &mut self.envelope,
                 );
+                self.next_seq += 1;
                 self.pipe
                     .cmd("PUBLISH")
                     .arg(self.channel.as_str())
