@@ -73,10 +73,11 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Messages waiting to be forwarded to Redis. Beyond it `publish` drops the message
     /// (policy: drop newest), counts it in `publish_failed` and logs at most one line a
-    /// second. Default 65,536.
+    /// second. `redis_backlog_messages` for `ringsocket serve`. Default 65,536.
     pub publish_queue: usize,
     /// Payload bytes waiting to be forwarded to Redis; beyond it the same policy as
-    /// [`RedisConfig::publish_queue`]. Default 64 MiB.
+    /// [`RedisConfig::publish_queue`]. `redis_backlog_bytes` for `ringsocket serve`.
+    /// Default 64 MiB.
     pub publish_queue_bytes: usize,
     /// First wait before reconnecting after a failed attempt. Default 100 ms.
     pub backoff_min: Duration,
@@ -119,6 +120,8 @@ impl RedisConfig {
         }
         let mut redis = Self::new(config.redis_url.clone());
         redis.prefix.clone_from(&config.redis_prefix);
+        redis.publish_queue = config.redis_backlog_messages;
+        redis.publish_queue_bytes = config.redis_backlog_bytes;
         redis.max_payload = config.max_message_size;
         Some(redis)
     }
@@ -663,7 +666,12 @@ mod tests {
         assert_eq!(redis.url, "redis://127.0.0.1:6380");
         assert_eq!(redis.prefix, "app:");
         assert_eq!(redis.publish_queue, 65_536);
+        assert_eq!(redis.publish_queue_bytes, 64 << 20);
         assert_eq!(redis.max_payload, 1 << 20);
+        config.redis_backlog_messages = 10;
+        config.redis_backlog_bytes = 1000;
+        let redis = RedisConfig::from_config(&config).unwrap();
+        assert_eq!((redis.publish_queue, redis.publish_queue_bytes), (10, 1000));
         config.max_message_size = 4096;
         assert_eq!(RedisConfig::from_config(&config).unwrap().max_payload, 4096);
     }
