@@ -242,11 +242,13 @@ pub struct Config {
     pub redis_url: String,
     /// Prefix of the Redis channel of every topic. Default `ringsocket:`.
     pub redis_prefix: String,
-    /// Messages the Redis broker's publish queue holds
-    /// (`RedisConfig::publish_queue`). Default 65,536.
+    /// The Redis broker's backlog, in messages: publishes not yet acknowledged by
+    /// Redis, held while it is away and sent in order when it is back. A publish
+    /// beyond it is not forwarded, and counted in `ringsocket_broker_backlog_full_total`.
+    /// Default 65,536.
     pub redis_backlog_messages: usize,
-    /// Payload bytes the Redis broker's publish queue holds
-    /// (`RedisConfig::publish_queue_bytes`). Default 64 MiB.
+    /// The Redis broker's backlog, in payload bytes; beyond it the same as
+    /// `redis_backlog_messages`. Default 64 MiB.
     pub redis_backlog_bytes: usize,
     /// Background executor threads (never the I/O cores). Default 1.
     pub task_threads: usize,

@@ -7,15 +7,19 @@
 //!
 //! Contract, for every implementation:
 //! - [`Broker::publish`] forwards a message published on this process to the other
-//!   processes. It never blocks the calling I/O core: it queues and returns.
+//!   processes. It never blocks the calling I/O core: it takes the message into the
+//!   broker's bounded **backlog** and returns. When the backlog is full it drops the
+//!   message and counts it.
 //! - Messages from other processes are handed to the [`BrokerSink`] given at start,
 //!   which delivers them to this process's cores. A process never receives back what
 //!   it published itself (it delivered those locally already): exactly once.
 //! - [`Broker::subscribe`] / [`Broker::unsubscribe`] are called by the pubsub layer
 //!   when this process gains its first local subscriber to a topic and loses its last:
 //!   a process listens to a topic only while someone here wants it.
-//! - A broker that loses its connection keeps local delivery running; it reconnects,
-//!   resubscribes, and counts what it could not forward in [`BrokerMetrics`].
+//! - A broker that loses its connection keeps local delivery running; it keeps what
+//!   is published meanwhile in its backlog, reconnects, resubscribes, and then
+//!   forwards the backlog in publish order. What it cannot forward (refused while the
+//!   backlog is full, or still in it at shutdown) is counted in [`BrokerMetrics`].
 
 pub mod redis;
 
@@ -54,7 +58,8 @@ pub type BrokerSink = Arc<dyn Fn(Inbound) + Send + Sync>;
 
 /// Carries messages between processes. See the module docs for the contract.
 pub trait Broker: Send + Sync + fmt::Debug {
-    /// Forwards a message published on this process to the other processes.
+    /// Takes a message published on this process into the backlog, to be forwarded to
+    /// the other processes; drops it when the backlog is full. Never blocks.
     fn publish(&self, topic: &str, kind: Kind, payload: Bytes);
     /// This process now has local subscribers to `topic`.
     fn subscribe(&self, topic: &str);
@@ -62,7 +67,7 @@ pub trait Broker: Send + Sync + fmt::Debug {
     fn unsubscribe(&self, topic: &str);
     /// The broker's counters, for `/metrics`.
     fn metrics(&self) -> &BrokerMetrics;
-    /// Stops the broker's threads; messages not yet forwarded are counted as failed.
+    /// Stops the broker's threads; messages still in the backlog are counted as failed.
     fn shutdown(&self);
 }
 
@@ -77,8 +82,17 @@ pub struct BrokerMetrics {
     pub connection_errors: AtomicU64,
     /// Messages forwarded to other processes.
     pub published: AtomicU64,
-    /// Messages that could not be forwarded (broker away, queue full, shutdown).
+    /// Messages published here that never reached the broker: not taken because the
+    /// backlog was full (also counted in [`BrokerMetrics::backlog_full`]), or still in
+    /// the backlog at shutdown.
     pub publish_failed: AtomicU64,
+    /// Publishes not taken because the backlog was full.
+    pub backlog_full: AtomicU64,
+    /// Messages in the backlog now: taken by [`Broker::publish`], not yet acknowledged
+    /// by the broker (queued, being sent, or waiting for the broker to come back).
+    pub backlog_messages: AtomicU64,
+    /// Payload bytes of the messages in the backlog now.
+    pub backlog_bytes: AtomicU64,
     /// Messages received from other processes.
     pub received: AtomicU64,
     /// Messages received that could not be decoded (not our envelope).
@@ -125,6 +139,11 @@ impl BrokerMetrics {
                 &self.publish_failed,
             ),
             (
+                "broker_backlog_full",
+                "Publishes not taken because the broker backlog was full.",
+                &self.backlog_full,
+            ),
+            (
                 "broker_received",
                 "Messages received from other processes.",
                 &self.received,
@@ -147,6 +166,18 @@ impl BrokerMetrics {
         ] {
             counter(encoder, name, help, load(value))?;
         }
+        gauge(
+            encoder,
+            "broker_backlog_messages",
+            "Messages published here and not yet acknowledged by the broker.",
+            load(&self.backlog_messages),
+        )?;
+        gauge(
+            encoder,
+            "broker_backlog_bytes",
+            "Payload bytes of the messages in the broker backlog.",
+            load(&self.backlog_bytes),
+        )?;
         gauge(
             encoder,
             "broker_subscriptions",
