@@ -244,8 +244,8 @@ pub struct Config {
     pub redis_prefix: String,
     /// The Redis broker's backlog, in messages: publishes not yet acknowledged by
     /// Redis, held while it is away and sent in order when it is back. A publish
-    /// beyond it is not forwarded, and counted in `ringsocket_broker_backlog_full_total`.
-    /// Default 65,536.
+    /// beyond it is refused before anyone gets it (`POST /publish`: 503) and counted in
+    /// `ringsocket_broker_backlog_full_total`. Default 65,536.
     pub redis_backlog_messages: usize,
     /// The Redis broker's backlog, in payload bytes; beyond it the same as
     /// `redis_backlog_messages`. Default 64 MiB.

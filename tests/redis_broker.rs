@@ -104,7 +104,8 @@ impl Node {
 
     fn publish_text(&self, topic: &str, text: &str) {
         self.broker
-            .publish(topic, Kind::Text, Bytes::copy_from_slice(text.as_bytes()));
+            .publish(topic, Kind::Text, Bytes::copy_from_slice(text.as_bytes()))
+            .unwrap();
     }
 
     fn next(&self) -> Inbound {
@@ -148,7 +149,7 @@ fn messages_cross_once_in_order_and_never_come_back() {
     const N: usize = 2000;
     for i in 0..N {
         let (kind, payload) = nth(i);
-        a.broker.publish("room", kind, payload);
+        a.broker.publish("room", kind, payload).unwrap();
     }
     for i in 0..N {
         let (kind, payload) = nth(i);
@@ -279,11 +280,13 @@ fn starts_while_redis_is_down_and_connects_later() {
     server.stop();
     let b = Node::unchecked(&server, "ringsocket:");
     b.broker.subscribe("room");
-    b.broker.publish(
-        "room",
-        Kind::Text,
-        Bytes::from_static(b"held until Redis is up"),
-    );
+    b.broker
+        .publish(
+            "room",
+            Kind::Text,
+            Bytes::from_static(b"held until Redis is up"),
+        )
+        .unwrap();
     // Both connections tried and failed.
     b.wait_until("connection_errors", |m| &m.connection_errors, |n| n >= 2);
     assert_eq!(b.metric(|m| &m.connected), 0);
@@ -447,9 +450,20 @@ fn a_panicking_sink_loses_one_message_not_the_broker() {
 /// A `ringsocket serve`-like server (the standard app's rooms) whose hub forwards
 /// through its own Redis broker: one "process" of a cluster.
 fn rooms_server(redis: &RedisServer) -> (RunningServer, Arc<ringsocket::pubsub::Hub>, Node) {
+    rooms_server_with(redis, |_| {})
+}
+
+/// [`rooms_server`] with the server settings `tweak` makes (the broker's among them).
+fn rooms_server_with(
+    redis: &RedisServer,
+    tweak: impl Fn(&mut ringsocket::config::Config),
+) -> (RunningServer, Arc<ringsocket::pubsub::Hub>, Node) {
     let app = App::standard();
     let hub = app.hub().clone();
-    let mut config = RedisConfig::new(redis.url());
+    let mut settings = ringsocket::config::Config::default();
+    settings.redis_url = redis.url();
+    tweak(&mut settings);
+    let mut config = RedisConfig::from_config(&settings).unwrap();
     config.backoff_min = Duration::from_millis(20);
     config.backoff_max = Duration::from_millis(200);
     config.health_interval = Duration::from_millis(100);
@@ -459,7 +473,7 @@ fn rooms_server(redis: &RedisServer) -> (RunningServer, Arc<ringsocket::pubsub::
         broker,
         inbox: crossbeam_channel::never(),
     };
-    (common::start(app, |_| {}), hub, node)
+    (common::start(app, tweak), hub, node)
 }
 
 type Client =
@@ -625,6 +639,81 @@ async fn publishes_made_while_redis_is_away_all_arrive_in_order_once_it_is_back(
     ] {
         assert!(page.contains(line), "{line} in {page}");
     }
+}
+
+/// With a backlog of 10 messages and Redis away, the 11th publish is refused before
+/// anyone gets it: `POST /publish` answers 503 with `Retry-After: 1`, a WebSocket's
+/// own publish is dropped while its connection stays open, both are counted; once
+/// Redis is back the 10 reach the other server and publishing works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_refuses_publishes_with_503_and_delivers_them_nowhere() {
+    let mut redis = RedisServer::start();
+    let (one, hub_one, broker_one) = rooms_server_with(&redis, |c| c.redis_backlog_messages = 10);
+    let (two, hub_two, broker_two) = rooms_server(&redis);
+    let mut sender = join(&one, "lobby").await;
+    let mut near = join(&one, "lobby").await;
+    let mut far = join(&two, "lobby").await;
+    wait_for_members(&[(&hub_one, 2), (&hub_two, 1)], "lobby").await;
+    broker_one.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    broker_two.wait_for("subscriptions", |m| &m.subscriptions, 1);
+    sender.send(WsMessage::text("warm-up")).await.unwrap();
+    assert_eq!(next_text(&mut near).await, "warm-up");
+    assert_eq!(next_text(&mut far).await, "warm-up");
+    broker_one.wait_for("published", |m| &m.published, 1);
+
+    redis.stop();
+    for i in 0..10 {
+        let response = post(&one, "lobby", &format!("held {i}")).await;
+        assert!(response.starts_with("HTTP/1.1 202"), "held {i}: {response}");
+        assert_eq!(next_text(&mut near).await, format!("held {i}"));
+        assert_eq!(next_text(&mut sender).await, format!("held {i}"));
+    }
+    assert_eq!(broker_one.metric(|m| &m.backlog_messages), 10);
+    let response = post(&one, "lobby", "refused").await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("\r\nRetry-After: 1\r\n"), "{response}");
+    assert!(response.contains("backlog is full"), "{response}");
+    // A WebSocket's own publish is refused the same way; its connection stays.
+    sender.send(WsMessage::text("ws refused")).await.unwrap();
+    broker_one.wait_for("backlog_full", |m| &m.backlog_full, 2);
+    assert_eq!(broker_one.metric(|m| &m.publish_failed), 2);
+    assert_eq!(broker_one.metric(|m| &m.backlog_messages), 10);
+    // Nor is either kept for recovery: the topic's history ends at the 10 held.
+    let history = common::http_exchange(
+        one.local_addr(),
+        b"GET /history/lobby HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        history.contains("held 9") && !history.contains("refused"),
+        "{history}"
+    );
+    assert!(history.contains("\"offset\":11,"), "{history}");
+    let page = metrics_of(&one).await;
+    for line in [
+        "ringsocket_broker_backlog_full_total 2",
+        "ringsocket_broker_publish_failed_total 2",
+        "ringsocket_broker_backlog_messages 10",
+    ] {
+        assert!(page.contains(line), "{line} in {page}");
+    }
+
+    redis.restart();
+    for i in 0..10 {
+        assert_eq!(next_text(&mut far).await, format!("held {i}"));
+    }
+    broker_one.wait_for("backlog_messages", |m| &m.backlog_messages, 0);
+    let response = post(&one, "lobby", "after").await;
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    // Neither refused message reached anyone, here or there: the next is "after".
+    assert_eq!(next_text(&mut near).await, "after");
+    assert_eq!(next_text(&mut far).await, "after");
+    assert_eq!(next_text(&mut sender).await, "after");
+    // And the refused sender's connection still publishes.
+    sender.send(WsMessage::text("still here")).await.unwrap();
+    assert_eq!(next_text(&mut near).await, "still here");
+    assert_eq!(next_text(&mut far).await, "still here");
+    assert_eq!(broker_one.metric(|m| &m.backlog_full), 2);
 }
 
 /// A message from another process larger than the server's `max_message_size` (which

@@ -8,8 +8,11 @@
 //! Contract, for every implementation:
 //! - [`Broker::publish`] forwards a message published on this process to the other
 //!   processes. It never blocks the calling I/O core: it takes the message into the
-//!   broker's bounded **backlog** and returns. When the backlog is full it drops the
-//!   message and counts it.
+//!   broker's bounded **backlog** and returns. When the backlog is full it refuses
+//!   ([`Refused::BacklogFull`]) and keeps nothing: the caller then delivers the
+//!   message nowhere, not even locally, and tells its own caller (`POST /publish`
+//!   answers 503), so every answer is truthful. The pubsub layer therefore calls it
+//!   *before* it delivers a publish to this process's subscribers.
 //! - Messages from other processes are handed to the [`BrokerSink`] given at start,
 //!   which delivers them to this process's cores. A process never receives back what
 //!   it published itself (it delivered those locally already): exactly once.
@@ -56,11 +59,36 @@ pub struct Inbound {
 /// thread; it must not block for long (the pubsub layer only queues into core inboxes).
 pub type BrokerSink = Arc<dyn Fn(Inbound) + Send + Sync>;
 
+/// Why [`Broker::publish`] did not take a message. Either way the broker keeps
+/// nothing of it, and the publish must be delivered nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refused {
+    /// The backlog (messages not yet handed to the other processes) is at its bound,
+    /// in messages or in bytes: the broker has been away, or too slow, for a while.
+    /// Retry later.
+    BacklogFull,
+    /// The broker was shut down.
+    Stopped,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BacklogFull => f.write_str("the broker's backlog is full"),
+            Self::Stopped => f.write_str("the broker is shut down"),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Carries messages between processes. See the module docs for the contract.
 pub trait Broker: Send + Sync + fmt::Debug {
     /// Takes a message published on this process into the backlog, to be forwarded to
-    /// the other processes; drops it when the backlog is full. Never blocks.
-    fn publish(&self, topic: &str, kind: Kind, payload: Bytes);
+    /// the other processes; refuses it, keeping nothing, when the backlog is full.
+    /// Never blocks.
+    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) -> Result<(), Refused>;
     /// This process now has local subscribers to `topic`.
     fn subscribe(&self, topic: &str);
     /// This process no longer has local subscribers to `topic`.
@@ -82,11 +110,11 @@ pub struct BrokerMetrics {
     pub connection_errors: AtomicU64,
     /// Messages forwarded to other processes.
     pub published: AtomicU64,
-    /// Messages published here that never reached the broker: not taken because the
+    /// Messages published here that never reached the broker: refused because the
     /// backlog was full (also counted in [`BrokerMetrics::backlog_full`]), or still in
     /// the backlog at shutdown.
     pub publish_failed: AtomicU64,
-    /// Publishes not taken because the backlog was full.
+    /// Publishes refused because the backlog was full (the caller was told).
     pub backlog_full: AtomicU64,
     /// Messages in the backlog now: taken by [`Broker::publish`], not yet acknowledged
     /// by the broker (queued, being sent, or waiting for the broker to come back).
@@ -140,7 +168,7 @@ impl BrokerMetrics {
             ),
             (
                 "broker_backlog_full",
-                "Publishes not taken because the broker backlog was full.",
+                "Publishes refused because the broker backlog was full.",
                 &self.backlog_full,
             ),
             (

@@ -34,9 +34,9 @@
 //! come back. The backlog is bounded by [`RedisConfig::publish_queue`] messages and
 //! [`RedisConfig::publish_queue_bytes`] payload bytes (`redis_backlog_messages` and
 //! `redis_backlog_bytes` for `ringsocket serve`); a publish that does not fit is
-//! refused: dropped, counted in `ringsocket_broker_backlog_full_total` (and
-//! `..._publish_failed_total`) and logged at most once a second with the cause (Redis
-//! unreachable, or not keeping up).
+//! refused ([`Refused::BacklogFull`]) before anyone gets it, counted in
+//! `ringsocket_broker_backlog_full_total` (and `..._publish_failed_total`) and logged
+//! at most once a second with the cause (Redis unreachable, or not keeping up).
 //! `ringsocket_broker_backlog_messages` and `..._backlog_bytes` show how full it is.
 //!
 //! While Redis is away the publisher takes nothing out of the queue. A batch whose
@@ -61,8 +61,8 @@
 //! as it would any message published while it is away; that wait is logged.
 //!
 //! What is still lost: the backlog at shutdown (counted in `publish_failed`, logged),
-//! a publish refused while the backlog is full, and a message Redis accepted while a
-//! receiving process's own subscriber connection was down.
+//! a publish refused while the backlog is full (the caller is told), and a message
+//! Redis accepted while a receiving process's own subscriber connection was down.
 //!
 //! A message from another process whose payload is larger than
 //! [`RedisConfig::max_payload`] (the server's `max_message_size`) is dropped, counted
@@ -90,7 +90,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use super::{Broker, BrokerMetrics, BrokerSink, Kind};
+use super::{Broker, BrokerMetrics, BrokerSink, Kind, Refused};
 use crate::config::Config;
 use envelope::Origin;
 
@@ -109,8 +109,8 @@ pub struct RedisConfig {
     pub prefix: String,
     /// The backlog's bound in messages: published here and not yet acknowledged by
     /// Redis (queued, being sent, or held while Redis is away; see the module docs).
-    /// Beyond it `publish` refuses (drops) the message, counts it in `backlog_full` and
-    /// `publish_failed` and logs at most one line a second.
+    /// Beyond it `publish` refuses the message ([`Refused::BacklogFull`]), counts it in
+    /// `backlog_full` and `publish_failed` and logs at most one line a second.
     /// `redis_backlog_messages` for `ringsocket serve`. Default 65,536.
     pub publish_queue: usize,
     /// The backlog's bound in payload bytes; beyond it the same as
@@ -304,16 +304,16 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
-    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) {
+    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) -> Result<(), Refused> {
         let shared = &self.shared;
         if shared.stopping() {
             shared.failed(1);
-            return;
+            return Err(Refused::Stopped);
         }
         let size = payload.len() as u64;
         if !shared.reserve(size) {
             shared.refused();
-            return;
+            return Err(Refused::BacklogFull);
         }
         let message = Outbound {
             topic: topic.into(),
@@ -321,17 +321,19 @@ impl Broker for RedisBroker {
             payload,
         };
         match self.queue.try_send(message) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             // Never while the reservation holds (the channel has room for the whole
             // backlog); refused all the same.
             Err(TrySendError::Full(_)) => {
                 shared.release(1, size);
                 shared.refused();
+                Err(Refused::BacklogFull)
             }
             // After shutdown: nothing forwards any more.
             Err(TrySendError::Disconnected(_)) => {
                 shared.release(1, size);
                 shared.failed(1);
+                Err(Refused::Stopped)
             }
         }
     }
@@ -790,31 +792,52 @@ mod tests {
         config.publish_queue_bytes = 4;
         let broker = RedisBroker::start(config, sink.clone()).unwrap();
         // Larger than the whole backlog: refused, nothing kept.
-        broker.publish("t", Kind::Binary, Bytes::from_static(b"12345"));
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"12345")),
+            Err(Refused::BacklogFull)
+        );
         assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 1);
         assert_eq!(broker.metrics().backlog_full.load(Ordering::Relaxed), 1);
         assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
         assert_eq!(broker.queued(), 0);
         // Up to the bound it fits, beyond it not.
-        broker.publish("t", Kind::Binary, Bytes::from_static(b"123"));
-        broker.publish("t", Kind::Binary, Bytes::from_static(b"12"));
-        broker.publish("t", Kind::Binary, Bytes::from_static(b"4"));
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"123")),
+            Ok(())
+        );
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"12")),
+            Err(Refused::BacklogFull)
+        );
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"4")),
+            Ok(())
+        );
         assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 4);
         assert_eq!(broker.metrics().backlog_full.load(Ordering::Relaxed), 2);
         broker.shutdown();
         // What was held is given up at shutdown, and counted.
         assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 4);
         assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
-        broker.publish("t", Kind::Binary, Bytes::from_static(b"1"));
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"1")),
+            Err(Refused::Stopped)
+        );
         assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 5);
         // Nothing listens on port 1: start still succeeds and keeps retrying; what is
         // published meanwhile waits in the backlog, up to its bound.
         let mut config = RedisConfig::new("redis://127.0.0.1:1");
         config.publish_queue = 1;
         let broker = RedisBroker::start(config, sink).unwrap();
-        broker.publish("t", Kind::Text, Bytes::from_static(b"a"));
+        assert_eq!(
+            broker.publish("t", Kind::Text, Bytes::from_static(b"a")),
+            Ok(())
+        );
         for refused in [b"b", b"c"] {
-            broker.publish("t", Kind::Text, Bytes::from_static(refused));
+            assert_eq!(
+                broker.publish("t", Kind::Text, Bytes::from_static(refused)),
+                Err(Refused::BacklogFull)
+            );
         }
         assert_eq!(broker.queued(), 1);
         assert_eq!(broker.metrics().backlog_messages.load(Ordering::Relaxed), 1);
