@@ -242,6 +242,14 @@ pub struct Config {
     pub redis_url: String,
     /// Prefix of the Redis channel of every topic. Default `ringsocket:`.
     pub redis_prefix: String,
+    /// The Redis broker's backlog, in messages: publishes not yet acknowledged by
+    /// Redis, held while it is away and sent in order when it is back. A publish
+    /// beyond it is refused before anyone gets it (`POST /publish`: 503) and counted in
+    /// `ringsocket_broker_backlog_full_total`. Default 65,536.
+    pub redis_backlog_messages: usize,
+    /// The Redis broker's backlog, in payload bytes; beyond it the same as
+    /// `redis_backlog_messages`. Default 64 MiB.
+    pub redis_backlog_bytes: usize,
     /// Background executor threads (never the I/O cores). Default 1.
     pub task_threads: usize,
     /// Background jobs the queue holds, queued or reserved by requests whose response
@@ -391,6 +399,8 @@ impl Default for Config {
             conflate_window_ms: 16,
             redis_url: String::new(),
             redis_prefix: "ringsocket:".to_owned(),
+            redis_backlog_messages: 65_536,
+            redis_backlog_bytes: 64 << 20,
             task_threads: 1,
             task_queue_capacity: 10_000,
             task_nice: 0,
@@ -444,7 +454,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 56] = [
+pub const FIELDS: [&str; 58] = [
     "bind",
     "workers",
     "io_backend",
@@ -465,6 +475,8 @@ pub const FIELDS: [&str; 56] = [
     "conflate_window_ms",
     "redis_url",
     "redis_prefix",
+    "redis_backlog_messages",
+    "redis_backlog_bytes",
     "task_threads",
     "task_queue_capacity",
     "task_nice",
@@ -583,6 +595,8 @@ impl Config {
             "conflate_window_ms" => self.conflate_window_ms = whole(value)?,
             "redis_url" => self.redis_url = value.trim().to_owned(),
             "redis_prefix" => self.redis_prefix = value.to_owned(),
+            "redis_backlog_messages" => self.redis_backlog_messages = whole(value)?,
+            "redis_backlog_bytes" => self.redis_backlog_bytes = whole(value)?,
             "task_threads" => self.task_threads = whole(value)?,
             "task_queue_capacity" => self.task_queue_capacity = whole(value)?,
             "task_nice" => self.task_nice = whole(value)?,
@@ -689,6 +703,8 @@ impl Config {
             }
             "redis_url" => Value::String(mask_url_password(&self.redis_url)),
             "redis_prefix" => Value::String(self.redis_prefix.clone()),
+            "redis_backlog_messages" => int(self.redis_backlog_messages),
+            "redis_backlog_bytes" => int(self.redis_backlog_bytes),
             "task_threads" => int(self.task_threads),
             "task_queue_capacity" => int(self.task_queue_capacity),
             "task_nice" => Value::Integer(i64::from(self.task_nice)),
@@ -788,6 +804,18 @@ impl Config {
         if !self.redis_url.is_empty() {
             check_redis_url(&self.redis_url).map_err(|e| ConfigError(format!("redis_url: {e}")))?;
         }
+        range(
+            "redis_backlog_messages",
+            self.redis_backlog_messages,
+            1,
+            usize::MAX,
+        )?;
+        range(
+            "redis_backlog_bytes",
+            self.redis_backlog_bytes,
+            1,
+            usize::MAX,
+        )?;
         match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
             (false, true) => {
                 return Err(ConfigError(
@@ -980,6 +1008,15 @@ impl Config {
                     self.bind
                 ));
             }
+        }
+        let largest_publish = self.max_message_size.max(self.max_body_bytes);
+        if !self.redis_url.is_empty() && self.redis_backlog_bytes < largest_publish {
+            warnings.push(format!(
+                "redis_backlog_bytes = {} is below the largest message a client may \
+                 publish ({largest_publish} bytes, max_message_size or max_body_bytes): \
+                 such a message is always refused",
+                self.redis_backlog_bytes
+            ));
         }
         if self.idle_timeout_secs > 0.0 && self.idle_timeout_secs < self.ping_interval_secs {
             warnings.push(format!(
@@ -1780,6 +1817,53 @@ mod tests {
         config.set("redis_url", "http://nope").unwrap();
         let err = config.validate().unwrap_err();
         assert!(err.0.contains("redis_url"), "{err}");
+    }
+
+    #[test]
+    fn redis_backlog_settings_from_file_env_and_set() {
+        let config = Config::default();
+        assert_eq!(config.redis_backlog_messages, 65_536);
+        assert_eq!(config.redis_backlog_bytes, 64 << 20);
+        let mut config = Config::from_toml(
+            "redis_url = \"redis://127.0.0.1:6379\"\nredis_backlog_messages = 10\n",
+        )
+        .unwrap();
+        assert_eq!(config.redis_backlog_messages, 10);
+        config
+            .apply_env([(
+                "RINGSOCKET_REDIS_BACKLOG_BYTES".to_owned(),
+                "2097152".to_owned(),
+            )])
+            .unwrap();
+        assert_eq!(config.redis_backlog_bytes, 2 << 20);
+        config.validate().unwrap();
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+        assert_eq!(
+            config.value_of("redis_backlog_messages").as_deref(),
+            Some("10")
+        );
+        let redis = crate::broker::redis::RedisConfig::from_config(&config).unwrap();
+        assert_eq!(
+            (redis.publish_queue, redis.publish_queue_bytes),
+            (10, 2 << 20)
+        );
+        // Below the largest message a client may publish: every such one is refused.
+        config.set("redis_backlog_bytes", "4096").unwrap();
+        assert!(
+            config
+                .warnings()
+                .iter()
+                .any(|w| w.contains("redis_backlog_bytes = 4096")),
+            "{:?}",
+            config.warnings()
+        );
+        config.set("redis_backlog_messages", "0").unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.0.contains("redis_backlog_messages"), "{err}");
+        let err = Config::default()
+            .set("redis_backlog_bytes", "lots")
+            .unwrap_err();
+        assert!(err.contains("whole number"), "{err}");
     }
 
     #[test]

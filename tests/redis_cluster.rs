@@ -1,7 +1,8 @@
 //! Two `ringsocket serve` processes joined by a throwaway `redis-server`: clients on
 //! both get every message exactly once and in order; when Redis stops, local delivery
-//! goes on; when it comes back, both processes reconnect and resubscribe on their own
-//! and cross-process delivery resumes.
+//! goes on and what is published waits in the backlog; when it comes back, both
+//! processes reconnect and resubscribe on their own, and the other process gets what
+//! waited, in order, before what follows.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -180,6 +181,11 @@ async fn two_processes_share_rooms_through_redis_and_survive_its_restart() {
         a.metric("ringsocket_broker_connected").await == Some(0)
     })
     .await;
+    // Held in A's backlog, not dropped.
+    assert_eq!(
+        a.metric("ringsocket_broker_backlog_messages").await,
+        Some(M as u64)
+    );
 
     // Redis comes back: both reconnect and resubscribe by themselves.
     redis.restart();
@@ -209,9 +215,17 @@ async fn two_processes_share_rooms_through_redis_and_survive_its_restart() {
             .unwrap();
     }
     expect_sequence(&mut on_a, "after", N).await;
-    // B missed only what was published while Redis was away.
+    // B missed nothing: what waited came first, in order, then the rest.
+    expect_sequence(&mut on_b, "during", M).await;
     expect_sequence(&mut on_b, "after", N).await;
-    assert!(a.metric("ringsocket_broker_publish_failed_total").await >= Some(1));
+    assert_eq!(
+        a.metric("ringsocket_broker_publish_failed_total").await,
+        Some(0)
+    );
+    assert_eq!(
+        a.metric("ringsocket_broker_backlog_messages").await,
+        Some(0)
+    );
     for (i, client) in on_a.iter_mut().chain(on_b.iter_mut()).enumerate() {
         assert_quiet(client, &format!("client {i}")).await;
     }

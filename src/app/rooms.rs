@@ -20,7 +20,8 @@ impl App {
     /// - `/ws/{room}`: every message a client sends goes to everyone else in the room;
     /// - `/broadcast`: the same, for the one room [`BROADCAST_ROOM`];
     /// - `POST /publish/{topic}`: the body goes to every subscriber of the topic, as a
-    ///   text message unless `Content-Type` is `application/octet-stream`; 202.
+    ///   text message unless `Content-Type` is `application/octet-stream`; 202, or 503
+    ///   with `Retry-After: 1` when the broker's backlog is full (delivered to no one).
     /// - `/v1`: the `ringsocket.v1` protocol (docs/protocol.md), with recovery;
     /// - `GET /history/{topic}?since=N&limit=M`: a topic's kept publications, guarded
     ///   like the publish API;
@@ -72,7 +73,9 @@ impl App {
 /// Joins `room` and sends every message received to everyone else in it. A room the
 /// client may not join is refused before the upgrade: 400 for a bad name, 403 for a
 /// topic its grants do not allow. A message it may not publish there closes it with
-/// 1008 "not allowed to publish".
+/// 1008 "not allowed to publish". A message refused because the broker's backlog is
+/// full ([`PublishError::Unavailable`]) is dropped for everyone (counted in
+/// `ringsocket_broker_backlog_full_total`) and the connection stays open.
 pub async fn relay(ws: WebSocket, room: &str) {
     match ws.may_subscribe(room) {
         Ok(()) => {}
@@ -93,6 +96,13 @@ pub async fn relay(ws: WebSocket, room: &str) {
             if e == PublishError::NotAllowed {
                 ws.close(CloseCode::Policy, "not allowed to publish");
                 break;
+            }
+            if e == PublishError::Unavailable {
+                // The broker's backlog is full: the server's trouble, not the client's.
+                // The message went to no one; the broker counted and logged it. Closing
+                // would not help (the backlog drains when Redis is back) and would have
+                // the whole room reconnect at once.
+                continue;
             }
             tracing::warn!(room, error = %e, "publish failed");
             ws.close(CloseCode::Again, &e.to_string());
@@ -203,6 +213,9 @@ fn publish(publisher: &Publisher, access: &Access, req: &Request) -> Response {
     match publisher.publish(&topic, message) {
         Ok(()) => Response::text(202, "accepted\n"),
         Err(e @ PublishError::BadTopic) => Response::error(400, &e.to_string()),
+        Err(e @ PublishError::Unavailable) => {
+            Response::error(503, &e.to_string()).with_header("Retry-After", "1")
+        }
         Err(e) => Response::error(503, &e.to_string()),
     }
 }

@@ -261,6 +261,8 @@ fn publish_error(ws: &WebSocket, id: Option<u64>, topic: &str, e: &PublishError)
             Code::NotAllowed,
             &format!("not allowed to publish to {topic}"),
         ),
+        // Counted and logged (at most once a second) by the broker.
+        PublishError::Unavailable => error(id, Code::Unavailable, &e.to_string()),
         _ => {
             tracing::warn!(topic, error = %e, "ringsocket.v1 publish refused");
             error(id, Code::Unavailable, &e.to_string())

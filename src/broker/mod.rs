@@ -7,15 +7,22 @@
 //!
 //! Contract, for every implementation:
 //! - [`Broker::publish`] forwards a message published on this process to the other
-//!   processes. It never blocks the calling I/O core: it queues and returns.
+//!   processes. It never blocks the calling I/O core: it takes the message into the
+//!   broker's bounded **backlog** and returns. When the backlog is full it refuses
+//!   ([`Refused::BacklogFull`]) and keeps nothing: the caller then delivers the
+//!   message nowhere, not even locally, and tells its own caller (`POST /publish`
+//!   answers 503), so every answer is truthful. The pubsub layer therefore calls it
+//!   *before* it delivers a publish to this process's subscribers.
 //! - Messages from other processes are handed to the [`BrokerSink`] given at start,
 //!   which delivers them to this process's cores. A process never receives back what
 //!   it published itself (it delivered those locally already): exactly once.
 //! - [`Broker::subscribe`] / [`Broker::unsubscribe`] are called by the pubsub layer
 //!   when this process gains its first local subscriber to a topic and loses its last:
 //!   a process listens to a topic only while someone here wants it.
-//! - A broker that loses its connection keeps local delivery running; it reconnects,
-//!   resubscribes, and counts what it could not forward in [`BrokerMetrics`].
+//! - A broker that loses its connection keeps local delivery running; it keeps what
+//!   is published meanwhile in its backlog, reconnects, resubscribes, and then
+//!   forwards the backlog in publish order. What it cannot forward (refused while the
+//!   backlog is full, or still in it at shutdown) is counted in [`BrokerMetrics`].
 
 pub mod redis;
 
@@ -52,17 +59,43 @@ pub struct Inbound {
 /// thread; it must not block for long (the pubsub layer only queues into core inboxes).
 pub type BrokerSink = Arc<dyn Fn(Inbound) + Send + Sync>;
 
+/// Why [`Broker::publish`] did not take a message. Either way the broker keeps
+/// nothing of it, and the publish must be delivered nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refused {
+    /// The backlog (messages not yet handed to the other processes) is at its bound,
+    /// in messages or in bytes: the broker has been away, or too slow, for a while.
+    /// Retry later.
+    BacklogFull,
+    /// The broker was shut down.
+    Stopped,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BacklogFull => f.write_str("the broker's backlog is full"),
+            Self::Stopped => f.write_str("the broker is shut down"),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Carries messages between processes. See the module docs for the contract.
 pub trait Broker: Send + Sync + fmt::Debug {
-    /// Forwards a message published on this process to the other processes.
-    fn publish(&self, topic: &str, kind: Kind, payload: Bytes);
+    /// Takes a message published on this process into the backlog, to be forwarded to
+    /// the other processes; refuses it, keeping nothing, when the backlog is full.
+    /// Never blocks.
+    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) -> Result<(), Refused>;
     /// This process now has local subscribers to `topic`.
     fn subscribe(&self, topic: &str);
     /// This process no longer has local subscribers to `topic`.
     fn unsubscribe(&self, topic: &str);
     /// The broker's counters, for `/metrics`.
     fn metrics(&self) -> &BrokerMetrics;
-    /// Stops the broker's threads; messages not yet forwarded are counted as failed.
+    /// Stops the broker's threads; messages still in the backlog are counted as failed.
     fn shutdown(&self);
 }
 
@@ -77,12 +110,24 @@ pub struct BrokerMetrics {
     pub connection_errors: AtomicU64,
     /// Messages forwarded to other processes.
     pub published: AtomicU64,
-    /// Messages that could not be forwarded (broker away, queue full, shutdown).
+    /// Messages published here that never reached the broker: refused because the
+    /// backlog was full (also counted in [`BrokerMetrics::backlog_full`]), or still in
+    /// the backlog at shutdown.
     pub publish_failed: AtomicU64,
+    /// Publishes refused because the backlog was full (the caller was told).
+    pub backlog_full: AtomicU64,
+    /// Messages in the backlog now: taken by [`Broker::publish`], not yet acknowledged
+    /// by the broker (queued, being sent, or waiting for the broker to come back).
+    pub backlog_messages: AtomicU64,
+    /// Payload bytes of the messages in the backlog now.
+    pub backlog_bytes: AtomicU64,
     /// Messages received from other processes.
     pub received: AtomicU64,
     /// Messages received that could not be decoded (not our envelope).
     pub malformed: AtomicU64,
+    /// Messages received a second time and dropped: a batch the other process sent
+    /// again after its connection broke, which the broker had partly passed on.
+    pub duplicates: AtomicU64,
     /// Messages received whose payload was over the size limit, dropped.
     pub oversized: AtomicU64,
     /// Topics this process is subscribed to at the broker.
@@ -122,6 +167,11 @@ impl BrokerMetrics {
                 &self.publish_failed,
             ),
             (
+                "broker_backlog_full",
+                "Publishes refused because the broker backlog was full.",
+                &self.backlog_full,
+            ),
+            (
                 "broker_received",
                 "Messages received from other processes.",
                 &self.received,
@@ -132,6 +182,11 @@ impl BrokerMetrics {
                 &self.malformed,
             ),
             (
+                "broker_duplicates",
+                "Broker messages received twice (a batch resent after a lost connection) and dropped.",
+                &self.duplicates,
+            ),
+            (
                 "broker_oversized",
                 "Broker messages dropped because their payload was over max_message_size.",
                 &self.oversized,
@@ -139,6 +194,18 @@ impl BrokerMetrics {
         ] {
             counter(encoder, name, help, load(value))?;
         }
+        gauge(
+            encoder,
+            "broker_backlog_messages",
+            "Messages published here and not yet acknowledged by the broker.",
+            load(&self.backlog_messages),
+        )?;
+        gauge(
+            encoder,
+            "broker_backlog_bytes",
+            "Payload bytes of the messages in the broker backlog.",
+            load(&self.backlog_bytes),
+        )?;
         gauge(
             encoder,
             "broker_subscriptions",

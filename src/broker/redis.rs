@@ -17,14 +17,52 @@
 //! Messages travel in a binary envelope (`redis/envelope.rs`) carrying a random
 //! per-process origin id, so a process drops its own messages when Redis echoes them
 //! back (it delivered them locally already): every subscriber gets each message exactly
-//! once.
+//! once. Each envelope also carries the process's sequence number of the message, and
+//! a receiver drops a number at or below the highest it has seen from that process: a
+//! batch sent again after a broken connection is not delivered twice.
 //!
 //! When Redis goes away, each thread logs one line naming the cause, counts it, and
 //! reconnects with exponential backoff and jitter ([`RedisConfig::backoff_min`] to
 //! [`RedisConfig::backoff_max`]); the subscriber resubscribes to every wanted topic.
-//! Messages published meanwhile are dropped and counted in `publish_failed`; the
-//! publisher logs their total when it is back. An idle connection is checked with a
-//! `PING` every [`RedisConfig::health_interval`], so a silent loss is noticed too.
+//! An idle connection is checked with a `PING` every [`RedisConfig::health_interval`],
+//! so a silent loss is noticed too.
+//!
+//! # The backlog: nothing lost while Redis is away
+//!
+//! Every message [`Broker::publish`] takes stays in the **backlog** until Redis has
+//! acknowledged its `PUBLISH`: queued, in the batch being sent, or waiting for Redis to
+//! come back. The backlog is bounded by [`RedisConfig::publish_queue`] messages and
+//! [`RedisConfig::publish_queue_bytes`] payload bytes (`redis_backlog_messages` and
+//! `redis_backlog_bytes` for `ringsocket serve`); a publish that does not fit is
+//! refused ([`Refused::BacklogFull`]) before anyone gets it, counted in
+//! `ringsocket_broker_backlog_full_total` (and `..._publish_failed_total`) and logged
+//! at most once a second with the cause (Redis unreachable, or not keeping up).
+//! `ringsocket_broker_backlog_messages` and `..._backlog_bytes` show how full it is.
+//!
+//! While Redis is away the publisher takes nothing out of the queue. A batch whose
+//! send failed is kept as it was encoded and sent again, first, on the next
+//! connection; everything after it follows in publish order.
+//!
+//! Duplicates: a batch that failed may have been partly executed by Redis before the
+//! connection broke, so resending it is *at least once* towards Redis. Each envelope
+//! carries a per-process sequence number, and a receiving process drops any number at
+//! or below the highest it has seen from that process (`..._duplicates_total`): each
+//! message reaches each listening process **exactly once, in order**. (The receiver's
+//! memory is bounded to 1,024 processes; past it, it starts over.)
+//!
+//! Redis Pub/Sub keeps nothing for a subscriber that is not connected. So after a
+//! loss, the publisher does not flush the backlog into a Redis that the other processes
+//! have not resubscribed to yet: it remembers how many subscribers Redis reported for
+//! each topic at its last `PUBLISH` (up to 4,096 topics), and before sending a batch it
+//! waits, with `PUBSUB NUMSUB`, until each topic of the batch is back to that count,
+//! for at most [`RedisConfig::backoff_max`] + [`RedisConfig::io_timeout`] after it
+//! reconnected (the longest a healthy process takes to retry and resubscribe). A
+//! process that comes back later than that misses what was sent before it returned,
+//! as it would any message published while it is away; that wait is logged.
+//!
+//! What is still lost: the backlog at shutdown (counted in `publish_failed`, logged),
+//! a publish refused while the backlog is full (the caller is told), and a message
+//! Redis accepted while a receiving process's own subscriber connection was down.
 //!
 //! A message from another process whose payload is larger than
 //! [`RedisConfig::max_payload`] (the server's `max_message_size`) is dropped, counted
@@ -42,7 +80,7 @@ mod subscriber;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,7 +90,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use super::{Broker, BrokerMetrics, BrokerSink, Kind};
+use super::{Broker, BrokerMetrics, BrokerSink, Kind, Refused};
 use crate::config::Config;
 use envelope::Origin;
 
@@ -69,12 +107,15 @@ pub struct RedisConfig {
     pub url: String,
     /// Prepended to every topic to name its Redis channel. Default `"ringsocket:"`.
     pub prefix: String,
-    /// Messages waiting to be forwarded to Redis. Beyond it `publish` drops the message
-    /// (policy: drop newest), counts it in `publish_failed` and logs at most one line a
-    /// second. Default 65,536.
+    /// The backlog's bound in messages: published here and not yet acknowledged by
+    /// Redis (queued, being sent, or held while Redis is away; see the module docs).
+    /// Beyond it `publish` refuses the message ([`Refused::BacklogFull`]), counts it in
+    /// `backlog_full` and `publish_failed` and logs at most one line a second.
+    /// `redis_backlog_messages` for `ringsocket serve`. Default 65,536.
     pub publish_queue: usize,
-    /// Payload bytes waiting to be forwarded to Redis; beyond it the same policy as
-    /// [`RedisConfig::publish_queue`]. Default 64 MiB.
+    /// The backlog's bound in payload bytes; beyond it the same as
+    /// [`RedisConfig::publish_queue`]. A message larger than this is always refused.
+    /// `redis_backlog_bytes` for `ringsocket serve`. Default 64 MiB.
     pub publish_queue_bytes: usize,
     /// First wait before reconnecting after a failed attempt. Default 100 ms.
     pub backoff_min: Duration,
@@ -117,6 +158,8 @@ impl RedisConfig {
         }
         let mut redis = Self::new(config.redis_url.clone());
         redis.prefix.clone_from(&config.redis_prefix);
+        redis.publish_queue = config.redis_backlog_messages;
+        redis.publish_queue_bytes = config.redis_backlog_bytes;
         redis.max_payload = config.max_message_size;
         Some(redis)
     }
@@ -169,7 +212,7 @@ impl fmt::Debug for RedisBroker {
         f.debug_struct("RedisBroker")
             .field("addr", &self.shared.addr)
             .field("prefix", &self.shared.config.prefix)
-            .field("queued", &self.queue.len())
+            .field("backlog", &self.queued())
             .finish_non_exhaustive()
     }
 }
@@ -215,9 +258,7 @@ impl RedisBroker {
             wanted_changed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             links: Mutex::new([false; 2]),
-            lost_while_away: AtomicU64::new(0),
-            queued_bytes: AtomicUsize::new(0),
-            queue_full_log: RateLimit::new(),
+            backlog_full_log: RateLimit::new(),
         });
         let broker = Arc::new(Self {
             shared: shared.clone(),
@@ -254,44 +295,46 @@ impl RedisBroker {
         Ok(broker)
     }
 
-    /// Messages waiting in the publish queue (at most [`RedisConfig::publish_queue`]).
+    /// Messages in the backlog: published here and not yet acknowledged by Redis (at
+    /// most [`RedisConfig::publish_queue`]).
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        usize::try_from(self.shared.metrics.backlog_messages.load(Ordering::Relaxed))
+            .unwrap_or(usize::MAX)
     }
 }
 
 impl Broker for RedisBroker {
-    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) {
+    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) -> Result<(), Refused> {
         let shared = &self.shared;
-        let size = payload.len();
-        let queued = shared.queued_bytes.fetch_add(size, Ordering::Relaxed);
-        let full = if queued.saturating_add(size) > shared.config.publish_queue_bytes {
-            true
-        } else {
-            let message = Outbound {
-                topic: topic.into(),
-                kind,
-                payload,
-            };
-            match self.queue.try_send(message) {
-                Ok(()) => return,
-                Err(TrySendError::Full(_)) => true,
-                // After shutdown: nothing forwards any more.
-                Err(TrySendError::Disconnected(_)) => false,
-            }
-        };
-        shared.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-        shared.failed(1);
-        if !full {
-            return;
+        if shared.stopping() {
+            shared.failed(1);
+            return Err(Refused::Stopped);
         }
-        if let Some(suppressed) = shared.queue_full_log.check() {
-            tracing::warn!(
-                messages = shared.config.publish_queue,
-                bytes = shared.config.publish_queue_bytes,
-                "Redis broker: publish queue full, dropping messages \
-                 ({suppressed} more dropped since the last such line)"
-            );
+        let size = payload.len() as u64;
+        if !shared.reserve(size) {
+            shared.refused();
+            return Err(Refused::BacklogFull);
+        }
+        let message = Outbound {
+            topic: topic.into(),
+            kind,
+            payload,
+        };
+        match self.queue.try_send(message) {
+            Ok(()) => Ok(()),
+            // Never while the reservation holds (the channel has room for the whole
+            // backlog); refused all the same.
+            Err(TrySendError::Full(_)) => {
+                shared.release(1, size);
+                shared.refused();
+                Err(Refused::BacklogFull)
+            }
+            // After shutdown: nothing forwards any more.
+            Err(TrySendError::Disconnected(_)) => {
+                shared.release(1, size);
+                shared.failed(1);
+                Err(Refused::Stopped)
+            }
         }
     }
 
@@ -356,11 +399,7 @@ struct Shared {
     stopping: AtomicBool,
     /// Whether each [`Link`] is connected; `connected` is 1 while both are.
     links: Mutex<[bool; 2]>,
-    /// Messages dropped since the publisher lost Redis, logged when it is back.
-    lost_while_away: AtomicU64,
-    /// Payload bytes in the publish queue.
-    queued_bytes: AtomicUsize,
-    queue_full_log: RateLimit,
+    backlog_full_log: RateLimit,
 }
 
 impl Shared {
@@ -371,6 +410,68 @@ impl Shared {
     /// Counts `n` messages that could not be forwarded.
     fn failed(&self, n: u64) {
         self.metrics.publish_failed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes room in the backlog for one message of `size` payload bytes; false (and
+    /// nothing taken) when it does not fit. Never more than the bounds, even with many
+    /// cores publishing at once.
+    fn reserve(&self, size: u64) -> bool {
+        let metrics = &self.metrics;
+        let max_messages = self.config.publish_queue as u64;
+        let max_bytes = self.config.publish_queue_bytes as u64;
+        let took_message = metrics
+            .backlog_messages
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max_messages).then_some(n + 1)
+            })
+            .is_ok();
+        if !took_message {
+            return false;
+        }
+        let took_bytes = metrics
+            .backlog_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                n.checked_add(size).filter(|&total| total <= max_bytes)
+            })
+            .is_ok();
+        if !took_bytes {
+            metrics.backlog_messages.fetch_sub(1, Ordering::Relaxed);
+        }
+        took_bytes
+    }
+
+    /// Gives back the room of `messages` messages of `bytes` payload bytes in all:
+    /// acknowledged by Redis, or abandoned at shutdown.
+    fn release(&self, messages: u64, bytes: u64) {
+        self.metrics
+            .backlog_messages
+            .fetch_sub(messages, Ordering::Relaxed);
+        self.metrics
+            .backlog_bytes
+            .fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts a publish refused for a full backlog, and logs it (at most once a second)
+    /// with the cause.
+    fn refused(&self) {
+        self.failed(1);
+        self.metrics.backlog_full.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.backlog_full_log.check() {
+            let cause = if lock(&self.links)[Link::Publisher as usize] {
+                "Redis is not keeping up"
+            } else {
+                "Redis is unreachable"
+            };
+            tracing::warn!(
+                addr = %self.addr,
+                messages = self.metrics.backlog_messages.load(Ordering::Relaxed),
+                bytes = self.metrics.backlog_bytes.load(Ordering::Relaxed),
+                max_messages = self.config.publish_queue,
+                max_bytes = self.config.publish_queue_bytes,
+                "Redis broker: backlog full ({cause}): publishes are refused \
+                 ({suppressed} more refused since the last such line)"
+            );
+        }
     }
 
     /// The Redis channel of `topic`, written into `out`.
@@ -661,7 +762,12 @@ mod tests {
         assert_eq!(redis.url, "redis://127.0.0.1:6380");
         assert_eq!(redis.prefix, "app:");
         assert_eq!(redis.publish_queue, 65_536);
+        assert_eq!(redis.publish_queue_bytes, 64 << 20);
         assert_eq!(redis.max_payload, 1 << 20);
+        config.redis_backlog_messages = 10;
+        config.redis_backlog_bytes = 1000;
+        let redis = RedisConfig::from_config(&config).unwrap();
+        assert_eq!((redis.publish_queue, redis.publish_queue_bytes), (10, 1000));
         config.max_message_size = 4096;
         assert_eq!(RedisConfig::from_config(&config).unwrap().max_payload, 4096);
     }
@@ -685,24 +791,65 @@ mod tests {
         let mut config = RedisConfig::new("redis://127.0.0.1:1");
         config.publish_queue_bytes = 4;
         let broker = RedisBroker::start(config, sink.clone()).unwrap();
-        broker.publish("t", Kind::Binary, Bytes::from_static(b"12345"));
+        // Larger than the whole backlog: refused, nothing kept.
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"12345")),
+            Err(Refused::BacklogFull)
+        );
         assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 1);
-        assert_eq!(broker.shared.queued_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(broker.metrics().backlog_full.load(Ordering::Relaxed), 1);
+        assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(broker.queued(), 0);
+        // Up to the bound it fits, beyond it not.
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"123")),
+            Ok(())
+        );
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"12")),
+            Err(Refused::BacklogFull)
+        );
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"4")),
+            Ok(())
+        );
+        assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 4);
+        assert_eq!(broker.metrics().backlog_full.load(Ordering::Relaxed), 2);
         broker.shutdown();
-        // Nothing listens on port 1: start still succeeds and keeps retrying.
+        // What was held is given up at shutdown, and counted.
+        assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 4);
+        assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            broker.publish("t", Kind::Binary, Bytes::from_static(b"1")),
+            Err(Refused::Stopped)
+        );
+        assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 5);
+        // Nothing listens on port 1: start still succeeds and keeps retrying; what is
+        // published meanwhile waits in the backlog, up to its bound.
         let mut config = RedisConfig::new("redis://127.0.0.1:1");
         config.publish_queue = 1;
         let broker = RedisBroker::start(config, sink).unwrap();
-        broker.publish("t", Kind::Text, Bytes::from_static(b"a"));
-        broker.publish("t", Kind::Text, Bytes::from_static(b"b"));
-        broker.publish("t", Kind::Text, Bytes::from_static(b"c"));
+        assert_eq!(
+            broker.publish("t", Kind::Text, Bytes::from_static(b"a")),
+            Ok(())
+        );
+        for refused in [b"b", b"c"] {
+            assert_eq!(
+                broker.publish("t", Kind::Text, Bytes::from_static(refused)),
+                Err(Refused::BacklogFull)
+            );
+        }
+        assert_eq!(broker.queued(), 1);
+        assert_eq!(broker.metrics().backlog_messages.load(Ordering::Relaxed), 1);
         let started = Instant::now();
         broker.shutdown();
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(broker.metrics().connected.load(Ordering::Relaxed), 0);
-        // Each of the three was dropped: queue full, away, or at shutdown.
+        // Two refused, one abandoned at shutdown.
         assert_eq!(broker.metrics().publish_failed.load(Ordering::Relaxed), 3);
-        assert_eq!(broker.shared.queued_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(broker.metrics().backlog_full.load(Ordering::Relaxed), 2);
+        assert_eq!(broker.metrics().backlog_messages.load(Ordering::Relaxed), 0);
+        assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
         assert_eq!(broker.metrics().published.load(Ordering::Relaxed), 0);
     }
 }

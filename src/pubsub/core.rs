@@ -253,8 +253,9 @@ pub fn publish_v1(
     publish_session(session, topic, &message, key, true, true)
 }
 
-/// Publishes from a session's handler: delivered on this core at once, sent to the
-/// other cores' inboxes and to the broker. `include_self`: whether the sender gets it
+/// Publishes from a session's handler: handed to the broker (which may refuse it:
+/// [`PublishError::Unavailable`], delivered nowhere), then delivered on this core at
+/// once and sent to the other cores' inboxes. `include_self`: whether the sender gets it
 /// too (if subscribed). `key`: the conflation key (default: the sender).
 pub fn publish_from_session(
     session: &Session,
@@ -280,6 +281,8 @@ fn publish_session(
     let id = SessionId::of(session);
     with_core(|core| {
         let hub = core.hub.clone();
+        // The broker first: a publish it refuses reaches no one, not even this core.
+        hub.forward(topic, message)?;
         let key = key.unwrap_or_else(|| session_key(core.index, id));
         let exclude = (!include_self).then_some((core.index, id));
         let (sent, position) = hub.record(

@@ -18,6 +18,8 @@
 //!    receiving core; nothing is locked per message.
 //! 4. With a [`Broker`] (e.g. Redis), the message also goes to the other processes, and
 //!    messages from them come in through the broker's sink into every core's inbox.
+//!    The broker gets the message first, before step 2: when its backlog is full it
+//!    refuses, and the publish reaches no one ([`PublishError::Unavailable`]).
 //!
 //! Ordering: messages from one publisher reach each subscriber in publish order (each
 //! inbox is FIFO and a core delivers in the order it receives), each exactly once.
@@ -78,9 +80,8 @@
 //!
 //! What is left, `core`, is glue: the core's thread-local state, its inbox task, the
 //! entry points a handler calls ([`subscribe`], [`publish_from_session`], ...) and the
-//! dispatch of each publish to the fan-out or to conflation. Frame boundaries come from
-//! `proto`: a publish goes to the broker as the kind and payload that
-//! [`split_unmasked_frame`] finds in its frame.
+//! dispatch of each publish to the fan-out or to conflation. A publish goes to the
+//! broker as its message's kind and payload, before it is framed.
 
 mod conflation;
 mod core;
@@ -100,10 +101,9 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use tokio::sync::mpsc;
 
-use crate::broker::{Broker, BrokerSink, Inbound, Kind};
+use crate::broker::{Broker, BrokerSink, Inbound, Kind, Refused};
 use crate::metrics::{counter, family, gauge};
 use crate::proto::conn::encode_server_frame;
-use crate::proto::frame::split_unmasked_frame;
 use crate::proto::{Message, OpCode};
 use crate::runtime::LocalFuture;
 
@@ -226,6 +226,10 @@ pub enum PublishError {
     /// The connection's grant (its JWT, or the `authorize` hook) does not allow
     /// publishing to this topic.
     NotAllowed,
+    /// The broker's backlog (messages waiting to reach the other processes) is full:
+    /// the publish was delivered nowhere, not even in this process. Retry later
+    /// (`POST /publish` answers 503 with `Retry-After: 1`).
+    Unavailable,
 }
 
 impl fmt::Display for PublishError {
@@ -234,6 +238,7 @@ impl fmt::Display for PublishError {
             Self::NotRunning => f.write_str("the server is not running"),
             Self::BadTopic => write!(f, "topic names are 1 to {MAX_TOPIC_LEN} bytes"),
             Self::NotAllowed => f.write_str("not allowed to publish"),
+            Self::Unavailable => f.write_str("the broker's backlog is full; retry later"),
         }
     }
 }
@@ -491,26 +496,36 @@ impl Hub {
         Ok(())
     }
 
-    /// Sends a publish made in this process to every core but `skip` (the publishing
-    /// core, which delivered it already) and to the other processes, and counts it.
+    /// The first step of a publish made in this process, before it is recorded or
+    /// delivered to anyone: hands it to the broker, if there is one. When the broker
+    /// refuses it (its backlog is full: [`PublishError::Unavailable`]), the publish must
+    /// go nowhere, so that its caller's answer is true.
+    pub(crate) fn forward(&self, topic: &str, message: &Message) -> Result<(), PublishError> {
+        if self.inboxes.get().is_none() {
+            return Err(PublishError::NotRunning);
+        }
+        let Some(broker) = self.broker.get() else {
+            return Ok(());
+        };
+        let (kind, payload) = broker_payload(message);
+        broker
+            .publish(topic, kind, payload)
+            .map_err(|refused| match refused {
+                Refused::BacklogFull => PublishError::Unavailable,
+                Refused::Stopped => PublishError::NotRunning,
+            })
+    }
+
+    /// Sends a publish made in this process, which [`Hub::forward`] took, to every core
+    /// but `skip` (the publishing core, which delivered it already), and counts it.
     pub(crate) fn publish(
         &self,
         delivery: Arc<Delivery>,
         skip: Option<usize>,
     ) -> Result<(), PublishError> {
-        let (topic, frame) = (delivery.topic.clone(), delivery.frame.clone());
         let sent = self.fan_out(delivery, skip);
         if sent.is_ok() {
             self.metrics.published.fetch_add(1, Ordering::Relaxed);
-            if let Some(broker) = self.broker.get() {
-                match broker_message(&frame) {
-                    Some((kind, payload)) => broker.publish(&topic, kind, payload),
-                    // Never: every publish is framed by `encode_message`.
-                    None => {
-                        tracing::error!(topic = %topic, "pubsub: a publish that is not one data frame was not sent to the broker");
-                    }
-                }
-            }
         }
         sent
     }
@@ -737,6 +752,8 @@ impl Publisher {
         if !valid_topic(topic) {
             return Err(PublishError::BadTopic);
         }
+        // The broker first: a publish it refuses is recorded and delivered nowhere.
+        self.hub.forward(topic, message)?;
         let (sent, position) = self
             .hub
             .record(topic, message, false, key, None, |delivery, _| {
@@ -792,13 +809,11 @@ pub(crate) fn encode_message(message: &Message) -> Bytes {
     }
 }
 
-/// The kind and payload of a frame made by [`encode_message`] (no copy), as the broker
-/// carries it; `None` for anything else.
-fn broker_message(frame: &Bytes) -> Option<(Kind, Bytes)> {
-    match split_unmasked_frame(frame)? {
-        (OpCode::Text, payload) => Some((Kind::Text, payload)),
-        (OpCode::Binary, payload) => Some((Kind::Binary, payload)),
-        _ => None,
+/// The kind and payload of a message, as the broker carries it (no copy).
+fn broker_payload(message: &Message) -> (Kind, Bytes) {
+    match message {
+        Message::Text(text) => (Kind::Text, text.as_bytes().clone()),
+        Message::Binary(bytes) => (Kind::Binary, bytes.clone()),
     }
 }
 

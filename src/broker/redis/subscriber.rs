@@ -1,6 +1,6 @@
 //! The subscriber thread: one Redis connection in Pub/Sub mode, for the whole process.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 
@@ -8,12 +8,17 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use redis::{Msg, PubSub, RedisResult};
 
-use super::envelope;
+use super::envelope::{self, Origin};
 use super::{Link, LinkState, POLL_INTERVAL, RateLimit, Shared, lock, wait_unless_stopped};
 use crate::broker::Inbound;
 
 /// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command when many change at once.
 const CHANNELS_PER_COMMAND: usize = 512;
+
+/// Other processes whose last sequence number is remembered. Past it the memory starts
+/// over (a process gets a new origin at each start, so old ones pile up): the only
+/// cost is that a duplicate arriving right then is not recognised.
+const MAX_ORIGINS: usize = 1024;
 
 /// Runs until the broker stops: connect, subscribe to every wanted topic, receive;
 /// on a loss, reconnect with backoff and start over.
@@ -23,6 +28,7 @@ pub(super) fn run(shared: &Shared, stop: &Receiver<()>) {
         shared,
         malformed_log: RateLimit::new(),
         oversized_log: RateLimit::new(),
+        seen: Seen::default(),
     };
     while let Some(mut con) = shared.connect(&mut link, |d| wait_unless_stopped(stop, d)) {
         let result = listener.session(&mut con, &mut link);
@@ -40,6 +46,37 @@ struct Listener<'a> {
     shared: &'a Shared,
     malformed_log: RateLimit,
     oversized_log: RateLimit,
+    seen: Seen,
+}
+
+/// The highest sequence number received from each other process, to drop what a
+/// process sends again after its connection broke mid-batch (see the publisher).
+///
+/// Redis passes each connection's commands on in the order it executes them, and a
+/// process sends its messages in sequence order, resending an unacknowledged batch
+/// from its start before anything newer: so a number at or below the highest seen is
+/// one received already.
+#[derive(Default)]
+struct Seen {
+    highest: HashMap<Origin, u64>,
+}
+
+impl Seen {
+    /// Whether message `seq` of `origin` is new (and remembers it).
+    fn fresh(&mut self, origin: Origin, seq: u64) -> bool {
+        if let Some(highest) = self.highest.get_mut(&origin) {
+            if seq <= *highest {
+                return false;
+            }
+            *highest = seq;
+            return true;
+        }
+        if self.highest.len() >= MAX_ORIGINS {
+            self.highest.clear();
+        }
+        self.highest.insert(origin, seq);
+        true
+    }
 }
 
 impl Listener<'_> {
@@ -136,7 +173,7 @@ impl Listener<'_> {
 
     /// Hands a message from another process to the sink; drops our own and late ones,
     /// counts what is not our envelope.
-    fn deliver(&self, msg: &Msg, subscribed: &HashSet<String>) {
+    fn deliver(&mut self, msg: &Msg, subscribed: &HashSet<String>) {
         let shared = self.shared;
         let channel = msg.get_channel_name();
         let Some(topic) = channel.strip_prefix(shared.config.prefix.as_str()) else {
@@ -148,13 +185,16 @@ impl Listener<'_> {
             return;
         }
         let bytes = msg.get_payload_bytes();
-        let size = bytes.len().saturating_sub(envelope::HEADER_LEN);
-        if size > shared.config.max_payload {
-            // Checked before decoding: a huge text payload is not validated for nothing.
-            if envelope::origin(bytes) != Some(shared.origin) {
-                self.oversized(channel, size);
+        if let Some((origin, size)) = envelope::peek(bytes) {
+            if origin == shared.origin {
+                return;
             }
-            return;
+            if size > shared.config.max_payload {
+                // Checked before decoding: a huge text payload is not validated for
+                // nothing.
+                self.oversized(channel, size);
+                return;
+            }
         }
         let envelope = match envelope::decode(bytes) {
             Ok(envelope) => envelope,
@@ -163,8 +203,11 @@ impl Listener<'_> {
                 return;
             }
         };
-        if envelope.origin == shared.origin {
-            return;
+        if let Some(seq) = envelope.seq {
+            if !self.seen.fresh(envelope.origin, seq) {
+                shared.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         }
         shared.metrics.received.fetch_add(1, Ordering::Relaxed);
         let inbound = Inbound {
@@ -209,5 +252,39 @@ impl Listener<'_> {
                  ({suppressed} more since the last such line)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_number_at_or_below_the_highest_seen_is_a_duplicate() {
+        let mut seen = Seen::default();
+        let (a, b) = ([1; 16], [2; 16]);
+        assert!(seen.fresh(a, 1));
+        assert!(seen.fresh(a, 2));
+        // Gaps are messages of topics this process does not listen to.
+        assert!(seen.fresh(a, 10));
+        // Each origin counts on its own.
+        assert!(seen.fresh(b, 3));
+        // A batch resent from 2: all but the new ones are dropped, in order.
+        for seq in [2, 3, 9, 10] {
+            assert!(!seen.fresh(a, seq), "{seq}");
+        }
+        assert!(seen.fresh(a, 11));
+        assert!(!seen.fresh(b, 3));
+    }
+
+    #[test]
+    fn the_memory_of_origins_is_bounded() {
+        let mut seen = Seen::default();
+        for i in 0..MAX_ORIGINS + 10 {
+            let mut origin = [0; 16];
+            origin[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            assert!(seen.fresh(origin, 5));
+        }
+        assert!(seen.highest.len() <= MAX_ORIGINS);
     }
 }
