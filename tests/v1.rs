@@ -195,10 +195,17 @@ async fn subscribe_publish_ack_and_publication_carry_offset_and_epoch() {
         (Some("lobby"), Some(2))
     );
     // `data` may be any JSON value, null included.
-    let ack = request(&mut bob, json!({"id": 11, "type": "publish", "topic": "lobby", "data": null})).await;
+    let ack = request(
+        &mut bob,
+        json!({"id": 11, "type": "publish", "topic": "lobby", "data": null}),
+    )
+    .await;
     assert_eq!(ack["type"], "published", "{ack}");
     let frame = next(&mut alice).await;
-    assert_eq!((frame["offset"].as_u64(), &frame["data"]), (Some(3), &Value::Null));
+    assert_eq!(
+        (frame["offset"].as_u64(), &frame["data"]),
+        (Some(3), &Value::Null)
+    );
     let pong = request(&mut alice, json!({"id": 4, "type": "ping"})).await;
     assert_eq!(pong, json!({"id": 4, "type": "pong"}));
 }
