@@ -597,7 +597,9 @@ export class RingSocket {
       ts.epoch = msg.epoch;
       ts.offset = 0;
     }
-    if (msg.offset <= ts.offset) return; // already handled
+    // Already handled. On a conflated topic a window's values may come after the
+    // position a (re)subscription started from: keep them (they are the latest).
+    if (msg.offset <= ts.offset && !ts.conflated) return;
     if (msg.offset > ts.offset + 1 && !ts.conflated) {
       if (ts.gapRetries < MAX_GAP_RETRIES) {
         ts.gapRetries += 1;
@@ -610,7 +612,7 @@ export class RingSocket {
     } else {
       ts.gapRetries = 0;
     }
-    ts.offset = msg.offset;
+    ts.offset = Math.max(ts.offset, msg.offset);
     const message = { topic: msg.topic, offset: msg.offset, epoch: msg.epoch, data: msg.data };
     if (msg.encoding !== undefined) message.encoding = msg.encoding;
     for (const sub of ts.subs.slice()) {

@@ -160,10 +160,17 @@ fn history(hub: &Hub, access: &Access, req: &Request) -> Response {
     body.push_str(r#"{"topic":"#);
     body.push_str(&serde_json::to_string(&topic).unwrap_or_default());
     body.push_str(r#","epoch":"#);
-    body.push_str(&serde_json::to_string(&*page.position.epoch).unwrap_or_default());
+    let (epoch, offset) = match &page.position {
+        Some(p) => (
+            serde_json::to_string(&*p.epoch).unwrap_or_default(),
+            p.offset,
+        ),
+        None => ("null".to_owned(), 0),
+    };
+    body.push_str(&epoch);
     body.push_str(&format!(
-        r#","offset":{},"recovered":{},"publications":["#,
-        page.position.offset, page.recovered
+        r#","offset":{offset},"recovered":{},"publications":["#,
+        page.recovered
     ));
     for (i, publication) in page.publications.iter().enumerate() {
         if i > 0 {

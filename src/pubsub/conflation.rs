@@ -123,13 +123,16 @@ impl Conflation {
         self.pending_bytes += delivery.frame.len();
         match self
             .pending
-            .insert(delivery.key.clone(), (delivery.frame.clone(), exclude))
+            .insert_full(delivery.key.clone(), (delivery.frame.clone(), exclude))
         {
-            Some((old, _)) => {
+            (at, Some((old, _))) => {
                 self.pending_bytes -= old.len();
                 cx.tally.conflated += 1;
+                // The window goes out in the order of each key's latest value (offset
+                // order, for ringsocket.v1 subscribers, who drop what is older).
+                self.pending.move_index(at, self.pending.len() - 1);
             }
-            None => self.pending_bytes += delivery.key.len(),
+            (_, None) => self.pending_bytes += delivery.key.len(),
         }
         if self.pending.len() >= MAX_CONFLATION_KEYS || self.pending_bytes > cx.tally.soft_limit {
             let (keys, bytes) = (self.pending.len(), self.pending_bytes);
@@ -263,12 +266,14 @@ impl Held {
     fn hold(&mut self, key: &Bytes, frame: &Bytes, tally: &mut Tally) {
         // Keys count too: they may be as long as a message.
         self.bytes += frame.len();
-        match self.values.insert(key.clone(), frame.clone()) {
-            Some(old) => {
+        match self.values.insert_full(key.clone(), frame.clone()) {
+            (at, Some(old)) => {
                 self.bytes -= old.len();
                 tally.conflated += 1;
+                // Latest last, as in a window (and "never the one just held" below).
+                self.values.move_index(at, self.values.len() - 1);
             }
-            None => self.bytes += key.len(),
+            (_, None) => self.bytes += key.len(),
         }
         if self.values.len() <= MAX_HELD_KEYS && self.bytes <= tally.soft_limit {
             return;

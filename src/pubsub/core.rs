@@ -204,22 +204,25 @@ pub fn subscribe_v1(
             };
             (subscribed, frames)
         });
+        hub.history.check_limit();
+        hub.history.sweep(|topic| hub.subscribers(topic) > 0);
         if core.registry.topic_count(id) >= super::MAX_TOPICS_PER_SESSION
             && !core.registry.topics_of(id).contains(&name)
         {
             return Err(SubscribeError::TooManyTopics);
         }
-        // Nothing else runs on this core until the registration below: no delivery
-        // falls between the recovered publications and the live ones.
-        let _ = session.send(reply(&subscribed));
-        for frame in frames {
-            let _ = session.send_frame(frame);
-        }
+        // Registered, then the reply and the recovered publications queued, in one
+        // turn of this core: no delivery falls between them and the live ones, which
+        // are written after what the session's own queue holds.
         let (_, first) = core.registry.subscribe(session, &name)?;
         if first {
             session.on_teardown(Box::new(move || {
                 with_core(|core| core.registry.remove_session(id));
             }));
+        }
+        let _ = session.send(reply(&subscribed));
+        for frame in frames {
+            let _ = session.send_frame(frame);
         }
         if since.is_some() {
             let counter = if subscribed.recovered {
@@ -285,7 +288,7 @@ fn publish_session(
         hub.forward(topic, message)?;
         let key = key.unwrap_or_else(|| session_key(core.index, id));
         let exclude = (!include_self).then_some((core.index, id));
-        let (sent, position) = hub.record(
+        let ((sent, here), position) = hub.record(
             topic,
             message,
             known_json,
@@ -293,21 +296,24 @@ fn publish_session(
             exclude,
             |delivery, recorded| {
                 // Delivered here at once when this core has delivered every earlier
-                // publication of the topic; otherwise some wait in its inbox, and this
-                // one goes behind them, to keep the offsets in order.
-                let in_order = recorded
-                    .delivered
-                    .get(core.index)
-                    .is_none_or(|d| d.load(Ordering::Acquire) + 1 == recorded.offset);
-                if in_order {
-                    core.deliver(&delivery);
-                    core.flush_counters();
-                    hub.publish(delivery, Some(core.index))
+                // publication of the topic handed to its inbox; otherwise this one goes
+                // behind them, through the inbox, to keep the offsets in order. The
+                // delivery itself happens after the topic's lock is released: only this
+                // core delivers here, and it runs nothing else in between.
+                if recorded.in_order_on(core.index) {
+                    (
+                        hub.publish(delivery.clone(), Some(core.index)),
+                        Some(delivery),
+                    )
                 } else {
-                    hub.publish(delivery, None)
+                    (hub.publish(delivery, None), None)
                 }
             },
         );
+        if let Some(delivery) = here {
+            core.deliver(&delivery);
+            core.flush_counters();
+        }
         sent.map(|()| position)
     })
     .ok_or(PublishError::NotRunning)?
@@ -320,7 +326,7 @@ impl Core {
         self.deliver_side(delivery);
         if let Some(v1) = &delivery.v1 {
             if let Some(delivered) = v1.delivered.get(self.index) {
-                delivered.store(v1.offset, Ordering::Release);
+                delivered.0.store(v1.offset, Ordering::Release);
             }
             self.deliver_side(&v1.delivery);
         }

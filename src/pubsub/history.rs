@@ -44,6 +44,20 @@ pub const DEFAULT_HISTORY_MEMORY_LIMIT: usize = 64 << 20;
 /// Bookkeeping bytes counted per kept publication besides its frame.
 const ENTRY_OVERHEAD: usize = 48;
 
+/// Bytes counted per topic log besides its publications (the map entry, the log, its
+/// name twice, its epoch, the per-core counters): a client that subscribes to many
+/// topic names fills `history_memory_limit`, not the heap.
+const LOG_OVERHEAD: usize = 320;
+
+/// A per-core counter on a cache line of its own: every core writes its own on every
+/// delivery of a busy topic.
+#[repr(align(64))]
+#[derive(Debug, Default)]
+pub(crate) struct CoreCounter(pub(crate) AtomicU64);
+
+/// One counter per core.
+pub(crate) type PerCore = Arc<[CoreCounter]>;
+
 /// The history's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistorySettings {
@@ -111,7 +125,11 @@ pub(crate) struct TopicLog {
     /// The last publication or subscription.
     active: Instant,
     /// The last offset each core delivered (written by that core only).
-    delivered: Arc<[AtomicU64]>,
+    delivered: PerCore,
+    /// The last offset handed to each core's inbox (written under this log's lock).
+    queued: PerCore,
+    /// Bytes counted for this log besides its entries ([`LOG_OVERHEAD`] and its name).
+    overhead: usize,
     /// The name `ringsocket.v1` subscribers are registered under on each core.
     v1_name: Arc<str>,
 }
@@ -125,7 +143,22 @@ pub(crate) struct Recorded {
     /// Its offset.
     pub(crate) offset: u64,
     /// Each core's last delivered offset: the core delivering it writes its own.
-    pub(crate) delivered: Arc<[AtomicU64]>,
+    pub(crate) delivered: PerCore,
+    /// Each core's last offset handed to its inbox (the fan-out writes it).
+    pub(crate) queued: PerCore,
+}
+
+impl Recorded {
+    /// Whether core `core` has delivered every earlier publication of the topic that
+    /// was handed to its inbox: then this one may be delivered there at once, in order.
+    pub(crate) fn in_order_on(&self, core: usize) -> bool {
+        match (self.delivered.get(core), self.queued.get(core)) {
+            (Some(delivered), Some(queued)) => {
+                queued.0.load(Ordering::Acquire) <= delivered.0.load(Ordering::Acquire)
+            }
+            _ => true,
+        }
+    }
 }
 
 impl TopicLog {
@@ -135,7 +168,7 @@ impl TopicLog {
         let offset = self
             .delivered
             .get(core)
-            .map_or(self.top, |d| d.load(Ordering::Acquire));
+            .map_or(self.top, |d| d.0.load(Ordering::Acquire));
         Position {
             offset,
             epoch: self.epoch.clone(),
@@ -221,6 +254,7 @@ impl TopicLog {
                 frame,
                 offset: self.top,
                 delivered: self.delivered.clone(),
+                queued: self.queued.clone(),
             },
             grew,
         )
@@ -256,6 +290,8 @@ pub(crate) struct History {
     /// Cores of the server (the length of each topic's `delivered`).
     cores: AtomicUsize,
     last_sweep: Mutex<Instant>,
+    /// Held by the one eviction running.
+    evicting: Mutex<()>,
     /// Topics that lost their kept publications to `memory_limit`.
     pub(crate) evicted: AtomicU64,
 }
@@ -268,6 +304,7 @@ impl Default for History {
             bytes: AtomicUsize::new(0),
             cores: AtomicUsize::new(0),
             last_sweep: Mutex::new(Instant::now()),
+            evicting: Mutex::new(()),
             evicted: AtomicU64::new(0),
         }
     }
@@ -294,26 +331,48 @@ impl History {
         lock(&self.topics).len()
     }
 
+    /// The log of `topic`, if it has one (nothing is made).
+    pub(crate) fn peek<R>(&self, topic: &str, f: impl FnOnce(&mut TopicLog) -> R) -> Option<R> {
+        let log = lock(&self.topics).get(topic).cloned()?;
+        let mut log = lock(&log);
+        self.pruned(&mut log, Instant::now(), &self.settings());
+        Some(f(&mut log))
+    }
+
     /// Runs `f` on the log of `topic` (made, with a new epoch, if there is none), with
     /// the topic's lock held: what `f` fans out reaches every core in offset order.
     pub(crate) fn with_topic<R>(&self, topic: &str, f: impl FnOnce(&mut TopicLog) -> R) -> R {
+        self.with_topic_using(topic, &self.settings(), f)
+    }
+
+    fn with_topic_using<R>(
+        &self,
+        topic: &str,
+        settings: &HistorySettings,
+        f: impl FnOnce(&mut TopicLog) -> R,
+    ) -> R {
         let now = Instant::now();
-        self.sweep(now);
         let log = {
             let mut topics = lock(&self.topics);
             match topics.get(topic) {
                 Some(log) => log.clone(),
                 None => {
                     let cores = self.cores.load(Ordering::Relaxed);
+                    let per_core =
+                        || -> PerCore { (0..cores).map(|_| CoreCounter::default()).collect() };
+                    let overhead = LOG_OVERHEAD + 2 * topic.len();
                     let log = Arc::new(Mutex::new(TopicLog {
                         epoch: new_epoch(),
                         top: 0,
                         entries: VecDeque::new(),
                         bytes: 0,
                         active: now,
-                        delivered: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+                        delivered: per_core(),
+                        queued: per_core(),
+                        overhead,
                         v1_name: super::v1_name(topic).into(),
                     }));
+                    self.bytes.fetch_add(overhead, Ordering::Relaxed);
                     topics.insert(topic.into(), log.clone());
                     log
                 }
@@ -321,10 +380,14 @@ impl History {
         };
         let mut log = lock(&log);
         log.active = now;
-        let settings = self.settings();
-        let freed = log.prune(now, &settings);
-        self.bytes.fetch_sub(freed, Ordering::Relaxed);
+        self.pruned(&mut log, now, settings);
         f(&mut log)
+    }
+
+    /// Prunes `log` (its lock held) and takes what it freed off the total.
+    fn pruned(&self, log: &mut TopicLog, now: Instant, settings: &HistorySettings) {
+        let freed = log.prune(now, settings);
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
     }
 
     /// Records a publication of `message` to `topic` and runs `fan_out` with its
@@ -339,20 +402,24 @@ impl History {
     ) -> (R, Position) {
         let settings = self.settings();
         let (data, base64) = data_of(message, known_json);
-        let (out, position, grew) = self.with_topic(topic, |log| {
+        let (out, position, total) = self.with_topic_using(topic, &settings, |log| {
             let (recorded, grew) = log.record(topic, &data, base64, Instant::now(), &settings);
+            // Counted while the log's lock is held, so that an eviction of this log
+            // never takes off bytes the total does not hold yet.
+            let total = if grew >= 0 {
+                self.bytes.fetch_add(grew as usize, Ordering::Relaxed) + grew as usize
+            } else {
+                let freed = grew.unsigned_abs();
+                self.bytes
+                    .fetch_sub(freed, Ordering::Relaxed)
+                    .saturating_sub(freed)
+            };
             let position = Position {
                 offset: recorded.offset,
                 epoch: log.epoch.clone(),
             };
-            (fan_out(recorded), position, grew)
+            (fan_out(recorded), position, total)
         });
-        let total = if grew >= 0 {
-            self.bytes.fetch_add(grew as usize, Ordering::Relaxed) + grew as usize
-        } else {
-            let freed = grew.unsigned_abs();
-            self.bytes.fetch_sub(freed, Ordering::Relaxed) - freed
-        };
         if total > settings.memory_limit {
             self.evict(settings.memory_limit);
         }
@@ -362,6 +429,10 @@ impl History {
     /// Clears the topics published longest ago until the total is under 7/8 of
     /// `limit` (a little room, so that the next publishes do not evict again at once).
     fn evict(&self, limit: usize) {
+        // One eviction at a time: the others' publishes go on.
+        let Ok(_evicting) = self.evicting.try_lock() else {
+            return;
+        };
         let mut by_age: Vec<(Instant, Arc<Mutex<TopicLog>>)> = lock(&self.topics)
             .values()
             .filter_map(|log| {
@@ -372,7 +443,7 @@ impl History {
         by_age.sort_by_key(|(at, _)| *at);
         let goal = limit / 8 * 7;
         let mut cleared = 0u64;
-        for (_, log) in by_age {
+        for (_, log) in &by_age {
             if self.bytes() <= goal {
                 break;
             }
@@ -385,6 +456,12 @@ impl History {
                 self.bytes.fetch_sub(freed, Ordering::Relaxed);
             }
         }
+        drop(by_age);
+        if self.bytes() > goal {
+            // Still over: logs that keep nothing (many topic names) go, the idle ones
+            // first; their next publication starts a new epoch.
+            self.forget(|log, _| log.entries.is_empty(), goal);
+        }
         let before = self.evicted.fetch_add(cleared, Ordering::Relaxed);
         if cleared > 0 && (before + cleared).is_power_of_two() {
             tracing::warn!(
@@ -395,10 +472,46 @@ impl History {
         }
     }
 
-    /// Forgets the topics that kept nothing and saw no activity for the ttl, at most
-    /// once every quarter of the ttl (at least a second apart).
-    fn sweep(&self, now: Instant) {
-        let ttl = self.settings().ttl;
+    /// Evicts if the total is over the limit (after a subscription made a log).
+    pub(crate) fn check_limit(&self) {
+        let limit = self.settings().memory_limit;
+        if self.bytes() > limit {
+            self.evict(limit);
+        }
+    }
+
+    /// Removes the logs nobody holds for which `gone` says so, until the total is at
+    /// most `goal` (`usize::MAX`: every such log).
+    fn forget(&self, gone: impl Fn(&TopicLog, &str) -> bool, goal: usize) {
+        let mut topics = lock(&self.topics);
+        topics.retain(|topic, log| {
+            if self.bytes() <= goal {
+                return true;
+            }
+            // Held by nobody else: no publish or subscription is between looking it
+            // up and locking it (clones are made under the map's lock, held here).
+            if Arc::strong_count(log) != 1 {
+                return true;
+            }
+            let Ok(log) = log.try_lock() else {
+                return true;
+            };
+            if !gone(&log, topic) {
+                return true;
+            }
+            self.bytes
+                .fetch_sub(log.bytes + log.overhead, Ordering::Relaxed);
+            false
+        });
+    }
+
+    /// Forgets the topics that keep nothing, saw no activity for the ttl and have no
+    /// subscriber here (`subscribed`), at most once every quarter of the ttl (at least
+    /// a second apart). Expired publications of idle topics go too.
+    pub(crate) fn sweep(&self, subscribed: impl Fn(&str) -> bool) {
+        let now = Instant::now();
+        let settings = self.settings();
+        let ttl = settings.ttl;
         {
             let mut last = lock(&self.last_sweep);
             if now.saturating_duration_since(*last) < (ttl / 4).max(Duration::from_secs(1)) {
@@ -406,10 +519,20 @@ impl History {
             }
             *last = now;
         }
-        lock(&self.topics).retain(|_, log| match log.try_lock() {
-            Ok(log) => !log.entries.is_empty() || now.saturating_duration_since(log.active) <= ttl,
-            Err(_) => true,
-        });
+        for log in lock(&self.topics).values() {
+            if let Ok(mut log) = log.try_lock() {
+                let freed = log.prune(now, &settings);
+                self.bytes.fetch_sub(freed, Ordering::Relaxed);
+            }
+        }
+        self.forget(
+            |log, topic| {
+                log.entries.is_empty()
+                    && now.saturating_duration_since(log.active) > ttl
+                    && !subscribed(topic)
+            },
+            0,
+        );
     }
 }
 
@@ -615,7 +738,7 @@ mod tests {
         for _ in 0..5 {
             h.record("t", &text("x"), false, |_| ());
         }
-        assert_eq!(h.bytes(), 0);
+        assert_eq!(h.bytes(), LOG_OVERHEAD + 2);
         let p = h.with_topic("t", |log| log.position());
         assert_eq!(p.offset, 5);
     }
@@ -643,6 +766,66 @@ mod tests {
         assert_eq!(position, first, "offsets and epoch survive an eviction");
     }
 
+    /// A log someone looked up (and is about to lock) is never forgotten under them.
+    #[test]
+    fn a_held_log_is_not_forgotten() {
+        let h = History::default();
+        h.configure(
+            HistorySettings {
+                size: 0,
+                ttl: Duration::from_millis(1),
+                memory_limit: 1 << 20,
+            },
+            1,
+        );
+        h.record("t", &text("x"), false, |_| ());
+        let held = lock(&h.topics).get("t").cloned().unwrap();
+        h.forget(|_, _| true, 0);
+        assert_eq!(h.topics(), 1, "held by someone: kept");
+        drop(held);
+        h.forget(|_, _| true, 0);
+        assert_eq!(h.topics(), 0);
+        assert_eq!(h.bytes(), 0, "its overhead is given back");
+    }
+
+    /// The total stays the sum of what the logs hold while two threads publish and
+    /// evict at once.
+    #[test]
+    fn the_total_matches_the_logs_under_concurrent_evictions() {
+        let h = Arc::new(History::default());
+        h.configure(
+            HistorySettings {
+                size: 50,
+                ttl: Duration::from_secs(300),
+                memory_limit: 32 << 10,
+            },
+            1,
+        );
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let h = h.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2_000 {
+                        let topic = format!("t{}", (i * 7 + t) % 40);
+                        h.record(&topic, &text(&"x".repeat(i % 300)), false, |_| ());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let sum: usize = lock(&h.topics)
+            .values()
+            .map(|log| {
+                let log = lock(log);
+                log.bytes + log.overhead
+            })
+            .sum();
+        assert_eq!(h.bytes(), sum);
+        assert!(h.evicted.load(Ordering::Relaxed) > 0);
+    }
+
     #[test]
     fn entries_expire_after_the_ttl() {
         let h = History::default();
@@ -656,8 +839,8 @@ mod tests {
         );
         h.record("t", &text("x"), false, |_| ());
         std::thread::sleep(Duration::from_millis(5));
-        let kept = h.with_topic("t", |log| log.entries.len());
+        let (kept, overhead) = h.with_topic("t", |log| (log.entries.len(), log.overhead));
         assert_eq!(kept, 0);
-        assert_eq!(h.bytes(), 0);
+        assert_eq!(h.bytes(), overhead);
     }
 }

@@ -185,7 +185,10 @@ pub(crate) struct Delivery {
 pub(crate) struct V1Side {
     pub(crate) delivery: Delivery,
     pub(crate) offset: u64,
-    pub(crate) delivered: Arc<[AtomicU64]>,
+    /// Each core's last delivered offset of the topic (that core writes its own).
+    pub(crate) delivered: history::PerCore,
+    /// Each core's last offset handed to its inbox (the fan-out writes it).
+    pub(crate) queued: history::PerCore,
 }
 
 /// What the registries of the cores call the `ringsocket.v1` side of `topic` (a name no
@@ -204,8 +207,9 @@ pub(crate) fn public_name(name: &str) -> &str {
 /// A page of a topic's history ([`Hub::history_page`]).
 #[derive(Debug, Clone)]
 pub struct HistoryPage {
-    /// The topic's last offset and its epoch.
-    pub position: Position,
+    /// The topic's last offset and its epoch; `None` for a topic this process has no
+    /// offsets of (nothing published or subscribed lately).
+    pub position: Option<Position>,
     /// Whether the publications after `since` are all still kept (those beyond the
     /// limit included).
     pub recovered: bool,
@@ -236,7 +240,7 @@ impl fmt::Display for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotRunning => f.write_str("the server is not running"),
-            Self::BadTopic => write!(f, "topic names are 1 to {MAX_TOPIC_LEN} bytes"),
+            Self::BadTopic => write!(f, "topic names are 1 to {MAX_TOPIC_LEN} bytes, without NUL"),
             Self::NotAllowed => f.write_str("not allowed to publish"),
             Self::Unavailable => f.write_str("the broker's backlog is full; retry later"),
         }
@@ -247,7 +251,8 @@ impl std::error::Error for PublishError {}
 
 /// Whether `topic` is an acceptable topic name.
 pub(crate) fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN
+    // No NUL: the registries name the ringsocket.v1 side of a topic with one.
+    !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN && !topic.contains('\0')
 }
 
 /// Counters of the pubsub layer; per-core delivery counts are added in batches.
@@ -345,6 +350,7 @@ impl Hub {
         send: impl FnOnce(Arc<Delivery>, &Recorded) -> R,
     ) -> (R, Position) {
         let frame = encode_message(message);
+        self.history.sweep(|topic| self.subscribers(topic) > 0);
         self.history.record(topic, message, known_json, |recorded| {
             let v1 = V1Side {
                 delivery: Delivery {
@@ -356,6 +362,7 @@ impl Hub {
                 },
                 offset: recorded.offset,
                 delivered: recorded.delivered.clone(),
+                queued: recorded.queued.clone(),
             };
             let delivery = Arc::new(Delivery {
                 topic: topic.into(),
@@ -371,13 +378,19 @@ impl Hub {
     /// `GET /history/{topic}`: the topic's position and up to `limit` publications
     /// after `since` (whether every one after it is still kept).
     pub fn history_page(&self, topic: &str, since: u64, limit: usize) -> HistoryPage {
-        self.history.with_topic(topic, |log| {
+        // A topic with no log gets none made: backends can ask about any name.
+        let page = self.history.peek(topic, |log| {
             let (position, recovered, frames) = log.page(since, limit);
             HistoryPage {
-                position,
+                position: Some(position),
                 recovered,
                 publications: frames.iter().map(history::frame_json).collect(),
             }
+        });
+        page.unwrap_or(HistoryPage {
+            position: None,
+            recovered: since == 0,
+            publications: Vec::new(),
         })
     }
 
@@ -480,7 +493,13 @@ impl Hub {
                 continue;
             }
             match inbox.try_send(delivery.clone()) {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(v1) = &delivery.v1 {
+                        if let Some(queued) = v1.queued.get(index) {
+                            queued.0.store(v1.offset, Ordering::Release);
+                        }
+                    }
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     let dropped = self.metrics.inbox_dropped.fetch_add(1, Ordering::Relaxed);
                     if dropped.is_power_of_two() {

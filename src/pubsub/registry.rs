@@ -44,7 +44,7 @@ impl fmt::Display for SubscribeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotAccepted => f.write_str("accept the connection before subscribing"),
-            Self::BadTopic => write!(f, "topic names are 1 to {MAX_TOPIC_LEN} bytes"),
+            Self::BadTopic => write!(f, "topic names are 1 to {MAX_TOPIC_LEN} bytes, without NUL"),
             Self::TooManyTopics => {
                 write!(
                     f,

@@ -97,7 +97,17 @@ fn broker_messages_reach_every_core() {
 /// Runs `test` on this thread as core 0 of a one-core hub, inside a `LocalSet` (the
 /// conflation timers are local tasks). Topic `"c"` is conflated with `window`.
 fn on_a_core(max_outbound_bytes: usize, window: Duration, test: impl AsyncFnOnce(Arc<Hub>)) {
-    let hub = Arc::new(Hub::default());
+    on_a_core_with(Hub::default(), max_outbound_bytes, window, test);
+}
+
+/// [`on_a_core`] with a hub of one's own (a small inbox, say).
+fn on_a_core_with(
+    hub: Hub,
+    max_outbound_bytes: usize,
+    window: Duration,
+    test: impl AsyncFnOnce(Arc<Hub>),
+) {
+    let hub = Arc::new(hub);
     hub.conflate("c", window);
     hub.bind(1).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -166,7 +176,9 @@ fn a_full_conflation_window_is_delivered_early() {
         publish_keyed(&sender, "last", "last");
         let texts = take_texts(&viewer);
         assert_eq!(texts.len(), MAX_CONFLATION_KEYS);
-        assert_eq!(texts[0], "v1'");
+        // In the order of each key's latest value: k1's moved behind the others.
+        assert_eq!(texts[0], "v2");
+        assert_eq!(texts[texts.len() - 2], "v1'");
         assert_eq!(texts.last().map(String::as_str), Some("last"));
         assert_eq!(early(&hub), 1);
         assert_eq!(hub.metrics.conflated.load(Ordering::Relaxed), 1);
@@ -475,7 +487,12 @@ fn v1_recovery_stops_at_what_the_core_delivered() {
         for i in 1..=3 {
             publisher.publish_text("t", i.to_string()).unwrap();
         }
-        let epoch = hub.history_page("t", 0, 0).position.epoch.to_string();
+        let epoch = hub
+            .history_page("t", 0, 0)
+            .position
+            .unwrap()
+            .epoch
+            .to_string();
         // Nothing delivered on this core yet: 1..3 wait in its inbox.
         let ahead = session();
         let since = Since {
@@ -514,10 +531,75 @@ fn v1_recovery_stops_at_what_the_core_delivered() {
         let late = session();
         let since = Since {
             offset: 1,
-            epoch: hub.history_page("t", 0, 0).position.epoch.to_string(),
+            epoch: hub
+                .history_page("t", 0, 0)
+                .position
+                .unwrap()
+                .epoch
+                .to_string(),
         };
         let s = subscribe_v1(&late, "t", Some(&since), |_| Message::Text("{}".into())).unwrap();
         assert_eq!((s.position.offset, s.missed), (3, 2));
         assert_eq!(offsets(take_texts(&late)), [2, 3]);
     });
+}
+
+fn v1_offsets(texts: Vec<String>) -> Vec<(u64, String)> {
+    texts
+        .iter()
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .filter(|v| v["type"] == "pub")
+        .map(|v| (v["offset"].as_u64().unwrap(), v["data"].to_string()))
+        .collect()
+}
+
+/// A conflated window goes out in the order of each key's latest value: a v1 client,
+/// which drops an offset below the last one it has, loses no key's latest value.
+#[test]
+fn a_conflated_window_goes_out_in_offset_order() {
+    on_a_core(64 << 20, Duration::from_millis(20), async |_hub| {
+        let (viewer, sender) = (session(), session());
+        subscribe_v1(&viewer, "c", None, |_| Message::Text("{}".into())).unwrap();
+        let _ = take_texts(&viewer);
+        publish_keyed(&sender, "a", "1");
+        publish_keyed(&sender, "a", "2");
+        publish_keyed(&sender, "b", "3");
+        publish_keyed(&sender, "a", "4");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let got = v1_offsets(take_texts(&viewer));
+        assert_eq!(
+            got,
+            [
+                (1, "1".to_owned()),
+                (3, "3".to_owned()),
+                (4, "4".to_owned())
+            ]
+        );
+    });
+}
+
+/// A publication dropped for a full inbox does not send every later one of the
+/// publishing core through its inbox: once the core has delivered what was queued to
+/// it, a session's own publish is delivered at once again.
+#[test]
+fn a_dropped_publication_does_not_stall_the_cores_own_ones() {
+    on_a_core_with(
+        Hub::new(1),
+        64 << 20,
+        Duration::from_millis(16),
+        async |hub| {
+            let viewer = session();
+            subscribe(&viewer, "t").unwrap();
+            let publisher = Publisher::new(hub.clone());
+            publisher.publish_text("t", "1").unwrap();
+            // The inbox holds one: this one is dropped for this core (counted).
+            publisher.publish_text("t", "2").unwrap();
+            assert_eq!(hub.metrics.inbox_dropped.load(Ordering::Relaxed), 1);
+            tokio::task::yield_now().await;
+            assert_eq!(take_texts(&viewer), ["1"]);
+            let sender = session();
+            publish_from_session(&sender, "t", &Message::Text("3".into()), None, true).unwrap();
+            assert_eq!(take_texts(&viewer), ["3"], "delivered at once, not queued");
+        },
+    );
 }
