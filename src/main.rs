@@ -34,7 +34,7 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (as TOML, secrets masked) and where each value came from, then exit.
     Config(ServeArgs),
-    /// Load generator: `bench echo` (messages/s, latency), `bench broadcast` (deliveries/s, loss, latency) or `bench connect` (handshakes/s, memory); `--compare`, `--json`, `--plot`.
+    /// Load generator: `bench echo` (messages/s, latency), `bench broadcast` (deliveries/s, loss, latency), `bench connect` (handshakes/s, memory) or `bench recover` (reconnect and recover missed publications); `--compare`, `--json`, `--plot`.
     Bench(ringsocket::bench::BenchArgs),
 }
 

@@ -24,6 +24,10 @@
 //! - [`connect()`]: open many connections as fast as a cap on concurrent handshakes
 //!   allows, hold them idle; handshakes per second, failures by cause and, given the
 //!   server's pid, its resident memory per connection.
+//! - [`recover()`]: `ringsocket.v1` clients disconnect, miss publications and
+//!   reconnect all at once, each resubscribing with `since`; the time until all are
+//!   live again, per-client recovery times, the server's CPU over the wave, and every
+//!   missed publication checked at every client (in order, no gap, no duplicate).
 //!
 //! Threading: `--threads N` starts N OS threads, each with a single-threaded tokio
 //! runtime and every N-th connection, so that the load generator can be pinned to
@@ -46,6 +50,7 @@ mod connect;
 mod echo;
 mod payload;
 mod plot;
+mod recover;
 mod stats;
 mod target;
 mod tls;
@@ -67,6 +72,7 @@ pub use connect::{ConnectOptions, ConnectReport, Memory, connect};
 pub use echo::{EchoOptions, EchoReport, SEQ_BYTES, echo};
 pub use payload::Payload;
 pub use plot::{Curve, svg};
+pub use recover::{Medians, RecoverOptions, RecoverReport, RoundReport, recover};
 pub use stats::{CpuPerItem, CpuUsage, LatencySummary, Percentile, rss_kib};
 pub use target::Target;
 
@@ -106,6 +112,16 @@ pub enum BenchMode {
         #[command(flatten)]
         output: OutputOptions,
     },
+    /// ringsocket.v1 clients (on /v1) miss --missed publications and reconnect all at
+    /// once with `since`: the time until all are live again, per-client recovery times,
+    /// the server's CPU over the wave (with --server-pid); every missed publication is
+    /// checked at every client (recovered: true, in order, no gap, no duplicate).
+    Recover {
+        #[command(flatten)]
+        options: RecoverOptions,
+        #[command(flatten)]
+        output: OutputOptions,
+    },
 }
 
 /// Runs `ringsocket bench`, printing the report (or, with `--compare`, every report
@@ -137,6 +153,15 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 url.clone_into(&mut options.url);
                 options.common.server_pid = pid;
                 connect(&options, progress)
+            };
+            run_mode(&options.url, options.common.server_pid, &output, run)
+        }
+        BenchMode::Recover { options, output } => {
+            let run = |url: &str, pid: Option<u32>, progress: &Progress| {
+                let mut options = options.clone();
+                url.clone_into(&mut options.url);
+                options.common.server_pid = pid;
+                recover(&options, progress)
             };
             run_mode(&options.url, options.common.server_pid, &output, run)
         }
