@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringsocket::broker::redis::{RedisBroker, RedisConfig};
-use ringsocket::broker::{Broker, BrokerSink, Kind};
+use ringsocket::broker::{Accepted, Broker, BrokerSink, Kind};
 
 const PAYLOAD: usize = 64;
 
@@ -52,11 +52,12 @@ fn main() {
         Arc::new(move |message| {
             debug_assert_eq!(message.payload.len(), PAYLOAD);
             received.fetch_add(1, Ordering::Relaxed);
+            Accepted::Delivered
         })
     };
     let config = RedisConfig::new(server.url());
     let capacity = config.publish_queue;
-    let a = RedisBroker::start(config.clone(), Arc::new(|_| {})).unwrap();
+    let a = RedisBroker::start(config.clone(), Arc::new(|_| Accepted::Delivered)).unwrap();
     let b = RedisBroker::start(config, sink).unwrap();
     b.subscribe("bench");
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -48,7 +48,7 @@ impl App {
             let access = access.get().cloned().unwrap_or_default();
             async move {
                 match access.check_publish(req.head(), req.peer()) {
-                    Ok(()) => history(&hub, &access, &req),
+                    Ok(()) => history(&hub, &access, &req).await,
                     Err(refused) => refused,
                 }
             }
@@ -128,7 +128,7 @@ fn page(body: &'static str, content_type: &str) -> Response {
 
 /// `GET /history/{topic}?since=N&limit=M`: 200 with the topic's position and its kept
 /// publications after `since` (docs/protocol.md).
-fn history(hub: &Hub, access: &Access, req: &Request) -> Response {
+async fn history(hub: &Hub, access: &Access, req: &Request) -> Response {
     let Some(topic) = req.param::<String>("topic") else {
         return Response::error(400, "missing topic");
     };
@@ -154,7 +154,39 @@ fn history(hub: &Hub, access: &Access, req: &Request) -> Response {
             _ => {}
         }
     }
-    let page = hub.history_page(&topic, since, limit);
+    let page = match hub.broker().filter(|_| hub.sequenced()) {
+        None => hub.history_page(&topic, since, limit),
+        // The history is at the broker (Redis): asked there, off this core.
+        Some(broker) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            broker.history(
+                &topic,
+                since,
+                limit,
+                Box::new(move |result| {
+                    let _ = tx.send(result);
+                }),
+            );
+            match tokio::time::timeout(std::time::Duration::from_secs(2), rx).await {
+                Ok(Ok(Ok(snapshot))) => hub.history_page_of(&topic, &snapshot, since),
+                Ok(Ok(Err(e))) => {
+                    tracing::debug!(topic, error = %e, "GET /history: the broker's history could not be read");
+                    return Response::error(
+                        503,
+                        "the history is at Redis, which does not answer now; retry later",
+                    )
+                    .with_header("Retry-After", "1");
+                }
+                _ => {
+                    return Response::error(
+                        503,
+                        "the history is at Redis, which does not answer now; retry later",
+                    )
+                    .with_header("Retry-After", "1");
+                }
+            }
+        }
+    };
     let mut body =
         String::with_capacity(96 + page.publications.iter().map(Bytes::len).sum::<usize>());
     body.push_str(r#"{"topic":"#);

@@ -15,10 +15,14 @@ use serde_json::value::RawValue;
 use super::WebSocket;
 use crate::metrics::Rejection;
 use crate::proto::{Message, Utf8Bytes};
-use crate::pubsub::{self, Position, PublishError, Since, SubscribeError, V1Subscribed};
+use crate::pubsub::{self, Position, PublishError, Since, SubscribeError, V1Ack, V1Subscribed};
 
 /// The subprotocol a client must offer on `/v1`.
 pub const PROTOCOL: &str = "ringsocket.v1";
+
+/// Longest wait for a numbering broker's history on a subscription, after which it
+/// goes by what this process has.
+const SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A request frame. Unknown fields are ignored (a later minor version may add some).
 #[derive(Deserialize)]
@@ -84,7 +88,7 @@ pub async fn serve(ws: WebSocket) {
     ws.accept_protocol(&[PROTOCOL]);
     while let Ok(message) = ws.recv().await {
         let reply = match &message {
-            Message::Text(text) => handle(&ws, text),
+            Message::Text(text) => handle(&ws, text).await,
             Message::Binary(_) => Some(error(
                 None,
                 Code::BadRequest,
@@ -101,7 +105,7 @@ pub async fn serve(ws: WebSocket) {
 
 /// Answers one request frame; `None` when the reply was queued already (a
 /// subscription's, ahead of its recovered publications).
-fn handle(ws: &WebSocket, text: &Utf8Bytes) -> Option<String> {
+async fn handle(ws: &WebSocket, text: &Utf8Bytes) -> Option<String> {
     let request: Request<'_> = match serde_json::from_str(text.as_str()) {
         Ok(request) => request,
         Err(e) => {
@@ -141,7 +145,7 @@ fn handle(ws: &WebSocket, text: &Utf8Bytes) -> Option<String> {
                 offset: s.offset,
                 epoch: s.epoch,
             });
-            subscribe(ws, id, topic, since.as_ref())
+            subscribe(ws, id, topic, since.as_ref()).await
         }
         "unsubscribe" => {
             let topic = match topic() {
@@ -168,7 +172,7 @@ fn handle(ws: &WebSocket, text: &Utf8Bytes) -> Option<String> {
             let Some(data) = request.data else {
                 return Some(error(id, Code::BadRequest, "publish needs data"));
             };
-            Some(publish(ws, id, topic, data.get(), request.key.as_deref()))
+            publish(ws, id, topic, data.get(), request.key.as_deref())
         }
         "ping" => Some(close(head(id, "pong"))),
         other => Some(error(
@@ -179,7 +183,7 @@ fn handle(ws: &WebSocket, text: &Utf8Bytes) -> Option<String> {
     }
 }
 
-fn subscribe(
+async fn subscribe(
     ws: &WebSocket,
     id: Option<u64>,
     topic: &str,
@@ -200,7 +204,25 @@ fn subscribe(
             &SubscribeError::TooManyTopics,
         ));
     }
-    let result = pubsub::subscribe_v1(ws.session(), topic, since, |s| {
+    // With a numbering broker (Redis history), what it holds: any process recovers.
+    let snapshot = match pubsub::v1_snapshot(topic, since.map_or(0, |s| s.offset)) {
+        None => None,
+        Some(answer) => match tokio::time::timeout(SNAPSHOT_TIMEOUT, answer).await {
+            Ok(Ok(Ok(snapshot))) => Some(snapshot),
+            Ok(Ok(Err(e))) => {
+                tracing::debug!(topic, error = %e, "ringsocket.v1 subscribe: the broker's history could not be read; going by this process's");
+                None
+            }
+            _ => {
+                tracing::debug!(
+                    topic,
+                    "ringsocket.v1 subscribe: no answer from the broker's history; going by this process's"
+                );
+                None
+            }
+        },
+    };
+    let result = pubsub::subscribe_v1(ws.session(), topic, since, snapshot.as_ref(), |s| {
         Message::Text(subscribed(id, topic, s).into())
     });
     match result {
@@ -239,14 +261,34 @@ fn subscribe_error(ws: &WebSocket, id: Option<u64>, topic: &str, e: &SubscribeEr
     }
 }
 
-fn publish(ws: &WebSocket, id: Option<u64>, topic: &str, data: &str, key: Option<&str>) -> String {
+fn publish(
+    ws: &WebSocket,
+    id: Option<u64>,
+    topic: &str,
+    data: &str,
+    key: Option<&str>,
+) -> Option<String> {
     if let Err(e) = ws.may_publish(topic) {
-        return publish_error(ws, id, topic, &e);
+        return Some(publish_error(ws, id, topic, &e));
     }
     let key = key.map(|k| Bytes::copy_from_slice(k.as_bytes()));
     match pubsub::publish_v1(ws.session(), topic, data, key) {
-        Ok(position) => published(id, topic, &position),
-        Err(e) => publish_error(ws, id, topic, &e),
+        Ok(V1Ack::Now(position)) => Some(published(id, topic, Some(&position))),
+        Ok(V1Ack::Later(answer)) => {
+            // Acknowledged when the broker has numbered it; other requests go on.
+            let ws = ws.clone();
+            let topic = topic.to_owned();
+            tokio::task::spawn_local(async move {
+                let position = answer
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|(offset, epoch)| Position { offset, epoch });
+                let _ = ws.send_text(published(id, &topic, position.as_ref()));
+            });
+            None
+        }
+        Err(e) => Some(publish_error(ws, id, topic, &e)),
     }
 }
 
@@ -282,11 +324,16 @@ fn subscribed(id: Option<u64>, topic: &str, s: &V1Subscribed) -> String {
     close(reply)
 }
 
-/// `{"id":…,"type":"published","topic":…,"offset":…,"epoch":…}`.
-fn published(id: Option<u64>, topic: &str, p: &Position) -> String {
+/// `{"id":…,"type":"published","topic":…,"offset":…,"epoch":…}` (offset and epoch
+/// `null` in the rare case a numbering broker cannot say: a publication sent again
+/// after a broken connection).
+fn published(id: Option<u64>, topic: &str, p: Option<&Position>) -> String {
     let mut reply = head(id, "published");
     field(&mut reply, "topic", topic);
-    position(&mut reply, p);
+    match p {
+        Some(p) => position(&mut reply, p),
+        None => reply.push_str(r#","offset":null,"epoch":null"#),
+    }
     close(reply)
 }
 

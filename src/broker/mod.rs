@@ -53,11 +53,67 @@ pub struct Inbound {
     pub kind: Kind,
     /// The message payload.
     pub payload: Bytes,
+    /// Its offset and epoch in the topic, from a broker that numbers publications
+    /// ([`Broker::sequences`]); `None` otherwise.
+    pub position: Option<(u64, Arc<str>)>,
+    /// Published by this process (a numbering broker hands a process its own
+    /// publications back, with their offsets; the raw side was delivered already).
+    pub own: bool,
+}
+
+impl Inbound {
+    /// A message of another process with no position.
+    pub fn new(topic: impl Into<String>, kind: Kind, payload: Bytes) -> Self {
+        Self {
+            topic: topic.into(),
+            kind,
+            payload,
+            position: None,
+            own: false,
+        }
+    }
+}
+
+/// What the sink made of an [`Inbound`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Accepted {
+    /// Delivered (or dropped as one seen already).
+    Delivered,
+    /// Not delivered: its offset is above the next one expected, the last one this
+    /// process has being `after`. The broker fetches the missing ones from the
+    /// topic's history, hands them over in order, then this one again with
+    /// [`Inbound::position`] as it was (the sink then takes it whatever is missing).
+    Gap {
+        /// The last offset this process has of the topic.
+        after: u64,
+    },
 }
 
 /// Where a broker delivers messages from other processes. Called on the broker's own
 /// thread; it must not block for long (the pubsub layer only queues into core inboxes).
-pub type BrokerSink = Arc<dyn Fn(Inbound) + Send + Sync>;
+pub type BrokerSink = Arc<dyn Fn(Inbound) -> Accepted + Send + Sync>;
+
+/// Called once with the offset and epoch a numbering broker gave a publication, or
+/// `None` when it cannot say (the broker stopped first, or the publication was sent
+/// again after a broken connection and numbered the first time).
+pub type Ack = Box<dyn FnOnce(Option<(u64, Arc<str>)>) + Send>;
+
+/// A topic's position and kept publications, read from a numbering broker for a
+/// `ringsocket.v1` subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The topic's epoch.
+    pub epoch: Arc<str>,
+    /// Its last offset (0: none yet).
+    pub top: u64,
+    /// Kept publications after the asked offset, oldest first, each with its
+    /// position.
+    pub entries: Vec<Inbound>,
+}
+
+/// Called once, on a broker thread, with what [`Broker::history`] read.
+pub type HistoryReply = Box<dyn FnOnce(Result<Snapshot, String>) + Send>;
 
 /// Why [`Broker::publish`] did not take a message. Either way the broker keeps
 /// nothing of it, and the publish must be delivered nowhere.
@@ -89,6 +145,36 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// the other processes; refuses it, keeping nothing, when the backlog is full.
     /// Never blocks.
     fn publish(&self, topic: &str, kind: Kind, payload: Bytes) -> Result<(), Refused>;
+    /// Whether this broker numbers each topic's publications itself, with offsets and
+    /// an epoch shared by every process, and keeps their history (docs/protocol.md):
+    /// then a publish's `ringsocket.v1` side reaches this process's subscribers when
+    /// it comes back from the broker, numbered. Default: no.
+    fn sequences(&self) -> bool {
+        false
+    }
+
+    /// Like [`Broker::publish`], and `ack` gets the offset and epoch the broker gave
+    /// the publication. Default: publishes and acks with `None`.
+    fn publish_acked(
+        &self,
+        topic: &str,
+        kind: Kind,
+        payload: Bytes,
+        ack: Ack,
+    ) -> Result<(), Refused> {
+        let result = self.publish(topic, kind, payload);
+        ack(None);
+        result
+    }
+
+    /// Reads `topic`'s epoch, last offset and the kept publications after `since` (at
+    /// most `limit`), and calls `reply` with them on a broker thread. Default: an
+    /// error (this broker keeps no history).
+    fn history(&self, topic: &str, since: u64, limit: usize, reply: HistoryReply) {
+        let _ = (topic, since, limit);
+        reply(Err("this broker keeps no history".into()));
+    }
+
     /// This process now has local subscribers to `topic`.
     fn subscribe(&self, topic: &str);
     /// This process no longer has local subscribers to `topic`.
@@ -128,6 +214,11 @@ pub struct BrokerMetrics {
     /// Messages received a second time and dropped: a batch the other process sent
     /// again after its connection broke, which the broker had partly passed on.
     pub duplicates: AtomicU64,
+    /// Times offsets were missing before a numbered publication and were read from
+    /// the topic's history at the broker.
+    pub gap_fills: AtomicU64,
+    /// Publications read from the broker's history to fill those gaps.
+    pub gap_filled: AtomicU64,
     /// Messages received whose payload was over the size limit, dropped.
     pub oversized: AtomicU64,
     /// Topics this process is subscribed to at the broker.
@@ -185,6 +276,16 @@ impl BrokerMetrics {
                 "broker_duplicates",
                 "Broker messages received twice (a batch resent after a lost connection) and dropped.",
                 &self.duplicates,
+            ),
+            (
+                "broker_gap_fills",
+                "Times offsets were missing before a numbered publication and were read from the broker's history.",
+                &self.gap_fills,
+            ),
+            (
+                "broker_gap_filled",
+                "Publications read from the broker's history to fill gaps.",
+                &self.gap_filled,
             ),
             (
                 "broker_oversized",

@@ -75,8 +75,11 @@
 //! read timeout on the subscriber, `redis::pipe()` on the publisher.
 
 mod envelope;
+mod history;
 mod publisher;
 mod subscriber;
+
+pub use history::StreamHistory;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -90,7 +93,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use super::{Broker, BrokerMetrics, BrokerSink, Kind, Refused};
+use super::{Ack, Broker, BrokerMetrics, BrokerSink, HistoryReply, Kind, Refused};
 use crate::config::Config;
 use envelope::Origin;
 
@@ -132,6 +135,12 @@ pub struct RedisConfig {
     /// line a second). Default 1 MiB; [`RedisConfig::from_config`] uses the server's
     /// `max_message_size`, the largest message a client may send it.
     pub max_payload: usize,
+    /// Offsets, epochs and history at Redis (see `history`): every process numbers a
+    /// topic's publications alike, and a `ringsocket.v1` client recovers on any of
+    /// them. `None` (the default of [`RedisConfig::new`]): plain Pub/Sub, each process
+    /// numbers its own; [`RedisConfig::from_config`] sets it from `history_size` and
+    /// `history_ttl_secs`.
+    pub history: Option<StreamHistory>,
 }
 
 impl RedisConfig {
@@ -147,6 +156,7 @@ impl RedisConfig {
             io_timeout: Duration::from_secs(2),
             health_interval: Duration::from_secs(1),
             max_payload: 1 << 20,
+            history: None,
         }
     }
 
@@ -161,6 +171,10 @@ impl RedisConfig {
         redis.publish_queue = config.redis_backlog_messages;
         redis.publish_queue_bytes = config.redis_backlog_bytes;
         redis.max_payload = config.max_message_size;
+        redis.history = Some(StreamHistory {
+            size: config.history_size,
+            ttl: Duration::from_secs(config.history_ttl_secs),
+        });
         Some(redis)
     }
 }
@@ -202,6 +216,8 @@ impl std::error::Error for BrokerError {}
 pub struct RedisBroker {
     shared: Arc<Shared>,
     queue: Sender<Outbound>,
+    /// Questions for the reader thread (with [`RedisConfig::history`]).
+    reads: Sender<history::Read>,
     /// Dropped by [`Broker::shutdown`]: disconnecting it wakes both threads.
     stop: Mutex<Option<Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -247,6 +263,8 @@ impl RedisBroker {
         let addr = client.get_connection_info().addr().to_string();
         let (queue, queue_rx) = crossbeam_channel::bounded(config.publish_queue);
         let (stop, stop_rx) = crossbeam_channel::bounded(0);
+        let (reads, reads_rx) = crossbeam_channel::bounded(MAX_READS);
+        let with_history = config.history.is_some();
         let shared = Arc::new(Shared {
             config,
             client,
@@ -257,12 +275,13 @@ impl RedisBroker {
             wanted: Mutex::new(HashSet::new()),
             wanted_changed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            links: Mutex::new([false; 2]),
+            links: Mutex::new([false, false, !with_history]),
             backlog_full_log: RateLimit::new(),
         });
         let broker = Arc::new(Self {
             shared: shared.clone(),
             queue,
+            reads,
             stop: Mutex::new(Some(stop)),
             threads: Mutex::new(Vec::new()),
         });
@@ -274,9 +293,23 @@ impl RedisBroker {
         };
         let sub_shared = shared.clone();
         let sub_stop = stop_rx.clone();
+        let sub_reads = broker.reads.clone();
+        if with_history {
+            let (read_shared, read_stop) = (shared.clone(), stop_rx.clone());
+            match spawn(
+                "ringsocket-rhist",
+                Box::new(move || history::run(&read_shared, &reads_rx, &read_stop)),
+            ) {
+                Ok(reader) => lock(&broker.threads).push(reader),
+                Err(e) => {
+                    broker.shutdown();
+                    return Err(e);
+                }
+            }
+        }
         let started = spawn(
             "ringsocket-rsub",
-            Box::new(move || subscriber::run(&sub_shared, &sub_stop)),
+            Box::new(move || subscriber::run(&sub_shared, &sub_stop, &sub_reads)),
         )
         .and_then(|sub| {
             lock(&broker.threads).push(sub);
@@ -301,10 +334,15 @@ impl RedisBroker {
         usize::try_from(self.shared.metrics.backlog_messages.load(Ordering::Relaxed))
             .unwrap_or(usize::MAX)
     }
-}
 
-impl Broker for RedisBroker {
-    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) -> Result<(), Refused> {
+    /// Takes a publication into the backlog (room first), with its ack if any.
+    fn enqueue(
+        &self,
+        topic: &str,
+        kind: Kind,
+        payload: Bytes,
+        ack: Option<Ack>,
+    ) -> Result<(), Refused> {
         let shared = &self.shared;
         if shared.stopping() {
             shared.failed(1);
@@ -319,22 +357,64 @@ impl Broker for RedisBroker {
             topic: topic.into(),
             kind,
             payload,
+            ack,
         };
         match self.queue.try_send(message) {
             Ok(()) => Ok(()),
             // Never while the reservation holds (the channel has room for the whole
             // backlog); refused all the same.
-            Err(TrySendError::Full(_)) => {
+            Err(TrySendError::Full(message)) => {
+                message.unacked();
                 shared.release(1, size);
                 shared.refused();
                 Err(Refused::BacklogFull)
             }
             // After shutdown: nothing forwards any more.
-            Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Disconnected(message)) => {
+                message.unacked();
                 shared.release(1, size);
                 shared.failed(1);
                 Err(Refused::Stopped)
             }
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, topic: &str, kind: Kind, payload: Bytes) -> Result<(), Refused> {
+        self.enqueue(topic, kind, payload, None)
+    }
+
+    fn sequences(&self) -> bool {
+        self.shared.config.history.is_some()
+    }
+
+    fn publish_acked(
+        &self,
+        topic: &str,
+        kind: Kind,
+        payload: Bytes,
+        ack: Ack,
+    ) -> Result<(), Refused> {
+        self.enqueue(topic, kind, payload, Some(ack))
+    }
+
+    fn history(&self, topic: &str, since: u64, limit: usize, reply: HistoryReply) {
+        if !self.sequences() {
+            return reply(Err(
+                "this broker keeps no history (RedisConfig::history)".into()
+            ));
+        }
+        let read = history::Read {
+            topic: topic.to_owned(),
+            after: since,
+            upto: None,
+            limit,
+            reply,
+        };
+        if let Err(e) = self.reads.try_send(read) {
+            let read = e.into_inner();
+            (read.reply)(Err("the Redis history reader is busy or stopped".into()));
         }
     }
 
@@ -374,12 +454,46 @@ impl Drop for RedisBroker {
     }
 }
 
+/// Questions the reader thread may hold before `history` answers "busy".
+const MAX_READS: usize = 16_384;
+
 /// A message waiting to be forwarded.
-#[derive(Debug)]
 struct Outbound {
     topic: Box<str>,
     kind: Kind,
     payload: Bytes,
+    /// Told the offset and epoch Redis gave it (with [`RedisConfig::history`]).
+    ack: Option<Ack>,
+}
+
+impl fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbound")
+            .field("topic", &self.topic)
+            .field("kind", &self.kind)
+            .field("bytes", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    /// Tells the ack, if any, that no offset will come.
+    fn unacked(self) {
+        if let Some(ack) = self.ack {
+            ack(None);
+        }
+    }
+}
+
+/// A random generator seeded from the process's origin id.
+fn seeded_rng(origin: &Origin) -> ChaCha8Rng {
+    let mut seed = [0; 32];
+    seed[..envelope::ORIGIN_LEN].copy_from_slice(origin);
+    let mut extra = [0u8; 16];
+    if getrandom::fill(&mut extra).is_ok() {
+        seed[envelope::ORIGIN_LEN..].copy_from_slice(&extra);
+    }
+    ChaCha8Rng::from_seed(seed)
 }
 
 /// What both threads share with the broker handle.
@@ -398,7 +512,7 @@ struct Shared {
     wanted_changed: AtomicBool,
     stopping: AtomicBool,
     /// Whether each [`Link`] is connected; `connected` is 1 while both are.
-    links: Mutex<[bool; 2]>,
+    links: Mutex<[bool; 3]>,
     backlog_full_log: RateLimit,
 }
 
@@ -528,6 +642,8 @@ impl Shared {
 enum Link {
     Subscriber = 0,
     Publisher = 1,
+    /// The history reader (only with [`RedisConfig::history`]).
+    Reader = 2,
 }
 
 impl Link {
@@ -535,6 +651,7 @@ impl Link {
         match self {
             Self::Subscriber => "subscriber",
             Self::Publisher => "publisher",
+            Self::Reader => "history reader",
         }
     }
 }
@@ -774,7 +891,7 @@ mod tests {
 
     #[test]
     fn start_refuses_only_bad_urls_and_settings() {
-        let sink: BrokerSink = Arc::new(|_| {});
+        let sink: BrokerSink = Arc::new(|_| crate::broker::Accepted::Delivered);
         for url in [
             "http://localhost",
             "redis://",

@@ -14,10 +14,12 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::conflation::{self, MAX_HELD_KEYS, crossed_power_of_two, session_key};
-use super::history::Since;
+use super::history::{Since, data_of};
 use super::registry::{Mode, Registry, SessionId, SubscribeError};
 use super::{Delivery, Hub, Position, PublishError, public_name, v1_name, valid_topic};
+use crate::broker::{Kind, Snapshot};
 use crate::proto::Message;
+use crate::proto::Utf8Bytes;
 use crate::runtime::Session;
 
 thread_local! {
@@ -168,6 +170,7 @@ pub fn subscribe_v1(
     session: &Session,
     topic: &str,
     since: Option<&Since>,
+    snapshot: Option<&Snapshot>,
     reply: impl FnOnce(&V1Subscribed) -> Message,
 ) -> Result<V1Subscribed, SubscribeError> {
     if !valid_topic(topic) {
@@ -178,18 +181,44 @@ pub fn subscribe_v1(
     }
     let id = SessionId::of(session);
     let name = v1_name(topic);
+    // What a numbering broker's history holds, as this process keeps publications.
+    let snapshot = snapshot.map(|s| {
+        let entries: Vec<(u64, Vec<u8>, bool)> = s
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let (offset, _) = e.position.as_ref()?;
+                let message = match e.kind {
+                    Kind::Text => Message::Text(Utf8Bytes::try_from(e.payload.clone()).ok()?),
+                    Kind::Binary => Message::Binary(e.payload.clone()),
+                };
+                let (data, base64) = data_of(&message, false);
+                Some((*offset, data, base64))
+            })
+            .collect();
+        (s.epoch.clone(), s.top, entries)
+    });
     with_core(|core| {
         let hub = core.hub.clone();
         let conflated = hub.conflation_window(topic).is_some();
+        let idle = hub.subscribers(topic) == 0;
+        let settings = hub.history.settings();
         let (subscribed, frames) = hub.history.with_topic(topic, |log| {
-            let position = log.position_on(core.index);
+            let mut position = log.position_on(core.index);
+            if let Some((epoch, top, entries)) = &snapshot {
+                let grew = log.merge(topic, epoch, *top, entries, idle, &settings);
+                hub.history.add(grew);
+                // What the broker numbered up to `top` is either kept here now or on
+                // its way to this core (a few duplicates, which the client drops).
+                position = log.position_on(core.index);
+                position.offset = position.offset.max(*top);
+            }
             let recovery = since.map(|since| log.since(since, position.offset, usize::MAX));
             let frames = recovery
                 .as_ref()
                 .map(|r| r.frames.clone())
                 .unwrap_or_default();
             let recovered = recovery.is_some_and(|r| r.recovered);
-            let mut position = position;
             if let Some(since) = since.filter(|s| recovered && s.offset > position.offset) {
                 // The client heard more than this core delivered so far (it was on
                 // another core): what this core still delivers up to `since` is a
@@ -237,21 +266,62 @@ pub fn subscribe_v1(
     .ok_or(SubscribeError::NotRunning)?
 }
 
+/// With a numbering broker: asks it for `topic`'s epoch, last offset and kept
+/// publications after `since` (for [`subscribe_v1`]); `None` without one (the
+/// history is this process's). The answer is `Err` when the broker could not read it
+/// (Redis away): the subscription then goes by what this process has.
+pub fn v1_snapshot(
+    topic: &str,
+    since: u64,
+) -> Option<tokio::sync::oneshot::Receiver<Result<Snapshot, String>>> {
+    with_core(|core| {
+        let hub = core.hub.clone();
+        if !hub.sequenced() {
+            return None;
+        }
+        let broker = hub.broker()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let limit = hub.history.settings().size.max(1);
+        broker.history(
+            topic,
+            since,
+            limit,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        Some(rx)
+    })
+    .flatten()
+}
+
 /// Unsubscribes `session` from the `ringsocket.v1` side of `topic`. Returns whether it
 /// was subscribed.
 pub fn unsubscribe_v1(session: &Session, topic: &str) -> bool {
     unsubscribe(session, &v1_name(topic))
 }
 
+/// The position of a `ringsocket.v1` publish: now (this process numbers it), or
+/// later (a numbering broker tells it once it has numbered the publication; `None`
+/// if it cannot say).
+#[derive(Debug)]
+pub enum V1Ack {
+    /// Numbered here.
+    Now(Position),
+    /// Numbered by the broker.
+    Later(tokio::sync::oneshot::Receiver<Option<(u64, Arc<str>)>>),
+}
+
 /// Publishes `data` (one JSON value, checked by the caller) from a `ringsocket.v1`
 /// connection to every subscriber of `topic` (raw ones get `data` as a text message),
-/// the sender included if subscribed. Returns the publication's position.
+/// the sender included if subscribed. Returns the publication's position, or how it
+/// will come.
 pub fn publish_v1(
     session: &Session,
     topic: &str,
     data: &str,
     key: Option<Bytes>,
-) -> Result<Position, PublishError> {
+) -> Result<V1Ack, PublishError> {
     let message = Message::Text(data.to_owned().into());
     publish_session(session, topic, &message, key, true, true)
 }
@@ -267,7 +337,7 @@ pub fn publish_from_session(
     key: Option<Bytes>,
     include_self: bool,
 ) -> Result<(), PublishError> {
-    publish_session(session, topic, message, key, include_self, false).map(|_| ())
+    publish_session(session, topic, message, key, include_self, false).map(drop)
 }
 
 fn publish_session(
@@ -277,15 +347,25 @@ fn publish_session(
     key: Option<Bytes>,
     include_self: bool,
     known_json: bool,
-) -> Result<Position, PublishError> {
+) -> Result<V1Ack, PublishError> {
     if !valid_topic(topic) {
         return Err(PublishError::BadTopic);
     }
     let id = SessionId::of(session);
     with_core(|core| {
         let hub = core.hub.clone();
+        // With a numbering broker, a v1 publish learns its offset from it.
+        let (ack, later) = if known_json && hub.sequenced() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ack: crate::broker::Ack = Box::new(move |position| {
+                let _ = tx.send(position);
+            });
+            (Some(ack), Some(rx))
+        } else {
+            (None, None)
+        };
         // The broker first: a publish it refuses reaches no one, not even this core.
-        hub.forward(topic, message)?;
+        hub.forward(topic, message, ack)?;
         let key = key.unwrap_or_else(|| session_key(core.index, id));
         let exclude = (!include_self).then_some((core.index, id));
         let ((sent, here), position) = hub.record(
@@ -300,7 +380,7 @@ fn publish_session(
                 // behind them, through the inbox, to keep the offsets in order. The
                 // delivery itself happens after the topic's lock is released: only this
                 // core delivers here, and it runs nothing else in between.
-                if recorded.in_order_on(core.index) {
+                if recorded.is_none_or(|r| r.in_order_on(core.index)) {
                     (
                         hub.publish(delivery.clone(), Some(core.index)),
                         Some(delivery),
@@ -314,7 +394,16 @@ fn publish_session(
             core.deliver(&delivery);
             core.flush_counters();
         }
-        sent.map(|()| position)
+        sent?;
+        match (position, later) {
+            (Some(position), _) => Ok(V1Ack::Now(position)),
+            (None, Some(later)) => Ok(V1Ack::Later(later)),
+            // Not a v1 publish with a numbering broker: nobody asks its position.
+            (None, None) => Ok(V1Ack::Now(Position {
+                offset: 0,
+                epoch: Arc::from(""),
+            })),
+        }
     })
     .ok_or(PublishError::NotRunning)?
 }
@@ -323,7 +412,9 @@ impl Core {
     /// Queues `delivery` to this core's subscribers of its topic, raw and
     /// `ringsocket.v1`, and notes its offset as delivered here.
     fn deliver(&mut self, delivery: &Delivery) {
-        self.deliver_side(delivery);
+        if delivery.raw {
+            self.deliver_side(delivery);
+        }
         if let Some(v1) = &delivery.v1 {
             if let Some(delivered) = v1.delivered.get(self.index) {
                 delivered.0.store(v1.offset, Ordering::Release);

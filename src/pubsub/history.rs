@@ -30,6 +30,7 @@ use base64::Engine;
 use bytes::Bytes;
 
 use super::lock;
+use crate::broker::Accepted;
 use crate::proto::conn::encode_server_frame;
 use crate::proto::frame::split_unmasked_frame;
 use crate::proto::{Message, OpCode};
@@ -132,6 +133,20 @@ pub(crate) struct TopicLog {
     overhead: usize,
     /// The name `ringsocket.v1` subscribers are registered under on each core.
     v1_name: Arc<str>,
+    /// A numbered publication reported as a gap once (the broker fills it, then hands
+    /// it over again: taken then, whatever is still missing).
+    gap_at: u64,
+}
+
+/// Where a numbered publication stands against a topic's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// At or below the last offset: seen already.
+    Seen,
+    /// Offsets missing after this one.
+    Gap(u64),
+    /// The next one (or taken whatever is missing).
+    Next,
 }
 
 /// The `ringsocket.v1` side of one publication, fanned out with it.
@@ -260,6 +275,104 @@ impl TopicLog {
         )
     }
 
+    /// Where a publication the broker numbered `offset` in `epoch` stands. A new epoch
+    /// starts this log over (returns the bytes freed).
+    fn accept(&mut self, offset: u64, epoch: &str) -> (Verdict, usize) {
+        let mut freed = 0;
+        if *self.epoch != *epoch {
+            freed = self.clear();
+            self.epoch = epoch.into();
+            self.top = offset - 1;
+        }
+        let verdict = if offset <= self.top {
+            Verdict::Seen
+        } else if offset > self.top + 1 && self.gap_at != offset {
+            self.gap_at = offset;
+            Verdict::Gap(self.top)
+        } else {
+            Verdict::Next
+        };
+        (verdict, freed)
+    }
+
+    /// Records a publication the broker numbered, at its offset (after [`Self::accept`]
+    /// said `Next`).
+    fn record_at(
+        &mut self,
+        topic: &str,
+        offset: u64,
+        data: &[u8],
+        base64: bool,
+        now: Instant,
+        settings: &HistorySettings,
+    ) -> (Recorded, isize) {
+        let before = self.bytes;
+        self.top = offset;
+        self.active = now;
+        let frame = envelope(topic, offset, &self.epoch, data, base64);
+        self.keep(offset, frame.clone(), now, settings);
+        self.prune(now, settings);
+        let grew = self.bytes as isize - before as isize;
+        (
+            Recorded {
+                v1_name: self.v1_name.clone(),
+                frame,
+                offset,
+                delivered: self.delivered.clone(),
+                queued: self.queued.clone(),
+            },
+            grew,
+        )
+    }
+
+    /// Keeps `frame` at `offset`, in offset order, unless it is kept already.
+    fn keep(&mut self, offset: u64, frame: Bytes, at: Instant, settings: &HistorySettings) {
+        if settings.size == 0 {
+            return;
+        }
+        let position = self.entries.partition_point(|e| e.offset < offset);
+        if self
+            .entries
+            .get(position)
+            .is_some_and(|e| e.offset == offset)
+        {
+            return;
+        }
+        self.bytes += frame.len() + ENTRY_OVERHEAD;
+        self.entries.insert(position, Entry { offset, at, frame });
+    }
+
+    /// Takes in what the broker's history holds (`epoch`, its last offset `top`, the
+    /// publications after some offset): another epoch starts this log over; kept
+    /// publications missing here are added. `idle`: nobody in the process listens to
+    /// the topic, so this log's last offset follows the broker's (nothing in flight
+    /// here needs it). Returns the bytes the log grew by.
+    pub(crate) fn merge(
+        &mut self,
+        topic: &str,
+        epoch: &str,
+        top: u64,
+        entries: &[(u64, Vec<u8>, bool)],
+        idle: bool,
+        settings: &HistorySettings,
+    ) -> isize {
+        let before = self.bytes as isize;
+        if *self.epoch != *epoch && !epoch.is_empty() {
+            self.clear();
+            self.epoch = epoch.into();
+            self.top = top;
+        } else if idle && top > self.top {
+            self.top = top;
+        }
+        let now = Instant::now();
+        for (offset, data, base64) in entries {
+            let frame = envelope(topic, *offset, &self.epoch, data, *base64);
+            self.keep(*offset, frame, now, settings);
+        }
+        self.prune(now, settings);
+        self.bytes as isize - before
+    }
+
     /// Drops what is beyond `size` or older than `ttl`; returns the bytes freed.
     fn prune(&mut self, now: Instant, settings: &HistorySettings) -> usize {
         let before = self.bytes;
@@ -371,6 +484,7 @@ impl History {
                         queued: per_core(),
                         overhead,
                         v1_name: super::v1_name(topic).into(),
+                        gap_at: 0,
                     }));
                     self.bytes.fetch_add(overhead, Ordering::Relaxed);
                     topics.insert(topic.into(), log.clone());
@@ -424,6 +538,52 @@ impl History {
             self.evict(settings.memory_limit);
         }
         (out, position)
+    }
+
+    /// Records a publication the broker numbered `offset` in `epoch` and runs
+    /// `fan_out` with its `ringsocket.v1` side, the topic's lock held; or reports a gap
+    /// (once) or a publication seen already.
+    pub(crate) fn record_at(
+        &self,
+        topic: &str,
+        message: &Message,
+        offset: u64,
+        epoch: &str,
+        fan_out: impl FnOnce(Recorded),
+    ) -> Accepted {
+        let settings = self.settings();
+        let (accepted, total) = self.with_topic_using(topic, &settings, |log| {
+            let (verdict, freed) = log.accept(offset, epoch);
+            self.bytes.fetch_sub(freed, Ordering::Relaxed);
+            match verdict {
+                Verdict::Seen => (Accepted::Delivered, 0),
+                Verdict::Gap(after) => (Accepted::Gap { after }, 0),
+                Verdict::Next => {
+                    let (data, base64) = data_of(message, false);
+                    let (recorded, grew) =
+                        log.record_at(topic, offset, &data, base64, Instant::now(), &settings);
+                    let total = self.add(grew);
+                    fan_out(recorded);
+                    (Accepted::Delivered, total)
+                }
+            }
+        });
+        if total > settings.memory_limit {
+            self.evict(settings.memory_limit);
+        }
+        accepted
+    }
+
+    /// Adds `grew` (negative: takes off) to the total (a log's lock held); returns it.
+    pub(crate) fn add(&self, grew: isize) -> usize {
+        if grew >= 0 {
+            self.bytes.fetch_add(grew as usize, Ordering::Relaxed) + grew as usize
+        } else {
+            let freed = grew.unsigned_abs();
+            self.bytes
+                .fetch_sub(freed, Ordering::Relaxed)
+                .saturating_sub(freed)
+        }
     }
 
     /// Clears the topics published longest ago until the total is under 7/8 of
@@ -539,7 +699,7 @@ impl History {
 /// The `data` of a publication of `message`: a text that is one JSON value as it is,
 /// any other text as a JSON string, a binary message as a base64 JSON string (then
 /// `true`). `known_json`: the text was checked already.
-fn data_of(message: &Message, known_json: bool) -> (Vec<u8>, bool) {
+pub(crate) fn data_of(message: &Message, known_json: bool) -> (Vec<u8>, bool) {
     match message {
         Message::Text(text) => {
             let bytes = text.as_bytes();
@@ -563,7 +723,7 @@ fn json_string(s: &str) -> Vec<u8> {
 }
 
 /// The `ringsocket.v1` frame of a publication.
-fn envelope(topic: &str, offset: u64, epoch: &str, data: &[u8], base64: bool) -> Bytes {
+pub(crate) fn envelope(topic: &str, offset: u64, epoch: &str, data: &[u8], base64: bool) -> Bytes {
     let mut json = Vec::with_capacity(data.len() + topic.len() + epoch.len() + 72);
     json.extend_from_slice(b"{\"type\":\"pub\",\"topic\":");
     json.extend_from_slice(&json_string(topic));

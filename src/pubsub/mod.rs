@@ -101,7 +101,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use tokio::sync::mpsc;
 
-use crate::broker::{Broker, BrokerSink, Inbound, Kind, Refused};
+use crate::broker::{Accepted, Broker, BrokerSink, Inbound, Kind, Refused, Snapshot};
 use crate::metrics::{counter, family, gauge};
 use crate::proto::conn::encode_server_frame;
 use crate::proto::{Message, OpCode};
@@ -109,8 +109,8 @@ use crate::runtime::LocalFuture;
 
 pub use self::conflation::{MAX_CONFLATION_KEYS, MAX_HELD_KEYS};
 pub use self::core::{
-    V1Subscribed, publish_from_session, publish_v1, subscribe, subscribe_v1, topic_count,
-    topics_of, unsubscribe, unsubscribe_v1,
+    V1Ack, V1Subscribed, publish_from_session, publish_v1, subscribe, subscribe_v1, topic_count,
+    topics_of, unsubscribe, unsubscribe_v1, v1_snapshot,
 };
 pub use self::history::{
     DEFAULT_HISTORY_MEMORY_LIMIT, DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, HistorySettings,
@@ -178,6 +178,9 @@ pub(crate) struct Delivery {
     /// The same publication for `ringsocket.v1` subscribers (none on a delivery that
     /// is itself that side).
     pub(crate) v1: Option<Box<V1Side>>,
+    /// Whether raw subscribers get it (not when a numbering broker hands this process
+    /// its own publication back: the raw side went out at the publish).
+    pub(crate) raw: bool,
 }
 
 /// The `ringsocket.v1` side of a publication: its own delivery (registry name, frame)
@@ -347,32 +350,83 @@ impl Hub {
         known_json: bool,
         key: Bytes,
         exclude: Option<(usize, SessionId)>,
-        send: impl FnOnce(Arc<Delivery>, &Recorded) -> R,
-    ) -> (R, Position) {
+        send: impl FnOnce(Arc<Delivery>, Option<&Recorded>) -> R,
+    ) -> (R, Option<Position>) {
         let frame = encode_message(message);
-        self.history.sweep(|topic| self.subscribers(topic) > 0);
-        self.history.record(topic, message, known_json, |recorded| {
-            let v1 = V1Side {
-                delivery: Delivery {
-                    topic: recorded.v1_name.clone(),
-                    frame: recorded.frame.clone(),
-                    key: key.clone(),
-                    exclude,
-                    v1: None,
-                },
-                offset: recorded.offset,
-                delivered: recorded.delivered.clone(),
-                queued: recorded.queued.clone(),
-            };
+        if self.sequenced() {
+            // The broker numbers it: the v1 side comes back from it, with its offset.
             let delivery = Arc::new(Delivery {
                 topic: topic.into(),
                 frame,
                 key,
                 exclude,
-                v1: Some(Box::new(v1)),
+                v1: None,
+                raw: true,
             });
-            send(delivery, &recorded)
-        })
+            return (send(delivery, None), None);
+        }
+        self.history.sweep(|topic| self.subscribers(topic) > 0);
+        let (out, position) = self.history.record(topic, message, known_json, |recorded| {
+            let delivery = both_sides(topic, frame, key, exclude, &recorded, true);
+            send(delivery, Some(&recorded))
+        });
+        (out, Some(position))
+    }
+
+    /// `GET /history/{topic}` from what a numbering broker's history holds
+    /// ([`Broker::history`]).
+    pub fn history_page_of(&self, topic: &str, snapshot: &Snapshot, since: u64) -> HistoryPage {
+        let publications: Vec<Bytes> = snapshot
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let (offset, _) = e.position.as_ref()?;
+                let message = match e.kind {
+                    Kind::Text => {
+                        Message::Text(crate::proto::Utf8Bytes::try_from(e.payload.clone()).ok()?)
+                    }
+                    Kind::Binary => Message::Binary(e.payload.clone()),
+                };
+                let (data, base64) = history::data_of(&message, false);
+                let frame = history::envelope(topic, *offset, &snapshot.epoch, &data, base64);
+                Some(history::frame_json(&frame))
+            })
+            .collect();
+        let first = snapshot.entries.first().and_then(|e| e.position.as_ref());
+        HistoryPage {
+            position: Some(Position {
+                offset: snapshot.top,
+                epoch: snapshot.epoch.clone(),
+            }),
+            recovered: since >= snapshot.top || first.is_some_and(|(o, _)| *o <= since + 1),
+            publications,
+        }
+    }
+
+    /// Whether the broker numbers publications (offsets and epochs shared by every
+    /// process, history at the broker).
+    pub fn sequenced(&self) -> bool {
+        self.broker.get().is_some_and(|b| b.sequences())
+    }
+
+    /// A publication the broker numbered (`offset` in `epoch`), from another process
+    /// or this one (`own`: its raw side went out at the publish). Recorded at that
+    /// offset and fanned out to every core, unless it was seen already; when offsets
+    /// are missing before it (the first time), reported as a gap for the broker to
+    /// fill from its history.
+    fn record_numbered(
+        &self,
+        topic: &str,
+        message: &Message,
+        (offset, epoch): (u64, &str),
+        own: bool,
+    ) -> Accepted {
+        let frame = encode_message(message);
+        self.history
+            .record_at(topic, message, offset, epoch, |recorded| {
+                let delivery = both_sides(topic, frame, Bytes::new(), None, &recorded, !own);
+                let _ = self.fan_out(delivery, None);
+            })
     }
 
     /// `GET /history/{topic}`: the topic's position and up to `limit` publications
@@ -519,7 +573,13 @@ impl Hub {
     /// delivered to anyone: hands it to the broker, if there is one. When the broker
     /// refuses it (its backlog is full: [`PublishError::Unavailable`]), the publish must
     /// go nowhere, so that its caller's answer is true.
-    pub(crate) fn forward(&self, topic: &str, message: &Message) -> Result<(), PublishError> {
+    /// `ack`, with a numbering broker, is told the offset and epoch it gives.
+    pub(crate) fn forward(
+        &self,
+        topic: &str,
+        message: &Message,
+        ack: Option<crate::broker::Ack>,
+    ) -> Result<(), PublishError> {
         if self.inboxes.get().is_none() {
             return Err(PublishError::NotRunning);
         }
@@ -527,12 +587,14 @@ impl Hub {
             return Ok(());
         };
         let (kind, payload) = broker_payload(message);
-        broker
-            .publish(topic, kind, payload)
-            .map_err(|refused| match refused {
-                Refused::BacklogFull => PublishError::Unavailable,
-                Refused::Stopped => PublishError::NotRunning,
-            })
+        let sent = match ack {
+            Some(ack) => broker.publish_acked(topic, kind, payload, ack),
+            None => broker.publish(topic, kind, payload),
+        };
+        sent.map_err(|refused| match refused {
+            Refused::BacklogFull => PublishError::Unavailable,
+            Refused::Stopped => PublishError::NotRunning,
+        })
     }
 
     /// Sends a publish made in this process, which [`Hub::forward`] took, to every core
@@ -761,18 +823,19 @@ impl Publisher {
     }
 
     /// Publishes like [`Publisher::publish_keyed`] and returns the publication's
-    /// position in the topic (its offset and epoch).
+    /// position in the topic (its offset and epoch), when this process numbers it
+    /// (`None` with a numbering broker, which gives the offset later).
     pub fn publish_at(
         &self,
         topic: &str,
         key: Bytes,
         message: &Message,
-    ) -> Result<Position, PublishError> {
+    ) -> Result<Option<Position>, PublishError> {
         if !valid_topic(topic) {
             return Err(PublishError::BadTopic);
         }
         // The broker first: a publish it refuses is recorded and delivered nowhere.
-        self.hub.forward(topic, message)?;
+        self.hub.forward(topic, message, None)?;
         let (sent, position) = self
             .hub
             .record(topic, message, false, key, None, |delivery, _| {
@@ -790,9 +853,11 @@ impl Publisher {
     pub fn broker_sink(&self) -> BrokerSink {
         let hub = Arc::downgrade(&self.hub);
         Arc::new(move |inbound: Inbound| {
-            let Some(hub) = hub.upgrade() else { return };
+            let Some(hub) = hub.upgrade() else {
+                return Accepted::Delivered;
+            };
             if !valid_topic(&inbound.topic) {
-                return;
+                return Accepted::Delivered;
             }
             let message = match inbound.kind {
                 Kind::Text => match crate::proto::Utf8Bytes::try_from(inbound.payload) {
@@ -800,12 +865,22 @@ impl Publisher {
                     Err(_) => {
                         // The broker checks its envelopes; never from ours.
                         tracing::debug!(topic = %inbound.topic, "broker text message is not UTF-8: dropped");
-                        return;
+                        return Accepted::Delivered;
                     }
                 },
                 Kind::Binary => Message::Binary(inbound.payload),
             };
-            hub.metrics.from_broker.fetch_add(1, Ordering::Relaxed);
+            if !inbound.own {
+                hub.metrics.from_broker.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some((offset, epoch)) = &inbound.position {
+                return hub.record_numbered(
+                    &inbound.topic,
+                    &message,
+                    (*offset, epoch),
+                    inbound.own,
+                );
+            }
             hub.record(
                 &inbound.topic,
                 &message,
@@ -816,8 +891,41 @@ impl Publisher {
                     let _ = hub.fan_out(delivery, None);
                 },
             );
+            Accepted::Delivered
         })
     }
+}
+
+/// A publication's delivery with both its sides.
+fn both_sides(
+    topic: &str,
+    frame: Bytes,
+    key: Bytes,
+    exclude: Option<(usize, SessionId)>,
+    recorded: &Recorded,
+    raw: bool,
+) -> Arc<Delivery> {
+    let v1 = V1Side {
+        delivery: Delivery {
+            topic: recorded.v1_name.clone(),
+            frame: recorded.frame.clone(),
+            key: key.clone(),
+            exclude,
+            v1: None,
+            raw: true,
+        },
+        offset: recorded.offset,
+        delivered: recorded.delivered.clone(),
+        queued: recorded.queued.clone(),
+    };
+    Arc::new(Delivery {
+        topic: topic.into(),
+        frame,
+        key,
+        exclude,
+        v1: Some(Box::new(v1)),
+        raw,
+    })
 }
 
 /// Frames a data message once, for every subscriber.

@@ -82,11 +82,7 @@ fn broker_messages_reach_every_core() {
         .map(|i| lock(&hub.receivers)[i].take().unwrap())
         .collect();
     let sink = Publisher::new(hub.clone()).broker_sink();
-    sink(Inbound {
-        topic: "t".into(),
-        kind: Kind::Text,
-        payload: Bytes::from_static(b"hi"),
-    });
+    let _ = sink(Inbound::new("t", Kind::Text, Bytes::from_static(b"hi")));
     for rx in &mut receivers {
         let delivery = rx.try_recv().unwrap();
         assert_eq!(&*delivery.topic, "t");
@@ -499,7 +495,10 @@ fn v1_recovery_stops_at_what_the_core_delivered() {
             offset: 3,
             epoch: epoch.clone(),
         };
-        let s = subscribe_v1(&ahead, "t", Some(&since), |_| Message::Text("reply".into())).unwrap();
+        let s = subscribe_v1(&ahead, "t", Some(&since), None, |_| {
+            Message::Text("reply".into())
+        })
+        .unwrap();
         assert!(s.recovered);
         assert_eq!(
             (s.position.offset, s.missed),
@@ -508,7 +507,7 @@ fn v1_recovery_stops_at_what_the_core_delivered() {
         );
         let behind = session();
         let since = Since { offset: 0, epoch };
-        let s = subscribe_v1(&behind, "t", Some(&since), |_| {
+        let s = subscribe_v1(&behind, "t", Some(&since), None, |_| {
             Message::Text("reply".into())
         })
         .unwrap();
@@ -538,7 +537,10 @@ fn v1_recovery_stops_at_what_the_core_delivered() {
                 .epoch
                 .to_string(),
         };
-        let s = subscribe_v1(&late, "t", Some(&since), |_| Message::Text("{}".into())).unwrap();
+        let s = subscribe_v1(&late, "t", Some(&since), None, |_| {
+            Message::Text("{}".into())
+        })
+        .unwrap();
         assert_eq!((s.position.offset, s.missed), (3, 2));
         assert_eq!(offsets(take_texts(&late)), [2, 3]);
     });
@@ -559,7 +561,7 @@ fn v1_offsets(texts: Vec<String>) -> Vec<(u64, String)> {
 fn a_conflated_window_goes_out_in_offset_order() {
     on_a_core(64 << 20, Duration::from_millis(20), async |_hub| {
         let (viewer, sender) = (session(), session());
-        subscribe_v1(&viewer, "c", None, |_| Message::Text("{}".into())).unwrap();
+        subscribe_v1(&viewer, "c", None, None, |_| Message::Text("{}".into())).unwrap();
         let _ = take_texts(&viewer);
         publish_keyed(&sender, "a", "1");
         publish_keyed(&sender, "a", "2");

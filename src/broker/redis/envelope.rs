@@ -69,6 +69,8 @@ pub enum DecodeError {
     UnknownKind(u8),
     /// A text message whose payload is not UTF-8.
     InvalidUtf8,
+    /// A `rso ` position prefix that is not `rso <offset> <epoch> `.
+    BadPosition,
 }
 
 impl std::fmt::Display for DecodeError {
@@ -79,6 +81,7 @@ impl std::fmt::Display for DecodeError {
             Self::UnknownVersion(v) => write!(f, "unknown envelope version {v}"),
             Self::UnknownKind(k) => write!(f, "unknown message kind {k}"),
             Self::InvalidUtf8 => f.write_str("text message that is not UTF-8"),
+            Self::BadPosition => f.write_str("a position prefix that is not rso <offset> <epoch>"),
         }
     }
 }
@@ -159,8 +162,69 @@ pub fn peek(bytes: &[u8]) -> Option<(Origin, usize)> {
     Some((origin, bytes.len() - len))
 }
 
+/// What the history script puts before the envelope of a publication it numbered:
+/// `rso <offset> <epoch> ` (ASCII, the offset in decimal).
+pub const POSITION_MAGIC: &[u8] = b"rso ";
+
+/// A numbered publication's offset and epoch, if it has them, and its envelope.
+pub type Split<'a> = (Option<(u64, &'a str)>, &'a [u8]);
+
+/// Longest epoch read in a position prefix.
+const MAX_EPOCH_LEN: usize = 64;
+
+/// Splits a numbered publication's position prefix off its envelope: the offset and
+/// epoch, and the envelope. Bytes without the prefix are an envelope with no position.
+pub fn split_position(bytes: &[u8]) -> Result<Split<'_>, DecodeError> {
+    let Some(rest) = bytes.strip_prefix(POSITION_MAGIC) else {
+        return Ok((None, bytes));
+    };
+    let mut fields = rest.splitn(3, |&b| b == b' ');
+    let (Some(offset), Some(epoch), Some(envelope)) = (fields.next(), fields.next(), fields.next())
+    else {
+        return Err(DecodeError::BadPosition);
+    };
+    let offset = std::str::from_utf8(offset)
+        .ok()
+        .filter(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|o| o.parse::<u64>().ok())
+        .filter(|&o| o > 0)
+        .ok_or(DecodeError::BadPosition)?;
+    let epoch = std::str::from_utf8(epoch)
+        .ok()
+        .filter(|e| !e.is_empty() && e.len() <= MAX_EPOCH_LEN)
+        .filter(|e| e.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .ok_or(DecodeError::BadPosition)?;
+    Ok((Some((offset, epoch)), envelope))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn position_prefixes_split_or_are_refused() {
+        use super::{DecodeError, split_position};
+        assert_eq!(
+            split_position(b"rso 42 6f1c0a3e9b2d4c57 rsb\x02..."),
+            Ok((Some((42, "6f1c0a3e9b2d4c57")), &b"rsb\x02..."[..]))
+        );
+        assert_eq!(split_position(b"rsb\x02"), Ok((None, &b"rsb\x02"[..])));
+        for bad in [
+            &b"rso "[..],
+            b"rso 42",
+            b"rso 42 e",
+            b"rso x e rsb",
+            b"rso 0 e rsb",
+            b"rso 42  rsb",
+            b"rso 42 e! rsb",
+            b"rso 99999999999999999999999 e rsb",
+        ] {
+            assert_eq!(
+                split_position(bad),
+                Err(DecodeError::BadPosition),
+                "{bad:?}"
+            );
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -15,6 +15,7 @@ use crossbeam_channel::{Receiver, select};
 use redis::{RedisResult, Value};
 
 use super::envelope;
+use super::history;
 use super::{Link, LinkState, Outbound, RateLimit, Shared, wait_unless_stopped};
 
 /// Most messages in one pipelined batch.
@@ -48,6 +49,9 @@ pub(super) fn run(shared: &Shared, queue: &Receiver<Outbound>, stop: &Receiver<(
         receivers: HashMap::new(),
         settle: None,
         refused_log: RateLimit::new(),
+        script: None,
+        keys: [String::new(), String::new(), String::new()],
+        rng: super::seeded_rng(&shared.origin),
     };
     let mut after_loss = false;
     while let Some(mut con) = shared.connect(&mut link, |d| wait_unless_stopped(stop, d)) {
@@ -107,6 +111,12 @@ struct Sender<'a> {
     /// Set after a reconnection: the wait for the other processes to resubscribe.
     settle: Option<Settle>,
     refused_log: RateLimit,
+    /// The SHA1 of [`history::PUBLISH_SCRIPT`] on the current connection (with
+    /// `RedisConfig::history`).
+    script: Option<String>,
+    /// The keys of the message being encoded (meta, stream, origin).
+    keys: [String; 3],
+    rng: rand_chacha::ChaCha8Rng,
 }
 
 /// After a reconnection: until `until`, a batch waits until each of its topics has
@@ -122,6 +132,15 @@ impl Sender<'_> {
     /// One connection's life. `Ok` when the broker stops, `Err` when the connection is
     /// lost (the batch in flight is kept, to be sent again first).
     fn session(&mut self, con: &mut redis::Connection) -> RedisResult<()> {
+        if self.shared.config.history.is_some() {
+            let sha: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(history::PUBLISH_SCRIPT)
+                .query(con)?;
+            self.script = Some(sha);
+            // A batch encoded for the last connection names the script by its SHA1,
+            // the same on every server: it is sent as it is.
+        }
         // What the last connection could not send goes first, as it was.
         if !self.batch.is_empty() && !self.send(con)? {
             return Ok(());
@@ -156,9 +175,12 @@ impl Sender<'_> {
         self.batch.push(message);
     }
 
-    /// Encodes the batch into the pipeline, numbering its messages.
+    /// Encodes the batch into the pipeline, numbering its messages: a `PUBLISH` each,
+    /// or with `RedisConfig::history` an `EVALSHA` of the history script (offset,
+    /// epoch, stream entry, `PUBLISH`).
     fn encode(&mut self) {
         let shared = self.shared;
+        let prefix = &shared.config.prefix;
         self.pipe.clear();
         for message in &self.batch {
             shared.channel_into(&message.topic, &mut self.channel);
@@ -170,11 +192,34 @@ impl Sender<'_> {
                 &message.payload,
                 &mut self.envelope,
             );
+            match (&self.script, shared.config.history) {
+                (Some(sha), Some(h)) => {
+                    self.keys = [
+                        history::key(prefix, &message.topic, "meta"),
+                        history::key(prefix, &message.topic, "stream"),
+                        history::origin_key(prefix, &message.topic, &shared.origin),
+                    ];
+                    self.pipe
+                        .cmd("EVALSHA")
+                        .arg(sha.as_str())
+                        .arg(3)
+                        .arg(&self.keys[..])
+                        .arg(self.channel.as_str())
+                        .arg(self.envelope.as_slice())
+                        .arg(h.size)
+                        .arg(h.ttl.as_millis().max(1) as u64)
+                        .arg(history::new_epoch(&mut self.rng))
+                        .arg(history::now_ms())
+                        .arg(self.next_seq);
+                }
+                _ => {
+                    self.pipe
+                        .cmd("PUBLISH")
+                        .arg(self.channel.as_str())
+                        .arg(self.envelope.as_slice());
+                }
+            }
             self.next_seq += 1;
-            self.pipe
-                .cmd("PUBLISH")
-                .arg(self.channel.as_str())
-                .arg(self.envelope.as_slice());
         }
     }
 
@@ -189,9 +234,19 @@ impl Sender<'_> {
         let shared = self.shared;
         let mut refused = 0u64;
         let mut error = None;
-        for (message, reply) in self.batch.iter().zip(&replies) {
+        for (message, reply) in self.batch.iter_mut().zip(&replies) {
             match reply {
                 Value::Int(n) => remember(&mut self.receivers, &message.topic, *n),
+                Value::Array(parts) => {
+                    // The history script: {offset, epoch, receivers}.
+                    let (position, receivers) = numbered(parts);
+                    if let Some(n) = receivers {
+                        remember(&mut self.receivers, &message.topic, n);
+                    }
+                    if let Some(ack) = message.ack.take() {
+                        ack(position);
+                    }
+                }
                 // Redis answered, with an error (an ACL, say): sending it again would
                 // get the same answer.
                 other => {
@@ -219,7 +274,9 @@ impl Sender<'_> {
                 );
             }
         }
-        self.batch.clear();
+        for message in self.batch.drain(..) {
+            message.unacked();
+        }
         self.batch_bytes = 0;
         Ok(true)
     }
@@ -304,11 +361,14 @@ impl Sender<'_> {
         let shared = self.shared;
         let mut count = self.batch.len() as u64;
         let mut bytes = self.batch_bytes as u64;
-        self.batch.clear();
+        for message in self.batch.drain(..) {
+            message.unacked();
+        }
         self.batch_bytes = 0;
         for message in self.queue.try_iter() {
             count += 1;
             bytes += message.payload.len() as u64;
+            message.unacked();
         }
         if count > 0 {
             shared.release(count, bytes);
@@ -320,6 +380,25 @@ impl Sender<'_> {
             );
         }
     }
+}
+
+/// The history script's reply: the offset and epoch (none for a publication sent
+/// again and numbered before), and the receivers (none then).
+fn numbered(parts: &[Value]) -> (Option<(u64, std::sync::Arc<str>)>, Option<i64>) {
+    let offset = match parts.first() {
+        Some(Value::Int(n)) if *n > 0 => Some(*n as u64),
+        _ => None,
+    };
+    let epoch = match parts.get(1) {
+        Some(Value::BulkString(b)) if !b.is_empty() => std::str::from_utf8(b).ok().map(Into::into),
+        Some(Value::SimpleString(s)) if !s.is_empty() => Some(s.as_str().into()),
+        _ => None,
+    };
+    let receivers = match parts.get(2) {
+        Some(Value::Int(n)) if *n >= 0 => Some(*n),
+        _ => None,
+    };
+    (offset.zip(epoch), receivers)
 }
 
 /// Remembers that Redis counted `n` subscribers at the last `PUBLISH` to `topic`.

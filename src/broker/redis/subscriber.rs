@@ -5,12 +5,13 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use redis::{Msg, PubSub, RedisResult};
 
 use super::envelope::{self, Origin};
+use super::history;
 use super::{Link, LinkState, POLL_INTERVAL, RateLimit, Shared, lock, wait_unless_stopped};
-use crate::broker::Inbound;
+use crate::broker::{Accepted, Inbound};
 
 /// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command when many change at once.
 const CHANNELS_PER_COMMAND: usize = 512;
@@ -22,13 +23,14 @@ const MAX_ORIGINS: usize = 1024;
 
 /// Runs until the broker stops: connect, subscribe to every wanted topic, receive;
 /// on a loss, reconnect with backoff and start over.
-pub(super) fn run(shared: &Shared, stop: &Receiver<()>) {
+pub(super) fn run(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::Read>) {
     let mut link = LinkState::new(Link::Subscriber, shared);
     let mut listener = Listener {
         shared,
         malformed_log: RateLimit::new(),
         oversized_log: RateLimit::new(),
         seen: Seen::default(),
+        reads,
     };
     while let Some(mut con) = shared.connect(&mut link, |d| wait_unless_stopped(stop, d)) {
         let result = listener.session(&mut con, &mut link);
@@ -47,6 +49,8 @@ struct Listener<'a> {
     malformed_log: RateLimit,
     oversized_log: RateLimit,
     seen: Seen,
+    /// The history reader's questions (gap fills).
+    reads: &'a Sender<history::Read>,
 }
 
 /// The highest sequence number received from each other process, to drop what a
@@ -185,11 +189,23 @@ impl Listener<'_> {
             return;
         }
         let bytes = msg.get_payload_bytes();
-        if let Some((origin, size)) = envelope::peek(bytes) {
-            if origin == shared.origin {
+        let (position, bytes) = match envelope::split_position(bytes) {
+            Ok(split) => split,
+            Err(e) => {
+                self.malformed(channel, e);
                 return;
             }
-            if size > shared.config.max_payload {
+        };
+        let mut own = false;
+        if let Some((origin, size)) = envelope::peek(bytes) {
+            // Our own publication comes back only when Redis numbered it: its
+            // ringsocket.v1 side is delivered here with that number.
+            own = origin == shared.origin;
+            if own && position.is_none() {
+                return;
+            }
+            // Our own (numbered) publications are not what a client sent us.
+            if !own && size > shared.config.max_payload {
                 // Checked before decoding: a huge text payload is not validated for
                 // nothing.
                 self.oversized(channel, size);
@@ -204,23 +220,94 @@ impl Listener<'_> {
             }
         };
         if let Some(seq) = envelope.seq {
-            if !self.seen.fresh(envelope.origin, seq) {
+            if !own && !self.seen.fresh(envelope.origin, seq) {
                 shared.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        shared.metrics.received.fetch_add(1, Ordering::Relaxed);
+        if !own {
+            shared.metrics.received.fetch_add(1, Ordering::Relaxed);
+        }
         let inbound = Inbound {
             topic: topic.to_owned(),
             kind: envelope.kind,
             payload: Bytes::copy_from_slice(envelope.payload),
+            position: position.map(|(offset, epoch)| (offset, epoch.into())),
+            own,
         };
-        // The sink is the pubsub layer's; should it panic, this thread carries on.
-        if catch_unwind(AssertUnwindSafe(|| (shared.sink)(inbound))).is_err() {
-            tracing::error!(
-                topic,
-                "Redis broker: the sink panicked on a message; dropped"
-            );
+        self.hand_over(inbound);
+    }
+
+    /// Hands `inbound` to the sink; when the sink finds offsets missing before it,
+    /// fetches them from the topic's stream first (through the history reader), hands
+    /// them over in order, then `inbound` again.
+    fn hand_over(&mut self, inbound: Inbound) {
+        let shared = self.shared;
+        let Some(Accepted::Gap { after }) = self.sink(inbound.clone()) else {
+            return;
+        };
+        let Some((offset, _)) = inbound.position.clone() else {
+            return;
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let read = history::Read {
+            topic: inbound.topic.clone(),
+            after,
+            upto: Some(offset - 1),
+            limit: usize::try_from(offset - 1 - after).unwrap_or(usize::MAX),
+            reply: Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        };
+        let filled = match self.reads.try_send(read) {
+            Ok(()) => rx
+                .recv_timeout(shared.config.io_timeout * 2)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r),
+            Err(_) => Err("the history reader is busy or stopped".to_owned()),
+        };
+        match filled {
+            Ok(snapshot) => {
+                let n = snapshot.entries.len() as u64;
+                shared.metrics.gap_fills.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.gap_filled.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!(
+                    topic = %inbound.topic,
+                    after,
+                    upto = offset - 1,
+                    found = n,
+                    "Redis broker: offsets missing before a publication, filled from the stream"
+                );
+                for entry in snapshot.entries {
+                    let _ = self.sink(entry);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    topic = %inbound.topic,
+                    "Redis broker: offsets {} to {} are missing here and could not be read from the stream: {e}",
+                    after + 1,
+                    offset - 1
+                );
+            }
+        }
+        // Taken now, whatever is still missing.
+        let _ = self.sink(inbound);
+    }
+
+    /// Calls the sink, which is the pubsub layer's: should it panic, this thread
+    /// carries on.
+    fn sink(&self, inbound: Inbound) -> Option<Accepted> {
+        let topic = inbound.topic.clone();
+        match catch_unwind(AssertUnwindSafe(|| (self.shared.sink)(inbound))) {
+            Ok(accepted) => Some(accepted),
+            Err(_) => {
+                tracing::error!(
+                    topic,
+                    "Redis broker: the sink panicked on a message; dropped"
+                );
+                None
+            }
         }
     }
 
