@@ -1143,9 +1143,11 @@ impl Http {
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
         loop {
-            let n = stream
-                .read(&mut chunk)
-                .map_err(|e| format!("no answer to {method} {path}: {e}"))?;
+            let n = match stream.read(&mut chunk) {
+                // A signal to this process (a child's exit, say) is no answer.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                read => read.map_err(|e| format!("no answer to {method} {path}: {e}"))?,
+            };
             if n == 0 {
                 return Err(format!(
                     "the server closed the connection before answering {method} {path}"
@@ -1172,9 +1174,12 @@ impl Http {
                 .ok_or_else(|| format!("an answer to {method} {path} without Content-Length"))?;
             let close = header("connection").is_some_and(|v| v == "close");
             while buf.len() < head_len + length {
-                let n = stream
-                    .read(&mut chunk)
-                    .map_err(|e| format!("the body of the answer to {method} {path}: {e}"))?;
+                let n = match stream.read(&mut chunk) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    read => {
+                        read.map_err(|e| format!("the body of the answer to {method} {path}: {e}"))?
+                    }
+                };
                 if n == 0 {
                     return Err(format!("the answer to {method} {path} was cut short"));
                 }
