@@ -397,12 +397,17 @@ impl TopicLog {
 /// Every topic's log, in one process.
 pub(crate) struct History {
     topics: Mutex<HashMap<Arc<str>, Arc<Mutex<TopicLog>>>>,
-    settings: Mutex<HistorySettings>,
+    /// The bounds, as atomics: read on every publish, set before serving.
+    size: AtomicUsize,
+    ttl_ms: AtomicU64,
+    memory_limit: AtomicUsize,
     /// Bytes kept over every topic.
     bytes: AtomicUsize,
     /// Cores of the server (the length of each topic's `delivered`).
     cores: AtomicUsize,
-    last_sweep: Mutex<Instant>,
+    /// When the clock below was read first, and the last sweep in ms after it.
+    epoch_start: Instant,
+    last_sweep_ms: AtomicU64,
     /// Held by the one eviction running.
     evicting: Mutex<()>,
     /// Topics that lost their kept publications to `memory_limit`.
@@ -413,10 +418,13 @@ impl Default for History {
     fn default() -> Self {
         Self {
             topics: Mutex::new(HashMap::new()),
-            settings: Mutex::new(HistorySettings::default()),
+            size: AtomicUsize::new(DEFAULT_HISTORY_SIZE),
+            ttl_ms: AtomicU64::new(DEFAULT_HISTORY_TTL.as_millis() as u64),
+            memory_limit: AtomicUsize::new(DEFAULT_HISTORY_MEMORY_LIMIT),
             bytes: AtomicUsize::new(0),
             cores: AtomicUsize::new(0),
-            last_sweep: Mutex::new(Instant::now()),
+            epoch_start: Instant::now(),
+            last_sweep_ms: AtomicU64::new(0),
             evicting: Mutex::new(()),
             evicted: AtomicU64::new(0),
         }
@@ -426,12 +434,20 @@ impl Default for History {
 impl History {
     /// Sets the bounds (before serving) and the number of cores.
     pub(crate) fn configure(&self, settings: HistorySettings, cores: usize) {
-        *lock(&self.settings) = settings;
+        self.size.store(settings.size, Ordering::Relaxed);
+        self.ttl_ms
+            .store(settings.ttl.as_millis() as u64, Ordering::Relaxed);
+        self.memory_limit
+            .store(settings.memory_limit, Ordering::Relaxed);
         self.cores.store(cores, Ordering::Relaxed);
     }
 
     pub(crate) fn settings(&self) -> HistorySettings {
-        *lock(&self.settings)
+        HistorySettings {
+            size: self.size.load(Ordering::Relaxed),
+            ttl: Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed)),
+            memory_limit: self.memory_limit.load(Ordering::Relaxed),
+        }
     }
 
     /// Bytes kept over every topic.
@@ -672,12 +688,17 @@ impl History {
         let now = Instant::now();
         let settings = self.settings();
         let ttl = settings.ttl;
+        // One relaxed load on most publishes; the sweeper is whoever swaps the clock.
+        let now_ms = now.saturating_duration_since(self.epoch_start).as_millis() as u64;
+        let last = self.last_sweep_ms.load(Ordering::Relaxed);
+        let every = (ttl / 4).max(Duration::from_secs(1)).as_millis() as u64;
+        if now_ms.saturating_sub(last) < every
+            || self
+                .last_sweep_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
         {
-            let mut last = lock(&self.last_sweep);
-            if now.saturating_duration_since(*last) < (ttl / 4).max(Duration::from_secs(1)) {
-                return;
-            }
-            *last = now;
+            return;
         }
         for log in lock(&self.topics).values() {
             if let Ok(mut log) = log.try_lock() {
