@@ -2,22 +2,30 @@
 // `ringsocket serve`: two pages reach "open", chat both ways, see each other's cursors, and
 // page B recovers the messages it missed while its connection was cut.
 //
-// Page A talks to the server directly, page B through a TCP proxy (`TcpProxy`) that the
-// test closes and reopens on the same port: the server keeps running, so its in-memory
-// history is still there when B resubscribes. `checkRecovery` takes the outage as an
-// argument (`proxyOutage` here); a scenario that restarts the server itself with
-// Redis-backed history would pass an outage that stops and starts the server.
+// Two scenarios, each a sequence of steps:
+// - In memory (steps 01-08): page A talks to the server directly, page B through a TCP
+//   proxy (`TcpProxy`) that the test closes and reopens on the same port: the server keeps
+//   running, so its in-memory history is still there when B resubscribes.
+// - Redis (steps 09-12): a throwaway `redis-server` (started by the test on a free port,
+//   nothing saved) and two servers behind it, node 1 (page B) and node 2 (page A). Node 1
+//   is stopped (SIGTERM, until it exits) and started again on the same port: its history
+//   is at Redis, so B, reconnecting by itself, recovers what A and POST /publish sent to
+//   node 2 meanwhile.
+// `checkRecovery` takes the outage as an argument: `proxyOutage` or `restartOutage`.
 //
-// Run it with tests/browser/run.sh, which installs chromium and playwright-core. Env:
+// Run it with tests/browser/run.sh, which installs chromium, redis-server and
+// playwright-core. Env:
 //   RINGSOCKET_BIN  the server binary (default: target/release/ringsocket at the repo root)
-//   SHOTS_DIR       where screenshots and server.log go (default: target/browser)
+//   SHOTS_DIR       where screenshots and logs go (default: target/browser): server.log,
+//                   and for the Redis scenario redis-server.log, redis-node{1,2}.log and
+//                   redis-frames.log (every WebSocket frame of pages A and B)
 //   CHROMIUM        the browser (default: /usr/bin/chromium)
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { createWriteStream, existsSync, mkdirSync } from "node:fs";
+import { createWriteStream, existsSync, mkdirSync, rmSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -42,17 +50,12 @@ async function freePort() {
   return port;
 }
 
-/** `ringsocket serve --bind 127.0.0.1:PORT --set k=v ...`, ready once /healthz answers. */
-async function startServer(port, settings) {
-  assert.ok(existsSync(BIN), `no server binary at ${BIN} (set RINGSOCKET_BIN)`);
-  const args = ["serve", "--bind", `127.0.0.1:${port}`];
-  for (const [key, value] of Object.entries(settings)) args.push("--set", `${key}=${value}`);
-  const log = createWriteStream(path.join(SHOTS, "server.log"), { flags: "a" });
-  log.write(`\n$ ${BIN} ${args.join(" ")}\n`);
-  // The server reads every RINGSOCKET_<SETTING> variable and refuses unknown ones: ours
-  // (RINGSOCKET_BIN) stays here; others (RINGSOCKET_IO_BACKEND, ...) go through.
-  const { RINGSOCKET_BIN, ...env } = process.env;
-  const proc = spawn(BIN, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+/** Runs `cmd args`, its output appended to SHOTS/<logName>, until ready() says yes (polled
+ *  every 100 ms, for at most WAIT). stop(): SIGTERM, and SIGKILL after 10 s, until it exits. */
+async function startProcess(what, cmd, args, { env = process.env, logName, ready }) {
+  const log = createWriteStream(path.join(SHOTS, logName), { flags: "a" });
+  log.write(`\n$ ${cmd} ${args.map((arg) => (arg === "" ? "''" : arg)).join(" ")}\n`);
+  const proc = spawn(cmd, args, { env, stdio: ["ignore", "pipe", "pipe"] });
   proc.stdout.pipe(log, { end: false });
   proc.stderr.pipe(log, { end: false });
   let exited = null;
@@ -60,28 +63,74 @@ async function startServer(port, settings) {
     proc.once("error", (error) => ok((exited = `could not start: ${error.message}`)));
     proc.once("exit", (code, signal) => ok((exited = `exited with ${signal ?? code}`)));
   });
-  const url = `http://127.0.0.1:${port}`;
+  const stop = async () => {
+    if (!exited) {
+      proc.kill("SIGTERM");
+      const kill = setTimeout(() => proc.kill("SIGKILL"), 10_000);
+      await exit;
+      clearTimeout(kill);
+    }
+    log.end();
+    return exited;
+  };
   const deadline = Date.now() + WAIT;
   for (;;) {
-    if (exited) throw new Error(`ringsocket serve ${exited}; see ${SHOTS}/server.log`);
-    const up = await fetch(`${url}/healthz`).then((r) => r.ok, () => false);
-    if (up) break;
-    if (Date.now() > deadline) throw new Error(`ringsocket serve: no /healthz within ${WAIT} ms`);
+    if (exited) throw new Error(`${what} ${exited}; see ${SHOTS}/${logName}`);
+    if (await ready()) break;
+    if (Date.now() > deadline) {
+      await stop();
+      throw new Error(`${what}: not ready within ${WAIT} ms; see ${SHOTS}/${logName}`);
+    }
     await new Promise((ok) => setTimeout(ok, 100)); // the poll's interval
   }
-  return {
-    port,
-    url,
-    async stop() {
-      if (!exited) {
-        proc.kill("SIGTERM");
-        const kill = setTimeout(() => proc.kill("SIGKILL"), 10_000);
-        await exit;
-        clearTimeout(kill);
-      }
-      log.end();
-    },
-  };
+  return { stop };
+}
+
+/** `ringsocket serve --bind 127.0.0.1:PORT --set k=v ...`, ready once /healthz answers.
+ *  Its output goes to SHOTS/server.log, or to `logName`. */
+async function startServer(port, settings, { logName = "server.log" } = {}) {
+  assert.ok(existsSync(BIN), `no server binary at ${BIN} (set RINGSOCKET_BIN)`);
+  const args = ["serve", "--bind", `127.0.0.1:${port}`];
+  for (const [key, value] of Object.entries(settings)) args.push("--set", `${key}=${value}`);
+  // The server reads every RINGSOCKET_<SETTING> variable and refuses unknown ones: ours
+  // (RINGSOCKET_BIN) stays here; others (RINGSOCKET_IO_BACKEND, ...) go through.
+  const { RINGSOCKET_BIN, ...env } = process.env;
+  const url = `http://127.0.0.1:${port}`;
+  const { stop } = await startProcess("ringsocket serve", BIN, args, {
+    env,
+    logName,
+    ready: () => fetch(`${url}/healthz`).then((r) => r.ok, () => false),
+  });
+  return { port, url, settings, logName, stop };
+}
+
+/** A throwaway `redis-server` on a free port of 127.0.0.1, nothing saved to disk; ready
+ *  once it answers PING with PONG. */
+async function startRedis() {
+  const port = await freePort();
+  const args = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+  const { stop } = await startProcess("redis-server", "redis-server", args, {
+    logName: "redis-server.log",
+    ready: () => redisPing(port),
+  });
+  return { port, url: `redis://127.0.0.1:${port}`, stop };
+}
+
+function redisPing(port) {
+  return new Promise((ok) => {
+    let reply = "";
+    const socket = net.connect(port, "127.0.0.1", () => socket.write("PING\r\n"));
+    const done = (answer) => {
+      socket.destroy();
+      ok(answer);
+    };
+    socket.setTimeout(1_000, () => done(false));
+    socket.on("error", () => done(false));
+    socket.on("data", (chunk) => {
+      reply += chunk;
+      if (reply.includes("\r\n")) done(reply.startsWith("+PONG")); // -LOADING: not yet
+    });
+  });
 }
 
 async function publishOverHttp(server, topic, data) {
@@ -145,14 +194,35 @@ function proxyOutage(proxy) {
   return { cut: () => proxy.cut(), restore: () => proxy.restore() };
 }
 
+/** The outage of the Redis scenario: the server `cluster[name]` stops (SIGTERM, until it
+ *  has exited: new connections refused) and starts again on the same port with the same
+ *  settings; `cluster[name]` is then the new process. */
+function restartOutage(cluster, name) {
+  return {
+    async cut() {
+      const exited = await cluster[name].stop();
+      assert.equal(exited, "exited with 0", `${name} on SIGTERM`);
+    },
+    async restore() {
+      const { port, settings, logName } = cluster[name];
+      cluster[name] = await startServer(port, settings, { logName });
+    },
+  };
+}
+
 // ---- the pages -------------------------------------------------------------------------
 
+// A and B are the two pages of the scenario that runs (the Redis one opens its own).
 let server, proxy, browser, a, b;
 const pageErrors = [];
+// The Redis scenario: redis-server, node1 (page B) and node2 (page A).
+const cluster = {};
 
-async function openPage(label, url, viewport) {
+/** A page in a context of its own; `watch(page)` runs before it loads. */
+async function openPage(label, url, viewport, watch = () => {}) {
   const context = await browser.newContext({ viewport });
   const page = await context.newPage();
+  watch(page);
   page.setDefaultTimeout(WAIT);
   page.on("pageerror", (error) => pageErrors.push(`page ${label}: ${error.message}`));
   page.on("console", (msg) => {
@@ -223,12 +293,12 @@ async function pointAt(page, x, y) {
 
 // ---- the steps -------------------------------------------------------------------------
 
-// The steps build on each other: after a failure the rest are skipped, with screenshots
-// of the failing step.
-let failed = false;
-function step(name, shot, fn) {
-  test(name, async (t) => {
-    if (failed) return t.skip("an earlier step failed");
+// The steps of a scenario build on each other: after a failure the rest of that scenario
+// is skipped, with screenshots of the failing step.
+function scenario() {
+  let failed = false;
+  return (name, shot, fn) => test(name, async (t) => {
+    if (failed) return t.skip("an earlier step of this scenario failed");
     try {
       await fn(t);
     } catch (error) {
@@ -240,6 +310,7 @@ function step(name, shot, fn) {
     }
   });
 }
+const step = scenario();
 
 before(async () => {
   mkdirSync(SHOTS, { recursive: true });
@@ -256,6 +327,10 @@ after(async () => {
   await browser?.close();
   await proxy?.cut();
   await server?.stop();
+  await cluster.node1?.stop();
+  await cluster.node2?.stop();
+  await cluster.redis?.stop();
+  cluster.frames?.end();
 });
 
 step("both pages load the demo and reach open", "01-open", async () => {
@@ -312,11 +387,11 @@ step("cursors: B drops A's cursor after about 10 s without news", "04-cursor-gon
 /** B's connection goes away (`outage.cut()`), `sendWhileCut()` publishes messages that B
  *  cannot see and returns their texts, the connection comes back (`outage.restore()`), and
  *  B shows exactly those messages, in order, and says how many it recovered. */
-async function checkRecovery({ outage, sendWhileCut }) {
+async function checkRecovery({ outage, sendWhileCut, cutShot = "05-cut" }) {
   const before = await messageTexts(b);
   await outage.cut();
   await b.waitForFunction(() => document.getElementById("state").dataset.state !== "open");
-  await screenshots("05-cut");
+  await screenshots(cutShot);
   const texts = await sendWhileCut();
   assert.deepEqual(await messageTexts(b), before, "B, cut off, shows nothing new");
   await outage.restore();
@@ -392,6 +467,119 @@ step("token: ?token= on the page URL reaches the server; a refusal is shown", "0
 });
 
 step("no uncaught errors, and no refusal shown, on A and B", "08-end", async () => {
+  assert.deepEqual(pageErrors, []);
+  for (const page of [a, b]) assert.ok(await page.locator("#error").isHidden());
+});
+
+// ---- the Redis scenario: node 1 restarts, B recovers from Redis ---------------------------
+
+const redisStep = scenario();
+
+/** Every WebSocket frame of `page`, to SHOTS/redis-frames.log: what the server said, if a
+ *  recovery goes wrong. */
+function logFrames(page, label, log) {
+  page.on("websocket", (ws) => {
+    const t0 = Date.now();
+    const line = (what) => log.write(`${new Date().toISOString()} ${label} ${what}\n`);
+    line(`open ${ws.url()}`);
+    ws.on("framesent", ({ payload }) => line(`> ${payload}`));
+    ws.on("framereceived", ({ payload }) => line(`< ${payload}`));
+    ws.on("socketerror", (error) => line(`error ${error}`));
+    ws.on("close", () => line(`close after ${Date.now() - t0} ms`));
+  });
+}
+
+/** The error of `page`'s next WebSocket that fails (a connection refused, say), within
+ *  `timeout`. */
+function nextSocketError(page, timeout) {
+  return new Promise((ok, fail) => {
+    const timer = setTimeout(() => {
+      page.off("websocket", onSocket);
+      fail(new Error(`no failed WebSocket attempt within ${timeout} ms`));
+    }, timeout);
+    const onSocket = (ws) =>
+      ws.once("socketerror", (error) => {
+        clearTimeout(timer);
+        page.off("websocket", onSocket);
+        ok(String(error));
+      });
+    page.on("websocket", onSocket);
+  });
+}
+
+/** The offsets and texts of the chat on `page`, as shown. */
+const messageRows = (page) =>
+  page
+    .locator("#messages li")
+    .evaluateAll((lis) => lis.map((li) => `${li.dataset.offset} ${li.textContent}`));
+
+redisStep("redis: B on node 1 and A on node 2, one redis-server, both reach open", "09-redis-open", async () => {
+  for (const page of [a, b]) await page?.context().close();
+  a = b = null;
+  pageErrors.length = 0; // step 08 looked at those of the pages just closed
+  for (const log of ["redis-server.log", "redis-node1.log", "redis-node2.log", "redis-frames.log"]) {
+    rmSync(path.join(SHOTS, log), { force: true });
+  }
+  cluster.redis = await startRedis();
+  const settings = { redis_url: cluster.redis.url, conflate_topics: "cursors:*" };
+  cluster.node1 = await startServer(await freePort(), settings, { logName: "redis-node1.log" });
+  cluster.node2 = await startServer(await freePort(), settings, { logName: "redis-node2.log" });
+  cluster.frames = createWriteStream(path.join(SHOTS, "redis-frames.log"));
+  const watch = (label) => (page) => logFrames(page, label, cluster.frames);
+  b = await openPage("b@node1", `${cluster.node1.url}/`, { width: 400, height: 900 }, watch("b@node1"));
+  a = await openPage("a@node2", `${cluster.node2.url}/`, { width: 1100, height: 760 }, watch("a@node2"));
+  for (const page of [a, b]) {
+    await waitForState(page, "open");
+    assert.equal(await page.locator("#recovered").textContent(), "", "no reconnect yet");
+  }
+  await setName(a, "alice");
+  await setName(b, "bob");
+});
+
+redisStep("redis: chat flows between the nodes, one offset per message on both", "10-redis-chat", async () => {
+  await say(a, "hello from alice on node 2");
+  await waitForMessage(b, "alice", "hello from alice on node 2");
+  await waitForMessage(a, "alice", "hello from alice on node 2");
+  await say(b, "hi alice, bob on node 1");
+  await waitForMessage(a, "bob", "hi alice, bob on node 1");
+  await waitForMessage(b, "bob", "hi alice, bob on node 1");
+  await publishOverHttp(cluster.node1, "lobby", { name: "bot", text: "a backend publish to node 1" });
+  await waitForMessage(a, "bot", "a backend publish to node 1");
+  await waitForMessage(b, "bot", "a backend publish to node 1");
+  // Numbered at Redis: the same offsets, in the same order, on both nodes.
+  assert.deepEqual(await messageRows(b), await messageRows(a));
+});
+
+redisStep("redis: node 1 restarts; B reconnects and recovers what node 2 got", "11-redis-restart", async () => {
+  await checkRecovery({
+    outage: restartOutage(cluster, "node1"),
+    cutShot: "11-redis-restart-cut",
+    async sendWhileCut() {
+      const refused = nextSocketError(b, RECONNECT_WAIT);
+      await say(a, "sent while node 1 was down (1)");
+      await publishOverHttp(cluster.node2, "lobby", { name: "bot", text: "a backend publish to node 2" });
+      await waitForMessage(a, "bot", "a backend publish to node 2");
+      await say(a, "sent while node 1 was down (2)");
+      // B retries by itself while node 1 is down: one attempt refused before the restart.
+      assert.match(await refused, /REFUSED/);
+      return ["sent while node 1 was down (1)", "a backend publish to node 2", "sent while node 1 was down (2)"];
+    },
+  });
+  await waitForMessage(b, "bot", "a backend publish to node 2");
+  assert.equal(await stateOf(a), "open", "A, on node 2, was never cut");
+  assert.equal(await a.locator("#recovered").textContent(), "", "A never reconnected");
+  // Live again, both ways, across the nodes.
+  await say(a, "welcome back, bob");
+  await waitForMessage(b, "alice", "welcome back, bob");
+  await waitForMessage(a, "alice", "welcome back, bob");
+  await say(b, "thanks, node 1 is back");
+  await waitForMessage(a, "bob", "thanks, node 1 is back");
+  await waitForMessage(b, "bob", "thanks, node 1 is back");
+  // B's whole chat, recovered part included, is A's: same messages, offsets and order.
+  assert.deepEqual(await messageRows(b), await messageRows(a));
+});
+
+redisStep("redis: no uncaught errors, and no refusal shown, on A and B", "12-redis-end", async () => {
   assert.deepEqual(pageErrors, []);
   for (const page of [a, b]) assert.ok(await page.locator("#error").isHidden());
 });

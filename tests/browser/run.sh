@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo page in a real browser: tests/browser/demo.test.mjs drives headless Chromium
 # (Debian's, through playwright-core) against `ringsocket serve`. Installs what it needs
-# when it is missing (chromium from apt, playwright-core with npm ci), so it runs on a
-# clean clone. Screenshots and the server's log go to target/browser/ at the repo root.
+# when it is missing (chromium and redis-server from apt, playwright-core with npm ci), so
+# it runs on a clean clone. Screenshots and the servers' logs go to target/browser/ at the
+# repo root.
 #
 #   bash tests/browser/run.sh                                  # builds target/release first if needed
 #   RINGSOCKET_BIN=/path/to/ringsocket bash tests/browser/run.sh
@@ -15,6 +16,7 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
 }
 [ -x /usr/bin/chromium ] || apt_install chromium
+command -v redis-server >/dev/null || apt_install redis-server
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
 [ -d "$here/node_modules/playwright-core" ] || (cd "$here" && npm ci --no-audit --no-fund)
 
