@@ -46,6 +46,15 @@ impl Format {
         }
     }
 
+    /// The message with `header`, as [`Self::send`] sends it.
+    #[cfg(test)]
+    pub(super) fn message(&self, header: &Header) -> Vec<u8> {
+        match &self.json {
+            None => header.encode(self.size).to_vec(),
+            Some(arrays) => arrays.message(&header.hex(), header.seq),
+        }
+    }
+
     /// The header of a received message, or why it is not one of the bench's.
     pub(super) fn decode(&self, payload: &[u8]) -> Result<Header, String> {
         match &self.json {
