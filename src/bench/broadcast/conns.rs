@@ -89,7 +89,7 @@ impl ThreadState {
         let data;
         let payload = match &self.envelope {
             None => payload,
-            Some(envelope) => match envelope.data(payload) {
+            Some(envelope) => match envelope.data(payload, |b| self.format.json_len_at(b)) {
                 Ok(inner) => {
                     data = inner;
                     &data[..]
