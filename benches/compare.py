@@ -332,6 +332,10 @@ def main():
     p.add_argument("--deadline", default=None, metavar="HH:MM",
                    help="start no run after this time of day (UTC), e.g. when the machine is "
                         "booked; the summary holds the runs done")
+    p.add_argument("--others-limit", type=float, default=10.0, metavar="PCT",
+                   help="repeat a run (up to 3 attempts) when other processes used more than this "
+                        "share of a core during it (default 10; with 10k subscribers the undisturbed "
+                        "runs of 2026-12-07 showed 12-23 %% there, presumably the kernel's)")
     p.add_argument("--no-quiet-wait", action="store_true",
                    help="do not wait for a quiet machine, nor repeat runs disturbed by other processes "
                         "(to try the script out; the numbers are then not to be quoted)")
@@ -387,7 +391,7 @@ def main():
                 for attempt in range(1, 4):
                     r = run_one(a.bench, name, argv_for, path, scenario, port, outdir, rep,
                                 quiet=not a.no_quiet_wait, tls=a.tls, deflate=a.deflate)
-                    if a.no_quiet_wait or r["_other_processes_cpu_percent"] < 10.0:
+                    if a.no_quiet_wait or r["_other_processes_cpu_percent"] < a.others_limit:
                         break
                     if past_deadline():
                         break
