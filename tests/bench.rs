@@ -433,6 +433,101 @@ fn broadcast_checks_json_payloads() {
     wait_for_no_connections(&server);
 }
 
+/// `--v1`: subscribers on ringsocket's `/v1` (subprotocol `ringsocket.v1`, subscribed to
+/// topic `broadcast`), publishers raw on `/broadcast` (on two workers, so that the
+/// fan-out crosses cores); every publication's `data` is the bench's message, JSON as
+/// sent and binary as base64, and every one is accounted for as with raw subscribers.
+#[test]
+fn broadcast_to_v1_subscribers() {
+    let server = start(|c| c.workers = 2);
+    for (payload, size) in [(Payload::Json, 256), (Payload::Pattern, 100)] {
+        let mut options = small_broadcast(format!("ws://{}/broadcast", server.local_addr()));
+        options.v1 = true;
+        options.payload = payload;
+        options.size = size;
+        options.common.server_pid = Some(std::process::id());
+        let report = bench::broadcast(&options, &Progress::hidden()).unwrap();
+        assert_clean_broadcast(&report);
+        let v1 = report.v1.as_ref().unwrap();
+        assert_eq!(v1.url, format!("ws://{}/v1", server.local_addr()));
+        assert_eq!(v1.topic, "broadcast");
+        assert_eq!(report.steps[0].stale, 0, "{report}");
+        assert!(
+            report
+                .to_string()
+                .contains("subscribers: ringsocket.v1 on ws://"),
+            "{report}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["v1"]["topic"], "broadcast");
+    }
+    wait_for_no_connections(&server);
+}
+
+/// `--v1` and `--topic` from the command line: a topic the room does not publish to
+/// gets no message, and the bench names --topic; a raw room without `/v1` (the
+/// tokio-tungstenite one, which chooses no subprotocol) fails every subscriber.
+#[test]
+fn v1_subscribers_from_the_command_line() {
+    let server = start(|_| {});
+    let room = format!("ws://{}/broadcast", server.local_addr());
+    let small = [
+        "--subs",
+        "4",
+        "--rate",
+        "100",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--payload",
+        "json",
+        "--v1",
+    ];
+    let mut args = vec!["broadcast", room.as_str(), "--json"];
+    args.extend(small);
+    let out = ringsocket_bench(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["v1"]["url"],
+        format!("ws://{}/v1", server.local_addr())
+    );
+    assert_eq!(json["steps"][0]["lost"], 0);
+    assert_eq!(json["steps"][0]["malformed"], 0);
+    assert!(json["steps"][0]["delivered"].as_u64().unwrap() > 0);
+
+    let mut args = vec![
+        "broadcast",
+        room.as_str(),
+        "--timeout",
+        "0.5",
+        "--topic",
+        "elsewhere",
+    ];
+    args.extend(small);
+    let out = ringsocket_bench(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("see --topic"), "{stderr}");
+
+    let tt = format!("ws://{}/room", tt_room(Fault::None));
+    let mut args = vec!["broadcast", tt.as_str()];
+    args.extend(small);
+    let out = ringsocket_bench(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("did not choose the subprotocol ringsocket.v1"),
+        "{stderr}"
+    );
+    wait_for_no_connections(&server);
+}
+
 /// An independent server: a naive tokio-tungstenite room.
 #[test]
 fn broadcast_through_a_tokio_tungstenite_room() {

@@ -149,6 +149,9 @@ pub(crate) enum OpenError {
     /// `--deflate` offered permessage-deflate and the server at this URL answered
     /// without it.
     DeflateRefused(String),
+    /// A subprotocol was required (`bench broadcast --v1`: `ringsocket.v1`) and the
+    /// server at this URL (the first field) answered without it.
+    ProtocolRefused(String, &'static str),
 }
 
 impl fmt::Display for OpenError {
@@ -186,6 +189,11 @@ impl fmt::Display for OpenError {
                 "{url}: server did not accept permessage-deflate (offered by --deflate; its \
                  101 response has no Sec-WebSocket-Extensions for it)"
             ),
+            Self::ProtocolRefused(url, protocol) => write!(
+                f,
+                "{url}: server did not choose the subprotocol {protocol} (its 101 response \
+                 has no Sec-WebSocket-Protocol: {protocol})"
+            ),
         }
     }
 }
@@ -201,25 +209,44 @@ pub(crate) async fn open(
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<Client, OpenError> {
-    match tokio::time::timeout(timeout, open_inner(target, tls, deflate, source)).await {
+    open_with_protocol(target, tls, deflate, None, source, timeout).await
+}
+
+/// [`open`], offering the subprotocol `protocol` when given, which the server must then
+/// choose ([`OpenError::ProtocolRefused`] otherwise).
+pub(crate) async fn open_with_protocol(
+    target: &Target,
+    tls: Option<&Tls>,
+    deflate: bool,
+    protocol: Option<&'static str>,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<Client, OpenError> {
+    let opening = open_inner(target, tls, deflate, protocol, source);
+    match tokio::time::timeout(timeout, opening).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Timeout(timeout)),
     }
 }
 
 /// Writes the opening handshake's request for `target` into `out`; with `deflate`, it
-/// offers permessage-deflate.
+/// offers permessage-deflate, with `protocol`, that subprotocol.
 pub(crate) fn request(
     target: &Target,
     deflate: bool,
+    protocol: Option<&str>,
     key: [u8; 16],
     out: &mut BytesMut,
 ) -> ClientHandshake {
     let offer = [("Sec-WebSocket-Extensions", deflate::client_offer())];
+    let protocols: &[&str] = match &protocol {
+        Some(p) => std::slice::from_ref(p),
+        None => &[],
+    };
     ClientRequest {
         host: &target.host,
         target: &target.path,
-        protocols: &[],
+        protocols,
         headers: if deflate { &offer } else { &[] },
     }
     .encode(key, out)
@@ -252,6 +279,7 @@ async fn open_inner(
     target: &Target,
     tls: Option<&Tls>,
     deflate: bool,
+    protocol: Option<&'static str>,
     source: Option<IpAddr>,
 ) -> Result<Client, OpenError> {
     let addr = target.addr;
@@ -284,7 +312,7 @@ async fn open_inner(
     getrandom::fill(&mut key).map_err(OpenError::Random)?;
     getrandom::fill(&mut mask_seed).map_err(OpenError::Random)?;
     let mut out = BytesMut::new();
-    let handshake = request(target, deflate, key, &mut out);
+    let handshake = request(target, deflate, protocol, key, &mut out);
     stream.write_all(&out).await.map_err(OpenError::Io)?;
     stream.flush().await.map_err(OpenError::Io)?;
 
@@ -298,6 +326,11 @@ async fn open_inner(
             .parse_response(&buf, &limits)
             .map_err(OpenError::Handshake)?
         {
+            if let Some(protocol) = protocol {
+                if response.protocol.as_deref() != Some(protocol) {
+                    return Err(OpenError::ProtocolRefused(target.url.clone(), protocol));
+                }
+            }
             let mut conn = connection(target, &response, deflate, mask_seed)?;
             conn.handle_bytes(&buf[head_len..]);
             return Ok(Client { stream, conn });
@@ -383,7 +416,7 @@ mod tests {
     /// The request, and the response parsed by its handshake.
     fn exchange(deflate: bool, extensions: Option<&str>) -> (String, Accepted) {
         let mut out = BytesMut::new();
-        let handshake = request(&target(), deflate, KEY, &mut out);
+        let handshake = request(&target(), deflate, None, KEY, &mut out);
         let (accepted, _) = handshake
             .parse_response(&response(extensions), &HandshakeLimits::default())
             .unwrap()

@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub use broadcast::{
-    BroadcastOptions, BroadcastReport, HEADER_BYTES, StepReport, Verdict, broadcast,
+    BroadcastOptions, BroadcastReport, HEADER_BYTES, StepReport, V1Subscribers, Verdict, broadcast,
 };
 pub use common::{CommonOptions, OutputOptions};
 pub use compare::{ComparedFigure, Comparison, Figure, Run, Summary};

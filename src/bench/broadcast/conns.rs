@@ -13,6 +13,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::LocalSet;
 
 use super::message::{Arrival, Format, Header, Track};
+use super::v1::{self, Envelope};
 use super::{BroadcastOptions, Collected, Phase, Plan, Shared, StepStats, ThreadEnd};
 use crate::bench::client::{self, Client};
 use crate::bench::new_runtime;
@@ -25,6 +26,8 @@ use crate::proto::{CloseCode, Event};
 pub(super) struct ThreadState {
     pubs: usize,
     format: Rc<Format>,
+    /// With --v1: takes the message out of each publication.
+    envelope: Option<Envelope>,
     /// `tracks[sub * pubs + publisher]`.
     tracks: Vec<Track>,
     /// Per subscriber: publishers heard during the probe.
@@ -39,10 +42,11 @@ pub(super) struct ThreadState {
 }
 
 impl ThreadState {
-    fn new(subs: usize, pubs: usize, format: Rc<Format>) -> Self {
+    fn new(subs: usize, pubs: usize, format: Rc<Format>, envelope: Option<Envelope>) -> Self {
         Self {
             pubs,
             format,
+            envelope,
             tracks: vec![Track::default(); subs * pubs],
             heard: vec![vec![false; pubs]; subs],
             stats_step: 0,
@@ -81,6 +85,20 @@ impl ThreadState {
             Phase::Step(plan) => plan.step,
             Phase::Collect { plan, .. } => plan.step,
             _ => 0,
+        };
+        let data;
+        let payload = match &self.envelope {
+            None => payload,
+            Some(envelope) => match envelope.data(payload, |b| self.format.json_len_at(b)) {
+                Ok(inner) => {
+                    data = inner;
+                    &data[..]
+                }
+                Err(why) => {
+                    self.malformed(current, why);
+                    return false;
+                }
+            },
         };
         let header = match self.format.decode(payload) {
             Ok(header) => header,
@@ -188,6 +206,8 @@ pub(super) struct Job {
     pub(super) threads: usize,
     pub(super) options: BroadcastOptions,
     pub(super) target: Arc<Target>,
+    /// Where the subscribers connect: `target`, or with --v1 its `/v1`.
+    pub(super) sub_target: Arc<Target>,
     pub(super) shared: Arc<Shared>,
     pub(super) phase: watch::Receiver<Phase>,
 }
@@ -254,15 +274,40 @@ impl Job {
         let handles: Vec<_> = self
             .roles()
             .map(|(index, role)| {
-                let target = self.target.clone();
+                // With --v1, subscribers subscribe over ringsocket.v1 once open.
+                let v1_topic = match role {
+                    Role::Subscriber(_) if self.options.v1 => Some(self.options.topic.clone()),
+                    _ => None,
+                };
+                let target = match v1_topic {
+                    Some(_) => self.sub_target.clone(),
+                    None => self.target.clone(),
+                };
                 let permits = permits.clone();
                 let source = target.source_for(index, self.options.common.source_addrs);
                 let deflate = self.options.common.deflate;
                 let task = tokio::task::spawn_local(async move {
                     let _permit = permits.acquire().await;
-                    client::open(&target, None, deflate, source, timeout)
-                        .await
-                        .map_err(|e| e.to_string())
+                    let protocol = v1_topic.as_ref().map(|_| v1::PROTOCOL);
+                    let mut client = client::open_with_protocol(
+                        &target, None, deflate, protocol, source, timeout,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    if let Some(topic) = v1_topic {
+                        match tokio::time::timeout(timeout, v1::subscribe(&mut client, &topic))
+                            .await
+                        {
+                            Ok(result) => result?,
+                            Err(_) => {
+                                return Err(format!(
+                                    "no \"subscribed\" reply within {:.1} s",
+                                    timeout.as_secs_f64()
+                                ));
+                            }
+                        }
+                    }
+                    Ok(client)
                 });
                 (role, task)
             })
@@ -287,10 +332,12 @@ impl Job {
             .filter(|(role, _)| matches!(role, Role::Subscriber(_)))
             .count();
         let format = Rc::new(Format::new(self.options.size, self.options.payload));
+        let envelope = self.options.v1.then(|| Envelope::new(&self.options.topic));
         let state = Rc::new(RefCell::new(ThreadState::new(
             subs,
             self.options.pubs,
             format.clone(),
+            envelope,
         )));
         let mut subscribers = Vec::with_capacity(subs);
         let mut handles = Vec::with_capacity(self.options.pubs + 1);
@@ -374,7 +421,7 @@ pub(super) fn receive(
     result
 }
 
-fn closed_by_server(frame: Option<crate::proto::CloseFrame>) -> String {
+pub(super) fn closed_by_server(frame: Option<crate::proto::CloseFrame>) -> String {
     match frame {
         Some(frame) if frame.reason.is_empty() => {
             format!("closed early by the server with {}", frame.code)

@@ -46,6 +46,29 @@ impl Format {
         }
     }
 
+    /// The message with `header`, as [`Self::send`] sends it.
+    #[cfg(test)]
+    pub(super) fn message(&self, header: &Header) -> Vec<u8> {
+        match &self.json {
+            None => header.encode(self.size).to_vec(),
+            Some(arrays) => arrays.message(&header.hex(), header.seq),
+        }
+    }
+
+    /// The length of the message at the start of `bytes` when it is, byte for byte, a
+    /// JSON message this run sends (its header, then the array its sequence number
+    /// carries), else `None`. Such a message is one complete JSON value, so a
+    /// ringsocket.v1 subscriber knows where the `data` holding it ends without walking
+    /// its 1 KiB of strings and brackets ([`super::v1::Envelope::data`]).
+    pub(super) fn json_len_at(&self, bytes: &[u8]) -> Option<usize> {
+        let arrays = self.json.as_ref()?;
+        let candidate = bytes.get(..self.size)?;
+        let header = JsonArrays::header(candidate, JSON_HEADER_HEX).and_then(Header::decode_hex)?;
+        arrays
+            .matches(candidate, JSON_HEADER_HEX, header.seq)
+            .then_some(self.size)
+    }
+
     /// The header of a received message, or why it is not one of the bench's.
     pub(super) fn decode(&self, payload: &[u8]) -> Result<Header, String> {
         match &self.json {

@@ -6,6 +6,20 @@
 //! the peers `tt-broadcast` and `bun/broadcast.js`. Publishers are members of the room
 //! too; they read and discard what they get, and are not counted as receivers.
 //!
+//! With `--v1` the subscribers speak `ringsocket.v1` (docs/protocol.md) instead: each
+//! connects to `/v1` on the URL's host (the URL's query kept, for a `?token=`),
+//! offering the subprotocol `ringsocket.v1`, subscribes to `--topic` (default
+//! `broadcast`, the topic of ringsocket's `/broadcast`; `/ws/{room}` publishes to topic
+//! `{room}`) and waits for the `subscribed` reply before the run begins. The
+//! publishers stay raw, on the URL. Every frame a subscriber then gets must be a
+//! publication of the topic, and the message checked is its `data`: a `--payload
+//! json` message embedded as it was sent, a binary one decoded from its base64
+//! (`"encoding":"base64"`; a decode per delivery, which the load generator's CPU per
+//! delivery includes). Everything else (loss, order, duplicates, latency, the ramp) is
+//! counted as for raw subscribers, so that a run with `--v1` and one without, against
+//! the same server, compare the cost of the envelope path with the raw one (see
+//! [`v1`]).
+//!
 //! A message is binary, `--size` bytes, and starts with [`HEADER_BYTES`] bytes, all
 //! little-endian: publisher id (u32), step (u32, 0 for the readiness probe), sequence
 //! number (u64, from 0 in each step) and the time it was due to be sent (u64, in
@@ -40,6 +54,7 @@
 mod conns;
 mod message;
 mod subs;
+mod v1;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -114,6 +129,16 @@ pub struct BroadcastOptions {
     /// With --ramp: at most this many steps.
     #[arg(long, default_value_t = 16)]
     pub max_steps: u32,
+    /// Subscribers speak ringsocket.v1: they connect to /v1 on the URL's host (with the
+    /// URL's query), offer Sec-WebSocket-Protocol: ringsocket.v1, subscribe to --topic
+    /// and wait for "subscribed"; each message is the "data" of a publication (JSON as
+    /// sent, binary decoded from base64). Publishers stay raw, on the URL.
+    #[arg(long)]
+    pub v1: bool,
+    /// With --v1: the topic the subscribers subscribe to, the one the URL's room
+    /// publishes to (/broadcast: broadcast; /ws/{room}: {room}).
+    #[arg(long, default_value = "broadcast", requires = "v1")]
+    pub topic: String,
     /// Threads, source addresses, timeout, server pid.
     #[command(flatten)]
     pub common: CommonOptions,
@@ -135,6 +160,8 @@ impl BroadcastOptions {
             grace: 2.0,
             max_p99_ms: 500.0,
             max_steps: 16,
+            v1: false,
+            topic: "broadcast".to_owned(),
             common: CommonOptions::default(),
         }
     }
@@ -166,6 +193,9 @@ impl BroadcastOptions {
         if !(self.max_p99_ms.is_finite() && self.max_p99_ms > 0.0) {
             return bad("--max-p99-ms must be above 0".into());
         }
+        if self.v1 && self.topic.is_empty() {
+            return bad("--topic must not be empty".into());
+        }
         seconds("--grace", self.grace)?;
         window(self.warmup, self.duration)
     }
@@ -176,6 +206,9 @@ impl BroadcastOptions {
 pub struct BroadcastReport {
     /// The room.
     pub url: String,
+    /// With --v1: the ringsocket.v1 endpoint the subscribers connected to, and their
+    /// topic; `None` when they were in the room.
+    pub v1: Option<V1Subscribers>,
     /// Whether every connection negotiated permessage-deflate (--deflate; without it
     /// the run fails).
     pub deflate: bool,
@@ -207,6 +240,15 @@ pub struct BroadcastReport {
     pub error_causes: BTreeMap<String, u64>,
     /// Connections whose closing handshake at the end did not complete.
     pub close_failures: u64,
+}
+
+/// Where `--v1` subscribers subscribed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct V1Subscribers {
+    /// The `/v1` URL.
+    pub url: String,
+    /// The topic.
+    pub topic: String,
 }
 
 /// One step: a fixed rate for warm-up plus duration.
@@ -418,6 +460,13 @@ impl fmt::Display for BroadcastReport {
             self.duration_secs,
             self.grace_secs
         )?;
+        if let Some(v1) = &self.v1 {
+            writeln!(
+                f,
+                "  subscribers: ringsocket.v1 on {}, topic {:?}; publishers raw on the URL",
+                v1.url, v1.topic
+            )?;
+        }
         if self.ramp {
             writeln!(
                 f,
@@ -527,6 +576,11 @@ pub fn broadcast(
              listener (plain_bind)"
         )));
     }
+    let sub_target = if options.v1 {
+        Arc::new(v1::subscriber_url(&target)?)
+    } else {
+        target.clone()
+    };
     let conns = options.subs + options.pubs;
     let threads = options.common.threads.min(conns);
     let shared = Arc::new(Shared::new(options.pubs));
@@ -541,6 +595,7 @@ pub fn broadcast(
             threads,
             options: options.clone(),
             target: target.clone(),
+            sub_target: sub_target.clone(),
             shared: shared.clone(),
             phase: phase_rx.clone(),
         };
@@ -587,11 +642,19 @@ pub fn broadcast(
             return Err(BenchError::Scenario(format!(
                 "{}: after {:.1} s, {} of {} subscribers had not received a message from \
                  every publisher; is it a room that sends every message to every other \
-                 connection?",
+                 connection?{}",
                 options.url,
                 options.common.timeout,
                 options.subs as u64 - ready,
-                options.subs
+                options.subs,
+                if options.v1 {
+                    format!(
+                        " (with --v1: does it publish to topic {:?}? see --topic)",
+                        options.topic
+                    )
+                } else {
+                    String::new()
+                }
             )));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -644,6 +707,10 @@ pub fn broadcast(
     progress.finish();
     Ok(BroadcastReport {
         url: options.url.clone(),
+        v1: options.v1.then(|| V1Subscribers {
+            url: sub_target.url.clone(),
+            topic: options.topic.clone(),
+        }),
         deflate: options.common.deflate,
         subs: options.subs,
         pubs: options.pubs,
@@ -1009,5 +1076,10 @@ mod tests {
         o = BroadcastOptions::new("ws://127.0.0.1:1/broadcast");
         o.common.threads = 0;
         assert!(o.validate().is_err());
+        o = BroadcastOptions::new("ws://127.0.0.1:1/broadcast");
+        o.v1 = true;
+        assert!(o.validate().is_ok());
+        o.topic.clear();
+        assert!(o.validate().unwrap_err().to_string().contains("--topic"));
     }
 }
