@@ -206,12 +206,17 @@ pub fn subscribe_v1(
         let (subscribed, frames) = hub.history.with_topic(topic, |log| {
             let mut position = log.position_on(core.index);
             if let Some((epoch, top, entries)) = &snapshot {
-                let grew = log.merge(topic, epoch, *top, entries, idle, &settings);
+                let (grew, new_epoch) = log.merge(topic, epoch, *top, entries, idle, &settings);
                 hub.history.add(grew);
                 // What the broker numbered up to `top` is either kept here now or on
-                // its way to this core (a few duplicates, which the client drops).
+                // its way to this core (a few duplicates, which the client drops); in a
+                // new epoch what this core delivered belongs to the old one.
                 position = log.position_on(core.index);
-                position.offset = position.offset.max(*top);
+                position.offset = if new_epoch {
+                    *top
+                } else {
+                    position.offset.max(*top)
+                };
             }
             let recovery = since.map(|since| log.since(since, position.offset, usize::MAX));
             let frames = recovery

@@ -283,10 +283,14 @@ impl TopicLog {
             freed = self.clear();
             self.epoch = epoch.into();
             self.top = offset - 1;
+            self.gap_at = 0;
         }
+        // A gap is reported once, for the highest offset that showed it: what the
+        // broker then hands over to fill it (some of it may be gone from its history)
+        // and that offset again are taken as they come.
         let verdict = if offset <= self.top {
             Verdict::Seen
-        } else if offset > self.top + 1 && self.gap_at != offset {
+        } else if offset > self.top + 1 && offset > self.gap_at {
             self.gap_at = offset;
             Verdict::Gap(self.top)
         } else {
@@ -346,7 +350,8 @@ impl TopicLog {
     /// publications after some offset): another epoch starts this log over; kept
     /// publications missing here are added. `idle`: nobody in the process listens to
     /// the topic, so this log's last offset follows the broker's (nothing in flight
-    /// here needs it). Returns the bytes the log grew by.
+    /// here needs it). Returns the bytes the log grew by, and whether the epoch
+    /// changed (what the cores delivered is then of the old one).
     pub(crate) fn merge(
         &mut self,
         topic: &str,
@@ -355,12 +360,14 @@ impl TopicLog {
         entries: &[(u64, Vec<u8>, bool)],
         idle: bool,
         settings: &HistorySettings,
-    ) -> isize {
+    ) -> (isize, bool) {
         let before = self.bytes as isize;
-        if *self.epoch != *epoch && !epoch.is_empty() {
+        let new_epoch = *self.epoch != *epoch && !epoch.is_empty();
+        if new_epoch {
             self.clear();
             self.epoch = epoch.into();
             self.top = top;
+            self.gap_at = 0;
         } else if idle && top > self.top {
             self.top = top;
         }
@@ -370,7 +377,7 @@ impl TopicLog {
             self.keep(*offset, frame, now, settings);
         }
         self.prune(now, settings);
-        self.bytes as isize - before
+        (self.bytes as isize - before, new_epoch)
     }
 
     /// Drops what is beyond `size` or older than `ttl`; returns the bytes freed.
@@ -945,6 +952,69 @@ mod tests {
         let (kept, position) = h.with_topic("old", |log| (log.entries.len(), log.position()));
         assert_eq!(kept, 0);
         assert_eq!(position, first, "offsets and epoch survive an eviction");
+    }
+
+    /// What a numbering broker holds is merged in: kept publications missing here are
+    /// added in offset order; another epoch starts the log over and says so.
+    #[test]
+    fn a_broker_snapshot_merges_in_order_or_starts_a_new_epoch() {
+        let h = history(10);
+        let settings = h.settings();
+        h.with_topic("t", |log| {
+            let epoch = log.epoch.to_string();
+            let entries = vec![
+                (3, b"3".to_vec(), false),
+                (1, b"1".to_vec(), false),
+                (2, b"2".to_vec(), false),
+            ];
+            let (grew, new_epoch) = log.merge("t", &epoch, 3, &entries, true, &settings);
+            assert!(grew > 0 && !new_epoch);
+            assert_eq!(log.top, 3, "idle: the broker's last offset");
+            let offsets: Vec<u64> = log.entries.iter().map(|e| e.offset).collect();
+            assert_eq!(offsets, [1, 2, 3]);
+            // Merged twice: nothing kept twice.
+            let (grew, _) = log.merge("t", &epoch, 3, &entries, true, &settings);
+            assert_eq!(grew, 0);
+            let (_, new_epoch) = log.merge(
+                "t",
+                "00000000000000ff",
+                1,
+                &[(1, b"x".to_vec(), false)],
+                false,
+                &settings,
+            );
+            assert!(new_epoch);
+            assert_eq!(
+                (&*log.epoch, log.top, log.entries.len()),
+                ("00000000000000ff", 1, 1)
+            );
+        });
+    }
+
+    /// A gap is reported once; what fills it, even with some offsets gone from the
+    /// broker's history, and the publication that showed it are then taken in order.
+    #[test]
+    fn a_gap_is_reported_once_and_its_filling_taken_as_it_comes() {
+        let h = history(10);
+        h.with_topic("t", |log| {
+            let epoch = log.epoch.to_string();
+            for offset in 1..=5 {
+                assert_eq!(log.accept(offset, &epoch).0, Verdict::Next);
+                log.top = offset;
+            }
+            assert_eq!(log.accept(5, &epoch).0, Verdict::Seen);
+            assert_eq!(log.accept(11, &epoch).0, Verdict::Gap(5));
+            // 6 and 7 are gone at the broker: 8, 9, 10 fill what they can.
+            for offset in [8, 9, 10, 11] {
+                assert_eq!(log.accept(offset, &epoch).0, Verdict::Next, "{offset}");
+                log.top = offset;
+            }
+            assert_eq!(log.accept(13, &epoch).0, Verdict::Gap(11), "a new gap");
+            // Another epoch starts over, and its gaps are reported again.
+            assert_eq!(log.accept(1, "00000000000000ee").0, Verdict::Next);
+            log.top = 1;
+            assert_eq!(log.accept(4, "00000000000000ee").0, Verdict::Gap(1));
+        });
     }
 
     /// A log someone looked up (and is about to lock) is never forgotten under them.
