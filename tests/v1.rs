@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+use common::v1::{next, request, send, subscribe, v1};
 use common::{Client, http_exchange, start};
 
 use std::net::SocketAddr;
@@ -15,73 +16,8 @@ use ringsocket::app::App;
 use ringsocket::runtime::RunningServer;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const PATIENCE: Duration = Duration::from_secs(15);
-
-async fn v1(addr: SocketAddr, query: &str) -> Client {
-    let mut request = format!("ws://{addr}/v1{query}")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", "ringsocket.v1".parse().unwrap());
-    let (client, response) =
-        tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
-            .await
-            .expect("connect timed out")
-            .expect("handshake failed");
-    assert_eq!(
-        response.headers()["sec-websocket-protocol"],
-        "ringsocket.v1"
-    );
-    client
-}
-
-async fn send(client: &mut Client, frame: Value) {
-    client
-        .send(WsMessage::text(frame.to_string()))
-        .await
-        .unwrap();
-}
-
-/// The next frame as JSON, failing on timeout or close.
-async fn next(client: &mut Client) -> Value {
-    loop {
-        let message = tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("timed out waiting for a frame")
-            .expect("stream ended")
-            .expect("read failed");
-        if let WsMessage::Text(text) = message {
-            return serde_json::from_str(&text).unwrap();
-        }
-        assert!(!message.is_binary(), "a binary frame on ringsocket.v1");
-    }
-}
-
-/// Sends a request and returns its reply (the next frame with its id).
-async fn request(client: &mut Client, frame: Value) -> Value {
-    let id = frame["id"].clone();
-    send(client, frame).await;
-    loop {
-        let reply = next(client).await;
-        if reply["id"] == id {
-            return reply;
-        }
-        assert_eq!(reply["type"], "pub", "unexpected frame {reply}");
-    }
-}
-
-async fn subscribe(client: &mut Client, id: u64, topic: &str, since: Option<(u64, &str)>) -> Value {
-    let mut frame = json!({"id": id, "type": "subscribe", "topic": topic});
-    if let Some((offset, epoch)) = since {
-        frame["since"] = json!({"offset": offset, "epoch": epoch});
-    }
-    let reply = request(client, frame).await;
-    assert_eq!(reply["type"], "subscribed", "{reply}");
-    reply
-}
 
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let response = http_exchange(

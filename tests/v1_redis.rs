@@ -5,20 +5,20 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+use common::v1::{next, request, subscribe, v1};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use ringsocket::app::App;
 use ringsocket::broker::Broker;
 use ringsocket::broker::redis::{RedisBroker, RedisConfig, StreamHistory};
 use ringsocket::runtime::RunningServer;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -54,45 +54,6 @@ fn node_with(
     (common::start(app, |_| {}), broker)
 }
 
-async fn v1(addr: SocketAddr) -> Client {
-    let mut request = format!("ws://{addr}/v1").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", "ringsocket.v1".parse().unwrap());
-    tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
-        .await
-        .unwrap()
-        .unwrap()
-        .0
-}
-
-async fn next(client: &mut Client) -> Value {
-    loop {
-        let message = tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("timed out waiting for a frame")
-            .unwrap()
-            .unwrap();
-        if let WsMessage::Text(text) = message {
-            return serde_json::from_str(&text).unwrap();
-        }
-    }
-}
-
-async fn request(client: &mut Client, frame: Value) -> Value {
-    let id = frame["id"].clone();
-    client
-        .send(WsMessage::text(frame.to_string()))
-        .await
-        .unwrap();
-    loop {
-        let reply = next(client).await;
-        if reply["id"] == id {
-            return reply;
-        }
-    }
-}
-
 /// Waits until `n` processes listen to `topic` at Redis.
 fn wait_for_listeners(redis: &RedisServer, topic: &str, n: i64) {
     let mut con = redis.client();
@@ -121,7 +82,7 @@ async fn v1_publications_cross_nodes_in_order_from_every_kind_of_publisher() {
     let (b, _broker_b) = node(&redis);
     let (a, b) = (a.local_addr(), b.local_addr());
 
-    let mut on_b = v1(b).await;
+    let mut on_b = v1(b, "").await;
     let reply = request(
         &mut on_b,
         json!({"id": 1, "type": "subscribe", "topic": "lobby"}),
@@ -132,7 +93,7 @@ async fn v1_publications_cross_nodes_in_order_from_every_kind_of_publisher() {
     wait_for_listeners(&redis, "lobby", 1);
 
     // From a v1 client on A.
-    let mut on_a = v1(a).await;
+    let mut on_a = v1(a, "").await;
     for i in 0..50 {
         let ack = request(
             &mut on_a,
@@ -175,16 +136,6 @@ async fn v1_publications_cross_nodes_in_order_from_every_kind_of_publisher() {
     assert_eq!(data[50..], [50, 51]);
 }
 
-async fn subscribe(client: &mut Client, id: u64, topic: &str, since: Option<(u64, &str)>) -> Value {
-    let mut frame = json!({"id": id, "type": "subscribe", "topic": topic});
-    if let Some((offset, epoch)) = since {
-        frame["since"] = json!({"offset": offset, "epoch": epoch});
-    }
-    let reply = request(client, frame).await;
-    assert_eq!(reply["type"], "subscribed", "{reply}");
-    reply
-}
-
 async fn publish_http(addr: SocketAddr, topic: &str, body: &str) {
     let response = common::http_exchange(
         addr,
@@ -223,16 +174,16 @@ async fn a_client_recovers_on_another_node_with_shared_offsets() {
     assert!(broker_a.sequences());
     let (a, b) = (a.local_addr(), b.local_addr());
 
-    let mut on_a = v1(a).await;
+    let mut on_a = v1(a, "").await;
     let reply = subscribe(&mut on_a, 1, "news", None).await;
     let epoch = reply["epoch"].as_str().unwrap().to_owned();
     assert_eq!(epoch.len(), 16, "{reply}");
-    let mut on_b = v1(b).await;
+    let mut on_b = v1(b, "").await;
     let reply = subscribe(&mut on_b, 1, "news", None).await;
     assert_eq!(reply["epoch"], epoch.as_str(), "one epoch for every node");
     wait_for_listeners(&redis, "news", 2);
 
-    let mut publisher = v1(a).await;
+    let mut publisher = v1(a, "").await;
     for i in 1..=5u64 {
         let ack = request(
             &mut publisher,
@@ -267,7 +218,7 @@ async fn a_client_recovers_on_another_node_with_shared_offsets() {
         publications(&mut on_b, 5).await.last().map(|p| p.0),
         Some(10)
     );
-    let mut back = v1(b).await;
+    let mut back = v1(b, "").await;
     let reply = subscribe(&mut back, 2, "news", Some((5, &epoch))).await;
     assert_eq!(
         (reply["recovered"].as_bool(), reply["missed"].as_u64()),
@@ -286,7 +237,7 @@ async fn a_client_recovers_on_another_node_with_shared_offsets() {
 
     // A client that missed them on a node that never had the topic recovers too.
     let (c, _broker_c) = history_node(&redis);
-    let mut on_c = v1(c.local_addr()).await;
+    let mut on_c = v1(c.local_addr(), "").await;
     let reply = subscribe(&mut on_c, 3, "news", Some((8, &epoch))).await;
     assert_eq!(
         (reply["recovered"].as_bool(), reply["missed"].as_u64()),
@@ -310,7 +261,7 @@ async fn a_redis_flush_starts_a_new_epoch() {
     let redis = RedisServer::start();
     let (a, _broker) = history_node(&redis);
     let a = a.local_addr();
-    let mut client = v1(a).await;
+    let mut client = v1(a, "").await;
     let old = subscribe(&mut client, 1, "t", None).await["epoch"]
         .as_str()
         .unwrap()
@@ -328,7 +279,7 @@ async fn a_redis_flush_starts_a_new_epoch() {
     let (offset, epoch, data) = publications(&mut client, 1).await.remove(0);
     assert_eq!((offset, data), (1, json!("after")));
     assert_ne!(epoch, old, "a new epoch after the flush");
-    let mut back = v1(a).await;
+    let mut back = v1(a, "").await;
     let reply = subscribe(&mut back, 2, "t", Some((3, &old))).await;
     assert_eq!(
         (reply["recovered"].as_bool(), reply["missed"].as_u64()),
@@ -351,7 +302,7 @@ async fn a_gap_on_one_node_is_filled_from_the_stream() {
         });
     });
     let (a, b) = (a.local_addr(), b.local_addr());
-    let mut on_b = v1(b).await;
+    let mut on_b = v1(b, "").await;
     subscribe(&mut on_b, 1, "g", None).await;
     wait_for_listeners(&redis, "g", 1);
     publish_http(a, "g", "0").await;

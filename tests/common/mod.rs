@@ -3,6 +3,7 @@
 
 pub mod redis;
 pub mod tls;
+pub mod v1;
 
 use std::sync::Arc;
 
