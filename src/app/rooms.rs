@@ -154,38 +154,25 @@ async fn history(hub: &Hub, access: &Access, req: &Request) -> Response {
             _ => {}
         }
     }
-    let page = match hub.broker().filter(|_| hub.sequenced()) {
+    let unavailable = || {
+        Response::error(
+            503,
+            "the history is at Redis, which does not answer now; retry later",
+        )
+        .with_header("Retry-After", "1")
+    };
+    let page = match hub.broker_history(&topic, since, limit) {
         None => hub.history_page(&topic, since, limit),
         // The history is at the broker (Redis): asked there, off this core.
-        Some(broker) => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            broker.history(
-                &topic,
-                since,
-                limit,
-                Box::new(move |result| {
-                    let _ = tx.send(result);
-                }),
-            );
-            match tokio::time::timeout(std::time::Duration::from_secs(2), rx).await {
-                Ok(Ok(Ok(snapshot))) => hub.history_page_of(&topic, &snapshot, since),
-                Ok(Ok(Err(e))) => {
-                    tracing::debug!(topic, error = %e, "GET /history: the broker's history could not be read");
-                    return Response::error(
-                        503,
-                        "the history is at Redis, which does not answer now; retry later",
-                    )
-                    .with_header("Retry-After", "1");
-                }
-                _ => {
-                    return Response::error(
-                        503,
-                        "the history is at Redis, which does not answer now; retry later",
-                    )
-                    .with_header("Retry-After", "1");
-                }
+        Some(answer) => match tokio::time::timeout(std::time::Duration::from_secs(2), answer).await
+        {
+            Ok(Ok(Ok(snapshot))) => hub.history_page_of(&topic, &snapshot, since),
+            Ok(Ok(Err(e))) => {
+                tracing::debug!(topic, error = %e, "GET /history: the broker's history could not be read");
+                return unavailable();
             }
-        }
+            _ => return unavailable(),
+        },
     };
     let mut body =
         String::with_capacity(96 + page.publications.iter().map(Bytes::len).sum::<usize>());

@@ -125,50 +125,36 @@ async fn handle(ws: &WebSocket, text: &Utf8Bytes) -> Option<String> {
         }
     };
     let id = request.id;
-    let topic = || -> Result<&str, String> {
-        match request.topic.as_deref() {
-            Some(topic) => Ok(topic),
-            None => Err(error(
-                id,
-                Code::BadRequest,
-                &format!("{} needs a topic", request.kind),
-            )),
-        }
-    };
-    match &*request.kind {
+    let kind = &*request.kind;
+    let topic = request.topic.as_deref();
+    if matches!(kind, "subscribe" | "unsubscribe" | "publish") && topic.is_none() {
+        return Some(error(
+            id,
+            Code::BadRequest,
+            &format!("{kind} needs a topic"),
+        ));
+    }
+    let topic = topic.unwrap_or_default();
+    match kind {
         "subscribe" => {
-            let topic = match topic() {
-                Ok(topic) => topic,
-                Err(reply) => return Some(reply),
-            };
             let since = request.since.map(|s| Since {
                 offset: s.offset,
                 epoch: s.epoch,
             });
             subscribe(ws, id, topic, since.as_ref()).await
         }
-        "unsubscribe" => {
-            let topic = match topic() {
-                Ok(topic) => topic,
-                Err(reply) => return Some(reply),
-            };
-            Some(if pubsub::unsubscribe_v1(ws.session(), topic) {
-                let mut reply = head(id, "unsubscribed");
-                field(&mut reply, "topic", topic);
-                close(reply)
-            } else {
-                error(
-                    id,
-                    Code::NotSubscribed,
-                    &format!("not subscribed to {topic}"),
-                )
-            })
-        }
+        "unsubscribe" => Some(if pubsub::unsubscribe_v1(ws.session(), topic) {
+            let mut reply = head(id, "unsubscribed");
+            field(&mut reply, "topic", topic);
+            close(reply)
+        } else {
+            error(
+                id,
+                Code::NotSubscribed,
+                &format!("not subscribed to {topic}"),
+            )
+        }),
         "publish" => {
-            let topic = match topic() {
-                Ok(topic) => topic,
-                Err(reply) => return Some(reply),
-            };
             let Some(data) = request.data else {
                 return Some(error(id, Code::BadRequest, "publish needs data"));
             };

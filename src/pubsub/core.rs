@@ -14,12 +14,11 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::conflation::{self, MAX_HELD_KEYS, crossed_power_of_two, session_key};
-use super::history::{Since, data_of};
+use super::history::Since;
 use super::registry::{Mode, Registry, SessionId, SubscribeError};
 use super::{Delivery, Hub, Position, PublishError, public_name, v1_name, valid_topic};
-use crate::broker::{Kind, Snapshot};
+use crate::broker::Snapshot;
 use crate::proto::Message;
-use crate::proto::Utf8Bytes;
 use crate::runtime::Session;
 
 thread_local! {
@@ -182,22 +181,7 @@ pub fn subscribe_v1(
     let id = SessionId::of(session);
     let name = v1_name(topic);
     // What a numbering broker's history holds, as this process keeps publications.
-    let snapshot = snapshot.map(|s| {
-        let entries: Vec<(u64, Vec<u8>, bool)> = s
-            .entries
-            .iter()
-            .filter_map(|e| {
-                let (offset, _) = e.position.as_ref()?;
-                let message = match e.kind {
-                    Kind::Text => Message::Text(Utf8Bytes::try_from(e.payload.clone()).ok()?),
-                    Kind::Binary => Message::Binary(e.payload.clone()),
-                };
-                let (data, base64) = data_of(&message, false);
-                Some((*offset, data, base64))
-            })
-            .collect();
-        (s.epoch.clone(), s.top, entries)
-    });
+    let snapshot = snapshot.map(|s| (s.epoch.clone(), s.top, super::snapshot_data(s)));
     with_core(|core| {
         let hub = core.hub.clone();
         let conflated = hub.conflation_window(topic).is_some();
@@ -280,22 +264,8 @@ pub fn v1_snapshot(
     since: u64,
 ) -> Option<tokio::sync::oneshot::Receiver<Result<Snapshot, String>>> {
     with_core(|core| {
-        let hub = core.hub.clone();
-        if !hub.sequenced() {
-            return None;
-        }
-        let broker = hub.broker()?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let limit = hub.history.settings().size.max(1);
-        broker.history(
-            topic,
-            since,
-            limit,
-            Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        );
-        Some(rx)
+        let limit = core.hub.history.settings().size.max(1);
+        core.hub.broker_history(topic, since, limit)
     })
     .flatten()
 }

@@ -21,6 +21,7 @@
 //! that saw no activity for `history_ttl_secs` is forgotten: its next publication starts
 //! a new epoch at offset 1.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -727,38 +728,44 @@ impl History {
 /// The `data` of a publication of `message`: a text that is one JSON value as it is,
 /// any other text as a JSON string, a binary message as a base64 JSON string (then
 /// `true`). `known_json`: the text was checked already.
-pub(crate) fn data_of(message: &Message, known_json: bool) -> (Vec<u8>, bool) {
+pub(crate) fn data_of(message: &Message, known_json: bool) -> (Cow<'_, [u8]>, bool) {
     match message {
         Message::Text(text) => {
             let bytes = text.as_bytes();
             if known_json || serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
-                (bytes.to_vec(), false)
+                (Cow::Borrowed(&bytes[..]), false)
             } else {
-                (json_string(text.as_str()), false)
+                (Cow::Owned(json_string(text.as_str())), false)
             }
         }
         Message::Binary(bytes) => {
             let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
-            (json_string(&encoded), true)
+            (Cow::Owned(json_string(&encoded)), true)
         }
     }
 }
 
 /// `s` as a JSON string.
 fn json_string(s: &str) -> Vec<u8> {
-    // Serializing a `str` cannot fail.
-    serde_json::to_vec(s).unwrap_or_default()
+    let mut out = Vec::with_capacity(s.len() + 2);
+    push_json_string(&mut out, s);
+    out
 }
 
-/// The `ringsocket.v1` frame of a publication.
+/// Appends `s` as a JSON string.
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serializing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// The `ringsocket.v1` frame of a publication, written in one buffer.
 pub(crate) fn envelope(topic: &str, offset: u64, epoch: &str, data: &[u8], base64: bool) -> Bytes {
+    use std::io::Write;
     let mut json = Vec::with_capacity(data.len() + topic.len() + epoch.len() + 72);
     json.extend_from_slice(b"{\"type\":\"pub\",\"topic\":");
-    json.extend_from_slice(&json_string(topic));
-    json.extend_from_slice(b",\"offset\":");
-    json.extend_from_slice(offset.to_string().as_bytes());
-    json.extend_from_slice(b",\"epoch\":");
-    json.extend_from_slice(&json_string(epoch));
+    push_json_string(&mut json, topic);
+    let _ = write!(json, ",\"offset\":{offset},\"epoch\":");
+    push_json_string(&mut json, epoch);
     if base64 {
         json.extend_from_slice(b",\"encoding\":\"base64\"");
     }

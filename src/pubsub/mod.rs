@@ -376,20 +376,11 @@ impl Hub {
     /// `GET /history/{topic}` from what a numbering broker's history holds
     /// ([`Broker::history`]).
     pub fn history_page_of(&self, topic: &str, snapshot: &Snapshot, since: u64) -> HistoryPage {
-        let publications: Vec<Bytes> = snapshot
-            .entries
+        let publications: Vec<Bytes> = snapshot_data(snapshot)
             .iter()
-            .filter_map(|e| {
-                let (offset, _) = e.position.as_ref()?;
-                let message = match e.kind {
-                    Kind::Text => {
-                        Message::Text(crate::proto::Utf8Bytes::try_from(e.payload.clone()).ok()?)
-                    }
-                    Kind::Binary => Message::Binary(e.payload.clone()),
-                };
-                let (data, base64) = history::data_of(&message, false);
-                let frame = history::envelope(topic, *offset, &snapshot.epoch, &data, base64);
-                Some(history::frame_json(&frame))
+            .map(|(offset, data, base64)| {
+                let frame = history::envelope(topic, *offset, &snapshot.epoch, data, *base64);
+                history::frame_json(&frame)
             })
             .collect();
         let first = snapshot.entries.first().and_then(|e| e.position.as_ref());
@@ -401,6 +392,28 @@ impl Hub {
             recovered: since >= snapshot.top || first.is_some_and(|(o, _)| *o <= since + 1),
             publications,
         }
+    }
+
+    /// With a numbering broker: asks its history for `topic`'s epoch, last offset and
+    /// up to `limit` kept publications after `since`; the answer comes on the
+    /// returned channel. `None` without such a broker.
+    pub fn broker_history(
+        &self,
+        topic: &str,
+        since: u64,
+        limit: usize,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<Snapshot, String>>> {
+        let broker = self.broker().filter(|b| b.sequences())?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        broker.history(
+            topic,
+            since,
+            limit,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        Some(rx)
     }
 
     /// Whether the broker numbers publications (offsets and epochs shared by every
@@ -859,16 +872,9 @@ impl Publisher {
             if !valid_topic(&inbound.topic) {
                 return Accepted::Delivered;
             }
-            let message = match inbound.kind {
-                Kind::Text => match crate::proto::Utf8Bytes::try_from(inbound.payload) {
-                    Ok(text) => Message::Text(text),
-                    Err(_) => {
-                        // The broker checks its envelopes; never from ours.
-                        tracing::debug!(topic = %inbound.topic, "broker text message is not UTF-8: dropped");
-                        return Accepted::Delivered;
-                    }
-                },
-                Kind::Binary => Message::Binary(inbound.payload),
+            let Some(message) = inbound_message(inbound.kind, &inbound.payload) else {
+                tracing::debug!(topic = %inbound.topic, "broker text message is not UTF-8: dropped");
+                return Accepted::Delivered;
             };
             if !inbound.own {
                 hub.metrics.from_broker.fetch_add(1, Ordering::Relaxed);
@@ -894,6 +900,30 @@ impl Publisher {
             Accepted::Delivered
         })
     }
+}
+
+/// The message an [`Inbound`] carries; `None` for a text that is not UTF-8 (never
+/// from our envelopes, which the broker checks).
+fn inbound_message(kind: Kind, payload: &Bytes) -> Option<Message> {
+    Some(match kind {
+        Kind::Text => Message::Text(crate::proto::Utf8Bytes::try_from(payload.clone()).ok()?),
+        Kind::Binary => Message::Binary(payload.clone()),
+    })
+}
+
+/// A numbering broker's kept publications as `(offset, data, base64)`, as a topic's
+/// log keeps them.
+pub(crate) fn snapshot_data(snapshot: &Snapshot) -> Vec<(u64, Vec<u8>, bool)> {
+    snapshot
+        .entries
+        .iter()
+        .filter_map(|e| {
+            let (offset, _) = e.position.as_ref()?;
+            let message = inbound_message(e.kind, &e.payload)?;
+            let (data, base64) = history::data_of(&message, false);
+            Some((*offset, data.into_owned(), base64))
+        })
+        .collect()
 }
 
 /// A publication's delivery with both its sides.

@@ -90,13 +90,15 @@ pub(super) fn key(prefix: &str, topic: &str, kind: &str) -> String {
     format!("{prefix}{topic}:{kind}")
 }
 
-/// The key of `origin`'s last publication to `topic`.
-pub(super) fn origin_key(prefix: &str, topic: &str, origin: &Origin) -> String {
-    let mut key = key(prefix, topic, "o:");
-    for b in origin {
-        key.push_str(&format!("{b:02x}"));
-    }
-    key
+/// The key of a process's last publication to `topic`; `origin_hex` is
+/// [`origin_hex`] of its origin, made once.
+pub(super) fn origin_key(prefix: &str, topic: &str, origin_hex: &str) -> String {
+    format!("{prefix}{topic}:o:{origin_hex}")
+}
+
+/// `origin` in hex, for [`origin_key`].
+pub(super) fn origin_hex(origin: &Origin) -> String {
+    origin.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Milliseconds since the Unix epoch.

@@ -51,6 +51,7 @@ pub(super) fn run(shared: &Shared, queue: &Receiver<Outbound>, stop: &Receiver<(
         refused_log: RateLimit::new(),
         script: None,
         keys: [String::new(), String::new(), String::new()],
+        origin_hex: history::origin_hex(&shared.origin),
         rng: super::seeded_rng(&shared.origin),
     };
     let mut after_loss = false;
@@ -116,6 +117,8 @@ struct Sender<'a> {
     script: Option<String>,
     /// The keys of the message being encoded (meta, stream, origin).
     keys: [String; 3],
+    /// This process's origin in hex, for its per-topic key.
+    origin_hex: String,
     rng: rand_chacha::ChaCha8Rng,
 }
 
@@ -182,6 +185,12 @@ impl Sender<'_> {
         let shared = self.shared;
         let prefix = &shared.config.prefix;
         self.pipe.clear();
+        // Used only by a topic with no epoch yet: one candidate per batch is enough.
+        let epoch = if self.script.is_some() {
+            history::new_epoch(&mut self.rng)
+        } else {
+            String::new()
+        };
         for message in &self.batch {
             shared.channel_into(&message.topic, &mut self.channel);
             self.envelope.clear();
@@ -197,7 +206,7 @@ impl Sender<'_> {
                     self.keys = [
                         history::key(prefix, &message.topic, "meta"),
                         history::key(prefix, &message.topic, "stream"),
-                        history::origin_key(prefix, &message.topic, &shared.origin),
+                        history::origin_key(prefix, &message.topic, &self.origin_hex),
                     ];
                     self.pipe
                         .cmd("EVALSHA")
@@ -208,7 +217,7 @@ impl Sender<'_> {
                         .arg(self.envelope.as_slice())
                         .arg(h.size)
                         .arg(h.ttl.as_millis().max(1) as u64)
-                        .arg(history::new_epoch(&mut self.rng))
+                        .arg(epoch.as_str())
                         .arg(history::now_ms())
                         .arg(self.next_seq);
                 }

@@ -235,18 +235,24 @@ impl Listener<'_> {
             position: position.map(|(offset, epoch)| (offset, epoch.into())),
             own,
         };
-        self.hand_over(inbound);
+        self.hand_over(topic, inbound);
     }
 
     /// Hands `inbound` to the sink; when the sink finds offsets missing before it,
     /// fetches them from the topic's stream first (through the history reader), hands
     /// them over in order, then `inbound` again.
-    fn hand_over(&mut self, inbound: Inbound) {
+    fn hand_over(&mut self, topic: &str, inbound: Inbound) {
         let shared = self.shared;
-        let Some(Accepted::Gap { after }) = self.sink(inbound.clone()) else {
+        // Only a numbered publication can show a gap: only it is kept for a second try.
+        let Some(again) = inbound.position.is_some().then(|| inbound.clone()) else {
+            let _ = self.sink(topic, inbound);
             return;
         };
-        let Some((offset, _)) = inbound.position.clone() else {
+        let Some(Accepted::Gap { after }) = self.sink(topic, inbound) else {
+            return;
+        };
+        let inbound = again;
+        let Some(offset) = inbound.position.as_ref().map(|(offset, _)| *offset) else {
             return;
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -279,7 +285,7 @@ impl Listener<'_> {
                     "Redis broker: offsets missing before a publication, filled from the stream"
                 );
                 for entry in snapshot.entries {
-                    let _ = self.sink(entry);
+                    let _ = self.sink(topic, entry);
                 }
             }
             Err(e) => {
@@ -292,13 +298,12 @@ impl Listener<'_> {
             }
         }
         // Taken now, whatever is still missing.
-        let _ = self.sink(inbound);
+        let _ = self.sink(topic, inbound);
     }
 
     /// Calls the sink, which is the pubsub layer's: should it panic, this thread
     /// carries on.
-    fn sink(&self, inbound: Inbound) -> Option<Accepted> {
-        let topic = inbound.topic.clone();
+    fn sink(&self, topic: &str, inbound: Inbound) -> Option<Accepted> {
         match catch_unwind(AssertUnwindSafe(|| (self.shared.sink)(inbound))) {
             Ok(accepted) => Some(accepted),
             Err(_) => {
