@@ -37,7 +37,7 @@ use rustls::{ServerConfig, version};
 use socket2::SockRef;
 
 use super::buf::consume_written;
-use super::core::tls::{Input, MAX_RECORD_PLAINTEXT, TlsSession};
+use super::core::tls::{MAX_RECORD_PLAINTEXT, TlsSession};
 use super::core::transport::Stream;
 pub use crate::config::CertFiles;
 use crate::metrics::{TlsFailure, WorkerMetrics};
@@ -266,9 +266,57 @@ impl TlsStream {
     }
 
     /// Reads plaintext into `buf` after its length, as [`Stream::read_boxed`] does:
-    /// reads ciphertext, decrypts it, and answers the handshake on the way. Returns the
-    /// plaintext bytes appended (0: the peer closed, or sent close_notify).
-    pub(crate) async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+    /// reads ciphertext with `read_plain` (the inner socket's own read), decrypts it,
+    /// and answers the handshake on the way. Returns the plaintext bytes appended (0:
+    /// the peer closed, or sent close_notify).
+    ///
+    /// What an idle connection holds is this future, waiting in `read_plain`: so the
+    /// handshake's path (its flights' waiting writes) is a future of its own, boxed
+    /// only while the handshake runs, and `read_plain` is the backend's read alone, not
+    /// a future as large as the larger of the two backends' (measured: 640 B a
+    /// connection for both together, on io_uring).
+    pub(crate) async fn read<F>(
+        &self,
+        mut buf: BytesMut,
+        read_plain: F,
+    ) -> (io::Result<usize>, BytesMut)
+    where
+        F: AsyncFn(BytesMut) -> (io::Result<usize>, BytesMut),
+    {
+        if self.is_handshaking() {
+            return Box::pin(self.read_handshaking(buf)).await;
+        }
+        let start = buf.len();
+        loop {
+            if self.session.borrow().peer_closed() {
+                return (Ok(0), buf);
+            }
+            // The buffer is the one the caller's tiers chose (small while idle: what
+            // a waiting io_uring read holds), grown only when it has no room at all.
+            if buf.capacity() == buf.len() {
+                buf.reserve(super::buf::SMALL_READ);
+            }
+            let (read, back) = read_plain(buf).await;
+            buf = back;
+            if let Some(done) = self.take_read(read, &mut buf, start, false) {
+                return (done, buf);
+            }
+            // A key update's answer, say: now if the socket takes it, otherwise
+            // before the next write (the outbox sees the backlog).
+            self.send_output_now();
+            if let Some(done) = self.plaintext_or_close(&buf, start) {
+                return (done, buf);
+            }
+        }
+    }
+
+    /// The socket below TLS.
+    pub(crate) fn inner(&self) -> &Stream {
+        &self.inner
+    }
+
+    /// [`TlsStream::read`] while the handshake runs; it goes on to the first plaintext.
+    async fn read_handshaking(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
         let start = buf.len();
         loop {
             let handshaking = self.is_handshaking();
@@ -276,9 +324,7 @@ impl TlsStream {
                 return (Ok(0), buf);
             }
             // The handshake's flights are a few KiB (more with post-quantum key
-            // shares): room for them in one read. Afterwards the buffer is the one the
-            // caller's tiers chose (small while idle: what a waiting io_uring read
-            // holds), grown only when it has no room at all.
+            // shares): room for them in one read.
             if handshaking && buf.capacity() - buf.len() < HANDSHAKE_READ {
                 buf.reserve(HANDSHAKE_READ);
             } else if buf.capacity() == buf.len() {
@@ -291,61 +337,85 @@ impl TlsStream {
                 _ => self.inner.read_plain(buf).await,
             };
             buf = back;
-            match read {
-                Ok(0) => {
-                    buf.truncate(start);
-                    if handshaking {
-                        self.metrics.tls_handshake_failed(TlsFailure::Eof);
-                    }
-                    return (Ok(0), buf);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    buf.truncate(start);
-                    if handshaking {
+            if let Some(done) = self.take_read(read, &mut buf, start, handshaking) {
+                return (done, buf);
+            }
+            if handshaking {
+                // Nothing else writes before the handshake is over (the HTTP phase
+                // writes after a request, which comes after it).
+                if let Err(e) = self.flush_output().await {
+                    if self.is_handshaking() {
                         self.metrics.tls_handshake_failed(TlsFailure::Io);
                     }
                     return (Err(e), buf);
                 }
+            } else {
+                self.send_output_now();
             }
-            let input = self.session.borrow_mut().handle_input(&mut buf, start);
-            match input {
-                Err(error) => {
-                    let reason = self.session.borrow().failure(&error);
-                    if handshaking {
-                        self.metrics.tls_handshake_failed(reason);
-                    }
-                    tracing::debug!(reason = reason.label(), %error, "TLS failed: closing after an alert");
-                    // The alert, if the socket takes it now; the connection ends anyway.
-                    self.send_output_now();
-                    return (Err(io::Error::new(io::ErrorKind::InvalidData, error)), buf);
-                }
-                Ok(input) => {
-                    if handshaking && !self.is_handshaking() {
-                        self.metrics.tls_handshake();
-                    }
-                    if handshaking {
-                        // Nothing else writes before the handshake is over (the HTTP
-                        // phase writes after a request, which comes after it).
-                        if let Err(e) = self.flush_output().await {
-                            if self.is_handshaking() {
-                                self.metrics.tls_handshake_failed(TlsFailure::Io);
-                            }
-                            return (Err(e), buf);
-                        }
-                    } else {
-                        // A key update's answer, say: now if the socket takes it,
-                        // otherwise before the next write (the outbox sees the backlog).
-                        self.send_output_now();
-                    }
-                    if buf.len() > start {
-                        return (Ok(buf.len() - start), buf);
-                    }
-                    if input == Input::PeerClosed {
-                        return (Ok(0), buf);
-                    }
-                }
+            if let Some(done) = self.plaintext_or_close(&buf, start) {
+                return (done, buf);
             }
+        }
+    }
+
+    /// Takes what a read of the socket gave (`read`, ciphertext after `buf[start..]`)
+    /// into the session, leaving the plaintext in its place: `Some` when the read is
+    /// over (the peer closed, an error; counted while `handshaking`), `None` to go on
+    /// (send the session's output, then see [`TlsStream::plaintext_or_close`]).
+    fn take_read(
+        &self,
+        read: io::Result<usize>,
+        buf: &mut BytesMut,
+        start: usize,
+        handshaking: bool,
+    ) -> Option<io::Result<usize>> {
+        match read {
+            Ok(0) => {
+                buf.truncate(start);
+                if handshaking {
+                    self.metrics.tls_handshake_failed(TlsFailure::Eof);
+                }
+                return Some(Ok(0));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                buf.truncate(start);
+                if handshaking {
+                    self.metrics.tls_handshake_failed(TlsFailure::Io);
+                }
+                return Some(Err(e));
+            }
+        }
+        let input = self.session.borrow_mut().handle_input(buf, start);
+        match input {
+            Err(error) => {
+                let reason = self.session.borrow().failure(&error);
+                if handshaking {
+                    self.metrics.tls_handshake_failed(reason);
+                }
+                tracing::debug!(reason = reason.label(), %error, "TLS failed: closing after an alert");
+                // The alert, if the socket takes it now; the connection ends anyway.
+                self.send_output_now();
+                Some(Err(io::Error::new(io::ErrorKind::InvalidData, error)))
+            }
+            Ok(_) => {
+                if handshaking && !self.is_handshaking() {
+                    self.metrics.tls_handshake();
+                }
+                None
+            }
+        }
+    }
+
+    /// After a read was taken: the plaintext it gave, or the end of the stream when
+    /// the peer sent close_notify; `None` when more ciphertext is needed.
+    fn plaintext_or_close(&self, buf: &BytesMut, start: usize) -> Option<io::Result<usize>> {
+        if buf.len() > start {
+            Some(Ok(buf.len() - start))
+        } else if self.session.borrow().peer_closed() {
+            Some(Ok(0))
+        } else {
+            None
         }
     }
 

@@ -93,12 +93,29 @@ impl Stream {
                     _ => (Err(io::Error::other("backend mismatch")), buf),
                 }
             }),
-            Self::Tls(_) => Box::pin(async move {
-                match &*stream {
-                    Self::Tls(stream) => stream.read(buf).await,
-                    _ => (Err(io::Error::other("backend mismatch")), buf),
-                }
-            }),
+            // One future per backend below TLS too, for the same reason.
+            Self::Tls(tls) => match tls.inner() {
+                Self::Uring(_) => Box::pin(async move {
+                    match &*stream {
+                        Self::Tls(tls) => match tls.inner() {
+                            Self::Uring(inner) => {
+                                tls.read(buf, async |b| inner.read(b).await).await
+                            }
+                            _ => (Err(io::Error::other("backend mismatch")), buf),
+                        },
+                        _ => (Err(io::Error::other("backend mismatch")), buf),
+                    }
+                }),
+                _ => Box::pin(async move {
+                    match &*stream {
+                        Self::Tls(tls) => {
+                            tls.read(buf, async |b| tls.inner().read_plain(b).await)
+                                .await
+                        }
+                        _ => (Err(io::Error::other("backend mismatch")), buf),
+                    }
+                }),
+            },
         }
     }
 
