@@ -914,6 +914,12 @@ impl Connection {
         self.output_len += bytes.len();
         // Ahead of Pings and Pongs too: they follow once these bytes are out.
         self.add_front_rest(bytes.len());
+        if self.output.capacity() == 0 {
+            // Room for this one (the handshake's answer, say) and no more: a
+            // connection that then stays idle keeps 32 bytes here, not the 128 of the
+            // deque's first growth.
+            self.output.reserve_exact(1);
+        }
         self.output.push_front(bytes);
     }
 
