@@ -1845,6 +1845,21 @@ mod tests {
         config.set("redis_url", "http://nope").unwrap();
         let err = config.validate().unwrap_err();
         assert!(err.0.contains("redis_url"), "{err}");
+        // Redis Cluster: comma-separated seeds, bare host:port after the first.
+        assert!(!Config::default().redis_cluster);
+        let mut config = Config::from_toml(
+            "redis_url = \"redis://:pw@10.0.0.1:7000, 10.0.0.2:7001\"\nredis_cluster = true\n",
+        )
+        .unwrap();
+        assert!(config.redis_cluster);
+        config.validate().unwrap();
+        config.set("redis_url", "redis://h:1,,h:2").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("redis_url"));
+        config.set("redis_url", "redis://h:1").unwrap();
+        config.set("redis_prefix", "{app}:").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("redis_prefix"));
+        config.set("redis_url", "").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("redis_cluster"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The Redis Pub/Sub broker (see the module docs of [`crate::broker`] for the contract).
 //!
-//! Each process holds exactly two Redis connections, each on its own OS thread, never on
-//! an I/O core:
+//! Each process holds two Redis connections (three with the history reader), each on
+//! its own OS thread, never on an I/O core (with Redis Cluster, one of each per master:
+//! see `redis/cluster.rs` and [`RedisConfig::cluster`]):
 //!
 //! - the **subscriber** (thread `ringsocket-rsub`): `SUBSCRIBE`s to `prefix + topic` for
 //!   every topic this process wants, receives messages and hands them to the
@@ -1293,6 +1294,27 @@ mod tests {
             let err = RedisBroker::start(RedisConfig::new(url), sink.clone()).unwrap_err();
             assert!(matches!(err, BrokerError::InvalidUrl(_)), "{url}: {err}");
         }
+        // Redis Cluster: TCP seeds, a bare host:port takes the first's settings; no
+        // brace in the prefix (it would be every topic's hash tag).
+        let seeds = seeds("redis://:pw@127.0.0.1:1, 127.0.0.2:2,redis://[::1]:3").unwrap();
+        let addrs: Vec<String> = seeds.iter().map(addr_of).collect();
+        assert_eq!(addrs, ["127.0.0.1:1", "127.0.0.2:2", "[::1]:3"]);
+        assert_eq!(seeds[1].redis_settings().password(), Some("pw"));
+        for bad in [
+            "redis://h:1,",
+            "redis://h:1,nope",
+            "redis+unix:///tmp/r.sock",
+        ] {
+            let mut config = RedisConfig::new(bad);
+            config.cluster = true;
+            let err = RedisBroker::start(config, sink.clone()).unwrap_err();
+            assert!(matches!(err, BrokerError::InvalidUrl(_)), "{bad}: {err}");
+        }
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.cluster = true;
+        config.prefix = "{app}:".into();
+        let err = RedisBroker::start(config, sink.clone()).unwrap_err();
+        assert!(err.to_string().contains("brace"), "{err}");
         let mut config = RedisConfig::new("redis://127.0.0.1:1");
         config.publish_queue = 0;
         let err = RedisBroker::start(config, sink.clone()).unwrap_err();

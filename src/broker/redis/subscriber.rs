@@ -635,6 +635,15 @@ impl Listener<'_> {
     }
 }
 
+/// Reads from the connection until a message or a pushed reply arrives (each goes to
+/// the push sender), or the read timeout.
+fn poll(con: &mut redis::Connection) -> RedisResult<()> {
+    // Not dropped: a `PubSub` that drops sends `UNSUBSCRIBE`s. It holds nothing of
+    // its own here (it buffers only what its own commands read).
+    let mut pubsub = ManuallyDrop::new(con.as_pubsub());
+    pubsub.get_message().map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,13 +686,4 @@ mod tests {
         }
         assert!(seen.lanes <= MAX_LANES);
     }
-}
-
-/// Reads from the connection until a message or a pushed reply arrives (each goes to
-/// the push sender), or the read timeout.
-fn poll(con: &mut redis::Connection) -> RedisResult<()> {
-    // Not dropped: a `PubSub` that drops sends `UNSUBSCRIBE`s. It holds nothing of
-    // its own here (it buffers only what its own commands read).
-    let mut pubsub = ManuallyDrop::new(con.as_pubsub());
-    pubsub.get_message().map(drop)
 }
