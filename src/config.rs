@@ -240,6 +240,10 @@ pub struct Config {
     /// `redis://[user:password@]host[:port][/db]`. Default empty: no Redis, only the
     /// embedded in-process broker.
     pub redis_url: String,
+    /// Redis Cluster: `redis_url` lists one or more seed nodes, comma-separated, and
+    /// topics are sharded over the masters with sharded Pub/Sub (Redis 7 or later).
+    /// Default false.
+    pub redis_cluster: bool,
     /// Prefix of the Redis channel of every topic. Default `ringsocket:`.
     pub redis_prefix: String,
     /// The Redis broker's backlog, in messages: publishes not yet acknowledged by
@@ -398,6 +402,7 @@ impl Default for Config {
             conflate_topics: vec!["cursors:*".to_owned()],
             conflate_window_ms: 16,
             redis_url: String::new(),
+            redis_cluster: false,
             redis_prefix: "ringsocket:".to_owned(),
             redis_backlog_messages: 65_536,
             redis_backlog_bytes: 64 << 20,
@@ -454,7 +459,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 58] = [
+pub const FIELDS: [&str; 59] = [
     "bind",
     "workers",
     "io_backend",
@@ -474,6 +479,7 @@ pub const FIELDS: [&str; 58] = [
     "conflate_topics",
     "conflate_window_ms",
     "redis_url",
+    "redis_cluster",
     "redis_prefix",
     "redis_backlog_messages",
     "redis_backlog_bytes",
@@ -594,6 +600,7 @@ impl Config {
             "conflate_topics" => self.conflate_topics = topic_list(value)?,
             "conflate_window_ms" => self.conflate_window_ms = whole(value)?,
             "redis_url" => self.redis_url = value.trim().to_owned(),
+            "redis_cluster" => self.redis_cluster = boolean(value)?,
             "redis_prefix" => self.redis_prefix = value.to_owned(),
             "redis_backlog_messages" => self.redis_backlog_messages = whole(value)?,
             "redis_backlog_bytes" => self.redis_backlog_bytes = whole(value)?,
@@ -702,6 +709,7 @@ impl Config {
                 Value::Integer(i64::try_from(self.conflate_window_ms).unwrap_or(i64::MAX))
             }
             "redis_url" => Value::String(mask_url_password(&self.redis_url)),
+            "redis_cluster" => Value::Boolean(self.redis_cluster),
             "redis_prefix" => Value::String(self.redis_prefix.clone()),
             "redis_backlog_messages" => int(self.redis_backlog_messages),
             "redis_backlog_bytes" => int(self.redis_backlog_bytes),
@@ -802,7 +810,27 @@ impl Config {
             check_topic_pattern(topic).map_err(|e| ConfigError(format!("conflate_topics: {e}")))?;
         }
         if !self.redis_url.is_empty() {
-            check_redis_url(&self.redis_url).map_err(|e| ConfigError(format!("redis_url: {e}")))?;
+            // A cluster's seeds: comma-separated, a bare host:port takes the first's scheme.
+            let seeds: Vec<&str> = match self.redis_cluster {
+                true => self.redis_url.split(',').map(str::trim).collect(),
+                false => vec![self.redis_url.as_str()],
+            };
+            for seed in seeds {
+                let url = match seed.contains("://") || !self.redis_cluster {
+                    true => seed.to_owned(),
+                    false => format!("redis://{seed}"),
+                };
+                check_redis_url(&url).map_err(|e| ConfigError(format!("redis_url: {e}")))?;
+            }
+            if self.redis_cluster && self.redis_prefix.contains(['{', '}']) {
+                return Err(ConfigError(
+                    "redis_prefix: no braces with redis_cluster (they would be every topic's hash tag)".into(),
+                ));
+            }
+        } else if self.redis_cluster {
+            return Err(ConfigError(
+                "redis_cluster: needs redis_url (the seed nodes)".into(),
+            ));
         }
         range(
             "redis_backlog_messages",
@@ -1817,6 +1845,21 @@ mod tests {
         config.set("redis_url", "http://nope").unwrap();
         let err = config.validate().unwrap_err();
         assert!(err.0.contains("redis_url"), "{err}");
+        // Redis Cluster: comma-separated seeds, bare host:port after the first.
+        assert!(!Config::default().redis_cluster);
+        let mut config = Config::from_toml(
+            "redis_url = \"redis://:pw@10.0.0.1:7000, 10.0.0.2:7001\"\nredis_cluster = true\n",
+        )
+        .unwrap();
+        assert!(config.redis_cluster);
+        config.validate().unwrap();
+        config.set("redis_url", "redis://h:1,,h:2").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("redis_url"));
+        config.set("redis_url", "redis://h:1").unwrap();
+        config.set("redis_prefix", "{app}:").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("redis_prefix"));
+        config.set("redis_url", "").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("redis_cluster"));
     }
 
     #[test]

@@ -57,6 +57,10 @@ struct ServeArgs {
     /// redis://127.0.0.1:6379 [default: none, the embedded broker; env RINGSOCKET_REDIS_URL].
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// --redis lists Redis Cluster seed nodes, comma-separated; topics are sharded
+    /// over its masters [default: false; env RINGSOCKET_REDIS_CLUSTER].
+    #[arg(long)]
+    redis_cluster: bool,
     /// TLS certificate chain, PEM; with --tls-key, every listener speaks TLS (wss://,
     /// https://); reloaded on SIGHUP [default: none; env RINGSOCKET_TLS_CERT].
     #[arg(long, value_name = "FILE")]
@@ -125,6 +129,11 @@ fn load_config(args: &ServeArgs) -> Result<(Config, Sources), String> {
         ("--bind", "bind", args.bind.clone()),
         ("--workers", "workers", args.workers.map(|w| w.to_string())),
         ("--redis", "redis_url", args.redis.clone()),
+        (
+            "--redis-cluster",
+            "redis_cluster",
+            args.redis_cluster.then(|| "true".to_owned()),
+        ),
         ("--io-backend", "io_backend", args.io_backend.clone()),
         ("--tls-cert", "tls_cert", args.tls_cert.clone()),
         ("--tls-key", "tls_key", args.tls_key.clone()),

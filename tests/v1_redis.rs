@@ -5,9 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::v1::{next, request, subscribe, v1};
+use common::v1::{next, publications, publish_http, request, subscribe, v1};
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,9 +20,6 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const PATIENCE: Duration = Duration::from_secs(15);
-
-type Client =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// One process of a cluster: the standard app with its own Redis broker.
 fn node(redis: &RedisServer) -> (RunningServer, Arc<RedisBroker>) {
@@ -134,34 +130,6 @@ async fn v1_publications_cross_nodes_in_order_from_every_kind_of_publisher() {
     assert_eq!(data[..50], (0..50).collect::<Vec<_>>()[..]);
     data[50..].sort_unstable();
     assert_eq!(data[50..], [50, 51]);
-}
-
-async fn publish_http(addr: SocketAddr, topic: &str, body: &str) {
-    let response = common::http_exchange(
-        addr,
-        format!(
-            "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await;
-    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
-}
-
-/// The offsets and data of the next `n` publications.
-async fn publications(client: &mut Client, n: usize) -> Vec<(u64, String, Value)> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        let frame = next(client).await;
-        assert_eq!(frame["type"], "pub", "{frame}");
-        out.push((
-            frame["offset"].as_u64().unwrap(),
-            frame["epoch"].as_str().unwrap().to_owned(),
-            frame["data"].clone(),
-        ));
-    }
-    out
 }
 
 /// With the history at Redis, every node numbers a topic alike, and a client that

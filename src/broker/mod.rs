@@ -223,6 +223,15 @@ pub struct BrokerMetrics {
     pub oversized: AtomicU64,
     /// Topics this process is subscribed to at the broker.
     pub subscriptions: AtomicU64,
+    /// Times a clustered broker read which node serves what (Redis Cluster: the slot
+    /// map, at start, after a redirect or a lost node, and every health interval).
+    pub topology_refreshes: AtomicU64,
+    /// Commands a clustered broker's node sent elsewhere (`MOVED`, `ASK`) or asked to
+    /// retry (`TRYAGAIN`, `CLUSTERDOWN`), retried there.
+    pub redirects: AtomicU64,
+    /// Nodes this process holds a subscriber connection to (Redis Cluster: one per
+    /// master; 1 for a single Redis).
+    pub shards: AtomicU64,
 }
 
 impl BrokerMetrics {
@@ -288,6 +297,16 @@ impl BrokerMetrics {
                 &self.gap_filled,
             ),
             (
+                "broker_topology_refreshes",
+                "Times the broker's cluster topology (which node serves which slot) was read.",
+                &self.topology_refreshes,
+            ),
+            (
+                "broker_redirects",
+                "Broker commands redirected (MOVED, ASK) or retried (TRYAGAIN, CLUSTERDOWN) by a cluster node.",
+                &self.redirects,
+            ),
+            (
                 "broker_oversized",
                 "Broker messages dropped because their payload was over max_message_size.",
                 &self.oversized,
@@ -306,6 +325,12 @@ impl BrokerMetrics {
             "broker_backlog_bytes",
             "Payload bytes of the messages in the broker backlog.",
             load(&self.backlog_bytes),
+        )?;
+        gauge(
+            encoder,
+            "broker_shards",
+            "Broker nodes (Redis Cluster masters) this process holds a subscriber connection to.",
+            load(&self.shards),
         )?;
         gauge(
             encoder,

@@ -1,7 +1,8 @@
 //! The Redis Pub/Sub broker (see the module docs of [`crate::broker`] for the contract).
 //!
-//! Each process holds exactly two Redis connections, each on its own OS thread, never on
-//! an I/O core:
+//! Each process holds two Redis connections (three with the history reader), each on
+//! its own OS thread, never on an I/O core (with Redis Cluster, one of each per master:
+//! see `redis/cluster.rs` and [`RedisConfig::cluster`]):
 //!
 //! - the **subscriber** (thread `ringsocket-rsub`): `SUBSCRIBE`s to `prefix + topic` for
 //!   every topic this process wants, receives messages and hands them to the
@@ -74,6 +75,7 @@
 //! The client is the `redis` crate's synchronous API (no async runtime): `PubSub` with a
 //! read timeout on the subscriber, `redis::pipe()` on the publisher.
 
+mod cluster;
 mod envelope;
 mod history;
 mod publisher;
@@ -81,10 +83,10 @@ mod subscriber;
 
 pub use history::StreamHistory;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -95,6 +97,7 @@ use rand_core::{RngCore, SeedableRng};
 
 use super::{Ack, Broker, BrokerMetrics, BrokerSink, HistoryReply, Kind, Refused};
 use crate::config::Config;
+use cluster::Topology;
 use envelope::Origin;
 
 /// How often the subscriber thread wakes up when no message arrives, to apply
@@ -141,6 +144,12 @@ pub struct RedisConfig {
     /// numbers its own; [`RedisConfig::from_config`] sets it from `history_size` and
     /// `history_ttl_secs`.
     pub history: Option<StreamHistory>,
+    /// Redis Cluster (`redis_cluster`): [`RedisConfig::url`] lists one or more seed
+    /// nodes, comma-separated (`redis://:pw@h1:7000,h2:7000`: a seed without a scheme
+    /// takes the first one's user and password). Each topic's channel and keys share
+    /// one hash tag; messages travel with sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`,
+    /// Redis 7 or later), one subscriber connection per master. Default false.
+    pub cluster: bool,
 }
 
 impl RedisConfig {
@@ -157,6 +166,7 @@ impl RedisConfig {
             health_interval: Duration::from_secs(1),
             max_payload: 1 << 20,
             history: None,
+            cluster: false,
         }
     }
 
@@ -171,6 +181,7 @@ impl RedisConfig {
         redis.publish_queue = config.redis_backlog_messages;
         redis.publish_queue_bytes = config.redis_backlog_bytes;
         redis.max_payload = config.max_message_size;
+        redis.cluster = config.redis_cluster;
         redis.history = Some(StreamHistory {
             size: config.history_size,
             ttl: Duration::from_secs(config.history_ttl_secs),
@@ -186,6 +197,47 @@ pub fn check_url(url: &str) -> Result<(), BrokerError> {
 
 fn client(url: &str) -> Result<redis::Client, BrokerError> {
     redis::Client::open(url).map_err(|e| BrokerError::InvalidUrl(format!("{url:?}: {e}")))
+}
+
+/// The seed nodes of a Redis Cluster `url`: comma-separated, each a URL or a bare
+/// `host:port` that takes the first one's scheme, user and password. TCP only.
+fn seeds(url: &str) -> Result<Vec<redis::ConnectionInfo>, BrokerError> {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let invalid = |e: String| BrokerError::InvalidUrl(e);
+    let mut seeds: Vec<redis::ConnectionInfo> = Vec::new();
+    for item in url.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err(invalid(format!("{url:?}: an empty seed node")));
+        }
+        let info = match seeds.first() {
+            Some(first) if !item.contains("://") => {
+                let (host, port) = cluster::split_addr(item)
+                    .ok_or_else(|| invalid(format!("seed {item:?} is not host:port")))?;
+                first
+                    .clone()
+                    .set_addr(ConnectionAddr::Tcp(host.to_owned(), port))
+            }
+            _ => client(item)?.get_connection_info().clone(),
+        };
+        if !matches!(info.addr(), ConnectionAddr::Tcp(..)) {
+            return Err(invalid(format!(
+                "seed {item:?}: Redis Cluster nodes are reached over TCP (redis://host:port)"
+            )));
+        }
+        seeds.push(
+            info.into_connection_info()
+                .map_err(|e| invalid(e.to_string()))?,
+        );
+    }
+    Ok(seeds)
+}
+
+/// `host:port` of a TCP connection, else how it is shown in log lines.
+fn addr_of(info: &redis::ConnectionInfo) -> String {
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => cluster::join_addr(host, *port),
+        other => other.to_string(),
+    }
 }
 
 /// Why the broker could not start.
@@ -238,7 +290,23 @@ impl RedisBroker {
     /// setting (or if the OS refuses a thread): Redis being down is logged and retried
     /// in the background.
     pub fn start(config: RedisConfig, sink: BrokerSink) -> Result<Arc<Self>, BrokerError> {
-        let client = client(&config.url)?;
+        let seeds = if config.cluster {
+            if config.prefix.contains(['{', '}']) {
+                return Err(BrokerError::InvalidConfig(format!(
+                    "the prefix {:?} holds a brace: with Redis Cluster it would be the \
+                     hash tag of every topic",
+                    config.prefix
+                )));
+            }
+            seeds(&config.url)?
+        } else {
+            Vec::new()
+        };
+        let client = match seeds.first() {
+            Some(first) => redis::Client::open(first.clone())
+                .map_err(|e| BrokerError::InvalidUrl(e.to_string()))?,
+            None => client(&config.url)?,
+        };
         if config.publish_queue == 0 || config.publish_queue_bytes == 0 {
             return Err(BrokerError::InvalidConfig(
                 "publish_queue and publish_queue_bytes must be above 0".into(),
@@ -260,7 +328,19 @@ impl RedisBroker {
         getrandom::fill(&mut origin).map_err(|e| {
             BrokerError::Os(std::io::Error::other(format!("no random origin id: {e}")))
         })?;
-        let addr = client.get_connection_info().addr().to_string();
+        let addr = if seeds.is_empty() {
+            addr_of(client.get_connection_info())
+        } else {
+            format!(
+                "cluster {}",
+                seeds.iter().map(addr_of).collect::<Vec<_>>().join(",")
+            )
+        };
+        let topology = if seeds.is_empty() {
+            Topology::single(&addr)
+        } else {
+            Topology::default()
+        };
         let (queue, queue_rx) = crossbeam_channel::bounded(config.publish_queue);
         let (stop, stop_rx) = crossbeam_channel::bounded(0);
         let (reads, reads_rx) = crossbeam_channel::bounded(MAX_READS);
@@ -272,10 +352,14 @@ impl RedisBroker {
             origin,
             sink,
             metrics: BrokerMetrics::default(),
-            wanted: Mutex::new(HashSet::new()),
-            wanted_changed: AtomicBool::new(false),
+            wants: Wants::default(),
             stopping: AtomicBool::new(false),
             links: Mutex::new([false, false, !with_history]),
+            subscriber_links: Mutex::new(HashMap::new()),
+            seeds,
+            topology: RwLock::new(Arc::new(topology)),
+            generation: AtomicU64::new(0),
+            refresh_asked: AtomicBool::new(false),
             backlog_full_log: RateLimit::new(),
         });
         let broker = Arc::new(Self {
@@ -358,6 +442,7 @@ impl RedisBroker {
             kind,
             payload,
             ack,
+            seq: 0,
         };
         match self.queue.try_send(message) {
             Ok(()) => Ok(()),
@@ -419,15 +504,11 @@ impl Broker for RedisBroker {
     }
 
     fn subscribe(&self, topic: &str) {
-        if lock(&self.shared.wanted).insert(topic.to_owned()) {
-            self.shared.wanted_changed.store(true, Ordering::Release);
-        }
+        self.shared.wants.change(|set| set.insert(topic.to_owned()));
     }
 
     fn unsubscribe(&self, topic: &str) {
-        if lock(&self.shared.wanted).remove(topic) {
-            self.shared.wanted_changed.store(true, Ordering::Release);
-        }
+        self.shared.wants.change(|set| set.remove(topic));
     }
 
     fn metrics(&self) -> &BrokerMetrics {
@@ -464,6 +545,8 @@ struct Outbound {
     payload: Bytes,
     /// Told the offset and epoch Redis gave it (with [`RedisConfig::history`]).
     ack: Option<Ack>,
+    /// Its sequence number, given when the publisher takes it (0 until then).
+    seq: u64,
 }
 
 impl fmt::Debug for Outbound {
@@ -496,23 +579,64 @@ fn seeded_rng(origin: &Origin) -> ChaCha8Rng {
     ChaCha8Rng::from_seed(seed)
 }
 
-/// What both threads share with the broker handle.
+/// Topics wanted at Redis, and whether they changed since a subscriber connection
+/// last applied them.
+#[derive(Default)]
+struct Wants {
+    set: Mutex<HashSet<String>>,
+    changed: AtomicBool,
+    /// Set when the connection that applies them is no longer needed (its node no
+    /// longer serves slots).
+    retired: AtomicBool,
+}
+
+impl Wants {
+    /// Changes the set; `change` answers whether it changed anything.
+    fn change(&self, change: impl FnOnce(&mut HashSet<String>) -> bool) {
+        if change(&mut lock(&self.set)) {
+            self.changed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether the set changed since the last call (and forgets that it did).
+    fn take_changed(&self) -> bool {
+        // A plain load first: this runs once per message.
+        self.changed.load(Ordering::Relaxed) && self.changed.swap(false, Ordering::AcqRel)
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+}
+
+/// What the threads share with the broker handle.
 struct Shared {
     config: RedisConfig,
+    /// The Redis server, or the first seed node of a cluster.
     client: redis::Client,
-    /// `host:port` (or socket path) for log lines: the URL may hold a password.
+    /// `host:port` (or socket path) for log lines: the URL may hold a password. For a
+    /// cluster, `cluster` and the seeds.
     addr: String,
     origin: Origin,
     sink: BrokerSink,
     metrics: BrokerMetrics,
     /// Topics this process has local subscribers to. Changed by the I/O cores (short
-    /// critical sections), applied to Redis by the subscriber thread.
-    wanted: Mutex<HashSet<String>>,
-    /// Set when `wanted` changed since the subscriber last applied it.
-    wanted_changed: AtomicBool,
+    /// critical sections), applied to Redis by the subscriber thread(s).
+    wants: Wants,
     stopping: AtomicBool,
-    /// Whether each [`Link`] is connected; `connected` is 1 while both are.
+    /// Whether each [`Link`] is connected; `connected` is 1 while all are.
     links: Mutex<[bool; 3]>,
+    /// Whether each subscriber connection (one per master of a cluster) is up.
+    subscriber_links: Mutex<HashMap<String, bool>>,
+    /// The seed nodes of a cluster; empty for a single Redis.
+    seeds: Vec<redis::ConnectionInfo>,
+    /// Which node serves each slot (one node for a single Redis).
+    topology: RwLock<Arc<Topology>>,
+    /// Bumped at each change of `topology`.
+    generation: AtomicU64,
+    /// Set by a thread that saw the topology change (a redirect, a lost node): the
+    /// subscriber thread reads it again.
+    refresh_asked: AtomicBool,
     backlog_full_log: RateLimit,
 }
 
@@ -588,35 +712,198 @@ impl Shared {
         }
     }
 
-    /// The Redis channel of `topic`, written into `out`.
+    /// The Redis channel of `topic`, written into `out`: `prefix + topic`, or with
+    /// Redis Cluster `prefix + "{" + tag + "}"` (see `cluster::tag`). The topic's keys
+    /// are its channel + `":"` + their kind.
     fn channel_into(&self, topic: &str, out: &mut String) {
         out.clear();
         out.push_str(&self.config.prefix);
-        out.push_str(topic);
+        if self.config.cluster {
+            out.push('{');
+            cluster::tag(topic, out);
+            out.push('}');
+        } else {
+            out.push_str(topic);
+        }
     }
 
-    /// Connects, with backoff between failed attempts; `wait` sleeps for the given time
-    /// and answers false when the broker is stopping. `None` when stopping. The caller
-    /// reports the link as connected ([`LinkState::connected`]) once it is ready.
-    fn connect(
+    /// The channel of `topic`.
+    fn channel(&self, topic: &str) -> String {
+        let mut channel = String::new();
+        self.channel_into(topic, &mut channel);
+        channel
+    }
+
+    /// The key `kind` of `topic`: its channel + `":"` + `kind`, so no two topics share
+    /// a key, and with Redis Cluster all of a topic's keys are in its channel's slot.
+    fn key(&self, topic: &str, kind: &str) -> String {
+        let mut key = self.channel(topic);
+        key.push(':');
+        key.push_str(kind);
+        key
+    }
+
+    /// The topic of a channel of ours; `None` for any other channel.
+    fn topic_of<'c>(&self, channel: &'c str) -> Option<std::borrow::Cow<'c, str>> {
+        let rest = channel.strip_prefix(self.config.prefix.as_str())?;
+        if !self.config.cluster {
+            return Some(rest.into());
+        }
+        let tag = rest.strip_prefix('{')?.strip_suffix('}')?;
+        cluster::untag(tag).map(Into::into)
+    }
+
+    /// The node serving `channel`'s slot (the one Redis, without a cluster).
+    fn owner(&self, channel: &str) -> Option<String> {
+        let topology = self.topology();
+        topology
+            .owner(cluster::slot(channel.as_bytes()))
+            .map(str::to_owned)
+    }
+
+    fn topology(&self) -> Arc<Topology> {
+        self.topology
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`) with a cluster, else plain.
+    fn commands(&self) -> &'static Commands {
+        if self.config.cluster {
+            &SHARDED
+        } else {
+            &PLAIN
+        }
+    }
+
+    /// Reads the cluster's slot map again (nothing to do for a single Redis), from
+    /// the masters known, else the seeds; through `nodes`' connections. Counted in
+    /// `topology_refreshes`; a change bumps [`Shared::generation`].
+    fn refresh(&self, nodes: &mut Nodes) -> redis::RedisResult<()> {
+        if self.seeds.is_empty() {
+            return Ok(());
+        }
+        self.metrics
+            .topology_refreshes
+            .fetch_add(1, Ordering::Relaxed);
+        let current = self.topology();
+        let mut candidates: Vec<String> =
+            current.masters().into_iter().map(str::to_owned).collect();
+        candidates.extend(self.seeds.iter().map(addr_of));
+        let mut last_error = None;
+        for addr in candidates {
+            let asked = cluster::split_addr(&addr)
+                .map_or("", |(host, _)| host)
+                .to_owned();
+            let reply = nodes.get(self, &addr).and_then(|(con, _)| {
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query::<redis::Value>(con)
+            });
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) => {
+                    nodes.forget(&addr);
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            let topology = match Topology::parse(&reply, &asked) {
+                Ok(topology) => topology,
+                Err(e) => {
+                    last_error = Some(redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "an unusable CLUSTER SLOTS reply",
+                        e,
+                    )));
+                    continue;
+                }
+            };
+            if *current != topology {
+                let uncovered = topology.uncovered();
+                tracing::info!(
+                    addr = %addr,
+                    masters = topology.masters().len(),
+                    uncovered,
+                    "Redis broker: cluster slot map read"
+                );
+                if uncovered > 0 {
+                    tracing::warn!(
+                        "Redis broker: {uncovered} slots have no master; their topics wait"
+                    );
+                }
+                *self
+                    .topology
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Arc::new(topology);
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
+            return Ok(());
+        }
+        Err(last_error.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Io, "no seed node to ask"))
+        }))
+    }
+
+    /// Takes a `MOVED` into account until the next refresh, and asks for one.
+    fn moved(&self, slot: u16, addr: &str) {
+        self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
+        let mut topology = (*self.topology()).clone();
+        if topology.owner(slot) != Some(addr) {
+            topology.moved(slot, addr);
+            *self
+                .topology
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::new(topology);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        self.refresh_asked.store(true, Ordering::Release);
+    }
+
+    /// One connection attempt to `addr` (a node of the cluster, or the one Redis), with
+    /// the I/O timeouts set; `resp3` for a subscriber.
+    fn open(&self, addr: &str, resp3: bool) -> redis::RedisResult<redis::Connection> {
+        let mut info = self.client.get_connection_info().clone();
+        if !self.seeds.is_empty() {
+            let Some((host, port)) = cluster::split_addr(addr) else {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "not a host:port",
+                    addr.to_owned(),
+                )));
+            };
+            info = info.set_addr(redis::ConnectionAddr::Tcp(host.to_owned(), port));
+        }
+        if resp3 {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            info = info.set_redis_settings(settings);
+        }
+        let con = redis::Client::open(info)?.get_connection_with_timeout(self.config.io_timeout)?;
+        con.set_read_timeout(Some(self.config.io_timeout))?;
+        con.set_write_timeout(Some(self.config.io_timeout))?;
+        Ok(con)
+    }
+
+    /// Tries `attempt` until it succeeds, with backoff between failed attempts; `wait`
+    /// sleeps for the given time and answers false when the thread is to stop. `None`
+    /// when stopping. The caller reports the link as connected
+    /// ([`LinkState::connected`]) once it is ready.
+    fn connect<T>(
         &self,
         link: &mut LinkState,
+        mut attempt: impl FnMut() -> redis::RedisResult<T>,
         mut wait: impl FnMut(Duration) -> bool,
-    ) -> Option<redis::Connection> {
+    ) -> Option<T> {
         loop {
             if self.stopping() {
                 return None;
             }
-            let attempt = self
-                .client
-                .get_connection_with_timeout(self.config.io_timeout)
-                .and_then(|con| {
-                    con.set_read_timeout(Some(self.config.io_timeout))?;
-                    con.set_write_timeout(Some(self.config.io_timeout))?;
-                    Ok(con)
-                });
-            match attempt {
-                Ok(con) => return Some(con),
+            match attempt() {
+                Ok(connected) => return Some(connected),
                 Err(e) => {
                     link.attempt_failed(self, &e);
                     if !wait(link.backoff.next()) {
@@ -627,13 +914,105 @@ impl Shared {
         }
     }
 
-    fn set_link(&self, link: Link, up: bool) {
+    /// The publisher's and the reader's connection step: reads the slot map (with a
+    /// cluster) and connects to every master.
+    fn reach(&self, nodes: &mut Nodes) -> redis::RedisResult<()> {
+        self.refresh(nodes)?;
+        for master in self.topology().masters() {
+            nodes.get(self, master)?;
+        }
+        Ok(())
+    }
+
+    fn set_link(&self, link: &LinkState, up: bool) {
         let mut links = lock(&self.links);
-        links[link as usize] = up;
-        let both = links.iter().all(|&up| up);
+        if let Link::Subscriber = link.link {
+            let mut subscribers = lock(&self.subscriber_links);
+            subscribers.insert(link.addr.clone(), up);
+            links[Link::Subscriber as usize] = subscribers.values().all(|&up| up);
+        } else {
+            links[link.link as usize] = up;
+        }
+        let all = links.iter().all(|&up| up);
         self.metrics
             .connected
-            .store(u64::from(both), Ordering::Relaxed);
+            .store(u64::from(all), Ordering::Relaxed);
+    }
+
+    /// A subscriber connection is gone for good (its node serves no slot any more).
+    fn drop_subscriber_link(&self, addr: &str) {
+        let mut links = lock(&self.links);
+        let mut subscribers = lock(&self.subscriber_links);
+        subscribers.remove(addr);
+        links[Link::Subscriber as usize] =
+            !subscribers.is_empty() && subscribers.values().all(|&up| up);
+        let all = links.iter().all(|&up| up);
+        self.metrics
+            .connected
+            .store(u64::from(all), Ordering::Relaxed);
+    }
+}
+
+/// The Pub/Sub commands of a single Redis or of a cluster (sharded).
+struct Commands {
+    publish: &'static str,
+    subscribe: &'static str,
+    unsubscribe: &'static str,
+    numsub: &'static str,
+    message: redis::PushKind,
+    subscribed: redis::PushKind,
+    unsubscribed: redis::PushKind,
+}
+
+const PLAIN: Commands = Commands {
+    publish: "PUBLISH",
+    subscribe: "SUBSCRIBE",
+    unsubscribe: "UNSUBSCRIBE",
+    numsub: "NUMSUB",
+    message: redis::PushKind::Message,
+    subscribed: redis::PushKind::Subscribe,
+    unsubscribed: redis::PushKind::Unsubscribe,
+};
+
+const SHARDED: Commands = Commands {
+    publish: "SPUBLISH",
+    subscribe: "SSUBSCRIBE",
+    unsubscribe: "SUNSUBSCRIBE",
+    numsub: "SHARDNUMSUB",
+    message: redis::PushKind::SMessage,
+    subscribed: redis::PushKind::SSubscribe,
+    unsubscribed: redis::PushKind::SUnsubscribe,
+};
+
+/// One thread's connections, by node (`host:port`; the one Redis has the broker's
+/// address).
+#[derive(Default)]
+struct Nodes {
+    cons: HashMap<String, redis::Connection>,
+}
+
+impl Nodes {
+    /// The connection to `addr`, opened if there is none (then the flag is true).
+    fn get(
+        &mut self,
+        shared: &Shared,
+        addr: &str,
+    ) -> redis::RedisResult<(&mut redis::Connection, bool)> {
+        let fresh = !self.cons.contains_key(addr);
+        if fresh {
+            let con = shared.open(addr, false)?;
+            self.cons.insert(addr.to_owned(), con);
+        }
+        let con = self
+            .cons
+            .get_mut(addr)
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "no connection")))?;
+        Ok((con, fresh))
+    }
+
+    /// Drops the connection to `addr` (it failed).
+    fn forget(&mut self, addr: &str) {
+        self.cons.remove(addr);
     }
 }
 
@@ -659,6 +1038,8 @@ impl Link {
 /// A connection's history, for its log lines and counters.
 struct LinkState {
     link: Link,
+    /// Where it connects, for log lines: the broker's address, or a subscriber's node.
+    addr: String,
     backoff: Backoff,
     /// When the current outage began (`None` while connected or before the first
     /// connection), and whether it follows a loss (a reconnect) or the start.
@@ -669,11 +1050,18 @@ struct LinkState {
 
 impl LinkState {
     fn new(link: Link, shared: &Shared) -> Self {
+        Self::at(link, shared, &shared.addr)
+    }
+
+    /// A connection to `addr` (a subscriber's node).
+    fn at(link: Link, shared: &Shared, addr: &str) -> Self {
         let mut seed = [0; 32];
         seed[..envelope::ORIGIN_LEN].copy_from_slice(&shared.origin);
         seed[31] = link as u8;
+        seed[30] = cluster::slot(addr.as_bytes()) as u8;
         Self {
             link,
+            addr: addr.to_owned(),
             backoff: Backoff::new(
                 shared.config.backoff_min,
                 shared.config.backoff_max,
@@ -693,13 +1081,13 @@ impl LinkState {
         self.failed_attempts += 1;
         if self.failed_attempts == 1 && matches!(self.down_since, Some((_, false))) {
             tracing::warn!(
-                addr = %shared.addr,
+                addr = %self.addr,
                 "Redis broker: {} cannot connect: {error}; retrying in the background",
                 self.link.name()
             );
         } else {
             tracing::debug!(
-                addr = %shared.addr,
+                addr = %self.addr,
                 "Redis broker: {} connection attempt failed: {error}",
                 self.link.name()
             );
@@ -711,19 +1099,19 @@ impl LinkState {
             if after_loss {
                 shared.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
-                    addr = %shared.addr,
+                    addr = %self.addr,
                     "Redis broker: {} reconnected after {:.1} s ({} failed attempts)",
                     self.link.name(),
                     since.elapsed().as_secs_f64(),
                     self.failed_attempts
                 );
             } else if self.failed_attempts > 0 {
-                tracing::info!(addr = %shared.addr, "Redis broker: {} connected", self.link.name());
+                tracing::info!(addr = %self.addr, "Redis broker: {} connected", self.link.name());
             }
         }
         self.failed_attempts = 0;
         self.up_since = Some(Instant::now());
-        shared.set_link(self.link, true);
+        shared.set_link(self, true);
     }
 
     /// The connection was lost: one log line naming the cause.
@@ -732,9 +1120,9 @@ impl LinkState {
             .metrics
             .connection_errors
             .fetch_add(1, Ordering::Relaxed);
-        shared.set_link(self.link, false);
+        shared.set_link(self, false);
         tracing::warn!(
-            addr = %shared.addr,
+            addr = %self.addr,
             "Redis broker: {} connection lost: {error}; reconnecting",
             self.link.name()
         );
@@ -752,7 +1140,7 @@ impl LinkState {
 
     /// The thread is stopping.
     fn closed(&mut self, shared: &Shared) {
-        shared.set_link(self.link, false);
+        shared.set_link(self, false);
     }
 }
 
@@ -821,6 +1209,11 @@ impl RateLimit {
         self.suppressed.fetch_add(1, Ordering::Relaxed);
         None
     }
+}
+
+/// An error of ours, for a reply the broker cannot use.
+fn redis_error(what: &'static str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, what))
 }
 
 /// Locks a mutex whose data stays valid even if a holder panicked.
@@ -901,6 +1294,27 @@ mod tests {
             let err = RedisBroker::start(RedisConfig::new(url), sink.clone()).unwrap_err();
             assert!(matches!(err, BrokerError::InvalidUrl(_)), "{url}: {err}");
         }
+        // Redis Cluster: TCP seeds, a bare host:port takes the first's settings; no
+        // brace in the prefix (it would be every topic's hash tag).
+        let seeds = seeds("redis://:pw@127.0.0.1:1, 127.0.0.2:2,redis://[::1]:3").unwrap();
+        let addrs: Vec<String> = seeds.iter().map(addr_of).collect();
+        assert_eq!(addrs, ["127.0.0.1:1", "127.0.0.2:2", "[::1]:3"]);
+        assert_eq!(seeds[1].redis_settings().password(), Some("pw"));
+        for bad in [
+            "redis://h:1,",
+            "redis://h:1,nope",
+            "redis+unix:///tmp/r.sock",
+        ] {
+            let mut config = RedisConfig::new(bad);
+            config.cluster = true;
+            let err = RedisBroker::start(config, sink.clone()).unwrap_err();
+            assert!(matches!(err, BrokerError::InvalidUrl(_)), "{bad}: {err}");
+        }
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.cluster = true;
+        config.prefix = "{app}:".into();
+        let err = RedisBroker::start(config, sink.clone()).unwrap_err();
+        assert!(err.to_string().contains("brace"), "{err}");
         let mut config = RedisConfig::new("redis://127.0.0.1:1");
         config.publish_queue = 0;
         let err = RedisBroker::start(config, sink.clone()).unwrap_err();

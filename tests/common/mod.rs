@@ -2,6 +2,9 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod redis;
+pub mod redis_cluster;
+#[cfg(feature = "cli")]
+pub mod serve;
 pub mod tls;
 pub mod v1;
 

@@ -85,34 +85,40 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
-        let mut child = match spawned {
+        let child = match spawned {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
                 "redis-server is not on PATH; install it (Debian/Ubuntu: `apt install redis-server`)"
             ),
             Err(e) => panic!("cannot run redis-server: {e}"),
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let client = redis::Client::open(self.url()).unwrap();
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("exited with {status} (port {} taken?)", self.port));
-            }
-            // The server that answers must be ours, not one that already had the port.
-            let info = client
-                .get_connection_with_timeout(Duration::from_millis(200))
-                .and_then(|mut con| redis::cmd("INFO").arg("server").query::<String>(&mut con));
-            if info.is_ok_and(|info| info.contains(&format!("process_id:{}\r\n", child.id()))) {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("no answer to PING within {READY_TIMEOUT:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        self.child = Some(await_ready(child, self.port, READY_TIMEOUT)?);
+        Ok(())
+    }
+}
+
+/// Waits until the `redis-server` `child` answers on `port` (`INFO` with its own pid,
+/// so a server that already held the port is not mistaken for it); kills it on
+/// failure.
+pub fn await_ready(mut child: Child, port: u16, timeout: Duration) -> Result<Child, String> {
+    let deadline = Instant::now() + timeout;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status} (port {port} taken?)"));
         }
+        let info = client
+            .get_connection_with_timeout(Duration::from_millis(200))
+            .and_then(|mut con| redis::cmd("INFO").arg("server").query::<String>(&mut con));
+        if info.is_ok_and(|info| info.contains(&format!("process_id:{}\r\n", child.id()))) {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no answer within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -79,3 +79,32 @@ pub async fn subscribe(
     assert_eq!(reply["type"], "subscribed", "{reply}");
     reply
 }
+
+/// `POST /publish/{topic}` with `body`, answered 202.
+pub async fn publish_http(addr: SocketAddr, topic: &str, body: &str) {
+    let response = super::http_exchange(
+        addr,
+        format!(
+            "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+}
+
+/// The offsets and data of the next `n` publications.
+pub async fn publications(client: &mut Client, n: usize) -> Vec<(u64, String, Value)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let frame = next(client).await;
+        assert_eq!(frame["type"], "pub", "{frame}");
+        out.push((
+            frame["offset"].as_u64().unwrap(),
+            frame["epoch"].as_str().unwrap().to_owned(),
+            frame["data"].clone(),
+        ));
+    }
+    out
+}

@@ -1,27 +1,30 @@
 //! Offsets, epochs and history in Redis, for `ringsocket.v1` across processes
 //! (`RedisConfig::history`).
 //!
-//! Per topic, three keys beside its channel (`prefix + topic`):
+//! Per topic, three keys beside its channel (`prefix + topic`; with Redis Cluster
+//! `prefix + "{" + tag + "}"`, see `cluster::tag`, so that all four share a slot):
 //!
-//! - `prefix + topic + ":meta"`, a hash: `off` (the last offset) and `epoch`;
-//! - `prefix + topic + ":stream"`, a stream: one entry per publication, id `<offset>-0`,
+//! - channel + `":meta"`, a hash: `off` (the last offset) and `epoch`;
+//! - channel + `":stream"`, a stream: one entry per publication, id `<offset>-0`,
 //!   fields `m` (what was published on the channel) and `t` (milliseconds since the
 //!   Unix epoch), `MAXLEN ~ history_size`;
-//! - `prefix + topic + ":o:" + origin`, per publishing process: the sequence number and
+//! - channel + `":o:" + origin`, per publishing process: the sequence number and
 //!   offset of its last publication there, so that a batch sent again after a broken
-//!   connection is not numbered twice.
+//!   connection (or a redirect) is not numbered twice.
 //!
 //! Every key expires `history_ttl_secs` after the topic's last publication. The
 //! publisher runs [`PUBLISH_SCRIPT`] for each publication, atomically: next offset,
 //! the epoch (a new one when the hash is gone: a flush, an expiry), the stream entry,
-//! and the `PUBLISH` of `rso <offset> <epoch> ` + the envelope. Every process, the
+//! and the `PUBLISH` (`SPUBLISH` on a cluster, on the node that runs the script, which
+//! serves the slot) of `rso <offset> <epoch> ` + the envelope. Every process, the
 //! publishing one included, delivers the `ringsocket.v1` side of a publication when
 //! it comes back on the channel, with the offset Redis gave it.
 //!
-//! The reader thread (`ringsocket-rhist`, its own connection) answers two questions:
-//! a subscription's snapshot (epoch, last offset, kept entries after `since`, read in
-//! one `MULTI`), and the subscriber thread's gap fills (the entries between the last
-//! offset this process has and one that arrived above the next).
+//! The reader thread (`ringsocket-rhist`, its own connection to each node) answers two
+//! questions: a subscription's snapshot (epoch, last offset, kept entries after
+//! `since`, read in one `MULTI` on the node serving the topic), and the subscriber
+//! threads' gap fills (the entries between the last offset this process has and one
+//! that arrived above the next).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,13 +33,15 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use redis::Value;
 
+use super::cluster::Redirect;
 use super::envelope::{self, Origin};
-use super::{Link, LinkState, Shared, wait_unless_stopped};
+use super::{Link, LinkState, Nodes, Shared, redis_error, wait_unless_stopped};
 use crate::broker::{HistoryReply, Inbound, Snapshot};
 
 /// What each publication runs at Redis. KEYS: meta, stream, origin key. ARGV: channel,
 /// envelope, history size (0: no stream entry), ttl in ms, a new epoch (used when the
-/// topic has none), now in ms, the envelope's sequence number. Returns
+/// topic has none), now in ms, the envelope's sequence number, the publish command
+/// (`PUBLISH`, or `SPUBLISH` on a cluster). Returns
 /// `{offset, epoch, receivers}`; `{offset, epoch, -1}` for a publication sent again
 /// that was numbered already (the last one of its process here), `{-1, "", -1}` for
 /// an older one.
@@ -69,7 +74,7 @@ if tonumber(ARGV[3]) > 0 then
 end
 redis.call('PEXPIRE', meta, ARGV[4])
 redis.call('SET', mine, seq .. ' ' .. off, 'PX', ARGV[4])
-local n = redis.call('PUBLISH', ARGV[1], msg)
+local n = redis.call(ARGV[8], ARGV[1], msg)
 return {off, epoch, n}
 ";
 
@@ -84,16 +89,12 @@ pub struct StreamHistory {
     pub ttl: Duration,
 }
 
-/// `prefix + topic + ":" + kind`: no two topics share a key (every key ends with its
-/// kind).
-pub(super) fn key(prefix: &str, topic: &str, kind: &str) -> String {
-    format!("{prefix}{topic}:{kind}")
-}
-
 /// The key of a process's last publication to `topic`; `origin_hex` is
 /// [`origin_hex`] of its origin, made once.
-pub(super) fn origin_key(prefix: &str, topic: &str, origin_hex: &str) -> String {
-    format!("{prefix}{topic}:o:{origin_hex}")
+pub(super) fn origin_key(shared: &Shared, topic: &str, origin_hex: &str) -> String {
+    let mut key = shared.key(topic, "o:");
+    key.push_str(origin_hex);
+    key
 }
 
 /// `origin` in hex, for [`origin_key`].
@@ -131,8 +132,14 @@ pub(super) fn run(shared: &Shared, reads: &Receiver<Read>, stop: &Receiver<()>) 
     // A read whose connection broke (Redis restarted, say): asked once more on the
     // next one before it is answered with the error.
     let mut again: Option<Read> = None;
-    'connections: while let Some(mut con) =
-        shared.connect(&mut link, |d| wait_unless_stopped(stop, d))
+    let mut nodes = Nodes::default();
+    'connections: while shared
+        .connect(
+            &mut link,
+            || shared.reach(&mut nodes),
+            |d| wait_unless_stopped(stop, d),
+        )
+        .is_some()
     {
         link.connected(shared);
         loop {
@@ -146,7 +153,7 @@ pub(super) fn run(shared: &Shared, reads: &Receiver<Read>, stop: &Receiver<()>) 
                     recv(stop) -> _ => break 'connections,
                 },
             };
-            match snapshot(shared, &mut con, &read, &new_epoch(&mut rng)) {
+            match routed(shared, &mut nodes, &read, &new_epoch(&mut rng), stop) {
                 Ok(snapshot) => (read.reply)(Ok(snapshot)),
                 Err(e) => {
                     if retried {
@@ -170,6 +177,53 @@ pub(super) fn run(shared: &Shared, reads: &Receiver<Read>, stop: &Receiver<()>) 
     link.closed(shared);
 }
 
+/// [`snapshot`] on the node serving the topic, following redirects (a few times:
+/// then the error).
+fn routed(
+    shared: &Shared,
+    nodes: &mut Nodes,
+    read: &Read,
+    epoch: &str,
+    stop: &Receiver<()>,
+) -> redis::RedisResult<Snapshot> {
+    let channel = shared.channel(&read.topic);
+    for _ in 0..8 {
+        let Some(addr) = shared.owner(&channel) else {
+            shared.refresh(nodes)?;
+            if !wait_unless_stopped(stop, Duration::from_millis(50)) {
+                break;
+            }
+            continue;
+        };
+        let result = nodes
+            .get(shared, &addr)
+            .and_then(|(con, _)| snapshot(shared, con, read, epoch));
+        match result {
+            Ok(snapshot) => return Ok(snapshot),
+            Err(e) => match Redirect::of_error(&e) {
+                Some(Redirect::Moved { slot, addr }) => shared.moved(slot, &addr),
+                // A slot being migrated (`ASK` does not carry into a `MULTI`), or a
+                // cluster that is not serving: shortly, where the slot map says.
+                Some(Redirect::Ask { .. } | Redirect::Later) => {
+                    shared
+                        .metrics
+                        .redirects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = shared.refresh(nodes);
+                    if !wait_unless_stopped(stop, Duration::from_millis(50)) {
+                        break;
+                    }
+                }
+                None => {
+                    nodes.forget(&addr);
+                    return Err(e);
+                }
+            },
+        }
+    }
+    Err(redis_error("the topic's node kept redirecting"))
+}
+
 /// Reads the epoch (made, with a short life, if the topic has none yet: a subscriber
 /// before any publication gets the epoch the first publication will carry), the last
 /// offset and the entries of `read`, in one `MULTI`.
@@ -179,9 +233,8 @@ fn snapshot(
     read: &Read,
     epoch: &str,
 ) -> redis::RedisResult<Snapshot> {
-    let prefix = &shared.config.prefix;
-    let meta = key(prefix, &read.topic, "meta");
-    let stream = key(prefix, &read.topic, "stream");
+    let meta = shared.key(&read.topic, "meta");
+    let stream = shared.key(&read.topic, "stream");
     let ttl = shared
         .config
         .history
@@ -240,10 +293,6 @@ fn snapshot(
         top,
         entries: out,
     })
-}
-
-fn redis_error(what: &'static str) -> redis::RedisError {
-    redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, what))
 }
 
 /// One stream entry as an [`Inbound`] with its position; `None` for one older than
