@@ -31,9 +31,10 @@
 
 mod background;
 mod executor;
+pub mod jobs;
 mod metrics;
 
-pub use background::{BackgroundTasks, QueueFullPolicy};
+pub use background::{BackgroundTasks, QueueFullPolicy, Refusal};
 pub(crate) use executor::panic_message;
 pub use executor::{DrainReport, Executor, SpawnError, TaskHandle};
 pub use metrics::TaskMetrics;
