@@ -274,6 +274,9 @@ impl fmt::Display for EnqueueError {
 
 impl std::error::Error for EnqueueError {}
 
+/// What an enqueue comes to.
+type EnqueueResult = Result<JobId, EnqueueError>;
+
 /// The answer to one enqueue, set once by the writer thread.
 pub(crate) struct Ack {
     result: OnceLock<Result<JobId, EnqueueError>>,
@@ -342,7 +345,7 @@ impl Drop for AckSender {
 /// job; an HTTP request's response waits for it anyway.
 pub struct Enqueue {
     ack: Arc<Ack>,
-    wait: Option<Pin<Box<dyn Future<Output = Result<JobId, EnqueueError>> + Send>>>,
+    wait: Option<Pin<Box<dyn Future<Output = EnqueueResult> + Send>>>,
 }
 
 impl fmt::Debug for Enqueue {

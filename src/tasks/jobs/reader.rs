@@ -93,10 +93,13 @@ pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client) {
     );
 }
 
+/// An entry read and not yet handed to the executor: job, entry, attempt.
+type Waiting = (usize, Entry, u32);
+
 struct Reader<'a> {
     shared: &'a Arc<Shared>,
     /// Read but refused by the executor (its queue full): run when there is room.
-    waiting: VecDeque<(usize, Entry, u32)>,
+    waiting: VecDeque<Waiting>,
     last_renew: Instant,
     last_reclaim: Option<Instant>,
     last_gauges: Option<Instant>,
@@ -345,7 +348,7 @@ impl Reader<'_> {
     fn run_waiting(&mut self) {
         while let Some((job, entry, attempt)) = self.waiting.pop_front() {
             if let Err(back) = self.spawn(job, entry, attempt) {
-                self.waiting.push_front(back);
+                self.waiting.push_front(*back);
                 return;
             }
         }
@@ -373,13 +376,13 @@ impl Reader<'_> {
             return;
         }
         if let Err(back) = self.spawn(job, entry, attempt) {
-            self.waiting.push_back(back);
+            self.waiting.push_back(*back);
         }
     }
 
     /// Hands one run to the executor; gives the entry back when its queue is full.
     /// When it is shutting down the entry stays held, to be released.
-    fn spawn(&self, job: usize, entry: Entry, attempt: u32) -> Result<(), (usize, Entry, u32)> {
+    fn spawn(&self, job: usize, entry: Entry, attempt: u32) -> Result<(), Box<Waiting>> {
         let shared = self.shared.clone();
         let slot = &shared.slots[job];
         let run = Job {
@@ -411,7 +414,7 @@ impl Reader<'_> {
         };
         match tasks.spawn_async(name, future) {
             Ok(()) => Ok(()),
-            Err(SpawnError::QueueFull) => Err((job, back, attempt)),
+            Err(SpawnError::QueueFull) => Err(Box::new((job, back, attempt))),
             Err(_) => Ok(()),
         }
     }
