@@ -43,7 +43,9 @@
 //!   [`ENQUEUE_QUEUE`] full, shutting down) fails the request: 503 with
 //!   `Retry-After: 1` under [`QueueFullPolicy::Reject503`](super::QueueFullPolicy), the
 //!   default; counted in `ringsocket_jobs_enqueue_failed_total` and logged (at most a
-//!   line a second). Jobs of the same request that were already written stay in Redis.
+//!   line a second). Jobs of the same request that were already written stay in Redis,
+//!   and so may one whose connection broke after Redis took it: a client that retries
+//!   after a 503 may enqueue a job twice (at least once, again).
 //! - **Run**: every process whose app registers the job reads with `XREADGROUP` as
 //!   its own consumer (`host:pid:random`, thread `ringsocket-jobs-r`), at most
 //!   `job_concurrency` jobs at once, and runs the handler on the executor threads
