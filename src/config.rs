@@ -264,6 +264,23 @@ pub struct Config {
     /// an executor thread and an I/O core share a CPU and both are busy, the scheduler
     /// shares it by these weights; raise it to favour the I/O cores. Default 0.
     pub task_nice: i32,
+    /// Redis of the durable job queue (`App::job`, `tasks().enqueue`), as `redis_url`.
+    /// Default empty: `redis_url`. See `ringsocket::tasks::jobs`.
+    pub jobs_redis_url: String,
+    /// Prefix of the job streams' keys: `{prefix}{job}` (the job's stream), `:retry`,
+    /// `:dead` after it. Default `ringsocket:jobs:`.
+    pub jobs_stream_prefix: String,
+    /// Runs of a job before it goes to its dead-letter stream. Default 5.
+    pub job_max_attempts: u32,
+    /// Wait before the first retry, in ms; it doubles per attempt (at most 1 h). Default 1,000.
+    pub job_retry_backoff_ms: u64,
+    /// A job delivered to a process that stopped renewing it (it died) for this long is
+    /// run by another. Default 30.
+    pub job_visibility_timeout_secs: u64,
+    /// Durable jobs this process runs at once; 0: it only enqueues. Default 16.
+    pub job_concurrency: usize,
+    /// Entries a job's dead-letter stream keeps (approximately; the oldest go). Default 10,000.
+    pub job_dead_letter_maxlen: usize,
     /// TLS certificate chain, PEM (the certificate first). With `tls_key` set too,
     /// every listener on `bind` speaks TLS 1.2 and 1.3 (`wss://`, `https://`). Read at
     /// start and again on SIGHUP. Default empty: no TLS.
@@ -409,6 +426,13 @@ impl Default for Config {
             task_threads: 1,
             task_queue_capacity: 10_000,
             task_nice: 0,
+            jobs_redis_url: String::new(),
+            jobs_stream_prefix: "ringsocket:jobs:".to_owned(),
+            job_max_attempts: 5,
+            job_retry_backoff_ms: 1_000,
+            job_visibility_timeout_secs: 30,
+            job_concurrency: 16,
+            job_dead_letter_maxlen: 10_000,
             tls_cert: String::new(),
             tls_key: String::new(),
             plain_bind: String::new(),
@@ -459,7 +483,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 59] = [
+pub const FIELDS: [&str; 66] = [
     "bind",
     "workers",
     "io_backend",
@@ -486,6 +510,13 @@ pub const FIELDS: [&str; 59] = [
     "task_threads",
     "task_queue_capacity",
     "task_nice",
+    "jobs_redis_url",
+    "jobs_stream_prefix",
+    "job_max_attempts",
+    "job_retry_backoff_ms",
+    "job_visibility_timeout_secs",
+    "job_concurrency",
+    "job_dead_letter_maxlen",
     "tls_cert",
     "tls_key",
     "plain_bind",
@@ -607,6 +638,13 @@ impl Config {
             "task_threads" => self.task_threads = whole(value)?,
             "task_queue_capacity" => self.task_queue_capacity = whole(value)?,
             "task_nice" => self.task_nice = whole(value)?,
+            "jobs_redis_url" => self.jobs_redis_url = value.trim().to_owned(),
+            "jobs_stream_prefix" => self.jobs_stream_prefix = value.to_owned(),
+            "job_max_attempts" => self.job_max_attempts = whole(value)?,
+            "job_retry_backoff_ms" => self.job_retry_backoff_ms = whole(value)?,
+            "job_visibility_timeout_secs" => self.job_visibility_timeout_secs = whole(value)?,
+            "job_concurrency" => self.job_concurrency = whole(value)?,
+            "job_dead_letter_maxlen" => self.job_dead_letter_maxlen = whole(value)?,
             "tls_cert" => self.tls_cert = value.trim().to_owned(),
             "tls_key" => self.tls_key = value.trim().to_owned(),
             "plain_bind" => {
@@ -716,6 +754,17 @@ impl Config {
             "task_threads" => int(self.task_threads),
             "task_queue_capacity" => int(self.task_queue_capacity),
             "task_nice" => Value::Integer(i64::from(self.task_nice)),
+            "jobs_redis_url" => Value::String(mask_url_password(&self.jobs_redis_url)),
+            "jobs_stream_prefix" => Value::String(self.jobs_stream_prefix.clone()),
+            "job_max_attempts" => Value::Integer(i64::from(self.job_max_attempts)),
+            "job_retry_backoff_ms" => {
+                Value::Integer(i64::try_from(self.job_retry_backoff_ms).unwrap_or(i64::MAX))
+            }
+            "job_visibility_timeout_secs" => {
+                Value::Integer(i64::try_from(self.job_visibility_timeout_secs).unwrap_or(i64::MAX))
+            }
+            "job_concurrency" => int(self.job_concurrency),
+            "job_dead_letter_maxlen" => int(self.job_dead_letter_maxlen),
             "tls_cert" => Value::String(self.tls_cert.clone()),
             "tls_key" => Value::String(self.tls_key.clone()),
             "plain_bind" => Value::String(self.plain_bind.clone()),
@@ -832,6 +881,30 @@ impl Config {
                 "redis_cluster: needs redis_url (the seed nodes)".into(),
             ));
         }
+        if !self.jobs_redis_url.is_empty() {
+            check_redis_url(&self.jobs_redis_url)
+                .map_err(|e| ConfigError(format!("jobs_redis_url: {e}")))?;
+        }
+        range("job_max_attempts", self.job_max_attempts, 1, 1_000)?;
+        range(
+            "job_retry_backoff_ms",
+            self.job_retry_backoff_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
+            "job_visibility_timeout_secs",
+            self.job_visibility_timeout_secs,
+            1,
+            86_400,
+        )?;
+        range("job_concurrency", self.job_concurrency, 0, 65_536)?;
+        range(
+            "job_dead_letter_maxlen",
+            self.job_dead_letter_maxlen,
+            1,
+            usize::MAX,
+        )?;
         range(
             "redis_backlog_messages",
             self.redis_backlog_messages,
@@ -1070,7 +1143,7 @@ impl Config {
             if field == "workers" && self.workers == 0 {
                 note.push_str(&format!("; 0 = one per core: {} here", self.worker_count()));
             }
-            if field == "redis_url" && value.contains("***") {
+            if field.ends_with("redis_url") && value.contains("***") {
                 note.push_str("; password masked");
             }
             out.push_str(&format!("{field} = {value}  # {note}\n"));
@@ -1926,5 +1999,37 @@ mod tests {
                 .0
                 .contains("task_queue_capacity")
         );
+    }
+
+    /// The durable-job settings parse, and a value out of range names the setting.
+    #[test]
+    fn job_settings_are_checked() {
+        let mut config = Config::default();
+        config.set("job_max_attempts", "3").unwrap();
+        config.set("job_concurrency", "0").unwrap();
+        config
+            .set("jobs_redis_url", "redis://:secret@127.0.0.1:6390")
+            .unwrap();
+        assert_eq!((config.job_max_attempts, config.job_concurrency), (3, 0));
+        assert!(config.validate().is_ok());
+        assert!(
+            !config
+                .value_of("jobs_redis_url")
+                .unwrap()
+                .contains("secret")
+        );
+        for (field, value) in [
+            ("job_max_attempts", "0"),
+            ("job_retry_backoff_ms", "0"),
+            ("job_visibility_timeout_secs", "0"),
+            ("job_dead_letter_maxlen", "0"),
+            ("jobs_redis_url", "http://x"),
+        ] {
+            let mut config = Config::default();
+            config.set(field, value).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(err.0.starts_with(field), "{field}: {err}");
+        }
+        assert!(Config::default().set("job_concurrency", "-1").is_err());
     }
 }

@@ -47,6 +47,7 @@ use crate::proto::CloseCode;
 use crate::proto::handshake::Request as Head;
 use crate::pubsub::{Hub, Publisher};
 use crate::runtime::{Context, HttpRequest, LocalFuture, Response, Route, Service, Session};
+use crate::tasks::jobs::{Job, JobRegistry};
 use crate::tasks::{BackgroundTasks, QueueFullPolicy};
 use access::Access;
 use router::{Match, Pattern};
@@ -137,6 +138,8 @@ pub struct App {
     access: Arc<OnceLock<Arc<Access>>>,
     /// Whether the app serves the publish API (the default app), for the startup log.
     publish_api: bool,
+    /// Durable jobs ([`App::job`]).
+    jobs: JobRegistry,
 }
 
 impl std::fmt::Debug for App {
@@ -158,6 +161,7 @@ impl std::fmt::Debug for App {
                     .map(|(m, p, _)| (m.as_str(), p.source()))
                     .collect::<Vec<_>>(),
             )
+            .field("jobs", &self.jobs)
             .finish()
     }
 }
@@ -207,10 +211,13 @@ impl App {
     /// The first route pattern that did not compile, if any (see
     /// [`App::websocket`]). The server checks this when it starts.
     pub fn check(&self) -> Result<(), RouteError> {
-        match self.errors.first() {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
+        if let Some(e) = self.errors.first() {
+            return Err(e.clone());
         }
+        self.jobs.check().map_err(|reason| RouteError {
+            pattern: String::new(),
+            reason,
+        })
     }
 
     /// An HTTP route for `method`. `pattern` is written as for [`App::websocket`];
@@ -246,6 +253,23 @@ impl App {
         Fut: Future<Output = Response> + 'static,
     {
         self.route(Method::Post, pattern, handler)
+    }
+
+    /// A durable background job: `handler` runs each job `name` enqueued with
+    /// [`BackgroundTasks::enqueue`] (by this process or any other with the same app),
+    /// on an executor thread, at least once. An `Err` (its `Display` is recorded) or a
+    /// panic is retried with backoff, up to `job_max_attempts` runs, then the job goes
+    /// to the dead-letter stream. Needs `jobs_redis_url` or `redis_url`; see
+    /// [`crate::tasks::jobs`]. A bad name (1 to 128 of `A-Z a-z 0-9 _ . : -`) or a
+    /// repeated one is an error of [`App::check`].
+    pub fn job<F, Fut, E>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        self.jobs.register(name, handler);
+        self
     }
 
     /// What an HTTP request gets when its handler's background job finds the queue
@@ -485,6 +509,10 @@ impl Service for App {
     fn bind_workers(&self, workers: usize) -> Result<(), String> {
         self.check().map_err(|e| e.to_string())?;
         self.hub.bind(workers)
+    }
+
+    fn durable_jobs(&self) -> JobRegistry {
+        self.jobs.clone()
     }
 
     fn worker_started(&self, worker: usize, cx: &Context) -> Option<LocalFuture<()>> {

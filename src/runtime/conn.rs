@@ -583,10 +583,18 @@ async fn serve(
                 })
                 .await;
                 drop(future);
-                if tasks.must_reject() {
-                    tasks.discard("background queue full: the request was answered 503");
-                    response = Response::error(503, "background task queue full")
-                        .with_header("Retry-After", "1");
+                // Every durable job of the request is in Redis (or refused) before the
+                // response says anything.
+                tasks.settle().await;
+                if let Some(refusal) = tasks.refusal() {
+                    tasks.discard(&format!(
+                        "{}: the request was answered {}",
+                        refusal.reason, refusal.status
+                    ));
+                    response = Response::error(refusal.status, &refusal.reason);
+                    if refusal.status == 503 {
+                        response = response.with_header("Retry-After", "1");
+                    }
                 }
                 let written = respond(stream, ctx, &response, !keep).await;
                 // The response is on the socket: the request's jobs may start now (and

@@ -51,6 +51,7 @@ pub use shutdown::ShutdownSignal;
 
 use crate::config::{Config, IoBackend};
 use crate::metrics::Metrics;
+use crate::tasks::jobs::{DurableJobs, JobSettings};
 use crate::tasks::{Executor, TaskHandle};
 
 /// The I/O backend the workers run on, once chosen (see [`choose_backend`]).
@@ -146,6 +147,31 @@ impl ServeError {
     }
 }
 
+/// Starts the durable job queue when `service` registers jobs, and attaches it to the
+/// executor's handles.
+fn start_jobs(
+    config: &Config,
+    service: &dyn Service,
+    executor: &Executor,
+) -> Result<Option<DurableJobs>, ServeError> {
+    let registry = service.durable_jobs();
+    if registry.is_empty() {
+        return Ok(None);
+    }
+    let Some(settings) = JobSettings::from_config(config) else {
+        let names: Vec<&str> = registry.names().collect();
+        return Err(ServeError::Config(format!(
+            "the app registers durable jobs ({}) but no Redis is configured: set \
+             jobs_redis_url or redis_url",
+            names.join(", ")
+        )));
+    };
+    let jobs = DurableJobs::start(settings, registry, executor.handle())
+        .map_err(|e| ServeError::Config(format!("durable jobs: {e}")))?;
+    executor.handle().attach_jobs(jobs.queue());
+    Ok(Some(jobs))
+}
+
 /// Checks that this process can create an io_uring instance, and explains why not.
 pub fn probe_io_uring() -> Result<(), ServeError> {
     match io_uring::IoUring::new(8) {
@@ -227,6 +253,7 @@ impl Server {
             Some(config.task_nice),
         )
         .map_err(|e| ServeError::Worker(format!("cannot start the background executor: {e}")))?;
+        let jobs = start_jobs(&config, &*service, &executor)?;
         let cx = Context {
             config: config.clone(),
             metrics: metrics.clone(),
@@ -281,6 +308,7 @@ impl Server {
             metrics,
             tasks: executor.handle(),
             executor: Some(executor),
+            jobs,
             shutdown_timeout: config.shutdown_timeout(),
         })
     }
@@ -299,6 +327,8 @@ pub struct RunningServer {
     metrics: Metrics,
     executor: Option<Executor>,
     tasks: TaskHandle,
+    /// The durable job queue, when the service registers jobs.
+    jobs: Option<DurableJobs>,
     shutdown_timeout: Duration,
 }
 
@@ -399,8 +429,16 @@ impl RunningServer {
                 }
             }
         }
+        // Durable jobs: no new one is read; the running ones drain with the executor;
+        // what is left stays in Redis, released for another process.
+        if let Some(jobs) = self.jobs.as_mut() {
+            jobs.stop_reading();
+        }
         if let Some(executor) = self.executor.take() {
             executor.shutdown(self.shutdown_timeout);
+        }
+        if let Some(jobs) = self.jobs.take() {
+            jobs.shutdown();
         }
         result
     }

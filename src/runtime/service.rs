@@ -17,6 +17,7 @@ use super::session::Session;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proto::handshake::Request;
+use crate::tasks::jobs::JobRegistry;
 use crate::tasks::{BackgroundTasks, TaskHandle};
 
 /// A future that runs on the worker's thread.
@@ -97,6 +98,13 @@ pub trait Service: Send + Sync + 'static {
     fn bind_workers(&self, workers: usize) -> Result<(), String> {
         let _ = workers;
         Ok(())
+    }
+
+    /// The durable jobs this service runs (see [`crate::tasks::jobs`]). When any is
+    /// registered the server starts the job queue on `jobs_redis_url` (or
+    /// `redis_url`), and refuses to start without one. Default: none.
+    fn durable_jobs(&self) -> JobRegistry {
+        JobRegistry::default()
     }
 
     /// Called on each worker's thread as it starts, before it accepts. The returned

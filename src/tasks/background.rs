@@ -5,8 +5,10 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use super::executor::{Job, SpawnError, TaskHandle};
+use super::jobs::{Ack, Enqueue};
 
 /// What an HTTP request gets when the background queue is full. Chosen per app
 /// (`App::queue_full_policy`); the refused job is counted and logged either way.
@@ -48,6 +50,18 @@ struct Inner {
     /// Jobs with a reserved place in the queue, waiting for the response.
     pending: RefCell<Vec<Job>>,
     refused: Cell<usize>,
+    /// The request's durable enqueues: its response waits for their answers.
+    acks: RefCell<Vec<Arc<Ack>>>,
+}
+
+/// Why an HTTP request is answered with an error in place of its handler's response
+/// ([`BackgroundTasks::refusal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// 503 (with `Retry-After: 1`) when a retry may succeed, else 500.
+    pub status: u16,
+    /// What was refused, for the body and the log.
+    pub reason: String,
 }
 
 impl fmt::Debug for BackgroundTasks {
@@ -74,6 +88,7 @@ impl BackgroundTasks {
                 policy: Cell::new(QueueFullPolicy::default()),
                 pending: RefCell::new(Vec::new()),
                 refused: Cell::new(0),
+                acks: RefCell::new(Vec::new()),
             })),
         }
     }
@@ -105,6 +120,73 @@ impl BackgroundTasks {
         self.push(Job::future(name.into(), job))
     }
 
+    /// Enqueues the durable job `name` with `payload` as JSON: it is in Redis (and
+    /// survives a restart) once the returned future resolves `Ok`, and runs in any
+    /// process whose app registers `name` (see [`super::jobs`]). An HTTP request's
+    /// response waits for the answer even if the future is not awaited; when Redis did
+    /// not take the job, the request is answered 503 with `Retry-After: 1` instead
+    /// (under [`QueueFullPolicy::Reject503`], the default).
+    pub fn enqueue<T: serde::Serialize + ?Sized>(&self, name: &str, payload: &T) -> Enqueue {
+        self.track(self.handle_ref().enqueue(name, payload))
+    }
+
+    /// [`BackgroundTasks::enqueue`] with the payload as it is.
+    pub fn enqueue_bytes(&self, name: &str, payload: impl Into<bytes::Bytes>) -> Enqueue {
+        self.track(self.handle_ref().enqueue_bytes(name, payload))
+    }
+
+    fn track(&self, enqueue: Enqueue) -> Enqueue {
+        if let Repr::Deferred(inner) = &self.repr {
+            inner.acks.borrow_mut().push(enqueue.ack());
+        }
+        enqueue
+    }
+
+    fn handle_ref(&self) -> &TaskHandle {
+        match &self.repr {
+            Repr::Immediate(handle) => handle,
+            Repr::Deferred(inner) => &inner.handle,
+        }
+    }
+
+    /// Waits until Redis has answered every durable enqueue of the request. The
+    /// runtime awaits it before it writes the response.
+    pub async fn settle(&self) {
+        let Repr::Deferred(inner) = &self.repr else {
+            return;
+        };
+        let acks: Vec<Arc<Ack>> = inner.acks.borrow().clone();
+        for ack in acks {
+            let _ = ack.wait().await;
+        }
+    }
+
+    /// Whether the request must be answered with an error instead of its handler's
+    /// response, and which: a job refused by a full queue, or a durable enqueue that
+    /// failed, under [`QueueFullPolicy::Reject503`]. Call after
+    /// [`BackgroundTasks::settle`].
+    pub fn refusal(&self) -> Option<Refusal> {
+        let Repr::Deferred(inner) = &self.repr else {
+            return None;
+        };
+        if inner.policy.get() != QueueFullPolicy::Reject503 {
+            return None;
+        }
+        if inner.refused.get() > 0 {
+            return Some(Refusal {
+                status: 503,
+                reason: SpawnError::QueueFull.to_string(),
+            });
+        }
+        inner.acks.borrow().iter().find_map(|ack| match ack.get() {
+            Some(Err(e)) => Some(Refusal {
+                status: if e.is_transient() { 503 } else { 500 },
+                reason: e.to_string(),
+            }),
+            _ => None,
+        })
+    }
+
     /// A `Send` handle on the executor, for other threads and for jobs that schedule
     /// more jobs (those start at once).
     pub fn handle(&self) -> TaskHandle {
@@ -123,14 +205,10 @@ impl BackgroundTasks {
         }
     }
 
-    /// Whether a job was refused and the policy is to answer 503.
+    /// Whether a job was refused and the policy is to answer with an error (see
+    /// [`BackgroundTasks::refusal`]).
     pub fn must_reject(&self) -> bool {
-        match &self.repr {
-            Repr::Immediate(_) => false,
-            Repr::Deferred(inner) => {
-                inner.refused.get() > 0 && inner.policy.get() == QueueFullPolicy::Reject503
-            }
-        }
+        self.refusal().is_some()
     }
 
     /// Jobs waiting for the response to be written.

@@ -15,14 +15,15 @@ use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use tokio::sync::Notify;
 
+use super::jobs::{Enqueue, EnqueueError, JobQueue};
 use super::metrics::TaskMetrics;
 
 /// Why a job was not queued. Either way it is counted in
@@ -231,6 +232,35 @@ impl TaskHandle {
         self.queue(Job::future(name.into(), job))
     }
 
+    /// Enqueues the durable job `name` with `payload` as JSON (see [`super::jobs`]):
+    /// the returned future resolves once Redis has it. Fails with
+    /// [`EnqueueError::NotConfigured`] when the app registers no durable job.
+    pub fn enqueue<T: serde::Serialize + ?Sized>(&self, name: &str, payload: &T) -> Enqueue {
+        match self.jobs() {
+            Some(queue) => queue.enqueue(name, payload),
+            None => Enqueue::failed(EnqueueError::NotConfigured),
+        }
+    }
+
+    /// [`TaskHandle::enqueue`] with the payload as it is.
+    pub fn enqueue_bytes(&self, name: &str, payload: impl Into<bytes::Bytes>) -> Enqueue {
+        match self.jobs() {
+            Some(queue) => queue.enqueue_bytes(name, payload),
+            None => Enqueue::failed(EnqueueError::NotConfigured),
+        }
+    }
+
+    /// The durable job queue, once the server started one.
+    pub fn jobs(&self) -> Option<&JobQueue> {
+        self.shared.jobs.get()
+    }
+
+    /// Makes [`TaskHandle::enqueue`] use `queue` (the server does, when the app
+    /// registers jobs). `false` if a queue was attached already.
+    pub fn attach_jobs(&self, queue: JobQueue) -> bool {
+        self.shared.jobs.set(queue).is_ok()
+    }
+
     /// The executor's counters.
     pub fn metrics(&self) -> &TaskMetrics {
         &self.shared.metrics
@@ -379,6 +409,8 @@ struct Shared {
     /// is set ([`Shared::wake_threads`]), and by the thread's own last async job when it
     /// ends.
     wake: Box<[Notify]>,
+    /// The durable job queue, when there is one.
+    jobs: OnceLock<JobQueue>,
 }
 
 impl Shared {
@@ -392,6 +424,7 @@ impl Shared {
             epoch: Instant::now(),
             metrics: TaskMetrics::default(),
             wake: (0..threads).map(|_| Notify::new()).collect(),
+            jobs: OnceLock::new(),
         }
     }
 

@@ -176,7 +176,11 @@ impl TaskMetrics {
 /// The executor's counters at scrape time, with its queue's capacity.
 impl Collector for TaskHandle {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        self.metrics().encode(self.capacity(), &mut encoder)
+        self.metrics().encode(self.capacity(), &mut encoder)?;
+        match self.jobs() {
+            Some(jobs) => jobs.metrics().encode(&mut encoder),
+            None => Ok(()),
+        }
     }
 }
 

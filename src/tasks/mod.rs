@@ -24,6 +24,12 @@
 //!   within the deadline, and one log line says how many finished and how many were
 //!   abandoned.
 //!
+//! These jobs live in memory: lost with the process, abandoned at the shutdown
+//! deadline. [`jobs`] is the durable kind: named jobs with a payload, kept in Redis
+//! Streams until they ran (at least once, with retries and a dead-letter stream),
+//! enqueued with [`BackgroundTasks::enqueue`] and registered with
+//! [`App::job`](crate::app::App::job).
+//!
 //! Async jobs run on a current-thread tokio runtime owned by each executor thread. While
 //! one is waiting, the thread sleeps until a job (or the shutdown) is sent to the queue
 //! or its last async job ends, with no polling timer; a sync job runs to completion
@@ -31,9 +37,10 @@
 
 mod background;
 mod executor;
+pub mod jobs;
 mod metrics;
 
-pub use background::{BackgroundTasks, QueueFullPolicy};
+pub use background::{BackgroundTasks, QueueFullPolicy, Refusal};
 pub(crate) use executor::panic_message;
 pub use executor::{DrainReport, Executor, SpawnError, TaskHandle};
 pub use metrics::TaskMetrics;
