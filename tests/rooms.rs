@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{Client, http_exchange, start, ws_connect};
+use common::{http_exchange, next_data, start, ws_connect};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,20 +19,6 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// The next data message, failing the test on timeout, close or error.
-async fn next_data(client: &mut Client) -> WsMessage {
-    loop {
-        let message = tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("timed out waiting for a message")
-            .expect("stream ended")
-            .expect("read failed");
-        if message.is_text() || message.is_binary() {
-            return message;
-        }
-    }
-}
 
 /// Polls `condition` until it holds or the deadline passes.
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {

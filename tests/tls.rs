@@ -7,13 +7,13 @@
 
 mod common;
 use common::tls::{TestCa, https_exchange, tls_connect, wss_connect};
-use common::{Client, PATIENCE, http_exchange, start};
+use common::{PATIENCE, http_exchange, next_data, start};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use ringsocket::app::App;
 use ringsocket::config::Config;
 use ringsocket::runtime::{RunningServer, ServeError, Server};
@@ -28,19 +28,6 @@ fn tls_server(ca: &TestCa, tweak: impl FnOnce(&mut Config)) -> RunningServer {
         c.tls_key = cert.key.display().to_string();
         tweak(c);
     })
-}
-
-async fn next_data(client: &mut Client) -> WsMessage {
-    loop {
-        let message = tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("timed out waiting for a message")
-            .expect("stream ended")
-            .expect("read failed");
-        if message.is_text() || message.is_binary() {
-            return message;
-        }
-    }
 }
 
 async fn metrics(addr: SocketAddr, ca: &TestCa) -> String {

@@ -45,6 +45,22 @@ pub fn start(app: App, tweak: impl FnOnce(&mut Config)) -> RunningServer {
 /// The longest one await on a server may take in the shared helpers below.
 pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// The next data message (text or binary), failing the test on timeout, close or
+/// error.
+pub async fn next_data(client: &mut Client) -> tokio_tungstenite::tungstenite::Message {
+    use futures_util::StreamExt;
+    loop {
+        let message = tokio::time::timeout(PATIENCE, client.next())
+            .await
+            .expect("timed out waiting for a message")
+            .expect("stream ended")
+            .expect("read failed");
+        if message.is_text() || message.is_binary() {
+            return message;
+        }
+    }
+}
+
 /// A tokio-tungstenite client connection.
 pub type Client =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -75,23 +75,14 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let spawned = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not on PATH; install it (Debian/Ubuntu: `apt install redis-server`)"
-            ),
-            Err(e) => panic!("cannot run redis-server: {e}"),
-        };
+        let child = spawn_quiet(
+            Command::new("redis-server")
+                .args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", ""])
+                .args(["--appendonly", "no"])
+                .args(["--dir", &std::env::temp_dir().to_string_lossy()]),
+        );
         self.child = Some(await_ready(child, self.port, READY_TIMEOUT)?);
         Ok(())
     }
@@ -100,6 +91,23 @@ impl RedisServer {
 /// Waits until the `redis-server` `child` answers on `port` (`INFO` with its own pid,
 /// so a server that already held the port is not mistaken for it); kills it on
 /// failure.
+/// Runs the `redis-server` command `command` with no input or output, failing the test
+/// with what to install when it is not on `PATH`.
+pub fn spawn_quiet(command: &mut Command) -> Child {
+    let spawned = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not on PATH; install it (Debian/Ubuntu: `apt install redis-server`)"
+        ),
+        Err(e) => panic!("cannot run redis-server: {e}"),
+    }
+}
+
 pub fn await_ready(mut child: Child, port: u16, timeout: Duration) -> Result<Child, String> {
     let deadline = Instant::now() + timeout;
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();

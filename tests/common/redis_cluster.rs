@@ -261,28 +261,19 @@ impl RedisCluster {
 
     fn spawn(&mut self, node: usize) -> Result<(), String> {
         let port = self.ports[node].to_string();
-        let spawned = Command::new("redis-server")
-            .args(["--cluster-enabled", "yes"])
-            .args(["--port", &port])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-            // Long enough that a node restarted by a test is never marked failed.
-            .args(["--cluster-node-timeout", "15000"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not on PATH; install it (Debian/Ubuntu: `apt install redis-server`)"
-            ),
-            Err(e) => panic!("cannot run redis-server: {e}"),
-        };
+        let child = super::redis::spawn_quiet(
+            Command::new("redis-server")
+                .args(["--cluster-enabled", "yes"])
+                .args(["--port", &port])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                // Long enough that a node restarted by a test is never marked failed.
+                .args(["--cluster-node-timeout", "15000"])
+                .args(["--save", ""])
+                .args(["--appendonly", "no"])
+                .arg("--dir")
+                .arg(&self.dir),
+        );
         self.children[node] = Some(super::redis::await_ready(
             child,
             self.ports[node],

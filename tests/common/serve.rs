@@ -85,14 +85,10 @@ impl Drop for Serve {
     }
 }
 
+/// The next text message (binary ones are skipped).
 pub async fn next_text(client: &mut Client) -> String {
     loop {
-        let message = tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("timed out waiting for a message")
-            .expect("stream ended")
-            .expect("read failed");
-        if let WsMessage::Text(text) = message {
+        if let WsMessage::Text(text) = super::next_data(client).await {
             return text.to_string();
         }
     }
