@@ -10,7 +10,9 @@ use std::io::Write as _;
 use clap::{Parser, Subcommand};
 use ringsocket::app::App;
 use ringsocket::broker::Broker;
+use ringsocket::broker::nats::{NatsBroker, NatsConfig};
 use ringsocket::broker::redis::{RedisBroker, RedisConfig};
+use ringsocket::config::BrokerKind;
 use ringsocket::config::{Config, Loader, Sources};
 use ringsocket::runtime::Server;
 
@@ -57,6 +59,15 @@ struct ServeArgs {
     /// redis://127.0.0.1:6379 [default: none, the embedded broker; env RINGSOCKET_REDIS_URL].
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// NATS server (JetStream enabled) joining this process's rooms with other
+    /// processes, e.g. nats://127.0.0.1:4222; with --broker nats [default: none; env
+    /// RINGSOCKET_NATS_URL].
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// The broker between processes: local, redis or nats [default: redis with
+    /// --redis, else local; env RINGSOCKET_BROKER].
+    #[arg(long, value_name = "KIND")]
+    broker: Option<String>,
     /// TLS certificate chain, PEM; with --tls-key, every listener speaks TLS (wss://,
     /// https://); reloaded on SIGHUP [default: none; env RINGSOCKET_TLS_CERT].
     #[arg(long, value_name = "FILE")]
@@ -125,6 +136,8 @@ fn load_config(args: &ServeArgs) -> Result<(Config, Sources), String> {
         ("--bind", "bind", args.bind.clone()),
         ("--workers", "workers", args.workers.map(|w| w.to_string())),
         ("--redis", "redis_url", args.redis.clone()),
+        ("--nats", "nats_url", args.nats.clone()),
+        ("--broker", "broker", args.broker.clone()),
         ("--io-backend", "io_backend", args.io_backend.clone()),
         ("--tls-cert", "tls_cert", args.tls_cert.clone()),
         ("--tls-key", "tls_key", args.tls_key.clone()),
@@ -184,15 +197,21 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     for pattern in &config.conflate_topics {
         app = app.conflate(pattern, config.conflate_window());
     }
-    let broker = match RedisConfig::from_config(&config) {
-        Some(redis) => {
-            let broker = RedisBroker::start(redis, app.publisher().broker_sink())
-                .map_err(|e| format!("redis: {e}"))?;
-            app.hub().set_broker(broker.clone())?;
-            Some(broker)
+    let sink = app.publisher().broker_sink();
+    let broker: Option<Arc<dyn Broker>> = match config.broker_kind() {
+        BrokerKind::Redis => match RedisConfig::from_config(&config) {
+            Some(redis) => Some(RedisBroker::start(redis, sink).map_err(|e| format!("redis: {e}"))?),
+            None => return Err("broker = redis needs redis_url".into()),
+        },
+        BrokerKind::Nats => {
+            let nats = NatsConfig::from_config(&config);
+            Some(NatsBroker::start(nats, sink).map_err(|e| format!("nats: {e}"))?)
         }
-        None => None,
+        _ => None,
     };
+    if let Some(broker) = &broker {
+        app.hub().set_broker(broker.clone())?;
+    }
     // Installed before the server starts, so that a SIGTERM that comes as soon as
     // the listening line is out (or during the start) is not the default action.
     let mut signals = signal_hook::iterator::Signals::new([
