@@ -1553,6 +1553,49 @@ pub fn mask_url_password(url: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_broker_defaults_to_redis_with_a_url_and_needs_its_url() {
+        let mut config = Config::default();
+        assert_eq!(config.broker_kind(), BrokerKind::Local);
+        config.redis_url = "redis://127.0.0.1:6379".into();
+        assert_eq!(config.broker_kind(), BrokerKind::Redis);
+        assert_eq!(config.value_of("broker").as_deref(), Some("\"redis\""));
+        config.set("broker", "nats").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "broker = nats needs nats_url (--nats, RINGSOCKET_NATS_URL)"
+        );
+        config
+            .set("nats_url", "nats://app:secret@127.0.0.1:4222")
+            .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.value_of("nats_url").as_deref(),
+            Some("\"nats://app:***@127.0.0.1:4222\"")
+        );
+        config.set("broker", "redis").unwrap();
+        assert!(
+            config
+                .warnings()
+                .iter()
+                .any(|w| w.contains("nats_url is set"))
+        );
+        config.redis_url.clear();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("broker = redis needs redis_url"), "{err}");
+        assert!(
+            config
+                .set("broker", "kafka")
+                .unwrap_err()
+                .contains("local, redis or nats")
+        );
+        config.set("nats_url", "http://x").unwrap();
+        config.set("broker", "nats").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("nats_url: invalid NATS URL"), "{err}");
+    }
+
     /// The access and abuse settings read the same from the file and `--set`, check
     /// their values, and never print a secret.
     #[test]
@@ -1874,8 +1917,15 @@ mod tests {
             "{text}"
         );
         // What it prints is a configuration file again (once the password is put back).
+        // `broker` is printed as in effect (redis, from redis_url), then read as set.
         let reread = Config::from_toml(&text.replace("***", "s3cret")).unwrap();
-        assert_eq!(reread, config);
+        assert_eq!(
+            reread,
+            Config {
+                broker: Some(config.broker_kind()),
+                ..config.clone()
+            }
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -200,7 +200,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let sink = app.publisher().broker_sink();
     let broker: Option<Arc<dyn Broker>> = match config.broker_kind() {
         BrokerKind::Redis => match RedisConfig::from_config(&config) {
-            Some(redis) => Some(RedisBroker::start(redis, sink).map_err(|e| format!("redis: {e}"))?),
+            Some(redis) => {
+                Some(RedisBroker::start(redis, sink).map_err(|e| format!("redis: {e}"))?)
+            }
             None => return Err("broker = redis needs redis_url".into()),
         },
         BrokerKind::Nats => {

@@ -7,131 +7,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use common::redis::RedisServer;
-use common::{Client, http_exchange, ws_connect};
-use futures_util::{SinkExt, StreamExt};
+use common::serve::{Serve, assert_quiet, eventually, expect_sequence};
+use common::{http_exchange, ws_connect};
+use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-const PATIENCE: Duration = Duration::from_secs(15);
-
-/// A `ringsocket serve` child process, stopped with SIGTERM on drop.
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Serve {
-    fn start(redis_url: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringsocket"))
-            .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
-            .args(["--redis", redis_url])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let addr = line
-            .strip_prefix("ringsocket listening on ")
-            .and_then(|rest| {
-                rest.split(':')
-                    .take(2)
-                    .collect::<Vec<_>>()
-                    .join(":")
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| {
-                // Not left running (holding the test harness's pipes) after the panic.
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("unexpected first line {line:?}")
-            });
-        Self { child, addr }
-    }
-
-    async fn metric(&self, name: &str) -> Option<u64> {
-        let text = http_exchange(
-            self.addr,
-            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn next_text(client: &mut Client) -> String {
-    loop {
-        let message = tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("timed out waiting for a message")
-            .expect("stream ended")
-            .expect("read failed");
-        if let WsMessage::Text(text) = message {
-            return text.to_string();
-        }
-    }
-}
-
-/// Nothing more arrives within a short while.
-async fn assert_quiet(client: &mut Client, who: &str) {
-    if let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_millis(300), client.next()).await
-    {
-        panic!("{who} got an unexpected {message:?}");
-    }
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn expect_sequence(clients: &mut [Client], prefix: &str, n: usize) {
-    for (c, client) in clients.iter_mut().enumerate() {
-        for i in 0..n {
-            assert_eq!(
-                next_text(client).await,
-                format!("{prefix} {i}"),
-                "client {c}"
-            );
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_rooms_through_redis_and_survive_its_restart() {
     let mut redis = RedisServer::start();
-    let a = Serve::start(&redis.url());
-    let b = Serve::start(&redis.url());
+    let a = Serve::start(&["--redis", &redis.url()]);
+    let b = Serve::start(&["--redis", &redis.url()]);
     let mut on_a = Vec::new();
     let mut on_b = Vec::new();
     for _ in 0..3 {

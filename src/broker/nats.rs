@@ -291,6 +291,7 @@ impl NatsBroker {
             wanted: Mutex::new(HashSet::new()),
             wanted_changed: Notify::new(),
             stopping: AtomicBool::new(false),
+            was_connected: AtomicBool::new(false),
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -436,6 +437,8 @@ struct Shared {
     wanted: Mutex<HashSet<String>>,
     wanted_changed: Notify,
     stopping: AtomicBool,
+    /// Set at the first connection: later failures follow a "connection lost" line.
+    was_connected: AtomicBool,
 }
 
 impl Shared {
@@ -486,8 +489,11 @@ async fn run(
         .reconnect_delay_callback(move |attempts| {
             // `attempts` counts the tries since the last success, this one included.
             if attempts > 1 {
-                errors_shared.metrics.connection_errors.fetch_add(1, Ordering::Relaxed);
-                if attempts == 2 {
+                errors_shared
+                    .metrics
+                    .connection_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if attempts == 2 && !errors_shared.was_connected.load(Ordering::Relaxed) {
                     tracing::warn!(
                         addr = %errors_shared.addr,
                         "NATS broker: cannot connect; retrying in the background"
@@ -596,7 +602,10 @@ pub fn decode_topic(token: &str) -> Option<String> {
         let b = bytes[i];
         if b == b'%' {
             let hex = token.get(i + 1..i + 3)?;
-            if !hex.bytes().all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h)) {
+            if !hex
+                .bytes()
+                .all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h))
+            {
                 return None;
             }
             let byte = u8::from_str_radix(hex, 16).ok()?;
@@ -672,7 +681,13 @@ mod tests {
         assert!(check_url("nats://127.0.0.1:4222").is_ok());
         assert!(check_url("nats://a:4222, nats://b:4222").is_ok());
         assert!(check_url("tls://user:pw@nats.example.com").is_ok());
-        for bad in ["", "redis://x", "127.0.0.1:4222", "nats://", "nats://a,http://b"] {
+        for bad in [
+            "",
+            "redis://x",
+            "127.0.0.1:4222",
+            "nats://",
+            "nats://a,http://b",
+        ] {
             assert!(check_url(bad).is_err(), "{bad}");
         }
         let err = check_url("http://user:secret@x").unwrap_err().to_string();
@@ -705,7 +720,10 @@ mod tests {
         let nats = NatsConfig::from_config(&config);
         assert_eq!(nats.url, "nats://10.0.0.1:4222");
         assert_eq!((nats.publish_queue, nats.publish_queue_bytes), (10, 1000));
-        assert_eq!((nats.history_size, nats.history_ttl), (7, Duration::from_secs(60)));
+        assert_eq!(
+            (nats.history_size, nats.history_ttl),
+            (7, Duration::from_secs(60))
+        );
         assert_eq!(nats.max_payload, 4096);
     }
 
@@ -728,22 +746,30 @@ mod tests {
         config.publish_queue = 1;
         let broker = NatsBroker::start(config, sink).unwrap();
         assert!(broker.sequences());
-        assert_eq!(broker.publish("t", Kind::Text, Bytes::from_static(b"a")), Ok(()));
+        assert_eq!(
+            broker.publish("t", Kind::Text, Bytes::from_static(b"a")),
+            Ok(())
+        );
         assert_eq!(
             broker.publish("t", Kind::Text, Bytes::from_static(b"b")),
             Err(Refused::BacklogFull)
         );
         let (tx, rx) = std::sync::mpsc::channel();
-        broker.publish_acked(
-            "t",
-            Kind::Text,
-            Bytes::from_static(b"c"),
-            Box::new(move |position| {
-                let _ = tx.send(position);
-            }),
-        )
-        .unwrap_err();
-        assert_eq!(rx.recv().unwrap(), None, "a refused publish is acked with None");
+        broker
+            .publish_acked(
+                "t",
+                Kind::Text,
+                Bytes::from_static(b"c"),
+                Box::new(move |position| {
+                    let _ = tx.send(position);
+                }),
+            )
+            .unwrap_err();
+        assert_eq!(
+            rx.recv().unwrap(),
+            None,
+            "a refused publish is acked with None"
+        );
         broker.shutdown();
         let metrics = broker.metrics();
         assert_eq!(metrics.backlog_messages.load(Ordering::Relaxed), 0);

@@ -1,7 +1,10 @@
 //! Helpers shared by the loopback server tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod nats;
 pub mod redis;
+#[cfg(feature = "cli")]
+pub mod serve;
 pub mod tls;
 pub mod v1;
 

@@ -13,8 +13,8 @@ use tokio::task::JoinSet;
 
 use super::reader::{Appended, Failure, Head, Store};
 use super::{Shared, lock};
-use crate::broker::backlog::{Backlog, Outbound, RateLimit};
 use crate::broker::Inbound;
+use crate::broker::backlog::{Backlog, Outbound, RateLimit};
 
 /// Topics with an append in flight at once (and JetStream acks awaited).
 pub(super) const MAX_IN_FLIGHT: usize = 1024;
@@ -141,7 +141,9 @@ impl Publisher {
         let stop = self.stop.clone();
         self.flying.insert(topic.clone());
         self.tasks.spawn(async move {
-            let (head, result) = store.append(&topic, (kind, &payload), seq, head, stop).await;
+            let (head, result) = store
+                .append(&topic, (kind, &payload), seq, head, stop)
+                .await;
             (topic, head, result)
         });
     }

@@ -178,7 +178,10 @@ impl Store {
             },
             // Not ours: numbering starts over after it, in a new epoch.
             None => {
-                self.shared.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .metrics
+                    .malformed
+                    .fetch_add(1, Ordering::Relaxed);
                 Head {
                     seq,
                     offset: 0,
@@ -340,11 +343,7 @@ impl Store {
     }
 
     /// The first message of `subject` at or after stream sequence `from`.
-    async fn next_from(
-        &self,
-        subject: &str,
-        from: u64,
-    ) -> Result<Option<(u64, Bytes)>, Trouble> {
+    async fn next_from(&self, subject: &str, from: u64) -> Result<Option<(u64, Bytes)>, Trouble> {
         let got = self
             .stream
             .raw_message_builder()
@@ -480,7 +479,8 @@ impl Store {
             }
         }
         let entries = if since < head.offset {
-            self.range(topic, &head, (since, head.offset, limit)).await?
+            self.range(topic, &head, (since, head.offset, limit))
+                .await?
         } else {
             Vec::new()
         };
@@ -595,7 +595,13 @@ mod tests {
             Some((7, "00ab", &b"rsb\x02..."[..]))
         );
         assert_eq!(split_stored(b"rso 0 00ab "), Some((0, "00ab", &b""[..])));
-        for bad in [&b"rso 0 00ab"[..], b"rso 0  ", b"rso 0 a-b ", b"hello", b"rso x y z"] {
+        for bad in [
+            &b"rso 0 00ab"[..],
+            b"rso 0  ",
+            b"rso 0 a-b ",
+            b"hello",
+            b"rso x y z",
+        ] {
             assert_eq!(split_stored(bad), None, "{bad:?}");
         }
     }

@@ -87,6 +87,7 @@ impl Listener {
         match event {
             async_nats::Event::Connected => {
                 metrics.connected.store(1, Ordering::Relaxed);
+                shared.was_connected.store(true, Ordering::Relaxed);
                 match self.down_since.take() {
                     Some((since, true)) => {
                         metrics.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -125,8 +126,9 @@ impl Listener {
             async_nats::Event::ServerError(e) => {
                 tracing::warn!(addr = %shared.addr, "NATS broker: server error: {e}");
             }
+            // Each failed attempt while reconnecting (logged once, above).
             async_nats::Event::ClientError(e) => {
-                tracing::warn!(addr = %shared.addr, "NATS broker: client error: {e}");
+                tracing::debug!(addr = %shared.addr, "NATS broker: client error: {e}");
             }
             other => tracing::info!(addr = %shared.addr, "NATS broker: {other}"),
         }
@@ -246,12 +248,10 @@ impl Listener {
             return;
         };
         let timeout = shared.config.io_timeout * 2;
-        let filled = tokio::time::timeout(
-            timeout,
-            self.store.fill(&inbound.topic, after, offset - 1),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+        let filled =
+            tokio::time::timeout(timeout, self.store.fill(&inbound.topic, after, offset - 1))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
         match filled {
             Ok(entries) => {
                 let n = entries.len() as u64;
@@ -286,7 +286,10 @@ impl Listener {
         match catch_unwind(AssertUnwindSafe(|| (self.shared.sink)(inbound))) {
             Ok(accepted) => Some(accepted),
             Err(_) => {
-                tracing::error!(topic, "NATS broker: the sink panicked on a message; dropped");
+                tracing::error!(
+                    topic,
+                    "NATS broker: the sink panicked on a message; dropped"
+                );
                 None
             }
         }
