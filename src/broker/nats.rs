@@ -19,7 +19,7 @@
 //!   local subscribers to.
 //!
 //! Every stored message is `rso <offset> <epoch> ` followed by the binary envelope
-//! ([`crate::broker::envelope`]: origin, the process's sequence number, kind, payload),
+//! (`src/broker/envelope.rs`: origin, the process's sequence number, kind, payload),
 //! the same bytes the Redis broker publishes.
 //!
 //! # Offsets: optimistic appends per subject
@@ -64,7 +64,7 @@
 //! # NATS away
 //!
 //! Local delivery goes on; publishes wait in the backlog (`redis_backlog_messages` /
-//! `redis_backlog_bytes`, shared with the Redis broker: [`crate::broker::backlog`]) and
+//! `redis_backlog_bytes`, shared with the Redis broker: `src/broker/backlog.rs`) and
 //! are appended, in order per topic, once NATS is back. The client (`async-nats`)
 //! reconnects with backoff and jitter and resubscribes; then the broker reads the last
 //! message of every topic it listens to and fills what it missed meanwhile from the
@@ -710,13 +710,15 @@ mod tests {
 
     #[test]
     fn settings_come_from_the_server_config() {
-        let mut config = Config::default();
-        config.nats_url = "nats://10.0.0.1:4222".into();
-        config.redis_backlog_messages = 10;
-        config.redis_backlog_bytes = 1000;
-        config.history_size = 7;
-        config.history_ttl_secs = 60;
-        config.max_message_size = 4096;
+        let config = Config {
+            nats_url: "nats://10.0.0.1:4222".into(),
+            redis_backlog_messages: 10,
+            redis_backlog_bytes: 1000,
+            history_size: 7,
+            history_ttl_secs: 60,
+            max_message_size: 4096,
+            ..Config::default()
+        };
         let nats = NatsConfig::from_config(&config);
         assert_eq!(nats.url, "nats://10.0.0.1:4222");
         assert_eq!((nats.publish_queue, nats.publish_queue_bytes), (10, 1000));
