@@ -181,6 +181,45 @@ impl fmt::Display for IoBackend {
     }
 }
 
+/// Which broker carries publishes between processes (`broker`).
+///
+/// Written `local`, `redis` or `nats`; unset, `redis` when `redis_url` is set, else
+/// `local` ([`Config::broker_kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BrokerKind {
+    /// No broker: this process alone (the embedded in-process fan-out).
+    Local,
+    /// Redis Pub/Sub, with offsets and history at Redis (`redis_url`).
+    Redis,
+    /// Core NATS for live fan-out, JetStream for offsets and history (`nats_url`).
+    Nats,
+}
+
+impl BrokerKind {
+    /// The canonical spelling, as `ringsocket config` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Redis => "redis",
+            Self::Nats => "nats",
+        }
+    }
+}
+
+impl FromStr for BrokerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match spelling(s).as_str() {
+            "local" => Ok(Self::Local),
+            "redis" => Ok(Self::Redis),
+            "nats" => Ok(Self::Nats),
+            _ => Err(format!("expected local, redis or nats, got {s:?}")),
+        }
+    }
+}
+
 /// The server's settings. Durations are in seconds in the file and the environment.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -254,6 +293,15 @@ pub struct Config {
     /// The Redis broker's backlog, in payload bytes; beyond it the same as
     /// `redis_backlog_messages`. Default 64 MiB.
     pub redis_backlog_bytes: usize,
+    /// Which broker carries publishes between processes: `local`, `redis` or `nats`.
+    /// Default (`None`): `redis` when `redis_url` is set, else `local`
+    /// ([`Config::broker_kind`]). The backlog bounds `redis_backlog_*` apply to
+    /// whichever broker runs.
+    pub broker: Option<BrokerKind>,
+    /// NATS server(s) for `broker = nats`, `nats://[user:password@]host[:port]`
+    /// (comma-separated for a cluster's seeds; `tls://` for TLS). JetStream must be
+    /// enabled (`nats-server -js`). Default empty.
+    pub nats_url: String,
     /// Background executor threads (never the I/O cores). Default 1.
     pub task_threads: usize,
     /// Background jobs the queue holds, queued or reserved by requests whose response
@@ -423,6 +471,8 @@ impl Default for Config {
             redis_prefix: "ringsocket:".to_owned(),
             redis_backlog_messages: 65_536,
             redis_backlog_bytes: 64 << 20,
+            broker: None,
+            nats_url: String::new(),
             task_threads: 1,
             task_queue_capacity: 10_000,
             task_nice: 0,
@@ -483,7 +533,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Every setting's name, in the order `ringsocket config` prints them.
-pub const FIELDS: [&str; 66] = [
+pub const FIELDS: [&str; 68] = [
     "bind",
     "workers",
     "io_backend",
@@ -507,6 +557,8 @@ pub const FIELDS: [&str; 66] = [
     "redis_prefix",
     "redis_backlog_messages",
     "redis_backlog_bytes",
+    "broker",
+    "nats_url",
     "task_threads",
     "task_queue_capacity",
     "task_nice",
@@ -635,6 +687,8 @@ impl Config {
             "redis_prefix" => self.redis_prefix = value.to_owned(),
             "redis_backlog_messages" => self.redis_backlog_messages = whole(value)?,
             "redis_backlog_bytes" => self.redis_backlog_bytes = whole(value)?,
+            "broker" => self.broker = Some(value.parse()?),
+            "nats_url" => self.nats_url = value.trim().to_owned(),
             "task_threads" => self.task_threads = whole(value)?,
             "task_queue_capacity" => self.task_queue_capacity = whole(value)?,
             "task_nice" => self.task_nice = whole(value)?,
@@ -751,6 +805,14 @@ impl Config {
             "redis_prefix" => Value::String(self.redis_prefix.clone()),
             "redis_backlog_messages" => int(self.redis_backlog_messages),
             "redis_backlog_bytes" => int(self.redis_backlog_bytes),
+            "broker" => Value::String(self.broker_kind().as_str().to_owned()),
+            "nats_url" => Value::String(
+                self.nats_url
+                    .split(',')
+                    .map(mask_url_password)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
             "task_threads" => int(self.task_threads),
             "task_queue_capacity" => int(self.task_queue_capacity),
             "task_nice" => Value::Integer(i64::from(self.task_nice)),
@@ -917,6 +979,23 @@ impl Config {
             1,
             usize::MAX,
         )?;
+        match self.broker_kind() {
+            BrokerKind::Redis if self.redis_url.is_empty() => {
+                return Err(ConfigError(
+                    "broker = redis needs redis_url (--redis, RINGSOCKET_REDIS_URL)".into(),
+                ));
+            }
+            BrokerKind::Nats if self.nats_url.is_empty() => {
+                return Err(ConfigError(
+                    "broker = nats needs nats_url (--nats, RINGSOCKET_NATS_URL)".into(),
+                ));
+            }
+            _ => {}
+        }
+        if !self.nats_url.is_empty() {
+            crate::broker::nats::check_url(&self.nats_url)
+                .map_err(|e| ConfigError(format!("nats_url: {e}")))?;
+        }
         match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
             (false, true) => {
                 return Err(ConfigError(
@@ -1111,12 +1190,19 @@ impl Config {
             }
         }
         let largest_publish = self.max_message_size.max(self.max_body_bytes);
-        if !self.redis_url.is_empty() && self.redis_backlog_bytes < largest_publish {
+        if self.broker_kind() != BrokerKind::Local && self.redis_backlog_bytes < largest_publish {
             warnings.push(format!(
                 "redis_backlog_bytes = {} is below the largest message a client may \
                  publish ({largest_publish} bytes, max_message_size or max_body_bytes): \
                  such a message is always refused",
                 self.redis_backlog_bytes
+            ));
+        }
+        let kind = self.broker_kind();
+        if !self.nats_url.is_empty() && kind != BrokerKind::Nats {
+            warnings.push(format!(
+                "nats_url is set but broker = {}: NATS is not used (set broker = nats)",
+                kind.as_str()
             ));
         }
         if self.idle_timeout_secs > 0.0 && self.idle_timeout_secs < self.ping_interval_secs {
@@ -1143,7 +1229,10 @@ impl Config {
             if field == "workers" && self.workers == 0 {
                 note.push_str(&format!("; 0 = one per core: {} here", self.worker_count()));
             }
-            if field.ends_with("redis_url") && value.contains("***") {
+            if field == "broker" && self.broker.is_none() {
+                note.push_str("; from redis_url");
+            }
+            if (field.ends_with("redis_url") || field == "nats_url") && value.contains("***") {
                 note.push_str("; password masked");
             }
             out.push_str(&format!("{field} = {value}  # {note}\n"));
@@ -1152,6 +1241,16 @@ impl Config {
             out.push_str(&format!("# WARNING: {warning}\n"));
         }
         out
+    }
+
+    /// The broker in use: [`Config::broker`], or by default `redis` when `redis_url` is
+    /// set, else `local`.
+    pub fn broker_kind(&self) -> BrokerKind {
+        self.broker.unwrap_or(if self.redis_url.is_empty() {
+            BrokerKind::Local
+        } else {
+            BrokerKind::Redis
+        })
     }
 
     /// [`Config::handshake_timeout_secs`] as a `Duration`.
@@ -1555,6 +1654,49 @@ pub fn mask_url_password(url: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_broker_defaults_to_redis_with_a_url_and_needs_its_url() {
+        let mut config = Config::default();
+        assert_eq!(config.broker_kind(), BrokerKind::Local);
+        config.redis_url = "redis://127.0.0.1:6379".into();
+        assert_eq!(config.broker_kind(), BrokerKind::Redis);
+        assert_eq!(config.value_of("broker").as_deref(), Some("\"redis\""));
+        config.set("broker", "nats").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "broker = nats needs nats_url (--nats, RINGSOCKET_NATS_URL)"
+        );
+        config
+            .set("nats_url", "nats://app:secret@127.0.0.1:4222")
+            .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.value_of("nats_url").as_deref(),
+            Some("\"nats://app:***@127.0.0.1:4222\"")
+        );
+        config.set("broker", "redis").unwrap();
+        assert!(
+            config
+                .warnings()
+                .iter()
+                .any(|w| w.contains("nats_url is set"))
+        );
+        config.redis_url.clear();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("broker = redis needs redis_url"), "{err}");
+        assert!(
+            config
+                .set("broker", "kafka")
+                .unwrap_err()
+                .contains("local, redis or nats")
+        );
+        config.set("nats_url", "http://x").unwrap();
+        config.set("broker", "nats").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("nats_url: invalid NATS URL"), "{err}");
+    }
+
     /// The access and abuse settings read the same from the file and `--set`, check
     /// their values, and never print a secret.
     #[test]
@@ -1876,8 +2018,15 @@ mod tests {
             "{text}"
         );
         // What it prints is a configuration file again (once the password is put back).
+        // `broker` is printed as in effect (redis, from redis_url), then read as set.
         let reread = Config::from_toml(&text.replace("***", "s3cret")).unwrap();
-        assert_eq!(reread, config);
+        assert_eq!(
+            reread,
+            Config {
+                broker: Some(config.broker_kind()),
+                ..config.clone()
+            }
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

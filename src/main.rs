@@ -10,7 +10,9 @@ use std::io::Write as _;
 use clap::{Parser, Subcommand};
 use ringsocket::app::App;
 use ringsocket::broker::Broker;
+use ringsocket::broker::nats::{NatsBroker, NatsConfig};
 use ringsocket::broker::redis::{RedisBroker, RedisConfig};
+use ringsocket::config::BrokerKind;
 use ringsocket::config::{Config, Loader, Sources};
 use ringsocket::runtime::Server;
 
@@ -61,6 +63,15 @@ struct ServeArgs {
     /// over its masters [default: false; env RINGSOCKET_REDIS_CLUSTER].
     #[arg(long)]
     redis_cluster: bool,
+    /// NATS server (JetStream enabled) joining this process's rooms with other
+    /// processes, e.g. nats://127.0.0.1:4222; with --broker nats [default: none; env
+    /// RINGSOCKET_NATS_URL].
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// The broker between processes: local, redis or nats [default: redis with
+    /// --redis, else local; env RINGSOCKET_BROKER].
+    #[arg(long, value_name = "KIND")]
+    broker: Option<String>,
     /// TLS certificate chain, PEM; with --tls-key, every listener speaks TLS (wss://,
     /// https://); reloaded on SIGHUP [default: none; env RINGSOCKET_TLS_CERT].
     #[arg(long, value_name = "FILE")]
@@ -134,6 +145,8 @@ fn load_config(args: &ServeArgs) -> Result<(Config, Sources), String> {
             "redis_cluster",
             args.redis_cluster.then(|| "true".to_owned()),
         ),
+        ("--nats", "nats_url", args.nats.clone()),
+        ("--broker", "broker", args.broker.clone()),
         ("--io-backend", "io_backend", args.io_backend.clone()),
         ("--tls-cert", "tls_cert", args.tls_cert.clone()),
         ("--tls-key", "tls_key", args.tls_key.clone()),
@@ -193,15 +206,23 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     for pattern in &config.conflate_topics {
         app = app.conflate(pattern, config.conflate_window());
     }
-    let broker = match RedisConfig::from_config(&config) {
-        Some(redis) => {
-            let broker = RedisBroker::start(redis, app.publisher().broker_sink())
-                .map_err(|e| format!("redis: {e}"))?;
-            app.hub().set_broker(broker.clone())?;
-            Some(broker)
+    let sink = app.publisher().broker_sink();
+    let broker: Option<Arc<dyn Broker>> = match config.broker_kind() {
+        BrokerKind::Redis => match RedisConfig::from_config(&config) {
+            Some(redis) => {
+                Some(RedisBroker::start(redis, sink).map_err(|e| format!("redis: {e}"))?)
+            }
+            None => return Err("broker = redis needs redis_url".into()),
+        },
+        BrokerKind::Nats => {
+            let nats = NatsConfig::from_config(&config);
+            Some(NatsBroker::start(nats, sink).map_err(|e| format!("nats: {e}"))?)
         }
-        None => None,
+        _ => None,
     };
+    if let Some(broker) = &broker {
+        app.hub().set_broker(broker.clone())?;
+    }
     // Installed before the server starts, so that a SIGTERM that comes as soon as
     // the listening line is out (or during the start) is not the default action.
     let mut signals = signal_hook::iterator::Signals::new([

@@ -3,7 +3,8 @@
 //!
 //! The in-process fan-out (every core of this process) is the `pubsub` layer's job and
 //! needs no broker: that is the embedded default. A [`Broker`] only carries messages
-//! *between* processes, for example over Redis Pub/Sub ([`redis`]).
+//! *between* processes: over Redis Pub/Sub ([`redis`]) or NATS with JetStream
+//! ([`nats`]).
 //!
 //! Contract, for every implementation:
 //! - [`Broker::publish`] forwards a message published on this process to the other
@@ -24,6 +25,9 @@
 //!   forwards the backlog in publish order. What it cannot forward (refused while the
 //!   backlog is full, or still in it at shutdown) is counted in [`BrokerMetrics`].
 
+mod backlog;
+mod envelope;
+pub mod nats;
 pub mod redis;
 
 use std::fmt;

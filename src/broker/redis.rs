@@ -76,7 +76,6 @@
 //! read timeout on the subscriber, `redis::pipe()` on the publisher.
 
 mod cluster;
-mod envelope;
 mod history;
 mod publisher;
 mod subscriber;
@@ -95,6 +94,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
+use super::backlog::{Backlog, Outbound, QueueFailed, RateLimit};
+use super::envelope;
 use super::{Ack, Broker, BrokerMetrics, BrokerSink, HistoryReply, Kind, Refused};
 use crate::config::Config;
 use cluster::Topology;
@@ -345,6 +346,7 @@ impl RedisBroker {
         let (stop, stop_rx) = crossbeam_channel::bounded(0);
         let (reads, reads_rx) = crossbeam_channel::bounded(MAX_READS);
         let with_history = config.history.is_some();
+        let backlog = Backlog::new("Redis", config.publish_queue, config.publish_queue_bytes);
         let shared = Arc::new(Shared {
             config,
             client,
@@ -360,7 +362,7 @@ impl RedisBroker {
             topology: RwLock::new(Arc::new(topology)),
             generation: AtomicU64::new(0),
             refresh_asked: AtomicBool::new(false),
-            backlog_full_log: RateLimit::new(),
+            backlog,
         });
         let broker = Arc::new(Self {
             shared: shared.clone(),
@@ -428,40 +430,20 @@ impl RedisBroker {
         ack: Option<Ack>,
     ) -> Result<(), Refused> {
         let shared = &self.shared;
-        if shared.stopping() {
-            shared.failed(1);
-            return Err(Refused::Stopped);
-        }
-        let size = payload.len() as u64;
-        if !shared.reserve(size) {
-            shared.refused();
-            return Err(Refused::BacklogFull);
-        }
-        let message = Outbound {
-            topic: topic.into(),
-            kind,
-            payload,
+        shared.backlog.take(
+            &shared.metrics,
+            shared.stopping(),
+            (topic, kind, payload),
             ack,
-            seq: 0,
-        };
-        match self.queue.try_send(message) {
-            Ok(()) => Ok(()),
-            // Never while the reservation holds (the channel has room for the whole
-            // backlog); refused all the same.
-            Err(TrySendError::Full(message)) => {
-                message.unacked();
-                shared.release(1, size);
-                shared.refused();
-                Err(Refused::BacklogFull)
-            }
-            // After shutdown: nothing forwards any more.
-            Err(TrySendError::Disconnected(message)) => {
-                message.unacked();
-                shared.release(1, size);
-                shared.failed(1);
-                Err(Refused::Stopped)
-            }
-        }
+            |message| {
+                self.queue.try_send(message).map_err(|e| match e {
+                    TrySendError::Full(message) => QueueFailed::Full(message),
+                    TrySendError::Disconnected(message) => QueueFailed::Closed(message),
+                })
+            },
+            || lock(&shared.links)[Link::Publisher as usize],
+            &shared.addr,
+        )
     }
 }
 
@@ -538,36 +520,6 @@ impl Drop for RedisBroker {
 /// Questions the reader thread may hold before `history` answers "busy".
 const MAX_READS: usize = 16_384;
 
-/// A message waiting to be forwarded.
-struct Outbound {
-    topic: Box<str>,
-    kind: Kind,
-    payload: Bytes,
-    /// Told the offset and epoch Redis gave it (with [`RedisConfig::history`]).
-    ack: Option<Ack>,
-    /// Its sequence number, given when the publisher takes it (0 until then).
-    seq: u64,
-}
-
-impl fmt::Debug for Outbound {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Outbound")
-            .field("topic", &self.topic)
-            .field("kind", &self.kind)
-            .field("bytes", &self.payload.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Outbound {
-    /// Tells the ack, if any, that no offset will come.
-    fn unacked(self) {
-        if let Some(ack) = self.ack {
-            ack(None);
-        }
-    }
-}
-
 /// A random generator seeded from the process's origin id.
 fn seeded_rng(origin: &Origin) -> ChaCha8Rng {
     let mut seed = [0; 32];
@@ -637,7 +589,7 @@ struct Shared {
     /// Set by a thread that saw the topology change (a redirect, a lost node): the
     /// subscriber thread reads it again.
     refresh_asked: AtomicBool,
-    backlog_full_log: RateLimit,
+    backlog: Backlog,
 }
 
 impl Shared {
@@ -647,69 +599,13 @@ impl Shared {
 
     /// Counts `n` messages that could not be forwarded.
     fn failed(&self, n: u64) {
-        self.metrics.publish_failed.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Takes room in the backlog for one message of `size` payload bytes; false (and
-    /// nothing taken) when it does not fit. Never more than the bounds, even with many
-    /// cores publishing at once.
-    fn reserve(&self, size: u64) -> bool {
-        let metrics = &self.metrics;
-        let max_messages = self.config.publish_queue as u64;
-        let max_bytes = self.config.publish_queue_bytes as u64;
-        let took_message = metrics
-            .backlog_messages
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max_messages).then_some(n + 1)
-            })
-            .is_ok();
-        if !took_message {
-            return false;
-        }
-        let took_bytes = metrics
-            .backlog_bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                n.checked_add(size).filter(|&total| total <= max_bytes)
-            })
-            .is_ok();
-        if !took_bytes {
-            metrics.backlog_messages.fetch_sub(1, Ordering::Relaxed);
-        }
-        took_bytes
+        Backlog::failed(&self.metrics, n);
     }
 
     /// Gives back the room of `messages` messages of `bytes` payload bytes in all:
     /// acknowledged by Redis, or abandoned at shutdown.
     fn release(&self, messages: u64, bytes: u64) {
-        self.metrics
-            .backlog_messages
-            .fetch_sub(messages, Ordering::Relaxed);
-        self.metrics
-            .backlog_bytes
-            .fetch_sub(bytes, Ordering::Relaxed);
-    }
-
-    /// Counts a publish refused for a full backlog, and logs it (at most once a second)
-    /// with the cause.
-    fn refused(&self) {
-        self.failed(1);
-        self.metrics.backlog_full.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.backlog_full_log.check() {
-            let cause = if lock(&self.links)[Link::Publisher as usize] {
-                "Redis is not keeping up"
-            } else {
-                "Redis is unreachable"
-            };
-            tracing::warn!(
-                addr = %self.addr,
-                messages = self.metrics.backlog_messages.load(Ordering::Relaxed),
-                bytes = self.metrics.backlog_bytes.load(Ordering::Relaxed),
-                max_messages = self.config.publish_queue,
-                max_bytes = self.config.publish_queue_bytes,
-                "Redis broker: backlog full ({cause}): publishes are refused \
-                 ({suppressed} more refused since the last such line)"
-            );
-        }
+        Backlog::release(&self.metrics, messages, bytes);
     }
 
     /// The Redis channel of `topic`, written into `out`: `prefix + topic`, or with
@@ -1177,40 +1073,6 @@ impl Backoff {
     }
 }
 
-/// Lets one log line through per second, counting the ones it holds back.
-struct RateLimit {
-    start: Instant,
-    /// Milliseconds since `start` before which no line is logged.
-    next_ms: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl RateLimit {
-    fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            next_ms: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines held back since the last one)` when a line may be logged now.
-    fn check(&self) -> Option<u64> {
-        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_ms
-                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Ordering::Relaxed));
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
 /// An error of ours, for a reply the broker cannot use.
 fn redis_error(what: &'static str) -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, what))
@@ -1250,16 +1112,6 @@ mod tests {
         assert_eq!(backoff.step, max);
         backoff.reset();
         assert!(backoff.next() <= min);
-    }
-
-    #[test]
-    fn rate_limit_lets_one_line_a_second_through_and_counts_the_rest() {
-        let limit = RateLimit::new();
-        assert_eq!(limit.check(), Some(0));
-        assert_eq!(limit.check(), None);
-        assert_eq!(limit.check(), None);
-        limit.next_ms.store(0, Ordering::Relaxed);
-        assert_eq!(limit.check(), Some(2));
     }
 
     #[test]

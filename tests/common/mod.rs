@@ -1,6 +1,7 @@
 //! Helpers shared by the loopback server tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod nats;
 pub mod redis;
 pub mod redis_cluster;
 #[cfg(feature = "cli")]

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use super::{Client, PATIENCE, http_exchange};
 
 /// A `ringsocket serve` child process, stopped with SIGTERM on drop.
+#[derive(Debug)]
 pub struct Serve {
     child: Child,
     pub addr: SocketAddr,
@@ -24,15 +25,23 @@ impl Serve {
         Self::with_args(&["--redis", redis_url])
     }
 
-    /// `ringsocket serve` with `args`, two workers, on a free loopback port.
+    /// `ringsocket serve` with `args`, two workers, on a free loopback port; waits for
+    /// its listening line. `RINGSOCKET_IO_BACKEND` goes through (the suites run per
+    /// backend); the test harness's other `RINGSOCKET_*` variables do not (the server
+    /// refuses unknown ones).
     pub fn with_args(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringsocket"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringsocket"));
+        command
             .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
             .args(args)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::piped());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("RINGSOCKET_") && key != "RINGSOCKET_IO_BACKEND" {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();

@@ -1,4 +1,5 @@
-//! The binary envelope a message travels in between processes, on a Redis channel.
+//! The binary envelope a message travels in between processes (on a Redis channel, a
+//! NATS subject, in a Redis or JetStream stream).
 //!
 //! ```text
 //! version 2 (written)            version 1 (still read)
