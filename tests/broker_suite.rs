@@ -19,6 +19,7 @@ mod common;
 
 use common::nats::NatsServer;
 use common::redis::RedisServer;
+use common::redis_cluster::RedisCluster;
 use common::serve::{Serve, assert_quiet, eventually, expect_sequence};
 use common::v1::{next, subscribe, v1};
 use common::{Client, http_exchange, ws_connect};
@@ -94,6 +95,35 @@ impl Fixture for Redis {
     }
 }
 
+/// A Redis Cluster of three masters without persistence (`redis_cluster = true`); away
+/// and back means all three stop, then restart empty and rejoin.
+struct Cluster(RedisCluster);
+
+impl Fixture for Cluster {
+    const NAME: &'static str = "redis_cluster";
+    fn start() -> Self {
+        Self(RedisCluster::start())
+    }
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--broker".into(),
+            "redis".into(),
+            "--redis-cluster".into(),
+            "--redis".into(),
+            self.0.url(),
+        ]
+    }
+    fn stop(&mut self) {
+        self.0.stop_all();
+    }
+    fn restart(&mut self) {
+        self.0.restart_all();
+    }
+    fn keeps_history(&self) -> bool {
+        false
+    }
+}
+
 /// A `nats-server -js` with its own store directory (kept across restarts).
 struct Nats(NatsServer);
 
@@ -150,6 +180,7 @@ macro_rules! broker_suite {
 
 broker_suite!(local, super::Local);
 broker_suite!(redis, super::Redis);
+broker_suite!(redis_cluster, super::Cluster);
 broker_suite!(nats, super::Nats);
 
 /// One or two nodes on the fixture's broker.

@@ -236,6 +236,28 @@ impl RedisCluster {
         self.wait_ok();
     }
 
+    /// Kills every node: the whole cluster is away.
+    pub fn stop_all(&mut self) {
+        for node in 0..self.ports.len() {
+            self.stop(node);
+        }
+    }
+
+    /// Starts every node again on its port, empty (each rejoins from its cluster
+    /// config file), and returns once all report `cluster_state:ok`.
+    pub fn restart_all(&mut self) {
+        self.stop_all();
+        for node in 0..self.ports.len() {
+            if let Err(e) = self.spawn(node) {
+                panic!(
+                    "redis-server did not restart on port {}: {e}",
+                    self.ports[node]
+                );
+            }
+        }
+        self.wait_ok();
+    }
+
     /// Waits until every running node reports `cluster_state:ok`.
     pub fn wait_ok(&self) {
         let deadline = Instant::now() + READY_TIMEOUT;
