@@ -415,6 +415,51 @@ fn broadcast_through_ringsocket_rooms() {
     wait_for_no_connections(&server);
 }
 
+/// `--rooms 2` on `/ws/bench-{room}` with `--sub-urls` naming the server twice (two
+/// hosts): each subscriber gets its room's publishers' messages only, every one of
+/// them, and each sub URL's latency is kept apart.
+#[test]
+fn broadcast_over_rooms_and_sub_urls() {
+    let server = start(|c| c.workers = 2);
+    let port = server.local_addr().port();
+    let mut options = small_broadcast(format!("ws://127.0.0.1:{port}/ws/bench-{{room}}"));
+    options.rooms = 2;
+    options.pubs = 4;
+    options.sub_urls = vec![
+        format!("ws://127.0.0.1:{port}/ws/bench-{{room}}"),
+        format!("ws://localhost:{port}/ws/bench-{{room}}"),
+    ];
+    let report = bench::broadcast(&options, &Progress::hidden()).unwrap();
+    let step = &report.steps[0];
+    // 200 msg/s over 4 publishers for 0.7 s: 35 each, 140 in all; each message goes
+    // to the 10 subscribers of its room only.
+    assert_eq!(step.published, 140, "{report}");
+    assert_eq!(step.expected, 140 * 10, "{report}");
+    assert_eq!(step.delivered, step.expected, "{report}");
+    assert_eq!(
+        (step.lost, step.duplicated, step.reordered, step.malformed),
+        (0, 0, 0, 0),
+        "{report}"
+    );
+    assert_eq!(step.latency_by_sub_url.len(), 2, "{report}");
+    let by_url: u64 = step
+        .latency_by_sub_url
+        .iter()
+        .map(|u| {
+            assert!(u.latency_us.samples > 0, "{report}");
+            u.latency_us.samples
+        })
+        .sum();
+    assert_eq!(by_url, step.window_deliveries, "{report}");
+    assert_eq!(step.verdict, Verdict::Pass, "{report}");
+    let shown = report.to_string();
+    assert!(
+        shown.contains("2 rooms") && shown.contains("on ws://localhost:"),
+        "{shown}"
+    );
+    wait_for_no_connections(&server);
+}
+
 /// `--payload json`: text messages with the header as hex digits, through ringsocket's
 /// `/broadcast`, every one accounted for as with binary ones.
 #[test]

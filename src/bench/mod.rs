@@ -64,7 +64,8 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub use broadcast::{
-    BroadcastOptions, BroadcastReport, HEADER_BYTES, StepReport, V1Subscribers, Verdict, broadcast,
+    BroadcastOptions, BroadcastReport, HEADER_BYTES, StepReport, SubUrlLatency, V1Subscribers,
+    Verdict, broadcast,
 };
 pub use common::{CommonOptions, OutputOptions};
 pub use compare::{ComparedFigure, Comparison, Figure, Run, Summary};

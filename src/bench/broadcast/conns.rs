@@ -12,13 +12,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::LocalSet;
 
+use super::layout::Layout;
 use super::message::{Arrival, Format, Header, Track};
 use super::v1::{self, Envelope};
 use super::{BroadcastOptions, Collected, Phase, Plan, Shared, StepStats, ThreadEnd};
 use crate::bench::client::{self, Client};
 use crate::bench::new_runtime;
 use crate::bench::stats;
-use crate::bench::target::Target;
 use crate::proto::{CloseCode, Event};
 
 /// A thread's subscribers' tracks and its counts, shared by its tasks.
@@ -26,12 +26,19 @@ use crate::proto::{CloseCode, Event};
 pub(super) struct ThreadState {
     pubs: usize,
     format: Rc<Format>,
-    /// With --v1: takes the message out of each publication.
-    envelope: Option<Envelope>,
-    /// `tracks[sub * pubs + publisher]`.
+    /// With --v1, per room: takes the message out of each publication of its topic.
+    envelopes: Vec<Envelope>,
+    /// `tracks[sub * pubs + publisher]`; only those of a subscriber's room's
+    /// publishers are used.
     tracks: Vec<Track>,
-    /// Per subscriber: publishers heard during the probe.
-    heard: Vec<Vec<bool>>,
+    /// Per subscriber: its room, and its sub URL when their latency is kept apart.
+    subs: Vec<SubPlace>,
+    /// Per publisher: its room.
+    pub_rooms: Vec<usize>,
+    /// Per room: its publishers.
+    room_pubs: Vec<usize>,
+    /// Per subscriber: publishers heard during the probe, and how many.
+    heard: Vec<(Vec<bool>, usize)>,
     /// The step `stats` belong to.
     stats_step: u32,
     stats: StepStats,
@@ -41,14 +48,44 @@ pub(super) struct ThreadState {
     publish_due: Vec<Option<Instant>>,
 }
 
+/// Where a thread's subscriber is.
+#[derive(Debug, Clone, Copy)]
+struct SubPlace {
+    room: usize,
+    /// Its sub URL, when each one's latency is kept apart.
+    url: Option<usize>,
+}
+
 impl ThreadState {
-    fn new(subs: usize, pubs: usize, format: Rc<Format>, envelope: Option<Envelope>) -> Self {
+    /// `subs`: the global indices of the thread's subscribers, in order.
+    fn new(
+        subs: &[usize],
+        pubs: usize,
+        format: Rc<Format>,
+        v1_topics: Option<Vec<String>>,
+        layout: &Layout,
+    ) -> Self {
+        let split = layout.split_urls() > 0;
+        let places: Vec<SubPlace> = subs
+            .iter()
+            .map(|&i| SubPlace {
+                room: layout.sub_room(i),
+                url: split.then(|| layout.sub_url(i)),
+            })
+            .collect();
         Self {
             pubs,
             format,
-            envelope,
-            tracks: vec![Track::default(); subs * pubs],
-            heard: vec![vec![false; pubs]; subs],
+            envelopes: v1_topics
+                .unwrap_or_default()
+                .iter()
+                .map(|t| Envelope::new(t))
+                .collect(),
+            tracks: vec![Track::default(); subs.len() * pubs],
+            subs: places,
+            pub_rooms: (0..pubs).map(|p| layout.pub_room(p)).collect(),
+            room_pubs: (0..layout.rooms()).map(|r| layout.pubs_in(r)).collect(),
+            heard: vec![(vec![false; pubs], 0); subs.len()],
             stats_step: 0,
             stats: StepStats::new(),
             errors: BTreeMap::new(),
@@ -86,8 +123,11 @@ impl ThreadState {
             Phase::Collect { plan, .. } => plan.step,
             _ => 0,
         };
+        let Some(place) = self.subs.get(sub).copied() else {
+            return false;
+        };
         let data;
-        let payload = match &self.envelope {
+        let payload = match self.envelopes.get(place.room) {
             None => payload,
             Some(envelope) => match envelope.data(payload, |b| self.format.json_len_at(b)) {
                 Ok(inner) => {
@@ -115,6 +155,18 @@ impl ThreadState {
             );
             return false;
         }
+        let room = self.pub_rooms[publisher];
+        if room != place.room {
+            self.malformed(
+                current,
+                format!(
+                    "a message of publisher {publisher} (room {room}) on a subscriber of \
+                     room {}",
+                    place.room
+                ),
+            );
+            return false;
+        }
         if payload.len() != self.format.size {
             self.malformed(
                 current,
@@ -128,10 +180,11 @@ impl ThreadState {
         }
         let plan = match phase {
             Phase::Probe if header.step == 0 => {
-                let heard = &mut self.heard[sub];
+                let (heard, count) = &mut self.heard[sub];
                 if !heard[publisher] {
                     heard[publisher] = true;
-                    if heard.iter().all(|h| *h) {
+                    *count += 1;
+                    if *count == self.room_pubs[place.room] {
                         shared.ready.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -156,8 +209,17 @@ impl ThreadState {
         stats.delivered += 1;
         if now >= plan.warm_end && now < plan.end {
             stats.window_deliveries += 1;
-            let latency = shared.nanos_since_base(now).saturating_sub(header.sent_ns);
-            stats::record(&mut stats.latency, Duration::from_nanos(latency));
+            let latency =
+                Duration::from_nanos(shared.nanos_since_base(now).saturating_sub(header.sent_ns));
+            stats::record(&mut stats.latency, latency);
+            if let Some(url) = place.url {
+                if stats.latency_by_url.len() <= url {
+                    stats
+                        .latency_by_url
+                        .resize_with(url + 1, stats::new_histogram);
+                }
+                stats::record(&mut stats.latency_by_url[url], latency);
+            }
         }
         true
     }
@@ -184,7 +246,11 @@ impl ThreadState {
     fn collect(&mut self, plan: &Plan, published: &[u64]) -> Collected {
         let mut lost = 0;
         for (i, track) in self.tracks.iter().enumerate() {
-            let sent = published.get(i % self.pubs).copied().unwrap_or(0);
+            let (sub, publisher) = (i / self.pubs, i % self.pubs);
+            if self.subs[sub].room != self.pub_rooms[publisher] {
+                continue;
+            }
+            let sent = published.get(publisher).copied().unwrap_or(0);
             lost += track.missing(plan.step, sent);
         }
         let mut stats = std::mem::replace(self.stats_for(plan.step), StepStats::new());
@@ -205,9 +271,8 @@ pub(super) struct Job {
     pub(super) thread: usize,
     pub(super) threads: usize,
     pub(super) options: BroadcastOptions,
-    pub(super) target: Arc<Target>,
-    /// Where the subscribers connect: `target`, or with --v1 its `/v1`.
-    pub(super) sub_target: Arc<Target>,
+    /// Who connects where.
+    pub(super) layout: Arc<Layout>,
     pub(super) shared: Arc<Shared>,
     pub(super) phase: watch::Receiver<Phase>,
 }
@@ -275,13 +340,14 @@ impl Job {
             .roles()
             .map(|(index, role)| {
                 // With --v1, subscribers subscribe over ringsocket.v1 once open.
-                let v1_topic = match role {
-                    Role::Subscriber(_) if self.options.v1 => Some(self.options.topic.clone()),
-                    _ => None,
-                };
-                let target = match v1_topic {
-                    Some(_) => self.sub_target.clone(),
-                    None => self.target.clone(),
+                let (target, v1_topic) = match role {
+                    Role::Subscriber(_) => (
+                        self.layout.sub_target(index).clone(),
+                        self.options
+                            .v1
+                            .then(|| self.layout.topic(self.layout.sub_room(index)).to_owned()),
+                    ),
+                    Role::Publisher(p) => (self.layout.pub_target(p as usize).clone(), None),
                 };
                 let permits = permits.clone();
                 let source = target.source_for(index, self.options.common.source_addrs);
@@ -327,17 +393,25 @@ impl Job {
         clients: Vec<(Role, Client)>,
         collect: mpsc::Sender<Collected>,
     ) -> ThreadEnd {
-        let subs = clients
-            .iter()
-            .filter(|(role, _)| matches!(role, Role::Subscriber(_)))
-            .count();
+        // Every subscriber of the thread, opened or not, keeps its index.
+        let sub_indices: Vec<usize> = self
+            .roles()
+            .filter(|(_, role)| matches!(role, Role::Subscriber(_)))
+            .map(|(index, _)| index)
+            .collect();
+        let subs = sub_indices.len();
         let format = Rc::new(Format::new(self.options.size, self.options.payload));
-        let envelope = self.options.v1.then(|| Envelope::new(&self.options.topic));
+        let v1_topics = self.options.v1.then(|| {
+            (0..self.options.rooms)
+                .map(|r| self.layout.topic(r).to_owned())
+                .collect()
+        });
         let state = Rc::new(RefCell::new(ThreadState::new(
-            subs,
+            &sub_indices,
             self.options.pubs,
             format.clone(),
-            envelope,
+            v1_topics,
+            &self.layout,
         )));
         let mut subscribers = Vec::with_capacity(subs);
         let mut handles = Vec::with_capacity(self.options.pubs + 1);

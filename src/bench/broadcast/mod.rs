@@ -52,6 +52,7 @@
 //! `--max-p99-ms`. The result is the highest rate that passed.
 
 mod conns;
+mod layout;
 mod message;
 mod subs;
 mod v1;
@@ -72,9 +73,9 @@ use super::payload::Payload;
 use super::stats::{
     self, CpuPerItem, CpuSample, CpuUsage, LatencySummary, Percentile, micros, thousands,
 };
-use super::target::Target;
 use super::{BenchError, Progress, join_worker};
 use conns::Job;
+use layout::Layout;
 use message::JSON_MIN_SIZE;
 
 /// Bytes at the start of every message: publisher id, step, sequence number, due time.
@@ -139,6 +140,18 @@ pub struct BroadcastOptions {
     /// publishes to (/broadcast: broadcast; /ws/{room}: {room}).
     #[arg(long, default_value = "broadcast", requires = "v1")]
     pub topic: String,
+    /// Rooms the publishers and subscribers are spread over: the URL (and every
+    /// --sub-urls URL, and with --v1 the --topic) holds {room}, replaced by the
+    /// room's number; publisher p is in room p mod N, subscriber i in room i mod N,
+    /// and each subscriber must get every message of its room's publishers.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    /// Where the subscribers connect instead of the URL, round-robin (subscriber i of
+    /// room r: URL (i / --rooms) mod count), e.g. a second node sharing a broker with
+    /// the URL's; the publishers stay on the URL, and each sub URL's latency is
+    /// reported apart.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub sub_urls: Vec<String>,
     /// Threads, source addresses, timeout, server pid.
     #[command(flatten)]
     pub common: CommonOptions,
@@ -162,6 +175,8 @@ impl BroadcastOptions {
             max_steps: 16,
             v1: false,
             topic: "broadcast".to_owned(),
+            rooms: 1,
+            sub_urls: Vec::new(),
             common: CommonOptions::default(),
         }
     }
@@ -196,6 +211,7 @@ impl BroadcastOptions {
         if self.v1 && self.topic.is_empty() {
             return bad("--topic must not be empty".into());
         }
+        Layout::validate(self)?;
         seconds("--grace", self.grace)?;
         window(self.warmup, self.duration)
     }
@@ -209,6 +225,10 @@ pub struct BroadcastReport {
     /// With --v1: the ringsocket.v1 endpoint the subscribers connected to, and their
     /// topic; `None` when they were in the room.
     pub v1: Option<V1Subscribers>,
+    /// Rooms the connections were spread over (--rooms).
+    pub rooms: usize,
+    /// Where the subscribers connected, round-robin (--sub-urls); empty: the URL.
+    pub sub_urls: Vec<String>,
     /// Whether every connection negotiated permessage-deflate (--deflate; without it
     /// the run fails).
     pub deflate: bool,
@@ -251,6 +271,15 @@ pub struct V1Subscribers {
     pub topic: String,
 }
 
+/// The latency of the subscribers on one `--sub-urls` URL.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubUrlLatency {
+    /// The URL as given.
+    pub url: String,
+    /// Its subscribers' publish-to-receipt latency in the measured window.
+    pub latency_us: LatencySummary,
+}
+
 /// One step: a fixed rate for warm-up plus duration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepReport {
@@ -272,6 +301,9 @@ pub struct StepReport {
     pub latency_us: LatencySummary,
     /// Its distribution, for plots.
     pub latency_curve: Vec<Percentile>,
+    /// With more than one --sub-urls: the latency of each one's subscribers (in
+    /// --sub-urls order), e.g. through the broker apart from local.
+    pub latency_by_sub_url: Vec<SubUrlLatency>,
     /// How late the publishers wrote the messages due in the measured window (from the
     /// time each was due to the end of its write): the load generator's own share of
     /// the latency, which counts from the due time.
@@ -460,6 +492,20 @@ impl fmt::Display for BroadcastReport {
             self.duration_secs,
             self.grace_secs
         )?;
+        if self.rooms > 1 {
+            writeln!(
+                f,
+                "  {} rooms: publisher p in room p mod {}, subscriber i in room i mod {}",
+                self.rooms, self.rooms, self.rooms
+            )?;
+        }
+        if !self.sub_urls.is_empty() {
+            writeln!(
+                f,
+                "  subscribers on {}, round-robin; publishers on the URL",
+                self.sub_urls.join(", ")
+            )?;
+        }
         if let Some(v1) = &self.v1 {
             writeln!(
                 f,
@@ -529,6 +575,9 @@ fn write_step(f: &mut fmt::Formatter<'_>, s: &StepReport) -> fmt::Result {
         thousands(s.deliveries_per_sec.round() as u64)
     )?;
     writeln!(f, "  latency     {}", s.latency_us)?;
+    for by_url in &s.latency_by_sub_url {
+        writeln!(f, "    on {}: {}", by_url.url, by_url.latency_us)?;
+    }
     writeln!(
         f,
         "  pub. lag    {} (publishers' writes after the due time; part of the latency)",
@@ -567,20 +616,7 @@ pub fn broadcast(
     progress: &Progress,
 ) -> Result<BroadcastReport, BenchError> {
     options.validate()?;
-    let target = Arc::new(Target::resolve(&options.url)?);
-    // The subscribers' sockets leave tokio for a raw epoll set (`subs`), where TLS
-    // records could not be read; refuse before opening anything.
-    if target.tls || options.common.tls {
-        return Err(BenchError::Options(format!(
-            "{target}: bench broadcast does not speak TLS yet: point it at a plain \
-             listener (plain_bind)"
-        )));
-    }
-    let sub_target = if options.v1 {
-        Arc::new(v1::subscriber_url(&target)?)
-    } else {
-        target.clone()
-    };
+    let layout = Arc::new(Layout::resolve(options)?);
     let conns = options.subs + options.pubs;
     let threads = options.common.threads.min(conns);
     let shared = Arc::new(Shared::new(options.pubs));
@@ -594,8 +630,7 @@ pub fn broadcast(
             thread,
             threads,
             options: options.clone(),
-            target: target.clone(),
-            sub_target: sub_target.clone(),
+            layout: layout.clone(),
             shared: shared.clone(),
             phase: phase_rx.clone(),
         };
@@ -667,6 +702,7 @@ pub fn broadcast(
     for step in 1..=options.max_steps {
         let (report, failures_now) = run_step(
             options,
+            &layout,
             step,
             rate,
             &shared,
@@ -708,9 +744,11 @@ pub fn broadcast(
     Ok(BroadcastReport {
         url: options.url.clone(),
         v1: options.v1.then(|| V1Subscribers {
-            url: sub_target.url.clone(),
+            url: layout.sub_target(0).url.clone(),
             topic: options.topic.clone(),
         }),
+        rooms: options.rooms,
+        sub_urls: options.sub_urls.clone(),
         deflate: options.common.deflate,
         subs: options.subs,
         pubs: options.pubs,
@@ -734,6 +772,7 @@ pub fn broadcast(
 #[allow(clippy::too_many_arguments)] // the coordinator's state, passed down once
 fn run_step(
     options: &BroadcastOptions,
+    layout: &Layout,
     step: u32,
     rate: f64,
     shared: &Shared,
@@ -794,7 +833,7 @@ fn run_step(
         .map(|p| p.load(Ordering::Relaxed))
         .collect();
     let total: u64 = published.iter().sum();
-    let expected = total * options.subs as u64;
+    let expected = layout.expected(&published);
     let deadline = Instant::now().max(plan.end) + grace;
     progress.message(format!("{label}: waiting for the last deliveries"));
     while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
@@ -824,6 +863,15 @@ fn run_step(
         deliveries_per_sec: s.window_deliveries as f64 / options.duration,
         latency_us: LatencySummary::from_histogram(&s.latency),
         latency_curve: stats::percentile_curve(&s.latency),
+        latency_by_sub_url: (0..layout.split_urls())
+            .map(|i| SubUrlLatency {
+                url: layout.sub_urls[i].clone(),
+                latency_us: s
+                    .latency_by_url
+                    .get(i)
+                    .map_or_else(LatencySummary::default, LatencySummary::from_histogram),
+            })
+            .collect(),
         publish_lag_us: LatencySummary::from_histogram(&s.publish_lag),
         lost: s.lost,
         duplicated: s.duplicated,
@@ -956,6 +1004,9 @@ impl Plan {
 #[derive(Debug)]
 struct StepStats {
     latency: Histogram<u64>,
+    /// With more than one sub URL: the latency of each one's subscribers (grown as
+    /// they are recorded).
+    latency_by_url: Vec<Histogram<u64>>,
     publish_lag: Histogram<u64>,
     delivered: u64,
     window_deliveries: u64,
@@ -971,6 +1022,7 @@ impl StepStats {
     fn new() -> Self {
         Self {
             latency: stats::new_histogram(),
+            latency_by_url: Vec::new(),
             publish_lag: stats::new_histogram(),
             delivered: 0,
             window_deliveries: 0,
@@ -986,6 +1038,13 @@ impl StepStats {
     fn merge(&mut self, other: StepStats) {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
+        if self.latency_by_url.len() < other.latency_by_url.len() {
+            self.latency_by_url
+                .resize_with(other.latency_by_url.len(), stats::new_histogram);
+        }
+        for (mine, theirs) in self.latency_by_url.iter_mut().zip(&other.latency_by_url) {
+            let _ = mine.add(theirs);
+        }
         let _ = self.publish_lag.add(&other.publish_lag);
         self.delivered += other.delivered;
         self.window_deliveries += other.window_deliveries;
