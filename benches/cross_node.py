@@ -27,6 +27,7 @@ Runs alternate over the brokers within each repetition; the summary gives median
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,10 +42,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(bus=False):
+    """A free port; with `bus`, one whose cluster bus port (+10000) is free too."""
+    if not bus:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    while True:
+        port = random.randrange(20000, 50000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
 
 
 def cpu_secs(pid):
@@ -58,6 +70,7 @@ def cpu_secs(pid):
 
 
 def wait_tcp(port, what, timeout=15.0):
+    """Waits until something listens on `port`; exits naming `what` if nothing does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -83,7 +96,10 @@ class Broker:
         self.procs = []
         self.workdir = workdir
         pin = ["taskset", "-c", str(cpu)]
-        if kind == "redis":
+        if kind == "local":
+            # One node, no broker: the baseline.
+            self.args = ["--broker", "local"]
+        elif kind == "redis":
             port = free_port()
             self.spawn(pin + ["redis-server", "--port", str(port), "--save", "",
                               "--appendonly", "no", "--dir", workdir])
@@ -91,7 +107,7 @@ class Broker:
             self.args = ["--redis", f"redis://127.0.0.1:{port}"]
         elif kind.startswith("cluster"):
             shards = int(kind[len("cluster"):])
-            ports = [free_port() for _ in range(shards)]
+            ports = [free_port(bus=True) for _ in range(shards)]
             for p in ports:
                 self.spawn(pin + ["redis-server", "--port", str(p), "--save", "",
                                   "--appendonly", "no", "--dir", workdir,
@@ -155,7 +171,7 @@ def start_node(binary, broker, cpu, workdir, name):
     wait_tcp(port, f"node {name}")
     # Ready means the broker is joined: ringsocket_broker_connected is 1.
     deadline = time.monotonic() + 20
-    while metric(port, "ringsocket_broker_connected") != 1.0:
+    while broker.kind != "local" and metric(port, "ringsocket_broker_connected") != 1.0:
         if time.monotonic() > deadline or proc.poll() is not None:
             sys.exit(f"node {name} ({broker.kind}) did not join its broker within 20 s; "
                      f"see {log.name}")
@@ -183,19 +199,24 @@ def run_once(args, kind):
     broker = Broker(kind, args.server_cpu, workdir)
     nodes = []
     try:
+        names = ("a",) if kind == "local" else ("a", "b")
         nodes = [start_node(args.binary, broker, args.server_cpu, workdir, n)
-                 for n in ("a", "b")]
-        (a, pa), (b, pb) = nodes
+                 for n in names]
+        (a, pa), (b, pb) = nodes[0], nodes[-1]
         room = "/ws/cross-{room}"
         url = f"ws://127.0.0.1:{pa}{room}"
         subs = f"ws://127.0.0.1:{pa}{room},ws://127.0.0.1:{pb}{room}"
-        pids = {"broker": broker.pids(), "node A": [a.pid], "node B": [b.pid]}
+        if kind == "local":
+            subs = url
+        pids = {"broker": broker.pids(), "node A": [a.pid],
+                "node B": [b.pid] if kind != "local" else []}
         before = {k: sum(cpu_secs(p) for p in v) for k, v in pids.items()}
         t0 = time.monotonic()
         cmd = ["taskset", "-c", str(args.client_cpu), args.binary, "bench", "broadcast",
                url, "--sub-urls", subs, "--subs", str(args.subs), "--pubs", str(args.pubs),
                "--rooms", str(args.rooms), "--size", str(args.size),
-               "--rate", str(args.rate), "--ramp", "--duration", str(args.duration),
+               "--rate", str(args.fixed or args.rate), *([] if args.fixed else ["--ramp"]),
+               "--duration", str(args.duration),
                "--warmup", str(args.warmup), "--grace", str(args.grace),
                "--max-steps", str(args.max_steps), "--max-p99-ms", str(args.max_p99_ms),
                "--threads", "1", "--server-pid", str(a.pid), "--json"]
@@ -205,11 +226,15 @@ def run_once(args, kind):
         if out.returncode not in (0, 1) or not out.stdout.strip():
             sys.exit(f"bench failed ({kind}): {out.stderr[-2000:]}")
         report = json.loads(out.stdout)
+        for s in report["steps"]:
+            print(f"    {kind:9} step {s['target_rate']:9,.0f} msg/s sent {s['publish_rate']:9,.0f}"
+                  f" p50 {fmt(s['latency_us']['p50'])} p99 {fmt(s['latency_us']['p99'])} µs"
+                  f" lost {s['lost']} verdict {s['verdict']}", flush=True)
         published = sum(s["published"] for s in report["steps"])
         cpu = {k: (after[k] - before[k]) for k in pids}
         best = None
         for s in report["steps"]:
-            if s["verdict"] == "pass" and (best is None or s["target_rate"] > best["target_rate"]):
+            if (s["verdict"] == "pass" or args.fixed) and (best is None or s["target_rate"] > best["target_rate"]):
                 best = s
         row = {
             "broker": kind,
@@ -219,6 +244,7 @@ def run_once(args, kind):
                                    for k, v in cpu.items()},
             "cpu_percent": {k: 100.0 * v / elapsed for k, v in cpu.items()},
             "errors": report.get("error_causes"),
+            "steps": report["steps"],
             "publish_failed_a": metric(pa, "ringsocket_broker_publish_failed_total"),
             "received_b": metric(pb, "ringsocket_broker_received_total"),
         }
@@ -252,6 +278,9 @@ def main():
     p.add_argument("--rooms", type=int, default=16)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--rate", type=float, default=500.0, help="the ramp's first step")
+    p.add_argument("--fixed", type=float,
+                   help="one step at this rate instead of the ramp: latency and CPU per "
+                        "publish at the same load for every broker")
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--grace", type=float, default=2.0)

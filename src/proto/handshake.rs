@@ -283,6 +283,66 @@ impl Request {
             .map(|(_, value)| &self.head[value.range()])
     }
 
+    /// The request a connection keeps once its upgrade is done: every header field
+    /// but the four the handshake consumed, which say nothing afterwards (`Upgrade`,
+    /// `Connection`, `Sec-WebSocket-Key`, `Sec-WebSocket-Version`), in a head of its
+    /// own. An idle connection then holds ≈ 110 B less of a typical head (and 8 B per
+    /// field dropped). Method, target, version and the other fields, their order and
+    /// raw values stay as they were.
+    pub fn into_upgraded(self) -> Request {
+        const CONSUMED: [&[u8]; 4] = [
+            b"upgrade",
+            b"connection",
+            b"sec-websocket-key",
+            b"sec-websocket-version",
+        ];
+        let consumed = |name: &Span| {
+            let name = &self.head[name.range()];
+            CONSUMED.iter().any(|c| name.eq_ignore_ascii_case(c))
+        };
+        if !self.headers.iter().any(|(name, _)| consumed(name)) {
+            return self;
+        }
+        // The request line's parts end where the first field starts at the latest.
+        let line_end = [Some(self.method), Some(self.path), self.query]
+            .into_iter()
+            .flatten()
+            .map(|span| usize::from(span.end))
+            .max()
+            .unwrap_or(0);
+        let mut head = Vec::with_capacity(self.head.len());
+        head.extend_from_slice(&self.head[..line_end]);
+        // Each kept field becomes `name:value\r\n`, never longer than its line was
+        // (`name:` OWS value OWS CRLF), so every offset still fits in 16 bits.
+        let at = |len: usize| u16::try_from(len).unwrap_or(u16::MAX);
+        let mut headers = Vec::with_capacity(self.headers.len());
+        for (name, value) in self.headers.iter().filter(|(name, _)| !consumed(name)) {
+            let name_start = at(head.len());
+            head.extend_from_slice(&self.head[name.range()]);
+            let name = Span {
+                start: name_start,
+                end: at(head.len()),
+            };
+            head.push(b':');
+            let value_start = at(head.len());
+            head.extend_from_slice(&self.head[value.range()]);
+            let value = Span {
+                start: value_start,
+                end: at(head.len()),
+            };
+            head.extend_from_slice(b"\r\n");
+            headers.push((name, value));
+        }
+        Request {
+            head: head.into_boxed_slice(),
+            method: self.method,
+            path: self.path,
+            query: self.query,
+            minor_version: self.minor_version,
+            headers: headers.into_boxed_slice(),
+        }
+    }
+
     fn str_at(&self, span: Span) -> &str {
         // httparse only yields tokens and request targets made of visible ASCII, which
         // is valid UTF-8; the fallback is never taken.

@@ -140,7 +140,7 @@ pub(crate) async fn drive(
         conn.set_deflate(agreed.codec);
         agreed.response
     });
-    let session = Session::new(request, guard.peer, conn);
+    let session = Session::new(request.into_upgraded(), guard.peer, conn);
     let mut handler = Some(handler(session.clone()));
     match decide(
         &stream,

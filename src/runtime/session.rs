@@ -185,7 +185,9 @@ impl Session {
         &self.inner.state
     }
 
-    /// The upgrade request: path, query, headers, `Origin`.
+    /// The upgrade request: method, path, query, `Origin` and every header field
+    /// but the four the handshake consumed (`Upgrade`, `Connection`,
+    /// `Sec-WebSocket-Key`, `Sec-WebSocket-Version`; see [`Request::into_upgraded`]).
     pub fn request(&self) -> &Request {
         &self.inner.request
     }

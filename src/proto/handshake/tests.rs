@@ -457,3 +457,64 @@ fn head_without_line_end_is_refused_at_the_limit() {
     assert_eq!(at, 63);
     assert_eq!(error, HandshakeError::HeadTooLarge { limit: 64 });
 }
+
+/// Once upgraded, a connection keeps every field but the four the handshake consumed,
+/// in order and with their raw values, in a smaller head.
+#[test]
+fn the_upgraded_request_drops_only_the_consumed_fields() {
+    let req = parse(&valid());
+    let before = req.head.len();
+    let kept = req.clone().into_upgraded();
+    assert_eq!(kept.method(), "GET");
+    assert_eq!(kept.path(), "/chat");
+    assert_eq!(kept.query(), Some("room=7&x=y"));
+    assert_eq!(kept.minor_version(), 1);
+    let names: Vec<&str> = kept.headers().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "Host",
+            "Origin",
+            "Sec-WebSocket-Protocol",
+            "Sec-WebSocket-Protocol",
+            "Sec-WebSocket-Extensions"
+        ]
+    );
+    for (name, value) in req.headers() {
+        let dropped = [
+            "Upgrade",
+            "Connection",
+            "Sec-WebSocket-Key",
+            "Sec-WebSocket-Version",
+        ]
+        .contains(&name);
+        assert_eq!(kept.header(name).is_none(), dropped, "{name}");
+        if !dropped {
+            assert!(kept.header_all(name).any(|v| v == value), "{name}");
+        }
+    }
+    assert_eq!(kept.origin(), Some("http://example.com"));
+    assert_eq!(kept.select_protocol(&["v2.json"]), Some("v2.json"));
+    assert_eq!(kept.extensions(), req.extensions());
+    assert!(
+        kept.head.len() + 80 < before,
+        "{} of {before}",
+        kept.head.len()
+    );
+}
+
+/// Fields without the optional whitespace, or with no consumed field at all, come out
+/// whole too.
+#[test]
+fn the_upgraded_request_keeps_tight_and_untouched_heads() {
+    let tight = parse("GET / HTTP/1.1\r\nHost:h\r\nupgrade:websocket\r\nX-A:\r\n\r\n");
+    let kept = tight.into_upgraded();
+    assert_eq!(kept.path(), "/");
+    assert_eq!(kept.query(), None);
+    assert_eq!(kept.host(), Some("h"));
+    assert_eq!(kept.header("x-a"), Some(&b""[..]));
+    assert_eq!(kept.header("upgrade"), None);
+    let plain = parse("GET /p?q HTTP/1.1\r\nHost: h\r\n\r\n");
+    let same = plain.clone().into_upgraded();
+    assert_eq!(same.head, plain.head);
+}
