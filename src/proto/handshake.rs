@@ -314,22 +314,17 @@ impl Request {
         head.extend_from_slice(&self.head[..line_end]);
         // Each kept field becomes `name:value\r\n`, never longer than its line was
         // (`name:` OWS value OWS CRLF), so every offset still fits in 16 bits.
-        let at = |len: usize| u16::try_from(len).unwrap_or(u16::MAX);
         let mut headers = Vec::with_capacity(self.headers.len());
+        let copy = |head: &mut Vec<u8>, from: Span| {
+            let start = u16::try_from(head.len()).unwrap_or(u16::MAX);
+            head.extend_from_slice(&self.head[from.range()]);
+            let end = u16::try_from(head.len()).unwrap_or(u16::MAX);
+            Span { start, end }
+        };
         for (name, value) in self.headers.iter().filter(|(name, _)| !consumed(name)) {
-            let name_start = at(head.len());
-            head.extend_from_slice(&self.head[name.range()]);
-            let name = Span {
-                start: name_start,
-                end: at(head.len()),
-            };
+            let name = copy(&mut head, *name);
             head.push(b':');
-            let value_start = at(head.len());
-            head.extend_from_slice(&self.head[value.range()]);
-            let value = Span {
-                start: value_start,
-                end: at(head.len()),
-            };
+            let value = copy(&mut head, *value);
             head.extend_from_slice(b"\r\n");
             headers.push((name, value));
         }
