@@ -97,7 +97,7 @@ use rand_core::{RngCore, SeedableRng};
 use super::backlog::{Backlog, Outbound, QueueFailed, RateLimit};
 use super::envelope;
 use super::{Ack, Broker, BrokerMetrics, BrokerSink, HistoryReply, Kind, Refused};
-use crate::config::Config;
+use crate::config::{Config, mask_url_password};
 use cluster::Topology;
 use envelope::Origin;
 
@@ -107,7 +107,8 @@ use envelope::Origin;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Settings of the Redis broker. Build with [`RedisConfig::new`], then change fields.
-#[derive(Debug, Clone, PartialEq)]
+/// Its `Debug` shows the URL with its passwords masked.
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// `redis://[user:password@]host[:port][/db]` (or `redis+unix:///path`). No default.
@@ -151,6 +152,24 @@ pub struct RedisConfig {
     /// one hash tag; messages travel with sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`,
     /// Redis 7 or later), one subscriber connection per master. Default false.
     pub cluster: bool,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &mask_url_password(&self.url))
+            .field("prefix", &self.prefix)
+            .field("publish_queue", &self.publish_queue)
+            .field("publish_queue_bytes", &self.publish_queue_bytes)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("io_timeout", &self.io_timeout)
+            .field("health_interval", &self.health_interval)
+            .field("max_payload", &self.max_payload)
+            .field("history", &self.history)
+            .field("cluster", &self.cluster)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -197,7 +216,8 @@ pub fn check_url(url: &str) -> Result<(), BrokerError> {
 }
 
 fn client(url: &str) -> Result<redis::Client, BrokerError> {
-    redis::Client::open(url).map_err(|e| BrokerError::InvalidUrl(format!("{url:?}: {e}")))
+    redis::Client::open(url)
+        .map_err(|e| BrokerError::InvalidUrl(format!("{:?}: {e}", mask_url_password(url))))
 }
 
 /// The seed nodes of a Redis Cluster `url`: comma-separated, each a URL or a bare
@@ -208,12 +228,19 @@ fn seeds(url: &str) -> Result<Vec<redis::ConnectionInfo>, BrokerError> {
     let mut seeds: Vec<redis::ConnectionInfo> = Vec::new();
     for item in url.split(',').map(str::trim) {
         if item.is_empty() {
-            return Err(invalid(format!("{url:?}: an empty seed node")));
+            return Err(invalid(format!(
+                "{:?}: an empty seed node",
+                mask_url_password(url)
+            )));
         }
         let info = match seeds.first() {
             Some(first) if !item.contains("://") => {
-                let (host, port) = cluster::split_addr(item)
-                    .ok_or_else(|| invalid(format!("seed {item:?} is not host:port")))?;
+                let (host, port) = cluster::split_addr(item).ok_or_else(|| {
+                    invalid(format!(
+                        "seed {:?} is not host:port",
+                        mask_url_password(item)
+                    ))
+                })?;
                 first
                     .clone()
                     .set_addr(ConnectionAddr::Tcp(host.to_owned(), port))
@@ -222,7 +249,8 @@ fn seeds(url: &str) -> Result<Vec<redis::ConnectionInfo>, BrokerError> {
         };
         if !matches!(info.addr(), ConnectionAddr::Tcp(..)) {
             return Err(invalid(format!(
-                "seed {item:?}: Redis Cluster nodes are reached over TCP (redis://host:port)"
+                "seed {:?}: Redis Cluster nodes are reached over TCP (redis://host:port)",
+                mask_url_password(item)
             )));
         }
         seeds.push(
@@ -1162,6 +1190,22 @@ mod tests {
             let err = RedisBroker::start(config, sink.clone()).unwrap_err();
             assert!(matches!(err, BrokerError::InvalidUrl(_)), "{bad}: {err}");
         }
+        // No password in an error or in the settings' Debug, whichever seed is bad.
+        for bad in [
+            "redis://:s3cret@h:1,redis://:s3cret@h:2,",
+            "redis://:s3cret@h:1,redis://u:s3cret@h:2,http://u:s3cret@h:3",
+            "redis://:s3cret@h:1,u:s3cret@nope",
+            "redis://u:s3cret@h:1,redis+unix://u:s3cret@/tmp/r.sock",
+        ] {
+            let mut config = RedisConfig::new(bad);
+            config.cluster = true;
+            assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+            let err = RedisBroker::start(config, sink.clone()).unwrap_err();
+            assert!(matches!(err, BrokerError::InvalidUrl(_)), "{bad}: {err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        let err = check_url("http://u:s3cret@h:1").unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
         let mut config = RedisConfig::new("redis://127.0.0.1:1");
         config.cluster = true;
         config.prefix = "{app}:".into();
