@@ -744,7 +744,11 @@ impl Shared {
                     continue;
                 }
             };
-            if *current != topology {
+            let mut guard = self
+                .topology
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if **guard != topology {
                 let uncovered = topology.uncovered();
                 tracing::info!(
                     addr = %addr,
@@ -757,10 +761,7 @@ impl Shared {
                         "Redis broker: {uncovered} slots have no master; their topics wait"
                     );
                 }
-                *self
-                    .topology
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner) = Arc::new(topology);
+                *guard = Arc::new(topology);
                 self.generation.fetch_add(1, Ordering::AcqRel);
             }
             return Ok(());
@@ -773,15 +774,17 @@ impl Shared {
     /// Takes a `MOVED` into account until the next refresh, and asks for one.
     fn moved(&self, slot: u16, addr: &str) {
         self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
-        let mut topology = (*self.topology()).clone();
-        if topology.owner(slot) != Some(addr) {
-            topology.moved(slot, addr);
-            *self
-                .topology
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = Arc::new(topology);
+        // Read, changed and written under the write lock: a refresh or another
+        // thread's move in between is not undone.
+        let mut guard = self
+            .topology
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if guard.owner(slot) != Some(addr) {
+            Arc::make_mut(&mut guard).moved(slot, addr);
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
+        drop(guard);
         self.refresh_asked.store(true, Ordering::Release);
     }
 
@@ -1278,5 +1281,35 @@ mod tests {
         assert_eq!(broker.metrics().backlog_messages.load(Ordering::Relaxed), 0);
         assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
         assert_eq!(broker.metrics().published.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn concurrent_moves_are_all_kept() {
+        // Nothing listens on port 1: the slot map stays empty but for the moves.
+        let sink: BrokerSink = Arc::new(|_| crate::broker::Accepted::Delivered);
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.cluster = true;
+        let broker = RedisBroker::start(config, sink).unwrap();
+        let shared = &broker.shared;
+        let before = shared.generation.load(Ordering::Acquire);
+        std::thread::scope(|scope| {
+            for t in 0..8u16 {
+                scope.spawn(move || {
+                    for n in 0..200u16 {
+                        shared.moved(t * 200 + n, &format!("127.0.0.{}:7000", t + 1));
+                    }
+                });
+            }
+        });
+        let topology = shared.topology();
+        for t in 0..8u16 {
+            for n in 0..200u16 {
+                let want = format!("127.0.0.{}:7000", t + 1);
+                assert_eq!(topology.owner(t * 200 + n), Some(want.as_str()));
+            }
+        }
+        assert_eq!(topology.uncovered(), u32::from(cluster::SLOTS) - 1600);
+        assert_eq!(shared.generation.load(Ordering::Acquire) - before, 1600);
+        broker.shutdown();
     }
 }
