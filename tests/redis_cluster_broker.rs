@@ -265,7 +265,13 @@ async fn a_slot_moved_to_another_master_is_followed() {
             .map(|o| (o, epoch.as_str()))
             .collect::<Vec<_>>()
     );
-    assert!(a.metric("ringsocket_broker_redirects_total").await >= Some(1));
+    // Whether A's publisher met a MOVED depends on timing (its slot map may have been
+    // read again first, after B's subscriber saw the slot go): not asserted. What is
+    // guaranteed: both processes follow the move, each still subscribed once on the
+    // three shards and connected, with nothing failed.
+    for serve in [&a, &b] {
+        subscribed(serve, 1).await;
+    }
     assert_eq!(
         a.metric("ringsocket_broker_publish_failed_total").await,
         Some(0)
