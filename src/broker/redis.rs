@@ -809,7 +809,9 @@ impl Shared {
                 .set_protocol(redis::ProtocolVersion::RESP3);
             info = info.set_redis_settings(settings);
         }
-        let con = redis::Client::open(info)?.get_connection_with_timeout(self.config.io_timeout)?;
+        let con = redis::Client::open(info)?
+            .get_connection_with_timeout(self.config.io_timeout)
+            .map_err(|e| if resp3 { resp3_refused(e) } else { e })?;
         con.set_read_timeout(Some(self.config.io_timeout))?;
         con.set_write_timeout(Some(self.config.io_timeout))?;
         Ok(con)
@@ -1104,6 +1106,20 @@ impl Backoff {
     }
 }
 
+/// A subscriber connection's error, said plainly when the node refused `HELLO 3`: the
+/// subscriber reads pushes in RESP3, which needs Redis 6 or later (Redis Cluster's
+/// sharded Pub/Sub, Redis 7).
+fn resp3_refused(error: redis::RedisError) -> redis::RedisError {
+    if error.kind() != redis::ErrorKind::RESP3NotSupported {
+        return error;
+    }
+    redis::RedisError::from((
+        redis::ErrorKind::RESP3NotSupported,
+        "the node refused HELLO 3: the subscriber speaks RESP3, which needs Redis 6 or \
+         later (7 or later with redis_cluster, for sharded Pub/Sub)",
+    ))
+}
+
 /// An error of ours, for a reply the broker cannot use.
 fn redis_error(what: &'static str) -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, what))
@@ -1143,6 +1159,20 @@ mod tests {
         assert_eq!(backoff.step, max);
         backoff.reset();
         assert!(backoff.next() <= min);
+    }
+
+    #[test]
+    fn a_refused_hello_3_says_what_redis_is_needed() {
+        let refused = resp3_refused(redis::RedisError::from((
+            redis::ErrorKind::RESP3NotSupported,
+            "Redis Server doesn't support HELLO command therefore resp3 cannot be used",
+        )));
+        assert!(
+            refused.to_string().contains("Redis 6 or later"),
+            "{refused}"
+        );
+        let other = resp3_refused(redis::RedisError::from((redis::ErrorKind::Io, "reset")));
+        assert!(!other.to_string().contains("HELLO"), "{other}");
     }
 
     #[test]

@@ -168,6 +168,7 @@ fn run_link(
         health: String::new(),
         malformed_log: RateLimit::new(),
         oversized_log: RateLimit::new(),
+        subscribe_error_log: RateLimit::new(),
         seen: Seen::default(),
         reads,
     };
@@ -217,6 +218,7 @@ struct Listener<'a> {
     health: String,
     malformed_log: RateLimit,
     oversized_log: RateLimit,
+    subscribe_error_log: RateLimit,
     seen: Seen,
     /// The history reader's questions (gap fills).
     reads: &'a Sender<history::Read>,
@@ -304,10 +306,10 @@ impl Listener<'_> {
                 Ok(()) => {}
                 Err(e) if e.is_timeout() => {}
                 Err(e) if e.is_io_error() || e.is_connection_dropped() => return Err(e),
-                // An error reply (a subscription to a slot that just moved, say): the
-                // slot map is read again.
+                // An error reply (a subscription to a slot that just moved, an ACL
+                // refusal): logged, counted, and the slot map is read again.
                 Err(e) => {
-                    tracing::debug!(addr = %self.addr, "Redis broker: subscriber got {e}");
+                    self.subscribe_error(&e);
                     shared.refresh_asked.store(true, Ordering::Release);
                 }
             }
@@ -602,6 +604,43 @@ impl Listener<'_> {
                 None
             }
         }
+    }
+
+    /// An error reply on the connection: to a subscription command (nothing else is
+    /// sent on it). Counted in `subscribe_errors` and logged (at most one line a
+    /// second) with this shard's node and the channels concerned: those of ours in the
+    /// slot a redirect names, else what the error says (an ACL refusal names its
+    /// channel). The topics of a moved slot are subscribed again where it is served
+    /// once the slot map is read again; a refused one stays unsubscribed here.
+    fn subscribe_error(&self, error: &redis::RedisError) {
+        let shared = self.shared;
+        shared
+            .metrics
+            .subscribe_errors
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(suppressed) = self.subscribe_error_log.check() else {
+            return;
+        };
+        let channels = match error.redirect_node() {
+            Some((_, slot)) => {
+                let mut channels: Vec<String> = self
+                    .subscribed
+                    .iter()
+                    .map(|topic| shared.channel(topic))
+                    .filter(|channel| cluster::slot(channel.as_bytes()) == slot)
+                    .collect();
+                channels.sort_unstable();
+                channels.truncate(8);
+                format!("{channels:?}")
+            }
+            None => "named in the error, if any".to_owned(),
+        };
+        tracing::warn!(
+            addr = %self.addr,
+            channels = %channels,
+            "Redis broker: the subscriber's node answered a subscription with an error: \
+             {error}; reading the slot map again ({suppressed} more such lines held back)"
+        );
     }
 
     fn oversized(&self, channel: &str, size: usize) {
