@@ -715,6 +715,9 @@ impl Shared {
         let mut candidates: Vec<String> =
             current.masters().into_iter().map(str::to_owned).collect();
         candidates.extend(self.seeds.iter().map(addr_of));
+        // Nodes with a connection open first: an unreachable master is not waited for
+        // (a connection timeout) while another answers.
+        candidates.sort_by_key(|addr| !nodes.cons.contains_key(addr));
         let mut last_error = None;
         for addr in candidates {
             let asked = cluster::split_addr(&addr)
@@ -764,6 +767,9 @@ impl Shared {
                 *guard = Arc::new(topology);
                 self.generation.fetch_add(1, Ordering::AcqRel);
             }
+            // Connections to nodes that are no longer masters (a failover, a node
+            // removed) are closed.
+            nodes.prune(&guard.masters());
             return Ok(());
         }
         Err(last_error.unwrap_or_else(|| {
@@ -942,6 +948,11 @@ impl Nodes {
     /// Drops the connection to `addr` (it failed).
     fn forget(&mut self, addr: &str) {
         self.cons.remove(addr);
+    }
+
+    /// Keeps only the connections to `masters`.
+    fn prune(&mut self, masters: &[&str]) {
+        self.cons.retain(|addr, _| masters.contains(&addr.as_str()));
     }
 }
 
