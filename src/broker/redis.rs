@@ -850,13 +850,32 @@ impl Shared {
     }
 
     /// The publisher's and the reader's connection step: reads the slot map (with a
-    /// cluster) and connects to every master.
-    fn reach(&self, nodes: &mut Nodes) -> redis::RedisResult<()> {
+    /// cluster) and connects to every master. `Err` when no node answers (or the one
+    /// Redis is away); with a cluster, the masters that could not be reached (their
+    /// shards wait, the others go on).
+    fn reach(&self, nodes: &mut Nodes) -> redis::RedisResult<Vec<(String, redis::RedisError)>> {
         self.refresh(nodes)?;
+        let mut unreachable = Vec::new();
         for master in self.topology().masters() {
-            nodes.get(self, master)?;
+            if let Err(e) = nodes.get(self, master) {
+                if self.seeds.is_empty() {
+                    return Err(e);
+                }
+                unreachable.push((master.to_owned(), e));
+            }
         }
-        Ok(())
+        Ok(unreachable)
+    }
+
+    /// Whether the publisher reaches every node it sends to (with a cluster, some may
+    /// be away while the others go on).
+    fn set_publisher_up(&self, up: bool) {
+        let mut links = lock(&self.links);
+        links[Link::Publisher as usize] = up;
+        let all = links.iter().all(|&up| up);
+        self.metrics
+            .connected
+            .store(u64::from(all), Ordering::Relaxed);
     }
 
     fn set_link(&self, link: &LinkState, up: bool) {
