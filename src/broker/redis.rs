@@ -607,7 +607,9 @@ struct Shared {
     /// Whether each [`Link`] is connected; `connected` is 1 while all are.
     links: Mutex<[bool; 3]>,
     /// Whether each subscriber connection (one per master of a cluster) is up.
-    subscriber_links: Mutex<HashMap<String, bool>>,
+    /// By [`LinkState::id`]: a retired connection's thread that ends after a new one
+    /// to the same node started does not touch the new one's entry.
+    subscriber_links: Mutex<HashMap<u64, bool>>,
     /// The seed nodes of a cluster; empty for a single Redis.
     seeds: Vec<redis::ConnectionInfo>,
     /// Which node serves each slot (one node for a single Redis).
@@ -882,7 +884,7 @@ impl Shared {
         let mut links = lock(&self.links);
         if let Link::Subscriber = link.link {
             let mut subscribers = lock(&self.subscriber_links);
-            subscribers.insert(link.addr.clone(), up);
+            subscribers.insert(link.id, up);
             links[Link::Subscriber as usize] = subscribers.values().all(|&up| up);
         } else {
             links[link.link as usize] = up;
@@ -894,10 +896,10 @@ impl Shared {
     }
 
     /// A subscriber connection is gone for good (its node serves no slot any more).
-    fn drop_subscriber_link(&self, addr: &str) {
+    fn drop_subscriber_link(&self, link: &LinkState) {
         let mut links = lock(&self.links);
         let mut subscribers = lock(&self.subscriber_links);
-        subscribers.remove(addr);
+        subscribers.remove(&link.id);
         links[Link::Subscriber as usize] =
             !subscribers.is_empty() && subscribers.values().all(|&up| up);
         let all = links.iter().all(|&up| up);
@@ -997,6 +999,8 @@ impl Link {
 /// A connection's history, for its log lines and counters.
 struct LinkState {
     link: Link,
+    /// Unique in the process: which connection's thread this is.
+    id: u64,
     /// Where it connects, for log lines: the broker's address, or a subscriber's node.
     addr: String,
     backoff: Backoff,
@@ -1018,8 +1022,10 @@ impl LinkState {
         seed[..envelope::ORIGIN_LEN].copy_from_slice(&shared.origin);
         seed[31] = link as u8;
         seed[30] = cluster::slot(addr.as_bytes()) as u8;
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
             link,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             addr: addr.to_owned(),
             backoff: Backoff::new(
                 shared.config.backoff_min,
@@ -1370,6 +1376,26 @@ mod tests {
         }
         assert_eq!(topology.uncovered(), u32::from(cluster::SLOTS) - 1600);
         assert_eq!(shared.generation.load(Ordering::Acquire) - before, 1600);
+        broker.shutdown();
+    }
+
+    #[test]
+    fn a_retired_subscriber_link_leaves_a_new_one_to_the_same_node_alone() {
+        // Nothing listens on port 1: no subscriber connection of its own.
+        let sink: BrokerSink = Arc::new(|_| crate::broker::Accepted::Delivered);
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.cluster = true;
+        let broker = RedisBroker::start(config, sink).unwrap();
+        let shared = &broker.shared;
+        let old = LinkState::at(Link::Subscriber, shared, "127.0.0.1:7000");
+        shared.set_link(&old, true);
+        // The node served slots again before the retired thread ended.
+        let new = LinkState::at(Link::Subscriber, shared, "127.0.0.1:7000");
+        shared.set_link(&new, true);
+        shared.drop_subscriber_link(&old);
+        assert_eq!(lock(&shared.subscriber_links).get(&new.id), Some(&true));
+        assert_eq!(lock(&shared.subscriber_links).len(), 1);
+        assert!(lock(&shared.links)[Link::Subscriber as usize]);
         broker.shutdown();
     }
 }

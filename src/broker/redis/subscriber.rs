@@ -198,7 +198,7 @@ fn run_link(
         }
     }
     if wants.retired() && !shared.stopping() {
-        shared.drop_subscriber_link(addr);
+        shared.drop_subscriber_link(&link);
     } else {
         link.closed(shared);
     }
