@@ -13,9 +13,9 @@
 use std::collections::{HashMap, HashSet};
 use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,7 +46,8 @@ const MAX_LANES: usize = 65_536;
 pub(super) fn run(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::Read>) {
     if shared.seeds.is_empty() {
         shared.metrics.shards.store(1, Ordering::Relaxed);
-        run_link(shared, &shared.wants, &shared.addr, stop, reads);
+        let seen = Mutex::new(Seen::default());
+        run_link(shared, &shared.wants, &shared.addr, &seen, stop, reads);
     } else {
         supervise(shared, stop, reads);
     }
@@ -56,6 +57,11 @@ pub(super) fn run(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::
 /// asks), runs one connection per master, and gives each the wanted topics its node
 /// serves.
 fn supervise(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::Read>) {
+    // One memory of sequence numbers for every shard's connection: a topic whose slot
+    // moves keeps its highest numbers on the new shard, so a resend that arrives there
+    // is still recognised.
+    let received = Mutex::new(Seen::default());
+    let received = &received;
     std::thread::scope(|scope| {
         let mut shards: HashMap<String, Arc<Wants>> = HashMap::new();
         let mut nodes = Nodes::default();
@@ -103,7 +109,7 @@ fn supervise(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::Read>
                     let started = std::thread::Builder::new()
                         .name(format!("ringsocket-rsub-{spawned}"))
                         .spawn_scoped(scope, move || {
-                            run_link(shared, &link_wants, &addr, stop, reads)
+                            run_link(shared, &link_wants, &addr, received, stop, reads)
                         });
                     match started {
                         Ok(_) => {
@@ -154,6 +160,7 @@ fn run_link(
     shared: &Shared,
     wants: &Wants,
     addr: &str,
+    seen: &Mutex<Seen>,
     stop: &Receiver<()>,
     reads: &Sender<history::Read>,
 ) {
@@ -169,7 +176,7 @@ fn run_link(
         malformed_log: RateLimit::new(),
         oversized_log: RateLimit::new(),
         subscribe_error_log: RateLimit::new(),
-        seen: Seen::default(),
+        seen,
         reads,
     };
     let wait = |d: Duration| {
@@ -219,7 +226,8 @@ struct Listener<'a> {
     malformed_log: RateLimit,
     oversized_log: RateLimit,
     subscribe_error_log: RateLimit,
-    seen: Seen,
+    /// Shared by every shard's connection (see [`supervise`]).
+    seen: &'a Mutex<Seen>,
     /// The history reader's questions (gap fills).
     reads: &'a Sender<history::Read>,
 }
@@ -510,7 +518,7 @@ impl Listener<'_> {
             } else {
                 topic.as_str()
             };
-            if !own && !self.seen.fresh(envelope.origin, lane, seq) {
+            if !own && !lock(self.seen).fresh(envelope.origin, lane, seq) {
                 shared.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
                 return;
             }
