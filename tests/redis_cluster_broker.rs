@@ -292,3 +292,41 @@ async fn a_slot_moved_to_another_master_is_followed() {
     );
     assert_quiet(&mut raw_b, "B's raw client").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_checks_slot_moving_is_followed_without_reconnecting() {
+    let cluster = RedisCluster::start();
+    let a = serve(&cluster);
+    let b = serve(&cluster);
+    let (topic, _) = spread(&cluster, 1).remove(0);
+    let mut raw_b = ws_connect(b.addr, &format!("/ws/{topic}")).await;
+    let mut sender = ws_connect(a.addr, &format!("/ws/{topic}")).await;
+    for serve in [&a, &b] {
+        subscribed(serve, 1).await;
+    }
+    // The subscriber connection to node 0 checks its health on the first channel
+    // `ringsocket:{\0<n>}` of a slot node 0 serves: that slot moves to node 1.
+    let slot = (0..)
+        .map(|n| cluster.slot(&format!("ringsocket:{{\0{n}}}")))
+        .find(|&slot| cluster.owner(slot) == 0)
+        .unwrap();
+    let before = (reconnects(&a).await, reconnects(&b).await);
+    cluster.move_slot(slot, 1);
+    // Longer than a health interval (1 s) plus the I/O timeout (2 s): an unanswered
+    // check would have cut the connection by now.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!((reconnects(&a).await, reconnects(&b).await), before);
+    for serve in [&a, &b] {
+        subscribed(serve, 1).await;
+    }
+    send_all(&mut sender, "still", 10).await;
+    expect_sequence(std::slice::from_mut(&mut raw_b), "still", 10).await;
+    assert_quiet(&mut raw_b, "B's raw client").await;
+}
+
+async fn reconnects(serve: &Serve) -> u64 {
+    serve
+        .metric("ringsocket_broker_reconnects_total")
+        .await
+        .unwrap_or(0)
+}

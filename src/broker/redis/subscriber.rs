@@ -173,6 +173,7 @@ fn run_link(
         pushes,
         subscribed: HashSet::new(),
         health: String::new(),
+        health_moved: false,
         malformed_log: RateLimit::new(),
         oversized_log: RateLimit::new(),
         subscribe_error_log: RateLimit::new(),
@@ -223,6 +224,8 @@ struct Listener<'a> {
     /// A channel of this node that no topic uses, subscribed again as the health check
     /// (the confirmation shows the connection works).
     health: String,
+    /// Set when the health channel's slot moved away from this node.
+    health_moved: bool,
     malformed_log: RateLimit,
     oversized_log: RateLimit,
     subscribe_error_log: RateLimit,
@@ -284,7 +287,9 @@ impl Listener<'_> {
         // Left from the last connection.
         while self.pushes.try_recv().is_ok() {}
         let _ = self.wants.take_changed();
+        let mut health_generation = shared.generation.load(Ordering::Acquire);
         self.health = self.health_channel();
+        self.health_moved = false;
         self.sync(con)?;
         con.set_read_timeout(Some(POLL_INTERVAL))?;
         // Up once the first health check is answered.
@@ -297,6 +302,23 @@ impl Listener<'_> {
             }
             if self.wants.take_changed() {
                 self.sync(con)?;
+            }
+            // The health channel's slot moved (the node dropped it, or refused the
+            // check): once the slot map has changed, a channel of a slot the node
+            // still serves, and the check again (not a reconnection).
+            if self.health_moved {
+                let generation = shared.generation.load(Ordering::Acquire);
+                if generation != health_generation {
+                    health_generation = generation;
+                    let channel = self.health_channel();
+                    // The same one while the slot map does not show the move yet.
+                    if channel != self.health {
+                        self.health = channel;
+                        self.health_moved = false;
+                        tracing::debug!(addr = %self.addr, "Redis broker: the health check's slot moved; checking on another");
+                        ping_sent = Some(self.ping(con)?);
+                    }
+                }
             }
             match ping_sent {
                 Some(sent) if sent.elapsed() > shared.config.io_timeout => {
@@ -382,6 +404,11 @@ impl Listener<'_> {
             } else if kind == commands.subscribed {
                 answered |= channel == self.health;
             } else if kind == commands.unsubscribed {
+                if channel == self.health {
+                    self.health_moved = true;
+                    self.shared.refresh_asked.store(true, Ordering::Release);
+                    continue;
+                }
                 // Ours are gone from `subscribed` already: this one Redis dropped (its
                 // slot moved). Subscribed again where it is served now.
                 let Some(topic) = self.shared.topic_of(&channel) else {
@@ -620,8 +647,16 @@ impl Listener<'_> {
     /// slot a redirect names, else what the error says (an ACL refusal names its
     /// channel). The topics of a moved slot are subscribed again where it is served
     /// once the slot map is read again; a refused one stays unsubscribed here.
-    fn subscribe_error(&self, error: &redis::RedisError) {
+    fn subscribe_error(&mut self, error: &redis::RedisError) {
         let shared = self.shared;
+        if error
+            .redirect_node()
+            .is_some_and(|(_, slot)| slot == cluster::slot(self.health.as_bytes()))
+        {
+            // The health check's own slot moved: not an error of ours to count.
+            self.health_moved = true;
+            return;
+        }
         shared
             .metrics
             .subscribe_errors
