@@ -1631,10 +1631,49 @@ fn check_redis_url(url: &str) -> Result<(), String> {
 }
 
 /// `url` with the password of its user info replaced by `***`, for logs and
-/// `ringsocket config`.
+/// `ringsocket config`. A comma-separated list (the seed nodes of `redis_cluster`) has
+/// every item masked, a bare `user:password@host:port` item too.
 pub fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    // The items of a list. A comma inside a user info belongs to its URL: when a URL
+    // shows no `@` but a bare item after it (before the next URL) does, they are one
+    // item, so no part of a password shows on its own.
+    let has_at = |item: &str| authority(item).is_some_and(|a| a.contains('@'));
+    let parts: Vec<&str> = url.split(',').collect();
+    let mut items: Vec<String> = Vec::new();
+    let mut at = 0;
+    while at < parts.len() {
+        let mut end = at;
+        if parts[at].contains("://") && !has_at(parts[at]) {
+            if let Some(j) = parts[at + 1..]
+                .iter()
+                .take_while(|p| !p.contains("://"))
+                .position(|p| has_at(p))
+            {
+                end = at + 1 + j;
+            }
+        }
+        items.push(parts[at..=end].join(","));
+        at = end + 1;
+    }
+    items
+        .iter()
+        .map(|item| mask_one_url(item))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The authority of `url` (after the scheme, up to the path), or the whole of a bare
+/// `host:port`-like item.
+fn authority(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next()
+}
+
+/// [`mask_url_password`] of one URL, or of one bare `[user:password@]host:port`.
+fn mask_one_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let Some(at) = rest[..authority_end].rfind('@') else {
@@ -1647,7 +1686,10 @@ pub fn mask_url_password(url: &str) -> String {
         None if !user_info.is_empty() => "***".to_owned(),
         None => String::new(),
     };
-    format!("{scheme}://{masked}{}", &rest[at..])
+    match scheme {
+        Some(scheme) => format!("{scheme}://{masked}{}", &rest[at..]),
+        None => format!("{masked}{}", &rest[at..]),
+    }
 }
 
 #[cfg(test)]
@@ -2039,8 +2081,31 @@ mod tests {
             ("redis://h:6379", "redis://h:6379"),
             ("redis://h/a@b", "redis://h/a@b"),
             ("", ""),
+            // redis_cluster seeds: every one masked.
+            (
+                "redis://:p1@h1:7000,redis://u:p2@h2:7000, rediss://p3@h3",
+                "redis://:***@h1:7000,redis://u:***@h2:7000, rediss://***@h3",
+            ),
+            (
+                "redis://:p@h1:7000,h2:7001,u:q@h3:7002",
+                "redis://:***@h1:7000,h2:7001,u:***@h3:7002",
+            ),
+            // A comma in a password: no piece of it shows.
+            ("redis://u:a,b@h:1", "redis://u:***@h:1"),
+            (
+                "redis://u:a,b,c@h:1,redis://:d,e@h:2",
+                "redis://u:***@h:1,redis://:***@h:2",
+            ),
         ] {
             assert_eq!(mask_url_password(url), masked);
+        }
+        for url in [
+            "redis://:s3cret@h1:7000,redis://:s3cret@h2:7000,h3:7000",
+            "redis://u:s3,cret@h1:7000,u:s3cret@h2:7000",
+        ] {
+            let masked = mask_url_password(url);
+            assert!(!masked.contains("s3"), "{masked}");
+            assert!(!masked.contains("cret"), "{masked}");
         }
     }
 

@@ -236,6 +236,9 @@ pub struct BrokerMetrics {
     /// Nodes this process holds a subscriber connection to (Redis Cluster: one per
     /// master; 1 for a single Redis).
     pub shards: AtomicU64,
+    /// Error replies to a subscription command (`SUBSCRIBE`, `SSUBSCRIBE`, ...): an ACL
+    /// refusal, or a slot that moved (then subscribed again where it is served).
+    pub subscribe_errors: AtomicU64,
 }
 
 impl BrokerMetrics {
@@ -309,6 +312,11 @@ impl BrokerMetrics {
                 "broker_redirects",
                 "Broker commands redirected (MOVED, ASK) or retried (TRYAGAIN, CLUSTERDOWN) by a cluster node.",
                 &self.redirects,
+            ),
+            (
+                "broker_subscribe_errors",
+                "Error replies to a broker subscription command (an ACL refusal, a moved slot).",
+                &self.subscribe_errors,
             ),
             (
                 "broker_oversized",

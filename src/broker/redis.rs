@@ -97,7 +97,7 @@ use rand_core::{RngCore, SeedableRng};
 use super::backlog::{Backlog, Outbound, QueueFailed, RateLimit};
 use super::envelope;
 use super::{Ack, Broker, BrokerMetrics, BrokerSink, HistoryReply, Kind, Refused};
-use crate::config::Config;
+use crate::config::{Config, mask_url_password};
 use cluster::Topology;
 use envelope::Origin;
 
@@ -107,7 +107,8 @@ use envelope::Origin;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Settings of the Redis broker. Build with [`RedisConfig::new`], then change fields.
-#[derive(Debug, Clone, PartialEq)]
+/// Its `Debug` shows the URL with its passwords masked.
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// `redis://[user:password@]host[:port][/db]` (or `redis+unix:///path`). No default.
@@ -151,6 +152,24 @@ pub struct RedisConfig {
     /// one hash tag; messages travel with sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`,
     /// Redis 7 or later), one subscriber connection per master. Default false.
     pub cluster: bool,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &mask_url_password(&self.url))
+            .field("prefix", &self.prefix)
+            .field("publish_queue", &self.publish_queue)
+            .field("publish_queue_bytes", &self.publish_queue_bytes)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("io_timeout", &self.io_timeout)
+            .field("health_interval", &self.health_interval)
+            .field("max_payload", &self.max_payload)
+            .field("history", &self.history)
+            .field("cluster", &self.cluster)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -197,7 +216,8 @@ pub fn check_url(url: &str) -> Result<(), BrokerError> {
 }
 
 fn client(url: &str) -> Result<redis::Client, BrokerError> {
-    redis::Client::open(url).map_err(|e| BrokerError::InvalidUrl(format!("{url:?}: {e}")))
+    redis::Client::open(url)
+        .map_err(|e| BrokerError::InvalidUrl(format!("{:?}: {e}", mask_url_password(url))))
 }
 
 /// The seed nodes of a Redis Cluster `url`: comma-separated, each a URL or a bare
@@ -208,12 +228,19 @@ fn seeds(url: &str) -> Result<Vec<redis::ConnectionInfo>, BrokerError> {
     let mut seeds: Vec<redis::ConnectionInfo> = Vec::new();
     for item in url.split(',').map(str::trim) {
         if item.is_empty() {
-            return Err(invalid(format!("{url:?}: an empty seed node")));
+            return Err(invalid(format!(
+                "{:?}: an empty seed node",
+                mask_url_password(url)
+            )));
         }
         let info = match seeds.first() {
             Some(first) if !item.contains("://") => {
-                let (host, port) = cluster::split_addr(item)
-                    .ok_or_else(|| invalid(format!("seed {item:?} is not host:port")))?;
+                let (host, port) = cluster::split_addr(item).ok_or_else(|| {
+                    invalid(format!(
+                        "seed {:?} is not host:port",
+                        mask_url_password(item)
+                    ))
+                })?;
                 first
                     .clone()
                     .set_addr(ConnectionAddr::Tcp(host.to_owned(), port))
@@ -222,7 +249,8 @@ fn seeds(url: &str) -> Result<Vec<redis::ConnectionInfo>, BrokerError> {
         };
         if !matches!(info.addr(), ConnectionAddr::Tcp(..)) {
             return Err(invalid(format!(
-                "seed {item:?}: Redis Cluster nodes are reached over TCP (redis://host:port)"
+                "seed {:?}: Redis Cluster nodes are reached over TCP (redis://host:port)",
+                mask_url_password(item)
             )));
         }
         seeds.push(
@@ -579,7 +607,9 @@ struct Shared {
     /// Whether each [`Link`] is connected; `connected` is 1 while all are.
     links: Mutex<[bool; 3]>,
     /// Whether each subscriber connection (one per master of a cluster) is up.
-    subscriber_links: Mutex<HashMap<String, bool>>,
+    /// By [`LinkState::id`]: a retired connection's thread that ends after a new one
+    /// to the same node started does not touch the new one's entry.
+    subscriber_links: Mutex<HashMap<u64, bool>>,
     /// The seed nodes of a cluster; empty for a single Redis.
     seeds: Vec<redis::ConnectionInfo>,
     /// Which node serves each slot (one node for a single Redis).
@@ -687,6 +717,9 @@ impl Shared {
         let mut candidates: Vec<String> =
             current.masters().into_iter().map(str::to_owned).collect();
         candidates.extend(self.seeds.iter().map(addr_of));
+        // Nodes with a connection open first: an unreachable master is not waited for
+        // (a connection timeout) while another answers.
+        candidates.sort_by_key(|addr| !nodes.cons.contains_key(addr));
         let mut last_error = None;
         for addr in candidates {
             let asked = cluster::split_addr(&addr)
@@ -716,7 +749,11 @@ impl Shared {
                     continue;
                 }
             };
-            if *current != topology {
+            let mut guard = self
+                .topology
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if **guard != topology {
                 let uncovered = topology.uncovered();
                 tracing::info!(
                     addr = %addr,
@@ -729,12 +766,12 @@ impl Shared {
                         "Redis broker: {uncovered} slots have no master; their topics wait"
                     );
                 }
-                *self
-                    .topology
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner) = Arc::new(topology);
+                *guard = Arc::new(topology);
                 self.generation.fetch_add(1, Ordering::AcqRel);
             }
+            // Connections to nodes that are no longer masters (a failover, a node
+            // removed) are closed.
+            nodes.prune(&guard.masters());
             return Ok(());
         }
         Err(last_error.unwrap_or_else(|| {
@@ -745,15 +782,17 @@ impl Shared {
     /// Takes a `MOVED` into account until the next refresh, and asks for one.
     fn moved(&self, slot: u16, addr: &str) {
         self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
-        let mut topology = (*self.topology()).clone();
-        if topology.owner(slot) != Some(addr) {
-            topology.moved(slot, addr);
-            *self
-                .topology
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = Arc::new(topology);
+        // Read, changed and written under the write lock: a refresh or another
+        // thread's move in between is not undone.
+        let mut guard = self
+            .topology
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if guard.owner(slot) != Some(addr) {
+            Arc::make_mut(&mut guard).moved(slot, addr);
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
+        drop(guard);
         self.refresh_asked.store(true, Ordering::Release);
     }
 
@@ -778,7 +817,9 @@ impl Shared {
                 .set_protocol(redis::ProtocolVersion::RESP3);
             info = info.set_redis_settings(settings);
         }
-        let con = redis::Client::open(info)?.get_connection_with_timeout(self.config.io_timeout)?;
+        let con = redis::Client::open(info)?
+            .get_connection_with_timeout(self.config.io_timeout)
+            .map_err(|e| if resp3 { resp3_refused(e) } else { e })?;
         con.set_read_timeout(Some(self.config.io_timeout))?;
         con.set_write_timeout(Some(self.config.io_timeout))?;
         Ok(con)
@@ -811,20 +852,39 @@ impl Shared {
     }
 
     /// The publisher's and the reader's connection step: reads the slot map (with a
-    /// cluster) and connects to every master.
-    fn reach(&self, nodes: &mut Nodes) -> redis::RedisResult<()> {
+    /// cluster) and connects to every master. `Err` when no node answers (or the one
+    /// Redis is away); with a cluster, the masters that could not be reached (their
+    /// shards wait, the others go on).
+    fn reach(&self, nodes: &mut Nodes) -> redis::RedisResult<Vec<(String, redis::RedisError)>> {
         self.refresh(nodes)?;
+        let mut unreachable = Vec::new();
         for master in self.topology().masters() {
-            nodes.get(self, master)?;
+            if let Err(e) = nodes.get(self, master) {
+                if self.seeds.is_empty() {
+                    return Err(e);
+                }
+                unreachable.push((master.to_owned(), e));
+            }
         }
-        Ok(())
+        Ok(unreachable)
+    }
+
+    /// Whether the publisher reaches every node it sends to (with a cluster, some may
+    /// be away while the others go on).
+    fn set_publisher_up(&self, up: bool) {
+        let mut links = lock(&self.links);
+        links[Link::Publisher as usize] = up;
+        let all = links.iter().all(|&up| up);
+        self.metrics
+            .connected
+            .store(u64::from(all), Ordering::Relaxed);
     }
 
     fn set_link(&self, link: &LinkState, up: bool) {
         let mut links = lock(&self.links);
         if let Link::Subscriber = link.link {
             let mut subscribers = lock(&self.subscriber_links);
-            subscribers.insert(link.addr.clone(), up);
+            subscribers.insert(link.id, up);
             links[Link::Subscriber as usize] = subscribers.values().all(|&up| up);
         } else {
             links[link.link as usize] = up;
@@ -836,10 +896,10 @@ impl Shared {
     }
 
     /// A subscriber connection is gone for good (its node serves no slot any more).
-    fn drop_subscriber_link(&self, addr: &str) {
+    fn drop_subscriber_link(&self, link: &LinkState) {
         let mut links = lock(&self.links);
         let mut subscribers = lock(&self.subscriber_links);
-        subscribers.remove(addr);
+        subscribers.remove(&link.id);
         links[Link::Subscriber as usize] =
             !subscribers.is_empty() && subscribers.values().all(|&up| up);
         let all = links.iter().all(|&up| up);
@@ -910,6 +970,11 @@ impl Nodes {
     fn forget(&mut self, addr: &str) {
         self.cons.remove(addr);
     }
+
+    /// Keeps only the connections to `masters`.
+    fn prune(&mut self, masters: &[&str]) {
+        self.cons.retain(|addr, _| masters.contains(&addr.as_str()));
+    }
 }
 
 /// One of the two connections.
@@ -934,6 +999,8 @@ impl Link {
 /// A connection's history, for its log lines and counters.
 struct LinkState {
     link: Link,
+    /// Unique in the process: which connection's thread this is.
+    id: u64,
     /// Where it connects, for log lines: the broker's address, or a subscriber's node.
     addr: String,
     backoff: Backoff,
@@ -955,8 +1022,10 @@ impl LinkState {
         seed[..envelope::ORIGIN_LEN].copy_from_slice(&shared.origin);
         seed[31] = link as u8;
         seed[30] = cluster::slot(addr.as_bytes()) as u8;
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
             link,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             addr: addr.to_owned(),
             backoff: Backoff::new(
                 shared.config.backoff_min,
@@ -1073,6 +1142,20 @@ impl Backoff {
     }
 }
 
+/// A subscriber connection's error, said plainly when the node refused `HELLO 3`: the
+/// subscriber reads pushes in RESP3, which needs Redis 6 or later (Redis Cluster's
+/// sharded Pub/Sub, Redis 7).
+fn resp3_refused(error: redis::RedisError) -> redis::RedisError {
+    if error.kind() != redis::ErrorKind::RESP3NotSupported {
+        return error;
+    }
+    redis::RedisError::from((
+        redis::ErrorKind::RESP3NotSupported,
+        "the node refused HELLO 3: the subscriber speaks RESP3, which needs Redis 6 or \
+         later (7 or later with redis_cluster, for sharded Pub/Sub)",
+    ))
+}
+
 /// An error of ours, for a reply the broker cannot use.
 fn redis_error(what: &'static str) -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, what))
@@ -1112,6 +1195,20 @@ mod tests {
         assert_eq!(backoff.step, max);
         backoff.reset();
         assert!(backoff.next() <= min);
+    }
+
+    #[test]
+    fn a_refused_hello_3_says_what_redis_is_needed() {
+        let refused = resp3_refused(redis::RedisError::from((
+            redis::ErrorKind::RESP3NotSupported,
+            "Redis Server doesn't support HELLO command therefore resp3 cannot be used",
+        )));
+        assert!(
+            refused.to_string().contains("Redis 6 or later"),
+            "{refused}"
+        );
+        let other = resp3_refused(redis::RedisError::from((redis::ErrorKind::Io, "reset")));
+        assert!(!other.to_string().contains("HELLO"), "{other}");
     }
 
     #[test]
@@ -1162,6 +1259,22 @@ mod tests {
             let err = RedisBroker::start(config, sink.clone()).unwrap_err();
             assert!(matches!(err, BrokerError::InvalidUrl(_)), "{bad}: {err}");
         }
+        // No password in an error or in the settings' Debug, whichever seed is bad.
+        for bad in [
+            "redis://:s3cret@h:1,redis://:s3cret@h:2,",
+            "redis://:s3cret@h:1,redis://u:s3cret@h:2,http://u:s3cret@h:3",
+            "redis://:s3cret@h:1,u:s3cret@nope",
+            "redis://u:s3cret@h:1,redis+unix://u:s3cret@/tmp/r.sock",
+        ] {
+            let mut config = RedisConfig::new(bad);
+            config.cluster = true;
+            assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+            let err = RedisBroker::start(config, sink.clone()).unwrap_err();
+            assert!(matches!(err, BrokerError::InvalidUrl(_)), "{bad}: {err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        let err = check_url("http://u:s3cret@h:1").unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
         let mut config = RedisConfig::new("redis://127.0.0.1:1");
         config.cluster = true;
         config.prefix = "{app}:".into();
@@ -1234,5 +1347,55 @@ mod tests {
         assert_eq!(broker.metrics().backlog_messages.load(Ordering::Relaxed), 0);
         assert_eq!(broker.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
         assert_eq!(broker.metrics().published.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn concurrent_moves_are_all_kept() {
+        // Nothing listens on port 1: the slot map stays empty but for the moves.
+        let sink: BrokerSink = Arc::new(|_| crate::broker::Accepted::Delivered);
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.cluster = true;
+        let broker = RedisBroker::start(config, sink).unwrap();
+        let shared = &broker.shared;
+        let before = shared.generation.load(Ordering::Acquire);
+        std::thread::scope(|scope| {
+            for t in 0..8u16 {
+                scope.spawn(move || {
+                    for n in 0..200u16 {
+                        shared.moved(t * 200 + n, &format!("127.0.0.{}:7000", t + 1));
+                    }
+                });
+            }
+        });
+        let topology = shared.topology();
+        for t in 0..8u16 {
+            for n in 0..200u16 {
+                let want = format!("127.0.0.{}:7000", t + 1);
+                assert_eq!(topology.owner(t * 200 + n), Some(want.as_str()));
+            }
+        }
+        assert_eq!(topology.uncovered(), u32::from(cluster::SLOTS) - 1600);
+        assert_eq!(shared.generation.load(Ordering::Acquire) - before, 1600);
+        broker.shutdown();
+    }
+
+    #[test]
+    fn a_retired_subscriber_link_leaves_a_new_one_to_the_same_node_alone() {
+        // Nothing listens on port 1: no subscriber connection of its own.
+        let sink: BrokerSink = Arc::new(|_| crate::broker::Accepted::Delivered);
+        let mut config = RedisConfig::new("redis://127.0.0.1:1");
+        config.cluster = true;
+        let broker = RedisBroker::start(config, sink).unwrap();
+        let shared = &broker.shared;
+        let old = LinkState::at(Link::Subscriber, shared, "127.0.0.1:7000");
+        shared.set_link(&old, true);
+        // The node served slots again before the retired thread ended.
+        let new = LinkState::at(Link::Subscriber, shared, "127.0.0.1:7000");
+        shared.set_link(&new, true);
+        shared.drop_subscriber_link(&old);
+        assert_eq!(lock(&shared.subscriber_links).get(&new.id), Some(&true));
+        assert_eq!(lock(&shared.subscriber_links).len(), 1);
+        assert!(lock(&shared.links)[Link::Subscriber as usize]);
+        broker.shutdown();
     }
 }

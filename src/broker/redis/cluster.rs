@@ -288,13 +288,11 @@ impl Redirect {
                 },
             });
         }
+        // Not `EXECABORT`: a transaction Redis discarded (a command refused while
+        // queued) is an error for what it was to do, not a redirect to retry.
         matches!(
             error.kind(),
-            redis::ErrorKind::Server(
-                ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::ExecAbort
-            )
+            redis::ErrorKind::Server(ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown)
         )
         .then_some(Self::Later)
     }
@@ -453,5 +451,25 @@ mod tests {
         );
         assert_eq!(parse("MOVED nonsense"), None);
         assert_eq!(parse("ERR unknown command"), None);
+        let failed = |text: &str| {
+            let value = redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).unwrap();
+            match value {
+                Value::ServerError(e) => Redirect::of_error(&redis::RedisError::from(e)),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            failed("MOVED 3999 127.0.0.1:6381"),
+            Some(Redirect::Moved {
+                slot: 3999,
+                addr: "127.0.0.1:6381".into()
+            })
+        );
+        assert_eq!(failed("TRYAGAIN later"), Some(Redirect::Later));
+        // A discarded transaction is an error, never retried as a redirect.
+        assert_eq!(
+            failed("EXECABORT Transaction discarded because of previous errors."),
+            None
+        );
     }
 }

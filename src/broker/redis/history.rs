@@ -27,6 +27,7 @@
 //! that arrived above the next).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -153,8 +154,27 @@ pub(super) fn run(shared: &Shared, reads: &Receiver<Read>, stop: &Receiver<()>) 
                     recv(stop) -> _ => break 'connections,
                 },
             };
-            match routed(shared, &mut nodes, &read, &new_epoch(&mut rng), stop) {
+            let cluster = !shared.seeds.is_empty();
+            let mut result = routed(shared, &mut nodes, &read, &new_epoch(&mut rng), stop);
+            if cluster && !retried && matches!(&result, Err(e) if connection_failed(e)) {
+                // One master's connection broke (it was dropped): once more on a new
+                // one, without holding up the reads of the other shards.
+                result = routed(shared, &mut nodes, &read, &new_epoch(&mut rng), stop);
+            }
+            match result {
                 Ok(snapshot) => (read.reply)(Ok(snapshot)),
+                // Redis answered, with an error (`EXECABORT`, say): the answer for this
+                // read; the connection is fine. The slot map is read again, in case a
+                // slot moved under the transaction. With a cluster, a master that is
+                // away fails only the reads of its own topics.
+                Err(e) if cluster || !connection_failed(&e) => {
+                    shared.refresh_asked.store(true, Ordering::Release);
+                    tracing::debug!(
+                        topic = %read.topic,
+                        "Redis broker: a history read failed: {e}"
+                    );
+                    (read.reply)(Err(format!("Redis: {e}")));
+                }
                 Err(e) => {
                     if retried {
                         (read.reply)(Err(format!("Redis: {e}")));
@@ -215,13 +235,21 @@ fn routed(
                     }
                 }
                 None => {
-                    nodes.forget(&addr);
+                    if connection_failed(&e) {
+                        nodes.forget(&addr);
+                    }
                     return Err(e);
                 }
             },
         }
     }
     Err(redis_error("the topic's node kept redirecting"))
+}
+
+/// Whether `error` is the connection's (it is dropped, and the read asked again on
+/// the next one), not an error reply of Redis.
+fn connection_failed(error: &redis::RedisError) -> bool {
+    error.is_io_error() || error.is_connection_dropped() || error.is_timeout()
 }
 
 /// Reads the epoch (made, with a short life, if the topic has none yet: a subscriber

@@ -13,9 +13,9 @@
 use std::collections::{HashMap, HashSet};
 use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,7 +46,8 @@ const MAX_LANES: usize = 65_536;
 pub(super) fn run(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::Read>) {
     if shared.seeds.is_empty() {
         shared.metrics.shards.store(1, Ordering::Relaxed);
-        run_link(shared, &shared.wants, &shared.addr, stop, reads);
+        let seen = Mutex::new(Seen::default());
+        run_link(shared, &shared.wants, &shared.addr, &seen, stop, reads);
     } else {
         supervise(shared, stop, reads);
     }
@@ -56,6 +57,11 @@ pub(super) fn run(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::
 /// asks), runs one connection per master, and gives each the wanted topics its node
 /// serves.
 fn supervise(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::Read>) {
+    // One memory of sequence numbers for every shard's connection: a topic whose slot
+    // moves keeps its highest numbers on the new shard, so a resend that arrives there
+    // is still recognised.
+    let received = Mutex::new(Seen::default());
+    let received = &received;
     std::thread::scope(|scope| {
         let mut shards: HashMap<String, Arc<Wants>> = HashMap::new();
         let mut nodes = Nodes::default();
@@ -103,7 +109,7 @@ fn supervise(shared: &Shared, stop: &Receiver<()>, reads: &Sender<history::Read>
                     let started = std::thread::Builder::new()
                         .name(format!("ringsocket-rsub-{spawned}"))
                         .spawn_scoped(scope, move || {
-                            run_link(shared, &link_wants, &addr, stop, reads)
+                            run_link(shared, &link_wants, &addr, received, stop, reads)
                         });
                     match started {
                         Ok(_) => {
@@ -154,6 +160,7 @@ fn run_link(
     shared: &Shared,
     wants: &Wants,
     addr: &str,
+    seen: &Mutex<Seen>,
     stop: &Receiver<()>,
     reads: &Sender<history::Read>,
 ) {
@@ -166,9 +173,11 @@ fn run_link(
         pushes,
         subscribed: HashSet::new(),
         health: String::new(),
+        health_moved: false,
         malformed_log: RateLimit::new(),
         oversized_log: RateLimit::new(),
-        seen: Seen::default(),
+        subscribe_error_log: RateLimit::new(),
+        seen,
         reads,
     };
     let wait = |d: Duration| {
@@ -197,7 +206,7 @@ fn run_link(
         }
     }
     if wants.retired() && !shared.stopping() {
-        shared.drop_subscriber_link(addr);
+        shared.drop_subscriber_link(&link);
     } else {
         link.closed(shared);
     }
@@ -215,9 +224,13 @@ struct Listener<'a> {
     /// A channel of this node that no topic uses, subscribed again as the health check
     /// (the confirmation shows the connection works).
     health: String,
+    /// Set when the health channel's slot moved away from this node.
+    health_moved: bool,
     malformed_log: RateLimit,
     oversized_log: RateLimit,
-    seen: Seen,
+    subscribe_error_log: RateLimit,
+    /// Shared by every shard's connection (see [`supervise`]).
+    seen: &'a Mutex<Seen>,
     /// The history reader's questions (gap fills).
     reads: &'a Sender<history::Read>,
 }
@@ -274,7 +287,9 @@ impl Listener<'_> {
         // Left from the last connection.
         while self.pushes.try_recv().is_ok() {}
         let _ = self.wants.take_changed();
+        let mut health_generation = shared.generation.load(Ordering::Acquire);
         self.health = self.health_channel();
+        self.health_moved = false;
         self.sync(con)?;
         con.set_read_timeout(Some(POLL_INTERVAL))?;
         // Up once the first health check is answered.
@@ -287,6 +302,23 @@ impl Listener<'_> {
             }
             if self.wants.take_changed() {
                 self.sync(con)?;
+            }
+            // The health channel's slot moved (the node dropped it, or refused the
+            // check): once the slot map has changed, a channel of a slot the node
+            // still serves, and the check again (not a reconnection).
+            if self.health_moved {
+                let generation = shared.generation.load(Ordering::Acquire);
+                if generation != health_generation {
+                    health_generation = generation;
+                    let channel = self.health_channel();
+                    // The same one while the slot map does not show the move yet.
+                    if channel != self.health {
+                        self.health = channel;
+                        self.health_moved = false;
+                        tracing::debug!(addr = %self.addr, "Redis broker: the health check's slot moved; checking on another");
+                        ping_sent = Some(self.ping(con)?);
+                    }
+                }
             }
             match ping_sent {
                 Some(sent) if sent.elapsed() > shared.config.io_timeout => {
@@ -304,10 +336,10 @@ impl Listener<'_> {
                 Ok(()) => {}
                 Err(e) if e.is_timeout() => {}
                 Err(e) if e.is_io_error() || e.is_connection_dropped() => return Err(e),
-                // An error reply (a subscription to a slot that just moved, say): the
-                // slot map is read again.
+                // An error reply (a subscription to a slot that just moved, an ACL
+                // refusal): logged, counted, and the slot map is read again.
                 Err(e) => {
-                    tracing::debug!(addr = %self.addr, "Redis broker: subscriber got {e}");
+                    self.subscribe_error(&e);
                     shared.refresh_asked.store(true, Ordering::Release);
                 }
             }
@@ -372,6 +404,11 @@ impl Listener<'_> {
             } else if kind == commands.subscribed {
                 answered |= channel == self.health;
             } else if kind == commands.unsubscribed {
+                if channel == self.health {
+                    self.health_moved = true;
+                    self.shared.refresh_asked.store(true, Ordering::Release);
+                    continue;
+                }
                 // Ours are gone from `subscribed` already: this one Redis dropped (its
                 // slot moved). Subscribed again where it is served now.
                 let Some(topic) = self.shared.topic_of(&channel) else {
@@ -508,7 +545,7 @@ impl Listener<'_> {
             } else {
                 topic.as_str()
             };
-            if !own && !self.seen.fresh(envelope.origin, lane, seq) {
+            if !own && !lock(self.seen).fresh(envelope.origin, lane, seq) {
                 shared.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -602,6 +639,51 @@ impl Listener<'_> {
                 None
             }
         }
+    }
+
+    /// An error reply on the connection: to a subscription command (nothing else is
+    /// sent on it). Counted in `subscribe_errors` and logged (at most one line a
+    /// second) with this shard's node and the channels concerned: those of ours in the
+    /// slot a redirect names, else what the error says (an ACL refusal names its
+    /// channel). The topics of a moved slot are subscribed again where it is served
+    /// once the slot map is read again; a refused one stays unsubscribed here.
+    fn subscribe_error(&mut self, error: &redis::RedisError) {
+        let shared = self.shared;
+        if error
+            .redirect_node()
+            .is_some_and(|(_, slot)| slot == cluster::slot(self.health.as_bytes()))
+        {
+            // The health check's own slot moved: not an error of ours to count.
+            self.health_moved = true;
+            return;
+        }
+        shared
+            .metrics
+            .subscribe_errors
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(suppressed) = self.subscribe_error_log.check() else {
+            return;
+        };
+        let channels = match error.redirect_node() {
+            Some((_, slot)) => {
+                let mut channels: Vec<String> = self
+                    .subscribed
+                    .iter()
+                    .map(|topic| shared.channel(topic))
+                    .filter(|channel| cluster::slot(channel.as_bytes()) == slot)
+                    .collect();
+                channels.sort_unstable();
+                channels.truncate(8);
+                format!("{channels:?}")
+            }
+            None => "named in the error, if any".to_owned(),
+        };
+        tracing::warn!(
+            addr = %self.addr,
+            channels = %channels,
+            "Redis broker: the subscriber's node answered a subscription with an error: \
+             {error}; reading the slot map again ({suppressed} more such lines held back)"
+        );
     }
 
     fn oversized(&self, channel: &str, size: usize) {
