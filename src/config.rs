@@ -1630,15 +1630,17 @@ fn check_redis_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("{:?}: {e}", mask_url_password(url)))
 }
 
-/// `url` with the password of its user info replaced by `***`, for logs and
-/// `ringsocket config`.
+/// `url` with the password of its user info, and the value of a `pass` or `password`
+/// query parameter (`redis+unix:///run/redis.sock?pass=…`), replaced by `***`, for
+/// logs and `ringsocket config`.
 pub fn mask_url_password(url: &str) -> String {
+    let url = mask_query_password(url);
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return url;
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
+        return url;
     };
     let user_info = &rest[..at];
     let masked = match user_info.split_once(':') {
@@ -1648,6 +1650,34 @@ pub fn mask_url_password(url: &str) -> String {
         None => String::new(),
     };
     format!("{scheme}://{masked}{}", &rest[at..])
+}
+
+/// `url` with the values of its `pass` and `password` query parameters masked.
+fn mask_query_password(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query, None),
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _))
+                if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") =>
+            {
+                format!("{name}=***")
+            }
+            _ => param.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{base}?{}", params.join("&"));
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -2038,6 +2068,14 @@ mod tests {
             ("rediss://p@h", "rediss://***@h"),
             ("redis://h:6379", "redis://h:6379"),
             ("redis://h/a@b", "redis://h/a@b"),
+            (
+                "redis+unix:///run/r.sock?db=1&pass=s3cret",
+                "redis+unix:///run/r.sock?db=1&pass=***",
+            ),
+            (
+                "redis://u:p@h/0?password=x#f",
+                "redis://u:***@h/0?password=***#f",
+            ),
             ("", ""),
         ] {
             assert_eq!(mask_url_password(url), masked);
