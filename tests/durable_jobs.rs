@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use ringsocket::app::App;
 use ringsocket::runtime::{Response, RunningServer, Server};
+use ringsocket::tasks::QueueFullPolicy;
 
 /// The longest the tests wait for anything.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -62,6 +63,19 @@ fn app(redis_url: &str) -> App {
                 Ok(id) => Response::text(202, format!("{id}\n")),
                 Err(e) => Response::error(503, &e.to_string()),
             }
+        })
+        // Fire and forget: the enqueue is not awaited, the handler answers 202 at once.
+        .post("/fire/{job}", |req| async move {
+            let job: String = req.param("job").unwrap_or_default();
+            drop(req.tasks().enqueue_bytes(&job, req.body().clone()));
+            Response::text(202, "queued\n")
+        })
+        // The same through a `TaskHandle`, as code that only has the handle does.
+        .post("/fire-handle/{job}", |req| async move {
+            let job: String = req.param("job").unwrap_or_default();
+            let handle = req.tasks().handle();
+            drop(handle.enqueue_bytes(&job, req.body().clone()));
+            Response::text(202, "queued\n")
         })
         .post("/memory", move |req| {
             let url = memory_url.clone();
@@ -337,6 +351,32 @@ fn redis_down_answers_503() {
     redis.restart();
     wait_for("Redis to take jobs again", || {
         enqueue(addr, "send_email", &plain("back"))
+            .starts_with("HTTP/1.1 202")
+            .then_some(())
+    });
+    let ran = wait_for("the job to run", || list(&redis, "test:ran").pop());
+    assert!(ran.starts_with("back "), "{ran}");
+}
+
+/// Under `QueueFullPolicy::Drop` too, an enqueue that failed is never answered with
+/// the handler's 202, also when the handler did not await it, and when it enqueued
+/// through a `TaskHandle`.
+#[test]
+fn a_failed_enqueue_is_never_answered_202() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let app = app(&url).queue_full_policy(QueueFullPolicy::Drop);
+    let server = common::start(app, |c| c.jobs_redis_url = url.clone());
+    let addr = server.local_addr();
+    redis.stop();
+    for path in ["/fire/send_email", "/fire-handle/send_email"] {
+        let response = post(addr, path, &plain("lost"));
+        assert!(response.starts_with("HTTP/1.1 503"), "{path}: {response}");
+        assert!(response.contains("Retry-After: 1"), "{path}: {response}");
+    }
+    redis.restart();
+    wait_for("Redis to take jobs again", || {
+        post(addr, "/fire-handle/send_email", &plain("back"))
             .starts_with("HTTP/1.1 202")
             .then_some(())
     });
