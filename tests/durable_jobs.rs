@@ -384,6 +384,21 @@ fn a_failed_enqueue_is_never_answered_202() {
     assert!(ran.starts_with("back "), "{ran}");
 }
 
+/// `redis_url` is a Redis Cluster and `jobs_redis_url` is not set: the server does
+/// not start, and says that jobs need a single Redis and what to set.
+#[test]
+fn jobs_on_a_redis_cluster_url_refuse_to_start_and_say_why() {
+    let mut config = common::config();
+    config.bind = "127.0.0.1:0".parse().unwrap();
+    config.redis_url = "redis://127.0.0.1:1,redis://127.0.0.1:2".into();
+    config.redis_cluster = true;
+    let err = Server::start(config, Arc::new(app("redis://127.0.0.1:1")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("jobs_redis_url"), "{err}");
+    assert!(err.contains("single Redis"), "{err}");
+}
+
 /// An unknown job name is a programmer's error: 500, not a 202 for nothing.
 #[test]
 fn an_unknown_job_is_refused() {

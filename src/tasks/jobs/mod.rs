@@ -425,16 +425,25 @@ impl JobSettings {
         }
     }
 
-    /// The settings of a server configuration; `None` when neither `jobs_redis_url`
-    /// nor `redis_url` is set.
-    pub fn from_config(config: &Config) -> Option<Self> {
+    /// The settings of a server configuration; `Ok(None)` when neither
+    /// `jobs_redis_url` nor `redis_url` is set. `Err` when only `redis_url` is set and
+    /// it is a Redis Cluster (`redis_cluster = true`): the queue needs a single Redis.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, String> {
         let url = if config.jobs_redis_url.is_empty() {
+            if config.redis_cluster && !config.redis_url.is_empty() {
+                return Err(
+                    "durable jobs need a single Redis server (not a Redis Cluster): \
+                     redis_cluster = true, so redis_url cannot be used for them; set \
+                     jobs_redis_url to one Redis server"
+                        .into(),
+                );
+            }
             &config.redis_url
         } else {
             &config.jobs_redis_url
         };
         if url.is_empty() {
-            return None;
+            return Ok(None);
         }
         let mut settings = Self::new(url.clone());
         settings.prefix.clone_from(&config.jobs_stream_prefix);
@@ -443,7 +452,7 @@ impl JobSettings {
         settings.visibility_timeout = Duration::from_secs(config.job_visibility_timeout_secs);
         settings.concurrency = config.job_concurrency;
         settings.dead_letter_maxlen = config.job_dead_letter_maxlen;
-        Some(settings)
+        Ok(Some(settings))
     }
 
     /// The wait before the retry that follows `failed` failed runs (from 1).
@@ -1047,6 +1056,28 @@ mod tests {
         let mut settings = JobSettings::new("redis://127.0.0.1");
         settings.prefix = "jobs:{x}:".into();
         assert!(settings.check().unwrap_err().contains("braces"));
+    }
+
+    #[test]
+    fn a_cluster_redis_url_is_not_used_for_jobs() {
+        let mut config = Config {
+            redis_url: "redis://127.0.0.1:7000,redis://127.0.0.1:7001".into(),
+            redis_cluster: true,
+            ..Config::default()
+        };
+        let err = JobSettings::from_config(&config).unwrap_err();
+        assert!(
+            err.contains("single Redis") && err.contains("jobs_redis_url"),
+            "{err}"
+        );
+        config.jobs_redis_url = "redis://127.0.0.1:6379".into();
+        let settings = JobSettings::from_config(&config).unwrap().unwrap();
+        assert_eq!(settings.url, "redis://127.0.0.1:6379");
+        config.redis_cluster = false;
+        config.jobs_redis_url.clear();
+        config.redis_url = "redis://127.0.0.1:6380".into();
+        let settings = JobSettings::from_config(&config).unwrap().unwrap();
+        assert_eq!(settings.url, "redis://127.0.0.1:6380");
     }
 
     #[test]
