@@ -389,7 +389,7 @@ impl Future for Enqueue {
 
 /// Settings of the durable job queue. Build with [`JobSettings::new`] or
 /// [`JobSettings::from_config`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct JobSettings {
     /// The Redis server (`jobs_redis_url`, else `redis_url`).
@@ -408,6 +408,22 @@ pub struct JobSettings {
     pub dead_letter_maxlen: usize,
     /// Longest wait for a connection or a reply. Default 2 s.
     pub io_timeout: Duration,
+}
+
+impl fmt::Debug for JobSettings {
+    /// The URL's credentials masked: a `Debug` print may reach a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobSettings")
+            .field("url", &crate::config::mask_url_password(&self.url))
+            .field("prefix", &self.prefix)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("visibility_timeout", &self.visibility_timeout)
+            .field("concurrency", &self.concurrency)
+            .field("dead_letter_maxlen", &self.dead_letter_maxlen)
+            .field("io_timeout", &self.io_timeout)
+            .finish()
+    }
 }
 
 impl JobSettings {
@@ -1056,6 +1072,19 @@ mod tests {
         let mut settings = JobSettings::new("redis://127.0.0.1");
         settings.prefix = "jobs:{x}:".into();
         assert!(settings.check().unwrap_err().contains("braces"));
+    }
+
+    #[test]
+    fn settings_debug_hides_the_password() {
+        for url in [
+            "redis://user:s3cret@127.0.0.1:6379/0",
+            "redis://s3cret@127.0.0.1",
+            "redis+unix:///run/redis.sock?db=0&pass=s3cret",
+        ] {
+            let shown = format!("{:?}", JobSettings::new(url));
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
     }
 
     #[test]
