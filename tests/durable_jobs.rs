@@ -203,6 +203,51 @@ fn a_second_process_takes_over_the_jobs_of_a_killed_one() {
     wait_for_metric(survivor.addr, "ringsocket_jobs_done_total", "send_email", 1);
 }
 
+/// A shutdown drain longer than the visibility timeout: the running job's claim is
+/// renewed all along, so another process does not take it over (and run it a second
+/// time); it finishes in the process that is shutting down, once.
+#[test]
+fn claims_are_renewed_while_a_shutdown_drains() {
+    const VISIBILITY: u64 = 3;
+    let redis = RedisServer::start();
+    let first = start(&redis, |c| {
+        c.shutdown_timeout_secs = 30.0;
+        c.job_visibility_timeout_secs = VISIBILITY;
+    });
+    let response = enqueue(first.local_addr(), "send_email", &gated("drained"));
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    wait_for("the job to start", || {
+        (list(&redis, "test:started").len() == 1).then_some(())
+    });
+    // Started after the job was taken: it can only get it by taking it over.
+    let second = start(&redis, |c| c.job_visibility_timeout_secs = VISIBILITY);
+    first.shutdown();
+    let joined = std::thread::spawn(move || first.join());
+    // Two and a half visibility timeouts of drain: without renewals the second
+    // process takes the job over within one.
+    std::thread::sleep(Duration::from_millis(VISIBILITY * 2500));
+    assert_eq!(
+        list(&redis, "test:started").len(),
+        1,
+        "taken over mid-drain"
+    );
+    assert_eq!(
+        metric(
+            second.local_addr(),
+            "ringsocket_jobs_reclaimed_total",
+            "send_email"
+        ),
+        0
+    );
+    open_gate(&redis);
+    joined.join().unwrap().unwrap();
+    let ran = list(&redis, "test:ran");
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert!(ran[0].starts_with("drained "), "{ran:?}");
+    wait_for_len(&redis, "ringsocket:jobs:{send_email}", 0);
+    assert_eq!(list(&redis, "test:started").len(), 1);
+}
+
 /// A shutdown whose deadline passes while jobs still wait: the in-memory jobs are
 /// lost (what happens without the durable queue), the durable ones stay in Redis,
 /// released, and the next server runs every one of them, although the visibility

@@ -49,8 +49,11 @@
 //! - **Run**: every process whose app registers the job reads with `XREADGROUP` as
 //!   its own consumer (`host:pid:random`, thread `ringsocket-jobs-r`), at most
 //!   `job_concurrency` jobs at once, and runs the handler on the executor threads
-//!   (`task_threads`), never on an I/O core. While a job runs, its process renews its
-//!   claim (`XCLAIM … JUSTID`) every third of `job_visibility_timeout_secs`.
+//!   (`task_threads`), never on an I/O core. While a job runs, and until its outcome
+//!   is written, its process renews its claim (`XCLAIM … JUSTID`, in a script that
+//!   first checks that this consumer still owns the entry) every third of
+//!   `job_visibility_timeout_secs`; a claim another process took over stays that
+//!   process's (`ringsocket_jobs_claims_lost_total`).
 //! - **Success**: `XACK` and `XDEL`. **Failure** (an `Err` or a panic): the entry is
 //!   acknowledged and a copy with `attempts + 1` and the error goes to the retry set,
 //!   due after `job_retry_backoff_ms × 2^(attempts − 1)` (at most an hour), then back to
@@ -66,7 +69,8 @@
 //!   ones too (the delivery count of `XPENDING`); a job whose process died
 //!   `job_max_attempts` times goes to the dead-letter stream.
 //! - **Shutdown**: no new job is read; running ones finish within
-//!   `shutdown_timeout_secs` (the executor's drain); what is left is released (its
+//!   `shutdown_timeout_secs` (the executor's drain), their claims renewed meanwhile;
+//!   what is left is released (its
 //!   claim aged past the visibility timeout, so another process takes it at once) and
 //!   stays in Redis for the next start. One log line gives the counts.
 //!
@@ -75,6 +79,8 @@
 
 mod metrics;
 mod reader;
+#[cfg(test)]
+mod test_redis;
 mod writer;
 
 use std::collections::HashMap;
@@ -607,11 +613,15 @@ struct Shared {
     metrics: Arc<JobMetrics>,
     /// This process's consumer name in every group.
     consumer: String,
-    /// Entries read by this process and not yet settled: (job, id) → deliveries.
-    in_flight: Mutex<HashMap<(usize, String), u32>>,
+    /// Entries read by this process whose outcome Redis does not have yet: kept (and
+    /// their claims renewed) until the writer has written it.
+    in_flight: Mutex<HashMap<(usize, String), Held>>,
     /// A job ended: the reader may read more.
     freed: (Sender<()>, Receiver<()>),
+    /// No new job is read; the reader only renews the claims of the running ones.
     stop: AtomicBool,
+    /// The shutdown's deadline passed (or every job is done): renewals end too.
+    halt: AtomicBool,
     writer: Sender<writer::Command>,
     /// The queue's count of enqueues waiting for the writer.
     waiting: Arc<AtomicUsize>,
@@ -624,7 +634,11 @@ impl Shared {
         self.stop.load(Ordering::SeqCst)
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, String), u32>> {
+    fn halted(&self) -> bool {
+        self.halt.load(Ordering::SeqCst)
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, String), Held>> {
         self.in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -640,6 +654,27 @@ impl Shared {
     }
 }
 
+/// One entry held by this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    /// Its delivery count when read.
+    deliveries: u32,
+    /// The run ended; the outcome is on its way to Redis.
+    settled: bool,
+    /// A renewal found that another process took it over (counted and logged once).
+    lost: bool,
+}
+
+impl Held {
+    fn new(deliveries: u32) -> Self {
+        Self {
+            deliveries,
+            settled: false,
+            lost: false,
+        }
+    }
+}
+
 /// The durable job queue of a running server: its reader and writer threads.
 /// Started by [`Server::start`](crate::runtime::Server::start) when the app registers
 /// jobs; stopped in two steps around the executor's drain.
@@ -647,8 +682,10 @@ pub struct DurableJobs {
     shared: Arc<Shared>,
     queue: JobQueue,
     reader: Option<JoinHandle<()>>,
+    /// Says when the reader stopped reading (it goes on renewing claims).
+    reading_stopped: Receiver<()>,
     writer: Option<JoinHandle<()>>,
-    running_at_stop: u64,
+    running_at_stop: Option<u64>,
 }
 
 impl fmt::Debug for DurableJobs {
@@ -707,6 +744,7 @@ impl DurableJobs {
             in_flight: Mutex::new(HashMap::new()),
             freed: crossbeam_channel::bounded(1),
             stop: AtomicBool::new(false),
+            halt: AtomicBool::new(false),
             writer: writer_tx.clone(),
             waiting: waiting.clone(),
             tasks,
@@ -720,12 +758,13 @@ impl DurableJobs {
                 .spawn(move || writer::run(&shared, &client, &writer_rx))
                 .map_err(|e| format!("cannot start the job writer thread: {e}"))?
         };
+        let (stopped_tx, reading_stopped) = crossbeam_channel::bounded(1);
         let reader = if shared.settings.concurrency > 0 {
             let shared = shared.clone();
             Some(
                 std::thread::Builder::new()
                     .name("ringsocket-jobs-r".into())
-                    .spawn(move || reader::run(&shared, &client))
+                    .spawn(move || reader::run(&shared, &client, &stopped_tx))
                     .map_err(|e| format!("cannot start the job reader thread: {e}"))?,
             )
         } else {
@@ -750,8 +789,9 @@ impl DurableJobs {
             },
             shared,
             reader,
+            reading_stopped,
             writer: Some(writer),
-            running_at_stop: 0,
+            running_at_stop: None,
         })
     }
 
@@ -760,28 +800,58 @@ impl DurableJobs {
         self.queue.clone()
     }
 
-    /// The first step of a shutdown: no new job is read (the reader thread ends after
-    /// its current read, within a fraction of a second). Jobs running go on.
+    /// The first step of a shutdown: no new job is read (the reader stops after its
+    /// current read, within a fraction of a second). Jobs running go on, and so do the
+    /// renewals of their claims, until they end or [`DurableJobs::shutdown`].
     pub fn stop_reading(&mut self) {
+        if self.running_at_stop.is_some() {
+            return;
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         let _ = self.shared.freed.0.try_send(());
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
+        if self.reader.is_some() {
+            let wait = 2 * self.shared.settings.io_timeout + 2 * reader::POLL;
+            let _ = self.reading_stopped.recv_timeout(wait);
         }
-        self.running_at_stop = self.shared.in_flight().len() as u64;
+        let running = self
+            .shared
+            .in_flight()
+            .values()
+            .filter(|h| !h.settled)
+            .count();
+        self.running_at_stop = Some(running as u64);
     }
 
     /// The last step, after the executor's drain: takes no more enqueues, releases the
     /// jobs still unfinished (another process takes them at once), writes the
     /// outcomes not yet written (for at most the I/O timeout), and logs the counts.
     pub fn shutdown(mut self) -> JobsReport {
-        if self.reader.is_some() {
-            self.stop_reading();
+        self.stop_reading();
+        // The drain is over: the renewals end.
+        self.shared.halt.store(true, Ordering::SeqCst);
+        let _ = self.shared.freed.0.try_send(());
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
         self.queue.inner.closed.store(true, Ordering::Release);
-        let left: Vec<((usize, String), u32)> = self.shared.in_flight().drain().collect();
+        // Those that ended keep their place until the writer has written their outcome.
+        let left: Vec<((usize, String), u32)> = {
+            let mut in_flight = self.shared.in_flight();
+            let unfinished: Vec<(usize, String)> = in_flight
+                .iter()
+                .filter(|(_, held)| !held.settled)
+                .map(|(key, _)| key.clone())
+                .collect();
+            unfinished
+                .into_iter()
+                .filter_map(|key| in_flight.remove(&key).map(|held| (key, held.deliveries)))
+                .collect()
+        };
         let report = JobsReport {
-            finished: self.running_at_stop.saturating_sub(left.len() as u64),
+            finished: self
+                .running_at_stop
+                .unwrap_or(0)
+                .saturating_sub(left.len() as u64),
             left_pending: left.len() as u64,
         };
         let (done_tx, done) = crossbeam_channel::bounded(1);
@@ -822,6 +892,7 @@ impl Drop for DurableJobs {
     /// Without a [`DurableJobs::shutdown`]: stop reading and writing, without waiting.
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.halt.store(true, Ordering::SeqCst);
         self.queue.inner.closed.store(true, Ordering::Release);
         if self.writer.is_some() {
             let (done, _) = crossbeam_channel::bounded(1);

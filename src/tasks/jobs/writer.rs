@@ -54,7 +54,7 @@ pub(super) enum Command {
         id: String,
         settle: Settle,
     },
-    /// The last command: release the unfinished entries (job, id, deliveries), write
+    /// The last command: release the unfinished entries ((job, id), deliveries), write
     /// what is held, say so on `done`, and end.
     Stop {
         release: Vec<((usize, String), u32)>,
@@ -89,15 +89,15 @@ impl Link {
         }
     }
 
-    /// The connection and the SHA1 of its (first) script, connecting (and running
-    /// `setup` on it) when it is time to try; `Err` with the cause while Redis is
-    /// unreachable.
+    /// The connection and the SHA1s of its scripts (in the order `setup` loaded them),
+    /// connecting (and running `setup` on it) when it is time to try; `Err` with the
+    /// cause while Redis is unreachable.
     pub(super) fn get(
         &mut self,
         shared: &Shared,
         client: &redis::Client,
         setup: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<Vec<String>>,
-    ) -> Result<(&mut redis::Connection, String), String> {
+    ) -> Result<(&mut redis::Connection, Vec<String>), String> {
         if self.con.is_none() {
             if Instant::now() < self.next_try {
                 return Err(self.cause.clone().unwrap_or_else(|| "not connected".into()));
@@ -120,9 +120,8 @@ impl Link {
                 }
             }
         }
-        let sha = self.shas.first().cloned().unwrap_or_default();
         match self.con.as_mut() {
-            Some(con) => Ok((con, sha)),
+            Some(con) => Ok((con, self.shas.clone())),
             None => Err("not connected".into()),
         }
     }
@@ -223,7 +222,7 @@ impl Writer<'_> {
         }
         let shared = self.shared;
         let (con, sha) = match link.get(shared, client, |con| load_scripts(con, &[SETTLE_SCRIPT])) {
-            Ok(got) => got,
+            Ok((con, shas)) => (con, shas.into_iter().next().unwrap_or_default()),
             Err(cause) => {
                 for (job, _, ack) in enqueues {
                     self.refuse(job, ack, EnqueueError::Unavailable(cause.clone()));
@@ -277,8 +276,12 @@ impl Writer<'_> {
             }
         }
         let mut reload = false;
+        let mut written = Vec::new();
         for ((job, id, settle), reply) in std::mem::take(&mut self.held).into_iter().zip(replies) {
             let counters = shared.metrics.job(job);
+            if !matches!(&reply, Value::ServerError(e) if e.code() == "NOSCRIPT") {
+                written.push((job, id.clone()));
+            }
             match reply {
                 Value::Int(1) => match settle {
                     Settle::Done => {}
@@ -300,6 +303,15 @@ impl Writer<'_> {
                     tracing::error!(job = %shared.slots[job].name, %id, reply = ?other, "durable jobs: Redis refused an outcome; the job runs again after the visibility timeout");
                 }
             }
+        }
+        // Held (and renewed) until here: only now may the slot take another job.
+        if !written.is_empty() {
+            let mut in_flight = shared.in_flight();
+            for key in &written {
+                in_flight.remove(key);
+            }
+            drop(in_flight);
+            let _ = shared.freed.0.try_send(());
         }
         if reload {
             link.failed(
@@ -376,7 +388,8 @@ impl Writer<'_> {
         };
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for (slot, pending) in shared.slots.iter().zip(&replies[release.len()..]) {
+        let pendings = replies.get(release.len()..).unwrap_or_default();
+        for (slot, pending) in shared.slots.iter().zip(pendings) {
             if matches!(pending, Value::Array(items) if items.is_empty()) {
                 pipe.cmd("XGROUP")
                     .arg("DELCONSUMER")
