@@ -36,6 +36,10 @@
 //! dead-letter stream `…:dead`. A stream entry has the fields `payload`, and after a
 //! failure `attempts` (runs so far), `origin` (the first entry's id) and `error`.
 //!
+//! - **Redis** must be a single server (not a Cluster: with `redis_cluster` set,
+//!   `jobs_redis_url` must be), with `appendonly yes` and `maxmemory-policy
+//!   noeviction`, or an acknowledged job may be lost; the reader warns at start when
+//!   `CONFIG GET` says otherwise.
 //! - **Enqueue**: `XADD` by the process's writer thread (`ringsocket-jobs-w`); the
 //!   [`Enqueue`] future resolves once Redis acknowledged it. An HTTP handler's response
 //!   waits for every enqueue the handler made (awaited or not): a 202 means the job is

@@ -123,7 +123,8 @@ pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client, stopped: &Sender
         cursors: vec!["0-0".to_owned(); shared.slots.len()],
         next_stream: 0,
     };
-    let setup = |con: &mut redis::Connection| {
+    let mut checked = false;
+    let mut setup = |con: &mut redis::Connection| {
         for slot in &shared.slots {
             let created = redis::cmd("XGROUP")
                 .arg("CREATE")
@@ -137,10 +138,16 @@ pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client, stopped: &Sender
                 other => other?,
             }
         }
+        if !checked {
+            checked = true;
+            for warning in durability_warnings(con) {
+                tracing::warn!(addr = %shared.addr, "durable jobs: {warning}");
+            }
+        }
         load_scripts(con, &SCRIPTS)
     };
     while !shared.stopping() {
-        let (con, shas) = match link.get(shared, client, setup) {
+        let (con, shas) = match link.get(shared, client, &mut setup) {
             Ok(got) => got,
             Err(_) => {
                 let _ = shared.freed.1.recv_timeout(link.retry_in().max(POLL / 5));
@@ -160,7 +167,7 @@ pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client, stopped: &Sender
     // another process takes them over and runs them a second time.
     while !shared.halted() && !shared.in_flight().is_empty() {
         if reader.last_renew.elapsed() >= shared.settings.visibility_timeout / 3 {
-            if let Ok((con, shas)) = link.get(shared, client, setup) {
+            if let Ok((con, shas)) = link.get(shared, client, &mut setup) {
                 match reader.renew(con, &Shas::new(shas).renew) {
                     Ok(()) => reader.last_renew = Instant::now(),
                     Err(e) => link.failed(shared, &e),
@@ -169,6 +176,44 @@ pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client, stopped: &Sender
         }
         let _ = shared.freed.1.recv_timeout(POLL);
     }
+}
+
+/// What this Redis server's configuration risks for jobs (no append-only file: a
+/// crash loses the jobs of the last seconds or more; an eviction policy: Redis may
+/// delete job streams under memory pressure). Empty when it is fine or when `CONFIG`
+/// is not allowed.
+pub(super) fn durability_warnings(con: &mut redis::Connection) -> Vec<String> {
+    let get = |con: &mut redis::Connection, name: &str| -> Option<String> {
+        let reply: Value = redis::cmd("CONFIG").arg("GET").arg(name).query(con).ok()?;
+        let value = match reply {
+            Value::Array(items) => items.into_iter().nth(1)?,
+            Value::Map(items) => items.into_iter().next()?.1,
+            _ => return None,
+        };
+        match value {
+            Value::BulkString(v) => Some(String::from_utf8_lossy(&v).into_owned()),
+            Value::SimpleString(v) => Some(v),
+            _ => None,
+        }
+    };
+    let mut warnings = Vec::new();
+    if let Some(aof) = get(con, "appendonly") {
+        if aof != "yes" {
+            warnings.push(format!(
+                "the jobs Redis runs with appendonly {aof}: a Redis crash or restart may lose                  jobs answered 202; set appendonly yes (appendfsync everysec)"
+            ));
+        } else if let Some(fsync) = get(con, "appendfsync").filter(|f| f == "no") {
+            warnings.push(format!(
+                "the jobs Redis runs with appendfsync {fsync}: a crash may lose recent jobs;                  set appendfsync everysec"
+            ));
+        }
+    }
+    if let Some(policy) = get(con, "maxmemory-policy").filter(|p| p != "noeviction") {
+        warnings.push(format!(
+            "the jobs Redis runs with maxmemory-policy {policy}: under memory pressure it may              evict job streams; set maxmemory-policy noeviction"
+        ));
+    }
+    warnings
 }
 
 /// An entry read and not yet handed to the executor: job, entry, attempt.
@@ -1009,5 +1054,32 @@ mod tests {
         let entries = read(&mut con, "c2", 1);
         assert_eq!(entries[0].id, id2);
         assert!(read_reply(Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn a_redis_that_may_lose_jobs_is_warned_about() {
+        let redis = TestRedis::start();
+        let mut con = redis.con();
+        let warnings = durability_warnings(&mut con);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("appendonly no"), "{warnings:?}");
+        for (name, value) in [("appendonly", "yes"), ("maxmemory-policy", "allkeys-lru")] {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .exec(&mut con)
+                .unwrap();
+        }
+        let warnings = durability_warnings(&mut con);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("noeviction"), "{warnings:?}");
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("noeviction")
+            .exec(&mut con)
+            .unwrap();
+        assert!(durability_warnings(&mut con).is_empty());
     }
 }
