@@ -38,8 +38,8 @@
 //!
 //! - **Redis** must be a single server (not a Cluster: with `redis_cluster` set,
 //!   `jobs_redis_url` must be), with `appendonly yes` and `maxmemory-policy
-//!   noeviction`, or an acknowledged job may be lost; the reader warns at start when
-//!   `CONFIG GET` says otherwise.
+//!   noeviction`, or an acknowledged job may be lost; the queue warns on its first
+//!   connection when `CONFIG GET` says otherwise.
 //! - **Enqueue**: `XADD` by the process's writer thread (`ringsocket-jobs-w`); the
 //!   [`Enqueue`] future resolves once Redis acknowledged it. An HTTP handler's response
 //!   waits for every enqueue the handler made (awaited or not): a 202 means the job is
@@ -626,6 +626,9 @@ struct Shared {
     stop: AtomicBool,
     /// The shutdown's deadline passed (or every job is done): renewals end too.
     halt: AtomicBool,
+    /// The Redis configuration was checked (by the first connection, reader's or
+    /// writer's: a process with `job_concurrency = 0` has no reader).
+    durability_checked: AtomicBool,
     writer: Sender<writer::Command>,
     /// The queue's count of enqueues waiting for the writer.
     waiting: Arc<AtomicUsize>,
@@ -636,6 +639,16 @@ struct Shared {
 impl Shared {
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Warns, once per process, when the Redis of `con` may lose acknowledged jobs.
+    fn check_durability(&self, con: &mut redis::Connection) {
+        if self.durability_checked.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for warning in reader::durability_warnings(con) {
+            tracing::warn!(addr = %self.addr, "durable jobs: {warning}");
+        }
     }
 
     fn halted(&self) -> bool {
@@ -749,6 +762,7 @@ impl DurableJobs {
             freed: crossbeam_channel::bounded(1),
             stop: AtomicBool::new(false),
             halt: AtomicBool::new(false),
+            durability_checked: AtomicBool::new(false),
             writer: writer_tx.clone(),
             waiting: waiting.clone(),
             tasks,

@@ -123,8 +123,7 @@ pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client, stopped: &Sender
         cursors: vec!["0-0".to_owned(); shared.slots.len()],
         next_stream: 0,
     };
-    let mut checked = false;
-    let mut setup = |con: &mut redis::Connection| {
+    let setup = |con: &mut redis::Connection| {
         for slot in &shared.slots {
             let created = redis::cmd("XGROUP")
                 .arg("CREATE")
@@ -138,16 +137,11 @@ pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client, stopped: &Sender
                 other => other?,
             }
         }
-        if !checked {
-            checked = true;
-            for warning in durability_warnings(con) {
-                tracing::warn!(addr = %shared.addr, "durable jobs: {warning}");
-            }
-        }
+        shared.check_durability(con);
         load_scripts(con, &SCRIPTS)
     };
     while !shared.stopping() {
-        let (con, shas) = match link.get(shared, client, &mut setup) {
+        let (con, shas) = match link.get(shared, client, setup) {
             Ok(got) => got,
             Err(_) => {
                 let _ = shared.freed.1.recv_timeout(link.retry_in().max(POLL / 5));
@@ -167,7 +161,7 @@ pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client, stopped: &Sender
     // another process takes them over and runs them a second time.
     while !shared.halted() && !shared.in_flight().is_empty() {
         if reader.last_renew.elapsed() >= shared.settings.visibility_timeout / 3 {
-            if let Ok((con, shas)) = link.get(shared, client, &mut setup) {
+            if let Ok((con, shas)) = link.get(shared, client, setup) {
                 match reader.renew(con, &Shas::new(shas).renew) {
                     Ok(()) => reader.last_renew = Instant::now(),
                     Err(e) => link.failed(shared, &e),
@@ -951,6 +945,7 @@ mod tests {
             freed: crossbeam_channel::bounded(1),
             stop: std::sync::atomic::AtomicBool::new(false),
             halt: std::sync::atomic::AtomicBool::new(false),
+            durability_checked: std::sync::atomic::AtomicBool::new(false),
             writer,
             waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             tasks: executor.handle(),

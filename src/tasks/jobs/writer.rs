@@ -147,6 +147,13 @@ impl Link {
     }
 }
 
+/// The writer's connection setup: the durability check (once per process, if the
+/// reader did not), and its script.
+fn setup(shared: &Shared, con: &mut redis::Connection) -> redis::RedisResult<Vec<String>> {
+    shared.check_durability(con);
+    load_scripts(con, &[SETTLE_SCRIPT])
+}
+
 /// Loads `scripts` and returns their SHA1s.
 pub(super) fn load_scripts(
     con: &mut redis::Connection,
@@ -221,7 +228,7 @@ impl Writer<'_> {
             return;
         }
         let shared = self.shared;
-        let (con, sha) = match link.get(shared, client, |con| load_scripts(con, &[SETTLE_SCRIPT])) {
+        let (con, sha) = match link.get(shared, client, |con| setup(shared, con)) {
             Ok((con, shas)) => (con, shas.into_iter().next().unwrap_or_default()),
             Err(cause) => {
                 for (job, _, ack) in enqueues {
@@ -343,8 +350,7 @@ impl Writer<'_> {
         self.batch(link, client, Vec::new());
         let shared = self.shared;
         let lost = self.held.len();
-        let Ok((con, _)) = link.get(shared, client, |con| load_scripts(con, &[SETTLE_SCRIPT]))
-        else {
+        let Ok((con, _)) = link.get(shared, client, |con| setup(shared, con)) else {
             if lost > 0 || !release.is_empty() {
                 tracing::warn!(
                     unwritten_outcomes = lost,
