@@ -853,7 +853,7 @@ impl DurableJobs {
         }
         self.queue.inner.closed.store(true, Ordering::Release);
         // Those that ended keep their place until the writer has written their outcome.
-        let left: Vec<((usize, String), u32)> = {
+        let left: Vec<((usize, String), Held)> = {
             let mut in_flight = self.shared.in_flight();
             let unfinished: Vec<(usize, String)> = in_flight
                 .iter()
@@ -862,9 +862,16 @@ impl DurableJobs {
                 .collect();
             unfinished
                 .into_iter()
-                .filter_map(|key| in_flight.remove(&key).map(|held| (key, held.deliveries)))
+                .filter_map(|key| in_flight.remove(&key).map(|held| (key, held)))
                 .collect()
         };
+        // Released: set idle for another process to take at once. Not those another
+        // process took over already (a release would take them back from it).
+        let release: Vec<((usize, String), u32)> = left
+            .iter()
+            .filter(|(_, held)| !held.lost)
+            .map(|(key, held)| (key.clone(), held.deliveries))
+            .collect();
         let report = JobsReport {
             finished: self
                 .running_at_stop
@@ -876,7 +883,7 @@ impl DurableJobs {
         let deadline = Instant::now() + 2 * self.shared.settings.io_timeout;
         let sent = self.shared.writer.send_deadline(
             writer::Command::Stop {
-                release: left,
+                release,
                 done: done_tx,
             },
             deadline,

@@ -40,6 +40,24 @@ end
 return 1
 ";
 
+/// Releases this consumer's unfinished entries at shutdown: their idle time set past
+/// the visibility timeout (another process takes them at once), their delivery count
+/// as before, only where this consumer still owns them (one another process took
+/// over stays that process's). KEYS: stream. ARGV: group, consumer, idle (ms), then
+/// id and retry count pairs. Returns how many were released.
+pub(super) const RELEASE_SCRIPT: &str = r"
+local released = 0
+for i = 4, #ARGV - 1, 2 do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #row == 1 and row[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3],
+      'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+";
+
 /// What the writer is asked to do.
 pub(super) enum Command {
     /// `XADD` a job and answer `ack`.
@@ -151,7 +169,7 @@ impl Link {
 /// reader did not), and its script.
 fn setup(shared: &Shared, con: &mut redis::Connection) -> redis::RedisResult<Vec<String>> {
     shared.check_durability(con);
-    load_scripts(con, &[SETTLE_SCRIPT])
+    load_scripts(con, &[SETTLE_SCRIPT, RELEASE_SCRIPT])
 }
 
 /// Loads `scripts` and returns their SHA1s.
@@ -350,7 +368,7 @@ impl Writer<'_> {
         self.batch(link, client, Vec::new());
         let shared = self.shared;
         let lost = self.held.len();
-        let Ok((con, _)) = link.get(shared, client, |con| setup(shared, con)) else {
+        let Ok((con, shas)) = link.get(shared, client, |con| setup(shared, con)) else {
             if lost > 0 || !release.is_empty() {
                 tracing::warn!(
                     unwritten_outcomes = lost,
@@ -361,20 +379,26 @@ impl Writer<'_> {
             return;
         };
         let idle = shared.settings.visibility_timeout.as_millis() as u64;
+        let release_sha = shas.get(1).cloned().unwrap_or_default();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for ((job, id), deliveries) in release {
-            pipe.cmd("XCLAIM")
-                .arg(&shared.slots[*job].keys.stream)
-                .arg(GROUP)
-                .arg(&shared.consumer)
-                .arg(0)
-                .arg(id)
-                .arg("IDLE")
-                .arg(idle)
-                .arg("RETRYCOUNT")
-                .arg(deliveries.saturating_sub(1))
-                .arg("JUSTID");
+        let mut releases = 0;
+        for (job, slot) in shared.slots.iter().enumerate() {
+            let mine: Vec<_> = release.iter().filter(|((j, _), _)| *j == job).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let cmd = release_command(
+                &mut pipe,
+                &release_sha,
+                &slot.keys.stream,
+                &shared.consumer,
+                idle,
+            );
+            for ((_, id), deliveries) in mine {
+                cmd.arg(id).arg(deliveries.saturating_sub(1));
+            }
+            releases += 1;
         }
         for slot in &shared.slots {
             pipe.cmd("XPENDING")
@@ -394,7 +418,7 @@ impl Writer<'_> {
         };
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let pendings = replies.get(release.len()..).unwrap_or_default();
+        let pendings = replies.get(releases..).unwrap_or_default();
         for (slot, pending) in shared.slots.iter().zip(pendings) {
             if matches!(pending, Value::Array(items) if items.is_empty()) {
                 pipe.cmd("XGROUP")
@@ -406,6 +430,24 @@ impl Writer<'_> {
         }
         let _ = pipe.query::<Vec<Value>>(con);
     }
+}
+
+/// Adds the release script's call for `stream` to `pipe`; the caller adds the ids
+/// and retry counts.
+fn release_command<'a>(
+    pipe: &'a mut redis::Pipeline,
+    sha: &str,
+    stream: &str,
+    consumer: &str,
+    idle_ms: u64,
+) -> &'a mut redis::Pipeline {
+    pipe.cmd("EVALSHA")
+        .arg(sha)
+        .arg(1)
+        .arg(stream)
+        .arg(GROUP)
+        .arg(consumer)
+        .arg(idle_ms)
 }
 
 /// Adds the settle script's call for one outcome to `pipe`.
@@ -440,5 +482,78 @@ fn settle_command(
                 cmd.arg(*name).arg(&value[..]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_redis::TestRedis;
+    use super::*;
+
+    /// At shutdown an unfinished entry is released (idle past the timeout, its
+    /// delivery count as before) only where this consumer still owns it.
+    #[test]
+    fn release_leaves_an_entry_another_process_took_over() {
+        let redis = TestRedis::start();
+        let mut con = redis.con();
+        let stream = "t:{job}";
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .exec(&mut con)
+            .unwrap();
+        let ids: Vec<String> = (0..2)
+            .map(|i| {
+                redis::cmd("XADD")
+                    .arg(stream)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(i)
+                    .query(&mut con)
+                    .unwrap()
+            })
+            .collect();
+        let _: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg("me")
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query(&mut con)
+            .unwrap();
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("other")
+            .arg(0)
+            .arg(&ids[1])
+            .query(&mut con)
+            .unwrap();
+        let sha = load_scripts(&mut con, &[RELEASE_SCRIPT]).unwrap().remove(0);
+        let mut pipe = redis::pipe();
+        release_command(&mut pipe, &sha, stream, "me", 60_000)
+            .arg(&ids[0])
+            .arg(0)
+            .arg(&ids[1])
+            .arg(1);
+        let released: Vec<i64> = pipe.query(&mut con).unwrap();
+        assert_eq!(released, [1]);
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(10)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(rows[0].1, "me");
+        assert!(rows[0].2 >= 60_000, "released: idle {}", rows[0].2);
+        assert_eq!(rows[0].3, 0, "RETRYCOUNT as given");
+        assert_eq!(rows[1].1, "other", "not taken back");
+        assert!(rows[1].2 < 60_000, "not released: idle {}", rows[1].2);
     }
 }
