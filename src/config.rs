@@ -1630,8 +1630,9 @@ fn check_redis_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("{:?}: {e}", mask_url_password(url)))
 }
 
-/// `url` with the password of its user info replaced by `***`, for logs and
-/// `ringsocket config`. A comma-separated list (the seed nodes of `redis_cluster`) has
+/// `url` with the password of its user info, and the value of a `pass` or `password`
+/// query parameter (`redis+unix:///run/redis.sock?pass=…`), replaced by `***`, for
+/// logs and `ringsocket config`. A comma-separated list (the seed nodes of `redis_cluster`) has
 /// every item masked, a bare `user:password@host:port` item too.
 pub fn mask_url_password(url: &str) -> String {
     // The items of a list. A comma inside a user info belongs to its URL: when a URL
@@ -1671,13 +1672,14 @@ fn authority(url: &str) -> Option<&str> {
 
 /// [`mask_url_password`] of one URL, or of one bare `[user:password@]host:port`.
 fn mask_one_url(url: &str) -> String {
+    let url = mask_query_password(url);
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, url),
+        None => (None, url.as_str()),
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
+        return url;
     };
     let user_info = &rest[..at];
     let masked = match user_info.split_once(':') {
@@ -1690,6 +1692,34 @@ fn mask_one_url(url: &str) -> String {
         Some(scheme) => format!("{scheme}://{masked}{}", &rest[at..]),
         None => format!("{masked}{}", &rest[at..]),
     }
+}
+
+/// `url` with the values of its `pass` and `password` query parameters masked.
+fn mask_query_password(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query, None),
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _))
+                if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") =>
+            {
+                format!("{name}=***")
+            }
+            _ => param.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{base}?{}", params.join("&"));
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -2080,6 +2110,14 @@ mod tests {
             ("rediss://p@h", "rediss://***@h"),
             ("redis://h:6379", "redis://h:6379"),
             ("redis://h/a@b", "redis://h/a@b"),
+            (
+                "redis+unix:///run/r.sock?db=1&pass=s3cret",
+                "redis+unix:///run/r.sock?db=1&pass=***",
+            ),
+            (
+                "redis://u:p@h/0?password=x#f",
+                "redis://u:***@h/0?password=***#f",
+            ),
             ("", ""),
             // redis_cluster seeds: every one masked.
             (

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use ringsocket::app::App;
 use ringsocket::runtime::{Response, RunningServer, Server};
+use ringsocket::tasks::QueueFullPolicy;
 
 /// The longest the tests wait for anything.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -62,6 +63,19 @@ fn app(redis_url: &str) -> App {
                 Ok(id) => Response::text(202, format!("{id}\n")),
                 Err(e) => Response::error(503, &e.to_string()),
             }
+        })
+        // Fire and forget: the enqueue is not awaited, the handler answers 202 at once.
+        .post("/fire/{job}", |req| async move {
+            let job: String = req.param("job").unwrap_or_default();
+            drop(req.tasks().enqueue_bytes(&job, req.body().clone()));
+            Response::text(202, "queued\n")
+        })
+        // The same through a `TaskHandle`, as code that only has the handle does.
+        .post("/fire-handle/{job}", |req| async move {
+            let job: String = req.param("job").unwrap_or_default();
+            let handle = req.tasks().handle();
+            drop(handle.enqueue_bytes(&job, req.body().clone()));
+            Response::text(202, "queued\n")
         })
         .post("/memory", move |req| {
             let url = memory_url.clone();
@@ -185,10 +199,53 @@ fn a_second_process_takes_over_the_jobs_of_a_killed_one() {
         ),
         1
     );
+    // Counted once the handler has returned, a moment after it said it ran.
+    wait_for_metric(survivor.addr, "ringsocket_jobs_done_total", "send_email", 1);
+}
+
+/// A shutdown drain longer than the visibility timeout: the running job's claim is
+/// renewed all along, so another process does not take it over (and run it a second
+/// time); it finishes in the process that is shutting down, once.
+#[test]
+fn claims_are_renewed_while_a_shutdown_drains() {
+    const VISIBILITY: u64 = 3;
+    let redis = RedisServer::start();
+    let first = start(&redis, |c| {
+        c.shutdown_timeout_secs = 30.0;
+        c.job_visibility_timeout_secs = VISIBILITY;
+    });
+    let response = enqueue(first.local_addr(), "send_email", &gated("drained"));
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    wait_for("the job to start", || {
+        (list(&redis, "test:started").len() == 1).then_some(())
+    });
+    // Started after the job was taken: it can only get it by taking it over.
+    let second = start(&redis, |c| c.job_visibility_timeout_secs = VISIBILITY);
+    first.shutdown();
+    let joined = std::thread::spawn(move || first.join());
+    // Two and a half visibility timeouts of drain: without renewals the second
+    // process takes the job over within one.
+    std::thread::sleep(Duration::from_millis(VISIBILITY * 2500));
     assert_eq!(
-        metric(survivor.addr, "ringsocket_jobs_done_total", "send_email"),
-        1
+        list(&redis, "test:started").len(),
+        1,
+        "taken over mid-drain"
     );
+    assert_eq!(
+        metric(
+            second.local_addr(),
+            "ringsocket_jobs_reclaimed_total",
+            "send_email"
+        ),
+        0
+    );
+    open_gate(&redis);
+    joined.join().unwrap().unwrap();
+    let ran = list(&redis, "test:ran");
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert!(ran[0].starts_with("drained "), "{ran:?}");
+    wait_for_len(&redis, "ringsocket:jobs:{send_email}", 0);
+    assert_eq!(list(&redis, "test:started").len(), 1);
 }
 
 /// A shutdown whose deadline passes while jobs still wait: the in-memory jobs are
@@ -294,25 +351,17 @@ fn failures_retry_then_go_to_the_dead_letter_stream_with_the_error() {
             .find(|r| r.starts_with("recovers"))
     });
     assert!(ran.ends_with(" 2"), "{ran}");
-    let series = |name: &str| metric(addr, name, "send_email");
-    wait_for("the counters to settle", || {
-        (series("ringsocket_jobs_done_total") == 1).then_some(())
-    });
-    assert_eq!(series("ringsocket_jobs_enqueued_total"), 2);
-    assert_eq!(series("ringsocket_jobs_failed_total"), 4);
-    assert_eq!(series("ringsocket_jobs_retried_total"), 3);
-    assert_eq!(series("ringsocket_jobs_dead_lettered_total"), 1);
-    assert_eq!(
-        metric(addr, "ringsocket_jobs_dead_lettered_total", "explodes"),
-        1
-    );
-    // Nothing is left in the job streams: settled entries are deleted.
-    let mut con = redis.client();
-    let left: u64 = redis::cmd("XLEN")
-        .arg("ringsocket:jobs:{send_email}")
-        .query(&mut con)
-        .unwrap();
-    assert_eq!(left, 0);
+    // Counted as the writer's replies come back, a moment after Redis has them.
+    wait_for_metric(addr, "ringsocket_jobs_done_total", "send_email", 1);
+    wait_for_metric(addr, "ringsocket_jobs_enqueued_total", "send_email", 2);
+    wait_for_metric(addr, "ringsocket_jobs_failed_total", "send_email", 4);
+    wait_for_metric(addr, "ringsocket_jobs_retried_total", "send_email", 3);
+    wait_for_metric(addr, "ringsocket_jobs_dead_lettered_total", "send_email", 1);
+    wait_for_metric(addr, "ringsocket_jobs_dead_lettered_total", "explodes", 1);
+    // Nothing is left in the job streams: settled entries are deleted (by the
+    // writer's settle script, a moment after the counters).
+    wait_for_len(&redis, "ringsocket:jobs:{send_email}", 0);
+    wait_for_len(&redis, "ringsocket:jobs:{explodes}", 0);
 }
 
 /// Redis unreachable: the request is answered 503 with `Retry-After`, not 202, and
@@ -342,6 +391,47 @@ fn redis_down_answers_503() {
     });
     let ran = wait_for("the job to run", || list(&redis, "test:ran").pop());
     assert!(ran.starts_with("back "), "{ran}");
+}
+
+/// Under `QueueFullPolicy::Drop` too, an enqueue that failed is never answered with
+/// the handler's 202, also when the handler did not await it, and when it enqueued
+/// through a `TaskHandle`.
+#[test]
+fn a_failed_enqueue_is_never_answered_202() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let app = app(&url).queue_full_policy(QueueFullPolicy::Drop);
+    let server = common::start(app, |c| c.jobs_redis_url = url.clone());
+    let addr = server.local_addr();
+    redis.stop();
+    for path in ["/fire/send_email", "/fire-handle/send_email"] {
+        let response = post(addr, path, &plain("lost"));
+        assert!(response.starts_with("HTTP/1.1 503"), "{path}: {response}");
+        assert!(response.contains("Retry-After: 1"), "{path}: {response}");
+    }
+    redis.restart();
+    wait_for("Redis to take jobs again", || {
+        post(addr, "/fire-handle/send_email", &plain("back"))
+            .starts_with("HTTP/1.1 202")
+            .then_some(())
+    });
+    let ran = wait_for("the job to run", || list(&redis, "test:ran").pop());
+    assert!(ran.starts_with("back "), "{ran}");
+}
+
+/// `redis_url` is a Redis Cluster and `jobs_redis_url` is not set: the server does
+/// not start, and says that jobs need a single Redis and what to set.
+#[test]
+fn jobs_on_a_redis_cluster_url_refuse_to_start_and_say_why() {
+    let mut config = common::config();
+    config.bind = "127.0.0.1:0".parse().unwrap();
+    config.redis_url = "redis://127.0.0.1:1,redis://127.0.0.1:2".into();
+    config.redis_cluster = true;
+    let err = Server::start(config, Arc::new(app("redis://127.0.0.1:1")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("jobs_redis_url"), "{err}");
+    assert!(err.contains("single Redis"), "{err}");
 }
 
 /// An unknown job name is a programmer's error: 500, not a 202 for nothing.
@@ -375,7 +465,8 @@ fn child_server() {
     config.bind = "127.0.0.1:0".parse().unwrap();
     config.workers = 1;
     config.jobs_redis_url = url.clone();
-    config.job_visibility_timeout_secs = 1;
+    // Well above a renewal's round trip on a loaded machine (renewed every third).
+    config.job_visibility_timeout_secs = 3;
     config.job_concurrency = std::env::var("DURABLE_JOBS_CONCURRENCY")
         .unwrap()
         .parse()
@@ -544,6 +635,36 @@ fn field<'a>(entry: &'a [(String, String)], name: &str) -> &'a str {
         .find(|(n, _)| n == name)
         .map(|(_, v)| v.as_str())
         .unwrap_or_else(|| panic!("no field {name} in {entry:?}"))
+}
+
+/// Waits until `series{job="…"}` is `value`.
+fn wait_for_metric(addr: SocketAddr, series: &str, job: &str, value: u64) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = metric(addr, series, job);
+        if now == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series}{{job={job:?}}} is {now}, not {value}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until stream `key` holds `len` entries.
+fn wait_for_len(redis: &RedisServer, key: &str, len: u64) {
+    let deadline = Instant::now() + PATIENCE;
+    let mut con = redis.client();
+    loop {
+        let now: u64 = redis::cmd("XLEN").arg(key).query(&mut con).unwrap();
+        if now == len {
+            return;
+        }
+        assert!(Instant::now() < deadline, "XLEN {key} is {now}, not {len}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Polls `probe` until it returns `Some`, for at most `PATIENCE`.

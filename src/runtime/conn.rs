@@ -565,23 +565,26 @@ async fn serve(
                 };
                 ctx.metrics.http_request();
                 let tasks = BackgroundTasks::deferred(ctx.cx.tasks.clone());
-                let mut future = handler(HttpRequest {
-                    head: request,
-                    body,
-                    peer,
-                    tasks: tasks.clone(),
+                let mut future = tasks.scope(|| {
+                    handler(HttpRequest {
+                        head: request,
+                        body,
+                        peer,
+                        tasks: tasks.clone(),
+                    })
                 });
-                let mut response = poll_fn(|cx| match poll_handler(&mut future, cx) {
-                    Polled::Ready(response) => Poll::Ready(response),
-                    Polled::Pending => Poll::Pending,
-                    Polled::Panicked(message) => {
-                        tracing::error!(%peer, panic = %message, "HTTP handler panicked: 500");
-                        ctx.metrics.handler_panicked(HandlerKind::Http);
-                        tasks.discard("the HTTP handler panicked");
-                        Poll::Ready(Response::error(500, "internal server error"))
-                    }
-                })
-                .await;
+                let mut response =
+                    poll_fn(|cx| match tasks.scope(|| poll_handler(&mut future, cx)) {
+                        Polled::Ready(response) => Poll::Ready(response),
+                        Polled::Pending => Poll::Pending,
+                        Polled::Panicked(message) => {
+                            tracing::error!(%peer, panic = %message, "HTTP handler panicked: 500");
+                            ctx.metrics.handler_panicked(HandlerKind::Http);
+                            tasks.discard("the HTTP handler panicked");
+                            Poll::Ready(Response::error(500, "internal server error"))
+                        }
+                    })
+                    .await;
                 drop(future);
                 // Every durable job of the request is in Redis (or refused) before the
                 // response says anything.

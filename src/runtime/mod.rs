@@ -158,7 +158,8 @@ fn start_jobs(
     if registry.is_empty() {
         return Ok(None);
     }
-    let Some(settings) = JobSettings::from_config(config) else {
+    let settings = JobSettings::from_config(config).map_err(ServeError::Config)?;
+    let Some(settings) = settings else {
         let names: Vec<&str> = registry.names().collect();
         return Err(ServeError::Config(format!(
             "the app registers durable jobs ({}) but no Redis is configured: set \
@@ -205,6 +206,10 @@ impl Server {
     /// [`RunningServer::shutdown`] (or its drop).
     pub fn start(config: Config, service: Arc<dyn Service>) -> Result<RunningServer, ServeError> {
         config.validate().map_err(|e| ServeError::Config(e.0))?;
+        // Before anything connects: a jobs Redis that cannot be is said plainly.
+        if !service.durable_jobs().is_empty() {
+            JobSettings::from_config(&config).map_err(ServeError::Config)?;
+        }
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }

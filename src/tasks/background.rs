@@ -11,7 +11,9 @@ use super::executor::{Job, SpawnError, TaskHandle};
 use super::jobs::{Ack, Enqueue};
 
 /// What an HTTP request gets when the background queue is full. Chosen per app
-/// (`App::queue_full_policy`); the refused job is counted and logged either way.
+/// (`App::queue_full_policy`); the refused job is counted and logged either way. A
+/// durable enqueue ([`BackgroundTasks::enqueue`]) that fails makes the answer 503
+/// (or 500) under either policy: a 202 would say the job is in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum QueueFullPolicy {
@@ -137,9 +139,28 @@ impl BackgroundTasks {
 
     fn track(&self, enqueue: Enqueue) -> Enqueue {
         if let Repr::Deferred(inner) = &self.repr {
-            inner.acks.borrow_mut().push(enqueue.ack());
+            inner.track(enqueue.ack());
         }
         enqueue
+    }
+
+    /// Runs `f` (one poll of the request's handler) with this request as the current
+    /// one on this thread: a durable enqueue made through a [`TaskHandle`] meanwhile
+    /// ([`TaskHandle::enqueue`]) is the request's too, and its response waits for it.
+    pub fn scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        let Repr::Deferred(inner) = &self.repr else {
+            return f();
+        };
+        struct Restore(Option<Rc<Inner>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let previous = self.0.take();
+                CURRENT.with(|current| *current.borrow_mut() = previous);
+            }
+        }
+        let previous = CURRENT.with(|current| current.borrow_mut().replace(inner.clone()));
+        let _restore = Restore(previous);
+        f()
     }
 
     fn handle_ref(&self) -> &TaskHandle {
@@ -169,22 +190,25 @@ impl BackgroundTasks {
         let Repr::Deferred(inner) = &self.repr else {
             return None;
         };
-        if inner.policy.get() != QueueFullPolicy::Reject503 {
-            return None;
-        }
-        if inner.refused.get() > 0 {
-            return Some(Refusal {
-                status: 503,
-                reason: SpawnError::QueueFull.to_string(),
-            });
-        }
-        inner.acks.borrow().iter().find_map(|ack| match ack.get() {
+        // A durable job that is not in Redis: whatever the policy, the answer must
+        // not say it was taken.
+        let durable = inner.acks.borrow().iter().find_map(|ack| match ack.get() {
             Some(Err(e)) => Some(Refusal {
                 status: if e.is_transient() { 503 } else { 500 },
                 reason: e.to_string(),
             }),
             _ => None,
-        })
+        });
+        if durable.is_some() {
+            return durable;
+        }
+        if inner.policy.get() == QueueFullPolicy::Reject503 && inner.refused.get() > 0 {
+            return Some(Refusal {
+                status: 503,
+                reason: SpawnError::QueueFull.to_string(),
+            });
+        }
+        None
     }
 
     /// A `Send` handle on the executor, for other threads and for jobs that schedule
@@ -264,6 +288,30 @@ impl BackgroundTasks {
                 inner.handle.refused(&job.name, e);
                 Err(e)
             }
+        }
+    }
+}
+
+thread_local! {
+    /// The HTTP request whose handler this thread is polling (see
+    /// [`BackgroundTasks::scope`]).
+    static CURRENT: RefCell<Option<Rc<Inner>>> = const { RefCell::new(None) };
+}
+
+/// Makes `enqueue` (made through a [`TaskHandle`]) part of the HTTP request whose
+/// handler this thread is polling, if any.
+pub(crate) fn track_current(enqueue: &Enqueue) {
+    let current = CURRENT.with(|current| current.borrow().clone());
+    if let Some(inner) = current {
+        inner.track(enqueue.ack());
+    }
+}
+
+impl Inner {
+    fn track(&self, ack: Arc<Ack>) {
+        let mut acks = self.acks.borrow_mut();
+        if !acks.iter().any(|a| Arc::ptr_eq(a, &ack)) {
+            acks.push(ack);
         }
     }
 }

@@ -235,19 +235,27 @@ impl TaskHandle {
     /// Enqueues the durable job `name` with `payload` as JSON (see [`super::jobs`]):
     /// the returned future resolves once Redis has it. Fails with
     /// [`EnqueueError::NotConfigured`] when the app registers no durable job.
+    ///
+    /// Called while an HTTP handler runs (on its I/O core), the enqueue belongs to
+    /// that request as with [`BackgroundTasks::enqueue`](super::BackgroundTasks::enqueue):
+    /// the response waits for it, and is 503 if Redis did not take the job.
     pub fn enqueue<T: serde::Serialize + ?Sized>(&self, name: &str, payload: &T) -> Enqueue {
-        match self.jobs() {
+        let enqueue = match self.jobs() {
             Some(queue) => queue.enqueue(name, payload),
             None => Enqueue::failed(EnqueueError::NotConfigured),
-        }
+        };
+        super::background::track_current(&enqueue);
+        enqueue
     }
 
     /// [`TaskHandle::enqueue`] with the payload as it is.
     pub fn enqueue_bytes(&self, name: &str, payload: impl Into<bytes::Bytes>) -> Enqueue {
-        match self.jobs() {
+        let enqueue = match self.jobs() {
             Some(queue) => queue.enqueue_bytes(name, payload),
             None => Enqueue::failed(EnqueueError::NotConfigured),
-        }
+        };
+        super::background::track_current(&enqueue);
+        enqueue
     }
 
     /// The durable job queue, once the server started one.

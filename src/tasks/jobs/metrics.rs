@@ -20,6 +20,7 @@ pub struct JobCounters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     reclaimed: AtomicU64,
+    claims_lost: AtomicU64,
     running: AtomicU64,
     waiting: AtomicU64,
     pending: AtomicU64,
@@ -45,6 +46,9 @@ pub struct JobCounts {
     pub dead_lettered: u64,
     /// Entries taken over from a process that stopped renewing them.
     pub reclaimed: u64,
+    /// Entries this process held whose claim another process took over before it was
+    /// renewed (the job may run twice).
+    pub claims_lost: u64,
     /// Runs in progress here.
     pub running: u64,
 }
@@ -60,6 +64,7 @@ impl JobCounters {
             retried: self.retried.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
             reclaimed: self.reclaimed.load(Relaxed),
+            claims_lost: self.claims_lost.load(Relaxed),
             running: self.running.load(Relaxed),
         }
     }
@@ -99,6 +104,10 @@ impl JobCounters {
         self.reclaimed.fetch_add(1, Relaxed);
     }
 
+    pub(super) fn claim_lost(&self) {
+        self.claims_lost.fetch_add(1, Relaxed);
+    }
+
     pub(super) fn set_gauges(&self, waiting: u64, pending: u64, retry: u64, dead: u64) {
         self.waiting.store(waiting, Relaxed);
         self.pending.store(pending, Relaxed);
@@ -117,7 +126,7 @@ pub struct JobMetrics {
 type Read = fn(&JobCounters) -> &AtomicU64;
 
 /// The families: name (under `ringsocket_`), help, type, the value.
-const FAMILIES: [(&str, &str, MetricType, Read); 12] = [
+const FAMILIES: [(&str, &str, MetricType, Read); 13] = [
     (
         "jobs_enqueued",
         "Durable jobs Redis took (XADD acknowledged).",
@@ -159,6 +168,12 @@ const FAMILIES: [(&str, &str, MetricType, Read); 12] = [
         "Durable jobs taken over from a process that stopped renewing them.",
         MetricType::Counter,
         |c| &c.reclaimed,
+    ),
+    (
+        "jobs_claims_lost",
+        "Durable jobs held here that another process took over before their claim was renewed.",
+        MetricType::Counter,
+        |c| &c.claims_lost,
     ),
     (
         "jobs_running",

@@ -36,6 +36,10 @@
 //! dead-letter stream `…:dead`. A stream entry has the fields `payload`, and after a
 //! failure `attempts` (runs so far), `origin` (the first entry's id) and `error`.
 //!
+//! - **Redis** must be a single server (not a Cluster: with `redis_cluster` set,
+//!   `jobs_redis_url` must be), with `appendonly yes` and `maxmemory-policy
+//!   noeviction`, or an acknowledged job may be lost; the queue warns on its first
+//!   connection when `CONFIG GET` says otherwise.
 //! - **Enqueue**: `XADD` by the process's writer thread (`ringsocket-jobs-w`); the
 //!   [`Enqueue`] future resolves once Redis acknowledged it. An HTTP handler's response
 //!   waits for every enqueue the handler made (awaited or not): a 202 means the job is
@@ -49,8 +53,11 @@
 //! - **Run**: every process whose app registers the job reads with `XREADGROUP` as
 //!   its own consumer (`host:pid:random`, thread `ringsocket-jobs-r`), at most
 //!   `job_concurrency` jobs at once, and runs the handler on the executor threads
-//!   (`task_threads`), never on an I/O core. While a job runs, its process renews its
-//!   claim (`XCLAIM … JUSTID`) every third of `job_visibility_timeout_secs`.
+//!   (`task_threads`), never on an I/O core. While a job runs, and until its outcome
+//!   is written, its process renews its claim (`XCLAIM … JUSTID`, in a script that
+//!   first checks that this consumer still owns the entry) every third of
+//!   `job_visibility_timeout_secs`; a claim another process took over stays that
+//!   process's (`ringsocket_jobs_claims_lost_total`).
 //! - **Success**: `XACK` and `XDEL`. **Failure** (an `Err` or a panic): the entry is
 //!   acknowledged and a copy with `attempts + 1` and the error goes to the retry set,
 //!   due after `job_retry_backoff_ms × 2^(attempts − 1)` (at most an hour), then back to
@@ -66,7 +73,8 @@
 //!   ones too (the delivery count of `XPENDING`); a job whose process died
 //!   `job_max_attempts` times goes to the dead-letter stream.
 //! - **Shutdown**: no new job is read; running ones finish within
-//!   `shutdown_timeout_secs` (the executor's drain); what is left is released (its
+//!   `shutdown_timeout_secs` (the executor's drain), their claims renewed meanwhile;
+//!   what is left is released (its
 //!   claim aged past the visibility timeout, so another process takes it at once) and
 //!   stays in Redis for the next start. One log line gives the counts.
 //!
@@ -75,6 +83,8 @@
 
 mod metrics;
 mod reader;
+#[cfg(test)]
+mod test_redis;
 mod writer;
 
 use std::collections::HashMap;
@@ -389,7 +399,7 @@ impl Future for Enqueue {
 
 /// Settings of the durable job queue. Build with [`JobSettings::new`] or
 /// [`JobSettings::from_config`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct JobSettings {
     /// The Redis server (`jobs_redis_url`, else `redis_url`).
@@ -410,6 +420,22 @@ pub struct JobSettings {
     pub io_timeout: Duration,
 }
 
+impl fmt::Debug for JobSettings {
+    /// The URL's credentials masked: a `Debug` print may reach a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobSettings")
+            .field("url", &crate::config::mask_url_password(&self.url))
+            .field("prefix", &self.prefix)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("visibility_timeout", &self.visibility_timeout)
+            .field("concurrency", &self.concurrency)
+            .field("dead_letter_maxlen", &self.dead_letter_maxlen)
+            .field("io_timeout", &self.io_timeout)
+            .finish()
+    }
+}
+
 impl JobSettings {
     /// The defaults, for the Redis server at `url`.
     pub fn new(url: impl Into<String>) -> Self {
@@ -425,16 +451,25 @@ impl JobSettings {
         }
     }
 
-    /// The settings of a server configuration; `None` when neither `jobs_redis_url`
-    /// nor `redis_url` is set.
-    pub fn from_config(config: &Config) -> Option<Self> {
+    /// The settings of a server configuration; `Ok(None)` when neither
+    /// `jobs_redis_url` nor `redis_url` is set. `Err` when only `redis_url` is set and
+    /// it is a Redis Cluster (`redis_cluster = true`): the queue needs a single Redis.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, String> {
         let url = if config.jobs_redis_url.is_empty() {
+            if config.redis_cluster && !config.redis_url.is_empty() {
+                return Err(
+                    "durable jobs need a single Redis server (not a Redis Cluster): \
+                     redis_cluster = true, so redis_url cannot be used for them; set \
+                     jobs_redis_url to one Redis server"
+                        .into(),
+                );
+            }
             &config.redis_url
         } else {
             &config.jobs_redis_url
         };
         if url.is_empty() {
-            return None;
+            return Ok(None);
         }
         let mut settings = Self::new(url.clone());
         settings.prefix.clone_from(&config.jobs_stream_prefix);
@@ -443,7 +478,7 @@ impl JobSettings {
         settings.visibility_timeout = Duration::from_secs(config.job_visibility_timeout_secs);
         settings.concurrency = config.job_concurrency;
         settings.dead_letter_maxlen = config.job_dead_letter_maxlen;
-        Some(settings)
+        Ok(Some(settings))
     }
 
     /// The wait before the retry that follows `failed` failed runs (from 1).
@@ -582,11 +617,18 @@ struct Shared {
     metrics: Arc<JobMetrics>,
     /// This process's consumer name in every group.
     consumer: String,
-    /// Entries read by this process and not yet settled: (job, id) → deliveries.
-    in_flight: Mutex<HashMap<(usize, String), u32>>,
+    /// Entries read by this process whose outcome Redis does not have yet: kept (and
+    /// their claims renewed) until the writer has written it.
+    in_flight: Mutex<HashMap<(usize, String), Held>>,
     /// A job ended: the reader may read more.
     freed: (Sender<()>, Receiver<()>),
+    /// No new job is read; the reader only renews the claims of the running ones.
     stop: AtomicBool,
+    /// The shutdown's deadline passed (or every job is done): renewals end too.
+    halt: AtomicBool,
+    /// The Redis configuration was checked (by the first connection, reader's or
+    /// writer's: a process with `job_concurrency = 0` has no reader).
+    durability_checked: AtomicBool,
     writer: Sender<writer::Command>,
     /// The queue's count of enqueues waiting for the writer.
     waiting: Arc<AtomicUsize>,
@@ -599,7 +641,21 @@ impl Shared {
         self.stop.load(Ordering::SeqCst)
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, String), u32>> {
+    /// Warns, once per process, when the Redis of `con` may lose acknowledged jobs.
+    fn check_durability(&self, con: &mut redis::Connection) {
+        if self.durability_checked.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for warning in reader::durability_warnings(con) {
+            tracing::warn!(addr = %self.addr, "durable jobs: {warning}");
+        }
+    }
+
+    fn halted(&self) -> bool {
+        self.halt.load(Ordering::SeqCst)
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, String), Held>> {
         self.in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -615,6 +671,27 @@ impl Shared {
     }
 }
 
+/// One entry held by this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    /// Its delivery count when read.
+    deliveries: u32,
+    /// The run ended; the outcome is on its way to Redis.
+    settled: bool,
+    /// A renewal found that another process took it over (counted and logged once).
+    lost: bool,
+}
+
+impl Held {
+    fn new(deliveries: u32) -> Self {
+        Self {
+            deliveries,
+            settled: false,
+            lost: false,
+        }
+    }
+}
+
 /// The durable job queue of a running server: its reader and writer threads.
 /// Started by [`Server::start`](crate::runtime::Server::start) when the app registers
 /// jobs; stopped in two steps around the executor's drain.
@@ -622,8 +699,10 @@ pub struct DurableJobs {
     shared: Arc<Shared>,
     queue: JobQueue,
     reader: Option<JoinHandle<()>>,
+    /// Says when the reader stopped reading (it goes on renewing claims).
+    reading_stopped: Receiver<()>,
     writer: Option<JoinHandle<()>>,
-    running_at_stop: u64,
+    running_at_stop: Option<u64>,
 }
 
 impl fmt::Debug for DurableJobs {
@@ -682,6 +761,8 @@ impl DurableJobs {
             in_flight: Mutex::new(HashMap::new()),
             freed: crossbeam_channel::bounded(1),
             stop: AtomicBool::new(false),
+            halt: AtomicBool::new(false),
+            durability_checked: AtomicBool::new(false),
             writer: writer_tx.clone(),
             waiting: waiting.clone(),
             tasks,
@@ -695,12 +776,13 @@ impl DurableJobs {
                 .spawn(move || writer::run(&shared, &client, &writer_rx))
                 .map_err(|e| format!("cannot start the job writer thread: {e}"))?
         };
+        let (stopped_tx, reading_stopped) = crossbeam_channel::bounded(1);
         let reader = if shared.settings.concurrency > 0 {
             let shared = shared.clone();
             Some(
                 std::thread::Builder::new()
                     .name("ringsocket-jobs-r".into())
-                    .spawn(move || reader::run(&shared, &client))
+                    .spawn(move || reader::run(&shared, &client, &stopped_tx))
                     .map_err(|e| format!("cannot start the job reader thread: {e}"))?,
             )
         } else {
@@ -725,8 +807,9 @@ impl DurableJobs {
             },
             shared,
             reader,
+            reading_stopped,
             writer: Some(writer),
-            running_at_stop: 0,
+            running_at_stop: None,
         })
     }
 
@@ -735,35 +818,72 @@ impl DurableJobs {
         self.queue.clone()
     }
 
-    /// The first step of a shutdown: no new job is read (the reader thread ends after
-    /// its current read, within a fraction of a second). Jobs running go on.
+    /// The first step of a shutdown: no new job is read (the reader stops after its
+    /// current read, within a fraction of a second). Jobs running go on, and so do the
+    /// renewals of their claims, until they end or [`DurableJobs::shutdown`].
     pub fn stop_reading(&mut self) {
+        if self.running_at_stop.is_some() {
+            return;
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         let _ = self.shared.freed.0.try_send(());
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
+        if self.reader.is_some() {
+            let wait = 2 * self.shared.settings.io_timeout + 2 * reader::POLL;
+            let _ = self.reading_stopped.recv_timeout(wait);
         }
-        self.running_at_stop = self.shared.in_flight().len() as u64;
+        let running = self
+            .shared
+            .in_flight()
+            .values()
+            .filter(|h| !h.settled)
+            .count();
+        self.running_at_stop = Some(running as u64);
     }
 
     /// The last step, after the executor's drain: takes no more enqueues, releases the
     /// jobs still unfinished (another process takes them at once), writes the
     /// outcomes not yet written (for at most the I/O timeout), and logs the counts.
     pub fn shutdown(mut self) -> JobsReport {
-        if self.reader.is_some() {
-            self.stop_reading();
+        self.stop_reading();
+        // The drain is over: the renewals end.
+        self.shared.halt.store(true, Ordering::SeqCst);
+        let _ = self.shared.freed.0.try_send(());
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
         self.queue.inner.closed.store(true, Ordering::Release);
-        let left: Vec<((usize, String), u32)> = self.shared.in_flight().drain().collect();
+        // Those that ended keep their place until the writer has written their outcome.
+        let left: Vec<((usize, String), Held)> = {
+            let mut in_flight = self.shared.in_flight();
+            let unfinished: Vec<(usize, String)> = in_flight
+                .iter()
+                .filter(|(_, held)| !held.settled)
+                .map(|(key, _)| key.clone())
+                .collect();
+            unfinished
+                .into_iter()
+                .filter_map(|key| in_flight.remove(&key).map(|held| (key, held)))
+                .collect()
+        };
+        // Released: set idle for another process to take at once. Not those another
+        // process took over already (a release would take them back from it).
+        let release: Vec<((usize, String), u32)> = left
+            .iter()
+            .filter(|(_, held)| !held.lost)
+            .map(|(key, held)| (key.clone(), held.deliveries))
+            .collect();
         let report = JobsReport {
-            finished: self.running_at_stop.saturating_sub(left.len() as u64),
+            finished: self
+                .running_at_stop
+                .unwrap_or(0)
+                .saturating_sub(left.len() as u64),
             left_pending: left.len() as u64,
         };
         let (done_tx, done) = crossbeam_channel::bounded(1);
         let deadline = Instant::now() + 2 * self.shared.settings.io_timeout;
         let sent = self.shared.writer.send_deadline(
             writer::Command::Stop {
-                release: left,
+                release,
                 done: done_tx,
             },
             deadline,
@@ -797,6 +917,7 @@ impl Drop for DurableJobs {
     /// Without a [`DurableJobs::shutdown`]: stop reading and writing, without waiting.
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.halt.store(true, Ordering::SeqCst);
         self.queue.inner.closed.store(true, Ordering::Release);
         if self.writer.is_some() {
             let (done, _) = crossbeam_channel::bounded(1);
@@ -1047,6 +1168,41 @@ mod tests {
         let mut settings = JobSettings::new("redis://127.0.0.1");
         settings.prefix = "jobs:{x}:".into();
         assert!(settings.check().unwrap_err().contains("braces"));
+    }
+
+    #[test]
+    fn settings_debug_hides_the_password() {
+        for url in [
+            "redis://user:s3cret@127.0.0.1:6379/0",
+            "redis://s3cret@127.0.0.1",
+            "redis+unix:///run/redis.sock?db=0&pass=s3cret",
+        ] {
+            let shown = format!("{:?}", JobSettings::new(url));
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_redis_url_is_not_used_for_jobs() {
+        let mut config = Config {
+            redis_url: "redis://127.0.0.1:7000,redis://127.0.0.1:7001".into(),
+            redis_cluster: true,
+            ..Config::default()
+        };
+        let err = JobSettings::from_config(&config).unwrap_err();
+        assert!(
+            err.contains("single Redis") && err.contains("jobs_redis_url"),
+            "{err}"
+        );
+        config.jobs_redis_url = "redis://127.0.0.1:6379".into();
+        let settings = JobSettings::from_config(&config).unwrap().unwrap();
+        assert_eq!(settings.url, "redis://127.0.0.1:6379");
+        config.redis_cluster = false;
+        config.jobs_redis_url.clear();
+        config.redis_url = "redis://127.0.0.1:6380".into();
+        let settings = JobSettings::from_config(&config).unwrap().unwrap();
+        assert_eq!(settings.url, "redis://127.0.0.1:6380");
     }
 
     #[test]

@@ -40,6 +40,24 @@ end
 return 1
 ";
 
+/// Releases this consumer's unfinished entries at shutdown: their idle time set past
+/// the visibility timeout (another process takes them at once), their delivery count
+/// as before, only where this consumer still owns them (one another process took
+/// over stays that process's). KEYS: stream. ARGV: group, consumer, idle (ms), then
+/// id and retry count pairs. Returns how many were released.
+pub(super) const RELEASE_SCRIPT: &str = r"
+local released = 0
+for i = 4, #ARGV - 1, 2 do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #row == 1 and row[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3],
+      'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+";
+
 /// What the writer is asked to do.
 pub(super) enum Command {
     /// `XADD` a job and answer `ack`.
@@ -54,7 +72,7 @@ pub(super) enum Command {
         id: String,
         settle: Settle,
     },
-    /// The last command: release the unfinished entries (job, id, deliveries), write
+    /// The last command: release the unfinished entries ((job, id), deliveries), write
     /// what is held, say so on `done`, and end.
     Stop {
         release: Vec<((usize, String), u32)>,
@@ -89,15 +107,15 @@ impl Link {
         }
     }
 
-    /// The connection and the SHA1 of its (first) script, connecting (and running
-    /// `setup` on it) when it is time to try; `Err` with the cause while Redis is
-    /// unreachable.
+    /// The connection and the SHA1s of its scripts (in the order `setup` loaded them),
+    /// connecting (and running `setup` on it) when it is time to try; `Err` with the
+    /// cause while Redis is unreachable.
     pub(super) fn get(
         &mut self,
         shared: &Shared,
         client: &redis::Client,
         setup: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<Vec<String>>,
-    ) -> Result<(&mut redis::Connection, String), String> {
+    ) -> Result<(&mut redis::Connection, Vec<String>), String> {
         if self.con.is_none() {
             if Instant::now() < self.next_try {
                 return Err(self.cause.clone().unwrap_or_else(|| "not connected".into()));
@@ -120,9 +138,8 @@ impl Link {
                 }
             }
         }
-        let sha = self.shas.first().cloned().unwrap_or_default();
         match self.con.as_mut() {
-            Some(con) => Ok((con, sha)),
+            Some(con) => Ok((con, self.shas.clone())),
             None => Err("not connected".into()),
         }
     }
@@ -146,6 +163,13 @@ impl Link {
             self.next_try.saturating_duration_since(Instant::now())
         }
     }
+}
+
+/// The writer's connection setup: the durability check (once per process, if the
+/// reader did not), and its script.
+fn setup(shared: &Shared, con: &mut redis::Connection) -> redis::RedisResult<Vec<String>> {
+    shared.check_durability(con);
+    load_scripts(con, &[SETTLE_SCRIPT, RELEASE_SCRIPT])
 }
 
 /// Loads `scripts` and returns their SHA1s.
@@ -222,8 +246,8 @@ impl Writer<'_> {
             return;
         }
         let shared = self.shared;
-        let (con, sha) = match link.get(shared, client, |con| load_scripts(con, &[SETTLE_SCRIPT])) {
-            Ok(got) => got,
+        let (con, sha) = match link.get(shared, client, |con| setup(shared, con)) {
+            Ok((con, shas)) => (con, shas.into_iter().next().unwrap_or_default()),
             Err(cause) => {
                 for (job, _, ack) in enqueues {
                     self.refuse(job, ack, EnqueueError::Unavailable(cause.clone()));
@@ -277,8 +301,12 @@ impl Writer<'_> {
             }
         }
         let mut reload = false;
+        let mut written = Vec::new();
         for ((job, id, settle), reply) in std::mem::take(&mut self.held).into_iter().zip(replies) {
             let counters = shared.metrics.job(job);
+            if !matches!(&reply, Value::ServerError(e) if e.code() == "NOSCRIPT") {
+                written.push((job, id.clone()));
+            }
             match reply {
                 Value::Int(1) => match settle {
                     Settle::Done => {}
@@ -300,6 +328,15 @@ impl Writer<'_> {
                     tracing::error!(job = %shared.slots[job].name, %id, reply = ?other, "durable jobs: Redis refused an outcome; the job runs again after the visibility timeout");
                 }
             }
+        }
+        // Held (and renewed) until here: only now may the slot take another job.
+        if !written.is_empty() {
+            let mut in_flight = shared.in_flight();
+            for key in &written {
+                in_flight.remove(key);
+            }
+            drop(in_flight);
+            let _ = shared.freed.0.try_send(());
         }
         if reload {
             link.failed(
@@ -331,8 +368,7 @@ impl Writer<'_> {
         self.batch(link, client, Vec::new());
         let shared = self.shared;
         let lost = self.held.len();
-        let Ok((con, _)) = link.get(shared, client, |con| load_scripts(con, &[SETTLE_SCRIPT]))
-        else {
+        let Ok((con, shas)) = link.get(shared, client, |con| setup(shared, con)) else {
             if lost > 0 || !release.is_empty() {
                 tracing::warn!(
                     unwritten_outcomes = lost,
@@ -343,20 +379,26 @@ impl Writer<'_> {
             return;
         };
         let idle = shared.settings.visibility_timeout.as_millis() as u64;
+        let release_sha = shas.get(1).cloned().unwrap_or_default();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for ((job, id), deliveries) in release {
-            pipe.cmd("XCLAIM")
-                .arg(&shared.slots[*job].keys.stream)
-                .arg(GROUP)
-                .arg(&shared.consumer)
-                .arg(0)
-                .arg(id)
-                .arg("IDLE")
-                .arg(idle)
-                .arg("RETRYCOUNT")
-                .arg(deliveries.saturating_sub(1))
-                .arg("JUSTID");
+        let mut releases = 0;
+        for (job, slot) in shared.slots.iter().enumerate() {
+            let mine: Vec<_> = release.iter().filter(|((j, _), _)| *j == job).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let cmd = release_command(
+                &mut pipe,
+                &release_sha,
+                &slot.keys.stream,
+                &shared.consumer,
+                idle,
+            );
+            for ((_, id), deliveries) in mine {
+                cmd.arg(id).arg(deliveries.saturating_sub(1));
+            }
+            releases += 1;
         }
         for slot in &shared.slots {
             pipe.cmd("XPENDING")
@@ -376,7 +418,8 @@ impl Writer<'_> {
         };
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for (slot, pending) in shared.slots.iter().zip(&replies[release.len()..]) {
+        let pendings = replies.get(releases..).unwrap_or_default();
+        for (slot, pending) in shared.slots.iter().zip(pendings) {
             if matches!(pending, Value::Array(items) if items.is_empty()) {
                 pipe.cmd("XGROUP")
                     .arg("DELCONSUMER")
@@ -387,6 +430,24 @@ impl Writer<'_> {
         }
         let _ = pipe.query::<Vec<Value>>(con);
     }
+}
+
+/// Adds the release script's call for `stream` to `pipe`; the caller adds the ids
+/// and retry counts.
+fn release_command<'a>(
+    pipe: &'a mut redis::Pipeline,
+    sha: &str,
+    stream: &str,
+    consumer: &str,
+    idle_ms: u64,
+) -> &'a mut redis::Pipeline {
+    pipe.cmd("EVALSHA")
+        .arg(sha)
+        .arg(1)
+        .arg(stream)
+        .arg(GROUP)
+        .arg(consumer)
+        .arg(idle_ms)
 }
 
 /// Adds the settle script's call for one outcome to `pipe`.
@@ -421,5 +482,78 @@ fn settle_command(
                 cmd.arg(*name).arg(&value[..]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_redis::TestRedis;
+    use super::*;
+
+    /// At shutdown an unfinished entry is released (idle past the timeout, its
+    /// delivery count as before) only where this consumer still owns it.
+    #[test]
+    fn release_leaves_an_entry_another_process_took_over() {
+        let redis = TestRedis::start();
+        let mut con = redis.con();
+        let stream = "t:{job}";
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .exec(&mut con)
+            .unwrap();
+        let ids: Vec<String> = (0..2)
+            .map(|i| {
+                redis::cmd("XADD")
+                    .arg(stream)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(i)
+                    .query(&mut con)
+                    .unwrap()
+            })
+            .collect();
+        let _: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg("me")
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query(&mut con)
+            .unwrap();
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("other")
+            .arg(0)
+            .arg(&ids[1])
+            .query(&mut con)
+            .unwrap();
+        let sha = load_scripts(&mut con, &[RELEASE_SCRIPT]).unwrap().remove(0);
+        let mut pipe = redis::pipe();
+        release_command(&mut pipe, &sha, stream, "me", 60_000)
+            .arg(&ids[0])
+            .arg(0)
+            .arg(&ids[1])
+            .arg(1);
+        let released: Vec<i64> = pipe.query(&mut con).unwrap();
+        assert_eq!(released, [1]);
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(10)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(rows[0].1, "me");
+        assert!(rows[0].2 >= 60_000, "released: idle {}", rows[0].2);
+        assert_eq!(rows[0].3, 0, "RETRYCOUNT as given");
+        assert_eq!(rows[1].1, "other", "not taken back");
+        assert!(rows[1].2 < 60_000, "not released: idle {}", rows[1].2);
     }
 }
