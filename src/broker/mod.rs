@@ -27,6 +27,7 @@
 
 mod backlog;
 mod envelope;
+mod error;
 pub mod nats;
 pub mod redis;
 
@@ -38,6 +39,8 @@ use bytes::Bytes;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::metrics::{counter, gauge};
+
+pub use error::{BrokerError, BrokerName};
 
 /// The kind of a data message carried between processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
