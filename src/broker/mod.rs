@@ -30,6 +30,7 @@ mod envelope;
 mod error;
 pub mod nats;
 pub mod redis;
+mod report;
 
 use std::fmt;
 use std::sync::Arc;
