@@ -1,6 +1,7 @@
 //! Why a broker could not start: one error type for every broker.
 
 use std::fmt;
+use std::time::Duration;
 
 /// Which broker an error is about; its messages name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,30 @@ impl fmt::Display for BrokerError {
 
 impl std::error::Error for BrokerError {}
 
+/// Refuses a publish queue bound of 0 and a duration setting of 0 (each named), as
+/// every broker's `start` does.
+pub(crate) fn check_nonzero(
+    broker: BrokerName,
+    (publish_queue, publish_queue_bytes): (usize, usize),
+    durations: &[(&str, Duration)],
+) -> Result<(), BrokerError> {
+    if publish_queue == 0 || publish_queue_bytes == 0 {
+        return Err(BrokerError::InvalidConfig(
+            broker,
+            "publish_queue and publish_queue_bytes must be above 0".into(),
+        ));
+    }
+    for (name, value) in durations {
+        if value.is_zero() {
+            return Err(BrokerError::InvalidConfig(
+                broker,
+                format!("{name} must be above 0"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +109,29 @@ mod tests {
         for (err, want) in cases {
             assert_eq!(err.to_string(), want);
         }
+    }
+
+    #[test]
+    fn zero_bounds_and_durations_are_refused_by_name() {
+        let second = Duration::from_secs(1);
+        let ok = [("a", second), ("b", second)];
+        assert!(check_nonzero(BrokerName::Nats, (1, 1), &ok).is_ok());
+        for queue in [(0, 1), (1, 0)] {
+            let err = check_nonzero(BrokerName::Redis, queue, &ok).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "invalid Redis broker setting: publish_queue and publish_queue_bytes must be above 0"
+            );
+        }
+        let err = check_nonzero(
+            BrokerName::Nats,
+            (1, 1),
+            &[("a", second), ("b", Duration::ZERO)],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid NATS broker setting: b must be above 0"
+        );
     }
 }

@@ -234,32 +234,17 @@ impl NatsBroker {
     pub fn start(config: NatsConfig, sink: BrokerSink) -> Result<Arc<Self>, BrokerError> {
         let servers = servers(&config.url)?;
         check_prefix(&config.prefix)?;
-        if config.publish_queue == 0 || config.publish_queue_bytes == 0 {
-            return Err(BrokerError::InvalidConfig(
-                NAME,
-                "publish_queue and publish_queue_bytes must be above 0".into(),
-            ));
-        }
-        for (name, value) in [
-            ("history_ttl", config.history_ttl),
-            ("io_timeout", config.io_timeout),
-            ("backoff_min", config.backoff_min),
-            ("backoff_max", config.backoff_max),
-        ] {
-            if value.is_zero() {
-                return Err(BrokerError::InvalidConfig(
-                    NAME,
-                    format!("{name} must be above 0"),
-                ));
-            }
-        }
-        let mut origin: Origin = [0; envelope::ORIGIN_LEN];
-        getrandom::fill(&mut origin).map_err(|e| {
-            BrokerError::Os(
-                NAME,
-                std::io::Error::other(format!("no random origin id: {e}")),
-            )
-        })?;
+        super::error::check_nonzero(
+            NAME,
+            (config.publish_queue, config.publish_queue_bytes),
+            &[
+                ("history_ttl", config.history_ttl),
+                ("io_timeout", config.io_timeout),
+                ("backoff_min", config.backoff_min),
+                ("backoff_max", config.backoff_max),
+            ],
+        )?;
+        let origin = envelope::random_origin(NAME)?;
         let addr = servers
             .iter()
             .map(|s| format!("{}:{}", s.host(), s.port()))

@@ -320,32 +320,17 @@ impl RedisBroker {
                 .map_err(|e| BrokerError::InvalidUrl(NAME, e.to_string()))?,
             None => client(&config.url)?,
         };
-        if config.publish_queue == 0 || config.publish_queue_bytes == 0 {
-            return Err(BrokerError::InvalidConfig(
-                NAME,
-                "publish_queue and publish_queue_bytes must be above 0".into(),
-            ));
-        }
-        for (name, value) in [
-            ("backoff_min", config.backoff_min),
-            ("backoff_max", config.backoff_max),
-            ("io_timeout", config.io_timeout),
-            ("health_interval", config.health_interval),
-        ] {
-            if value.is_zero() {
-                return Err(BrokerError::InvalidConfig(
-                    NAME,
-                    format!("{name} must be above 0"),
-                ));
-            }
-        }
-        let mut origin: Origin = [0; envelope::ORIGIN_LEN];
-        getrandom::fill(&mut origin).map_err(|e| {
-            BrokerError::Os(
-                NAME,
-                std::io::Error::other(format!("no random origin id: {e}")),
-            )
-        })?;
+        super::error::check_nonzero(
+            NAME,
+            (config.publish_queue, config.publish_queue_bytes),
+            &[
+                ("backoff_min", config.backoff_min),
+                ("backoff_max", config.backoff_max),
+                ("io_timeout", config.io_timeout),
+                ("health_interval", config.health_interval),
+            ],
+        )?;
+        let origin = envelope::random_origin(NAME)?;
         let addr = if seeds.is_empty() {
             addr_of(client.get_connection_info())
         } else {
