@@ -1,11 +1,32 @@
-//! What the subscribers of every broker count and log the same way: gap fills and
-//! messages that are not ours.
+//! What the subscribers of every broker do the same way: hand a message to the sink
+//! (surviving its panic), count and log gap fills and messages that are not ours.
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 
 use super::backlog::RateLimit;
-use super::{BrokerMetrics, BrokerName, Inbound};
+use super::{Accepted, BrokerMetrics, BrokerName, BrokerSink, Inbound};
+
+/// Calls the sink, which is the pubsub layer's: should it panic on `inbound` (of
+/// `topic`), the line is logged and the subscriber carries on.
+pub(crate) fn deliver(
+    broker: BrokerName,
+    sink: &BrokerSink,
+    topic: &str,
+    inbound: Inbound,
+) -> Option<Accepted> {
+    match catch_unwind(AssertUnwindSafe(|| sink(inbound))) {
+        Ok(accepted) => Some(accepted),
+        Err(_) => {
+            tracing::error!(
+                topic,
+                "{broker} broker: the sink panicked on a message; dropped"
+            );
+            None
+        }
+    }
+}
 
 /// Counts and logs how a gap fill of `topic`'s offsets `after + 1 ..= upto` went, and
 /// returns the entries to hand over (none when they could not be read).
@@ -82,6 +103,24 @@ mod tests {
             position: Some((offset, "e".into())),
             own: false,
         }
+    }
+
+    #[test]
+    fn a_panicking_sink_is_survived() {
+        let sink: BrokerSink = std::sync::Arc::new(|inbound: Inbound| {
+            assert!(inbound.position.is_none(), "refused");
+            Accepted::Delivered
+        });
+        assert_eq!(
+            deliver(
+                BrokerName::Nats,
+                &sink,
+                "t",
+                Inbound::new("t", super::super::Kind::Text, bytes::Bytes::new())
+            ),
+            Some(Accepted::Delivered)
+        );
+        assert_eq!(deliver(BrokerName::Redis, &sink, "t", inbound(1)), None);
     }
 
     #[test]

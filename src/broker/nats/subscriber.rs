@@ -4,7 +4,6 @@
 //! reconnection).
 
 use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -270,16 +269,7 @@ impl Listener {
     /// carries on.
     fn sink(&self, inbound: Inbound) -> Option<Accepted> {
         let topic = inbound.topic.clone();
-        match catch_unwind(AssertUnwindSafe(|| (self.shared.sink)(inbound))) {
-            Ok(accepted) => Some(accepted),
-            Err(_) => {
-                tracing::error!(
-                    topic,
-                    "NATS broker: the sink panicked on a message; dropped"
-                );
-                None
-            }
-        }
+        report::deliver(NAME, &self.shared.sink, &topic, inbound)
     }
 
     fn malformed(&self, subject: &str, cause: &str) {

@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::mem::ManuallyDrop;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -615,16 +614,7 @@ impl Listener<'_> {
     /// Calls the sink, which is the pubsub layer's: should it panic, this thread
     /// carries on.
     fn sink(&self, topic: &str, inbound: Inbound) -> Option<Accepted> {
-        match catch_unwind(AssertUnwindSafe(|| (self.shared.sink)(inbound))) {
-            Ok(accepted) => Some(accepted),
-            Err(_) => {
-                tracing::error!(
-                    topic,
-                    "Redis broker: the sink panicked on a message; dropped"
-                );
-                None
-            }
-        }
+        report::deliver(NAME, &self.shared.sink, topic, inbound)
     }
 
     /// An error reply on the connection: to a subscription command (nothing else is
