@@ -19,7 +19,7 @@
 //!
 //! Pure functions over bytes: no I/O, so every rule is unit-tested on literal bytes.
 
-use crate::broker::Kind;
+use crate::broker::{BrokerError, BrokerName, Kind};
 
 /// The first bytes of every envelope.
 pub const MAGIC: [u8; 3] = *b"rsb";
@@ -40,6 +40,18 @@ const ORIGIN_AT: usize = MAGIC.len() + 1;
 
 /// A random id per process, so that a process can recognise its own messages.
 pub type Origin = [u8; ORIGIN_LEN];
+
+/// A random origin id for a broker that starts, or why the OS gave none.
+pub(crate) fn random_origin(broker: BrokerName) -> Result<Origin, BrokerError> {
+    let mut origin: Origin = [0; ORIGIN_LEN];
+    getrandom::fill(&mut origin).map_err(|e| {
+        BrokerError::Os(
+            broker,
+            std::io::Error::other(format!("no random origin id: {e}")),
+        )
+    })?;
+    Ok(origin)
+}
 
 const KIND_TEXT: u8 = 0;
 const KIND_BINARY: u8 = 1;

@@ -27,8 +27,10 @@
 
 mod backlog;
 mod envelope;
+mod error;
 pub mod nats;
 pub mod redis;
+mod report;
 
 use std::fmt;
 use std::sync::Arc;
@@ -38,6 +40,8 @@ use bytes::Bytes;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::metrics::{counter, gauge};
+
+pub use error::{BrokerError, BrokerName};
 
 /// The kind of a data message carried between processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -89,10 +89,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
 
+pub use super::BrokerError;
+use super::BrokerName;
 use super::backlog::{Backlog, Outbound, QueueFailed};
 use super::envelope::{self, Origin};
 use super::{Ack, Broker, BrokerMetrics, BrokerSink, HistoryReply, Kind, Refused};
 use crate::config::Config;
+
+/// The broker named in this module's errors.
+const NAME: BrokerName = BrokerName::Nats;
 
 /// Settings of the NATS broker. Build with [`NatsConfig::new`], then change fields.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,47 +184,27 @@ fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, BrokerError> {
         let masked = crate::config::mask_url_password(server);
         let scheme_ok = ["nats://", "tls://"].iter().any(|s| server.starts_with(s));
         if !scheme_ok {
-            return Err(BrokerError::InvalidUrl(format!(
-                "{masked:?}: expected nats://host[:port] or tls://host[:port]"
-            )));
+            return Err(BrokerError::InvalidUrl(
+                NAME,
+                format!("{masked:?}: expected nats://host[:port] or tls://host[:port]"),
+            ));
         }
         let addr: async_nats::ServerAddr = server
             .parse()
-            .map_err(|e| BrokerError::InvalidUrl(format!("{masked:?}: {e}")))?;
+            .map_err(|e| BrokerError::InvalidUrl(NAME, format!("{masked:?}: {e}")))?;
         if addr.host().is_empty() {
-            return Err(BrokerError::InvalidUrl(format!("{masked:?}: no host")));
+            return Err(BrokerError::InvalidUrl(
+                NAME,
+                format!("{masked:?}: no host"),
+            ));
         }
         out.push(addr);
     }
     if out.is_empty() {
-        return Err(BrokerError::InvalidUrl("no server given".into()));
+        return Err(BrokerError::InvalidUrl(NAME, "no server given".into()));
     }
     Ok(out)
 }
-
-/// Why the broker could not start.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum BrokerError {
-    /// The URL is not a NATS URL this build can use.
-    InvalidUrl(String),
-    /// A setting is out of range (named).
-    InvalidConfig(String),
-    /// The OS could not give a random origin id or start a thread.
-    Os(std::io::Error),
-}
-
-impl fmt::Display for BrokerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::InvalidUrl(e) => write!(f, "invalid NATS URL: {e}"),
-            Self::InvalidConfig(e) => write!(f, "invalid NATS broker setting: {e}"),
-            Self::Os(e) => write!(f, "cannot start the NATS broker: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for BrokerError {}
 
 /// Reads the broker thread may hold before `history` answers "busy".
 const MAX_READS: usize = 16_384;
@@ -249,27 +234,17 @@ impl NatsBroker {
     pub fn start(config: NatsConfig, sink: BrokerSink) -> Result<Arc<Self>, BrokerError> {
         let servers = servers(&config.url)?;
         check_prefix(&config.prefix)?;
-        if config.publish_queue == 0 || config.publish_queue_bytes == 0 {
-            return Err(BrokerError::InvalidConfig(
-                "publish_queue and publish_queue_bytes must be above 0".into(),
-            ));
-        }
-        for (name, value) in [
-            ("history_ttl", config.history_ttl),
-            ("io_timeout", config.io_timeout),
-            ("backoff_min", config.backoff_min),
-            ("backoff_max", config.backoff_max),
-        ] {
-            if value.is_zero() {
-                return Err(BrokerError::InvalidConfig(format!(
-                    "{name} must be above 0"
-                )));
-            }
-        }
-        let mut origin: Origin = [0; envelope::ORIGIN_LEN];
-        getrandom::fill(&mut origin).map_err(|e| {
-            BrokerError::Os(std::io::Error::other(format!("no random origin id: {e}")))
-        })?;
+        super::error::check_nonzero(
+            NAME,
+            (config.publish_queue, config.publish_queue_bytes),
+            &[
+                ("history_ttl", config.history_ttl),
+                ("io_timeout", config.io_timeout),
+                ("backoff_min", config.backoff_min),
+                ("backoff_max", config.backoff_max),
+            ],
+        )?;
+        let origin = envelope::random_origin(NAME)?;
         let addr = servers
             .iter()
             .map(|s| format!("{}:{}", s.host(), s.port()))
@@ -309,7 +284,7 @@ impl NatsBroker {
                 };
                 runtime.block_on(run(thread_shared, servers, queue_rx, reads_rx, stop_rx));
             })
-            .map_err(BrokerError::Os)?;
+            .map_err(|e| BrokerError::Os(NAME, e))?;
         Ok(Arc::new(Self {
             shared,
             queue,
@@ -571,10 +546,13 @@ fn check_prefix(prefix: &str) -> Result<(), BrokerError> {
     if valid {
         Ok(())
     } else {
-        Err(BrokerError::InvalidConfig(format!(
-            "prefix {prefix:?} is not a NATS subject (tokens of printable characters \
+        Err(BrokerError::InvalidConfig(
+            NAME,
+            format!(
+                "prefix {prefix:?} is not a NATS subject (tokens of printable characters \
              without '*' or '>', separated by '.')"
-        )))
+            ),
+        ))
     }
 }
 

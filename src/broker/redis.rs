@@ -94,12 +94,17 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
+pub use super::BrokerError;
+use super::BrokerName;
 use super::backlog::{Backlog, Outbound, QueueFailed, RateLimit};
 use super::envelope;
 use super::{Ack, Broker, BrokerMetrics, BrokerSink, HistoryReply, Kind, Refused};
 use crate::config::{Config, mask_url_password};
 use cluster::Topology;
 use envelope::Origin;
+
+/// The broker named in this module's errors.
+const NAME: BrokerName = BrokerName::Redis;
 
 /// How often the subscriber thread wakes up when no message arrives, to apply
 /// subscription changes and to notice shutdown: the longest a new subscription waits
@@ -217,14 +222,14 @@ pub fn check_url(url: &str) -> Result<(), BrokerError> {
 
 fn client(url: &str) -> Result<redis::Client, BrokerError> {
     redis::Client::open(url)
-        .map_err(|e| BrokerError::InvalidUrl(format!("{:?}: {e}", mask_url_password(url))))
+        .map_err(|e| BrokerError::InvalidUrl(NAME, format!("{:?}: {e}", mask_url_password(url))))
 }
 
 /// The seed nodes of a Redis Cluster `url`: comma-separated, each a URL or a bare
 /// `host:port` that takes the first one's scheme, user and password. TCP only.
 fn seeds(url: &str) -> Result<Vec<redis::ConnectionInfo>, BrokerError> {
     use redis::{ConnectionAddr, IntoConnectionInfo};
-    let invalid = |e: String| BrokerError::InvalidUrl(e);
+    let invalid = |e: String| BrokerError::InvalidUrl(NAME, e);
     let mut seeds: Vec<redis::ConnectionInfo> = Vec::new();
     for item in url.split(',').map(str::trim) {
         if item.is_empty() {
@@ -269,30 +274,6 @@ fn addr_of(info: &redis::ConnectionInfo) -> String {
     }
 }
 
-/// Why the broker could not start.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum BrokerError {
-    /// The URL is not a Redis URL this build can use.
-    InvalidUrl(String),
-    /// A setting is out of range (named).
-    InvalidConfig(String),
-    /// The OS could not give a random origin id or start a thread.
-    Os(std::io::Error),
-}
-
-impl fmt::Display for BrokerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::InvalidUrl(e) => write!(f, "invalid Redis URL: {e}"),
-            Self::InvalidConfig(e) => write!(f, "invalid Redis broker setting: {e}"),
-            Self::Os(e) => write!(f, "cannot start the Redis broker: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for BrokerError {}
-
 /// The Redis Pub/Sub broker. See the module docs.
 pub struct RedisBroker {
     shared: Arc<Shared>,
@@ -321,11 +302,14 @@ impl RedisBroker {
     pub fn start(config: RedisConfig, sink: BrokerSink) -> Result<Arc<Self>, BrokerError> {
         let seeds = if config.cluster {
             if config.prefix.contains(['{', '}']) {
-                return Err(BrokerError::InvalidConfig(format!(
-                    "the prefix {:?} holds a brace: with Redis Cluster it would be the \
+                return Err(BrokerError::InvalidConfig(
+                    NAME,
+                    format!(
+                        "the prefix {:?} holds a brace: with Redis Cluster it would be the \
                      hash tag of every topic",
-                    config.prefix
-                )));
+                        config.prefix
+                    ),
+                ));
             }
             seeds(&config.url)?
         } else {
@@ -333,30 +317,20 @@ impl RedisBroker {
         };
         let client = match seeds.first() {
             Some(first) => redis::Client::open(first.clone())
-                .map_err(|e| BrokerError::InvalidUrl(e.to_string()))?,
+                .map_err(|e| BrokerError::InvalidUrl(NAME, e.to_string()))?,
             None => client(&config.url)?,
         };
-        if config.publish_queue == 0 || config.publish_queue_bytes == 0 {
-            return Err(BrokerError::InvalidConfig(
-                "publish_queue and publish_queue_bytes must be above 0".into(),
-            ));
-        }
-        for (name, value) in [
-            ("backoff_min", config.backoff_min),
-            ("backoff_max", config.backoff_max),
-            ("io_timeout", config.io_timeout),
-            ("health_interval", config.health_interval),
-        ] {
-            if value.is_zero() {
-                return Err(BrokerError::InvalidConfig(format!(
-                    "{name} must be above 0"
-                )));
-            }
-        }
-        let mut origin: Origin = [0; envelope::ORIGIN_LEN];
-        getrandom::fill(&mut origin).map_err(|e| {
-            BrokerError::Os(std::io::Error::other(format!("no random origin id: {e}")))
-        })?;
+        super::error::check_nonzero(
+            NAME,
+            (config.publish_queue, config.publish_queue_bytes),
+            &[
+                ("backoff_min", config.backoff_min),
+                ("backoff_max", config.backoff_max),
+                ("io_timeout", config.io_timeout),
+                ("health_interval", config.health_interval),
+            ],
+        )?;
+        let origin = envelope::random_origin(NAME)?;
         let addr = if seeds.is_empty() {
             addr_of(client.get_connection_info())
         } else {
@@ -403,7 +377,7 @@ impl RedisBroker {
             std::thread::Builder::new()
                 .name(name.to_owned())
                 .spawn(run)
-                .map_err(BrokerError::Os)
+                .map_err(|e| BrokerError::Os(NAME, e))
         };
         let sub_shared = shared.clone();
         let sub_stop = stop_rx.clone();
@@ -1241,7 +1215,10 @@ mod tests {
             "rediss://localhost",
         ] {
             let err = RedisBroker::start(RedisConfig::new(url), sink.clone()).unwrap_err();
-            assert!(matches!(err, BrokerError::InvalidUrl(_)), "{url}: {err}");
+            assert!(
+                matches!(err, BrokerError::InvalidUrl(BrokerName::Redis, _)),
+                "{url}: {err}"
+            );
         }
         // Redis Cluster: TCP seeds, a bare host:port takes the first's settings; no
         // brace in the prefix (it would be every topic's hash tag).
@@ -1257,7 +1234,10 @@ mod tests {
             let mut config = RedisConfig::new(bad);
             config.cluster = true;
             let err = RedisBroker::start(config, sink.clone()).unwrap_err();
-            assert!(matches!(err, BrokerError::InvalidUrl(_)), "{bad}: {err}");
+            assert!(
+                matches!(err, BrokerError::InvalidUrl(BrokerName::Redis, _)),
+                "{bad}: {err}"
+            );
         }
         // No password in an error or in the settings' Debug, whichever seed is bad.
         for bad in [
@@ -1270,7 +1250,10 @@ mod tests {
             config.cluster = true;
             assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
             let err = RedisBroker::start(config, sink.clone()).unwrap_err();
-            assert!(matches!(err, BrokerError::InvalidUrl(_)), "{bad}: {err}");
+            assert!(
+                matches!(err, BrokerError::InvalidUrl(BrokerName::Redis, _)),
+                "{bad}: {err}"
+            );
             assert!(!err.to_string().contains("s3cret"), "{err}");
         }
         let err = check_url("http://u:s3cret@h:1").unwrap_err();

@@ -4,7 +4,6 @@
 //! reconnection).
 
 use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -14,9 +13,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::reader::{Store, split_stored};
-use super::{Shared, lock};
+use super::{NAME, Shared, lock};
 use crate::broker::backlog::RateLimit;
-use crate::broker::{Accepted, Inbound};
+use crate::broker::{Accepted, Inbound, report};
 
 /// Messages received and not yet handed to the sink, across topics.
 pub(super) const INBOX: usize = 4096;
@@ -252,28 +251,15 @@ impl Listener {
             tokio::time::timeout(timeout, self.store.fill(&inbound.topic, after, offset - 1))
                 .await
                 .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
-        match filled {
-            Ok(entries) => {
-                let n = entries.len() as u64;
-                shared.metrics.gap_fills.fetch_add(1, Ordering::Relaxed);
-                shared.metrics.gap_filled.fetch_add(n, Ordering::Relaxed);
-                tracing::debug!(
-                    topic = %inbound.topic,
-                    after,
-                    upto = offset - 1,
-                    found = n,
-                    "NATS broker: offsets missing before a publication, filled from the stream"
-                );
-                for entry in entries {
-                    let _ = self.sink(entry);
-                }
-            }
-            Err(e) => tracing::warn!(
-                topic = %inbound.topic,
-                "NATS broker: offsets {} to {} are missing here and could not be read from the stream: {e}",
-                after + 1,
-                offset - 1
-            ),
+        let entries = report::gap_fill(
+            NAME,
+            &shared.metrics,
+            &inbound.topic,
+            (after, offset - 1),
+            filled,
+        );
+        for entry in entries {
+            let _ = self.sink(entry);
         }
         // Taken now, whatever is still missing.
         let _ = self.sink(inbound);
@@ -283,29 +269,16 @@ impl Listener {
     /// carries on.
     fn sink(&self, inbound: Inbound) -> Option<Accepted> {
         let topic = inbound.topic.clone();
-        match catch_unwind(AssertUnwindSafe(|| (self.shared.sink)(inbound))) {
-            Ok(accepted) => Some(accepted),
-            Err(_) => {
-                tracing::error!(
-                    topic,
-                    "NATS broker: the sink panicked on a message; dropped"
-                );
-                None
-            }
-        }
+        report::deliver(NAME, &self.shared.sink, &topic, inbound)
     }
 
     fn malformed(&self, subject: &str, cause: &str) {
-        self.shared
-            .metrics
-            .malformed
-            .fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.malformed_log.check() {
-            tracing::warn!(
-                subject,
-                "NATS broker: dropped a message that is not a ringsocket publication: {cause} \
-                 ({suppressed} more since the last such line)"
-            );
-        }
+        report::malformed(
+            NAME,
+            &self.shared.metrics,
+            &self.malformed_log,
+            subject,
+            &cause,
+        );
     }
 }

@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::mem::ManuallyDrop;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -22,13 +21,14 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use redis::{PushInfo, PushKind, RedisResult, Value};
 
+use super::NAME;
 use super::cluster;
 use super::envelope::{self, Origin};
 use super::history;
 use super::{
     Link, LinkState, Nodes, POLL_INTERVAL, RateLimit, Shared, Wants, lock, wait_unless_stopped,
 };
-use crate::broker::{Accepted, Inbound};
+use crate::broker::{Accepted, Inbound, report};
 
 /// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command when many change at once.
 const CHANNELS_PER_COMMAND: usize = 512;
@@ -597,30 +597,15 @@ impl Listener<'_> {
                 .and_then(|r| r),
             Err(_) => Err("the history reader is busy or stopped".to_owned()),
         };
-        match filled {
-            Ok(snapshot) => {
-                let n = snapshot.entries.len() as u64;
-                shared.metrics.gap_fills.fetch_add(1, Ordering::Relaxed);
-                shared.metrics.gap_filled.fetch_add(n, Ordering::Relaxed);
-                tracing::debug!(
-                    topic = %inbound.topic,
-                    after,
-                    upto = offset - 1,
-                    found = n,
-                    "Redis broker: offsets missing before a publication, filled from the stream"
-                );
-                for entry in snapshot.entries {
-                    let _ = self.sink(topic, entry);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(
-                    topic = %inbound.topic,
-                    "Redis broker: offsets {} to {} are missing here and could not be read from the stream: {e}",
-                    after + 1,
-                    offset - 1
-                );
-            }
+        let entries = report::gap_fill(
+            NAME,
+            &shared.metrics,
+            &inbound.topic,
+            (after, offset - 1),
+            filled.map(|snapshot| snapshot.entries),
+        );
+        for entry in entries {
+            let _ = self.sink(topic, entry);
         }
         // Taken now, whatever is still missing.
         let _ = self.sink(topic, inbound);
@@ -629,16 +614,7 @@ impl Listener<'_> {
     /// Calls the sink, which is the pubsub layer's: should it panic, this thread
     /// carries on.
     fn sink(&self, topic: &str, inbound: Inbound) -> Option<Accepted> {
-        match catch_unwind(AssertUnwindSafe(|| (self.shared.sink)(inbound))) {
-            Ok(accepted) => Some(accepted),
-            Err(_) => {
-                tracing::error!(
-                    topic,
-                    "Redis broker: the sink panicked on a message; dropped"
-                );
-                None
-            }
-        }
+        report::deliver(NAME, &self.shared.sink, topic, inbound)
     }
 
     /// An error reply on the connection: to a subscription command (nothing else is
@@ -703,17 +679,13 @@ impl Listener<'_> {
     }
 
     fn malformed(&self, channel: &str, cause: impl std::fmt::Display) {
-        self.shared
-            .metrics
-            .malformed
-            .fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.malformed_log.check() {
-            tracing::warn!(
-                channel,
-                "Redis broker: dropped a message that is not a ringsocket envelope: {cause} \
-                 ({suppressed} more since the last such line)"
-            );
-        }
+        report::malformed(
+            NAME,
+            &self.shared.metrics,
+            &self.malformed_log,
+            channel,
+            &cause,
+        );
     }
 }
 
