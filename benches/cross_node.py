@@ -69,8 +69,12 @@ def cpu_secs(pid):
         return 0.0
 
 
+class NotListening(Exception):
+    pass
+
+
 def wait_tcp(port, what, timeout=15.0):
-    """Waits until something listens on `port`; exits naming `what` if nothing does."""
+    """Waits until something listens on `port`; raises NotListening if nothing does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -78,7 +82,7 @@ def wait_tcp(port, what, timeout=15.0):
                 return
         except OSError:
             time.sleep(0.05)
-    sys.exit(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
+    raise NotListening(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
 
 
 def redis_cli(port, *args):
@@ -95,6 +99,14 @@ class Broker:
         self.kind = kind
         self.procs = []
         self.workdir = workdir
+        try:
+            self.start(cpu)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self, cpu):
+        kind, workdir = self.kind, self.workdir
         pin = ["taskset", "-c", str(cpu)]
         if kind == "local":
             # One node, no broker: the baseline.
@@ -143,8 +155,8 @@ class Broker:
             sys.exit(f"unknown broker {kind!r}")
 
     def spawn(self, argv):
-        self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL))
+        log = open(os.path.join(self.workdir, f"broker-{len(self.procs)}.log"), "w")
+        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
 
     def pids(self):
         return [p.pid for p in self.procs]
@@ -194,9 +206,27 @@ def metric(port, name):
     return total
 
 
+def start_broker(kind, cpu):
+    """Starts the broker, again with other ports if one would not listen (a port
+    taken between the check and the bind); returns it and its folder."""
+    for attempt in range(3):
+        workdir = tempfile.mkdtemp(prefix=f"cross-{kind}-")
+        try:
+            broker = Broker(kind, cpu, workdir)
+            return broker, workdir
+        except NotListening as e:
+            logs = ""
+            for name in sorted(os.listdir(workdir)):
+                if name.endswith(".log"):
+                    with open(os.path.join(workdir, name)) as f:
+                        logs += f"{name}: {f.read()[-500:]}\n"
+            print(f"    {kind}: {e} (attempt {attempt + 1}); {logs}", flush=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    sys.exit(f"{kind}: the broker would not start")
+
+
 def run_once(args, kind):
-    workdir = tempfile.mkdtemp(prefix=f"cross-{kind}-")
-    broker = Broker(kind, args.server_cpu, workdir)
+    broker, workdir = start_broker(kind, args.server_cpu)
     nodes = []
     try:
         names = ("a",) if kind == "local" else ("a", "b")
