@@ -112,17 +112,7 @@ impl Shas {
 /// claims of the jobs still running here until they are done or the shutdown ends.
 pub(super) fn run(shared: &Arc<Shared>, client: &redis::Client, stopped: &Sender<()>) {
     let mut link = Link::new("reader");
-    let mut reader = Reader {
-        shared,
-        waiting: VecDeque::new(),
-        last_renew: Instant::now(),
-        last_reclaim: None,
-        last_gauges: None,
-        last_cleanup: Instant::now(),
-        last_promote: None,
-        cursors: vec!["0-0".to_owned(); shared.slots.len()],
-        next_stream: 0,
-    };
+    let mut reader = Reader::new(shared);
     let setup = |con: &mut redis::Connection| {
         for slot in &shared.slots {
             let created = redis::cmd("XGROUP")
@@ -236,6 +226,24 @@ fn due(last: &mut Option<Instant>, every: Duration) -> bool {
     }
     *last = Some(now);
     true
+}
+
+impl<'a> Reader<'a> {
+    /// A reader that has done nothing yet: renewal and cleanup count from now, every
+    /// `XAUTOCLAIM` starts at `0-0`.
+    fn new(shared: &'a Arc<Shared>) -> Self {
+        Reader {
+            shared,
+            waiting: VecDeque::new(),
+            last_renew: Instant::now(),
+            last_reclaim: None,
+            last_gauges: None,
+            last_cleanup: Instant::now(),
+            last_promote: None,
+            cursors: vec!["0-0".to_owned(); shared.slots.len()],
+            next_stream: 0,
+        }
+    }
 }
 
 impl Reader<'_> {
@@ -955,17 +963,7 @@ mod tests {
     }
 
     fn reader(shared: &Arc<Shared>) -> Reader<'_> {
-        Reader {
-            shared,
-            waiting: VecDeque::new(),
-            last_renew: Instant::now(),
-            last_reclaim: None,
-            last_gauges: None,
-            last_cleanup: Instant::now(),
-            last_promote: None,
-            cursors: vec!["0-0".into()],
-            next_stream: 0,
-        }
+        Reader::new(shared)
     }
 
     /// A run that ended keeps its entry held (so renewed, and its slot taken) until
